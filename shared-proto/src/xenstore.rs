@@ -1,0 +1,956 @@
+//! The Xenstore layout of a held SYN, exactly as the original Synjitsu wrote it and the patched
+//! MirageOS TCP stack (samoht/mirage-tcpip, branch `synjistu`) reads it, so such guests work
+//! unchanged.
+//!
+//! ```text
+//! /ip/<vm-ip>                                              = "managed" once the guest took over
+//! /ip/<vm-ip>/<vm-port>/<client-ip>/<client-port>/syn/tx_wnd            client window, decimal
+//!                                                    /sequence          client ISN, signed 32-bit
+//!                                                    /options           TCP options, S-expression
+//!                                                    /tx_isn            guest's ISN, unsigned
+//!                                                    /rx_wnd            guest's window (65535)
+//!                                                    /rx_wnd_scaleoffer guest's scale (2)
+//! ```
+//! Every `.` in an address becomes `-` in its path component (`10.0.0.1` -> `10-0-0-1`).
+//! The original knew only IPv4; for IPv6, which Xenstore's path alphabet cannot spell with
+//! `:`, this crate writes `:` as `_` (`fd00::1` -> `fd00__1`), an extension no original guest
+//! will ever meet.
+//!
+//! This module owns paths, leaf values and the TCP-option S-expression, both ways. Talking to
+//! a Xenstore daemon is [`crate::xs_wire`]'s (framing) and the daemons' (sockets).
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// The root of every held SYN.
+pub const ROOT: &str = "/ip";
+/// The value a guest writes at `/ip/<its-ip>` when it has taken over.
+pub const MANAGED: &str = "managed";
+/// The receive window the original wrote for the guest.
+pub const DEFAULT_RX_WND: u32 = 65535;
+/// The window scale the original offered for the guest.
+pub const DEFAULT_RX_WND_SCALEOFFER: u8 = 2;
+/// The original's ISN base: it added a random number below 65535.
+pub const TX_ISN_BASE: u32 = 0x1AFE_0000;
+/// The leaves of `syn/`, in the order the original wrote them.
+pub const LEAVES: [&str; 6] = [
+    "tx_wnd",
+    "sequence",
+    "options",
+    "tx_isn",
+    "rx_wnd",
+    "rx_wnd_scaleoffer",
+];
+
+/// What is wrong with a path or a leaf read back from Xenstore.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    /// A path component is not an encoded address.
+    #[error("path component {component:?} is not an encoded IP address")]
+    BadAddress {
+        /// The component.
+        component: String,
+    },
+    /// A path component is not a decimal port.
+    #[error("path component {component:?} is not a port number")]
+    BadPort {
+        /// The component.
+        component: String,
+    },
+    /// The path does not have the shape `/ip/a/p/b/q[/syn[/leaf]]`.
+    #[error("path {path:?} is not a held-SYN path")]
+    BadPath {
+        /// The path.
+        path: String,
+    },
+    /// A leaf is absent.
+    #[error("leaf {leaf} is missing")]
+    MissingLeaf {
+        /// The leaf's name.
+        leaf: &'static str,
+    },
+    /// A leaf's text is not what its type needs.
+    #[error("leaf {leaf} has invalid value {value:?}")]
+    BadLeaf {
+        /// The leaf's name.
+        leaf: &'static str,
+        /// The text found.
+        value: String,
+    },
+    /// The `options` leaf is not a valid S-expression of options.
+    #[error("leaf options: {0}")]
+    Options(#[from] SexpError),
+}
+
+/// Encodes an address as one path component.
+pub fn encode_addr(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string().replace('.', "-"),
+        IpAddr::V6(v6) => v6.to_string().replace(':', "_"),
+    }
+}
+
+/// Decodes one path component back into an address (a reader maps `-` back to `.`).
+pub fn decode_addr(component: &str) -> Result<IpAddr, LayoutError> {
+    let err = || LayoutError::BadAddress {
+        component: component.to_string(),
+    };
+    // Only the encoded alphabets: a literal `.` or `:` is not valid in a Xenstore path.
+    if component.contains('_') {
+        if !component
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || b == b'_' || b == b'.')
+        {
+            return Err(err());
+        }
+        component
+            .replace('_', ":")
+            .parse::<Ipv6Addr>()
+            .map(IpAddr::V6)
+            .map_err(|_| err())
+    } else {
+        if !component.bytes().all(|b| b.is_ascii_digit() || b == b'-') {
+            return Err(err());
+        }
+        component
+            .replace('-', ".")
+            .parse::<Ipv4Addr>()
+            .map(IpAddr::V4)
+            .map_err(|_| err())
+    }
+}
+
+fn decode_port(component: &str) -> Result<u16, LayoutError> {
+    let ok = !component.is_empty() && component.bytes().all(|b| b.is_ascii_digit());
+    ok.then(|| component.parse().ok())
+        .flatten()
+        .ok_or_else(|| LayoutError::BadPort {
+            component: component.to_string(),
+        })
+}
+
+/// `/ip/<ip>`: the guest's subtree, and where it writes [`MANAGED`].
+pub fn ip_path(ip: IpAddr) -> String {
+    format!("{ROOT}/{}", encode_addr(ip))
+}
+
+/// One held connection: the guest's end (`local`) and the client's (`dest`), as the guest's
+/// TCP stack names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SynKey {
+    /// The guest's address (the SYN's destination).
+    pub local_ip: IpAddr,
+    /// The guest's port.
+    pub local_port: u16,
+    /// The client's address (the SYN's source).
+    pub dest_ip: IpAddr,
+    /// The client's port.
+    pub dest_port: u16,
+}
+
+impl SynKey {
+    /// `/ip/<local_ip>/<local_port>/<dest_ip>/<dest_port>`: the subtree the guest removes.
+    pub fn conn_path(&self) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            ip_path(self.local_ip),
+            self.local_port,
+            encode_addr(self.dest_ip),
+            self.dest_port
+        )
+    }
+
+    /// `<conn_path>/syn`.
+    pub fn syn_path(&self) -> String {
+        format!("{}/syn", self.conn_path())
+    }
+
+    /// `<conn_path>/syn/<leaf>`.
+    pub fn leaf_path(&self, leaf: &str) -> String {
+        format!("{}/syn/{leaf}", self.conn_path())
+    }
+
+    /// Reads a key back from a connection path, optionally followed by `/syn` and a leaf.
+    pub fn from_path(path: &str) -> Result<SynKey, LayoutError> {
+        let bad = || LayoutError::BadPath {
+            path: path.to_string(),
+        };
+        let rest = path
+            .strip_prefix(ROOT)
+            .and_then(|r| r.strip_prefix('/'))
+            .ok_or_else(bad)?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let tail_ok = match parts.len() {
+            4 => true,
+            5 => parts[4] == "syn",
+            6 => parts[4] == "syn" && LEAVES.contains(&parts[5]),
+            _ => false,
+        };
+        if !tail_ok {
+            return Err(bad());
+        }
+        Ok(SynKey {
+            local_ip: decode_addr(parts[0])?,
+            local_port: decode_port(parts[1])?,
+            dest_ip: decode_addr(parts[2])?,
+            dest_port: decode_port(parts[3])?,
+        })
+    }
+}
+
+/// The six leaves of a held SYN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldSyn {
+    /// The client's advertised window, unscaled, from the SYN.
+    pub tx_wnd: u16,
+    /// The client's ISN.
+    pub sequence: u32,
+    /// The SYN's TCP options (no NOP/EOL).
+    pub options: Vec<TcpOption>,
+    /// The ISN the guest must use in its SYN-ACK.
+    pub tx_isn: u32,
+    /// The guest's receive window.
+    pub rx_wnd: u32,
+    /// The window scale the guest offers.
+    pub rx_wnd_scaleoffer: u8,
+}
+
+impl HeldSyn {
+    /// A record with the original's guest-side defaults; `random` picks the ISN as the
+    /// original did (below 65535, plus [`TX_ISN_BASE`]).
+    pub fn new(tx_wnd: u16, sequence: u32, options: Vec<TcpOption>, random: u16) -> HeldSyn {
+        HeldSyn {
+            tx_wnd,
+            sequence,
+            options,
+            tx_isn: TX_ISN_BASE + u32::from(random.min(65534)),
+            rx_wnd: DEFAULT_RX_WND,
+            rx_wnd_scaleoffer: DEFAULT_RX_WND_SCALEOFFER,
+        }
+    }
+
+    /// Leaf name and text, in [`LEAVES`] order.
+    pub fn to_leaves(&self) -> [(&'static str, String); 6] {
+        [
+            ("tx_wnd", self.tx_wnd.to_string()),
+            // OCaml Int32.to_string: signed.
+            ("sequence", (self.sequence as i32).to_string()),
+            ("options", options_to_sexp(&self.options)),
+            // OCaml Sequence.to_string: "%lu", unsigned.
+            ("tx_isn", self.tx_isn.to_string()),
+            ("rx_wnd", self.rx_wnd.to_string()),
+            ("rx_wnd_scaleoffer", self.rx_wnd_scaleoffer.to_string()),
+        ]
+    }
+
+    /// Reads a record back; `get(leaf)` returns the leaf's text or `None` if absent.
+    pub fn from_leaves(
+        mut get: impl FnMut(&str) -> Option<String>,
+    ) -> Result<HeldSyn, LayoutError> {
+        let mut leaf =
+            |name: &'static str| get(name).ok_or(LayoutError::MissingLeaf { leaf: name });
+        let bad = |leaf: &'static str, value: &str| LayoutError::BadLeaf {
+            leaf,
+            value: value.to_string(),
+        };
+        let tx_wnd = leaf("tx_wnd")?;
+        let sequence = leaf("sequence")?;
+        let options = leaf("options")?;
+        let tx_isn = leaf("tx_isn")?;
+        let rx_wnd = leaf("rx_wnd")?;
+        let scale = leaf("rx_wnd_scaleoffer")?;
+        Ok(HeldSyn {
+            tx_wnd: tx_wnd.trim().parse().map_err(|_| bad("tx_wnd", &tx_wnd))?,
+            sequence: parse_int32(&sequence).ok_or_else(|| bad("sequence", &sequence))?,
+            options: options_from_sexp(&options)?,
+            tx_isn: parse_int32(&tx_isn).ok_or_else(|| bad("tx_isn", &tx_isn))?,
+            rx_wnd: rx_wnd.trim().parse().map_err(|_| bad("rx_wnd", &rx_wnd))?,
+            rx_wnd_scaleoffer: scale
+                .trim()
+                .parse()
+                .map_err(|_| bad("rx_wnd_scaleoffer", &scale))?,
+        })
+    }
+}
+
+/// A 32-bit value printed signed or unsigned: both forms read back to the same bits.
+fn parse_int32(s: &str) -> Option<u32> {
+    let v: i64 = s.trim().parse().ok()?;
+    (i64::from(i32::MIN)..=i64::from(u32::MAX))
+        .contains(&v)
+        .then_some(v as u32)
+}
+
+/// A TCP option, as the MirageOS stack's `Options.t`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TcpOption {
+    /// Kind 2.
+    Mss(u16),
+    /// Kind 3.
+    WindowSizeShift(u8),
+    /// Kind 4.
+    SackOk,
+    /// Kind 5: (left, right) edges.
+    Sack(Vec<(u32, u32)>),
+    /// Kind 8: (tsval, tsecr).
+    Timestamp(u32, u32),
+    /// Any other kind, with its raw data.
+    Unknown(u8, Vec<u8>),
+}
+
+/// Why TCP option bytes cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OptionsError {
+    /// An option's length byte is missing, below 2, or runs past the end.
+    #[error("TCP option kind {kind} at offset {offset} has a bad length")]
+    BadLength {
+        /// The option's kind.
+        kind: u8,
+        /// Where it starts.
+        offset: usize,
+    },
+}
+
+/// Reads the options area of a TCP header. NOP and EOL are not options in the result; a known
+/// kind with a length other than its own is kept as [`TcpOption::Unknown`], as MirageOS does.
+pub fn options_from_wire(bytes: &[u8]) -> Result<Vec<TcpOption>, OptionsError> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let kind = bytes[i];
+        match kind {
+            0 => break,
+            1 => {
+                i += 1;
+                continue;
+            }
+            _ => {}
+        }
+        let len = *bytes
+            .get(i + 1)
+            .ok_or(OptionsError::BadLength { kind, offset: i })? as usize;
+        if len < 2 || i + len > bytes.len() {
+            return Err(OptionsError::BadLength { kind, offset: i });
+        }
+        let data = &bytes[i + 2..i + len];
+        let be32 = |d: &[u8]| u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
+        out.push(match (kind, data.len()) {
+            (2, 2) => TcpOption::Mss(u16::from_be_bytes([data[0], data[1]])),
+            (3, 1) => TcpOption::WindowSizeShift(data[0]),
+            (4, 0) => TcpOption::SackOk,
+            (5, n) if n % 8 == 0 && n > 0 => TcpOption::Sack(
+                data.chunks_exact(8)
+                    .map(|c| (be32(&c[..4]), be32(&c[4..])))
+                    .collect(),
+            ),
+            (8, 8) => TcpOption::Timestamp(be32(&data[..4]), be32(&data[4..])),
+            _ => TcpOption::Unknown(kind, data.to_vec()),
+        });
+        i += len;
+    }
+    Ok(out)
+}
+
+/// Writes options as TCP header bytes, NOP-padded to a multiple of 4.
+pub fn options_to_wire(options: &[TcpOption]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for opt in options {
+        match opt {
+            TcpOption::Mss(m) => {
+                out.extend([2, 4]);
+                out.extend(m.to_be_bytes());
+            }
+            TcpOption::WindowSizeShift(s) => out.extend([3, 3, *s]),
+            TcpOption::SackOk => out.extend([4, 2]),
+            TcpOption::Sack(blocks) => {
+                out.extend([5, (2 + 8 * blocks.len()) as u8]);
+                for (l, r) in blocks {
+                    out.extend(l.to_be_bytes());
+                    out.extend(r.to_be_bytes());
+                }
+            }
+            TcpOption::Timestamp(a, b) => {
+                out.extend([8, 10]);
+                out.extend(a.to_be_bytes());
+                out.extend(b.to_be_bytes());
+            }
+            TcpOption::Unknown(kind, data) => {
+                out.extend([*kind, (2 + data.len()) as u8]);
+                out.extend(data);
+            }
+        }
+    }
+    while out.len() % 4 != 0 {
+        out.push(1);
+    }
+    out
+}
+
+/// A parsed S-expression.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Sexp {
+    Atom(Vec<u8>),
+    List(Vec<Sexp>),
+}
+
+/// Why the `options` text is not a list of options.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SexpError {
+    /// Not an S-expression at all.
+    #[error("bad S-expression at byte {offset}: {what}")]
+    Syntax {
+        /// Where.
+        offset: usize,
+        /// What was expected.
+        what: &'static str,
+    },
+    /// An S-expression, but not of `Options.t list`.
+    #[error("not a TCP option: {0}")]
+    NotAnOption(String),
+}
+
+fn atom(s: impl Into<Vec<u8>>) -> Sexp {
+    Sexp::Atom(s.into())
+}
+
+fn int32_atom(v: u32) -> Sexp {
+    atom((v as i32).to_string())
+}
+
+fn option_to_sexp(opt: &TcpOption) -> Sexp {
+    match opt {
+        TcpOption::Mss(m) => Sexp::List(vec![atom("MSS"), atom(m.to_string())]),
+        TcpOption::WindowSizeShift(s) => {
+            Sexp::List(vec![atom("Window_size_shift"), atom(s.to_string())])
+        }
+        TcpOption::SackOk => atom("SACK_ok"),
+        TcpOption::Sack(blocks) => Sexp::List(vec![
+            atom("SACK"),
+            Sexp::List(
+                blocks
+                    .iter()
+                    .map(|(l, r)| Sexp::List(vec![int32_atom(*l), int32_atom(*r)]))
+                    .collect(),
+            ),
+        ]),
+        TcpOption::Timestamp(a, b) => {
+            Sexp::List(vec![atom("Timestamp"), int32_atom(*a), int32_atom(*b)])
+        }
+        TcpOption::Unknown(kind, data) => Sexp::List(vec![
+            atom("Unknown"),
+            atom(kind.to_string()),
+            atom(data.clone()),
+        ]),
+    }
+}
+
+/// Sexplib's `must_escape`: which atoms are written quoted.
+fn must_escape(s: &[u8]) -> bool {
+    if s.is_empty() {
+        return true;
+    }
+    s.iter().enumerate().any(|(i, &c)| match c {
+        b'"' | b'(' | b')' | b';' | b'\\' => true,
+        b'|' => i > 0 && s[i - 1] == b'#',
+        b'#' => i > 0 && s[i - 1] == b'|',
+        0..=32 | 127..=255 => true,
+        _ => false,
+    })
+}
+
+/// OCaml's `String.escaped`, inside double quotes.
+fn write_escaped(out: &mut String, s: &[u8]) {
+    out.push('"');
+    for &c in s {
+        match c {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            b'\n' => out.push_str("\\n"),
+            b'\t' => out.push_str("\\t"),
+            b'\r' => out.push_str("\\r"),
+            8 => out.push_str("\\b"),
+            32..=126 => out.push(c as char),
+            _ => {
+                let _ = write!(out, "\\{c:03}");
+            }
+        }
+    }
+    out.push('"');
+}
+
+/// Sexplib's `to_string_mach`; returns whether the last thing written was a bare atom.
+fn write_mach(out: &mut String, sexp: &Sexp, may_need_space: bool) -> bool {
+    match sexp {
+        Sexp::Atom(a) => {
+            if must_escape(a) {
+                write_escaped(out, a);
+                false
+            } else {
+                if may_need_space {
+                    out.push(' ');
+                }
+                out.push_str(std::str::from_utf8(a).expect("unescaped atoms are ASCII"));
+                true
+            }
+        }
+        Sexp::List(items) => {
+            out.push('(');
+            let mut space = false;
+            for item in items {
+                space = write_mach(out, item, space);
+            }
+            out.push(')');
+            false
+        }
+    }
+}
+
+/// The `options` leaf: sexplib's machine form of an `Options.t list`, e.g.
+/// `((MSS 1460)SACK_ok(Timestamp 736287380 0)(Window_size_shift 10))`.
+pub fn options_to_sexp(options: &[TcpOption]) -> String {
+    let mut out = String::new();
+    write_mach(
+        &mut out,
+        &Sexp::List(options.iter().map(option_to_sexp).collect()),
+        false,
+    );
+    out
+}
+
+struct Reader<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl Reader<'_> {
+    fn err(&self, what: &'static str) -> SexpError {
+        SexpError::Syntax {
+            offset: self.i,
+            what,
+        }
+    }
+
+    fn skip_ws(&mut self) {
+        while self.i < self.s.len() && self.s[self.i].is_ascii_whitespace() {
+            self.i += 1;
+        }
+    }
+
+    fn sexp(&mut self, depth: usize) -> Result<Sexp, SexpError> {
+        // Options nest three deep at most; bound recursion on hostile input.
+        if depth > 16 {
+            return Err(self.err("nesting deeper than any option"));
+        }
+        self.skip_ws();
+        match self.s.get(self.i) {
+            None => Err(self.err("an atom or a list")),
+            Some(b'(') => {
+                self.i += 1;
+                let mut items = Vec::new();
+                loop {
+                    self.skip_ws();
+                    match self.s.get(self.i) {
+                        None => return Err(self.err("`)`")),
+                        Some(b')') => {
+                            self.i += 1;
+                            return Ok(Sexp::List(items));
+                        }
+                        Some(_) => items.push(self.sexp(depth + 1)?),
+                    }
+                }
+            }
+            Some(b')') => Err(self.err("an atom or a list, not `)`")),
+            Some(b'"') => self.quoted(),
+            Some(_) => {
+                let start = self.i;
+                while let Some(&c) = self.s.get(self.i) {
+                    if c.is_ascii_whitespace() || matches!(c, b'(' | b')' | b'"') {
+                        break;
+                    }
+                    self.i += 1;
+                }
+                Ok(Sexp::Atom(self.s[start..self.i].to_vec()))
+            }
+        }
+    }
+
+    fn quoted(&mut self) -> Result<Sexp, SexpError> {
+        self.i += 1;
+        let mut out = Vec::new();
+        loop {
+            let c = *self.s.get(self.i).ok_or_else(|| self.err("closing `\"`"))?;
+            self.i += 1;
+            match c {
+                b'"' => return Ok(Sexp::Atom(out)),
+                b'\\' => {
+                    let e = *self.s.get(self.i).ok_or_else(|| self.err("an escape"))?;
+                    self.i += 1;
+                    match e {
+                        b'n' => out.push(b'\n'),
+                        b't' => out.push(b'\t'),
+                        b'r' => out.push(b'\r'),
+                        b'b' => out.push(8),
+                        b' ' => out.push(b' '),
+                        b'\\' | b'"' | b'\'' => out.push(e),
+                        b'\n' => self.skip_ws(),
+                        b'0'..=b'9' => {
+                            let d = self.s.get(self.i - 1..self.i + 2);
+                            let v = d
+                                .filter(|d| d.iter().all(u8::is_ascii_digit))
+                                .map(|d| d.iter().fold(0u32, |a, x| a * 10 + u32::from(x - b'0')))
+                                .filter(|v| *v <= 255)
+                                .ok_or_else(|| self.err("three decimal digits below 256"))?;
+                            out.push(v as u8);
+                            self.i += 2;
+                        }
+                        b'x' => {
+                            let d = self.s.get(self.i..self.i + 2);
+                            let v = d
+                                .and_then(|d| std::str::from_utf8(d).ok())
+                                .and_then(|d| u8::from_str_radix(d, 16).ok())
+                                .ok_or_else(|| self.err("two hex digits"))?;
+                            out.push(v);
+                            self.i += 2;
+                        }
+                        _ => {
+                            // OCaml keeps an unknown escape as both characters.
+                            out.push(b'\\');
+                            out.push(e);
+                        }
+                    }
+                }
+                _ => out.push(c),
+            }
+        }
+    }
+}
+
+fn atom_str(s: &Sexp) -> Option<&str> {
+    match s {
+        Sexp::Atom(a) => std::str::from_utf8(a).ok(),
+        Sexp::List(_) => None,
+    }
+}
+
+fn atom_int32(s: &Sexp) -> Option<u32> {
+    atom_str(s).and_then(parse_int32)
+}
+
+fn option_from_sexp(s: &Sexp) -> Result<TcpOption, SexpError> {
+    let bad = || SexpError::NotAnOption(format!("{s:?}"));
+    match s {
+        Sexp::Atom(a) if a.as_slice() == b"SACK_ok" => Ok(TcpOption::SackOk),
+        Sexp::Atom(_) => Err(bad()),
+        Sexp::List(items) => {
+            let tag = items.first().and_then(atom_str).ok_or_else(bad)?;
+            let args = &items[1..];
+            let opt = match (tag, args) {
+                ("MSS", [m]) => atom_str(m).and_then(|m| m.parse().ok()).map(TcpOption::Mss),
+                ("Window_size_shift", [w]) => atom_str(w)
+                    .and_then(|w| w.parse().ok())
+                    .map(TcpOption::WindowSizeShift),
+                ("SACK", [Sexp::List(blocks)]) => blocks
+                    .iter()
+                    .map(|b| match b {
+                        Sexp::List(lr) if lr.len() == 2 => {
+                            Some((atom_int32(&lr[0])?, atom_int32(&lr[1])?))
+                        }
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>()
+                    .map(TcpOption::Sack),
+                ("Timestamp", [a, b]) => atom_int32(a)
+                    .zip(atom_int32(b))
+                    .map(|(a, b)| TcpOption::Timestamp(a, b)),
+                ("Unknown", [k, Sexp::Atom(data)]) => atom_str(k)
+                    .and_then(|k| k.parse().ok())
+                    .map(|k| TcpOption::Unknown(k, data.clone())),
+                _ => None,
+            };
+            opt.ok_or_else(bad)
+        }
+    }
+}
+
+/// Reads the `options` leaf back; accepts any whitespace between elements.
+pub fn options_from_sexp(text: &str) -> Result<Vec<TcpOption>, SexpError> {
+    let mut r = Reader {
+        s: text.as_bytes(),
+        i: 0,
+    };
+    let sexp = r.sexp(0)?;
+    r.skip_ws();
+    if r.i != r.s.len() {
+        return Err(r.err("end of input"));
+    }
+    match sexp {
+        Sexp::List(items) => items.iter().map(option_from_sexp).collect(),
+        Sexp::Atom(_) => Err(SexpError::NotAnOption("a bare atom, not a list".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn linux_syn_options() -> Vec<TcpOption> {
+        vec![
+            TcpOption::Mss(1460),
+            TcpOption::SackOk,
+            TcpOption::Timestamp(736_287_380, 0),
+            TcpOption::WindowSizeShift(10),
+        ]
+    }
+
+    // The options area of a real Linux SYN: mss 1460, sackOK, TS val 736287380 ecr 0, nop,
+    // wscale 10.
+    const LINUX_SYN_OPTIONS: [u8; 20] = [
+        0x02, 0x04, 0x05, 0xb4, 0x04, 0x02, 0x08, 0x0a, 0x2b, 0xe2, 0xda, 0x94, 0x00, 0x00, 0x00,
+        0x00, 0x01, 0x03, 0x03, 0x0a,
+    ];
+
+    #[test]
+    fn path_encoding_is_the_originals() {
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(encode_addr(ip), "10-0-0-1");
+        assert_eq!(decode_addr("10-0-0-1").unwrap(), ip);
+        assert_eq!(ip_path(ip), "/ip/10-0-0-1");
+        let key = SynKey {
+            local_ip: ip,
+            local_port: 80,
+            dest_ip: "10.0.0.254".parse().unwrap(),
+            dest_port: 41234,
+        };
+        assert_eq!(key.conn_path(), "/ip/10-0-0-1/80/10-0-0-254/41234");
+        assert_eq!(key.syn_path(), "/ip/10-0-0-1/80/10-0-0-254/41234/syn");
+        assert_eq!(
+            key.leaf_path("tx_isn"),
+            "/ip/10-0-0-1/80/10-0-0-254/41234/syn/tx_isn"
+        );
+        for p in [key.conn_path(), key.syn_path(), key.leaf_path("options")] {
+            assert_eq!(SynKey::from_path(&p).unwrap(), key);
+        }
+    }
+
+    #[test]
+    fn ipv6_uses_an_alphabet_xenstore_accepts() {
+        let ip: IpAddr = "fd00::a:1".parse().unwrap();
+        let c = encode_addr(ip);
+        assert_eq!(c, "fd00__a_1");
+        assert!(
+            c.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_@".contains(&b))
+        );
+        assert_eq!(decode_addr(&c).unwrap(), ip);
+    }
+
+    #[test]
+    fn bad_paths_are_refused() {
+        for p in [
+            "/ip",
+            "/ip/10-0-0-1",
+            "/ip/10-0-0-1/80/10-0-0-2",
+            "/ip/10-0-0-1/80/10-0-0-2/1/syn/nope",
+            "/ip/10-0-0-1/80/10-0-0-2/1/ack",
+            "/local/10-0-0-1/80/10-0-0-2/1",
+        ] {
+            assert!(
+                matches!(SynKey::from_path(p), Err(LayoutError::BadPath { .. })),
+                "{p}"
+            );
+        }
+        assert!(matches!(
+            SynKey::from_path("/ip/10-0-0/80/10-0-0-2/1"),
+            Err(LayoutError::BadAddress { .. })
+        ));
+        assert!(matches!(
+            SynKey::from_path("/ip/10.0.0.1/80/10-0-0-2/1"),
+            Err(LayoutError::BadAddress { .. })
+        ));
+        for port in ["65536", "-1", "+80", "", "8o"] {
+            let p = format!("/ip/10-0-0-1/{port}/10-0-0-2/1");
+            assert!(
+                matches!(SynKey::from_path(&p), Err(LayoutError::BadPort { .. })),
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn linux_syn_options_match_the_documented_string() {
+        let opts = options_from_wire(&LINUX_SYN_OPTIONS).unwrap();
+        assert_eq!(opts, linux_syn_options());
+        assert_eq!(
+            options_to_sexp(&opts),
+            "((MSS 1460)SACK_ok(Timestamp 736287380 0)(Window_size_shift 10))"
+        );
+        assert_eq!(
+            options_from_sexp("((MSS 1460)SACK_ok(Timestamp 736287380 0)(Window_size_shift 10))")
+                .unwrap(),
+            opts
+        );
+    }
+
+    #[test]
+    fn int32_atoms_are_signed_and_readers_take_any_whitespace() {
+        let opts = vec![
+            TcpOption::Timestamp(0xffff_ffff, 0x8000_0000),
+            TcpOption::Sack(vec![(1, 2), (0xfffffffe, 3)]),
+        ];
+        let s = options_to_sexp(&opts);
+        assert_eq!(s, "((Timestamp -1 -2147483648)(SACK((1 2)(-2 3))))");
+        assert_eq!(options_from_sexp(&s).unwrap(), opts);
+        let spaced = " ( (Timestamp\t-1\n -2147483648 ) ( SACK ( (1 2) (-2 3) ) ) ) ";
+        assert_eq!(options_from_sexp(spaced).unwrap(), opts);
+        assert_eq!(options_to_sexp(&[]), "()");
+        assert_eq!(options_from_sexp("()").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn unknown_options_round_trip_through_quoted_atoms() {
+        let opts = vec![
+            TcpOption::Unknown(30, vec![1, 2, b'"', b'\\', b' ', b'a']),
+            TcpOption::Unknown(34, vec![]),
+            TcpOption::Unknown(253, b"plain".to_vec()),
+        ];
+        let s = options_to_sexp(&opts);
+        assert_eq!(
+            s,
+            "((Unknown 30\"\\001\\002\\\"\\\\ a\")(Unknown 34\"\")(Unknown 253 plain))"
+        );
+        assert_eq!(options_from_sexp(&s).unwrap(), opts);
+        let wire = options_to_wire(&opts);
+        assert_eq!(options_from_wire(&wire).unwrap(), opts);
+    }
+
+    #[test]
+    fn wire_options_round_trip_and_tolerate_odd_lengths() {
+        let opts = vec![
+            TcpOption::Mss(536),
+            TcpOption::WindowSizeShift(7),
+            TcpOption::SackOk,
+            TcpOption::Sack(vec![(10, 20)]),
+            TcpOption::Timestamp(5, 6),
+        ];
+        let wire = options_to_wire(&opts);
+        assert_eq!(wire.len() % 4, 0);
+        assert_eq!(options_from_wire(&wire).unwrap(), opts);
+        // MSS with a 3-byte length is not an MSS; it is kept, not guessed at.
+        assert_eq!(
+            options_from_wire(&[2, 3, 9, 0]).unwrap(),
+            vec![TcpOption::Unknown(2, vec![9])]
+        );
+        // Everything after EOL is padding.
+        assert_eq!(
+            options_from_wire(&[4, 2, 0, 2, 99]).unwrap(),
+            vec![TcpOption::SackOk]
+        );
+    }
+
+    #[test]
+    fn malformed_wire_options_are_errors() {
+        for bad in [
+            &[2u8][..],
+            &[2, 1, 0, 0],
+            &[2, 0],
+            &[2, 10, 1, 1],
+            &[8, 10, 0, 0, 0],
+        ] {
+            assert!(
+                matches!(options_from_wire(bad), Err(OptionsError::BadLength { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_sexps_are_errors() {
+        for bad in [
+            "",
+            "(",
+            ")",
+            "((MSS 1460)",
+            "((MSS 1460)))",
+            "MSS",
+            "((MSS))",
+            "((MSS 70000))",
+            "((MSS x))",
+            "((Frobnicate 1))",
+            "((Timestamp 1))",
+            "((Timestamp 1 2 3))",
+            "((Timestamp 99999999999 0))",
+            "((SACK (1 2)))",
+            "((Unknown 300 \"\"))",
+            "((Unknown 3 \"\\999\"))",
+            "((Unknown 3 \"unterminated))",
+            "(((((((((((((((((((((((((((((((((((((())))))))))))))))))))))))))))))))))))))",
+        ] {
+            assert!(options_from_sexp(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn leaves_are_written_as_the_original_did() {
+        let syn = HeldSyn {
+            tx_wnd: 64240,
+            sequence: 0xF000_0001,
+            options: linux_syn_options(),
+            tx_isn: 0x1AFE_1234,
+            rx_wnd: DEFAULT_RX_WND,
+            rx_wnd_scaleoffer: DEFAULT_RX_WND_SCALEOFFER,
+        };
+        let leaves = syn.to_leaves();
+        let names: Vec<_> = leaves.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, LEAVES);
+        let get = |n: &str| leaves.iter().find(|(k, _)| *k == n).unwrap().1.clone();
+        assert_eq!(get("tx_wnd"), "64240");
+        assert_eq!(get("sequence"), "-268435455");
+        assert_eq!(get("tx_isn"), "452858420");
+        assert_eq!(get("rx_wnd"), "65535");
+        assert_eq!(get("rx_wnd_scaleoffer"), "2");
+        let back = HeldSyn::from_leaves(|n| Some(get(n))).unwrap();
+        assert_eq!(back, syn);
+    }
+
+    #[test]
+    fn the_original_isn_choice_is_kept() {
+        let s = HeldSyn::new(1, 2, vec![], 0);
+        assert_eq!(s.tx_isn, TX_ISN_BASE);
+        let s = HeldSyn::new(1, 2, vec![], u16::MAX);
+        assert!(s.tx_isn < TX_ISN_BASE + 65535);
+        assert_eq!((s.rx_wnd, s.rx_wnd_scaleoffer), (65535, 2));
+    }
+
+    #[test]
+    fn bad_leaves_are_named() {
+        let good = HeldSyn::new(1, 2, vec![], 3).to_leaves();
+        for (leaf, value) in [
+            ("tx_wnd", "65536"),
+            ("sequence", "4294967296"),
+            ("sequence", "ten"),
+            ("options", "(("),
+            ("tx_isn", ""),
+            ("rx_wnd", "-1"),
+            ("rx_wnd_scaleoffer", "256"),
+        ] {
+            let r = HeldSyn::from_leaves(|n| {
+                Some(if n == leaf {
+                    value.to_string()
+                } else {
+                    good.iter().find(|(k, _)| *k == n).unwrap().1.clone()
+                })
+            });
+            let err = r.unwrap_err();
+            match err {
+                LayoutError::BadLeaf { leaf: l, .. } => assert_eq!(l, leaf),
+                LayoutError::Options(_) => assert_eq!(leaf, "options"),
+                other => panic!("{leaf}={value}: {other:?}"),
+            }
+        }
+        let missing = HeldSyn::from_leaves(|n| (n != "tx_isn").then(|| "1".to_string()));
+        assert!(matches!(
+            missing,
+            Err(LayoutError::MissingLeaf { leaf: "tx_isn" })
+        ));
+    }
+}
