@@ -1,0 +1,169 @@
+//! Support code for jitsu's end-to-end tests: network namespaces that clean up after
+//! themselves, a check for the real tools a test needs, the paths of the built daemons, and a
+//! small Xenstore daemon ([`xenstored`]).
+//!
+//! Every topology lives in namespaces the test creates (addresses such as 10.77.0.0/16 only
+//! inside them) and is removed by [`Netns`]'s `Drop`, also when the test fails.
+
+pub mod xenstored;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context, Result, bail};
+
+/// Fails the test, naming the Debian package, if `tool` is not on PATH. Tests never skip
+/// themselves: the README's test command installs everything they need.
+pub fn require_tool(tool: &str, package: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "this test needs `{tool}` (Debian package {package}); the README's test command \
+         (scripts/test) installs it"
+    );
+}
+
+/// Fails the test unless it runs as root, which namespaces and bridges need.
+pub fn require_root() {
+    // SAFETY-free check: /proc/self/status's Uid line.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or("?");
+    assert_eq!(
+        uid, "0",
+        "this test creates network namespaces and must run as root (scripts/test does)"
+    );
+}
+
+/// The target directory the running test binary was built into (`target/debug`).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    // target/debug/deps/<test-binary>
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binaries live in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// The path of a workspace binary built beside the tests; fails saying how to build it.
+pub fn bin_path(name: &str) -> PathBuf {
+    let p = target_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace's binaries first (`cargo build --workspace --bins`, \
+         which scripts/test runs)",
+        p.display()
+    );
+    p
+}
+
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the repository")
+        .to_path_buf()
+}
+
+/// Runs a command; an error carries the command line, status and stderr.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// Runs `sh -c script`, returning stdout.
+pub fn sh(script: &str) -> Result<String> {
+    let out = run(Command::new("sh").args(["-c", script]))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call, short enough for an interface name when `tag` is
+/// at most 6 characters (`tag` + up to 9).
+pub fn unique(tag: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    format!("{tag}{:x}{n:x}", std::process::id() % 0xfffff)
+}
+
+/// A network namespace that kills what runs in it and deletes itself when dropped.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates a namespace named `jt-<tag><unique>` with its loopback up.
+    pub fn new(tag: &str) -> Result<Netns> {
+        let name = format!("jt-{}", unique(tag));
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Netns { name };
+        ns.sh("ip link set lo up")?;
+        Ok(ns)
+    }
+
+    /// The namespace's name, for `ip netns exec` and `ip -n`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Runs `sh -c script` inside the namespace, returning stdout.
+    pub fn sh(&self, script: &str) -> Result<String> {
+        let out = run(self.command("sh").args(["-c", script]))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Anything still running inside would keep the namespace alive.
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unique_names_fit_an_interface_name() {
+        let a = unique("veth-c");
+        let b = unique("veth-c");
+        assert_ne!(a, b);
+        assert!(a.len() <= 15, "{a}");
+    }
+}
