@@ -14,3 +14,4 @@
 //! - [`daemon`]: the IO shell tying them together in one `select!` loop.
 
 pub mod config;
+pub mod fleet;
