@@ -13,5 +13,8 @@
 //! - [`metrics`]: Prometheus counters and the `/metrics` endpoint;
 //! - [`daemon`]: the IO shell tying them together in one `select!` loop.
 
+pub mod backend;
 pub mod config;
 pub mod fleet;
+pub mod state;
+mod sys;
