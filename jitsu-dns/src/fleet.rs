@@ -16,8 +16,8 @@
 //!   synjitsu is not connected or refused the VM, the synjitsu-based modes fall back to
 //!   `response_delay`: a synjitsu that is down never blocks an answer;
 //! - a suspended VM is resumed and a paused one unpaused instead of booted;
-//! - a running VM with no query and no interface traffic for 2 x TTL is stopped in its
-//!   `stop_mode`;
+//! - a running VM with no query and no packet sent by its interface for 2 x TTL is stopped
+//!   in its `stop_mode` (packets only sent to it, like the bridge's floods, do not count);
 //! - at most `max_running` VMs booting, running or stopping, and at most
 //!   `max_boots_per_second` boots: past either, the query gets SERVFAIL;
 //! - a failed boot answers its waiting queries SERVFAIL and the next query retries;
@@ -209,6 +209,9 @@ pub enum Event {
         vm: VmName,
         /// Its state.
         state: Observed,
+        /// For a poll: the epoch [`Fleet::polled`] gave with the VM; the observation is
+        /// dropped if the VM changed state since. `None` for pushed events, which are current.
+        epoch: Option<u64>,
     },
     /// At start-up or when a VM is added: what the store remembered and what the backend
     /// sees now.
@@ -474,6 +477,8 @@ impl Life {
 struct Vm {
     cfg: Arc<VmConfig>,
     life: Life,
+    /// Bumped on every change of `life`, so observations made before a change are ignored.
+    epoch: u64,
     waiting: Vec<QueryId>,
     domid: Option<u32>,
     last_query: Option<Instant>,
@@ -561,13 +566,32 @@ impl Fleet {
         self.vms.keys().filter_map(|n| self.view(n)).collect()
     }
 
-    /// VMs whose backend state and counters are worth polling (running or booting).
-    pub fn active(&self) -> Vec<Arc<VmConfig>> {
+    /// Running VMs, whose backend state and counters are worth polling, each with the epoch
+    /// to give back with [`Event::Observed`].
+    pub fn polled(&self) -> Vec<(Arc<VmConfig>, u64)> {
         self.vms
             .values()
-            .filter(|v| matches!(v.life, Life::Running { .. } | Life::Booting(_)))
-            .map(|v| v.cfg.clone())
+            .filter(|v| matches!(v.life, Life::Running { .. }))
+            .map(|v| (v.cfg.clone(), v.epoch))
             .collect()
+    }
+
+    /// Counts queries the shell answered by itself, without deciding anything.
+    pub fn record_activity(&mut self, activity: Vec<Activity>) {
+        for a in activity {
+            if let Some(vm) = self.vms.get_mut(&a.vm) {
+                vm.requests += a.queries;
+                if a.queries > 0 {
+                    self.counters_dirty = true;
+                }
+                vm.last_query = Some(vm.last_query.map_or(a.last, |l| l.max(a.last)));
+            }
+        }
+    }
+
+    /// Changes the limits and timings (on reload).
+    pub fn set_settings(&mut self, settings: Settings) {
+        self.settings = settings;
     }
 
     /// VMs booting, running or stopping (what `max_running` counts).
@@ -694,15 +718,7 @@ impl Fleet {
                 }
             }
             Event::Tick { activity } => {
-                for a in activity {
-                    if let Some(vm) = self.vms.get_mut(&a.vm) {
-                        vm.requests += a.queries;
-                        if a.queries > 0 {
-                            self.counters_dirty = true;
-                        }
-                        vm.last_query = Some(vm.last_query.map_or(a.last, |l| l.max(a.last)));
-                    }
-                }
+                self.record_activity(activity);
                 let names: Vec<VmName> = self.vms.keys().cloned().collect();
                 for name in names {
                     self.settle(now, &name, &mut out);
@@ -718,7 +734,10 @@ impl Fleet {
                 if let Some(v) = self.vms.get_mut(&vm)
                     && let Some(c) = counters
                 {
-                    if v.counters.is_some_and(|old| old != c) {
+                    // Only what the guest sends counts: broadcasts and multicasts flooded to
+                    // every port of a busy bridge would keep every VM up for ever, while any
+                    // real conversation makes the guest send too.
+                    if v.counters.is_some_and(|old| old.rx_packets != c.rx_packets) {
                         v.last_traffic = Some(now);
                     }
                     v.counters = Some(c);
@@ -733,7 +752,7 @@ impl Fleet {
                 {
                     // It still runs as far as anyone can tell: serve it and try again after
                     // another idle period.
-                    v.life = Life::Running { since: now };
+                    v.set_life(Life::Running { since: now });
                     v.last_traffic = Some(now);
                     out.push(Command::Serve {
                         vm: vm.clone(),
@@ -754,7 +773,12 @@ impl Fleet {
                     ));
                 }
             }
-            Event::Observed { vm, state } => self.on_observed(now, &vm, state, &mut out),
+            Event::Observed { vm, state, epoch } => {
+                let current = self.vms.get(&vm).map(|v| v.epoch);
+                if epoch.is_none() || epoch == current {
+                    self.on_observed(now, &vm, state, &mut out);
+                }
+            }
             Event::Reconciled {
                 vm,
                 stored,
@@ -1001,7 +1025,7 @@ impl Fleet {
             });
         }
         let vm = self.vms.get_mut(name).expect("caller looked it up");
-        vm.life = Life::Booting(boot);
+        vm.set_life(Life::Booting(boot));
     }
 
     fn on_started(
@@ -1072,7 +1096,7 @@ impl Fleet {
         if !matches!(vm.life, Life::Booting(_)) {
             return;
         }
-        vm.life = Life::Failed;
+        vm.set_life(Life::Failed);
         let cfg = vm.cfg.clone();
         let domid = vm.domid;
         for id in std::mem::take(&mut vm.waiting) {
@@ -1114,7 +1138,7 @@ impl Fleet {
             Life::Off
         };
         let to_state = to.state();
-        vm.life = to;
+        vm.set_life(to);
         vm.counters = None;
         let cfg = vm.cfg.clone();
         let domid = vm.domid;
@@ -1185,7 +1209,7 @@ impl Fleet {
         let cfg = vm.cfg.clone();
         match (state, &vm.life) {
             (Observed::Off, Life::Running { .. } | Life::Suspended | Life::Paused) => {
-                vm.life = Life::Off;
+                vm.set_life(Life::Off);
                 vm.counters = None;
                 out.push(Command::Serve {
                     vm: name.clone(),
@@ -1219,7 +1243,7 @@ impl Fleet {
                 Observed::Running { domid },
                 Life::Off | Life::Failed | Life::Suspended | Life::Paused,
             ) => {
-                vm.life = Life::Running { since: now };
+                vm.set_life(Life::Running { since: now });
                 vm.domid = domid.or(vm.domid);
                 out.push(Command::Serve {
                     vm: name.clone(),
@@ -1243,7 +1267,7 @@ impl Fleet {
                 vm.domid = domid.or(vm.domid);
             }
             (Observed::Suspended, Life::Running { .. } | Life::Off | Life::Failed) => {
-                vm.life = Life::Suspended;
+                vm.set_life(Life::Suspended);
                 out.push(Command::Serve {
                     vm: name.clone(),
                     direct: false,
@@ -1257,7 +1281,7 @@ impl Fleet {
                 ));
             }
             (Observed::Paused, Life::Running { .. } | Life::Off | Life::Failed) => {
-                vm.life = Life::Paused;
+                vm.set_life(Life::Paused);
                 out.push(Command::Serve {
                     vm: name.clone(),
                     direct: false,
@@ -1315,7 +1339,7 @@ impl Fleet {
         };
         let to = life.state();
         let serve = matches!(life, Life::Running { .. });
-        vm.life = life;
+        vm.set_life(life);
         if serve {
             out.push(Command::Serve {
                 vm: name.clone(),
@@ -1352,7 +1376,7 @@ impl Fleet {
         }
         let took = (b.kind == BootKind::Fresh).then(|| now.duration_since(b.since));
         let key_watched = b.key_watched;
-        vm.life = Life::Running { since: now };
+        vm.set_life(Life::Running { since: now });
         vm.last_traffic = None;
         if key_watched {
             out.push(Command::UnwatchKey { vm: name.clone() });
@@ -1382,10 +1406,10 @@ impl Fleet {
             return;
         }
         let mode = vm.cfg.stop_mode;
-        vm.life = Life::Stopping {
+        vm.set_life(Life::Stopping {
             mode,
             pending_wake: false,
-        };
+        });
         out.push(Command::Serve {
             vm: name.clone(),
             direct: false,
@@ -1493,6 +1517,7 @@ impl Vm {
         Vm {
             cfg,
             life: Life::Off,
+            epoch: 0,
             waiting: Vec::new(),
             domid: None,
             last_query: None,
@@ -1502,6 +1527,11 @@ impl Vm {
             starts: 0,
             last_start: None,
         }
+    }
+
+    fn set_life(&mut self, life: Life) {
+        self.life = life;
+        self.epoch += 1;
     }
 
     /// The start of the current idle period of a VM running since `since`.
@@ -2134,7 +2164,8 @@ mod tests {
         assert!(stops(&out).is_empty(), "queried one TTL ago");
         assert_eq!(f.view("www").unwrap().requests, 4);
         assert_eq!(f.poll_at(), Some(t + TTL * 3));
-        // Traffic on its interface (a first sample, then a change).
+        // Traffic on its interface (a first sample, then a change); only what the guest
+        // sends counts.
         f.handle(
             t + TTL * 2,
             Event::Counters {
@@ -2245,6 +2276,7 @@ mod tests {
             Event::Observed {
                 vm: name("p"),
                 state: Observed::Paused,
+                epoch: None,
             },
         );
         assert_eq!(f.state("p"), Some(Lifecycle::Paused));
@@ -2414,6 +2446,7 @@ mod tests {
             Event::Observed {
                 vm: name("www"),
                 state: Observed::Off,
+                epoch: None,
             },
         );
         assert_eq!(f.state("www"), Some(Lifecycle::Off));
@@ -2619,6 +2652,47 @@ mod tests {
             },
         );
         assert_eq!(answers(&out), vec![(1, Answer::Ready)]);
+    }
+
+    #[test]
+    fn stale_polls_are_ignored() {
+        let (mut f, t) = running(&[spec("www", 1, "")], settings());
+        let (_, epoch) = f.polled()[0].clone();
+        // The VM stops and boots again while the poll was out...
+        tick(&mut f, t + TTL * 2);
+        f.handle(t + TTL * 2, Event::Stopped { vm: name("www") });
+        query(&mut f, t + TTL * 3, "www", 1);
+        f.handle(
+            t + TTL * 3,
+            Event::Started {
+                vm: name("www"),
+                domid: None,
+            },
+        );
+        // ...so its old "off" must not kill the new boot.
+        let out = f.handle(
+            t + TTL * 3,
+            Event::Observed {
+                vm: name("www"),
+                state: Observed::Off,
+                epoch: Some(epoch),
+            },
+        );
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(f.state("www"), Some(Lifecycle::Booting));
+        // A current one is heard.
+        let out = tick(&mut f, t + TTL * 4);
+        assert_eq!(answers(&out), vec![(1, Answer::Ready)]);
+        let (_, epoch) = f.polled()[0].clone();
+        f.handle(
+            t + TTL * 4,
+            Event::Observed {
+                vm: name("www"),
+                state: Observed::Off,
+                epoch: Some(epoch),
+            },
+        );
+        assert_eq!(f.state("www"), Some(Lifecycle::Off));
     }
 
     #[test]

@@ -15,6 +15,12 @@
 
 pub mod backend;
 pub mod config;
+pub mod daemon;
+pub mod dns;
 pub mod fleet;
+pub mod forward;
+pub mod metrics;
 pub mod state;
+pub mod synjitsu;
 mod sys;
+pub mod xenstore;
