@@ -131,6 +131,8 @@ struct ZoneEntry {
     ns_name: LowerName,
     ns_a: Vec<Record>,
     ns_aaaa: Vec<Record>,
+    /// The NS name's addresses, as additional data of an NS answer.
+    ns_glue: Vec<Record>,
 }
 
 /// Everything the handler answers from; rebuilt on reload and swapped whole.
@@ -179,13 +181,15 @@ impl Table {
                         })
                         .collect()
                 };
+                let (ns_a, ns_aaaa) = (addrs(true), addrs(false));
                 ZoneEntry {
+                    ns_glue: ns_a.iter().chain(&ns_aaaa).cloned().collect(),
                     apex: LowerName::new(&z.name),
                     soa: vec![record(&z.name, ttl, RData::SOA(soa))],
                     ns: vec![record(&z.name, ttl, RData::NS(NS(z.ns.clone())))],
                     ns_name: LowerName::new(&z.ns),
-                    ns_a: addrs(true),
-                    ns_aaaa: addrs(false),
+                    ns_a,
+                    ns_aaaa,
                 }
             })
             .collect();
@@ -315,7 +319,7 @@ fn find<'t>(t: &'t Table, name: &LowerName, qtype: RecordType) -> Found<'t> {
     if let Some(z) = apex {
         match qtype {
             RecordType::SOA => return Found::Records(&z.soa, &[]),
-            RecordType::NS => return Found::Records(&z.ns, &[]),
+            RecordType::NS => return Found::Records(&z.ns, &z.ns_glue),
             _ => {}
         }
     }
