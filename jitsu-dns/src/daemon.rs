@@ -489,6 +489,7 @@ impl Shell {
                     remove: vec![],
                     files,
                     message: Some(message),
+                    always: true,
                 });
             }
             Command::Persist(Persist::Counters) => self.flush_counters(None),
@@ -520,6 +521,7 @@ impl Shell {
             remove: vec![],
             files,
             message,
+            always: false,
         });
     }
 

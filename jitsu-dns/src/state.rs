@@ -63,6 +63,9 @@ pub struct Change {
     pub files: Vec<(String, String)>,
     /// Commit after applying, if anything changed since the last commit.
     pub message: Option<String>,
+    /// Commit even if nothing changed (an event worth its line in the history, such as a
+    /// VM adopted in the state the store already had).
+    pub always: bool,
 }
 
 enum Msg {
@@ -323,10 +326,20 @@ fn writer(dir: PathBuf, mut committed: Tree, rx: mpsc::Receiver<Msg>) {
                     }
                 }
                 if let Some(message) = c.message
-                    && tree != committed
+                    && (tree != committed || c.always)
                 {
                     let result = run_git(&dir, &["add", "-A", "jitsu"]).and_then(|_| {
-                        run_git(&dir, &["commit", "-q", "--no-verify", "-m", &message])
+                        run_git(
+                            &dir,
+                            &[
+                                "commit",
+                                "-q",
+                                "--no-verify",
+                                "--allow-empty",
+                                "-m",
+                                &message,
+                            ],
+                        )
                     });
                     match result {
                         Ok(_) => {
@@ -408,6 +421,7 @@ mod tests {
                 .map(|(a, b)| (a.to_string(), b.to_string()))
                 .collect(),
             message: message.map(str::to_string),
+            always: false,
         }
     }
 
@@ -440,15 +454,28 @@ mod tests {
                     Some("www: off -> booting (query)"),
                 ))
                 .unwrap();
-            // Nothing changed: no empty commit.
+            // Nothing changed: no empty commit, unless the event is worth one.
             store
                 .apply(change(&[("jitsu/vm/www/state", "booting")], Some("never")))
+                .unwrap();
+            store
+                .apply(Change {
+                    always: true,
+                    ..change(
+                        &[("jitsu/vm/www/state", "booting")],
+                        Some("www: booting (adopted)"),
+                    )
+                })
                 .unwrap();
             store.close();
         }
         assert_eq!(
             log(&dir),
-            vec!["www: off -> booting (query)", "configuration: added www"]
+            vec![
+                "www: booting (adopted)",
+                "www: off -> booting (query)",
+                "configuration: added www"
+            ]
         );
         let (store, tree) = Store::open(Some(&dir)).unwrap();
         assert_eq!(
@@ -473,6 +500,7 @@ mod tests {
                 remove: vec![vm_prefix("www")],
                 files: vec![],
                 message: Some("configuration: removed www".into()),
+                always: false,
             })
             .unwrap();
         store.close();
