@@ -387,3 +387,93 @@ fn sighup_adds_and_removes_vms_without_a_restart() {
         h.log()
     );
 }
+
+#[test]
+fn limits_answer_servfail_and_are_counted() {
+    prerequisites();
+    require_tool("curl", "curl");
+    let mut h = DnsHarness::new("dlim").unwrap();
+    let b = "name=b,dns=b.example.org,ip=10.77.0.2,response_delay=0,command='exec sleep 600'";
+    let args = h.args(
+        None,
+        &[
+            "--max-running",
+            "1",
+            "--metrics",
+            "127.0.0.1:9153",
+            &www(&h, ""),
+            b,
+        ],
+    );
+    h.start(&args, &[]).unwrap();
+    assert_eq!(
+        h.dig(&["www.example.org", "A"]).addresses(),
+        vec!["10.77.0.1"]
+    );
+    let refused = h.dig(&["b.example.org", "A"]);
+    assert_eq!(refused.status, "SERVFAIL", "{}", refused.text);
+    assert_eq!(h.stored("b", "starts").as_deref(), Some("0"));
+    let m = h
+        .host()
+        .sh("curl -sf http://127.0.0.1:9153/metrics")
+        .unwrap();
+    assert!(
+        m.lines()
+            .any(|l| l == "jitsu_dns_limit_refusals_total{limit=\"max_running\"} 1"),
+        "{m}"
+    );
+    assert!(
+        h.log().contains("query refused (SERVFAIL): limit reached"),
+        "{}",
+        h.log()
+    );
+}
+
+#[test]
+fn ifup_guest_leaves_the_interface_to_the_command_with_its_settings_in_the_environment() {
+    prerequisites();
+    let mut h = DnsHarness::new("difup").unwrap();
+    let env_file = h.file("env");
+    // The guest configures its own NIC, as a unikernel does, from what jitsu-dns tells it.
+    let guest = format!(
+        "ip link show $JITSU_IFACE | grep -q \\<UP\\> && echo already-up > {env}; \
+         env | grep ^JITSU_ | sort >> {env}; \
+         ip addr add $JITSU_IP/$JITSU_IP_PREFIX dev $JITSU_IFACE; \
+         ip -6 addr add $JITSU_IP6/$JITSU_IP6_PREFIX dev $JITSU_IFACE nodad; \
+         ip link set $JITSU_IFACE up; ip route add default via $JITSU_GATEWAY; exec sleep 600",
+        env = env_file.display()
+    );
+    let spec = format!(
+        "name=g,dns=g.example.org,ip=10.77.0.5/16,ip6=fd77::5/80,mac=02:77:00:00:00:05,ifup=guest,\
+         gateway=10.77.0.254,response_delay=0.3,command=\"{guest}\""
+    );
+    let args = h.args(None, &[&spec]);
+    h.start(&args, &[]).unwrap();
+    assert_eq!(
+        h.dig(&["g.example.org", "A"]).addresses(),
+        vec!["10.77.0.5"]
+    );
+    let env = wait_for("the guest's environment", LONG, || {
+        let e = std::fs::read_to_string(&env_file).ok()?;
+        e.contains("JITSU_NAME").then_some(e)
+    });
+    let want = [
+        "JITSU_GATEWAY=10.77.0.254",
+        "JITSU_IFACE=eth0",
+        "JITSU_IP6=fd77::5",
+        "JITSU_IP6_PREFIX=80",
+        "JITSU_IP=10.77.0.5",
+        "JITSU_IP_PREFIX=16",
+        "JITSU_MAC=02:77:00:00:00:05",
+        "JITSU_NAME=g",
+    ];
+    let mut got: Vec<&str> = env.lines().collect();
+    got.sort_unstable();
+    assert_eq!(got, want, "eth0 was down and these were set");
+    wait_for("the guest to answer ping", LONG, || {
+        h.host().sh("ping -c1 -W1 10.77.0.5").ok()
+    });
+    // The guest's MAC is the configured one, as the bridge learnt it.
+    let fdb = h.bridge.fdb().unwrap();
+    assert!(fdb.iter().any(|e| e.mac == "02:77:00:00:00:05"), "{fdb:?}");
+}
