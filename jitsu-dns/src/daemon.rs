@@ -747,6 +747,25 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
         }
     }
 
+    // Backends that push lifecycle changes (libvirt) report them as current observations;
+    // the others are polled.
+    let pushed = events_tx.clone();
+    let sink: backend::EventSink = Box::new(move |ev| {
+        let event = Event::Observed {
+            vm: ev.name.as_str().into(),
+            state: ev.state,
+            epoch: None,
+        };
+        if pushed.try_send(event).is_err() {
+            warn!(vm = %ev.name, "lifecycle event dropped: the event queue is full");
+        }
+    });
+    match shell.backend.subscribe(sink) {
+        Ok(true) => info!("the backend pushes lifecycle events"),
+        Ok(false) => debug!("the backend is polled for lifecycle changes"),
+        Err(e) => warn!(error = %e, "lifecycle events unavailable: polling instead"),
+    }
+
     let addr = shell.cfg.dns_addr();
     let udp = tokio::net::UdpSocket::bind(addr)
         .await
