@@ -53,6 +53,10 @@ fn count(log: &[String], what: &str) -> usize {
 #[test]
 fn fifty_parallel_queries_boot_once_and_the_idle_vm_stops_after_twice_the_ttl() {
     prerequisites();
+    // kdig, not dig: under load dig 9.18 now and then reports a timeout for an answer that
+    // a capture shows on the wire within a second (measured: 2 of 3250 cold-start queries
+    // with two CPU hogs running; kdig: 0 of 2000).
+    require_tool("kdig", "knot-dnsutils");
     let mut h = DnsHarness::new("dboot").unwrap();
     let args = h.args(None, &["-t", "1", &www(&h, "")]);
     h.start(&args, &[]).unwrap();
@@ -62,27 +66,40 @@ fn fifty_parallel_queries_boot_once_and_the_idle_vm_stops_after_twice_the_ttl() 
         .map(|_| {
             let host = host.clone();
             thread::spawn(move || {
+                let started = std::time::Instant::now();
                 let out = Command::new("ip")
                     .args([
                         "netns",
                         "exec",
                         &host,
-                        "dig",
-                        "+time=20",
-                        "+tries=1",
+                        "kdig",
+                        "+timeout=20",
+                        "+retry=0",
                         "@127.0.0.1",
                         "www.example.org",
                         "A",
                     ])
                     .output()
                     .unwrap();
-                parse_dig(&String::from_utf8_lossy(&out.stdout))
+                let why = format!(
+                    "kdig exited {} after {:?}, stderr: {}",
+                    out.status,
+                    started.elapsed(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                (parse_dig(&String::from_utf8_lossy(&out.stdout)), why)
             })
         })
         .collect();
     for c in clients {
-        let d = c.join().unwrap();
-        assert_eq!(d.status, "NOERROR", "{}\n{}", d.text, h.log());
+        let (d, why) = c.join().unwrap();
+        assert_eq!(
+            d.status,
+            "NOERROR",
+            "{why}\n{}\njitsu-dns log:\n{}",
+            d.text,
+            h.log()
+        );
         assert_eq!(d.addresses(), vec!["10.77.0.1"], "{}", d.text);
         assert!(d.aa());
     }
