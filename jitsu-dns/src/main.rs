@@ -119,6 +119,14 @@ fn init_logging(level: &str) {
 }
 
 fn state_command(what: StateCmd) -> ExitCode {
+    let (StateCmd::Tree { persistdb } | StateCmd::Log { persistdb }) = &what;
+    if !persistdb.join(".git").exists() {
+        eprintln!(
+            "jitsu-dns: no state store at {} (give the --persistdb jitsu-dns runs with)",
+            persistdb.display()
+        );
+        return ExitCode::FAILURE;
+    }
     let result = match what {
         StateCmd::Tree { persistdb } => {
             state::read_head(&persistdb).map(|t| state::render_tree(&t))

@@ -96,3 +96,13 @@ fn the_libvirt_backend_is_refused_until_it_is_built() {
         "{err}"
     );
 }
+
+#[test]
+fn state_views_refuse_a_directory_that_is_no_store() {
+    let dir = Scratch::new("clist").unwrap();
+    for view in ["tree", "log"] {
+        let (code, err) = run(&["state", view, "--persistdb", dir.path().to_str().unwrap()]);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("no state store at"), "{err}");
+    }
+}
