@@ -1,3 +1,10 @@
 //! synjitsu: stands in for booting guests on the bridge, holds their clients' TCP SYNs and
-//! hands them over once the guest can answer. The daemon is being built (issue 3); this
-//! library is its home.
+//! hands them over once the guest can answer.
+//!
+//! The library holds everything; `main.rs` only parses flags and starts [`daemon`].
+//! The pure core is [`hold`] (with [`wire`] and [`garp`] for bytes and [`filter`] for the
+//! kernel filter program); the IO shell is [`daemon`], [`control`], [`metrics`], [`port`],
+//! [`store`] and [`sys`].
+
+pub mod garp;
+pub mod wire;
