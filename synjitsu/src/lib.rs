@@ -6,5 +6,7 @@
 //! kernel filter program); the IO shell is [`daemon`], [`control`], [`metrics`], [`port`],
 //! [`store`] and [`sys`].
 
+pub mod filter;
 pub mod garp;
+pub mod hold;
 pub mod wire;

@@ -581,6 +581,25 @@ pub fn complete_tcp_checksum(frame: &mut [u8], tcp: &TcpRepr<'_>) {
     frame[at..at + 2].copy_from_slice(&c.to_be_bytes());
 }
 
+/// Recomputes the TCP checksum of the segment in `frame` in place (for frames built or
+/// edited by hand: tests, tools); false if `frame` holds no TCP segment.
+pub fn fix_tcp_checksum(frame: &mut [u8]) -> bool {
+    let Ok(Frame {
+        packet: Packet::Tcp(t),
+        ..
+    }) = parse(frame, true)
+    else {
+        return false;
+    };
+    let (at, len, src, dst) = (t.tcp_offset, t.tcp_len, t.src_ip, t.dst_ip);
+    let seg = &mut frame[at..at + len];
+    seg[16] = 0;
+    seg[17] = 0;
+    let c = !fold(sum_words(seg, pseudo_sum(src, dst, PROTO_TCP, len as u32)));
+    seg[16..18].copy_from_slice(&c.to_be_bytes());
+    true
+}
+
 /// Writes an Ethernet header at the start of `out`.
 pub fn write_eth(out: &mut [u8], dst: Mac, src: Mac, ethertype: u16) {
     out[0..6].copy_from_slice(&dst.0);
