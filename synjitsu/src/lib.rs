@@ -9,4 +9,5 @@
 pub mod filter;
 pub mod garp;
 pub mod hold;
+pub mod pcap;
 pub mod wire;
