@@ -1,6 +1,9 @@
 //! The pcap fixtures (real captures, `pcap-fixtures/`) replayed through the core with their
 //! capture timestamps as `now`: no privileges, no sockets, the frames real tools sent.
 
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::net::IpAddr;

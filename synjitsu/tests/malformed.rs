@@ -3,6 +3,9 @@
 //! Nothing panics, every frame gets a verdict, every malformed one is dropped and counted,
 //! and what was held before stays held.
 
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;
