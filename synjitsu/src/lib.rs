@@ -10,4 +10,5 @@ pub mod filter;
 pub mod garp;
 pub mod hold;
 pub mod pcap;
+pub mod store;
 pub mod wire;
