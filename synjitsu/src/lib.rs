@@ -6,9 +6,14 @@
 //! kernel filter program); the IO shell is [`daemon`], [`control`], [`metrics`], [`port`],
 //! [`store`] and [`sys`].
 
+pub mod control;
+pub mod daemon;
 pub mod filter;
 pub mod garp;
 pub mod hold;
+pub mod metrics;
 pub mod pcap;
+pub mod port;
 pub mod store;
+pub mod sys;
 pub mod wire;
