@@ -179,7 +179,6 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "synjitsu failed");
             eprintln!("synjitsu: {e}");
             ExitCode::FAILURE
         }
