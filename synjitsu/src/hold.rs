@@ -545,6 +545,9 @@ pub struct Hold {
     store: VecDeque<StoreOp>,
     fdb: VecDeque<FdbOp>,
     counters: Counters,
+    /// When a dropped frame was last logged, and how many were not logged since: a flood of
+    /// garbage must not become a flood of log lines.
+    drop_log: (Option<Instant>, u64),
 }
 
 /// Options a probe SYN carries: MSS 1460 (some stacks refuse option-less SYNs, none these).
@@ -570,6 +573,7 @@ impl Hold {
                 drops: vec![0; DropReason::all().count()],
                 ..Counters::default()
             },
+            drop_log: (None, 0),
         }
     }
 
@@ -732,7 +736,19 @@ impl Hold {
         self.counters.frames[verdict.index()] += 1;
         if let Verdict::Drop(reason) = verdict {
             self.counters.drops[reason.index()] += 1;
-            tracing::trace!(reason = reason.as_str(), len = frame.len(), "frame dropped");
+            let (last, suppressed) = &mut self.drop_log;
+            if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+                tracing::trace!(
+                    reason = reason.as_str(),
+                    len = frame.len(),
+                    suppressed = *suppressed,
+                    "frame dropped"
+                );
+                *last = Some(now);
+                *suppressed = 0;
+            } else {
+                *suppressed += 1;
+            }
         }
         verdict
     }

@@ -2,9 +2,14 @@
 //! hands them over once the guest can answer.
 //!
 //! The library holds everything; `main.rs` only parses flags and starts [`daemon`].
-//! The pure core is [`hold`] (with [`wire`] and [`garp`] for bytes and [`filter`] for the
-//! kernel filter program); the IO shell is [`daemon`], [`control`], [`metrics`], [`port`],
-//! [`store`] and [`sys`].
+//!
+//! - The pure core, no IO: [`hold`] decides; [`wire`] reads and writes frames, [`garp`]
+//!   builds the neighbour frames synjitsu sends, [`filter`] is the kernel filter program,
+//!   [`pcap`] reads captures for replaying them through the core.
+//! - The IO shell: [`daemon`] (set-up and the one `select!` loop), [`control`] (the control
+//!   socket), [`metrics`] (Prometheus text over HTTP), [`port`] (the veth pair and the
+//!   bridge's forwarding entries), [`store`] (the Xenstore hand-over on its own thread), and
+//!   [`sys`] (the packet socket: the only `unsafe`).
 
 pub mod control;
 pub mod daemon;
