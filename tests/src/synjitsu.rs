@@ -339,7 +339,8 @@ impl Capture {
         Ok(Capture { child, file, err })
     }
 
-    /// Stops the capture and returns `tcpdump -nn -r` of it, one line per frame.
+    /// Stops the capture and returns `tcpdump -nn -tt -r` of it, one line per frame (each
+    /// starting with its capture time in seconds since the epoch).
     pub fn finish(mut self) -> Result<Vec<String>> {
         crate::run(
             std::process::Command::new("kill").args(["-INT", &self.child.id().to_string()]),
@@ -347,7 +348,7 @@ impl Capture {
         let _ = self.child.wait();
         let out = crate::run(
             std::process::Command::new("tcpdump")
-                .args(["-nn", "-r"])
+                .args(["-nn", "-tt", "-r"])
                 .arg(&self.file),
         )?;
         let _ = std::fs::remove_file(&self.err);
