@@ -176,8 +176,9 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// Binds `path` with mode 0600 (parent directories created as needed).
-    pub fn bind(path: &Path) -> Result<ControlServer, ControlError> {
+    /// Binds `path` with mode 0600 (parent directories created as needed), owned by root,
+    /// or by `owner` (the `--allow-uid`) so that this one user can connect at all.
+    pub fn bind(path: &Path, owner: Option<u32>) -> Result<ControlServer, ControlError> {
         let io = |source| ControlError::Io {
             path: path.display().to_string(),
             source,
@@ -209,6 +210,10 @@ impl ControlServer {
         let _ = std::fs::remove_file(&tmp);
         let std_listener = std::os::unix::net::UnixListener::bind(&tmp).map_err(io)?;
         let done = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| match owner {
+                Some(uid) => std::os::unix::fs::chown(&tmp, Some(uid), None),
+                None => Ok(()),
+            })
             .and_then(|()| std::fs::rename(&tmp, path))
             .and_then(|()| std_listener.set_nonblocking(true));
         if let Err(e) = done {
@@ -510,11 +515,11 @@ mod tests {
     async fn the_server_speaks_the_protocol_one_client_at_a_time() {
         let dir = std::env::temp_dir().join(format!("syj-ctl-{}", std::process::id()));
         let path = dir.join("sub").join("synjitsu.sock");
-        let server = ControlServer::bind(&path).unwrap();
+        let server = ControlServer::bind(&path, None).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert!(matches!(
-            ControlServer::bind(&path),
+            ControlServer::bind(&path, None),
             Err(ControlError::InUse(_))
         ));
         let (tx, mut rx) = mpsc::channel(16);

@@ -173,7 +173,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
             None
         }
     };
-    let control = ControlServer::bind(&opts.control)?;
+    let control = ControlServer::bind(&opts.control, opts.allow_uid)?;
     let metrics_listener = match opts.metrics {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)

@@ -2193,6 +2193,57 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn sync_running_hands_over_at_once_and_sync_stopped_asks_again_for_a_wake_up() {
+        let mut h = core();
+        let t0 = Instant::now();
+        h.on_control(
+            t0,
+            &ClientMessage::Stopped {
+                vm: www(Handover::Wire),
+            },
+        )
+        .unwrap();
+        h.on_frame(t0, &SYN_V4, FrameMeta::default());
+        drain_events(&mut h);
+        // A reconnect within the wake interval: the wake request may have been lost with the
+        // old connection, so it is sent again.
+        let t1 = t0 + Duration::from_millis(10);
+        let stopped = vec![VmStatus {
+            vm: www(Handover::Wire),
+            phase: Phase::Stopped,
+        }];
+        h.on_control(t1, &ClientMessage::Sync { vms: stopped })
+            .unwrap();
+        assert_eq!(
+            drain_events(&mut h),
+            vec![Event::WakeRequest { name: "www".into() }]
+        );
+        // jitsu-dns says it runs (it started it meanwhile): hand over without probing.
+        let running = vec![VmStatus {
+            vm: www(Handover::Wire),
+            phase: Phase::Running,
+        }];
+        h.on_control(t1, &ClientMessage::Sync { vms: running })
+            .unwrap();
+        drain_tx(&mut h);
+        let ops = fdb_ops(&mut h);
+        let rel = ops
+            .iter()
+            .find(|o| o.action == FdbAction::Release)
+            .expect("released");
+        h.on_fdb_done(t1, rel.id);
+        assert_eq!(drain_tx(&mut h), vec![SYN_V4.to_vec()]);
+        assert_eq!(h.counters().probes_sent, 0);
+        assert_eq!(h.vms().next().unwrap().1, VmPhase::Running);
+        // Running: nothing is intercepted any more.
+        assert_eq!(
+            h.on_frame(t1, &WHO_HAS, FrameMeta::default()),
+            Verdict::Pass
+        );
+        assert_eq!(h.on_frame(t1, &SYN_V6, FrameMeta::default()), Verdict::Pass);
+    }
+
+    #[test]
     fn xenstore_booting_is_refused_when_xenstore_is_off() {
         let mut h = Hold::new(Config::new(own_mac()));
         let err = h

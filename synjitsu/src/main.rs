@@ -51,7 +51,8 @@ struct Cli {
     #[arg(long, value_name = "L")]
     log_level: Option<String>,
 
-    /// A non-root uid allowed on the control socket (root always is).
+    /// A non-root uid allowed on the control socket (root always is); the socket is then
+    /// owned by that uid, still mode 0600.
     #[arg(long, value_name = "N")]
     allow_uid: Option<u32>,
 

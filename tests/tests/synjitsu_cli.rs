@@ -122,3 +122,72 @@ fn bad_flags_and_missing_privileges_are_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("must run as root"), "{err}");
 }
+
+/// Says hello on `socket` as `uid` (with setpriv); returns the answer or the failure.
+fn hello_as(uid: u32, socket: &std::path::Path) -> String {
+    let script = r#"
+import json, socket, struct, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print("connect:", e.strerror); sys.exit(0)
+b = json.dumps({"id": 1, "type": "hello", "version": 1, "client": "uid test"}).encode()
+s.sendall(struct.pack(">I", len(b)) + b)
+h = b""
+while len(h) < 4:
+    c = s.recv(4 - len(h))
+    if not c:
+        print("closed"); sys.exit(0)
+    h += c
+n = struct.unpack(">I", h)[0]
+m = b""
+while len(m) < n:
+    m += s.recv(n - len(m))
+print(m.decode())
+"#;
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid",
+            &uid.to_string(),
+            "--regid",
+            &uid.to_string(),
+            "--clear-groups",
+        ])
+        .args(["/usr/bin/python3", "-c", script])
+        .arg(socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn only_root_and_the_allowed_uid_may_use_the_control_socket() {
+    use jitsu_tests::synjitsu::SynjitsuHost;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    require_root();
+    require_tool("setpriv", "util-linux");
+    let host = SynjitsuHost::start("syu", &["--allow-uid", "65534"]).unwrap();
+    let meta = std::fs::metadata(&host.control).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(meta.uid(), 65534, "owned by the allowed uid");
+    // The parent directory must let the test users reach the socket at all.
+    std::fs::set_permissions(&host.dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ok = hello_as(65534, &host.control);
+    assert!(ok.contains(r#""type":"ok""#), "{ok}");
+    // Anyone else is stopped by the file's mode...
+    let denied = hello_as(65533, &host.control);
+    assert!(denied.starts_with("connect:"), "{denied}");
+    // ...and, should the mode be widened, by the peer credentials.
+    std::fs::set_permissions(&host.control, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let refused = hello_as(65533, &host.control);
+    assert!(
+        refused.contains("permission denied for uid 65533"),
+        "{refused}"
+    );
+}
