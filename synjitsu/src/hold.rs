@@ -475,6 +475,8 @@ struct Vm {
     release_pending: Option<u64>,
     /// Every port listens (jitsu-dns said so): no probing.
     listening: bool,
+    /// The guest announced itself since it last booted (seen on the bridge, not told).
+    announced: bool,
     probes: Vec<Probe>,
 }
 
@@ -491,6 +493,7 @@ impl Vm {
             steered: false,
             release_pending: None,
             listening: false,
+            announced: false,
             probes: Vec::new(),
         }
     }
@@ -1011,6 +1014,9 @@ impl Hold {
     // ---- phases --------------------------------------------------------------------------
 
     fn announced(&mut self, now: Instant, name: &str) {
+        if let Some(vm) = self.vms.get_mut(name) {
+            vm.announced = true;
+        }
         self.counters.guests_announced += 1;
         tracing::info!(vm = %name, "guest announced itself");
         self.emit(Event::GuestAnnounced {
@@ -1397,6 +1403,7 @@ impl Hold {
         }
         let vm = self.vms.get_mut(&id.name).expect("upserted");
         vm.phase = VmPhase::Booting;
+        vm.announced = false;
         vm.listening = false;
         vm.probes.clear();
         vm.garp_left = self.cfg.garp_count;
@@ -1425,6 +1432,7 @@ impl Hold {
         self.upsert(id, VmPhase::Stopped);
         let vm = self.vms.get_mut(&id.name).expect("upserted");
         vm.phase = VmPhase::Stopped;
+        vm.announced = false;
         vm.garp_at = None;
         vm.garp_left = 0;
         vm.listening = false;
@@ -1463,7 +1471,19 @@ impl Hold {
         }
         let mut refused = Vec::new();
         for s in vms {
+            let up = self.vms.get(&s.vm.name).is_some_and(|v| {
+                v.announced && matches!(v.phase, VmPhase::Handover | VmPhase::Running)
+            });
             let r = match s.phase {
+                // synjitsu saw the guest announce itself; jitsu-dns may have missed the event
+                // with its old connection. What was seen wins (standing in for a guest that is
+                // up would hijack its traffic), and the event is sent again.
+                Phase::Booting if up => self.check_conflicts(&s.vm).map(|()| {
+                    self.upsert(&s.vm, VmPhase::Running);
+                    self.emit(Event::GuestAnnounced {
+                        name: s.vm.name.clone(),
+                    });
+                }),
                 Phase::Booting => self.on_booting(now, &s.vm),
                 Phase::Stopped => self.on_stopped(now, &s.vm).map(|()| {
                     // A wake request may have been lost with the old connection.
@@ -2241,6 +2261,35 @@ pub(crate) mod tests {
             Verdict::Pass
         );
         assert_eq!(h.on_frame(t1, &SYN_V6, FrameMeta::default()), Verdict::Pass);
+    }
+
+    #[test]
+    fn a_sync_saying_booting_does_not_hijack_a_guest_that_announced_itself() {
+        let mut h = core();
+        let t0 = Instant::now();
+        booting(&mut h, t0, Handover::Wire);
+        h.on_frame(t0, &guest_garp(), FrameMeta::default());
+        while let Some(op) = h.poll_fdb() {
+            h.on_fdb_done(t0, op.id);
+        }
+        drain_events(&mut h);
+        drain_tx(&mut h);
+        let vms = vec![VmStatus {
+            vm: www(Handover::Wire),
+            phase: Phase::Booting,
+        }];
+        h.on_control(t0, &ClientMessage::Sync { vms }).unwrap();
+        assert_eq!(
+            drain_events(&mut h),
+            vec![Event::GuestAnnounced { name: "www".into() }]
+        );
+        assert!(fdb_ops(&mut h).is_empty(), "not steered back");
+        assert!(drain_tx(&mut h).is_empty(), "no gratuitous ARP");
+        assert_eq!(h.on_frame(t0, &SYN_V4, FrameMeta::default()), Verdict::Pass);
+        // A Booting request itself is a new boot (the VM was restarted): stand in again.
+        booting(&mut h, t0, Handover::Wire);
+        assert_eq!(fdb_ops(&mut h)[0].action, FdbAction::Steer);
+        assert_eq!(h.on_frame(t0, &SYN_V4, FrameMeta::default()), Verdict::Held);
     }
 
     #[test]
