@@ -895,20 +895,11 @@ impl Hold {
         if vm.phase == VmPhase::Running || eth.dst != vm.id.mac {
             return Verdict::Pass;
         }
-        let mut copy = None;
-        match meta.checksum {
-            Checksum::Valid => {}
-            Checksum::Partial => {
-                let mut f = frame.to_vec();
-                wire::complete_tcp_checksum(&mut f, t);
-                self.counters.checksums_completed += 1;
-                copy = Some(f);
-            }
-            Checksum::Unknown => {
-                if !wire::tcp_checksum_ok(frame, t) {
-                    return Verdict::Drop(DropReason::BadChecksum);
-                }
-            }
+        // A checksum that is complete is checked first (cheap, and a damaged frame must not
+        // count as anything); a partial one is completed only once the SYN will be kept, so
+        // a flood beyond the bounds costs no copies.
+        if meta.checksum == Checksum::Unknown && !wire::tcp_checksum_ok(frame, t) {
+            return Verdict::Drop(DropReason::BadChecksum);
         }
         if options_from_wire(t.options).is_err() {
             return Verdict::Drop(DropReason::BadTcpOptions);
@@ -932,7 +923,11 @@ impl Hold {
             return Verdict::Drop(DropReason::TableFull);
         }
         let id = self.id();
-        let frame = copy.unwrap_or_else(|| frame.to_vec());
+        let mut frame = frame.to_vec();
+        if meta.checksum == Checksum::Partial {
+            wire::complete_tcp_checksum(&mut frame, t);
+            self.counters.checksums_completed += 1;
+        }
         let vm = self.vms.get_mut(&name).expect("looked up above");
         vm.seen.insert((key, t.seq));
         vm.held.push_back(Held {
