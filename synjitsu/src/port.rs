@@ -182,10 +182,15 @@ impl Port {
             // router solicitations or DAD from it, no ARP, no forwarding of what arrives.
             write_sys(&format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"), "1")?;
         }
-        write_sys(
-            &format!("/proc/sys/net/ipv4/conf/{}/forwarding", names.inner),
-            "0",
-        )?;
+        // Nor for IPv4, which cannot be disabled per interface: no forwarding of what
+        // arrives, and strict reverse-path filtering, so that a flooded broadcast (whose
+        // source is routed via the bridge, not this port) is not delivered a second time.
+        for (knob, value) in [("forwarding", "0"), ("rp_filter", "1")] {
+            write_sys(
+                &format!("/proc/sys/net/ipv4/conf/{}/{knob}", names.inner),
+                value,
+            )?;
+        }
         run(&["ip", "link", "set", &names.inner, "arp", "off"])?;
         run(&["ip", "link", "set", &names.outer, "master", bridge])?;
         run(&[
