@@ -10,10 +10,11 @@
 //! Nothing here decides anything; the core does.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use shared_proto::ServerMessage;
+use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -246,13 +247,14 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
 
     let mut shell = Shell {
         core,
+        port: port.names.inner.clone(),
         store,
         fdb: fdb_tx,
         attached: None,
         stats: ShellStats::default(),
         txbuf: Vec::with_capacity(2048),
     };
-    shell
+    let outcome = shell
         .run(
             &sock,
             cancel,
@@ -262,6 +264,9 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
             metrics_rx,
         )
         .await;
+    if let Err(e) = &outcome {
+        tracing::error!(error = %e, "packet socket failed; stopping");
+    }
 
     // Tear down: release every MAC still steered here, then the port.
     tasks.cancel();
@@ -277,7 +282,10 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
     drop(shell.store);
     port.remove()?;
     tracing::info!("synjitsu stopped");
-    Ok(())
+    outcome.map_err(|source| DaemonError::Socket {
+        port: port.names.inner.clone(),
+        source,
+    })
 }
 
 struct Attached {
@@ -288,6 +296,8 @@ struct Attached {
 
 struct Shell {
     core: Hold,
+    /// The interface the socket is bound to.
+    port: String,
     store: Option<StoreWorker>,
     fdb: mpsc::Sender<FdbOp>,
     attached: Option<Attached>,
@@ -311,32 +321,41 @@ impl Shell {
         store_rx: &mut mpsc::Receiver<StoreReport>,
         mut fdb_rx: mpsc::Receiver<(u64, bool)>,
         mut metrics_rx: mpsc::Receiver<oneshot::Sender<String>>,
-    ) {
+    ) -> Result<(), std::io::Error> {
         let mut rxbuf = vec![0u8; RX_BUF];
-        let mut stats_at = Instant::now();
+        let mut failed = None;
+        // Housekeeping once a second: kernel drop counts, and whether the port still exists
+        // (a deleted interface is reported to the socket only while it goes down, when it
+        // still exists).
+        let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
                 () = sleep_until(self.core.poll_at()) => {
                     self.core.handle_timeout(Instant::now());
                 }
-                r = sock.readable() => match r {
+                r = sock.ready(Interest::READABLE | Interest::ERROR) => match r {
                     Ok(mut guard) => {
                         for _ in 0..BATCH {
                             match guard.try_io(|s| s.get_ref().recv(&mut rxbuf)) {
                                 Ok(Ok(meta)) => self.on_frame(&rxbuf, meta),
+                                Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
                                 Ok(Err(e)) => {
-                                    tracing::warn!(error = %e, "packet socket receive failed");
+                                    // Down is passing (the kernel re-attaches the socket when
+                                    // it comes up); gone is the end.
+                                    if Path::new(&format!("/sys/class/net/{}", self.port)).exists() {
+                                        tracing::warn!(error = %e, port = %self.port, "packet socket error; the port is still there");
+                                    } else {
+                                        failed = Some(e);
+                                    }
                                     break;
                                 }
                                 Err(_would_block) => break,
                             }
                         }
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "packet socket failed; stopping");
-                        break;
-                    }
+                    Err(e) => failed = Some(e),
                 },
                 Some(msg) = ctl_rx.recv() => self.on_control(msg),
                 Some(report) = store_rx.recv() => self.on_store(report),
@@ -350,17 +369,26 @@ impl Shell {
                     self.read_kernel_stats(sock);
                     let _ = reply.send(metrics::render(&self.core, &self.stats));
                 }
+                _ = housekeeping.tick() => {
+                    self.read_kernel_stats(sock);
+                    if !Path::new(&format!("/sys/class/net/{}", self.port)).exists() {
+                        failed = Some(std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            format!("interface {} is gone", self.port),
+                        ));
+                    }
+                }
                 () = cancel.cancelled() => break,
             }
-            if stats_at.elapsed() >= Duration::from_secs(1) {
-                stats_at = Instant::now();
-                self.read_kernel_stats(sock);
-            }
             self.flush(sock);
+            if failed.is_some() {
+                break;
+            }
         }
         if let Some(a) = self.attached.take() {
             a.close.cancel();
         }
+        failed.map_or(Ok(()), Err)
     }
 
     fn read_kernel_stats(&mut self, sock: &AsyncFd<PacketSocket>) {

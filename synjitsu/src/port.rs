@@ -242,6 +242,10 @@ impl Port {
             return Ok(());
         }
         self.removed = true;
+        // Removed by someone else already: nothing left to do.
+        if !Path::new(&format!("/sys/class/net/{}", self.names.inner)).exists() {
+            return Ok(());
+        }
         run(&["ip", "link", "del", &self.names.inner]).map(|_| ())
     }
 }

@@ -191,3 +191,24 @@ fn only_root_and_the_allowed_uid_may_use_the_control_socket() {
         "{refused}"
     );
 }
+
+#[test]
+fn a_port_taken_down_is_survived_a_port_deleted_stops_synjitsu_with_an_error() {
+    use jitsu_tests::synjitsu::SynjitsuHost;
+    require_root();
+    let mut host = SynjitsuHost::start("syd", &[]).unwrap();
+    let h = host.bridge.host();
+    h.sh("ip link set syj-br0 down && ip link set syj-br0 up")
+        .unwrap();
+    // Still serving, still running.
+    assert!(host.metrics().unwrap().contains("synjitsu_frames_total"));
+    host.daemon.check_running().unwrap();
+    h.sh("ip link del syj-br0").unwrap();
+    let code = host.daemon.wait_exit(Duration::from_secs(20)).unwrap();
+    assert_ne!(code, Some(0), "{}", host.daemon.log());
+    assert!(
+        host.daemon.log().contains("packet socket"),
+        "{}",
+        host.daemon.log()
+    );
+}

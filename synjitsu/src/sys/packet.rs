@@ -193,14 +193,14 @@ impl PacketSocket {
 }
 
 impl PacketSocket {
-    /// Registers the socket with the tokio reactor (readable interest).
+    /// Registers the socket with the tokio reactor: readable, and errors (the kernel reports
+    /// a vanished or downed interface as a socket error, not as data).
     pub fn into_async(self) -> io::Result<tokio::io::unix::AsyncFd<PacketSocket>> {
+        let interest = tokio::io::Interest::READABLE | tokio::io::Interest::ERROR;
         // SAFETY: the descriptor is the `OwnedFd` inside `self`, open until the `AsyncFd`
         // (which owns `self`) drops it; `as_raw_fd` always returns that same descriptor.
-        unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(self, tokio::io::Interest::READABLE)
-        }
-        .map_err(|e| e.into_parts().1)
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(self, interest) }
+            .map_err(|e| e.into_parts().1)
     }
 }
 
