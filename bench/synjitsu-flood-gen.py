@@ -3,8 +3,10 @@
 
   synjitsu-flood-gen.py flood OUT.pcap FLOOD LEGIT
       FLOOD SYNs to the booting VM 10.77.1.10:80 (MAC 02:77:00:00:01:10) from random
-      addresses in 198.18.0.0/15, random ports and ISNs, with LEGIT SYNs from the client
-      10.77.1.2 (distinct ports) spread evenly among them. Checksums are complete.
+      addresses in 198.18.0.0/15, random ports and ISNs, never repeated (spoofed sources do
+      not retransmit), with LEGIT SYNs from the client 10.77.1.2 (distinct ports) spread
+      evenly over the first half, and each one's retransmission (same port and ISN, as a
+      real client sends it a second later) spread over the second half. Checksums complete.
   synjitsu-flood-gen.py noise OUT.pcap COUNT
       COUNT frames of traffic that is none of synjitsu's business, sent to MACs the bridge
       has never seen (so it floods them to every port, synjitsu's included): TCP data
@@ -64,19 +66,22 @@ def write_pcap(path, frames):
 
 def flood(out, n_flood, n_legit):
     rnd = random.Random(1)
+    legit = [(20000 + i, rnd.getrandbits(32)) for i in range(n_legit)]
+    # Where each legitimate SYN goes: originals in the first half, retransmissions in the
+    # second, evenly spaced.
+    half = n_flood // 2
+    step = max(1, half // max(1, n_legit))
+    slots = {}
+    for i, (port, isn) in enumerate(legit):
+        slots.setdefault(i * step + step // 2, []).append((port, isn))
+        slots.setdefault(half + i * step + step // 2, []).append((port, isn))
     frames = []
-    legit_every = max(1, n_flood // max(1, n_legit))
-    legit = 0
     for i in range(n_flood):
-        if legit < n_legit and i % legit_every == legit_every // 2:
-            frames.append(syn_frame(CLIENT_MAC, CLIENT_IP, 20000 + legit, rnd.getrandbits(32), i & 0xFFFF))
-            legit += 1
+        for port, isn in slots.get(i, []):
+            frames.append(syn_frame(CLIENT_MAC, CLIENT_IP, port, isn, i & 0xFFFF))
         src = bytes([198, 18 + rnd.getrandbits(1), rnd.getrandbits(8), rnd.getrandbits(8)])
         mac = bytes([0x02, 0x66]) + src
         frames.append(syn_frame(mac, src, 1024 + rnd.getrandbits(15), rnd.getrandbits(32), i & 0xFFFF))
-    while legit < n_legit:
-        frames.append(syn_frame(CLIENT_MAC, CLIENT_IP, 20000 + legit, rnd.getrandbits(32), legit))
-        legit += 1
     write_pcap(out, frames)
 
 

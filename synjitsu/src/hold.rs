@@ -36,6 +36,7 @@ use shared_proto::{
 };
 
 use crate::garp::{self, NaTo};
+use crate::refused::Refused;
 use crate::wire::{self, ArpOp, ArpRepr, EthHeader, NdpKind, NdpRepr, Packet, TcpOut, TcpRepr};
 
 /// Frames queued for sending at most; beyond, new ones are dropped and counted.
@@ -131,6 +132,10 @@ pub enum DropReason {
     VmFull,
     /// `max_held` SYNs are held already.
     TableFull,
+    /// A held SYN never retransmitted made room for a retransmission of one refused earlier
+    /// (under a flood: a real client displaces a spoofed SYN). No RST: its source is
+    /// likely spoofed.
+    Evicted,
     /// A held SYN waited longer than `hold_timeout`: its client got a RST.
     HoldTimeout,
     /// The VM was forgotten (absent from a `Sync`): its clients got a RST.
@@ -148,6 +153,7 @@ impl DropReason {
                 DropReason::BadTcpOptions,
                 DropReason::VmFull,
                 DropReason::TableFull,
+                DropReason::Evicted,
                 DropReason::HoldTimeout,
                 DropReason::VmForgotten,
             ])
@@ -161,6 +167,7 @@ impl DropReason {
             DropReason::BadTcpOptions => "bad_tcp_options",
             DropReason::VmFull => "vm_full",
             DropReason::TableFull => "table_full",
+            DropReason::Evicted => "evicted",
             DropReason::HoldTimeout => "hold_timeout",
             DropReason::VmForgotten => "vm_forgotten",
         }
@@ -464,8 +471,9 @@ struct Vm {
     id: VmIdentity,
     phase: VmPhase,
     held: VecDeque<Held>,
-    /// (key, ISN) of every held SYN, for retransmissions.
-    seen: HashSet<(SynKey, u32)>,
+    /// (key, ISN) of every held SYN, for retransmissions; true once it was retransmitted
+    /// (the client is real: never evicted).
+    seen: HashMap<(SynKey, u32), bool>,
     garp_left: u32,
     garp_at: Option<Instant>,
     last_wake: Option<Instant>,
@@ -486,7 +494,7 @@ impl Vm {
             id,
             phase,
             held: VecDeque::new(),
-            seen: HashSet::new(),
+            seen: HashMap::new(),
             garp_left: 0,
             garp_at: None,
             last_wake: None,
@@ -551,6 +559,8 @@ pub struct Hold {
     /// When a dropped frame was last logged, and how many were not logged since: a flood of
     /// garbage must not become a flood of log lines.
     drop_log: (Option<Instant>, u64),
+    /// SYNs recently refused for want of room, to recognise their retransmissions.
+    refused: Refused,
 }
 
 /// Options a probe SYN carries: MSS 1460 (some stacks refuse option-less SYNs, none these).
@@ -560,6 +570,7 @@ impl Hold {
     /// A core that knows no VM yet.
     pub fn new(cfg: Config) -> Hold {
         let rng = cfg.seed | 1;
+        let cfg_seed = cfg.seed;
         Hold {
             cfg,
             vms: BTreeMap::new(),
@@ -577,6 +588,7 @@ impl Hold {
                 ..Counters::default()
             },
             drop_log: (None, 0),
+            refused: Refused::new(Duration::from_secs(2), cfg_seed),
         }
     }
 
@@ -910,17 +922,31 @@ impl Hold {
             dest_ip: t.src_ip,
             dest_port: t.src_port,
         };
-        if vm.seen.contains(&(key, t.seq)) {
+        let vm = self.vms.get_mut(&name).expect("looked up above");
+        if let Some(retransmitted) = vm.seen.get_mut(&(key, t.seq)) {
+            *retransmitted = true;
             self.counters.retransmit_dedup += 1;
             tracing::trace!(vm = %name, client = %t.src_ip, port = t.src_port, "retransmitted SYN");
             self.wake(now, &name, false);
             return Verdict::Duplicate;
         }
-        if vm.held.len() >= self.cfg.max_held_per_vm {
-            return Verdict::Drop(DropReason::VmFull);
-        }
-        if self.total_held >= self.cfg.max_held {
-            return Verdict::Drop(DropReason::TableFull);
+        let full = if vm.held.len() >= self.cfg.max_held_per_vm {
+            Some(DropReason::VmFull)
+        } else if self.total_held >= self.cfg.max_held {
+            Some(DropReason::TableFull)
+        } else {
+            None
+        };
+        let mut retransmitted = false;
+        if let Some(reason) = full {
+            // A retransmission of a SYN refused earlier comes from a real client: it takes
+            // the place of a SYN that was never retransmitted (likely spoofed), if any.
+            let fp = self.refused.fingerprint(&key, t.seq);
+            if !self.refused.contains(fp) || !self.evict_one(&name) {
+                self.refused.insert(now, fp);
+                return Verdict::Drop(reason);
+            }
+            retransmitted = true;
         }
         let id = self.id();
         let mut frame = frame.to_vec();
@@ -929,7 +955,7 @@ impl Hold {
             self.counters.checksums_completed += 1;
         }
         let vm = self.vms.get_mut(&name).expect("looked up above");
-        vm.seen.insert((key, t.seq));
+        vm.seen.insert((key, t.seq), retransmitted);
         vm.held.push_back(Held {
             id,
             key,
@@ -1226,6 +1252,27 @@ impl Hold {
                 Stored::Refused
             };
         }
+    }
+
+    /// Gives up the newest held SYN of `name` that was never retransmitted and is not in
+    /// Xenstore, to make room; false if there is none.
+    fn evict_one(&mut self, name: &str) -> bool {
+        let Some(vm) = self.vms.get_mut(name) else {
+            return false;
+        };
+        let victim = vm
+            .held
+            .iter()
+            .rposition(|h| h.stored == Stored::No && vm.seen.get(&(h.key, h.isn)) == Some(&false));
+        let Some(i) = victim else {
+            return false;
+        };
+        let h = vm.held.remove(i).expect("index from rposition");
+        vm.seen.remove(&(h.key, h.isn));
+        self.total_held -= 1;
+        self.counters.drops[DropReason::Evicted.index()] += 1;
+        tracing::debug!(vm = %name, client = %h.key.dest_ip, "held SYN evicted for a retransmitted one");
+        true
     }
 
     fn wake(&mut self, now: Instant, name: &str, force: bool) {
@@ -1926,6 +1973,68 @@ pub(crate) mod tests {
             Verdict::Drop(DropReason::TableFull)
         );
         assert_eq!(h.held_now(), 3);
+    }
+
+    #[test]
+    fn under_a_flood_a_retransmitting_client_displaces_a_spoofed_syn() {
+        let mut cfg = Config::new(own_mac());
+        cfg.max_held_per_vm = 4;
+        cfg.garp_count = 0;
+        let mut h = Hold::new(cfg);
+        let t0 = Instant::now();
+        booting(&mut h, t0, Handover::Wire);
+        let syn = |src_last: u8, port: u16| {
+            let mut f = SYN_V4;
+            f[29] = src_last;
+            f[34..36].copy_from_slice(&port.to_be_bytes());
+            f[24] = 0;
+            f[25] = 0;
+            let c = !wire::fold(wire::sum_words(&f[14..34], 0));
+            f[24..26].copy_from_slice(&c.to_be_bytes());
+            assert!(wire::fix_tcp_checksum(&mut f));
+            f
+        };
+        let m = FrameMeta::default();
+        // A real client's SYN held early, and retransmitted once: it is protected.
+        let early = syn(2, 1000);
+        assert_eq!(h.on_frame(t0, &early, m), Verdict::Held);
+        assert_eq!(h.on_frame(t0, &early, m), Verdict::Duplicate);
+        // The flood fills the table.
+        for p in 1..=3 {
+            assert_eq!(h.on_frame(t0, &syn(200, p), m), Verdict::Held);
+        }
+        let client = syn(3, 2000);
+        assert_eq!(
+            h.on_frame(t0, &client, m),
+            Verdict::Drop(DropReason::VmFull)
+        );
+        for p in 4..100 {
+            assert_eq!(
+                h.on_frame(t0, &syn(200, p), m),
+                Verdict::Drop(DropReason::VmFull)
+            );
+        }
+        // One second later the client retransmits: it takes a spoofed SYN's place.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(h.on_frame(t1, &client, m), Verdict::Held);
+        assert_eq!(h.counters().drops_for(DropReason::Evicted), 1);
+        assert_eq!(h.held_now(), 4);
+        // Flood SYNs never retransmitted stay refused even when repeated with new ISNs.
+        assert_eq!(
+            h.on_frame(t1, &syn(200, 500), m),
+            Verdict::Drop(DropReason::VmFull)
+        );
+        // Nothing was sent for the evicted one (its source is likely spoofed).
+        drain_tx(&mut h);
+        // Both real clients are handed over.
+        h.on_control(t1, &ClientMessage::Ready { name: "www".into() })
+            .unwrap();
+        while let Some(op) = h.poll_fdb() {
+            h.on_fdb_done(t1, op.id);
+        }
+        let sent = drain_tx(&mut h);
+        assert!(sent.contains(&early.to_vec()) && sent.contains(&client.to_vec()));
+        assert_eq!(sent.len(), 4);
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! The library holds everything; `main.rs` only parses flags and starts [`daemon`].
 //!
 //! - The pure core, no IO: [`hold`] decides; [`wire`] reads and writes frames, [`garp`]
-//!   builds the neighbour frames synjitsu sends, [`filter`] is the kernel filter program,
-//!   [`pcap`] reads captures for replaying them through the core.
+//!   builds the neighbour frames synjitsu sends, [`refused`] remembers SYNs refused under a
+//!   flood, [`filter`] is the kernel filter program, [`pcap`] reads captures for replaying
+//!   them through the core.
 //! - The IO shell: [`daemon`] (set-up and the one `select!` loop), [`control`] (the control
 //!   socket), [`metrics`] (Prometheus text over HTTP), [`port`] (the veth pair and the
 //!   bridge's forwarding entries), [`store`] (the Xenstore hand-over on its own thread), and
@@ -19,6 +20,7 @@ pub mod hold;
 pub mod metrics;
 pub mod pcap;
 pub mod port;
+pub mod refused;
 pub mod store;
 pub mod sys;
 pub mod wire;
