@@ -14,6 +14,8 @@ JITSU_PACKAGES=(
   iproute2 iputils-arping iputils-ping procps psmisc kmod
   # real clients and tools the tests drive
   curl dnsutils knot-dnsutils tcpdump tcpreplay dnsperf xenstore-utils python3-scapy bind9
+  # guest images (guest/build-image) and the test guest's peers
+  busybox-static cpio lz4 xz-utils zstd
 )
 
 jitsu_log() { printf '==> %s\n' "$*" >&2; }
