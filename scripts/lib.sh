@@ -11,7 +11,7 @@ JITSU_PACKAGES=(
   # build
   build-essential pkg-config libvirt-dev git ca-certificates
   # namespaces, bridges, probes
-  iproute2 iputils-arping iputils-ping procps psmisc kmod
+  iproute2 iputils-arping iputils-ping procps psmisc kmod ethtool
   # real clients and tools the tests drive
   curl dnsutils knot-dnsutils tcpdump tcpreplay dnsperf xenstore-utils python3-scapy bind9
   # guest images (guest/build-image) and the test guest's peers
