@@ -654,7 +654,7 @@ pub const TCP_OUT_MAX: usize = ETH_HDR + IPV6_HDR + TCP_HDR + 20;
 /// Writes a TCP segment as a complete frame into `out` (at least [`TCP_OUT_MAX`] bytes),
 /// with correct checksums, padded to [`MIN_FRAME`]; returns the frame length.
 pub fn write_tcp(out: &mut [u8], seg: &TcpOut) -> usize {
-    debug_assert!(seg.options.len() % 4 == 0 && seg.options.len() <= 20);
+    debug_assert!(seg.options.len().is_multiple_of(4) && seg.options.len() <= 20);
     let tcp_len = TCP_HDR + seg.options.len();
     let (ethertype, tcp_at) = match (seg.src_ip, seg.dst_ip) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
