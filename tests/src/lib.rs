@@ -6,6 +6,7 @@
 //! inside them) and is removed by [`Netns`]'s `Drop`, also when the test fails.
 
 pub mod libvirt;
+pub mod synjitsu;
 pub mod topo;
 pub mod xenstored;
 
