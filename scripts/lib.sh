@@ -11,9 +11,13 @@ JITSU_PACKAGES=(
   # build
   build-essential pkg-config libvirt-dev git ca-certificates
   # namespaces, bridges, probes
-  iproute2 iputils-arping iputils-ping procps psmisc kmod
+  iproute2 iputils-arping iputils-ping procps psmisc kmod ethtool
   # real clients and tools the tests drive
   curl dnsutils knot-dnsutils tcpdump tcpreplay dnsperf xenstore-utils python3-scapy bind9
+  # guest images (guest/build-image) and the test guest's peers
+  busybox-static cpio lz4 xz-utils zstd
+  # libvirt with QEMU guests (the libvirt backend and its tests)
+  libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
 )
 
 jitsu_log() { printf '==> %s\n' "$*" >&2; }

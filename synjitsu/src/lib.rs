@@ -1,3 +1,26 @@
 //! synjitsu: stands in for booting guests on the bridge, holds their clients' TCP SYNs and
-//! hands them over once the guest can answer. The daemon is being built (issue 3); this
-//! library is its home.
+//! hands them over once the guest can answer.
+//!
+//! The library holds everything; `main.rs` only parses flags and starts [`daemon`].
+//!
+//! - The pure core, no IO: [`hold`] decides; [`wire`] reads and writes frames, [`garp`]
+//!   builds the neighbour frames synjitsu sends, [`refused`] remembers SYNs refused under a
+//!   flood, [`filter`] is the kernel filter program, [`pcap`] reads captures for replaying
+//!   them through the core.
+//! - The IO shell: [`daemon`] (set-up and the one `select!` loop), [`control`] (the control
+//!   socket), [`metrics`] (Prometheus text over HTTP), [`port`] (the veth pair and the
+//!   bridge's forwarding entries), [`store`] (the Xenstore hand-over on its own thread), and
+//!   [`sys`] (the packet socket: the only `unsafe`).
+
+pub mod control;
+pub mod daemon;
+pub mod filter;
+pub mod garp;
+pub mod hold;
+pub mod metrics;
+pub mod pcap;
+pub mod port;
+pub mod refused;
+pub mod store;
+pub mod sys;
+pub mod wire;

@@ -7,6 +7,8 @@
 
 pub mod fake_synjitsu;
 pub mod jitsu_dns;
+pub mod libvirt;
+pub mod synjitsu;
 pub mod topo;
 pub mod xenstored;
 

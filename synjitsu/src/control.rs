@@ -1,0 +1,587 @@
+//! The control socket: a Unix-socket server speaking `shared_proto` to jitsu-dns.
+//!
+//! Owns the socket file (created race-free with mode 0600, a stale one removed, a live one
+//! refused), peer credentials (`SO_PEERCRED`: root, or the one uid allowed), one client at a
+//! time, and each session's rules ([`Session`]): hello first with a version check, every
+//! request answered by exactly one ok or error, events pushed only after the hello. A payload
+//! error gets an error reply and the session goes on; a framing error gets one and the
+//! connection is closed. Neither touches what the core holds: requests reach the core only
+//! once decoded and valid.
+//!
+//! One client at a time: a second client's hello, while another client is attached, gets an
+//! error frame (`failed`, "another client is connected") and its connection is closed. At
+//! most [`MAX_CONNECTIONS`] connections exist at once, said hello or not. jitsu-dns
+//! reconnects after its old connection is gone (a dead process's socket closes at once),
+//! then sends a `Sync`.
+//!
+//! What requests do is the core's ([`crate::hold`]); the daemon's loop passes them on.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use bytes::BytesMut;
+use shared_proto::codec::{self, CodecError};
+use shared_proto::{ClientMessage, ErrorCode, PROTOCOL_VERSION, Reply, Request, ServerMessage};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Messages queued for one client at most; a client that reads slower is disconnected
+/// (it reconnects and sends a `Sync`).
+pub const MAX_OUTGOING: usize = 4096;
+/// Connections open at most (attached or not); more are refused.
+pub const MAX_CONNECTIONS: usize = 8;
+
+/// What the connections share: whether one is attached, and how many exist.
+#[derive(Debug, Default)]
+struct Shared {
+    attached: std::sync::atomic::AtomicBool,
+    live: std::sync::atomic::AtomicUsize,
+}
+
+/// What the server tells the daemon's loop.
+#[derive(Debug)]
+pub enum ControlIn {
+    /// A client said hello: push events and answers to `tx`; cancel `close` to drop it.
+    Attached {
+        /// The connection.
+        conn: u64,
+        /// Its outgoing queue.
+        tx: mpsc::Sender<ServerMessage>,
+        /// Closes it.
+        close: CancellationToken,
+    },
+    /// A valid request from an attached client.
+    Request {
+        /// The connection.
+        conn: u64,
+        /// The request.
+        req: Request,
+    },
+    /// The connection is gone.
+    Detached {
+        /// The connection.
+        conn: u64,
+    },
+}
+
+/// Why the control socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Another process answers on the socket.
+    #[error("control socket {0} is in use by another process (another synjitsu?)")]
+    InUse(String),
+    /// The path exists and is not a socket.
+    #[error("control socket path {0} exists and is not a socket")]
+    NotASocket(String),
+    /// A filesystem or socket call failed.
+    #[error("control socket {path}: {source}")]
+    Io {
+        /// The path.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a session does with one incoming frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Answer, and read on.
+    Reply(ServerMessage),
+    /// Answer the hello and attach the connection to the daemon.
+    Attach(ServerMessage),
+    /// Pass the request to the core.
+    Forward(Request),
+    /// Answer (if anything) and close the connection.
+    Close(Option<ServerMessage>),
+}
+
+/// The rules of one session, without IO.
+#[derive(Debug, Default)]
+pub struct Session {
+    helloed: bool,
+}
+
+fn error(id: u64, code: ErrorCode, message: impl Into<String>) -> ServerMessage {
+    ServerMessage::Error {
+        id,
+        code,
+        message: message.into(),
+    }
+}
+
+impl Session {
+    /// Decides what to do with one decoded (or undecodable) frame.
+    pub fn on_frame(&mut self, decoded: Result<Request, CodecError>) -> Action {
+        let req = match decoded {
+            Ok(r) => r,
+            Err(e) if e.is_fatal() => {
+                return Action::Close(Some(error(
+                    0,
+                    ErrorCode::Malformed,
+                    format!("{e}; closing"),
+                )));
+            }
+            Err(e) => {
+                let code = match e {
+                    CodecError::UnknownMessage { .. } => ErrorCode::UnknownMessage,
+                    _ => ErrorCode::Malformed,
+                };
+                return Action::Reply(error(e.request_id().unwrap_or(0), code, e.to_string()));
+            }
+        };
+        match (&req.body, self.helloed) {
+            (ClientMessage::Hello { version, client }, _) => {
+                if *version != PROTOCOL_VERSION {
+                    return Action::Close(Some(error(
+                        req.id,
+                        ErrorCode::VersionMismatch,
+                        format!(
+                            "client {client:?} speaks version {version}, synjitsu speaks {PROTOCOL_VERSION}"
+                        ),
+                    )));
+                }
+                let ok = ServerMessage::Ok {
+                    id: req.id,
+                    reply: Reply::Hello {
+                        version: PROTOCOL_VERSION,
+                        server: format!("synjitsu {}", env!("CARGO_PKG_VERSION")),
+                    },
+                };
+                if std::mem::replace(&mut self.helloed, true) {
+                    Action::Reply(ok)
+                } else {
+                    Action::Attach(ok)
+                }
+            }
+            (_, false) => Action::Reply(error(
+                req.id,
+                ErrorCode::HelloFirst,
+                format!("{} before hello", req.body.kind()),
+            )),
+            (_, true) => Action::Forward(req),
+        }
+    }
+}
+
+/// The bound control socket; its file is removed on drop.
+#[derive(Debug)]
+pub struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlServer {
+    /// Binds `path` with mode 0600 (parent directories created as needed), owned by root,
+    /// or by `owner` (the `--allow-uid`) so that this one user can connect at all.
+    pub fn bind(path: &Path, owner: Option<u32>) -> Result<ControlServer, ControlError> {
+        let io = |source| ControlError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) => {
+                use std::os::unix::fs::FileTypeExt;
+                if !meta.file_type().is_socket() {
+                    return Err(ControlError::NotASocket(path.display().to_string()));
+                }
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(ControlError::InUse(path.display().to_string()));
+                }
+                std::fs::remove_file(path).map_err(io)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        // Bound under a temporary name, restricted, then renamed into place: no moment at
+        // which the socket is reachable with wider permissions.
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "control".into());
+        let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let std_listener = std::os::unix::net::UnixListener::bind(&tmp).map_err(io)?;
+        let done = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| match owner {
+                Some(uid) => std::os::unix::fs::chown(&tmp, Some(uid), None),
+                None => Ok(()),
+            })
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .and_then(|()| std_listener.set_nonblocking(true));
+        if let Err(e) = done {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(e));
+        }
+        let listener = UnixListener::from_std(std_listener).map_err(io)?;
+        Ok(ControlServer {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Accepts clients until `cancel`; requests and attachments go to `to_core`.
+    pub async fn run(
+        &self,
+        allow_uid: Option<u32>,
+        to_core: mpsc::Sender<ControlIn>,
+        cancel: CancellationToken,
+    ) {
+        let mut next_conn = 0u64;
+        let shared = std::sync::Arc::new(Shared::default());
+        loop {
+            let stream = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = self.listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control socket accept failed");
+                        continue;
+                    }
+                },
+            };
+            next_conn += 1;
+            let conn = next_conn;
+            let uid = match stream.peer_cred() {
+                Ok(c) => c.uid(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no peer credentials; refusing");
+                    continue;
+                }
+            };
+            if uid != 0 && Some(uid) != allow_uid {
+                tracing::warn!(uid, "control client refused: not root nor the allowed uid");
+                refuse(stream, format!("permission denied for uid {uid}")).await;
+                continue;
+            }
+            if shared.live.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                tracing::warn!(conn, "control client refused: too many connections");
+                refuse(stream, "too many connections".into()).await;
+                continue;
+            }
+            tracing::info!(conn, uid, "control client connected");
+            shared.live.fetch_add(1, Ordering::SeqCst);
+            let to_core = to_core.clone();
+            let cancel = cancel.child_token();
+            tokio::spawn(serve(conn, stream, to_core, cancel, shared.clone()));
+        }
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn write_msg(w: &mut (impl AsyncWriteExt + Unpin), msg: &ServerMessage) -> bool {
+    let mut buf = BytesMut::new();
+    if codec::encode(msg, &mut buf).is_err() {
+        return false;
+    }
+    w.write_all(&buf).await.is_ok()
+}
+
+async fn refuse(mut stream: UnixStream, message: String) {
+    let _ = write_msg(&mut stream, &error(0, ErrorCode::Failed, message)).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn serve(
+    conn: u64,
+    stream: UnixStream,
+    to_core: mpsc::Sender<ControlIn>,
+    close: CancellationToken,
+    shared: std::sync::Arc<Shared>,
+) {
+    let mut attached = false;
+    let (mut rd, mut wr) = stream.into_split();
+    let (out_tx, mut out_rx) = mpsc::channel::<ServerMessage>(MAX_OUTGOING);
+    let writer_close = close.clone();
+    let writer = tokio::spawn(async move {
+        loop {
+            let msg = tokio::select! {
+                m = out_rx.recv() => m,
+                _ = writer_close.cancelled() => None,
+            };
+            let Some(msg) = msg else { break };
+            if !write_msg(&mut wr, &msg).await {
+                break;
+            }
+        }
+        // Whatever is still queued (a final error) goes out before the close.
+        while let Ok(msg) = out_rx.try_recv() {
+            if !write_msg(&mut wr, &msg).await {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let mut session = Session::default();
+    let mut buf = BytesMut::with_capacity(4096);
+    'conn: loop {
+        loop {
+            let action = match codec::split_frame(&mut buf) {
+                Ok(None) => break,
+                Ok(Some(payload)) => session.on_frame(codec::decode_payload::<Request>(&payload)),
+                Err(e) => session.on_frame(Err(e)),
+            };
+            let queued = match action {
+                Action::Reply(m) => out_tx.try_send(m).is_ok(),
+                Action::Attach(_)
+                    if shared
+                        .attached
+                        .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_err() =>
+                {
+                    tracing::warn!(conn, "second control client refused: one at a time");
+                    let _ = out_tx.try_send(error(
+                        0,
+                        ErrorCode::Failed,
+                        "another client is connected; synjitsu serves one at a time",
+                    ));
+                    break 'conn;
+                }
+                Action::Attach(m) => {
+                    attached = true;
+                    out_tx.try_send(m).is_ok()
+                        && to_core
+                            .send(ControlIn::Attached {
+                                conn,
+                                tx: out_tx.clone(),
+                                close: close.clone(),
+                            })
+                            .await
+                            .is_ok()
+                }
+                Action::Forward(req) => {
+                    to_core.send(ControlIn::Request { conn, req }).await.is_ok()
+                }
+                Action::Close(m) => {
+                    if let Some(m) = m {
+                        let _ = out_tx.try_send(m);
+                    }
+                    break 'conn;
+                }
+            };
+            if !queued {
+                tracing::warn!(conn, "control client not keeping up; closing");
+                break 'conn;
+            }
+        }
+        let n = tokio::select! {
+            _ = close.cancelled() => break,
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::debug!(conn, error = %e, "control read failed");
+                    break;
+                }
+            },
+        };
+        if n == 0 {
+            if let Err(e) = codec::decode_eof(&buf) {
+                tracing::debug!(conn, error = %e, "control client left mid-frame");
+            }
+            break;
+        }
+    }
+    if attached {
+        let _ = to_core.send(ControlIn::Detached { conn }).await;
+        shared.attached.store(false, Ordering::SeqCst);
+    }
+    shared.live.fetch_sub(1, Ordering::SeqCst);
+    drop(out_tx);
+    close.cancel();
+    let _ = writer.await;
+    tracing::info!(conn, "control client disconnected");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared_proto::Handover;
+
+    fn req(id: u64, body: ClientMessage) -> Result<Request, CodecError> {
+        Ok(Request { id, body })
+    }
+
+    fn hello(version: u32) -> ClientMessage {
+        ClientMessage::Hello {
+            version,
+            client: "test".into(),
+        }
+    }
+
+    #[test]
+    fn hello_first_then_forward() {
+        let mut s = Session::default();
+        let ready = ClientMessage::Ready { name: "www".into() };
+        let Action::Reply(ServerMessage::Error { id: 1, code, .. }) =
+            s.on_frame(req(1, ready.clone()))
+        else {
+            panic!()
+        };
+        assert_eq!(code, ErrorCode::HelloFirst);
+        assert!(matches!(
+            s.on_frame(req(2, hello(PROTOCOL_VERSION))),
+            Action::Attach(ServerMessage::Ok { id: 2, .. })
+        ));
+        assert_eq!(
+            s.on_frame(req(3, ready.clone())),
+            Action::Forward(Request { id: 3, body: ready })
+        );
+        // A second hello is answered but does not attach twice.
+        assert!(matches!(
+            s.on_frame(req(4, hello(PROTOCOL_VERSION))),
+            Action::Reply(ServerMessage::Ok { id: 4, .. })
+        ));
+    }
+
+    #[test]
+    fn a_wrong_version_closes_with_an_error() {
+        let mut s = Session::default();
+        let Action::Close(Some(ServerMessage::Error { id: 1, code, .. })) =
+            s.on_frame(req(1, hello(PROTOCOL_VERSION + 1)))
+        else {
+            panic!()
+        };
+        assert_eq!(code, ErrorCode::VersionMismatch);
+    }
+
+    #[test]
+    fn payload_errors_are_answered_framing_errors_close() {
+        let mut s = Session::default();
+        s.on_frame(req(1, hello(PROTOCOL_VERSION)));
+        for (payload, code) in [
+            (&b"{nope"[..], ErrorCode::Malformed),
+            (br#"{"id":7,"type":"reboot"}"#, ErrorCode::UnknownMessage),
+            (br#"{"id":8,"type":"ready","name":"../x"}"#, ErrorCode::Malformed),
+            (
+                br#"{"id":9,"type":"booting","vm":{"name":"w","mac":"ff:ff:ff:ff:ff:ff","ipv4":"10.0.0.1","handover":{"via":"wire"}}}"#,
+                ErrorCode::Malformed,
+            ),
+        ] {
+            let a = s.on_frame(codec::decode_payload::<Request>(payload));
+            let Action::Reply(ServerMessage::Error { code: c, .. }) = a else {
+                panic!("{payload:?}: {a:?}")
+            };
+            assert_eq!(c, code, "{}", String::from_utf8_lossy(payload));
+        }
+        let fatal = CodecError::Oversized {
+            len: usize::MAX,
+            max: 1,
+        };
+        assert!(matches!(s.on_frame(Err(fatal)), Action::Close(Some(_))));
+        // The session would still forward a good request (the connection decides to close).
+        let booting = ClientMessage::Booting {
+            vm: shared_proto::VmIdentity {
+                name: "w".into(),
+                mac: "02:00:00:00:00:01".parse().unwrap(),
+                ipv4: "10.0.0.1".parse().unwrap(),
+                ipv6: None,
+                handover: Handover::Wire,
+            },
+        };
+        assert!(matches!(s.on_frame(req(10, booting)), Action::Forward(_)));
+    }
+
+    async fn frame(s: &mut UnixStream, payload: &[u8]) {
+        let mut b = (payload.len() as u32).to_be_bytes().to_vec();
+        b.extend_from_slice(payload);
+        s.write_all(&b).await.unwrap();
+    }
+
+    async fn read_msg(s: &mut UnixStream) -> Option<ServerMessage> {
+        let mut buf = BytesMut::new();
+        loop {
+            if let Some(m) = codec::decode::<ServerMessage>(&mut buf).unwrap() {
+                return Some(m);
+            }
+            if s.read_buf(&mut buf).await.unwrap() == 0 {
+                return None;
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_server_speaks_the_protocol_one_client_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("syj-ctl-{}", std::process::id()));
+        let path = dir.join("sub").join("synjitsu.sock");
+        let server = ControlServer::bind(&path, None).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(
+            ControlServer::bind(&path, None),
+            Err(ControlError::InUse(_))
+        ));
+        let (tx, mut rx) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let c2 = cancel.clone();
+        let run = tokio::spawn(async move {
+            server.run(None, tx, c2).await;
+            drop(server);
+        });
+        let mut a = UnixStream::connect(&path).await.unwrap();
+        frame(
+            &mut a,
+            br#"{"id":1,"type":"hello","version":1,"client":"t"}"#,
+        )
+        .await;
+        let first = read_msg(&mut a).await;
+        assert!(
+            matches!(first, Some(ServerMessage::Ok { id: 1, .. })),
+            "{first:?}"
+        );
+        let Some(ControlIn::Attached { tx: out, .. }) = rx.recv().await else {
+            panic!()
+        };
+        frame(&mut a, br#"{"id":2,"type":"ready","name":"www"}"#).await;
+        let Some(ControlIn::Request { req, .. }) = rx.recv().await else {
+            panic!()
+        };
+        assert_eq!(req.id, 2);
+        out.send(ServerMessage::Ok {
+            id: 2,
+            reply: Reply::Ack,
+        })
+        .await
+        .unwrap();
+        assert!(matches!(
+            read_msg(&mut a).await,
+            Some(ServerMessage::Ok { id: 2, .. })
+        ));
+        // A second client's hello is refused while the first is attached.
+        let mut b = UnixStream::connect(&path).await.unwrap();
+        frame(
+            &mut b,
+            br#"{"id":1,"type":"hello","version":1,"client":"t2"}"#,
+        )
+        .await;
+        let Some(ServerMessage::Error { code, message, .. }) = read_msg(&mut b).await else {
+            panic!()
+        };
+        assert_eq!(code, ErrorCode::Failed);
+        assert!(message.contains("another client"), "{message}");
+        assert!(read_msg(&mut b).await.is_none(), "and closed");
+        // A framing error: an error frame, then the connection closes.
+        a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        assert!(matches!(
+            read_msg(&mut a).await,
+            Some(ServerMessage::Error { id: 0, .. })
+        ));
+        assert!(read_msg(&mut a).await.is_none());
+        assert!(matches!(rx.recv().await, Some(ControlIn::Detached { .. })));
+        cancel.cancel();
+        run.await.unwrap();
+        assert!(!path.exists(), "socket removed");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

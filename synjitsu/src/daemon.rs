@@ -1,0 +1,582 @@
+//! The IO shell: sets up the port, the packet socket, the control socket, the Xenstore store
+//! and metrics, then runs one `select!` loop around the core until cancelled, and takes
+//! everything down again.
+//!
+//! The loop, `biased` in this order: the core's timer ([`Hold::poll_at`]), frames from the
+//! packet socket (at most [`BATCH`] per turn, so the rest is never starved), control
+//! requests, Xenstore results, forwarding-table results, metrics requests, and cancellation.
+//! After each turn it drains the core's outputs: frames to the socket, events to the attached
+//! control client, Xenstore work to the store thread, forwarding changes to the fdb task.
+//! Nothing here decides anything; the core does.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use shared_proto::ServerMessage;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::control::{ControlIn, ControlServer};
+use crate::filter;
+use crate::hold::{
+    Checksum, Config, FdbAction, FdbOp, FrameMeta, Hold, StoreDone, StoreOp, StoreOutcome,
+};
+use crate::metrics::{self, ShellStats};
+use crate::port::{self, Port};
+use crate::store::xenstore::{self, XenstoreClient};
+use crate::store::{StoreReport, StoreWorker, SynStore as _};
+use crate::sys::packet::{self, PacketSocket};
+
+/// Frames read per loop turn at most.
+pub const BATCH: usize = 256;
+/// The receive buffer: any frame the port can carry (the veth's MTU follows the bridge's).
+const RX_BUF: usize = 65_536 + 64;
+/// The socket's kernel receive buffer: holds a burst while the loop is busy.
+const SOCKET_RCVBUF: usize = 8 << 20;
+/// Xenstore operations waiting for the store thread at most.
+const STORE_QUEUE: usize = 4096;
+/// Forwarding-table changes waiting for the fdb task at most.
+const FDB_QUEUE: usize = 1024;
+
+/// Where Xenstore is, as `--xenstore` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum XenstoreMode {
+    /// `$XENSTORED_PATH`, or the default socket if it exists, else off.
+    Auto,
+    /// This socket.
+    Socket(PathBuf),
+    /// No Xenstore hand-over.
+    Off,
+}
+
+/// Everything the daemon is configured with (from the command line).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The bridge to sit on.
+    pub bridge: String,
+    /// The control socket's path.
+    pub control: PathBuf,
+    /// Xenstore.
+    pub xenstore: XenstoreMode,
+    /// Probe addresses, at most one per family.
+    pub probe_v4: Option<Ipv4Addr>,
+    /// IPv6 probe address.
+    pub probe_v6: Option<Ipv6Addr>,
+    /// Where to serve metrics.
+    pub metrics: Option<SocketAddr>,
+    /// The one non-root uid allowed on the control socket.
+    pub allow_uid: Option<u32>,
+    /// Held SYNs older than this get a RST.
+    pub hold_timeout: Duration,
+    /// SYNs held per VM at most.
+    pub max_held_per_vm: usize,
+    /// SYNs held in total at most.
+    pub max_held: usize,
+    /// Attach no kernel filter (benchmark baseline only).
+    pub no_bpf_filter: bool,
+}
+
+/// Why the daemon could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Not root.
+    #[error("synjitsu must run as root: it creates a bridge port and opens a raw socket")]
+    NotRoot,
+    /// The port on the bridge.
+    #[error(transparent)]
+    Port(#[from] port::PortError),
+    /// The packet socket.
+    #[error("packet socket on {port}: {source}")]
+    Socket {
+        /// The interface.
+        port: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The control socket.
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    /// Xenstore.
+    #[error("xenstore at {socket}: {source}")]
+    Xenstore {
+        /// The socket.
+        socket: String,
+        /// Why.
+        #[source]
+        source: crate::store::StoreError,
+    },
+    /// Metrics listener.
+    #[error("metrics address {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A thread could not be started.
+    #[error("starting the xenstore thread: {0}")]
+    Thread(std::io::Error),
+}
+
+fn is_root() -> bool {
+    // The effective uid is the second field of /proc/self/status's Uid line.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (t.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32)
+}
+
+/// Runs the daemon until `cancel` fires; sets up and tears down everything it uses.
+pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonError> {
+    if !is_root() {
+        return Err(DaemonError::NotRoot);
+    }
+    // Xenstore first: a configured but broken Xenstore stops start-up before anything is
+    // created on the bridge.
+    let xs_socket = match &opts.xenstore {
+        XenstoreMode::Off => None,
+        XenstoreMode::Socket(p) => Some(p.clone()),
+        XenstoreMode::Auto => xenstore::auto_socket(),
+    };
+    let (store_tx, mut store_rx) = mpsc::channel::<StoreReport>(1024);
+    let store = match &xs_socket {
+        Some(path) => {
+            let xs_err = |source| DaemonError::Xenstore {
+                socket: path.display().to_string(),
+                source,
+            };
+            let mut client = XenstoreClient::connect(path).map_err(xs_err)?;
+            let stale = client.prepare().map_err(xs_err)?;
+            tracing::info!(socket = %path.display(), stale, "xenstore ready: stale entries removed, /ip closed to guests");
+            Some(
+                StoreWorker::spawn(Box::new(client), STORE_QUEUE, store_tx)
+                    .map_err(DaemonError::Thread)?,
+            )
+        }
+        None => {
+            tracing::info!("xenstore hand-over off");
+            None
+        }
+    };
+    let control = ControlServer::bind(&opts.control, opts.allow_uid)?;
+    let metrics_listener = match opts.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
+    let mut port = Port::create(&opts.bridge)?;
+    let prog = filter::program(opts.probe_v4, opts.probe_v6);
+    let filter = if opts.no_bpf_filter {
+        tracing::warn!("no kernel filter: every frame on the bridge reaches user space");
+        None
+    } else {
+        Some(prog.as_slice())
+    };
+    let sock_err = |source| DaemonError::Socket {
+        port: port.names.inner.clone(),
+        source,
+    };
+    let sock = PacketSocket::open(port.ifindex, filter, SOCKET_RCVBUF).map_err(sock_err)?;
+    let sock = sock.into_async().map_err(sock_err)?;
+
+    let mut cfg = Config::new(port.mac);
+    cfg.probe_v4 = opts.probe_v4;
+    cfg.probe_v6 = opts.probe_v6;
+    cfg.hold_timeout = opts.hold_timeout;
+    cfg.max_held_per_vm = opts.max_held_per_vm;
+    cfg.max_held = opts.max_held;
+    cfg.xenstore_off = match (&xs_socket, &opts.xenstore) {
+        (Some(_), _) => None,
+        (None, XenstoreMode::Off) => Some("synjitsu runs with --xenstore off".into()),
+        (None, _) => Some(format!(
+            "no xenstored found (XENSTORED_PATH unset, {} absent)",
+            xenstore::DEFAULT_SOCKET
+        )),
+    };
+    cfg.seed = seed();
+    let core = Hold::new(cfg);
+
+    let (ctl_tx, ctl_rx) = mpsc::channel::<ControlIn>(256);
+    let (metrics_tx, metrics_rx) = mpsc::channel::<oneshot::Sender<String>>(16);
+    let (fdb_tx, fdb_rx_ops) = mpsc::channel::<FdbOp>(FDB_QUEUE);
+    let (fdb_done_tx, fdb_done_rx) = mpsc::channel::<(u64, bool)>(FDB_QUEUE);
+    let tasks = CancellationToken::new();
+    let fdb_task = tokio::spawn(fdb_worker(
+        opts.bridge.clone(),
+        port.names.outer.clone(),
+        fdb_rx_ops,
+        fdb_done_tx,
+    ));
+    let control_task = {
+        let t = tasks.clone();
+        let allow = opts.allow_uid;
+        tokio::spawn(async move {
+            control.run(allow, ctl_tx, t).await;
+            drop(control);
+        })
+    };
+    if let Some(l) = metrics_listener {
+        tokio::spawn(metrics::serve(l, metrics_tx, tasks.clone()));
+    }
+    tracing::info!(
+        bridge = %opts.bridge,
+        control = %opts.control.display(),
+        probe_v4 = ?opts.probe_v4,
+        probe_v6 = ?opts.probe_v6,
+        "synjitsu running"
+    );
+
+    let mut shell = Shell {
+        core,
+        port: port.names.inner.clone(),
+        store,
+        fdb: fdb_tx,
+        attached: None,
+        stats: ShellStats::default(),
+        txbuf: Vec::with_capacity(2048),
+    };
+    let outcome = shell
+        .run(
+            &sock,
+            cancel,
+            ctl_rx,
+            &mut store_rx,
+            fdb_done_rx,
+            metrics_rx,
+        )
+        .await;
+    if let Err(e) = &outcome {
+        tracing::error!(error = %e, "packet socket failed; stopping");
+    }
+
+    // Tear down: release every MAC still steered here, then the port.
+    tasks.cancel();
+    let _ = control_task.await;
+    let steered = shell.core.steered_macs();
+    drop(shell.fdb);
+    let _ = fdb_task.await;
+    for (vm, mac) in steered {
+        if let Err(e) = port::release(&opts.bridge, mac).await {
+            tracing::warn!(vm = %vm, error = %e, "could not release a forwarding entry at exit");
+        }
+    }
+    drop(shell.store);
+    port.remove()?;
+    tracing::info!("synjitsu stopped");
+    outcome.map_err(|source| DaemonError::Socket {
+        port: port.names.inner.clone(),
+        source,
+    })
+}
+
+struct Attached {
+    conn: u64,
+    tx: mpsc::Sender<ServerMessage>,
+    close: CancellationToken,
+}
+
+struct Shell {
+    core: Hold,
+    /// The interface the socket is bound to.
+    port: String,
+    store: Option<StoreWorker>,
+    fdb: mpsc::Sender<FdbOp>,
+    attached: Option<Attached>,
+    stats: ShellStats,
+    txbuf: Vec<u8>,
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Shell {
+    async fn run(
+        &mut self,
+        sock: &AsyncFd<PacketSocket>,
+        cancel: CancellationToken,
+        mut ctl_rx: mpsc::Receiver<ControlIn>,
+        store_rx: &mut mpsc::Receiver<StoreReport>,
+        mut fdb_rx: mpsc::Receiver<(u64, bool)>,
+        mut metrics_rx: mpsc::Receiver<oneshot::Sender<String>>,
+    ) -> Result<(), std::io::Error> {
+        let mut rxbuf = vec![0u8; RX_BUF];
+        let mut failed = None;
+        // Housekeeping once a second: kernel drop counts, and whether the port still exists
+        // (a deleted interface is reported to the socket only while it goes down, when it
+        // still exists).
+        let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = sleep_until(self.core.poll_at()) => {
+                    self.core.handle_timeout(Instant::now());
+                }
+                r = sock.ready(Interest::READABLE | Interest::ERROR) => match r {
+                    Ok(mut guard) => {
+                        for _ in 0..BATCH {
+                            match guard.try_io(|s| s.get_ref().recv(&mut rxbuf)) {
+                                Ok(Ok(meta)) => self.on_frame(&rxbuf, meta),
+                                Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                                Ok(Err(e)) => {
+                                    // Down is passing (the kernel re-attaches the socket when
+                                    // it comes up); gone is the end.
+                                    if Path::new(&format!("/sys/class/net/{}", self.port)).exists() {
+                                        tracing::warn!(error = %e, port = %self.port, "packet socket error; the port is still there");
+                                    } else {
+                                        failed = Some(e);
+                                    }
+                                    break;
+                                }
+                                Err(_would_block) => break,
+                            }
+                        }
+                    }
+                    Err(e) => failed = Some(e),
+                },
+                Some(msg) = ctl_rx.recv() => self.on_control(msg),
+                Some(report) = store_rx.recv() => self.on_store(report),
+                Some((id, ok)) = fdb_rx.recv() => {
+                    if !ok {
+                        self.stats.fdb_errors += 1;
+                    }
+                    self.core.on_fdb_done(Instant::now(), id);
+                }
+                Some(reply) = metrics_rx.recv() => {
+                    self.read_kernel_stats(sock);
+                    let _ = reply.send(metrics::render(&self.core, &self.stats));
+                }
+                _ = housekeeping.tick() => {
+                    self.read_kernel_stats(sock);
+                    if !Path::new(&format!("/sys/class/net/{}", self.port)).exists() {
+                        failed = Some(std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            format!("interface {} is gone", self.port),
+                        ));
+                    }
+                }
+                () = cancel.cancelled() => break,
+            }
+            self.flush(sock);
+            if failed.is_some() {
+                break;
+            }
+        }
+        if let Some(a) = self.attached.take() {
+            a.close.cancel();
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    fn read_kernel_stats(&mut self, sock: &AsyncFd<PacketSocket>) {
+        // PACKET_STATISTICS resets on read: accumulate.
+        if let Ok((_, drops)) = sock.get_ref().stats() {
+            self.stats.kernel_drops += u64::from(drops);
+        }
+    }
+
+    fn on_frame(&mut self, buf: &[u8], meta: packet::RecvMeta) {
+        if meta.outgoing {
+            self.stats.rx_outgoing += 1;
+            return;
+        }
+        if meta.truncated {
+            self.stats.rx_truncated += 1;
+            return;
+        }
+        let checksum = if meta.status & packet::TP_STATUS_CSUMNOTREADY != 0 {
+            Checksum::Partial
+        } else if meta.status & packet::TP_STATUS_CSUM_VALID != 0 {
+            Checksum::Valid
+        } else {
+            Checksum::Unknown
+        };
+        let verdict = self
+            .core
+            .on_frame(Instant::now(), &buf[..meta.len], FrameMeta { checksum });
+        tracing::trace!(?verdict, len = meta.len, "frame");
+    }
+
+    fn on_control(&mut self, msg: ControlIn) {
+        match msg {
+            ControlIn::Attached { conn, tx, close } => {
+                if let Some(old) = self.attached.replace(Attached { conn, tx, close }) {
+                    old.close.cancel();
+                }
+                self.stats.client_attached = true;
+            }
+            ControlIn::Detached { conn } => {
+                if self.attached.as_ref().is_some_and(|a| a.conn == conn) {
+                    self.attached = None;
+                    self.stats.client_attached = false;
+                }
+            }
+            ControlIn::Request { conn, req } => {
+                tracing::debug!(conn, id = req.id, kind = req.body.kind(), "control request");
+                let answer = match self.core.on_control(Instant::now(), &req.body) {
+                    Ok(reply) => ServerMessage::Ok { id: req.id, reply },
+                    Err(e) => {
+                        tracing::warn!(id = req.id, code = ?e.code, error = %e.message, "control request refused");
+                        ServerMessage::Error {
+                            id: req.id,
+                            code: e.code,
+                            message: e.message,
+                        }
+                    }
+                };
+                if let Some(a) = self.attached.as_ref().filter(|a| a.conn == conn)
+                    && a.tx.try_send(answer).is_err()
+                {
+                    tracing::warn!(conn, "control client not keeping up; closing it");
+                    a.close.cancel();
+                }
+            }
+        }
+    }
+
+    fn on_store(&mut self, report: StoreReport) {
+        match report {
+            StoreReport::Done(done) => {
+                if let StoreOutcome::Failed(why) = &done.outcome {
+                    tracing::warn!(vm = %done.vm, error = %why, "xenstore write failed");
+                }
+                self.core.on_store_done(Instant::now(), done);
+            }
+            StoreReport::Ok(_) => {}
+            StoreReport::Failed(f) => {
+                self.stats.store_errors += 1;
+                tracing::warn!(op = f.op, error = %f.error, "xenstore operation failed");
+            }
+        }
+    }
+
+    /// Takes every output the core queued and hands it to its IO.
+    fn flush(&mut self, sock: &AsyncFd<PacketSocket>) {
+        while self.core.poll_transmit(&mut self.txbuf) {
+            match sock.get_ref().send(&self.txbuf) {
+                Ok(()) => self.stats.tx_frames += 1,
+                Err(e) => {
+                    self.stats.tx_errors += 1;
+                    tracing::debug!(error = %e, "send failed");
+                }
+            }
+        }
+        while let Some(event) = self.core.poll_event() {
+            match &self.attached {
+                Some(a) => {
+                    if a.tx.try_send(ServerMessage::Event { event }).is_err() {
+                        tracing::warn!(conn = a.conn, "control client not keeping up; closing it");
+                        a.close.cancel();
+                    }
+                }
+                None => self.stats.events_undelivered += 1,
+            }
+        }
+        while let Some(op) = self.core.poll_store() {
+            let refused = match &self.store {
+                Some(w) => w.try_send(op).err(),
+                None => Some(op),
+            };
+            if let Some(op) = refused {
+                self.stats.store_errors += 1;
+                if let StoreOp::Write { id, vm, key, .. } = op {
+                    // The core must learn the write will not happen, or the SYN waits for
+                    // it forever: it goes on the wire instead.
+                    self.core.on_store_done(
+                        Instant::now(),
+                        StoreDone {
+                            id,
+                            vm,
+                            key,
+                            outcome: StoreOutcome::Failed("xenstore queue full".into()),
+                        },
+                    );
+                }
+            }
+        }
+        while let Some(op) = self.core.poll_fdb() {
+            if let Err(e) = self.fdb.try_send(op) {
+                let op = match e {
+                    mpsc::error::TrySendError::Full(op) | mpsc::error::TrySendError::Closed(op) => {
+                        op
+                    }
+                };
+                self.stats.fdb_errors += 1;
+                tracing::warn!(vm = %op.vm, "forwarding-table queue full; change dropped");
+                self.core.on_fdb_done(Instant::now(), op.id);
+            }
+        }
+    }
+}
+
+/// Runs forwarding-table changes one after the other, in the order the core asked for them.
+async fn fdb_worker(
+    bridge: String,
+    bridge_port: String,
+    mut ops: mpsc::Receiver<FdbOp>,
+    done: mpsc::Sender<(u64, bool)>,
+) {
+    while let Some(op) = ops.recv().await {
+        let started = Instant::now();
+        let r = match op.action {
+            FdbAction::Steer => port::steer(&bridge_port, op.mac).await,
+            FdbAction::Release => port::release(&bridge, op.mac).await,
+        };
+        let ok = match r {
+            Ok(()) => {
+                tracing::debug!(vm = %op.vm, mac = %op.mac, action = ?op.action, took_us = started.elapsed().as_micros() as u64, "forwarding entry changed");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(vm = %op.vm, mac = %op.mac, action = ?op.action, error = %e, "forwarding entry change failed");
+                false
+            }
+        };
+        if done.send((op.id, ok)).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Splits `--probe-ip` values into one per family.
+pub fn probe_addrs(addrs: &[IpAddr]) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), String> {
+    let (mut v4, mut v6) = (None, None);
+    for a in addrs {
+        match a {
+            IpAddr::V4(x) if v4.is_none() => v4 = Some(*x),
+            IpAddr::V6(x) if v6.is_none() => v6 = Some(*x),
+            _ => {
+                return Err(format!(
+                    "--probe-ip {a}: at most one IPv4 and one IPv6 address"
+                ));
+            }
+        }
+        if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
+            return Err(format!("--probe-ip {a}: not a usable unicast address"));
+        }
+    }
+    Ok((v4, v6))
+}

@@ -1,0 +1,419 @@
+//! synjitsu's own small, blocking Xenstore client, built on `shared_proto::xs_wire`.
+//!
+//! Why not `xenstore-rs`: its 0.8 release always sends transaction id 0 and has no
+//! `SET_PERMS`, and the hand-over needs both: each held SYN is written in one transaction
+//! together with the check for `managed` and the permissions of `/ip/<vm-ip>`, so the guest
+//! never sees half a SYN and no other domain ever sees any.
+//!
+//! Owns the connection (reconnecting once after an IO error), request ids, transactions
+//! (retried on `EAGAIN`), and the layout operations of [`super::SynStore`]. It runs on the
+//! store thread only ([`super::StoreWorker`]); every call blocks, with a socket timeout so a
+//! stuck xenstored cannot hold the thread forever.
+
+use std::io::{Read, Write};
+use std::net::IpAddr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use shared_proto::xenstore::{HeldSyn, MANAGED, ROOT, SynKey, ip_path};
+use shared_proto::xs_wire::{Access, Perm, XsMsg, XsType};
+
+use super::{StoreError, SynStore, WriteOutcome};
+
+/// How long one request may take before the connection is given up.
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// How many times a conflicting transaction is retried.
+const MAX_ATTEMPTS: u32 = 16;
+
+/// Where xenstored listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/xenstored/socket";
+
+/// A connection to xenstored's Unix socket.
+#[derive(Debug)]
+pub struct XenstoreClient {
+    path: PathBuf,
+    conn: Option<UnixStream>,
+    next_req: u32,
+    buf: Vec<u8>,
+}
+
+/// A failed call, before it is given a path for the error message.
+enum CallError {
+    Io(std::io::Error),
+    Errno(String),
+    Protocol(String),
+}
+
+impl XenstoreClient {
+    /// Connects to the socket at `path` (fails at once if it cannot).
+    pub fn connect(path: &Path) -> Result<XenstoreClient, StoreError> {
+        let mut c = XenstoreClient {
+            path: path.to_path_buf(),
+            conn: None,
+            next_req: 1,
+            buf: Vec::new(),
+        };
+        let connected = c.ensure_connected().map(|_| ());
+        match connected {
+            Ok(()) => Ok(c),
+            Err(e) => Err(c.err("connect", "", e)),
+        }
+    }
+
+    fn ensure_connected(&mut self) -> Result<&mut UnixStream, CallError> {
+        if self.conn.is_none() {
+            let s = UnixStream::connect(&self.path).map_err(CallError::Io)?;
+            s.set_read_timeout(Some(TIMEOUT)).map_err(CallError::Io)?;
+            s.set_write_timeout(Some(TIMEOUT)).map_err(CallError::Io)?;
+            self.buf.clear();
+            self.conn = Some(s);
+        }
+        Ok(self.conn.as_mut().expect("just set"))
+    }
+
+    fn err(&self, op: &'static str, path: &str, e: CallError) -> StoreError {
+        match e {
+            CallError::Io(source) => StoreError::Io {
+                path: self.path.display().to_string(),
+                source,
+            },
+            CallError::Errno(errno) => StoreError::Refused {
+                op,
+                path: path.to_string(),
+                errno,
+            },
+            CallError::Protocol(m) => StoreError::Protocol(m),
+        }
+    }
+
+    /// Sends one request and reads its answer (skipping watch events, which this client
+    /// never asks for but a daemon may still send after a reconnect).
+    fn call(&mut self, msg: XsMsg) -> Result<XsMsg, CallError> {
+        let req_id = msg.req_id;
+        let mut out = Vec::new();
+        msg.encode(&mut out)
+            .map_err(|e| CallError::Protocol(e.to_string()))?;
+        let r = self.exchange(&out, req_id);
+        if let Err(CallError::Io(_)) = r {
+            // The connection is unusable; the next call reconnects.
+            self.conn = None;
+        }
+        r
+    }
+
+    fn exchange(&mut self, out: &[u8], req_id: u32) -> Result<XsMsg, CallError> {
+        self.ensure_connected()?
+            .write_all(out)
+            .map_err(CallError::Io)?;
+        let mut chunk = [0u8; 4096];
+        loop {
+            match XsMsg::decode(&self.buf) {
+                Ok(Some((m, used))) => {
+                    self.buf.drain(..used);
+                    if m.ty == XsType::WatchEvent {
+                        continue;
+                    }
+                    if m.req_id != req_id {
+                        return Err(CallError::Protocol(format!(
+                            "answer to request {} while waiting for {req_id}",
+                            m.req_id
+                        )));
+                    }
+                    if m.ty == XsType::Error {
+                        return Err(CallError::Errno(m.text()));
+                    }
+                    return Ok(m);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(CallError::Protocol(e.to_string())),
+            }
+            let conn = self.conn.as_mut().expect("connected above");
+            let n = conn.read(&mut chunk).map_err(CallError::Io)?;
+            if n == 0 {
+                return Err(CallError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "xenstored closed the connection",
+                )));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn req(&mut self) -> u32 {
+        self.next_req = self.next_req.wrapping_add(1).max(1);
+        self.next_req
+    }
+
+    fn simple(
+        &mut self,
+        op: &'static str,
+        ty: XsType,
+        tx: u32,
+        path: &str,
+    ) -> Result<XsMsg, StoreError> {
+        let id = self.req();
+        self.call(XsMsg::new(ty, id, tx, &[path.as_bytes()]))
+            .map_err(|e| self.err(op, path, e))
+    }
+
+    /// Reads a node: `None` if it does not exist.
+    pub fn read(&mut self, tx: u32, path: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let id = self.req();
+        match self.call(XsMsg::new(XsType::Read, id, tx, &[path.as_bytes()])) {
+            Ok(m) => Ok(Some(m.payload)),
+            Err(CallError::Errno(e)) if e == "ENOENT" => Ok(None),
+            Err(e) => Err(self.err("read", path, e)),
+        }
+    }
+
+    /// Writes a node (creating its parents).
+    pub fn write(&mut self, tx: u32, path: &str, value: &[u8]) -> Result<(), StoreError> {
+        let id = self.req();
+        self.call(XsMsg::write(id, tx, path, value))
+            .map(|_| ())
+            .map_err(|e| self.err("write", path, e))
+    }
+
+    /// Creates a node (and its parents) if absent.
+    pub fn mkdir(&mut self, tx: u32, path: &str) -> Result<(), StoreError> {
+        self.simple("mkdir", XsType::Mkdir, tx, path).map(|_| ())
+    }
+
+    /// Removes a node and its subtree; an absent node is not an error.
+    pub fn rm(&mut self, tx: u32, path: &str) -> Result<(), StoreError> {
+        let id = self.req();
+        match self.call(XsMsg::new(XsType::Rm, id, tx, &[path.as_bytes()])) {
+            Ok(_) => Ok(()),
+            Err(CallError::Errno(e)) if e == "ENOENT" => Ok(()),
+            Err(e) => Err(self.err("rm", path, e)),
+        }
+    }
+
+    /// Lists a node's children.
+    pub fn directory(&mut self, tx: u32, path: &str) -> Result<Vec<String>, StoreError> {
+        let m = self.simple("directory", XsType::Directory, tx, path)?;
+        Ok(m.parts()
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect())
+    }
+
+    /// Sets a node's permissions.
+    pub fn set_perms(&mut self, tx: u32, path: &str, perms: &[Perm]) -> Result<(), StoreError> {
+        let id = self.req();
+        self.call(XsMsg::set_perms(id, tx, path, perms))
+            .map(|_| ())
+            .map_err(|e| self.err("set_perms", path, e))
+    }
+
+    /// Starts a transaction; returns its id.
+    pub fn transaction_start(&mut self) -> Result<u32, StoreError> {
+        let id = self.req();
+        let m = self
+            .call(XsMsg::new(XsType::TransactionStart, id, 0, &[b""]))
+            .map_err(|e| self.err("transaction_start", "", e))?;
+        m.text()
+            .parse()
+            .map_err(|_| StoreError::Protocol(format!("transaction id {:?}", m.text())))
+    }
+
+    /// Ends a transaction: `Ok(true)` committed, `Ok(false)` conflicted (`EAGAIN`: retry).
+    pub fn transaction_end(&mut self, tx: u32, commit: bool) -> Result<bool, StoreError> {
+        let id = self.req();
+        let flag: &[u8] = if commit { b"T" } else { b"F" };
+        match self.call(XsMsg::new(XsType::TransactionEnd, id, tx, &[flag])) {
+            Ok(_) => Ok(true),
+            Err(CallError::Errno(e)) if e == "EAGAIN" => Ok(false),
+            Err(e) => Err(self.err("transaction_end", "", e)),
+        }
+    }
+
+    fn try_write_syn(
+        &mut self,
+        tx: u32,
+        domid: u32,
+        key: &SynKey,
+        syn: &HeldSyn,
+    ) -> Result<WriteOutcome, StoreError> {
+        let ip = ip_path(key.local_ip);
+        if self.read(tx, &ip)?.as_deref() == Some(MANAGED.as_bytes()) {
+            return Ok(WriteOutcome::Managed);
+        }
+        self.mkdir(tx, &ip)?;
+        // The guest must write `managed` and remove entries; nobody else may look. Set on
+        // every write: a rebooted guest has a new domid.
+        let perms = [Perm::new(Access::None, 0), Perm::new(Access::Both, domid)];
+        self.set_perms(tx, &ip, &perms)?;
+        for (leaf, value) in syn.to_leaves() {
+            self.write(tx, &key.leaf_path(leaf), value.as_bytes())?;
+        }
+        Ok(WriteOutcome::Written)
+    }
+
+    /// Runs `body` in a transaction until it commits, retrying conflicts; an IO error is
+    /// retried once on a new connection.
+    fn in_transaction<T>(
+        &mut self,
+        what: &str,
+        mut body: impl FnMut(&mut Self, u32) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut io_retry = true;
+        for _ in 0..MAX_ATTEMPTS {
+            let tx = match self.transaction_start() {
+                Ok(tx) => tx,
+                Err(StoreError::Io { .. }) if io_retry => {
+                    io_retry = false;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match body(self, tx) {
+                Ok(v) => {
+                    if self.transaction_end(tx, true)? {
+                        return Ok(v);
+                    }
+                }
+                Err(StoreError::Io { .. }) if io_retry => io_retry = false,
+                Err(e) => {
+                    let _ = self.transaction_end(tx, false);
+                    return Err(e);
+                }
+            }
+        }
+        Err(StoreError::Conflict {
+            path: what.to_string(),
+            attempts: MAX_ATTEMPTS,
+        })
+    }
+}
+
+impl SynStore for XenstoreClient {
+    fn prepare(&mut self) -> Result<usize, StoreError> {
+        self.in_transaction(ROOT, |c, tx| {
+            c.mkdir(tx, ROOT)?;
+            let stale = c.directory(tx, ROOT)?;
+            for child in &stale {
+                c.rm(tx, &format!("{ROOT}/{child}"))?;
+            }
+            // The original made /ip writable by every domain; only dom0 needs it.
+            c.set_perms(tx, ROOT, &[Perm::new(Access::None, 0)])?;
+            Ok(stale.len())
+        })
+    }
+
+    fn reset(&mut self, ip: IpAddr) -> Result<(), StoreError> {
+        let path = ip_path(ip);
+        self.in_transaction(&path, |c, tx| c.rm(tx, &path))
+    }
+
+    fn write_syn(
+        &mut self,
+        domid: u32,
+        key: &SynKey,
+        syn: &HeldSyn,
+    ) -> Result<WriteOutcome, StoreError> {
+        let path = key.syn_path();
+        self.in_transaction(&path, |c, tx| c.try_write_syn(tx, domid, key, syn))
+    }
+
+    fn remove(&mut self, key: &SynKey) -> Result<(), StoreError> {
+        let path = key.conn_path();
+        self.in_transaction(&path, |c, tx| c.rm(tx, &path))
+    }
+}
+
+/// The socket for `--xenstore auto`: `$XENSTORED_PATH` if set, else [`DEFAULT_SOCKET`] if
+/// it exists, else none (Xenstore hand-over off).
+pub fn auto_socket() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("XENSTORED_PATH") {
+        return Some(PathBuf::from(p));
+    }
+    let p = Path::new(DEFAULT_SOCKET);
+    p.exists().then(|| p.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jitsu_tests::xenstored::TestXenstored;
+    use shared_proto::xenstore::TcpOption;
+
+    fn key() -> SynKey {
+        SynKey {
+            local_ip: "10.77.1.10".parse().unwrap(),
+            local_port: 80,
+            dest_ip: "10.77.1.2".parse().unwrap(),
+            dest_port: 40436,
+        }
+    }
+
+    fn syn() -> HeldSyn {
+        HeldSyn::new(64240, 1_727_484_408, vec![TcpOption::Mss(1460)], 7)
+    }
+
+    fn daemon(tag: &str) -> (TestXenstored, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("syj-xs-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let xs = TestXenstored::start(&dir.join("sock")).unwrap();
+        (xs, dir)
+    }
+
+    #[test]
+    fn prepare_clears_stale_entries_and_closes_ip() {
+        let (xs, dir) = daemon("prep");
+        xs.write("/ip/10-0-0-9/80/10-0-0-1/1/syn/tx_wnd", b"1");
+        xs.write("/ip/10-0-0-8", b"managed");
+        let mut c = XenstoreClient::connect(xs.path()).unwrap();
+        assert_eq!(c.prepare().unwrap(), 2);
+        assert_eq!(xs.read("/ip/10-0-0-9"), None);
+        assert_eq!(xs.perms("/ip").unwrap(), vec![Perm::new(Access::None, 0)]);
+        drop(xs);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_syn_is_written_whole_with_the_guests_permissions_unless_managed() {
+        let (xs, dir) = daemon("write");
+        let mut c = XenstoreClient::connect(xs.path()).unwrap();
+        c.prepare().unwrap();
+        assert_eq!(
+            c.write_syn(7, &key(), &syn()).unwrap(),
+            WriteOutcome::Written
+        );
+        let perms = vec![Perm::new(Access::None, 0), Perm::new(Access::Both, 7)];
+        assert_eq!(xs.perms("/ip/10-77-1-10").unwrap(), perms);
+        assert_eq!(xs.perms(&key().leaf_path("options")).unwrap(), perms);
+        let back = HeldSyn::from_leaves(|leaf| {
+            xs.read(&key().leaf_path(leaf))
+                .map(|v| String::from_utf8(v).unwrap())
+        })
+        .unwrap();
+        assert_eq!(back, syn());
+        xs.write("/ip/10-77-1-10", b"managed");
+        let mut other = key();
+        other.dest_port = 1;
+        assert_eq!(
+            c.write_syn(7, &other, &syn()).unwrap(),
+            WriteOutcome::Managed
+        );
+        assert_eq!(xs.read(&other.conn_path()), None);
+        c.remove(&key()).unwrap();
+        assert_eq!(xs.read(&key().conn_path()), None);
+        c.reset(key().local_ip).unwrap();
+        assert_eq!(xs.read("/ip/10-77-1-10"), None);
+        drop(xs);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_dead_daemon_is_an_error_not_a_hang() {
+        let (xs, dir) = daemon("dead");
+        let mut c = XenstoreClient::connect(xs.path()).unwrap();
+        drop(xs);
+        assert!(c.write_syn(7, &key(), &syn()).is_err());
+        let _ = std::fs::remove_dir_all(dir);
+        assert!(XenstoreClient::connect(Path::new("/nonexistent/xs.sock")).is_err());
+    }
+}

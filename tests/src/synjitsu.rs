@@ -1,0 +1,367 @@
+//! Support for synjitsu's end-to-end tests: a host namespace with `br0` and synjitsu on it,
+//! a control client that plays jitsu-dns over the real socket, metrics scraped with curl,
+//! and deadline polling.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::BytesMut;
+use shared_proto::codec;
+use shared_proto::{
+    ClientMessage, Event, Handover, PROTOCOL_VERSION, Phase, Request, ServerMessage, VmIdentity,
+    VmStatus,
+};
+
+use crate::topo::{Bridge, Daemon};
+use crate::{bin_path, unique};
+
+/// The guest's MAC in every synjitsu test.
+pub const VM_MAC: &str = "02:77:00:00:01:10";
+/// The client's MAC.
+pub const CLIENT_MAC: &str = "02:77:00:00:01:02";
+/// synjitsu's IPv4 probe address.
+pub const PROBE_V4: &str = "10.77.1.250";
+/// synjitsu's IPv6 probe address.
+pub const PROBE_V6: &str = "fd77:1::fa";
+/// Where synjitsu serves metrics inside the host namespace.
+pub const METRICS: &str = "127.0.0.1:9477";
+
+/// Polls `f` until it returns `Some`, or fails after `timeout` saying `what`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The test VM `www`.
+pub fn www(handover: Handover) -> VmIdentity {
+    VmIdentity {
+        name: "www".into(),
+        mac: VM_MAC.parse().expect("a valid MAC"),
+        ipv4: "10.77.1.10".parse().expect("a valid address"),
+        ipv6: Some("fd77:1::10".parse().expect("a valid address")),
+        handover,
+    }
+}
+
+/// A temporary directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates `/tmp/<tag><unique>`.
+    pub fn new(tag: &str) -> Result<TempDir> {
+        let p = std::env::temp_dir().join(unique(tag));
+        std::fs::create_dir_all(&p)?;
+        Ok(TempDir(p))
+    }
+
+    /// A path inside.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A bridge with synjitsu running on it.
+#[derive(Debug)]
+pub struct SynjitsuHost {
+    /// The bridge and its host namespace.
+    pub bridge: Bridge,
+    /// The daemon.
+    pub daemon: Daemon,
+    /// The control socket.
+    pub control: PathBuf,
+    /// Logs, sockets and captures.
+    pub dir: TempDir,
+}
+
+impl SynjitsuHost {
+    /// Starts synjitsu on a new bridge with probe addresses and metrics; `extra` flags are
+    /// appended (e.g. `--xenstore <socket>`).
+    pub fn start(tag: &str, extra: &[&str]) -> Result<SynjitsuHost> {
+        let dir = TempDir::new(tag)?;
+        let bridge = Bridge::new(tag)?;
+        let control = dir.join("synjitsu.sock");
+        let control_s = control.display().to_string();
+        let mut args = vec![
+            "--bridge",
+            "br0",
+            "--control",
+            &control_s,
+            "--probe-ip",
+            PROBE_V4,
+            "--probe-ip",
+            PROBE_V6,
+            "--metrics",
+            METRICS,
+            "--log-level",
+            "debug",
+        ];
+        if !extra.contains(&"--xenstore") {
+            args.extend(["--xenstore", "off"]);
+        }
+        args.extend_from_slice(extra);
+        let daemon = Daemon::spawn(Some(bridge.host()), &bin_path("synjitsu"), &args, &dir.0)?;
+        let mut host = SynjitsuHost {
+            bridge,
+            daemon,
+            control,
+            dir,
+        };
+        let control = host.control.clone();
+        wait_for(Duration::from_secs(20), "synjitsu's control socket", || {
+            control.exists().then_some(())
+        })
+        .map_err(|e| anyhow::anyhow!("{e}; synjitsu's log:\n{}", host.daemon.log()))?;
+        host.daemon.check_running()?;
+        Ok(host)
+    }
+
+    /// The metrics text, scraped with curl inside the host namespace.
+    pub fn metrics(&self) -> Result<String> {
+        self.bridge
+            .host()
+            .sh(&format!("curl -s --max-time 5 http://{METRICS}/metrics"))
+    }
+
+    /// One sample's value (`name` with its labels, exactly as printed); 0 if absent.
+    pub fn metric(&self, name: &str) -> Result<f64> {
+        let text = self.metrics()?;
+        Ok(metric_in(&text, name))
+    }
+
+    /// Stops synjitsu with SIGTERM; returns its exit code.
+    pub fn stop(&mut self) -> Result<Option<i32>> {
+        self.daemon.signal("TERM")?;
+        self.daemon.wait_exit(Duration::from_secs(20))
+    }
+}
+
+/// A sample's value in metrics text; 0 if absent.
+pub fn metric_in(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// A control-socket client playing jitsu-dns.
+#[derive(Debug)]
+pub struct ControlClient {
+    stream: UnixStream,
+    buf: BytesMut,
+    next_id: u64,
+    /// Events received while waiting for answers.
+    pub events: Vec<Event>,
+}
+
+impl ControlClient {
+    /// Connects (retrying until the socket accepts, up to 20 s) and says hello.
+    pub fn connect(path: &Path) -> Result<ControlClient> {
+        let stream = wait_for(
+            Duration::from_secs(20),
+            "the control socket to accept",
+            || UnixStream::connect(path).ok(),
+        )?;
+        stream.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let mut c = ControlClient {
+            stream,
+            buf: BytesMut::new(),
+            next_id: 1,
+            events: Vec::new(),
+        };
+        match c.request(ClientMessage::Hello {
+            version: PROTOCOL_VERSION,
+            client: "jitsu-tests".into(),
+        })? {
+            ServerMessage::Ok { .. } => Ok(c),
+            other => bail!("hello refused: {other:?}"),
+        }
+    }
+
+    /// Sends raw bytes (for malformed-frame tests).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        self.stream.write_all(bytes)?;
+        Ok(())
+    }
+
+    /// Sends one frame with `payload`.
+    pub fn send_payload(&mut self, payload: &[u8]) -> Result<()> {
+        let mut b = (payload.len() as u32).to_be_bytes().to_vec();
+        b.extend_from_slice(payload);
+        self.send_raw(&b)
+    }
+
+    /// Reads the next message, up to `timeout`; `Ok(None)` if the server closed.
+    pub fn next_message(&mut self, timeout: Duration) -> Result<Option<ServerMessage>> {
+        let deadline = Instant::now() + timeout;
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(m) = codec::decode::<ServerMessage>(&mut self.buf)? {
+                return Ok(Some(m));
+            }
+            if Instant::now() > deadline {
+                bail!("no message from synjitsu within {timeout:?}");
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Ok(None),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Reads until the answer to request `id` (keeping events).
+    pub fn answer(&mut self, id: u64) -> Result<ServerMessage> {
+        loop {
+            match self.next_message(Duration::from_secs(10))? {
+                Some(ServerMessage::Event { event }) => self.events.push(event),
+                Some(
+                    m @ (ServerMessage::Ok { id: i, .. } | ServerMessage::Error { id: i, .. }),
+                ) if i == id || i == 0 => {
+                    return Ok(m);
+                }
+                Some(other) => bail!("unexpected answer {other:?} while waiting for {id}"),
+                None => bail!("synjitsu closed the control connection"),
+            }
+        }
+    }
+
+    /// Sends a request and returns its answer.
+    pub fn request(&mut self, body: ClientMessage) -> Result<ServerMessage> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut b = BytesMut::new();
+        codec::encode(&Request { id, body }, &mut b)?;
+        self.send_raw(&b)?;
+        self.answer(id)
+    }
+
+    /// Sends a request that must succeed.
+    pub fn ok(&mut self, body: ClientMessage) -> Result<()> {
+        match self.request(body)? {
+            ServerMessage::Ok { .. } => Ok(()),
+            other => bail!("request refused: {other:?}"),
+        }
+    }
+
+    /// `Sync` with one VM in one phase (or none).
+    pub fn sync(&mut self, vms: &[(VmIdentity, Phase)]) -> Result<()> {
+        self.ok(ClientMessage::Sync {
+            vms: vms
+                .iter()
+                .map(|(vm, phase)| VmStatus {
+                    vm: vm.clone(),
+                    phase: *phase,
+                })
+                .collect(),
+        })
+    }
+
+    /// Waits for an event matching `pred` (already received ones count), up to `timeout`.
+    pub fn wait_event(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Event) -> bool,
+    ) -> Result<Event> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.events.iter().position(&pred) {
+                return Ok(self.events.remove(i));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("no {what} event within {timeout:?}; got {:?}", self.events);
+            }
+            match self.next_message(left.min(Duration::from_millis(200))) {
+                Ok(Some(ServerMessage::Event { event })) => self.events.push(event),
+                Ok(Some(other)) => bail!("unexpected {other:?} while waiting for {what}"),
+                Ok(None) => bail!("synjitsu closed the control connection"),
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// A tcpdump capture in a namespace, written to a file; stopped (and flushed) on `finish`.
+#[derive(Debug)]
+pub struct Capture {
+    child: std::process::Child,
+    /// The pcap file.
+    pub file: PathBuf,
+    err: PathBuf,
+}
+
+impl Capture {
+    /// Starts `tcpdump -i <ifname>` in `ns`, and waits until it listens.
+    pub fn start(ns: &crate::Netns, ifname: &str, dir: &Path, tag: &str) -> Result<Capture> {
+        let file = dir.join(format!("{}.pcap", unique(tag)));
+        let err = dir.join(format!("{}.tcpdump.log", unique(tag)));
+        let child = ns
+            .command("tcpdump")
+            .args(["--immediate-mode", "-U", "-n", "-i", ifname, "-w"])
+            .arg(&file)
+            .stderr(std::fs::File::create(&err)?)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting tcpdump")?;
+        let e = err.clone();
+        wait_for(Duration::from_secs(20), "tcpdump to listen", || {
+            std::fs::read_to_string(&e)
+                .ok()
+                .filter(|s| s.contains("listening on"))
+        })?;
+        Ok(Capture { child, file, err })
+    }
+
+    /// Stops the capture and returns `tcpdump -nn -tt -r` of it, one line per frame (each
+    /// starting with its capture time in seconds since the epoch).
+    pub fn finish(mut self) -> Result<Vec<String>> {
+        crate::run(
+            std::process::Command::new("kill").args(["-INT", &self.child.id().to_string()]),
+        )?;
+        let _ = self.child.wait();
+        let out = crate::run(
+            std::process::Command::new("tcpdump")
+                .args(["-nn", "-tt", "-r"])
+                .arg(&self.file),
+        )?;
+        let _ = std::fs::remove_file(&self.err);
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect())
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

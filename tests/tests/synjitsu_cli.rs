@@ -1,0 +1,214 @@
+//! synjitsu's command line: every flag explained in `--help`, and set-up errors that stop it
+//! with a clear message and a non-zero exit, leaving nothing behind.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use jitsu_tests::synjitsu::TempDir;
+use jitsu_tests::{Netns, bin_path, require_root, require_tool};
+
+fn run_with_deadline(mut cmd: Command, timeout: Duration) -> std::process::Output {
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let start = Instant::now();
+    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
+    while !waiter.is_finished() {
+        if start.elapsed() > timeout {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("synjitsu did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    waiter.join().unwrap()
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let out = Command::new(bin_path("synjitsu"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--bridge",
+        "--control",
+        "--xenstore",
+        "--probe-ip",
+        "--metrics",
+        "--log-level",
+        "--allow-uid",
+        "--hold-timeout",
+        "--max-held-per-vm",
+        "--max-held",
+    ] {
+        let line = help
+            .lines()
+            .position(|l| l.trim_start().starts_with(flag))
+            .unwrap_or_else(|| panic!("{flag} missing from --help:\n{help}"));
+        let explained = help
+            .lines()
+            .nth(line + 1)
+            .is_some_and(|l| l.trim().len() > 10);
+        assert!(explained, "{flag} is not explained:\n{help}");
+    }
+    assert!(
+        help.contains("waits for jitsu-dns's `ready`"),
+        "--help says what the wire hand-over does without a probe address:\n{help}"
+    );
+    assert!(
+        !help.contains("no-bpf-filter"),
+        "the benchmark flag stays hidden"
+    );
+}
+
+#[test]
+fn a_missing_bridge_is_a_clear_error_and_nothing_is_left_behind() {
+    require_root();
+    require_tool("ip", "iproute2");
+    let ns = Netns::new("syc").unwrap();
+    let dir = TempDir::new("syc").unwrap();
+    let control = dir.join("c.sock");
+    let mut cmd = ns.command(bin_path("synjitsu").to_str().unwrap());
+    cmd.args(["--bridge", "br0", "--xenstore", "off", "--control"])
+        .arg(&control);
+    let out = run_with_deadline(cmd, Duration::from_secs(20));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("bridge br0 does not exist"), "{err}");
+    assert!(!control.exists(), "control socket left behind");
+    let links = ns.sh("ip -o link").unwrap();
+    assert!(!links.contains("syj-"), "{links}");
+}
+
+#[test]
+fn bad_flags_and_missing_privileges_are_refused() {
+    require_root();
+    require_tool("setpriv", "util-linux");
+    let dir = TempDir::new("syc").unwrap();
+    let control = dir.join("c.sock");
+    // Two IPv4 probe addresses.
+    let out = Command::new(bin_path("synjitsu"))
+        .args([
+            "--probe-ip",
+            "10.0.0.1",
+            "--probe-ip",
+            "10.0.0.2",
+            "--control",
+        ])
+        .arg(&control)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at most one IPv4"));
+    let out = Command::new(bin_path("synjitsu"))
+        .args(["--hold-timeout", "soon"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    // Not root.
+    let out = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(bin_path("synjitsu"))
+        .arg("--control")
+        .arg(&control)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must run as root"), "{err}");
+}
+
+/// Says hello on `socket` as `uid` (with setpriv); returns the answer or the failure.
+fn hello_as(uid: u32, socket: &std::path::Path) -> String {
+    let script = r#"
+import json, socket, struct, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print("connect:", e.strerror); sys.exit(0)
+b = json.dumps({"id": 1, "type": "hello", "version": 1, "client": "uid test"}).encode()
+s.sendall(struct.pack(">I", len(b)) + b)
+h = b""
+while len(h) < 4:
+    c = s.recv(4 - len(h))
+    if not c:
+        print("closed"); sys.exit(0)
+    h += c
+n = struct.unpack(">I", h)[0]
+m = b""
+while len(m) < n:
+    m += s.recv(n - len(m))
+print(m.decode())
+"#;
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid",
+            &uid.to_string(),
+            "--regid",
+            &uid.to_string(),
+            "--clear-groups",
+        ])
+        .args(["/usr/bin/python3", "-c", script])
+        .arg(socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn only_root_and_the_allowed_uid_may_use_the_control_socket() {
+    use jitsu_tests::synjitsu::SynjitsuHost;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    require_root();
+    require_tool("setpriv", "util-linux");
+    let host = SynjitsuHost::start("syu", &["--allow-uid", "65534"]).unwrap();
+    let meta = std::fs::metadata(&host.control).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(meta.uid(), 65534, "owned by the allowed uid");
+    // The parent directory must let the test users reach the socket at all.
+    std::fs::set_permissions(&host.dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ok = hello_as(65534, &host.control);
+    assert!(ok.contains(r#""type":"ok""#), "{ok}");
+    // Anyone else is stopped by the file's mode...
+    let denied = hello_as(65533, &host.control);
+    assert!(denied.starts_with("connect:"), "{denied}");
+    // ...and, should the mode be widened, by the peer credentials.
+    std::fs::set_permissions(&host.control, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let refused = hello_as(65533, &host.control);
+    assert!(
+        refused.contains("permission denied for uid 65533"),
+        "{refused}"
+    );
+}
+
+#[test]
+fn a_port_taken_down_is_survived_a_port_deleted_stops_synjitsu_with_an_error() {
+    use jitsu_tests::synjitsu::SynjitsuHost;
+    require_root();
+    let mut host = SynjitsuHost::start("syd", &[]).unwrap();
+    let h = host.bridge.host();
+    h.sh("ip link set syj-br0 down && ip link set syj-br0 up")
+        .unwrap();
+    // Still serving, still running.
+    assert!(host.metrics().unwrap().contains("synjitsu_frames_total"));
+    host.daemon.check_running().unwrap();
+    h.sh("ip link del syj-br0").unwrap();
+    let code = host.daemon.wait_exit(Duration::from_secs(20)).unwrap();
+    assert_ne!(code, Some(0), "{}", host.daemon.log());
+    assert!(
+        host.daemon.log().contains("packet socket"),
+        "{}",
+        host.daemon.log()
+    );
+}

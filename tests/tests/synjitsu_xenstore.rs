@@ -1,0 +1,258 @@
+//! synjitsu's Xenstore hand-over end to end: the real binary on a real bridge, a client's real
+//! SYN, written into the tests' xenstored over the wire protocol, and read back with Debian's
+//! `xenstore-ls` and `xenstore-read` (clients nobody here wrote): the original Synjitsu's
+//! layout, readable by the guest's domain and dom0 only, stale entries gone at start-up, and
+//! nothing written once the guest marks its address `managed`.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use jitsu_tests::synjitsu::*;
+use jitsu_tests::xenstored::TestXenstored;
+use jitsu_tests::{require_root, require_tool, run};
+use shared_proto::xenstore::{HeldSyn, SynKey, TX_ISN_BASE, TcpOption};
+use shared_proto::xs_wire::{Access, Perm};
+use shared_proto::{ClientMessage, Event, Handover, HandoverVia};
+
+/// `xenstore-ls -p -f <path>`: path to (value, permissions).
+fn xenstore_ls(xs: &TestXenstored, path: &str) -> Result<BTreeMap<String, (String, String)>> {
+    let out = run(Command::new("xenstore-ls")
+        .env("XENSTORED_PATH", xs.path())
+        .args(["-p", "-f", path]))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut nodes = BTreeMap::new();
+    for line in text.lines() {
+        // `/ip/a/b = "value"   (n0,b7)`
+        let (p, rest) = line
+            .split_once(" = \"")
+            .with_context(|| format!("xenstore-ls line {line:?}"))?;
+        let (value, perms) = rest
+            .rsplit_once("\"")
+            .with_context(|| format!("xenstore-ls line {line:?}"))?;
+        let perms = perms.trim().trim_start_matches('(').trim_end_matches(')');
+        nodes.insert(p.to_string(), (value.to_string(), perms.to_string()));
+    }
+    Ok(nodes)
+}
+
+fn xenstore_read(xs: &TestXenstored, path: &str) -> Option<String> {
+    let out = Command::new("xenstore-read")
+        .env("XENSTORED_PATH", xs.path())
+        .arg(path)
+        .output()
+        .ok()?;
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .trim_end_matches('\n')
+            .to_string()
+    })
+}
+
+/// The client's SYN in a capture: (source port, ISN).
+fn client_syn(lines: &[String]) -> Option<(u16, u32)> {
+    lines.iter().find_map(|l| {
+        let rest = l.split(" IP 10.77.1.2.").nth(1)?;
+        if !rest.contains("> 10.77.1.10.80: Flags [S],") {
+            return None;
+        }
+        let port = rest.split_whitespace().next()?.parse().ok()?;
+        let seq = rest.split("seq ").nth(1)?.split(',').next()?.parse().ok()?;
+        Some((port, seq))
+    })
+}
+
+fn scenario() -> Result<()> {
+    require_root();
+    for (t, p) in [
+        ("xenstore-ls", "xenstore-utils"),
+        ("xenstore-read", "xenstore-utils"),
+        ("xenstore-chmod", "xenstore-utils"),
+        ("curl", "curl"),
+        ("tcpdump", "tcpdump"),
+    ] {
+        require_tool(t, p);
+    }
+    let dir = TempDir::new("syx")?;
+    let xs = TestXenstored::start(&dir.join("xenstored.sock"))?;
+    // What an earlier run (or the original Synjitsu's set-up) left behind.
+    xs.write("/ip/10-77-1-99/80/10-77-1-2/1234/syn/tx_wnd", b"1");
+    xs.write("/ip/10-77-1-10", b"managed");
+    run(Command::new("xenstore-chmod")
+        .env("XENSTORED_PATH", xs.path())
+        .args(["/ip", "b0"]))?;
+
+    let xs_path = xs.path().display().to_string();
+    let mut host = SynjitsuHost::start("syx", &["--xenstore", &xs_path, "--hold-timeout", "60s"])?;
+    wait_for(Duration::from_secs(10), "stale entries removed", || {
+        (xs.read("/ip/10-77-1-99").is_none() && xs.read("/ip/10-77-1-10").is_none()).then_some(())
+    })?;
+    ensure!(
+        xs.perms("/ip") == Some(vec![Perm::new(Access::None, 0)]),
+        "/ip must be dom0's only, not writable by every domain: {:?}",
+        xs.perms("/ip")
+    );
+
+    // Checksum offload stays on: the captured SYN's checksum is partial.
+    let client = host
+        .bridge
+        .join("cli", Some(CLIENT_MAC), &["10.77.1.2/24"], true)?;
+    client.ns.sh(&format!(
+        "ip neigh replace 10.77.1.10 lladdr {VM_MAC} dev eth0 nud permanent"
+    ))?;
+    let mut ctl = ControlClient::connect(&host.control)?;
+    ctl.sync(&[])?;
+    ctl.ok(ClientMessage::Booting {
+        vm: www(Handover::Xenstore { domid: 7 }),
+    })?;
+    wait_for(
+        Duration::from_secs(10),
+        "the VM's MAC steered to synjitsu",
+        || {
+            host.bridge
+                .fdb()
+                .ok()?
+                .iter()
+                .any(|e| e.mac == VM_MAC && e.is_static && e.port == "syj-br0-p")
+                .then_some(())
+        },
+    )?;
+    let capture = Capture::start(&client.ns, "eth0", &dir.0, "cli")?;
+    // No guest comes up: curl gives up; its SYN stays in Xenstore for the guest.
+    let _ = client
+        .ns
+        .command("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "--connect-timeout",
+            "1",
+            "http://10.77.1.10/",
+        ])
+        .output()?;
+    ctl.wait_event(Duration::from_secs(10), "xenstore handover", |e| {
+        *e == Event::Handover {
+            name: "www".into(),
+            count: 1,
+            via: HandoverVia::Xenstore,
+        }
+    })?;
+    let lines = capture.finish()?;
+    let (port, isn) = client_syn(&lines).context("the client's SYN in the capture")?;
+
+    let key = SynKey {
+        local_ip: "10.77.1.10".parse()?,
+        local_port: 80,
+        dest_ip: "10.77.1.2".parse()?,
+        dest_port: port,
+    };
+    let tree = xenstore_ls(&xs, "/ip")?;
+    println!("xenstore-ls -p -f /ip:");
+    for (p, (v, perms)) in &tree {
+        println!("  {p} = {v:?} ({perms})");
+    }
+    let guest_only = "n0,b7";
+    ensure!(
+        tree.get("/ip/10-77-1-10") == Some(&(String::new(), guest_only.into())),
+        "the stale `managed` is gone and the guest's subtree is its own: {tree:?}"
+    );
+    ensure!(
+        !tree.keys().any(|p| p.starts_with("/ip/10-77-1-99")),
+        "stale entry kept"
+    );
+    for (p, (_, perms)) in &tree {
+        ensure!(
+            perms == guest_only,
+            "{p} has permissions ({perms}), not ({guest_only})"
+        );
+    }
+    let conn = key.conn_path();
+    let leaves: Vec<&str> = tree
+        .keys()
+        .filter_map(|p| p.strip_prefix(&format!("{conn}/syn/")))
+        .collect();
+    let mut want = shared_proto::xenstore::LEAVES.to_vec();
+    want.sort_unstable();
+    ensure!(leaves == want, "leaves of {conn}/syn: {leaves:?}");
+    ensure!(
+        tree.keys().filter(|p| p.ends_with("/syn")).count() == 1,
+        "exactly one SYN written (retransmits are not written twice): {tree:?}"
+    );
+    // Every leaf read back with xenstore-read parses as the original layout.
+    let syn = HeldSyn::from_leaves(|leaf| xenstore_read(&xs, &key.leaf_path(leaf)))?;
+    println!("held SYN read back: {syn:?}");
+    ensure!(
+        syn.sequence == isn,
+        "ISN {} in Xenstore, {isn} on the wire",
+        syn.sequence
+    );
+    ensure!(syn.tx_wnd == 64240, "window {}", syn.tx_wnd);
+    ensure!(
+        syn.options.contains(&TcpOption::Mss(1460)),
+        "{:?}",
+        syn.options
+    );
+    ensure!(
+        syn.options.contains(&TcpOption::SackOk),
+        "{:?}",
+        syn.options
+    );
+    ensure!(
+        syn.options
+            .iter()
+            .any(|o| matches!(o, TcpOption::Timestamp(_, 0))),
+        "{:?}",
+        syn.options
+    );
+    ensure!(
+        (TX_ISN_BASE..TX_ISN_BASE + 65535).contains(&syn.tx_isn),
+        "tx_isn {:#x}",
+        syn.tx_isn
+    );
+    ensure!((syn.rx_wnd, syn.rx_wnd_scaleoffer) == (65535, 2));
+    ensure!(host.metric("synjitsu_checksums_completed_total")? >= 1.0);
+
+    // The guest took over (as a MirageOS guest writes it): nothing more is written.
+    xs.write("/ip/10-77-1-10", b"managed");
+    let _ = client
+        .ns
+        .command("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "--connect-timeout",
+            "1",
+            "http://10.77.1.10/",
+        ])
+        .output()?;
+    wait_for(
+        Duration::from_secs(10),
+        "a write skipped for `managed`",
+        || {
+            (host
+                .metric("synjitsu_xenstore_skipped_managed_total")
+                .ok()?
+                >= 1.0)
+                .then_some(())
+        },
+    )?;
+    let after = xenstore_ls(&xs, "/ip")?;
+    ensure!(
+        after.keys().filter(|p| p.ends_with("/syn")).count() == 1,
+        "a SYN was written after `managed`: {after:?}"
+    );
+    ensure!(host.metric("synjitsu_xenstore_writes_total")? == 1.0);
+    let code = host.stop()?;
+    if code != Some(0) {
+        bail!("synjitsu exited with {code:?}:\n{}", host.daemon.log());
+    }
+    Ok(())
+}
+
+#[test]
+fn held_syns_are_written_in_the_original_layout_for_the_guest_only() {
+    scenario().unwrap();
+}
