@@ -896,14 +896,14 @@ impl Fleet {
             }
             return;
         }
-        if let Some(id) = id {
-            if vm.waiting.len() >= MAX_WAITING_PER_VM {
-                out.push(Command::Answer {
-                    id,
-                    answer: Answer::ServFail(Refusal::Overloaded),
-                });
-                return;
-            }
+        if let Some(id) = id
+            && vm.waiting.len() >= MAX_WAITING_PER_VM
+        {
+            out.push(Command::Answer {
+                id,
+                answer: Answer::ServFail(Refusal::Overloaded),
+            });
+            return;
         }
         let kind = match &mut vm.life {
             Life::Booting(_) => None,
@@ -1002,17 +1002,18 @@ impl Fleet {
         out.push(persist(name, from, Lifecycle::Booting, cause, None));
         // synjitsu stands in at once for a wire hand-over; a Xenstore hand-over needs the
         // domain id, so it waits for the backend.
-        if cfg.synjitsu_tracked() && cfg.handover == HandoverKind::Wire {
-            if let Some(tag) = tag {
-                self.next_tag += 1;
-                boot.syn_tag = Some(tag);
-                out.push(Command::Synjitsu {
-                    tag,
-                    msg: ClientMessage::Booting {
-                        vm: identity(&cfg, None),
-                    },
-                });
-            }
+        if cfg.synjitsu_tracked()
+            && cfg.handover == HandoverKind::Wire
+            && let Some(tag) = tag
+        {
+            self.next_tag += 1;
+            boot.syn_tag = Some(tag);
+            out.push(Command::Synjitsu {
+                tag,
+                msg: ClientMessage::Booting {
+                    vm: identity(&cfg, None),
+                },
+            });
         }
         if kind == BootKind::Fresh
             && let Some(key) = &cfg.wait_for_key
