@@ -1,2 +1,26 @@
 //! jitsu-dns: an authoritative DNS server that boots a VM when one of its names is resolved.
-//! The daemon is being built (issue 4); this library is its home.
+//!
+//! The library holds everything; `main.rs` only parses flags, installs logging, builds the
+//! runtime and calls [`daemon::run`]. Module map:
+//! - [`config`]: flags, VM specs and the TOML file, validated into typed values;
+//! - [`fleet`]: the pure core deciding, per VM, what each query, tick and result leads to;
+//! - [`dns`]: the hickory-server request handler (answers from a table, asks the fleet on
+//!   the slow path) and [`forward`], the relay to the forwarders;
+//! - [`backend`]: the trait the VMs are run through, and the process backend;
+//! - [`state`]: the state store with history (a git repository);
+//! - [`synjitsu`]: the client of synjitsu's control socket;
+//! - [`xenstore`]: waiting for a readiness key;
+//! - [`metrics`]: Prometheus counters and the `/metrics` endpoint;
+//! - [`daemon`]: the IO shell tying them together in one `select!` loop.
+
+pub mod backend;
+pub mod config;
+pub mod daemon;
+pub mod dns;
+pub mod fleet;
+pub mod forward;
+pub mod metrics;
+pub mod state;
+pub mod synjitsu;
+mod sys;
+pub mod xenstore;

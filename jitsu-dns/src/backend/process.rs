@@ -1,0 +1,1079 @@
+//! The process backend: each VM is its `command`, run in a network namespace of its own,
+//! joined to a bridge by a veth pair with the VM's MAC and addresses, inside a cgroup of its
+//! own so that it can be frozen and killed as a whole.
+//!
+//! URI: `process:///run/jitsu/process?netns_prefix=jitsu-&cgroup=auto&shutdown_grace=10`.
+//! The path is the runtime directory (a `<vm>.state` record and a `<vm>.log` per VM);
+//! `netns_prefix` names the namespaces (`<prefix><vm>`); `cgroup` picks the freezer
+//! (`v2`: `cgroup.freeze` of a cgroup2 hierarchy, `v1`: the v1 freezer, `auto`: v2 if
+//! mounted, else v1); `shutdown_grace` is how long `shutdown` waits after SIGTERM.
+//!
+//! Per VM, `start` creates:
+//! - the namespace `<prefix><vm>` with `lo` up and `eth0` (MAC from the VM's `mac`), whose
+//!   host side (a name derived from the VM's, at most 15 characters) is enslaved to the VM's
+//!   `nic` bridge; with `ifup=jitsu` the addresses (IPv6 without DAD), the gateway,
+//!   `arp_notify`/`ndisc_notify` so the kernel announces the guest, and `eth0` up; with
+//!   `ifup=guest` `eth0` stays down for the command to configure;
+//! - the cgroup `<mount>/jitsu/<prefix><vm>`;
+//! - the command, `sh -c <command>`, in its own session (jitsu-dns can exit and leave it
+//!   running), with `JITSU_NAME, JITSU_IP, JITSU_IP_PREFIX, JITSU_IP6, JITSU_IP6_PREFIX,
+//!   JITSU_MAC, JITSU_IFACE=eth0, JITSU_GATEWAY` in its environment.
+//!
+//! The record holds the pid and its start time from `/proc/<pid>/stat`, so a reused pid is
+//! never mistaken for the VM, and a zombie counts as dead. Counters come from the host side
+//! of the veth in `/proc/net/dev`, which is right in whatever namespace jitsu-dns runs.
+//!
+//! It relies on iproute2 (`ip`), util-linux (`setsid`, and `mount` where no cgroup hierarchy
+//! is visible, as under `ip netns exec`, which remounts `/sys`) and `sh`.
+
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{Backend, BackendError, Domain, Listed, Started};
+use crate::config::{Ifup, StopMode, VmConfig};
+use crate::fleet::{IfCounters, Observed};
+use crate::sys::{Signal, kill};
+
+/// The runtime directory when the URI names none.
+pub const DEFAULT_RUNTIME_DIR: &str = "/run/jitsu/process";
+/// The namespace prefix when the URI names none.
+pub const DEFAULT_NETNS_PREFIX: &str = "jitsu-";
+/// How long `shutdown` waits after SIGTERM before killing.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a start waits for the command's pid file.
+const PID_FILE_WAIT: Duration = Duration::from_secs(5);
+/// How long freezing, thawing or emptying a cgroup may take.
+const CGROUP_WAIT: Duration = Duration::from_secs(5);
+/// The interface inside the VM's namespace.
+pub const GUEST_IFACE: &str = "eth0";
+
+/// Which cgroup freezer is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupVersion {
+    /// The v1 freezer controller (`freezer.state`).
+    V1,
+    /// cgroup2's `cgroup.freeze`.
+    V2,
+}
+
+/// The parsed `-c` URI.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessUri {
+    /// Runtime directory.
+    pub dir: PathBuf,
+    /// Namespace prefix.
+    pub netns_prefix: String,
+    /// Forced freezer, or `None` for auto.
+    pub cgroup: Option<CgroupVersion>,
+    /// Grace period of `shutdown`.
+    pub shutdown_grace: Duration,
+}
+
+fn uri_err(uri: &str, why: impl Into<String>) -> BackendError {
+    BackendError::Uri {
+        uri: uri.to_string(),
+        why: why.into(),
+    }
+}
+
+/// Parses `process://<absolute dir>?netns_prefix=..&cgroup=..&shutdown_grace=..`.
+pub fn parse_uri(uri: &str) -> Result<ProcessUri, BackendError> {
+    let rest = uri.strip_prefix("process://").ok_or_else(|| {
+        uri_err(
+            uri,
+            "the process backend takes process://<runtime dir>, e.g. process:///run/jitsu/process",
+        )
+    })?;
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let dir = if path.is_empty() {
+        PathBuf::from(DEFAULT_RUNTIME_DIR)
+    } else if path.starts_with('/') {
+        PathBuf::from(path)
+    } else {
+        return Err(uri_err(
+            uri,
+            "the runtime directory must be absolute (process:///dir: three slashes)",
+        ));
+    };
+    let mut out = ProcessUri {
+        dir,
+        netns_prefix: DEFAULT_NETNS_PREFIX.to_string(),
+        cgroup: None,
+        shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| uri_err(uri, format!("query parameter {pair:?} is not key=value")))?;
+        match k {
+            "netns_prefix" => {
+                let ok = v.len() <= 32
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+                if !ok {
+                    return Err(uri_err(
+                        uri,
+                        "netns_prefix: at most 32 characters from A-Z a-z 0-9 - _ .",
+                    ));
+                }
+                out.netns_prefix = v.to_string();
+            }
+            "cgroup" => {
+                out.cgroup = match v {
+                    "v1" => Some(CgroupVersion::V1),
+                    "v2" => Some(CgroupVersion::V2),
+                    "auto" => None,
+                    _ => return Err(uri_err(uri, "cgroup: expected v1, v2 or auto")),
+                }
+            }
+            "shutdown_grace" => {
+                let s: f64 = v
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s >= 0.0 && *s <= 3600.0)
+                    .ok_or_else(|| uri_err(uri, "shutdown_grace: seconds, 0 to 3600"))?;
+                out.shutdown_grace = Duration::from_secs_f64(s);
+            }
+            other => {
+                return Err(uri_err(
+                    uri,
+                    format!(
+                        "unknown parameter {other:?}; known: netns_prefix, cgroup, shutdown_grace"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The per-VM names: namespace, host-side port, cgroup, files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Names {
+    netns: String,
+    port: String,
+    cgroup: PathBuf,
+    record: PathBuf,
+    pidfile: PathBuf,
+    log: PathBuf,
+}
+
+/// A running VM as recorded at its start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    pid: u32,
+    start: u64,
+    netns: String,
+    port: String,
+    cgroup: PathBuf,
+}
+
+impl Record {
+    fn to_text(&self) -> String {
+        format!(
+            "pid={}\nstart={}\nnetns={}\nport={}\ncgroup={}\n",
+            self.pid,
+            self.start,
+            self.netns,
+            self.port,
+            self.cgroup.display()
+        )
+    }
+
+    fn parse(text: &str) -> Option<Record> {
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix('=')))
+        };
+        Some(Record {
+            pid: get("pid")?.parse().ok()?,
+            start: get("start")?.parse().ok()?,
+            netns: get("netns")?.to_string(),
+            port: get("port")?.to_string(),
+            cgroup: PathBuf::from(get("cgroup")?),
+        })
+    }
+}
+
+/// 32-bit FNV-1a: stable across versions, unlike std's hasher.
+fn fnv32(data: &[u8]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in data {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// The host-side interface name: `j`, up to 7 characters of the VM's name, 7 hex digits of a
+/// hash of prefix and name; at most 15 characters (IFNAMSIZ - 1), unique per prefix and name.
+fn port_name(prefix: &str, name: &str) -> String {
+    let stem: String = name
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(7)
+        .collect();
+    let h = fnv32(format!("{prefix}{name}").as_bytes()) & 0x0fff_ffff;
+    format!("j{stem}{h:07x}")
+}
+
+/// Reads `/proc/<pid>/stat`: the state letter and the start time (clock ticks after boot).
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&text)
+}
+
+fn parse_stat(text: &str) -> Option<(char, u64)> {
+    // The command name is in parentheses and may hold anything, ')' included: split at the
+    // last one.
+    let after = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // fields[0] is field 3 (state); start time is field 22.
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((state, start))
+}
+
+fn alive(rec: &Record) -> bool {
+    matches!(proc_stat(rec.pid), Some((state, start)) if start == rec.start && !matches!(state, 'Z' | 'X' | 'x'))
+}
+
+/// Packet counters of `iface` from `/proc/net/dev` text.
+fn parse_net_dev(text: &str, iface: &str) -> Option<IfCounters> {
+    text.lines().find_map(|l| {
+        let (name, rest) = l.split_once(':')?;
+        if name.trim() != iface {
+            return None;
+        }
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        Some(IfCounters {
+            rx_packets: *f.get(1)?,
+            tx_packets: *f.get(9)?,
+        })
+    })
+}
+
+/// Mount points of a cgroup2 hierarchy and of the v1 freezer, from mountinfo text.
+fn parse_mountinfo(text: &str) -> (Option<PathBuf>, Option<PathBuf>) {
+    let mut v2 = None;
+    let mut v1 = None;
+    for line in text.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let Some(mount_point) = left.split(' ').nth(4) else {
+            continue;
+        };
+        let mut r = right.split(' ');
+        let fstype = r.next().unwrap_or("");
+        let _source = r.next();
+        let opts = r.next().unwrap_or("");
+        let mp = PathBuf::from(mount_point.replace("\\040", " "));
+        if fstype == "cgroup2" && v2.is_none() {
+            v2 = Some(mp);
+        } else if fstype == "cgroup" && opts.split(',').any(|o| o == "freezer") && v1.is_none() {
+            v1 = Some(mp);
+        }
+    }
+    (v2, v1)
+}
+
+/// The cgroup hierarchy VMs live in.
+#[derive(Debug, Clone)]
+struct Cgroups {
+    version: CgroupVersion,
+    /// `<mount>/jitsu`.
+    root: PathBuf,
+}
+
+impl Cgroups {
+    fn detect(force: Option<CgroupVersion>, runtime_dir: &Path) -> Result<Cgroups, BackendError> {
+        let info = fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| BackendError::Host(format!("cannot read /proc/self/mountinfo: {e}")))?;
+        let (v2, v1) = parse_mountinfo(&info);
+        let version = force.unwrap_or(if v2.is_some() || v1.is_none() {
+            CgroupVersion::V2
+        } else {
+            CgroupVersion::V1
+        });
+        let mount = match (version, v2, v1) {
+            (CgroupVersion::V2, Some(m), _) | (CgroupVersion::V1, _, Some(m)) => m,
+            // `ip netns exec` remounts /sys, hiding /sys/fs/cgroup: mount the same hierarchy
+            // again, privately, under our runtime directory.
+            (version, _, _) => Self::mount_privately(version, runtime_dir)?,
+        };
+        let root = mount.join("jitsu");
+        fs::create_dir_all(&root).map_err(|e| {
+            BackendError::Host(format!("cannot create cgroup {}: {e}", root.display()))
+        })?;
+        let control = match version {
+            CgroupVersion::V2 => "cgroup.freeze",
+            CgroupVersion::V1 => "freezer.state",
+        };
+        if !root.join(control).exists() {
+            return Err(BackendError::Host(format!(
+                "cgroup {} has no {control}: this kernel cannot freeze VMs there",
+                root.display()
+            )));
+        }
+        Ok(Cgroups { version, root })
+    }
+
+    fn mount_privately(
+        version: CgroupVersion,
+        runtime_dir: &Path,
+    ) -> Result<PathBuf, BackendError> {
+        let (dir, args): (PathBuf, &[&str]) = match version {
+            CgroupVersion::V2 => (runtime_dir.join("cgroup2"), &["-t", "cgroup2", "cgroup2"]),
+            CgroupVersion::V1 => (
+                runtime_dir.join("freezer"),
+                &["-t", "cgroup", "-o", "freezer", "freezer"],
+            ),
+        };
+        fs::create_dir_all(&dir)
+            .map_err(|e| BackendError::Host(format!("cannot create {}: {e}", dir.display())))?;
+        let out = Command::new("mount").args(args).arg(&dir).output();
+        match out {
+            Ok(o) if o.status.success() => {
+                tracing::info!(mount = %dir.display(), ?version, "no cgroup hierarchy visible: mounted one privately");
+                Ok(dir)
+            }
+            Ok(o) => Err(BackendError::Host(format!(
+                "no {version:?} cgroup hierarchy is mounted and mounting one at {} failed: {}",
+                dir.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ))),
+            Err(e) => Err(BackendError::Host(format!(
+                "no {version:?} cgroup hierarchy is mounted and `mount` could not run: {e}"
+            ))),
+        }
+    }
+
+    fn procs(dir: &Path) -> Vec<u32> {
+        fs::read_to_string(dir.join("cgroup.procs"))
+            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    fn is_frozen(&self, dir: &Path) -> bool {
+        match self.version {
+            CgroupVersion::V2 => fs::read_to_string(dir.join("cgroup.events"))
+                .map(|t| t.lines().any(|l| l.trim() == "frozen 1"))
+                .unwrap_or(false),
+            CgroupVersion::V1 => fs::read_to_string(dir.join("freezer.state"))
+                .map(|t| t.trim() == "FROZEN")
+                .unwrap_or(false),
+        }
+    }
+
+    fn is_thawed(&self, dir: &Path) -> bool {
+        match self.version {
+            CgroupVersion::V2 => fs::read_to_string(dir.join("cgroup.events"))
+                .map(|t| t.lines().any(|l| l.trim() == "frozen 0"))
+                .unwrap_or(true),
+            CgroupVersion::V1 => fs::read_to_string(dir.join("freezer.state"))
+                .map(|t| t.trim() == "THAWED")
+                .unwrap_or(true),
+        }
+    }
+
+    /// Freezes or thaws, and waits until the kernel says it is done.
+    fn set_frozen(&self, dir: &Path, frozen: bool) -> Result<(), String> {
+        let (file, value) = match (self.version, frozen) {
+            (CgroupVersion::V2, true) => ("cgroup.freeze", "1"),
+            (CgroupVersion::V2, false) => ("cgroup.freeze", "0"),
+            (CgroupVersion::V1, true) => ("freezer.state", "FROZEN"),
+            (CgroupVersion::V1, false) => ("freezer.state", "THAWED"),
+        };
+        fs::write(dir.join(file), value)
+            .map_err(|e| format!("writing {value} to {}: {e}", dir.join(file).display()))?;
+        let done = || {
+            if frozen {
+                self.is_frozen(dir)
+            } else {
+                self.is_thawed(dir)
+            }
+        };
+        if wait_until(CGROUP_WAIT, done) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} did not reach {value} within {CGROUP_WAIT:?}",
+                dir.display()
+            ))
+        }
+    }
+
+    /// Kills everything in the cgroup and removes it.
+    fn destroy(&self, dir: &Path) -> Result<(), String> {
+        if !dir.exists() {
+            return Ok(());
+        }
+        let kill_file = dir.join("cgroup.kill");
+        if self.version == CgroupVersion::V2 && kill_file.exists() {
+            fs::write(&kill_file, "1")
+                .map_err(|e| format!("writing {}: {e}", kill_file.display()))?;
+        } else {
+            for pid in Self::procs(dir) {
+                kill(pid, Signal::Kill).map_err(|e| format!("killing {pid}: {e}"))?;
+            }
+        }
+        // Frozen tasks die only once thawed.
+        if self.is_frozen(dir) || !self.is_thawed(dir) {
+            self.set_frozen(dir, false)?;
+        }
+        if !wait_until(CGROUP_WAIT, || {
+            let left = Self::procs(dir);
+            for pid in &left {
+                let _ = kill(*pid, Signal::Kill);
+            }
+            left.is_empty()
+        }) {
+            return Err(format!(
+                "{} still has processes after SIGKILL",
+                dir.display()
+            ));
+        }
+        // The last task may still be leaving: rmdir says EBUSY until it has.
+        let mut last = None;
+        if wait_until(CGROUP_WAIT, || match fs::remove_dir(dir) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(e) => {
+                last = Some(e);
+                false
+            }
+        }) {
+            Ok(())
+        } else {
+            Err(format!(
+                "removing {}: {}",
+                dir.display(),
+                last.map(|e| e.to_string()).unwrap_or_default()
+            ))
+        }
+    }
+}
+
+/// Polls `cond` every 5 ms until it holds or `limit` passed.
+fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The process backend.
+#[derive(Debug)]
+pub struct ProcessBackend {
+    uri: ProcessUri,
+    cgroups: Cgroups,
+}
+
+/// Started by `setsid -f` in jitsu-dns's namespaces: joins the VM's cgroup (before `ip netns
+/// exec` remounts /sys), records its pid, and becomes the command inside the VM's namespace;
+/// the pid stays the same through every `exec`.
+const LAUNCHER: &str = r#"echo $$ > "$JITSU_CGROUP_PROCS" || exit 1
+echo $$ > "$JITSU_PIDFILE" || exit 1
+exec env -u JITSU_CGROUP_PROCS -u JITSU_PIDFILE -u JITSU_NETNS -u JITSU_COMMAND \
+  ip netns exec "$JITSU_NETNS" sh -c "$JITSU_COMMAND""#;
+
+/// Runs inside the VM's namespace before the command: the interface as `ifup` wants it.
+const NETNS_SETUP: &str = r#"set -e
+ip link set lo up
+ip link set eth0 address "$JITSU_MAC"
+echo 1 > /proc/sys/net/ipv4/conf/eth0/arp_notify
+if [ -d /proc/sys/net/ipv6/conf/eth0 ]; then
+  if [ -z "$JITSU_IP6" ]; then
+    echo 1 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6
+  else
+    echo 1 > /proc/sys/net/ipv6/conf/eth0/ndisc_notify
+    if [ "$JITSU_IFUP" = jitsu ]; then
+      echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_ra
+      echo 0 > /proc/sys/net/ipv6/conf/eth0/dad_transmits
+    fi
+  fi
+fi
+if [ "$JITSU_IFUP" = jitsu ]; then
+  ip addr add "$JITSU_IP/$JITSU_IP_PREFIX" dev eth0
+  if [ -n "$JITSU_IP6" ]; then ip -6 addr add "$JITSU_IP6/$JITSU_IP6_PREFIX" dev eth0 nodad; fi
+  ip link set eth0 up
+  if [ -n "$JITSU_GATEWAY" ]; then ip route add default via "$JITSU_GATEWAY"; fi
+fi
+"#;
+
+impl ProcessBackend {
+    /// Opens the backend: parses the URI, creates the runtime directory, finds the freezer.
+    pub fn open(uri: Option<&str>) -> Result<ProcessBackend, BackendError> {
+        let default = format!("process://{DEFAULT_RUNTIME_DIR}");
+        let uri = parse_uri(uri.unwrap_or(&default))?;
+        fs::create_dir_all(&uri.dir).map_err(|e| {
+            BackendError::Host(format!(
+                "cannot create runtime directory {}: {e}",
+                uri.dir.display()
+            ))
+        })?;
+        for (tool, package) in [("ip", "iproute2"), ("setsid", "util-linux")] {
+            if Command::new(tool).arg("-V").output().is_err() {
+                return Err(BackendError::Host(format!(
+                    "the process backend needs `{tool}` (Debian package {package})"
+                )));
+            }
+        }
+        let cgroups = Cgroups::detect(uri.cgroup, &uri.dir)?;
+        Ok(ProcessBackend { uri, cgroups })
+    }
+
+    /// The freezer in use.
+    pub fn cgroup_version(&self) -> CgroupVersion {
+        self.cgroups.version
+    }
+
+    fn names(&self, vm: &str) -> Names {
+        let netns = format!("{}{vm}", self.uri.netns_prefix);
+        Names {
+            port: port_name(&self.uri.netns_prefix, vm),
+            cgroup: self.cgroups.root.join(&netns),
+            netns,
+            record: self.uri.dir.join(format!("{vm}.state")),
+            pidfile: self.uri.dir.join(format!("{vm}.pid")),
+            log: self.uri.dir.join(format!("{vm}.log")),
+        }
+    }
+
+    fn record(&self, vm: &str) -> Option<Record> {
+        fs::read_to_string(self.names(vm).record)
+            .ok()
+            .and_then(|t| Record::parse(&t))
+    }
+
+    /// Removes everything of the VM's: processes, cgroup, interfaces, namespace, record.
+    fn teardown(&self, vm: &VmConfig) -> Result<(), BackendError> {
+        let n = self.names(&vm.name);
+        let err = |what, detail: String| BackendError::Vm {
+            vm: vm.name.to_string(),
+            what,
+            detail,
+        };
+        let rec = self.record(&vm.name);
+        let mut cgroups = vec![n.cgroup.clone()];
+        let mut ports = vec![n.port.clone()];
+        let mut namespaces = vec![n.netns.clone()];
+        if let Some(r) = &rec {
+            cgroups.push(r.cgroup.clone());
+            ports.push(r.port.clone());
+            namespaces.push(r.netns.clone());
+            if alive(r) {
+                // Outside its cgroup (moved by someone?): it still goes.
+                kill(r.pid, Signal::Kill).map_err(|e| err("kill", e.to_string()))?;
+            }
+        }
+        cgroups.dedup();
+        ports.dedup();
+        namespaces.dedup();
+        for dir in &cgroups {
+            self.cgroups
+                .destroy(dir)
+                .map_err(|d| err("destroy cgroup", d))?;
+        }
+        // Deleting the host side destroys the pair at once; the namespace may linger while
+        // the kernel cleans it up.
+        let net_dev = fs::read_to_string("/proc/net/dev").unwrap_or_default();
+        for port in &ports {
+            if parse_net_dev(&net_dev, port).is_some() {
+                let _ = run(Command::new("ip").args(["link", "del", port]));
+            }
+        }
+        for ns in &namespaces {
+            if Path::new("/run/netns").join(ns).exists() {
+                run(Command::new("ip").args(["netns", "del", ns]))
+                    .map_err(|d| err("delete namespace", d))?;
+            }
+        }
+        for f in [&n.record, &n.pidfile] {
+            match fs::remove_file(f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(err("remove record", format!("{}: {e}", f.display()))),
+            }
+        }
+        Ok(())
+    }
+
+    fn launch(&self, vm: &VmConfig, n: &Names) -> Result<Record, String> {
+        let command = vm
+            .command
+            .as_deref()
+            .ok_or("no command (the configuration requires one for the process backend)")?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log)
+            .map_err(|e| format!("opening {}: {e}", n.log.display()))?;
+        let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        let _ = fs::remove_file(&n.pidfile);
+        let status = Command::new("setsid")
+            .args(["-f", "sh", "-c", LAUNCHER])
+            .envs(guest_env(vm))
+            .env("JITSU_CGROUP_PROCS", n.cgroup.join("cgroup.procs"))
+            .env("JITSU_PIDFILE", &n.pidfile)
+            .env("JITSU_NETNS", &n.netns)
+            .env("JITSU_COMMAND", command)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .status()
+            .map_err(|e| format!("running setsid: {e}"))?;
+        if !status.success() {
+            return Err(format!("setsid failed ({status})"));
+        }
+        let mut pid = None;
+        wait_until(PID_FILE_WAIT, || {
+            pid = fs::read_to_string(&n.pidfile)
+                .ok()
+                .and_then(|t| t.trim().parse::<u32>().ok());
+            pid.is_some()
+        });
+        let Some(pid) = pid else {
+            return Err(format!(
+                "the command did not start within {PID_FILE_WAIT:?}; its log {} says: {}",
+                n.log.display(),
+                tail(&n.log)
+            ));
+        };
+        let (_, start) = proc_stat(pid).ok_or_else(|| {
+            format!(
+                "the command exited at once; its log {} says: {}",
+                n.log.display(),
+                tail(&n.log)
+            )
+        })?;
+        Ok(Record {
+            pid,
+            start,
+            netns: n.netns.clone(),
+            port: n.port.clone(),
+            cgroup: n.cgroup.clone(),
+        })
+    }
+}
+
+/// The last line or so of a log, for error messages.
+fn tail(path: &Path) -> String {
+    let t = fs::read_to_string(path).unwrap_or_default();
+    let t = t.trim_end();
+    let start = t.len().saturating_sub(300);
+    let start = (start..t.len())
+        .find(|i| t.is_char_boundary(*i))
+        .unwrap_or(t.len());
+    t[start..].to_string()
+}
+
+/// The VM's environment: what its command needs to configure itself.
+fn guest_env(vm: &VmConfig) -> Vec<(&'static str, String)> {
+    vec![
+        ("JITSU_NAME", vm.name.to_string()),
+        ("JITSU_IP", vm.ip.to_string()),
+        ("JITSU_IP_PREFIX", vm.ip_prefix.to_string()),
+        (
+            "JITSU_IP6",
+            vm.ip6.map(|a| a.to_string()).unwrap_or_default(),
+        ),
+        (
+            "JITSU_IP6_PREFIX",
+            vm.ip6
+                .map(|_| vm.ip6_prefix.to_string())
+                .unwrap_or_default(),
+        ),
+        ("JITSU_MAC", vm.mac.to_string()),
+        ("JITSU_IFACE", GUEST_IFACE.to_string()),
+        (
+            "JITSU_GATEWAY",
+            vm.gateway.map(|g| g.to_string()).unwrap_or_default(),
+        ),
+    ]
+}
+
+/// Runs a command; its stderr is the error.
+fn run(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{:?} failed: {}",
+            cmd.get_args().collect::<Vec<_>>(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Runs `ip -batch -` with `script` on stdin.
+fn ip_batch(args: &[&str], script: &str) -> Result<(), String> {
+    let mut child = Command::new("ip")
+        .args(args)
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("ip: {e}"))?;
+    child
+        .stdin
+        .take()
+        .expect("stdin was piped")
+        .write_all(script.as_bytes())
+        .map_err(|e| format!("ip -batch: {e}"))?;
+    let out = child.wait_with_output().map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip -batch failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Backend for ProcessBackend {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    fn lookup(&self, vm: &VmConfig) -> Result<Domain, BackendError> {
+        let state = match self.record(&vm.name) {
+            Some(r) if alive(&r) => {
+                if self.cgroups.is_frozen(&r.cgroup) {
+                    Observed::Suspended
+                } else {
+                    Observed::Running { domid: None }
+                }
+            }
+            _ => Observed::Off,
+        };
+        Ok(Domain {
+            state,
+            domid: None,
+            mac: Some(vm.mac),
+        })
+    }
+
+    fn start(&self, vm: &VmConfig) -> Result<Started, BackendError> {
+        let n = self.names(&vm.name);
+        let err = |what, detail: String| BackendError::Vm {
+            vm: vm.name.to_string(),
+            what,
+            detail,
+        };
+        self.teardown(vm)?;
+        run(Command::new("ip").args(["link", "show", "dev", &vm.nic])).map_err(|_| {
+            err(
+                "start",
+                format!(
+                    "there is no bridge {} in jitsu-dns's network namespace (the VM's nic)",
+                    vm.nic
+                ),
+            )
+        })?;
+        let result = (|| -> Result<Record, BackendError> {
+            fs::create_dir_all(&n.cgroup)
+                .map_err(|e| err("create cgroup", format!("{}: {e}", n.cgroup.display())))?;
+            run(Command::new("ip").args(["netns", "add", &n.netns]))
+                .map_err(|d| err("create namespace", d))?;
+            ip_batch(
+                &[],
+                &format!(
+                    "link add {port} type veth peer name {GUEST_IFACE} netns {ns}\nlink set {port} master {nic}\n",
+                    port = n.port,
+                    ns = n.netns,
+                    nic = vm.nic
+                ),
+            )
+            .map_err(|d| err("create veth pair", d))?;
+            // A bridge port needs no address; without IPv6 on it, it sends nothing of its
+            // own to the guest (which would look like traffic to idle detection).
+            let _ = fs::write(
+                format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", n.port),
+                "1",
+            );
+            run(Command::new("ip").args(["link", "set", &n.port, "up"]))
+                .map_err(|d| err("bring port up", d))?;
+            let ifup = match vm.ifup {
+                Ifup::Jitsu => "jitsu",
+                Ifup::Guest => "guest",
+            };
+            run(Command::new("ip")
+                .args(["netns", "exec", &n.netns, "sh", "-c", NETNS_SETUP])
+                .envs(guest_env(vm))
+                .env("JITSU_IFUP", ifup))
+            .map_err(|d| err("configure eth0", d))?;
+            let rec = self.launch(vm, &n).map_err(|d| err("start command", d))?;
+            let tmp = n.record.with_extension("state.tmp");
+            fs::write(&tmp, rec.to_text())
+                .and_then(|()| fs::rename(&tmp, &n.record))
+                .map_err(|e| err("write record", format!("{}: {e}", n.record.display())))?;
+            let _ = fs::remove_file(&n.pidfile);
+            Ok(rec)
+        })();
+        match result {
+            Ok(rec) => {
+                tracing::debug!(vm = %vm.name, pid = rec.pid, netns = %rec.netns, port = %rec.port, "process started");
+                Ok(Started { domid: None })
+            }
+            Err(e) => {
+                // Leave nothing half-made behind.
+                if let Err(t) = self.teardown(vm) {
+                    tracing::warn!(vm = %vm.name, error = %t, "cleaning up after a failed start");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn stop(&self, vm: &VmConfig, mode: StopMode) -> Result<(), BackendError> {
+        let err = |what, detail: String| BackendError::Vm {
+            vm: vm.name.to_string(),
+            what,
+            detail,
+        };
+        let rec = self.record(&vm.name);
+        match mode {
+            StopMode::Destroy => self.teardown(vm),
+            StopMode::Suspend => {
+                let r = rec
+                    .filter(alive)
+                    .ok_or_else(|| err("suspend", "not running".into()))?;
+                self.cgroups
+                    .set_frozen(&r.cgroup, true)
+                    .map_err(|d| err("suspend", d))
+            }
+            StopMode::Shutdown => {
+                if let Some(r) = rec.filter(alive) {
+                    if !self.cgroups.is_thawed(&r.cgroup) {
+                        self.cgroups
+                            .set_frozen(&r.cgroup, false)
+                            .map_err(|d| err("thaw", d))?;
+                    }
+                    for pid in Cgroups::procs(&r.cgroup) {
+                        kill(pid, Signal::Term).map_err(|e| err("shutdown", e.to_string()))?;
+                    }
+                    if !wait_until(self.uri.shutdown_grace, || !alive(&r)) {
+                        tracing::info!(vm = %vm.name, grace = ?self.uri.shutdown_grace, "still running after SIGTERM: destroying");
+                    }
+                }
+                self.teardown(vm)
+            }
+        }
+    }
+
+    fn resume(&self, vm: &VmConfig) -> Result<Started, BackendError> {
+        let err = |detail: String| BackendError::Vm {
+            vm: vm.name.to_string(),
+            what: "resume",
+            detail,
+        };
+        let r = self
+            .record(&vm.name)
+            .filter(alive)
+            .ok_or_else(|| err("not running (nothing to resume)".into()))?;
+        self.cgroups.set_frozen(&r.cgroup, false).map_err(err)?;
+        Ok(Started { domid: None })
+    }
+
+    fn unpause(&self, vm: &VmConfig) -> Result<Started, BackendError> {
+        // Processes have one way of pausing: the freezer.
+        self.resume(vm)
+    }
+
+    fn counters(&self, vm: &VmConfig) -> Result<Option<IfCounters>, BackendError> {
+        let port = self
+            .record(&vm.name)
+            .map(|r| r.port)
+            .unwrap_or_else(|| self.names(&vm.name).port);
+        let text = fs::read_to_string("/proc/net/dev").map_err(|e| BackendError::Vm {
+            vm: vm.name.to_string(),
+            what: "counters",
+            detail: format!("/proc/net/dev: {e}"),
+        })?;
+        Ok(parse_net_dev(&text, &port))
+    }
+
+    fn list(&self) -> Result<Vec<Listed>, BackendError> {
+        let entries = fs::read_dir(&self.uri.dir).map_err(|e| {
+            BackendError::Host(format!("cannot list {}: {e}", self.uri.dir.display()))
+        })?;
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().and_then(|x| x.to_str()) != Some("state") {
+                continue;
+            }
+            let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            let state = match fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| Record::parse(&t))
+            {
+                Some(r) if alive(&r) && self.cgroups.is_frozen(&r.cgroup) => Observed::Suspended,
+                Some(r) if alive(&r) => Observed::Running { domid: None },
+                _ => Observed::Off,
+            };
+            out.push(Listed {
+                name: name.to_string(),
+                state,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_are_parsed_and_checked() {
+        let u = parse_uri("process:///run/jitsu/process").unwrap();
+        assert_eq!(u.dir, PathBuf::from("/run/jitsu/process"));
+        assert_eq!(u.netns_prefix, "jitsu-");
+        assert_eq!(u.cgroup, None);
+        assert_eq!(u.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        let u =
+            parse_uri("process:///tmp/x?netns_prefix=t1-&cgroup=v1&shutdown_grace=0.5").unwrap();
+        assert_eq!(u.dir, PathBuf::from("/tmp/x"));
+        assert_eq!(u.netns_prefix, "t1-");
+        assert_eq!(u.cgroup, Some(CgroupVersion::V1));
+        assert_eq!(u.shutdown_grace, Duration::from_millis(500));
+        assert_eq!(
+            parse_uri("process://").unwrap().dir,
+            PathBuf::from(DEFAULT_RUNTIME_DIR)
+        );
+        for bad in [
+            "qemu:///system",
+            "process://relative/dir",
+            "process:///x?cgroup=v3",
+            "process:///x?netns_prefix=a/b",
+            "process:///x?shutdown_grace=-1",
+            "process:///x?colour=blue",
+            "process:///x?flag",
+        ] {
+            let e = parse_uri(bad).unwrap_err().to_string();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn port_names_fit_ifnamsiz_and_differ_per_prefix_and_name() {
+        let a = port_name("jitsu-", "www");
+        assert!(a.starts_with("jwww") && a.len() <= 15, "{a}");
+        let long = port_name("jitsu-", &"x".repeat(64));
+        assert_eq!(long.len(), 15);
+        assert_ne!(port_name("jitsu-", "www"), port_name("t1-", "www"));
+        assert_ne!(port_name("jitsu-", "www"), port_name("jitsu-", "www2"));
+        assert_eq!(port_name("jitsu-", "a.b_c"), port_name("jitsu-", "a.b_c"));
+        assert!(
+            port_name("p", "a.b")
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric())
+        );
+    }
+
+    #[test]
+    fn proc_stat_survives_odd_command_names() {
+        let line = "4242 (we) ird (name)) S 1 4242 4242 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 987654 1000 10 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0";
+        assert_eq!(parse_stat(line), Some(('S', 987654)));
+        let zombie = "7 (sh) Z 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 55 0 0";
+        assert_eq!(parse_stat(zombie), Some(('Z', 55)));
+        assert_eq!(parse_stat("garbage"), None);
+        // Our own process is alive by this measure, with its real start time.
+        let me = std::process::id();
+        let (state, start) = proc_stat(me).unwrap();
+        assert!(state != 'Z');
+        let rec = Record {
+            pid: me,
+            start,
+            netns: String::new(),
+            port: String::new(),
+            cgroup: PathBuf::new(),
+        };
+        assert!(alive(&rec));
+        assert!(
+            !alive(&Record {
+                start: start + 1,
+                ..rec
+            }),
+            "a reused pid is not the VM"
+        );
+    }
+
+    #[test]
+    fn net_dev_counters() {
+        let text = "Inter-|   Receive                                                |  Transmit\n \
+             face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    \
+             lo:    3193      29    0    0    0     0          0         0     3193      29    0    0    0     0       0          0\n\
+             jwww1234567: 900 7 0 0 0 0 0 1 1200 11 0 0 0 0 0 0\n";
+        assert_eq!(
+            parse_net_dev(text, "jwww1234567"),
+            Some(IfCounters {
+                rx_packets: 7,
+                tx_packets: 11
+            })
+        );
+        assert_eq!(
+            parse_net_dev(text, "lo"),
+            Some(IfCounters {
+                rx_packets: 29,
+                tx_packets: 29
+            })
+        );
+        assert_eq!(parse_net_dev(text, "jwww"), None);
+    }
+
+    #[test]
+    fn cgroup_mounts_are_found() {
+        let text = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+            36 31 0:33 / /sys/fs/cgroup/devices rw,relatime - cgroup cgroup rw,devices\n\
+            37 31 0:34 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer\n\
+            41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_mountinfo(text),
+            (
+                Some(PathBuf::from("/sys/fs/cgroup/unified")),
+                Some(PathBuf::from("/sys/fs/cgroup/freezer"))
+            )
+        );
+        let v2_only = "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            parse_mountinfo(v2_only),
+            (Some(PathBuf::from("/sys/fs/cgroup")), None)
+        );
+        assert_eq!(parse_mountinfo(""), (None, None));
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let r = Record {
+            pid: 12,
+            start: 345,
+            netns: "jitsu-www".into(),
+            port: "jwww1234567".into(),
+            cgroup: PathBuf::from("/sys/fs/cgroup/unified/jitsu/jitsu-www"),
+        };
+        assert_eq!(Record::parse(&r.to_text()), Some(r));
+        assert_eq!(Record::parse("pid=1\n"), None);
+    }
+}

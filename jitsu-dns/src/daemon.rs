@@ -1,0 +1,851 @@
+//! The IO shell: sockets, the backend, the store, synjitsu and Xenstore around the fleet, in
+//! one `select!` loop.
+//!
+//! Start-up: open the backend and the store, commit the configuration, reconcile every VM
+//! (what the store remembered, what the backend sees: a running VM is adopted, never booted
+//! twice), then serve DNS on UDP and TCP. The loop: the timer first (the fleet's
+//! `poll_at`, and the periodic poll of running VMs' state and counters), then events
+//! (backend results, synjitsu, Xenstore), slow-path queries, a reload, and shutdown.
+//! Every fleet command is carried out here: backend calls on the blocking pool, answers to
+//! waiting queries, table flags, synjitsu requests, key watches and store commits.
+//!
+//! SIGHUP (a reload) re-reads the file and the specs: VMs added are reconciled and served,
+//! VMs removed are forgotten and left as they are (a running one keeps running, unmanaged;
+//! stop it by hand if it should go), changed VMs take their new settings at their next boot.
+//! Settings that need new sockets or another backend (bind, listen, backend, connect,
+//! synjitsu, persistdb, metrics) need a restart and are ignored with a warning.
+//! SIGTERM/SIGINT stop jitsu-dns and leave every VM as it is; the store is flushed.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::backend::{self, Backend, BackendError};
+use crate::config::{self, Config, Flags, Forwarders, StopMode, VmConfig};
+use crate::dns::{self, Clock, Handler, SlowQuery, Table, Tables, VmSlot};
+use crate::fleet::{
+    self, Answer, Command, Event, Fleet, Lifecycle, Observed, Persist, QueryId, Settings, VmName,
+    VmView,
+};
+use crate::forward::{Forwarder, parse_resolv_conf};
+use crate::metrics::{self, Metrics};
+use crate::state::{self, Change, StateError, Store, Tree};
+use crate::synjitsu::{self, Outgoing};
+use crate::xenstore::KeyWatcher;
+
+/// Events from backend calls, synjitsu and Xenstore waiting for the loop.
+const EVENT_QUEUE: usize = 4096;
+
+/// How the daemon is told to stop or reload.
+#[derive(Debug)]
+pub struct Control {
+    /// Cancelled on SIGTERM/SIGINT.
+    pub shutdown: CancellationToken,
+    /// One message per SIGHUP.
+    pub reload: mpsc::Receiver<()>,
+}
+
+/// Why the daemon could not start (once running, it logs and carries on).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The backend could not be opened.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A socket could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// DNS over UDP or TCP, or metrics.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Forwarding is misconfigured.
+    #[error("forwarding: {0}")]
+    Forward(String),
+}
+
+/// The forwarder for `cfg`, `None` when forwarding is off (or nothing to forward to).
+fn forwarder_for(cfg: &Config) -> Result<Option<Arc<Forwarder>>, DaemonError> {
+    let (ips, from_system) = match &cfg.forwarders {
+        Forwarders::Off => return Ok(None),
+        Forwarders::List(l) => (l.clone(), false),
+        Forwarders::System => {
+            let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+            (parse_resolv_conf(&text), true)
+        }
+    };
+    let own = cfg.dns_addr();
+    let mut servers = Vec::new();
+    for ip in ips {
+        let s = SocketAddr::new(ip, cfg.forwarder_port);
+        let loops =
+            s == own || (own.ip().is_unspecified() && ip.is_loopback() && s.port() == own.port());
+        if loops {
+            if from_system {
+                warn!(forwarder = %s, "skipping the /etc/resolv.conf nameserver that is jitsu-dns itself");
+                continue;
+            }
+            return Err(DaemonError::Forward(format!(
+                "forwarder {s} is jitsu-dns's own address: queries would loop"
+            )));
+        }
+        servers.push(s);
+    }
+    if servers.is_empty() {
+        warn!(
+            "no forwarder (no usable nameserver in /etc/resolv.conf): names outside the zones are refused"
+        );
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(Forwarder::new(servers))))
+}
+
+fn settings(cfg: &Config) -> Settings {
+    Settings {
+        ttl: Duration::from_secs(u64::from(cfg.ttl)),
+        max_running: cfg.max_running,
+        max_boots_per_second: cfg.max_boots_per_second,
+        flush_every: fleet::COUNTERS_FLUSH_EVERY,
+    }
+}
+
+/// How often running VMs' state and counters are polled: often enough for idle detection
+/// over 2 x TTL and to notice a VM that exited, rarely enough to cost nothing.
+fn poll_interval(ttl: u32) -> Duration {
+    (Duration::from_secs(u64::from(ttl)) / 2)
+        .clamp(Duration::from_millis(200), Duration::from_secs(5))
+}
+
+fn serial_now() -> u32 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as u32)
+        .unwrap_or(1)
+}
+
+/// The store's files for a VM's configuration (and the VM's identity).
+fn config_files(vm: &VmConfig, ttl: u32) -> Vec<(String, String)> {
+    let p = state::vm_prefix(&vm.name);
+    let mut grouped: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (k, v) in &vm.raw {
+        grouped.entry(k.as_str()).or_default().push(v.as_str());
+    }
+    let mut files: Vec<(String, String)> = grouped
+        .into_iter()
+        .map(|(k, v)| (format!("{p}config/{k}"), v.join("\n")))
+        .collect();
+    for n in &vm.dns {
+        let n = n.to_ascii();
+        files.push((
+            format!("{p}dns/{}", n.trim_end_matches('.')),
+            ttl.to_string(),
+        ));
+    }
+    files.push((format!("{p}ip"), vm.ip.to_string()));
+    if let Some(ip6) = vm.ip6 {
+        files.push((format!("{p}ip6"), ip6.to_string()));
+    }
+    files.push((format!("{p}mac"), vm.mac.to_string()));
+    files
+}
+
+/// Rate-limited warnings for limit refusals: one a second, with how many were suppressed.
+#[derive(Debug, Default)]
+struct RateLimited {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimited {
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|l| now.duration_since(l) < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Start,
+    Resume,
+    Unpause,
+    Stop(StopMode),
+    Cleanup,
+}
+
+struct Shell {
+    flags: Flags,
+    cfg: Config,
+    fleet: Fleet,
+    backend: Arc<dyn Backend>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    tables: Arc<Tables>,
+    slots: HashMap<VmName, Arc<VmSlot>>,
+    clock: Clock,
+    wall: (Instant, SystemTime),
+    pending: HashMap<QueryId, oneshot::Sender<Answer>>,
+    next_query: u64,
+    events: mpsc::Sender<Event>,
+    synjitsu: Option<mpsc::Sender<Outgoing>>,
+    keys: KeyWatcher,
+    poll_busy: Arc<AtomicBool>,
+    limit_log: RateLimited,
+    persisted_requests: HashMap<VmName, u64>,
+}
+
+impl Shell {
+    /// Unix time of `t`, for the store.
+    fn unix(&self, t: Instant) -> String {
+        let (base_i, base_s) = self.wall;
+        let s = if t >= base_i {
+            base_s + (t - base_i)
+        } else {
+            base_s - (base_i - t)
+        };
+        let secs = s
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        format!("{secs:.3}")
+    }
+
+    /// The store's files for a VM's dynamic state.
+    fn state_files(&self, v: &VmView) -> Vec<(String, String)> {
+        let p = state::vm_prefix(&v.cfg.name);
+        let mut files = vec![
+            (format!("{p}state"), v.state.as_str().to_string()),
+            (format!("{p}starts"), v.starts.to_string()),
+            (format!("{p}requests"), v.requests.to_string()),
+        ];
+        if let Some(d) = v.domid {
+            files.push((format!("{p}domid"), d.to_string()));
+        }
+        if let Some(t) = v.last_request {
+            files.push((format!("{p}last_request"), self.unix(t)));
+        }
+        if let Some(t) = v.last_start {
+            files.push((format!("{p}last_start"), self.unix(t)));
+        }
+        files
+    }
+
+    fn commit(&mut self, change: Change) {
+        if let Err(e) = self.store.apply(change) {
+            self.metrics.add_store_dropped();
+            warn!(error = %e, "state change not recorded");
+        }
+    }
+
+    /// Commits the configuration: what was added, removed or changed relative to `tree`
+    /// (the store's last view), with fresh state files for VMs new to the store.
+    fn commit_config(&mut self, old: &Tree, verb: &str) {
+        let mut change = Change::default();
+        let mut added = Vec::new();
+        let mut changed = Vec::new();
+        let configured: Vec<VmName> = self.cfg.vms.iter().map(|v| v.name.clone()).collect();
+        let known: std::collections::BTreeSet<String> = old
+            .keys()
+            .filter_map(|k| k.strip_prefix("jitsu/vm/"))
+            .filter_map(|k| k.split('/').next())
+            .map(str::to_string)
+            .collect();
+        let removed: Vec<String> = known
+            .iter()
+            .filter(|n| !configured.iter().any(|c| &**c == n.as_str()))
+            .cloned()
+            .collect();
+        for n in &removed {
+            change.remove.push(state::vm_prefix(n));
+        }
+        for vm in &self.cfg.vms {
+            let p = state::vm_prefix(&vm.name);
+            let files = config_files(vm, self.cfg.ttl);
+            let before: Vec<(&String, &String)> = old
+                .iter()
+                .filter(|(k, _)| {
+                    k.starts_with(&format!("{p}config/")) || k.starts_with(&format!("{p}dns/"))
+                })
+                .collect();
+            let after: Vec<(&String, &String)> = files
+                .iter()
+                .filter(|(k, _)| {
+                    k.starts_with(&format!("{p}config/")) || k.starts_with(&format!("{p}dns/"))
+                })
+                .map(|(k, v)| (k, v))
+                .collect();
+            if !known.contains(&*vm.name) {
+                added.push(vm.name.to_string());
+                if let Some(view) = self.fleet.view(&vm.name) {
+                    change.files.extend(self.state_files(&view));
+                }
+            } else if before != after {
+                changed.push(vm.name.to_string());
+            }
+            change.remove.push(format!("{p}config/"));
+            change.remove.push(format!("{p}dns/"));
+            change.files.extend(files);
+        }
+        let mut parts = Vec::new();
+        for (what, names) in [
+            ("added", &added),
+            ("removed", &removed),
+            ("changed", &changed),
+        ] {
+            if !names.is_empty() {
+                parts.push(format!("{what} {}", names.join(", ")));
+            }
+        }
+        if !parts.is_empty() {
+            info!(changes = %parts.join("; "), "configuration {verb}");
+        }
+        change.message = Some(format!(
+            "configuration {verb}: {}",
+            if parts.is_empty() {
+                "unchanged".to_string()
+            } else {
+                parts.join("; ")
+            }
+        ));
+        self.commit(change);
+    }
+
+    fn run_blocking(&self, vm: Arc<VmConfig>, op: Op) {
+        let backend = self.backend.clone();
+        let events = self.events.clone();
+        tokio::task::spawn_blocking(move || {
+            let name = vm.name.clone();
+            let event = match op {
+                Op::Start => match backend.start(&vm) {
+                    Ok(s) => Event::Started {
+                        vm: name,
+                        domid: s.domid,
+                    },
+                    Err(e) => Event::StartFailed {
+                        vm: name,
+                        error: e.to_string(),
+                    },
+                },
+                Op::Resume => match backend.resume(&vm) {
+                    Ok(s) => Event::Started {
+                        vm: name,
+                        domid: s.domid,
+                    },
+                    Err(e) => Event::StartFailed {
+                        vm: name,
+                        error: e.to_string(),
+                    },
+                },
+                Op::Unpause => match backend.unpause(&vm) {
+                    Ok(s) => Event::Started {
+                        vm: name,
+                        domid: s.domid,
+                    },
+                    Err(e) => Event::StartFailed {
+                        vm: name,
+                        error: e.to_string(),
+                    },
+                },
+                Op::Stop(mode) => match backend.stop(&vm, mode) {
+                    Ok(()) => Event::Stopped { vm: name },
+                    Err(e) => Event::StopFailed {
+                        vm: name,
+                        error: e.to_string(),
+                    },
+                },
+                Op::Cleanup => {
+                    if let Err(e) = backend.stop(&vm, StopMode::Destroy) {
+                        warn!(vm = %name, error = %e, "cleaning up after a VM that exited");
+                    }
+                    return;
+                }
+            };
+            let _ = events.blocking_send(event);
+        });
+    }
+
+    /// Runs `first` through the fleet, and whatever follows from it.
+    fn process(&mut self, now: Instant, first: Event) {
+        let mut queue = VecDeque::from([first]);
+        while let Some(ev) = queue.pop_front() {
+            match &ev {
+                Event::SynjitsuUp => self.metrics.set_synjitsu_connected(true),
+                Event::SynjitsuDown => self.metrics.set_synjitsu_connected(false),
+                Event::StartFailed { vm, error } => warn!(vm = %vm, %error, "boot failed"),
+                Event::StopFailed { vm, error } => warn!(vm = %vm, %error, "stop failed"),
+                _ => {}
+            }
+            for cmd in self.fleet.handle(now, ev) {
+                self.execute(now, cmd, &mut queue);
+            }
+        }
+        self.metrics.set_running(
+            self.fleet
+                .views()
+                .iter()
+                .filter(|v| v.state == Lifecycle::Running)
+                .count(),
+        );
+    }
+
+    fn execute(&mut self, now: Instant, cmd: Command, follow: &mut VecDeque<Event>) {
+        match cmd {
+            Command::Start { vm } => {
+                self.metrics.add_boot();
+                self.run_blocking(vm, Op::Start);
+            }
+            Command::Resume { vm } => {
+                self.metrics.add_resume();
+                self.run_blocking(vm, Op::Resume);
+            }
+            Command::Unpause { vm } => {
+                self.metrics.add_resume();
+                self.run_blocking(vm, Op::Unpause);
+            }
+            Command::Stop { vm, mode } => {
+                self.metrics.add_stop(mode);
+                self.run_blocking(vm, Op::Stop(mode));
+            }
+            Command::Cleanup { vm } => self.run_blocking(vm, Op::Cleanup),
+            Command::Answer { id, answer } => {
+                if let Answer::ServFail(r) = answer
+                    && r.is_limit()
+                {
+                    self.metrics.add_limit_refusal(r);
+                    if let Some(suppressed) = self.limit_log.allow(now) {
+                        warn!(
+                            limit = r.as_str(),
+                            suppressed, "query refused (SERVFAIL): limit reached"
+                        );
+                    }
+                }
+                if let Some(tx) = self.pending.remove(&id) {
+                    // The client may have given up; nothing to do then.
+                    let _ = tx.send(answer);
+                }
+            }
+            Command::Serve { vm, direct } => {
+                if let Some(slot) = self.slots.get(&vm) {
+                    slot.direct.store(direct, Ordering::Release);
+                }
+            }
+            Command::Synjitsu { tag, msg } => {
+                let sent = self
+                    .synjitsu
+                    .as_ref()
+                    .is_some_and(|tx| tx.try_send(Outgoing { tag, msg }).is_ok());
+                if !sent {
+                    follow.push_back(Event::SynjitsuReplied { tag, ok: false });
+                }
+            }
+            Command::WatchKey { vm, path } => self.keys.watch(vm, path),
+            Command::UnwatchKey { vm } => self.keys.unwatch(&vm),
+            Command::Persist(Persist::Lifecycle {
+                vm,
+                from,
+                to,
+                cause,
+                boot_took,
+            }) => {
+                if let Some(d) = boot_took {
+                    self.metrics.observe_boot(d);
+                }
+                if to == Lifecycle::Failed {
+                    self.metrics.add_boot_failure();
+                }
+                info!(vm = %vm, from = %from, to = %to, %cause, "lifecycle");
+                let message = if from == to {
+                    format!("{vm}: {to} ({cause})")
+                } else {
+                    format!("{vm}: {from} -> {to} ({cause})")
+                };
+                let files = self
+                    .fleet
+                    .view(&vm)
+                    .map(|v| self.state_files(&v))
+                    .unwrap_or_default();
+                if let Some(v) = self.fleet.view(&vm) {
+                    self.persisted_requests.insert(vm.clone(), v.requests);
+                }
+                self.commit(Change {
+                    remove: vec![],
+                    files,
+                    message: Some(message),
+                    always: true,
+                });
+            }
+            Command::Persist(Persist::Counters) => self.flush_counters(None),
+        }
+    }
+
+    /// Commits request counters that changed since they were last committed.
+    fn flush_counters(&mut self, why: Option<&str>) {
+        let mut files = Vec::new();
+        let mut moved = Vec::new();
+        for v in self.fleet.views() {
+            let before = self.persisted_requests.get(&v.cfg.name).copied();
+            if before != Some(v.requests) {
+                moved.push(format!("{} {}", v.cfg.name, v.requests));
+                self.persisted_requests
+                    .insert(v.cfg.name.clone(), v.requests);
+            }
+            files.extend(self.state_files(&v));
+        }
+        let message = if moved.is_empty() {
+            None
+        } else {
+            Some(match why {
+                Some(w) => format!("requests: {} ({w})", moved.join(", ")),
+                None => format!("requests: {}", moved.join(", ")),
+            })
+        };
+        self.commit(Change {
+            remove: vec![],
+            files,
+            message,
+            always: false,
+        });
+    }
+
+    fn query(&mut self, q: SlowQuery) {
+        self.next_query += 1;
+        let id = QueryId(self.next_query);
+        self.pending.insert(id, q.reply);
+        self.process(
+            Instant::now(),
+            Event::Query {
+                id,
+                vm: q.vm,
+                from: Some(q.from),
+            },
+        );
+    }
+
+    fn take_activity(&self) -> Vec<fleet::Activity> {
+        self.slots
+            .values()
+            .filter_map(|s| s.take_activity(&self.clock))
+            .collect()
+    }
+
+    fn poll_backend(&self) {
+        if self.poll_busy.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let vms = self.fleet.polled();
+        let backend = self.backend.clone();
+        let events = self.events.clone();
+        let busy = self.poll_busy.clone();
+        tokio::task::spawn_blocking(move || {
+            for (vm, epoch) in vms {
+                match backend.counters(&vm) {
+                    Ok(counters) => {
+                        let _ = events.blocking_send(Event::Counters {
+                            vm: vm.name.clone(),
+                            counters,
+                        });
+                    }
+                    Err(e) => debug!(vm = %vm.name, error = %e, "counters"),
+                }
+                match backend.state(&vm) {
+                    Ok(state) => {
+                        let _ = events.blocking_send(Event::Observed {
+                            vm: vm.name.clone(),
+                            state,
+                            epoch: Some(epoch),
+                        });
+                    }
+                    Err(e) => debug!(vm = %vm.name, error = %e, "state"),
+                }
+            }
+            busy.store(false, Ordering::Release);
+        });
+    }
+
+    /// Asks the backend about `vms` (blocking pool) and reconciles them with what the store
+    /// remembered.
+    async fn reconcile(&mut self, vms: Vec<Arc<VmConfig>>, tree: &Tree) {
+        let backend = self.backend.clone();
+        let looked = tokio::task::spawn_blocking(move || {
+            vms.iter()
+                .map(|v| (v.name.clone(), backend.lookup(v)))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (name, found) in looked {
+            let observed = match found {
+                Ok(d) => d.state,
+                Err(e) => {
+                    warn!(vm = %name, error = %e, "backend lookup failed: taking the VM as off");
+                    Observed::Off
+                }
+            };
+            let stored = state::stored(tree, &name);
+            if let Some(s) = &stored {
+                self.persisted_requests.insert(name.clone(), s.requests);
+            }
+            self.process(
+                Instant::now(),
+                Event::Reconciled {
+                    vm: name,
+                    stored,
+                    observed,
+                },
+            );
+        }
+    }
+
+    async fn reload(&mut self) {
+        let new = match config::load(&self.flags) {
+            Ok(c) => c,
+            Err(e) => {
+                error!(error = %e, "configuration not reloaded: keeping the current one");
+                return;
+            }
+        };
+        let restart_only = [
+            ("bind", new.bind != self.cfg.bind),
+            ("listen", new.listen != self.cfg.listen),
+            ("backend", new.backend != self.cfg.backend),
+            ("connect", new.connect != self.cfg.connect),
+            ("synjitsu", new.synjitsu != self.cfg.synjitsu),
+            ("persistdb", new.persistdb != self.cfg.persistdb),
+            ("metrics", new.metrics != self.cfg.metrics),
+        ];
+        for (setting, differs) in restart_only {
+            if differs {
+                warn!(setting, "this setting changes only with a restart: ignored");
+            }
+        }
+        let forwarder = match forwarder_for(&new) {
+            Ok(f) => f,
+            Err(e) => {
+                error!(error = %e, "configuration not reloaded: keeping the current one");
+                return;
+            }
+        };
+        let mut new = new;
+        // What needs a restart stays as it is.
+        new.bind = self.cfg.bind;
+        new.listen = self.cfg.listen;
+        new.backend = self.cfg.backend;
+        new.connect = self.cfg.connect.clone();
+        new.synjitsu = self.cfg.synjitsu.clone();
+        new.persistdb = self.cfg.persistdb.clone();
+        new.metrics = self.cfg.metrics;
+        let added: Vec<Arc<VmConfig>> = new
+            .vms
+            .iter()
+            .filter(|v| self.fleet.state(&v.name).is_none())
+            .cloned()
+            .map(Arc::new)
+            .collect();
+        for v in &self.cfg.vms {
+            if !new.vms.iter().any(|n| n.name == v.name) {
+                info!(vm = %v.name, state = ?self.fleet.state(&v.name), "removed from the configuration: left as it is, no longer managed");
+            }
+        }
+        let now = Instant::now();
+        self.fleet.set_settings(settings(&new));
+        let old_tree = self.store_tree();
+        let cmds = self
+            .fleet
+            .reconfigure(now, new.vms.iter().cloned().map(Arc::new));
+        self.slots = dns::slots_for(&new.vms, &self.slots);
+        self.cfg = new;
+        self.commit_config(&old_tree, "reloaded");
+        let mut follow = VecDeque::new();
+        for c in cmds {
+            self.execute(now, c, &mut follow);
+        }
+        while let Some(ev) = follow.pop_front() {
+            self.process(now, ev);
+        }
+        // New VMs are looked up before their names are served, so one that already runs is
+        // adopted rather than booted again.
+        self.reconcile(added, &old_tree).await;
+        self.tables.replace(Table::build(
+            &self.cfg,
+            &self.slots,
+            forwarder,
+            serial_now(),
+        ));
+        info!(vms = self.cfg.vms.len(), "configuration reloaded");
+    }
+
+    /// The store's view as of the last commit (read back from the repository).
+    fn store_tree(&self) -> Tree {
+        self.store.flush();
+        state::read_head(self.store.dir()).unwrap_or_default()
+    }
+}
+
+/// Runs jitsu-dns until `ctl.shutdown` is cancelled.
+pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), DaemonError> {
+    let backend = backend::open(cfg.backend, cfg.connect.as_deref())?;
+    let (store, tree) = Store::open(cfg.persistdb.as_deref())?;
+    info!(store = %store.dir().display(), temporary = cfg.persistdb.is_none(), "state store");
+    let forwarder = forwarder_for(&cfg)?;
+    let metrics = Arc::new(Metrics::new());
+    let clock = Clock::new();
+    let (events_tx, mut events_rx) = mpsc::channel(EVENT_QUEUE);
+    let synjitsu = cfg
+        .synjitsu
+        .clone()
+        .map(|path| synjitsu::spawn(path, events_tx.clone(), ctl.shutdown.clone()));
+    let now = Instant::now();
+    let vms: Vec<Arc<VmConfig>> = cfg.vms.iter().cloned().map(Arc::new).collect();
+    let slots = dns::slots_for(&cfg.vms, &HashMap::new());
+    let tables = Tables::new(Table::build(&cfg, &slots, forwarder, serial_now()));
+    let mut shell = Shell {
+        flags,
+        fleet: Fleet::new(now, settings(&cfg), vms.clone()),
+        cfg,
+        backend,
+        store,
+        metrics: metrics.clone(),
+        tables: tables.clone(),
+        slots,
+        clock,
+        wall: (Instant::now(), SystemTime::now()),
+        pending: HashMap::new(),
+        next_query: 0,
+        events: events_tx.clone(),
+        synjitsu,
+        keys: KeyWatcher::new(events_tx.clone()),
+        poll_busy: Arc::new(AtomicBool::new(false)),
+        limit_log: RateLimited::default(),
+        persisted_requests: HashMap::new(),
+    };
+    shell.commit_config(&tree, "loaded");
+    shell.reconcile(vms, &tree).await;
+    let backend2 = shell.backend.clone();
+    if let Ok(Ok(listed)) = tokio::task::spawn_blocking(move || backend2.list()).await {
+        for l in listed {
+            if shell.fleet.state(&l.name).is_none() && l.state != Observed::Off {
+                info!(vm = %l.name, state = ?l.state, "the backend runs a VM that is not configured: left alone");
+            }
+        }
+    }
+
+    // Backends that push lifecycle changes (libvirt) report them as current observations;
+    // the others are polled.
+    let pushed = events_tx.clone();
+    let sink: backend::EventSink = Box::new(move |ev| {
+        let event = Event::Observed {
+            vm: ev.name.as_str().into(),
+            state: ev.state,
+            epoch: None,
+        };
+        if pushed.try_send(event).is_err() {
+            warn!(vm = %ev.name, "lifecycle event dropped: the event queue is full");
+        }
+    });
+    match shell.backend.subscribe(sink) {
+        Ok(true) => info!("the backend pushes lifecycle events"),
+        Ok(false) => debug!("the backend is polled for lifecycle changes"),
+        Err(e) => warn!(error = %e, "lifecycle events unavailable: polling instead"),
+    }
+
+    let addr = shell.cfg.dns_addr();
+    let udp = tokio::net::UdpSocket::bind(addr)
+        .await
+        .map_err(|source| DaemonError::Bind {
+            addr,
+            what: "DNS over UDP",
+            source,
+        })?;
+    let tcp = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| DaemonError::Bind {
+            addr,
+            what: "DNS over TCP",
+            source,
+        })?;
+    let (slow_tx, mut slow_rx) = mpsc::channel(dns::SLOW_QUEUE);
+    let handler = Handler::new(tables, slow_tx, metrics.clone(), clock);
+    let mut server = hickory_server::Server::new(handler);
+    server.register_socket(udp);
+    server.register_listener(tcp, Duration::from_secs(10), 32);
+    if let Some(maddr) = shell.cfg.metrics {
+        let listener = metrics::bind(maddr)
+            .await
+            .map_err(|source| DaemonError::Bind {
+                addr: maddr,
+                what: "metrics",
+                source,
+            })?;
+        tokio::spawn(metrics::serve(
+            listener,
+            metrics.clone(),
+            ctl.shutdown.clone(),
+        ));
+        info!(addr = %maddr, "metrics at /metrics");
+    }
+    info!(
+        dns = %addr,
+        backend = shell.backend.kind(),
+        vms = shell.cfg.vms.len(),
+        ttl = shell.cfg.ttl,
+        "jitsu-dns ready"
+    );
+
+    let poll_every = poll_interval(shell.cfg.ttl);
+    let mut next_poll = Instant::now() + poll_every;
+    loop {
+        let wake = shell
+            .fleet
+            .poll_at()
+            .map_or(next_poll, |t| t.min(next_poll));
+        tokio::select! {
+            biased;
+            _ = tokio::time::sleep_until(wake.into()) => {
+                let now = Instant::now();
+                if now >= next_poll {
+                    shell.poll_backend();
+                    next_poll = now + poll_every;
+                }
+                let activity = shell.take_activity();
+                shell.process(now, Event::Tick { activity });
+            }
+            Some(ev) = events_rx.recv() => shell.process(Instant::now(), ev),
+            Some(q) = slow_rx.recv() => shell.query(q),
+            Some(()) = ctl.reload.recv() => shell.reload().await,
+            _ = ctl.shutdown.cancelled() => break,
+        }
+    }
+
+    info!("stopping; VMs are left as they are");
+    if tokio::time::timeout(Duration::from_secs(2), server.shutdown_gracefully())
+        .await
+        .is_err()
+    {
+        debug!("DNS tasks did not finish within 2 s");
+    }
+    // Counted, not acted upon: nothing is stopped on the way out.
+    let activity = shell.take_activity();
+    shell.fleet.record_activity(activity);
+    shell.flush_counters(Some("jitsu-dns stopped"));
+    // Dropping the store writes what is queued and ends its thread.
+    drop(shell);
+    Ok(())
+}

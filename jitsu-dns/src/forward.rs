@@ -1,0 +1,177 @@
+//! Relaying queries for names outside the owned zones to the forwarders.
+//!
+//! Owns the exchange with an upstream server: the client's query is sent as it came (with a
+//! fresh random id, from a fresh socket with a random port), over UDP, or TCP if the client
+//! used TCP or the UDP answer was truncated; the answer must carry our id and the client's
+//! question. Servers are tried in order, each with its own timeout. Each forward is its own
+//! task (hickory spawns one per UDP query), so a slow forwarder never delays other queries.
+//! Reading `/etc/resolv.conf` for the default forwarders is here too.
+
+use std::hash::{BuildHasher, Hasher};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use hickory_proto::op::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+/// How long one server may take over UDP.
+pub const UDP_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long one server may take over TCP (connect included).
+pub const TCP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why no forwarder answered.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The query is too short to carry an id.
+    #[error("query too short to forward")]
+    Short,
+    /// Every server failed; the last error.
+    #[error("no forwarder answered: {0}")]
+    NoAnswer(String),
+}
+
+/// The forwarders, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forwarder {
+    servers: Vec<SocketAddr>,
+}
+
+/// A random 16-bit id: SipHash keyed from the OS's randomness, over a counter.
+fn random_id() -> u16 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(N.fetch_add(1, Ordering::Relaxed));
+    h.finish() as u16
+}
+
+impl Forwarder {
+    /// Forwards to `servers`, tried in order.
+    pub fn new(servers: Vec<SocketAddr>) -> Forwarder {
+        Forwarder { servers }
+    }
+
+    /// The servers.
+    pub fn servers(&self) -> &[SocketAddr] {
+        &self.servers
+    }
+
+    /// Sends `query` (a whole DNS message) upstream and returns the answer. `tcp`: the
+    /// client came over TCP, so its answer may be large.
+    pub async fn forward(&self, query: &[u8], tcp: bool) -> Result<Message, ForwardError> {
+        if query.len() < 12 {
+            return Err(ForwardError::Short);
+        }
+        let expected =
+            Message::from_vec(query).map_err(|e| ForwardError::NoAnswer(e.to_string()))?;
+        let mut q = query.to_vec();
+        let mut last = String::from("no forwarders configured");
+        for server in &self.servers {
+            let id = random_id();
+            q[..2].copy_from_slice(&id.to_be_bytes());
+            let attempt = if tcp {
+                tcp_exchange(*server, &q).await
+            } else {
+                match udp_exchange(*server, &q, id).await {
+                    Ok(m) if m.metadata.truncation => tcp_exchange(*server, &q).await,
+                    other => other,
+                }
+            };
+            match attempt.and_then(|m| check(m, id, &expected)) {
+                Ok(m) => return Ok(m),
+                Err(e) => {
+                    tracing::debug!(%server, error = %e, "forwarder failed");
+                    last = format!("{server}: {e}");
+                }
+            }
+        }
+        Err(ForwardError::NoAnswer(last))
+    }
+}
+
+fn check(m: Message, id: u16, expected: &Message) -> Result<Message, String> {
+    if m.metadata.id != id {
+        return Err("answer with another id".into());
+    }
+    if m.queries != expected.queries {
+        return Err("answer to another question".into());
+    }
+    Ok(m)
+}
+
+async fn udp_exchange(server: SocketAddr, q: &[u8], id: u16) -> Result<Message, String> {
+    let local: SocketAddr = match server {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let sock = UdpSocket::bind(local).await.map_err(|e| e.to_string())?;
+    sock.connect(server).await.map_err(|e| e.to_string())?;
+    sock.send(q).await.map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 65535];
+    tokio::time::timeout(UDP_TIMEOUT, async {
+        loop {
+            let n = sock.recv(&mut buf).await.map_err(|e| e.to_string())?;
+            // Anything else on this port is noise (or a spoofing attempt): keep waiting.
+            if n >= 2 && u16::from_be_bytes([buf[0], buf[1]]) == id {
+                return Message::from_vec(&buf[..n]).map_err(|e| e.to_string());
+            }
+        }
+    })
+    .await
+    .map_err(|_| format!("no UDP answer within {UDP_TIMEOUT:?}"))?
+}
+
+async fn tcp_exchange(server: SocketAddr, q: &[u8]) -> Result<Message, String> {
+    tokio::time::timeout(TCP_TIMEOUT, async {
+        let mut s = TcpStream::connect(server)
+            .await
+            .map_err(|e| e.to_string())?;
+        let len = u16::try_from(q.len()).map_err(|_| "query too long for TCP".to_string())?;
+        let mut out = Vec::with_capacity(q.len() + 2);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(q);
+        s.write_all(&out).await.map_err(|e| e.to_string())?;
+        let n = s.read_u16().await.map_err(|e| e.to_string())? as usize;
+        let mut buf = vec![0u8; n];
+        s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+        Message::from_vec(&buf).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|_| format!("no TCP answer within {TCP_TIMEOUT:?}"))?
+}
+
+/// The `nameserver` lines of resolv.conf text (scoped IPv6 addresses are skipped).
+pub fn parse_resolv_conf(text: &str) -> Vec<IpAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let l = l.split(['#', ';']).next()?.trim();
+            let mut w = l.split_whitespace();
+            (w.next()? == "nameserver").then(|| w.next()?.parse().ok())?
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_nameservers() {
+        let text = "# generated\nsearch example.org\nnameserver 192.0.2.53\nnameserver fd00::53 # v6\n\
+                    nameserver fe80::1%eth0\n;nameserver 10.0.0.1\noptions edns0\n";
+        assert_eq!(
+            parse_resolv_conf(text),
+            vec![
+                "192.0.2.53".parse::<IpAddr>().unwrap(),
+                "fd00::53".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn ids_vary() {
+        let ids: std::collections::BTreeSet<u16> = (0..64).map(|_| random_id()).collect();
+        assert!(ids.len() > 50, "{ids:?}");
+    }
+}

@@ -1,0 +1,108 @@
+//! jitsu-dns refuses what it cannot run, at start, saying where, which key, which value and
+//! why; and it refuses the libvirt backend plainly until that backend exists (issue 6).
+
+use std::process::Command;
+
+use jitsu_tests::bin_path;
+use jitsu_tests::jitsu_dns::Scratch;
+
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(bin_path("jitsu-dns"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_specs_flags_and_files_are_refused_at_start() {
+    let (code, err) = run(&[
+        "-f",
+        "0.0.0.0",
+        "name=www,dns=www.example.org,ip=10.0.0.300,command=x",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("VM spec 1 (www): ip = \"10.0.0.300\": not an IPv4 address"),
+        "{err}"
+    );
+
+    let (code, err) = run(&[
+        "-t",
+        "never",
+        "name=www,dns=www.example.org,ip=10.0.0.1,command=x",
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("flag --ttl: ttl = \"never\": expected a whole number"),
+        "{err}"
+    );
+
+    let dir = Scratch::new("cli").unwrap();
+    let file = dir.path().join("dom0.toml");
+    std::fs::write(&file, "ttl = 30\n\n[[vm]]\nname = \"www\"\ndns = \"www.example.org\"\nip = \"10.0.0.1\"\ncommand = \"x\"\ncolour = \"blue\"\n").unwrap();
+    let (code, err) = run(&["--config", file.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("dom0.toml line 8 (vm www): colour = \"blue\": unknown key"),
+        "{err}"
+    );
+    std::fs::write(&file, "tll = 30\n").unwrap();
+    let (_, err) = run(&["--config", file.to_str().unwrap()]);
+    assert!(
+        err.contains("dom0.toml line 1: unknown field `tll`"),
+        "{err}"
+    );
+    let (code, err) = run(&[
+        "--config",
+        dir.path().join("missing.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("cannot read configuration file"), "{err}");
+}
+
+#[test]
+fn the_libvirt_backend_is_refused_until_it_is_built() {
+    let dir = Scratch::new("clilv").unwrap();
+    let db = dir.path().join("db");
+    let (code, err) = run(&[
+        "-x",
+        "libvirt",
+        "-c",
+        "qemu:///system",
+        "-l",
+        "5399",
+        "--persistdb",
+        db.to_str().unwrap(),
+        "name=www,dns=www.example.org,ip=10.0.0.1,kernel=/boot/mirage.xen,memory=64",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("the libvirt backend is not built yet (it is issue 6)"),
+        "{err}"
+    );
+    // And process keys are not libvirt's.
+    let (code, err) = run(&[
+        "-x",
+        "libvirt",
+        "name=www,dns=www.example.org,ip=10.0.0.1,command=x",
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("command = \"x\": this key is for the process backend"),
+        "{err}"
+    );
+}
+
+#[test]
+fn state_views_refuse_a_directory_that_is_no_store() {
+    let dir = Scratch::new("clist").unwrap();
+    for view in ["tree", "log"] {
+        let (code, err) = run(&["state", view, "--persistdb", dir.path().to_str().unwrap()]);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("no state store at"), "{err}");
+    }
+}

@@ -1,0 +1,507 @@
+//! jitsu-dns with the process backend in network namespaces: VMs are commands in namespaces
+//! of their own on the host namespace's `br0`; real `dig` queries boot them; the store's
+//! history is read with plain git.
+
+use std::path::Path;
+use std::process::Command;
+use std::thread;
+use std::time::Duration;
+
+use jitsu_tests::jitsu_dns::{DnsHarness, parse_dig, store_log, wait_for};
+use jitsu_tests::{bin_path, require_root, require_tool};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn prerequisites() {
+    require_root();
+    require_tool("dig", "dnsutils");
+    require_tool("git", "git");
+    require_tool("setsid", "util-linux");
+}
+
+/// Lines of the file the VM command appends its pid to at every boot.
+fn boots(path: &Path) -> Vec<u32> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect()
+}
+
+/// True if `pid` runs (a zombie does not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit(')').next().map(|r| r.trim().chars().next()))
+        .flatten()
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
+fn www(h: &DnsHarness, extra: &str) -> String {
+    let boots = h.file("boots");
+    format!(
+        "name=www,dns=www.example.org,ip=10.77.0.1/24,response_delay=0.2{extra},\
+         command='echo $$ >> {}; exec sleep 600'",
+        boots.display()
+    )
+}
+
+fn count(log: &[String], what: &str) -> usize {
+    log.iter().filter(|l| l.contains(what)).count()
+}
+
+#[test]
+fn fifty_parallel_queries_boot_once_and_the_idle_vm_stops_after_twice_the_ttl() {
+    prerequisites();
+    // kdig, not dig: under load dig 9.18 now and then reports a timeout for an answer that
+    // a capture shows on the wire within a second (measured: 2 of 3250 cold-start queries
+    // with two CPU hogs running; kdig: 0 of 2000).
+    require_tool("kdig", "knot-dnsutils");
+    let mut h = DnsHarness::new("dboot").unwrap();
+    let args = h.args(None, &["-t", "1", &www(&h, "")]);
+    h.start(&args, &[]).unwrap();
+
+    let host = h.host().name().to_string();
+    let clients: Vec<_> = (0..50)
+        .map(|_| {
+            let host = host.clone();
+            thread::spawn(move || {
+                let started = std::time::Instant::now();
+                let out = Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &host,
+                        "kdig",
+                        "+timeout=20",
+                        "+retry=0",
+                        "@127.0.0.1",
+                        "www.example.org",
+                        "A",
+                    ])
+                    .output()
+                    .unwrap();
+                let why = format!(
+                    "kdig exited {} after {:?}, stderr: {}",
+                    out.status,
+                    started.elapsed(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                (parse_dig(&String::from_utf8_lossy(&out.stdout)), why)
+            })
+        })
+        .collect();
+    for c in clients {
+        let (d, why) = c.join().unwrap();
+        assert_eq!(
+            d.status,
+            "NOERROR",
+            "{why}\n{}\njitsu-dns log:\n{}",
+            d.text,
+            h.log()
+        );
+        assert_eq!(d.addresses(), vec!["10.77.0.1"], "{}", d.text);
+        assert!(d.aa());
+    }
+    // Booted once: the VM's own record of its starts, the store's counter, the history.
+    h.wait_state("www", "running", LONG);
+    let pids = boots(&h.file("boots"));
+    assert_eq!(pids.len(), 1, "the command ran once: {pids:?}");
+    assert!(alive(pids[0]));
+    assert_eq!(h.stored("www", "starts").as_deref(), Some("1"));
+    let log = store_log(&h.db());
+    assert_eq!(count(&log, "www: off -> booting"), 1, "{log:?}");
+    // The VM is really on the bridge, with its address.
+    h.host().sh("ping -c1 -W2 10.77.0.1").unwrap();
+
+    // No more queries: stopped after 2 x TTL (TTL 1 s), in the default mode, destroy.
+    h.wait_state("www", "off", LONG);
+    let log = store_log(&h.db());
+    assert!(
+        log.iter()
+            .any(|l| l == "www: running -> stopping (idle for 2 s)"),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l == "www: stopping -> off (stopped (destroy))"),
+        "{log:?}"
+    );
+    wait_for("the VM's process to be gone", LONG, || {
+        (!alive(pids[0])).then_some(())
+    });
+    assert!(
+        !Path::new("/run/netns").join(h.vms.netns("www")).exists(),
+        "namespace removed"
+    );
+    assert_eq!(
+        h.stored("www", "requests").as_deref(),
+        Some("50"),
+        "every query counted"
+    );
+    // The stop came no sooner than 2 s after the last query (commit times are whole seconds).
+    let last_request: f64 = h.stored("www", "last_request").unwrap().parse().unwrap();
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(h.db())
+        .args(["log", "--format=%ct %s"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stopped_at: f64 = text
+        .lines()
+        .find(|l| l.contains("running -> stopping"))
+        .and_then(|l| l.split(' ').next()?.parse().ok())
+        .unwrap();
+    assert!(
+        stopped_at + 1.0 > last_request + 2.0,
+        "stopped at {stopped_at}, last query {last_request}"
+    );
+    // The next query boots it again.
+    let again = h.dig(&["www.example.org", "A"]);
+    assert_eq!(again.addresses(), vec!["10.77.0.1"]);
+    assert_eq!(boots(&h.file("boots")).len(), 2);
+}
+
+#[test]
+fn a_restarted_jitsu_dns_adopts_the_running_vm_and_never_boots_it_twice() {
+    prerequisites();
+    let mut h = DnsHarness::new("dadopt").unwrap();
+    let args = h.args(None, &["-t", "60", &www(&h, "")]);
+    h.start(&args, &[]).unwrap();
+    assert_eq!(
+        h.dig(&["www.example.org", "A"]).addresses(),
+        vec!["10.77.0.1"]
+    );
+    let pids = boots(&h.file("boots"));
+    assert_eq!(pids.len(), 1);
+    assert_eq!(h.stop().unwrap(), Some(0));
+    assert!(alive(pids[0]), "SIGTERM leaves the VMs running");
+
+    h.start(&args, &[]).unwrap();
+    let d = h.dig(&["www.example.org", "A"]);
+    assert_eq!(d.addresses(), vec!["10.77.0.1"], "{}", d.text);
+    assert_eq!(boots(&h.file("boots")), pids, "adopted, not booted again");
+    assert_eq!(h.stored("www", "starts").as_deref(), Some("1"));
+    let log = wait_for("the adoption in the history", LONG, || {
+        let log = store_log(&h.db());
+        log.iter()
+            .any(|l| l == "www: running (adopted: already running)")
+            .then_some(log)
+    });
+    assert_eq!(count(&log, "www: off -> booting"), 1, "{log:?}");
+
+    // The state views a person uses.
+    let jitsu = bin_path("jitsu-dns");
+    let db = h.db();
+    let tree = Command::new(&jitsu)
+        .args(["state", "tree", "--persistdb", db.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let tree = String::from_utf8_lossy(&tree.stdout);
+    let state_line = tree
+        .lines()
+        .find(|l| l.starts_with("/jitsu/vm/www/state."))
+        .unwrap_or_else(|| panic!("{tree}"));
+    assert!(state_line.ends_with("...running"), "{state_line}");
+    assert!(
+        tree.lines()
+            .any(|l| l.starts_with("/jitsu/vm/www/ip.") && l.ends_with("10.77.0.1")),
+        "{tree}"
+    );
+    assert!(
+        tree.lines()
+            .any(|l| l.starts_with("/jitsu/vm/www/dns/www.example.org.") && l.ends_with(".60")),
+        "{tree}"
+    );
+    let hist = Command::new(&jitsu)
+        .args(["state", "log", "--persistdb", db.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let hist = String::from_utf8_lossy(&hist.stdout);
+    assert!(
+        hist.lines()
+            .next()
+            .is_some_and(|l| l.contains("www: running (adopted: already running)")),
+        "{hist}"
+    );
+}
+
+fn suspend_and_resume(cgroup: &str) {
+    prerequisites();
+    let mut h = DnsHarness::new(&format!("dsus{cgroup}")).unwrap();
+    let args = h.args(Some(cgroup), &["-t", "1", &www(&h, ",stop_mode=suspend")]);
+    h.start(&args, &[]).unwrap();
+    assert_eq!(
+        h.dig(&["www.example.org", "A"]).addresses(),
+        vec!["10.77.0.1"]
+    );
+    let pids = boots(&h.file("boots"));
+    h.wait_state("www", "suspended", LONG);
+    let cg = h.vms.cgroup(cgroup, "www");
+    let frozen = || match cgroup {
+        "v1" => {
+            std::fs::read_to_string(cg.join("freezer.state"))
+                .unwrap()
+                .trim()
+                == "FROZEN"
+        }
+        _ => std::fs::read_to_string(cg.join("cgroup.events"))
+            .unwrap()
+            .lines()
+            .any(|l| l == "frozen 1"),
+    };
+    assert!(frozen(), "{} is frozen", cg.display());
+    assert!(alive(pids[0]), "suspended, not killed");
+    let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap();
+    assert!(
+        procs.split_whitespace().any(|p| p == pids[0].to_string()),
+        "the VM is in its cgroup"
+    );
+
+    let d = h.dig(&["www.example.org", "A"]);
+    assert_eq!(d.addresses(), vec!["10.77.0.1"], "{}", d.text);
+    h.wait_state("www", "running", LONG);
+    assert!(!frozen(), "thawed");
+    assert_eq!(boots(&h.file("boots")), pids, "resumed, not booted");
+    let log = store_log(&h.db());
+    assert!(
+        log.iter()
+            .any(|l| l == "www: running -> stopping (idle for 2 s)"),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l == "www: stopping -> suspended (stopped (suspend))"),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l == "www: suspended -> booting (resume, query from 127.0.0.1)"),
+        "{log:?}"
+    );
+    assert!(
+        log.iter().any(|l| l == "www: booting -> running (resumed)"),
+        "{log:?}"
+    );
+}
+
+#[test]
+fn suspend_freezes_the_vm_and_the_next_query_resumes_it_cgroup_v1() {
+    suspend_and_resume("v1");
+}
+
+#[test]
+fn suspend_freezes_the_vm_and_the_next_query_resumes_it_cgroup_v2() {
+    suspend_and_resume("v2");
+}
+
+#[test]
+fn shutdown_mode_delivers_sigterm() {
+    prerequisites();
+    let mut h = DnsHarness::new("dshut").unwrap();
+    let term = h.file("term");
+    let spec = format!(
+        "name=www,dns=www.example.org,ip=10.77.0.1,response_delay=0,stop_mode=shutdown,\
+         command='trap \"echo term >> {}; exit 0\" TERM; echo $$ >> {}; while :; do sleep 0.1; done'",
+        term.display(),
+        h.file("boots").display()
+    );
+    let args = h.args(Some("v2"), &["-t", "1", &spec]);
+    h.start(&args, &[]).unwrap();
+    assert_eq!(
+        h.dig(&["www.example.org", "A"]).addresses(),
+        vec!["10.77.0.1"]
+    );
+    h.wait_state("www", "off", LONG);
+    let got = std::fs::read_to_string(&term).unwrap_or_default();
+    assert_eq!(got.trim(), "term", "the VM got SIGTERM and handled it");
+    let log = store_log(&h.db());
+    assert!(
+        log.iter()
+            .any(|l| l == "www: stopping -> off (stopped (shutdown))"),
+        "{log:?}"
+    );
+    let pid = boots(&h.file("boots"))[0];
+    wait_for("the VM to be gone", LONG, || (!alive(pid)).then_some(()));
+}
+
+fn toml_vm(name: &str, n: u8, boots: &Path) -> String {
+    format!(
+        "[[vm]]\nname = \"{name}\"\ndns = \"{name}.example.org\"\nip = \"10.77.0.{n}\"\nresponse_delay = 0\n\
+         command = \"echo $$ >> {}; exec sleep 600\"\n\n",
+        boots.display()
+    )
+}
+
+#[test]
+fn sighup_adds_and_removes_vms_without_a_restart() {
+    prerequisites();
+    let mut h = DnsHarness::new("dhup").unwrap();
+    let file = h.file("jitsu.toml");
+    let (ba, bb) = (h.file("boots-a"), h.file("boots-b"));
+    std::fs::write(&file, format!("ttl = 60\n\n{}", toml_vm("a", 1, &ba))).unwrap();
+    let args = h.args(None, &["--config", file.to_str().unwrap()]);
+    h.start(&args, &[]).unwrap();
+    assert_eq!(
+        h.dig(&["a.example.org", "A"]).addresses(),
+        vec!["10.77.0.1"]
+    );
+    assert_eq!(h.dig(&["b.example.org", "A"]).status, "NXDOMAIN");
+
+    std::fs::write(
+        &file,
+        format!(
+            "ttl = 60\n\n{}{}",
+            toml_vm("a", 1, &ba),
+            toml_vm("b", 2, &bb)
+        ),
+    )
+    .unwrap();
+    h.daemon.as_ref().unwrap().signal("HUP").unwrap();
+    wait_for("b to be served after SIGHUP", LONG, || {
+        (h.dig(&["b.example.org", "A"]).addresses() == vec!["10.77.0.2"]).then_some(())
+    });
+    assert_eq!(boots(&bb).len(), 1);
+    wait_for("b's addition in the history", LONG, || {
+        store_log(&h.db())
+            .iter()
+            .any(|l| l == "configuration reloaded: added b")
+            .then_some(())
+    });
+
+    // Removing a running VM forgets it and leaves it running.
+    let a_pid = boots(&ba)[0];
+    std::fs::write(&file, format!("ttl = 60\n\n{}", toml_vm("b", 2, &bb))).unwrap();
+    h.daemon.as_ref().unwrap().signal("HUP").unwrap();
+    wait_for("a to be gone from DNS after SIGHUP", LONG, || {
+        (h.dig(&["a.example.org", "A"]).status == "NXDOMAIN").then_some(())
+    });
+    assert!(alive(a_pid), "a removed VM is left running");
+    wait_for("a's removal in the history", LONG, || {
+        store_log(&h.db())
+            .iter()
+            .any(|l| l == "configuration reloaded: removed a")
+            .then_some(())
+    });
+    assert!(
+        h.stored("a", "state").is_none(),
+        "its subtree is gone from the store"
+    );
+    // A broken file is refused and the running configuration kept.
+    std::fs::write(&file, "ttl = \"soon\"\n").unwrap();
+    h.daemon.as_ref().unwrap().signal("HUP").unwrap();
+    wait_for("the refusal to be logged", LONG, || {
+        h.log().contains("configuration not reloaded").then_some(())
+    });
+    assert_eq!(
+        h.dig(&["b.example.org", "A"]).addresses(),
+        vec!["10.77.0.2"]
+    );
+    assert!(
+        h.log().contains("jitsu.toml line 1: ttl = \"soon\""),
+        "{}",
+        h.log()
+    );
+}
+
+#[test]
+fn limits_answer_servfail_and_are_counted() {
+    prerequisites();
+    require_tool("curl", "curl");
+    let mut h = DnsHarness::new("dlim").unwrap();
+    let b = "name=b,dns=b.example.org,ip=10.77.0.2,response_delay=0,command='exec sleep 600'";
+    let args = h.args(
+        None,
+        &[
+            "--max-running",
+            "1",
+            "--metrics",
+            "127.0.0.1:9153",
+            &www(&h, ""),
+            b,
+        ],
+    );
+    h.start(&args, &[]).unwrap();
+    assert_eq!(
+        h.dig(&["www.example.org", "A"]).addresses(),
+        vec!["10.77.0.1"]
+    );
+    let refused = h.dig(&["b.example.org", "A"]);
+    assert_eq!(refused.status, "SERVFAIL", "{}", refused.text);
+    assert_eq!(h.stored("b", "starts").as_deref(), Some("0"));
+    let m = h
+        .host()
+        .sh("curl -sf http://127.0.0.1:9153/metrics")
+        .unwrap();
+    assert!(
+        m.lines()
+            .any(|l| l == "jitsu_dns_limit_refusals_total{limit=\"max_running\"} 1"),
+        "{m}"
+    );
+    assert!(
+        h.log().contains("query refused (SERVFAIL): limit reached"),
+        "{}",
+        h.log()
+    );
+}
+
+#[test]
+fn ifup_guest_leaves_the_interface_to_the_command_with_its_settings_in_the_environment() {
+    prerequisites();
+    let mut h = DnsHarness::new("difup").unwrap();
+    let env_file = h.file("env");
+    // The guest configures its own NIC, as a unikernel does, from what jitsu-dns tells it.
+    let guest = format!(
+        "ip link show $JITSU_IFACE | grep -q \\<UP\\> && echo already-up > {env}; \
+         env | grep ^JITSU_ | sort >> {env}; \
+         ip addr add $JITSU_IP/$JITSU_IP_PREFIX dev $JITSU_IFACE; \
+         ip -6 addr add $JITSU_IP6/$JITSU_IP6_PREFIX dev $JITSU_IFACE nodad; \
+         ip link set $JITSU_IFACE up; ip route add default via $JITSU_GATEWAY; exec sleep 600",
+        env = env_file.display()
+    );
+    let spec = format!(
+        "name=g,dns=g.example.org,ip=10.77.0.5/16,ip6=fd77::5/80,mac=02:77:00:00:00:05,ifup=guest,\
+         gateway=10.77.0.254,response_delay=0.3,command=\"{guest}\""
+    );
+    let args = h.args(None, &[&spec]);
+    h.start(&args, &[]).unwrap();
+    assert_eq!(
+        h.dig(&["g.example.org", "A"]).addresses(),
+        vec!["10.77.0.5"]
+    );
+    let env = wait_for("the guest's environment", LONG, || {
+        let e = std::fs::read_to_string(&env_file).ok()?;
+        e.contains("JITSU_NAME").then_some(e)
+    });
+    let want = [
+        "JITSU_GATEWAY=10.77.0.254",
+        "JITSU_IFACE=eth0",
+        "JITSU_IP6=fd77::5",
+        "JITSU_IP6_PREFIX=80",
+        "JITSU_IP=10.77.0.5",
+        "JITSU_IP_PREFIX=16",
+        "JITSU_MAC=02:77:00:00:00:05",
+        "JITSU_NAME=g",
+    ];
+    assert!(
+        !env.contains("already-up"),
+        "eth0 was down when the command started: {env}"
+    );
+    // The command also inherits jitsu-dns's own environment; these are the ones it sets.
+    let mut got: Vec<&str> = env
+        .lines()
+        .filter(|l| {
+            want.iter()
+                .any(|w| w.split('=').next() == l.split('=').next())
+        })
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, want);
+    wait_for("the guest to answer ping", LONG, || {
+        h.host().sh("ping -c1 -W1 10.77.0.5").ok()
+    });
+    // The guest's MAC is the configured one, as the bridge learnt it.
+    let fdb = h.bridge.fdb().unwrap();
+    assert!(fdb.iter().any(|e| e.mac == "02:77:00:00:00:05"), "{fdb:?}");
+}
