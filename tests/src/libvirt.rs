@@ -186,6 +186,16 @@ impl GuestImage {
     }
 }
 
+/// The process id of the QEMU running domain `name`, from libvirt's pid file, if it runs.
+pub fn qemu_pid(name: &str) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+}
+
 /// The kernel command line of the project's guest, before its `jitsu.*` keys: the console on
 /// the first serial port, and the calibrations TCG would otherwise spend a second on.
 pub const GUEST_CMDLINE: &str = "console=ttyS0 tsc_early_khz=2000000 no_timer_check quiet";

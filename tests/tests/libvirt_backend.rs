@@ -15,7 +15,7 @@ use jitsu_dns::backend::{Backend, LifecycleEvent};
 use jitsu_dns::config::{Flags, StopMode, VmConfig, merge};
 use jitsu_dns::fleet::Observed;
 use jitsu_tests::jitsu_dns::{Scratch, wait_for};
-use jitsu_tests::libvirt::{ConsoleWatch, GuestImage, GuestVm, Libvirtd, URI};
+use jitsu_tests::libvirt::{ConsoleWatch, GuestImage, GuestVm, Libvirtd, URI, qemu_pid};
 use jitsu_tests::topo::Bridge;
 use jitsu_tests::{Netns, require_root, require_tool, unique};
 
@@ -184,12 +184,7 @@ fn the_libvirt_backend_drives_real_qemu_guests() {
     assert_eq!(page(host, ip), format!("hello from {name}\n"));
 
     // Suspend: a managed save; QEMU exits and its memory is freed. Resume restores it.
-    let qemu_pid = host
-        .sh(&format!("pgrep -f 'guest={name}'"))
-        .unwrap()
-        .trim()
-        .to_string();
-    assert!(!qemu_pid.is_empty());
+    let qemu = qemu_pid(&name).expect("QEMU's pid while the guest runs");
     let t = Instant::now();
     b.stop(&vm, StopMode::Suspend).unwrap();
     let save_took = t.elapsed();
@@ -200,8 +195,8 @@ fn the_libvirt_backend_drives_real_qemu_guests() {
     let save_size = std::fs::metadata(&save).map(|m| m.len()).unwrap_or(0);
     assert!(save_size > 0, "no managed save at {}", save.display());
     assert!(
-        !std::path::Path::new(&format!("/proc/{qemu_pid}")).exists(),
-        "QEMU {qemu_pid} still runs after the managed save"
+        !std::path::Path::new(&format!("/proc/{qemu}")).exists() && qemu_pid(&name).is_none(),
+        "QEMU {qemu} still runs after the managed save"
     );
     let t = Instant::now();
     let resumed = b.resume(&vm).unwrap();
