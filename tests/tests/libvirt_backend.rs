@@ -249,6 +249,9 @@ fn the_libvirt_backend_drives_real_qemu_guests() {
     // events flow on the new connection.
     b.start(&vm).unwrap();
     events.wait(&name, "running", running);
+    assert_eq!(page(host, ip), format!("hello from {name}\n"));
+    // Every event of that start has arrived by now: what comes next is the resync's.
+    events.0.lock().unwrap().clear();
     lv.restart().unwrap();
     events.wait(&name, "running (resync after the reconnect)", running);
     assert!(running(b.state(&vm).unwrap()));
