@@ -478,13 +478,14 @@ fn no_domain(e: &virt::error::Error) -> bool {
 /// An open connection and what is registered on it.
 #[derive(Debug)]
 struct Session {
+    // Field order is drop order: the registrations (each holding a reference of its own to
+    // the connection) go first.
+    lifecycle: Mutex<Option<LifecycleRegistration>>,
+    _close: Option<CloseRegistration>,
     conn: Connect,
     hypervisor: Hypervisor,
     /// Set by the close callback.
     closed: Arc<AtomicBool>,
-    /// Dropped before `conn`, in field order: deregistered while the connection is valid.
-    lifecycle: Mutex<Option<LifecycleRegistration>>,
-    _close: Option<CloseRegistration>,
 }
 
 /// Everything the backend's threads share.
