@@ -248,6 +248,12 @@ impl GuestVm {
         }
     }
 
+    /// Joins `bridge` instead of `br0`.
+    pub fn bridge(mut self, bridge: &str) -> GuestVm {
+        self.bridge = bridge.into();
+        self
+    }
+
     /// Sends the serial console to `path` (to watch for `jitsu-guest: listening`).
     pub fn console_log(mut self, path: impl Into<PathBuf>) -> GuestVm {
         self.console_log = Some(path.into());
@@ -392,6 +398,10 @@ mod tests {
         )
         .console_log("/tmp/www.console")
         .keys("use_synjitsu=true,stop_mode=suspend");
+        assert_eq!(
+            vm.clone().bridge("xenbr1").spec(&image).split(',').nth(4),
+            Some("nic=xenbr1")
+        );
         assert_eq!(
             vm.spec(&image),
             "name=www,dns=www.example.org,ip=10.77.0.10/24,mac=02:77:00:00:00:10,nic=br0,\
