@@ -453,11 +453,14 @@ fn ifup_guest_leaves_the_interface_to_the_command_with_its_settings_in_the_envir
     let env_file = h.file("env");
     // The guest configures its own NIC, as a unikernel does, from what jitsu-dns tells it.
     let guest = format!(
-        "ip link show $JITSU_IFACE | grep -q \\<UP\\> && echo already-up > {env}; \
+        "ip -o addr show dev $JITSU_IFACE | sed s/^/addr:/ > {env}; \
+         echo operstate:$(cat /sys/class/net/$JITSU_IFACE/operstate) >> {env}; \
+         echo disable_ipv6:$(cat /proc/sys/net/ipv6/conf/$JITSU_IFACE/disable_ipv6) >> {env}; \
          env | grep ^JITSU_ | sort >> {env}; \
          ip addr add $JITSU_IP/$JITSU_IP_PREFIX dev $JITSU_IFACE; \
+         echo 0 > /proc/sys/net/ipv6/conf/$JITSU_IFACE/disable_ipv6; \
          ip -6 addr add $JITSU_IP6/$JITSU_IP6_PREFIX dev $JITSU_IFACE nodad; \
-         ip link set $JITSU_IFACE up; ip route add default via $JITSU_GATEWAY; exec sleep 600",
+         ip route add default via $JITSU_GATEWAY; exec sleep 600",
         env = env_file.display()
     );
     let spec = format!(
@@ -484,10 +487,14 @@ fn ifup_guest_leaves_the_interface_to_the_command_with_its_settings_in_the_envir
         "JITSU_MAC=02:77:00:00:00:05",
         "JITSU_NAME=g",
     ];
+    // eth0 is up (so its bridge port forwards by the time the guest speaks) but silent: no
+    // address of either family, IPv6 off until the guest turns it on.
     assert!(
-        !env.contains("already-up"),
-        "eth0 was down when the command started: {env}"
+        !env.contains("addr:"),
+        "eth0 had an address before the command configured it: {env}"
     );
+    assert!(env.contains("operstate:up"), "eth0 was not up: {env}");
+    assert!(env.contains("disable_ipv6:1"), "IPv6 was on: {env}");
     // The command also inherits jitsu-dns's own environment; these are the ones it sets.
     let mut got: Vec<&str> = env
         .lines()
