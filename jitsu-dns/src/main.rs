@@ -18,8 +18,7 @@ use tokio_util::sync::CancellationToken;
 /// (keys: name, dns (repeatable), ip, ip6, mac, response_delay, wait_for_key, wait_for,
 /// wait_for_timeout, boot_timeout, use_synjitsu, stop_mode, handover, zone, nic; process
 /// backend: command, ifup, gateway; libvirt: kernel, memory, disk, uuid, cmdline), or
-/// `[[vm]]` tables in the
-/// --config file, whose top-level keys are the long flags with `_`.
+/// `[[vm]]` tables in the --config file, whose top-level keys are the long flags with `_`.
 #[derive(Debug, Parser)]
 #[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {

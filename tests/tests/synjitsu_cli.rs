@@ -177,7 +177,7 @@ fn only_root_and_the_allowed_uid_may_use_the_control_socket() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     assert_eq!(meta.uid(), 65534, "owned by the allowed uid");
     // The parent directory must let the test users reach the socket at all.
-    std::fs::set_permissions(&host.dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(host.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let ok = hello_as(65534, &host.control);
     assert!(ok.contains(r#""type":"ok""#), "{ok}");
     // Anyone else is stopped by the file's mode...

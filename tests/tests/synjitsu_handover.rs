@@ -179,7 +179,7 @@ fn handover(v6: bool, delay: Duration, abuse: bool) -> Result<Outcome> {
                 .then_some(())
         },
     )?;
-    let capture = Capture::start(&client.ns, "eth0", &host.dir.0, "cli")?;
+    let capture = Capture::start(&client.ns, "eth0", host.dir.path(), "cli")?;
 
     let url = if v6 {
         "http://[fd77:1::10]/"

@@ -118,7 +118,7 @@ fn scenario() -> Result<()> {
         .filter(|l| l.contains("neighbor solicitation, who has fd77:1::10"))
         .count();
     ensure!(arp_q > 0 && ns_q > 0, "who-has.pcap: {who:?}");
-    let cap = Capture::start(&rp.ns, "eth0", &host.dir.0, "rpl")?;
+    let cap = Capture::start(&rp.ns, "eth0", host.dir.path(), "rpl")?;
     replay(&rp, "who-has.pcap")?;
     reaches(
         &host,

@@ -118,7 +118,7 @@ fn scenario() -> Result<()> {
                 .then_some(())
         },
     )?;
-    let capture = Capture::start(&client.ns, "eth0", &dir.0, "cli")?;
+    let capture = Capture::start(&client.ns, "eth0", dir.path(), "cli")?;
     // No guest comes up: curl gives up; its SYN stays in Xenstore for the guest.
     let _ = client
         .ns

@@ -113,7 +113,6 @@ fn debian_clients_read_the_original_layout() {
     // nobody else sees anything.
     let perms = xs_cmd(&xs, "xenstore-ls", &["-p", "/ip/10-0-0-1/80"]);
     assert!(perms.contains("(n0,b7)"), "permissions were: {perms}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -136,11 +135,8 @@ fn the_tests_xenstored_answers_what_xenstore_tools_ask() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "reading a removed node must fail");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn tempdir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(jitsu_tests::unique("xs"));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tempdir() -> jitsu_tests::Scratch {
+    jitsu_tests::Scratch::new("xs").unwrap()
 }
