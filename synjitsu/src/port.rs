@@ -20,6 +20,9 @@ use std::process::Command;
 
 use shared_proto::Mac;
 
+/// The MAC of the bridge-side end of synjitsu's pair: never the lowest on a bridge.
+pub const OUTER_MAC: &str = "fe:ff:ff:ff:ff:ff";
+
 /// The longest interface name Linux accepts.
 const IFNAMSIZ_MAX: usize = 15;
 
@@ -154,6 +157,11 @@ impl Port {
             run(&["ip", "link", "del", &names.inner])?;
         }
         let mtu = read_sys(&format!("{sys}/mtu"))?;
+        // A bridge whose address was never set takes the lowest MAC of its ports, and changes
+        // it when ports come and go: a random MAC on synjitsu's port could become the host's
+        // own address on the bridge, and its clients' ARP caches would be wrong whenever
+        // synjitsu starts or stops. The outer end never sends from its own MAC, so it gets
+        // the highest unicast one, as Xen gives every vif backend.
         run(&[
             "ip",
             "link",
@@ -168,6 +176,8 @@ impl Port {
             &names.outer,
             "mtu",
             &mtu,
+            "address",
+            OUTER_MAC,
         ])?;
         let mut port = Port {
             bridge: bridge.to_string(),
