@@ -512,3 +512,37 @@ fn ifup_guest_leaves_the_interface_to_the_command_with_its_settings_in_the_envir
     let fdb = h.bridge.fdb().unwrap();
     assert!(fdb.iter().any(|e| e.mac == "02:77:00:00:00:05"), "{fdb:?}");
 }
+
+#[test]
+fn vms_coming_and_going_never_change_the_bridges_own_mac() {
+    prerequisites();
+    // A bridge whose address was never set takes the lowest MAC of its ports. With one
+    // member on a high MAC, a VM port with a random MAC would most likely become the bridge's,
+    // and the host's own address on the bridge would move at each boot and stop, leaving
+    // every client's ARP cache wrong (seen: DNS queries to br0 lost for seconds).
+    let mut h = DnsHarness::new("dmac").unwrap();
+    let member = h.bridge.join("m", None, &[], true).unwrap();
+    h.host()
+        .sh(&format!(
+            "ip link set {} address f0:00:00:00:00:10",
+            member.port
+        ))
+        .unwrap();
+    let mac = |h: &DnsHarness| h.host().sh("cat /sys/class/net/br0/address").unwrap();
+    let before = mac(&h);
+    assert_eq!(
+        before.trim(),
+        "f0:00:00:00:00:10",
+        "the member's port is the lowest"
+    );
+    let args = h.args(None, &["-t", "1", &www(&h, "")]);
+    h.start(&args, &[]).unwrap();
+    assert_eq!(
+        h.dig(&["www.example.org", "A"]).addresses(),
+        vec!["10.77.0.1"]
+    );
+    h.wait_state("www", "running", LONG);
+    assert_eq!(mac(&h), before, "a VM's port changed the bridge's MAC");
+    h.wait_state("www", "off", LONG);
+    assert_eq!(mac(&h), before, "a VM's stop changed the bridge's MAC");
+}

@@ -491,6 +491,9 @@ echo $$ > "$JITSU_PIDFILE" || exit 1
 exec env -u JITSU_CGROUP_PROCS -u JITSU_PIDFILE -u JITSU_NETNS -u JITSU_COMMAND \
   ip netns exec "$JITSU_NETNS" sh -c "$JITSU_COMMAND""#;
 
+/// The MAC of every VM's bridge port (never the lowest on a bridge; it sends nothing).
+const PORT_MAC: &str = "fe:ff:ff:ff:ff:ff";
+
 /// Runs inside the VM's namespace first: `eth0` up with no address and IPv6 off, so the
 /// guest's MAC stays silent while the bridge port behind it starts forwarding. (A frame sent
 /// the instant a veth comes up, such as `arp_notify`'s gratuitous ARP, reaches a bridge port
@@ -818,10 +821,14 @@ impl Backend for ProcessBackend {
                 .map_err(|e| err("create cgroup", format!("{}: {e}", n.cgroup.display())))?;
             run(Command::new("ip").args(["netns", "add", &n.netns]))
                 .map_err(|d| err("create namespace", d))?;
+            // The host side takes the highest unicast MAC, as Xen gives every vif backend: a
+            // bridge whose address was never set takes the lowest MAC of its ports, and a
+            // random one here would move the host's own MAC on the bridge each time a VM
+            // boots or stops, leaving its clients' ARP caches wrong.
             ip_batch(
                 &[],
                 &format!(
-                    "link add {port} type veth peer name {GUEST_IFACE} netns {ns}\nlink set {port} master {nic}\n",
+                    "link add {port} address {PORT_MAC} type veth peer name {GUEST_IFACE} netns {ns}\nlink set {port} master {nic}\n",
                     port = n.port,
                     ns = n.netns,
                     nic = vm.nic
