@@ -147,6 +147,11 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        // JITSU_KEEP=1 keeps logs, stores and captures for a post-mortem.
+        if std::env::var_os("JITSU_KEEP").is_some() {
+            eprintln!("kept {}", self.dir.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
