@@ -3,3 +3,6 @@
 
 #[allow(unsafe_code)]
 pub mod packet;
+
+#[allow(unsafe_code)]
+pub mod netlink;
