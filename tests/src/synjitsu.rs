@@ -109,6 +109,22 @@ impl SynjitsuHost {
         Ok(host)
     }
 
+    /// Waits until the bridge steers `mac` to synjitsu's port with a static entry.
+    pub fn wait_steered(&self, mac: &str) -> Result<()> {
+        wait_for(
+            Duration::from_secs(10),
+            &format!("{mac} steered to synjitsu"),
+            || {
+                self.bridge
+                    .fdb()
+                    .ok()?
+                    .iter()
+                    .any(|e| e.mac == mac && e.is_static && e.port == "syj-br0-p")
+                    .then_some(())
+            },
+        )
+    }
+
     /// The metrics text, scraped with curl inside the host namespace.
     pub fn metrics(&self) -> Result<String> {
         self.bridge

@@ -94,18 +94,7 @@ fn scenario() -> Result<()> {
     ctl.ok(ClientMessage::Booting {
         vm: www(Handover::Wire),
     })?;
-    wait_for(
-        Duration::from_secs(10),
-        "the VM's MAC steered to synjitsu",
-        || {
-            host.bridge
-                .fdb()
-                .ok()?
-                .iter()
-                .any(|e| e.mac == VM_MAC && e.is_static && e.port == "syj-br0-p")
-                .then_some(())
-        },
-    )?;
+    host.wait_steered(VM_MAC)?;
 
     // who-has: every ARP request and solicitation for the VM answered with its MAC.
     let who = listing("who-has.pcap")?;

@@ -8,6 +8,8 @@ use std::io;
 use std::mem::{size_of, zeroed};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+use super::check;
+
 /// `NLMSG_ERROR`: an ACK (error 0) or a failure (negative errno).
 const NLMSG_ERROR: u16 = 2;
 /// `NLMSG_DONE`: the end of a dump.
@@ -19,14 +21,6 @@ pub const NLMSG_HDRLEN: usize = 16;
 #[derive(Debug)]
 pub struct NetlinkSocket {
     fd: OwnedFd,
-}
-
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
 }
 
 impl NetlinkSocket {
