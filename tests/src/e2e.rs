@@ -249,15 +249,6 @@ impl Stack {
             &resolv.0,
             format!("nameserver {DNS_ADDR}\noptions timeout:10 attempts:1\n"),
         )?;
-        if opts.client_knows_macs {
-            for vm in &vms {
-                client.ns.sh(&format!(
-                    "ip neigh replace {} lladdr {} dev eth0 nud stale",
-                    vm.ip,
-                    vm.mac()
-                ))?;
-            }
-        }
         let process_vms = ProcessVms::new(tag, dir.join("run"));
         let mut stack = Stack {
             jitsu: None,
@@ -512,6 +503,16 @@ impl Stack {
     }
 
     fn fetch(&self, vm: &Vm, host: &str) -> Result<ColdStart> {
+        if self.opts.client_knows_macs {
+            // Set just before each fetch: the kernel collects stale entries after a minute
+            // once it holds more than 128, and a client that must ARP instead sends its SYN
+            // only when the guest's gratuitous ARP arrives: another experiment.
+            self.client.ns.sh(&format!(
+                "ip neigh replace {} lladdr {} dev eth0 nud stale",
+                vm.ip,
+                vm.mac()
+            ))?;
+        }
         // On `any`, so each frame says whether the client sent it (`Out`) or received it: a
         // SYN synjitsu re-sends to the guest may be flooded back to the client's port.
         let capture = Capture::start(&self.client.ns, "any", self.dir.path(), "cold")?;

@@ -20,7 +20,7 @@ use jitsu_tests::jitsu_dns::dig;
 fn usage() -> ! {
     eprintln!(
         "usage: jitsu-e2e demo [--boot-ms N]\n       \
-         jitsu-e2e bench [--runs N] [--boot-ms A,B,...] [--modes none,delay,announce,synjitsu]"
+         jitsu-e2e bench [--runs N] [--boot-ms A,B,...] [--modes none,delay,announce,synjitsu] [--arp]"
     );
     std::process::exit(2)
 }
@@ -29,6 +29,8 @@ struct Args {
     runs: usize,
     boots: Vec<u64>,
     modes: Vec<Mask>,
+    /// The client starts without the VMs' MACs and must ARP for them.
+    arp: bool,
 }
 
 fn parse(args: &[String], default_boots: &[u64], default_runs: usize) -> Result<Args> {
@@ -36,6 +38,7 @@ fn parse(args: &[String], default_boots: &[u64], default_runs: usize) -> Result<
         runs: default_runs,
         boots: default_boots.to_vec(),
         modes: Mask::ALL.to_vec(),
+        arp: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -60,6 +63,7 @@ fn parse(args: &[String], default_boots: &[u64], default_runs: usize) -> Result<
                     })
                     .collect::<Result<_>>()?;
             }
+            "--arp" => a.arp = true,
             "-h" | "--help" => usage(),
             other => bail!("unknown argument {other:?} (try --help)"),
         }
@@ -173,11 +177,22 @@ fn bench(a: Args) -> Result<()> {
     }
     println!(
         "bench/cold-start: {} cold starts per mode and boot time ({} in all), process backend, \
-         test guest, both daemons on one bridge; each cold start on a VM of its own.",
+         test guest, both daemons on one bridge; each cold start on a VM of its own. {}",
         a.runs,
-        plan.len()
+        plan.len(),
+        if a.arp {
+            "The client starts without the VMs' MACs: it ARPs for each, and sends its SYN \
+             when the guest's gratuitous ARP answers."
+        } else {
+            "The client has each VM's MAC in its neighbour cache, as a client that used it \
+             before: its SYN leaves at once."
+        }
     );
-    let stack = Stack::start("bench", vms.clone(), Options::default())?;
+    let opts = Options {
+        client_knows_macs: !a.arp,
+        ..Options::default()
+    };
+    let stack = Stack::start("bench", vms.clone(), opts)?;
     let mut results: Vec<(u64, Mask, ColdStart)> = Vec::new();
     let started = Instant::now();
     for (i, (n, b, m)) in plan.iter().enumerate() {
