@@ -33,6 +33,8 @@ pub const DEFAULT_DELAY: Duration = Duration::from_millis(100);
 pub const DEFAULT_TTL: u32 = 60;
 /// Default wait for a readiness key or a guest's announcement before answering anyway.
 pub const DEFAULT_WAIT_FOR_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a synjitsu-tracked guest has to announce itself before its boot is failed.
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default bridge a process-backend VM joins.
 pub const DEFAULT_NIC: &str = "br0";
 /// Default log filter.
@@ -225,6 +227,10 @@ pub struct VmConfig {
     pub wait_for_timeout: Duration,
     /// Masking by synjitsu holding the SYNs.
     pub use_synjitsu: bool,
+    /// A synjitsu-tracked guest that has not announced itself this long after the backend
+    /// started it never came up: it is destroyed and marked failed, and the next query boots
+    /// it again.
+    pub boot_timeout: Duration,
     /// How the VM is stopped when idle.
     pub stop_mode: StopMode,
     /// How synjitsu hands over held SYNs.
@@ -926,6 +932,7 @@ const COMMON_KEYS: &[&str] = &[
     "wait_for_key",
     "wait_for",
     "wait_for_timeout",
+    "boot_timeout",
     "use_synjitsu",
     "stop_mode",
     "handover",
@@ -976,9 +983,9 @@ fn build_vm(entries: &[Entry], d: VmDefaults) -> Result<VmConfig, ConfigError> {
                 &e.key,
                 &e.value,
                 "unknown key; VMs take name, dns, ip, ip6, mac, response_delay, wait_for_key, \
-                 wait_for, wait_for_timeout, use_synjitsu, stop_mode, handover, zone, nic, and \
-                 for the process backend command, ifup, gateway, for libvirt kernel, initrd, \
-                 memory, disk, uuid, cmdline, console_log, domain_type",
+                 wait_for, wait_for_timeout, boot_timeout, use_synjitsu, stop_mode, handover, \
+                 zone, nic, and for the process backend command, ifup, gateway, for libvirt \
+                 kernel, initrd, memory, disk, uuid, cmdline, console_log, domain_type",
             ));
         }
         let (wrong, right) = match d.backend {
@@ -1117,6 +1124,21 @@ fn build_vm(entries: &[Entry], d: VmDefaults) -> Result<VmConfig, ConfigError> {
             t
         }
         None => DEFAULT_WAIT_FOR_TIMEOUT,
+    };
+    let boot_timeout = match get("boot_timeout") {
+        Some(e) => {
+            let t = parse_seconds(&e.origin, "boot_timeout", &e.value)?;
+            if t.is_zero() {
+                return Err(invalid(
+                    &e.origin,
+                    "boot_timeout",
+                    &e.value,
+                    "must be more than zero",
+                ));
+            }
+            t
+        }
+        None => DEFAULT_BOOT_TIMEOUT,
     };
     let use_synjitsu = match get("use_synjitsu") {
         Some(e) => parse_bool(&e.origin, "use_synjitsu", &e.value)?,
@@ -1280,6 +1302,7 @@ fn build_vm(entries: &[Entry], d: VmDefaults) -> Result<VmConfig, ConfigError> {
         wait_for_key,
         wait_for,
         wait_for_timeout,
+        boot_timeout,
         use_synjitsu,
         stop_mode,
         handover,
@@ -1741,6 +1764,7 @@ mod tests {
         assert_eq!(vm.ifup, Ifup::Jitsu);
         assert_eq!(vm.nic, "br0");
         assert_eq!(vm.wait_for_timeout, DEFAULT_WAIT_FOR_TIMEOUT);
+        assert_eq!(vm.boot_timeout, DEFAULT_BOOT_TIMEOUT);
         assert!(!vm.use_synjitsu && vm.wait_for.is_none() && vm.wait_for_key.is_none());
         assert_eq!(c.zones.len(), 1);
         assert_eq!(c.zones[0].name, Name::from_ascii("example.org.").unwrap());
@@ -1809,7 +1833,8 @@ mod tests {
         let spec = "name=mirage,dns=Mirage.Example.org,dns=m.example.org,ip=10.0.0.2/16,\
                     ip6=fd00::2/80,mac=00:16:3e:00:00:02,response_delay=0.5,\
                     wait_for_key=/local/domain/7/data/ready,wait_for=announce,\
-                    wait_for_timeout=3,use_synjitsu=yes,stop_mode=shutdown,handover=wire,\
+                    wait_for_timeout=3,boot_timeout=4.5,use_synjitsu=yes,stop_mode=shutdown,\
+                    handover=wire,\
                     ifup=guest,gateway=10.0.0.254,nic=br1,command='sh -c \"a, b\"',\
                     zone=example.org";
         let c = ok(&flags(&[spec]));
@@ -1828,6 +1853,7 @@ mod tests {
         );
         assert_eq!(vm.wait_for, Some(WaitFor::Announce));
         assert_eq!(vm.wait_for_timeout, Duration::from_secs(3));
+        assert_eq!(vm.boot_timeout, Duration::from_millis(4500));
         assert!(vm.use_synjitsu && vm.synjitsu_tracked());
         assert_eq!(vm.stop_mode, StopMode::Shutdown);
         assert_eq!(vm.ifup, Ifup::Guest);
@@ -1951,6 +1977,11 @@ mod tests {
             (
                 "name=www,dns=www.example.org,ip=10.0.0.1,wait_for_timeout=0,command=x",
                 "wait_for_timeout = \"0\"",
+                "more than zero",
+            ),
+            (
+                "name=www,dns=www.example.org,ip=10.0.0.1,boot_timeout=0,command=x",
+                "boot_timeout = \"0\"",
                 "more than zero",
             ),
             (

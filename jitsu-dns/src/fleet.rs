@@ -20,7 +20,10 @@
 //!   in its `stop_mode` (packets only sent to it, like the bridge's floods, do not count);
 //! - at most `max_running` VMs booting, running or stopping, and at most
 //!   `max_boots_per_second` boots: past either, the query gets SERVFAIL;
-//! - a failed boot answers its waiting queries SERVFAIL and the next query retries;
+//! - a failed boot answers its waiting queries SERVFAIL and the next query retries; a guest
+//!   tracked by synjitsu that has not announced itself `boot_timeout` after the backend
+//!   started it never came up: it is destroyed and marked failed (synjitsu answers the SYNs
+//!   it held with RSTs at its own limit), and the next query boots it again;
 //! - a VM the backend reports running is adopted, never booted twice.
 //!
 //! The fleet does not know DNS: the shell answers queries for running VMs itself from a table
@@ -453,10 +456,17 @@ enum Life {
     Off,
     Failed,
     Booting(Boot),
-    Running { since: Instant },
+    Running {
+        since: Instant,
+    },
     Suspended,
     Paused,
-    Stopping { mode: StopMode, pending_wake: bool },
+    Stopping {
+        mode: StopMode,
+        pending_wake: bool,
+        /// The stop ends a boot that never came up: it lands in `Failed`, not `Off`.
+        failed: bool,
+    },
 }
 
 impl Life {
@@ -487,6 +497,9 @@ struct Vm {
     requests: u64,
     starts: u64,
     last_start: Option<Instant>,
+    /// While a synjitsu-tracked guest runs without having announced itself: when its boot
+    /// is failed. Cleared by its announcement and by every change of `life`.
+    unconfirmed_until: Option<Instant>,
 }
 
 /// A read-only view of one VM, for the store and the shell.
@@ -623,7 +636,12 @@ impl Fleet {
                         consider(t);
                     }
                 }
-                Life::Running { since } => consider(vm.idle_since(*since) + self.idle_limit()),
+                Life::Running { since } => {
+                    consider(vm.idle_since(*since) + self.idle_limit());
+                    if let Some(t) = vm.unconfirmed_until {
+                        consider(t);
+                    }
+                }
                 _ => {}
             }
         }
@@ -722,6 +740,7 @@ impl Fleet {
                 let names: Vec<VmName> = self.vms.keys().cloned().collect();
                 for name in names {
                     self.settle(now, &name, &mut out);
+                    self.check_unconfirmed(now, &name, &mut out);
                     self.check_idle(now, &name, &mut out);
                 }
                 if self.counters_dirty && now >= self.last_flush + self.settings.flush_every {
@@ -791,6 +810,8 @@ impl Fleet {
             Event::SynjitsuDown => {
                 self.synjitsu_up = false;
                 for vm in self.vms.values_mut() {
+                    // Nobody can report its announcement now: give it the benefit of the doubt.
+                    vm.unconfirmed_until = None;
                     if let Life::Booting(b) = &mut vm.life
                         && !b.acked
                     {
@@ -822,11 +843,13 @@ impl Fleet {
                 }
             }
             Event::GuestAnnounced { vm } => {
-                if let Some(v) = self.vms.get_mut(&vm)
-                    && let Life::Booting(b) = &mut v.life
-                {
-                    b.announced = true;
-                    self.settle(now, &vm, &mut out);
+                if let Some(v) = self.vms.get_mut(&vm) {
+                    // Answered early (synjitsu held its SYNs), it is confirmed now.
+                    v.unconfirmed_until = None;
+                    if let Life::Booting(b) = &mut v.life {
+                        b.announced = true;
+                        self.settle(now, &vm, &mut out);
+                    }
                 }
             }
             Event::KeyAppeared { vm } => {
@@ -1130,10 +1153,17 @@ impl Fleet {
         let Some(vm) = self.vms.get_mut(name) else {
             return;
         };
-        let Life::Stopping { mode, pending_wake } = vm.life else {
+        let Life::Stopping {
+            mode,
+            pending_wake,
+            failed,
+        } = vm.life
+        else {
             return;
         };
-        let to = if mode == StopMode::Suspend {
+        let to = if failed {
+            Life::Failed
+        } else if mode == StopMode::Suspend {
             Life::Suspended
         } else {
             Life::Off
@@ -1354,6 +1384,7 @@ impl Fleet {
 
     /// Answers and promotes a booting VM whose masking condition is met.
     fn settle(&mut self, now: Instant, name: &VmName, out: &mut Vec<Command>) {
+        let syn_up = self.synjitsu_up;
         let Some(vm) = self.vms.get_mut(name) else {
             return;
         };
@@ -1377,7 +1408,17 @@ impl Fleet {
         }
         let took = (b.kind == BootKind::Fresh).then(|| now.duration_since(b.since));
         let key_watched = b.key_watched;
+        // Only synjitsu can tell that the guest came up; while it can, a guest that never
+        // announces itself is a boot that failed.
+        let unconfirmed = (b.kind == BootKind::Fresh
+            && vm.cfg.synjitsu_tracked()
+            && !b.announced
+            && !b.syn_unavailable
+            && syn_up)
+            .then(|| b.started.map(|s| s + vm.cfg.boot_timeout))
+            .flatten();
         vm.set_life(Life::Running { since: now });
+        vm.unconfirmed_until = unconfirmed;
         vm.last_traffic = None;
         if key_watched {
             out.push(Command::UnwatchKey { vm: name.clone() });
@@ -1392,6 +1433,42 @@ impl Fleet {
             Lifecycle::Running,
             reason.into(),
             took,
+        ));
+    }
+
+    /// Fails a synjitsu-tracked boot whose guest never announced itself: destroyed, then
+    /// `Failed`, so the next query (or SYN) boots it again.
+    fn check_unconfirmed(&mut self, now: Instant, name: &VmName, out: &mut Vec<Command>) {
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        if !matches!(vm.life, Life::Running { .. }) || vm.unconfirmed_until.is_none_or(|t| now < t)
+        {
+            return;
+        }
+        let limit = vm.cfg.boot_timeout;
+        vm.set_life(Life::Stopping {
+            mode: StopMode::Destroy,
+            pending_wake: false,
+            failed: true,
+        });
+        out.push(Command::Serve {
+            vm: name.clone(),
+            direct: false,
+        });
+        out.push(Command::Stop {
+            vm: vm.cfg.clone(),
+            mode: StopMode::Destroy,
+        });
+        out.push(persist(
+            name,
+            Lifecycle::Running,
+            Lifecycle::Stopping,
+            format!(
+                "the guest did not announce itself within {} of its start",
+                fmt_duration(limit)
+            ),
+            None,
         ));
     }
 
@@ -1410,6 +1487,7 @@ impl Fleet {
         vm.set_life(Life::Stopping {
             mode,
             pending_wake: false,
+            failed: false,
         });
         out.push(Command::Serve {
             vm: name.clone(),
@@ -1527,12 +1605,14 @@ impl Vm {
             requests: 0,
             starts: 0,
             last_start: None,
+            unconfirmed_until: None,
         }
     }
 
     fn set_life(&mut self, life: Life) {
         self.life = life;
         self.epoch += 1;
+        self.unconfirmed_until = None;
     }
 
     /// The start of the current idle period of a VM running since `since`.
@@ -2363,6 +2443,71 @@ mod tests {
         let out = query(&mut f, t0 + MS * 2, "www", 3);
         assert_eq!(starts(&out), 1);
         assert_eq!(f.view("www").unwrap().starts, 2);
+    }
+
+    #[test]
+    fn a_synjitsu_guest_that_never_announces_itself_is_failed_and_retried() {
+        let boot = |f: &mut Fleet, t: Instant, id: u64| {
+            let out = query(f, t, "www", id);
+            let (tag, _) = synjitsu(&out)[0].clone();
+            f.handle(t, Event::SynjitsuReplied { tag, ok: true });
+            f.handle(
+                t + MS,
+                Event::Started {
+                    vm: name("www"),
+                    domid: None,
+                },
+            );
+        };
+        let (mut f, t0) = fleet(
+            &[spec("www", 1, ",use_synjitsu=true,boot_timeout=1.5")],
+            settings(),
+        );
+        f.handle(t0, Event::SynjitsuUp);
+        boot(&mut f, t0, 1);
+        assert_eq!(f.state("www"), Some(Lifecycle::Running));
+        assert_eq!(f.poll_at(), Some(t0 + MS * 1501));
+        assert!(stops(&tick(&mut f, t0 + MS * 1500)).is_empty());
+        let out = tick(&mut f, t0 + MS * 1501);
+        assert_eq!(stops(&out), vec![StopMode::Destroy]);
+        assert_eq!(
+            lifecycle(&out)[0].2,
+            "the guest did not announce itself within 1.5 s of its start"
+        );
+        assert_eq!(serve(&out), Some(false), "no longer answered directly");
+        let out = f.handle(t0 + MS * 1510, Event::Stopped { vm: name("www") });
+        assert_eq!(f.state("www"), Some(Lifecycle::Failed));
+        assert!(
+            synjitsu(&out)
+                .iter()
+                .any(|(_, m)| matches!(m, ClientMessage::Stopped { .. })),
+            "synjitsu holds and wakes for it again"
+        );
+        // The next query boots it again.
+        let out = query(&mut f, t0 + MS * 1600, "www", 2);
+        assert_eq!(starts(&out), 1);
+        assert_eq!(f.view("www").unwrap().starts, 2);
+
+        // A guest that announces itself, even after the answer, is never failed.
+        let (mut f, t0) = fleet(
+            &[spec("www", 1, ",use_synjitsu=true,boot_timeout=1.5")],
+            settings(),
+        );
+        f.handle(t0, Event::SynjitsuUp);
+        boot(&mut f, t0, 1);
+        f.handle(t0 + MS * 300, Event::GuestAnnounced { vm: name("www") });
+        assert!(stops(&tick(&mut f, t0 + MS * 1600)).is_empty());
+        assert_eq!(f.state("www"), Some(Lifecycle::Running));
+
+        // Nor when synjitsu, the only witness, went away.
+        let (mut f, t0) = fleet(
+            &[spec("www", 1, ",use_synjitsu=true,boot_timeout=1.5")],
+            settings(),
+        );
+        f.handle(t0, Event::SynjitsuUp);
+        boot(&mut f, t0, 1);
+        f.handle(t0 + MS * 300, Event::SynjitsuDown);
+        assert!(stops(&tick(&mut f, t0 + MS * 1600)).is_empty());
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! socket is bound to; and the bridge's forwarding entries that steer booting guests' MACs
 //! to it.
 //!
-//! Owns set-up and removal of the pair and the forwarding-table commands. It uses iproute2's
-//! `ip` and `bridge` (never on the per-packet path). Why learning is off on the port:
+//! Owns set-up and removal of the pair (with iproute2's `ip` and `bridge`, at start and exit)
+//! and the forwarding-table changes (over netlink, [`Fdb`]: they are on the hand-over path). Why learning is off on the port:
 //! synjitsu re-sends client SYNs with the client's MAC as source and answers with the guest's
 //! MAC; with learning on, the bridge would move those MACs to synjitsu's port and the guest's
 //! SYN-ACK would come back here instead of reaching the client. Instead each booting guest's
@@ -19,6 +19,12 @@ use std::path::Path;
 use std::process::Command;
 
 use shared_proto::Mac;
+
+use crate::fdb;
+use crate::sys::netlink::NetlinkSocket;
+
+/// The MAC of the bridge-side end of synjitsu's pair: never the lowest on a bridge.
+pub const OUTER_MAC: &str = "fe:ff:ff:ff:ff:ff";
 
 /// The longest interface name Linux accepts.
 const IFNAMSIZ_MAX: usize = 15;
@@ -48,6 +54,15 @@ pub enum PortError {
         cmd: String,
         /// What it said.
         stderr: String,
+    },
+    /// A netlink request on the forwarding table failed.
+    #[error("forwarding table ({what}): {source}")]
+    Netlink {
+        /// The request.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
     /// A sysfs or procfs file could not be read or written.
     #[error("{path}: {source}")]
@@ -154,6 +169,11 @@ impl Port {
             run(&["ip", "link", "del", &names.inner])?;
         }
         let mtu = read_sys(&format!("{sys}/mtu"))?;
+        // A bridge whose address was never set takes the lowest MAC of its ports, and changes
+        // it when ports come and go: a random MAC on synjitsu's port could become the host's
+        // own address on the bridge, and its clients' ARP caches would be wrong whenever
+        // synjitsu starts or stops. The outer end never sends from its own MAC, so it gets
+        // the highest unicast one, as Xen gives every vif backend.
         run(&[
             "ip",
             "link",
@@ -168,6 +188,8 @@ impl Port {
             &names.outer,
             "mtu",
             &mtu,
+            "address",
+            OUTER_MAC,
         ])?;
         let mut port = Port {
             bridge: bridge.to_string(),
@@ -258,71 +280,95 @@ impl Drop for Port {
     }
 }
 
-/// Points `mac` at synjitsu's port with a static entry.
-pub async fn steer(bridge_port: &str, mac: Mac) -> Result<(), PortError> {
-    run_async(&[
-        "bridge",
-        "fdb",
-        "replace",
-        &mac.to_string(),
-        "dev",
-        bridge_port,
-        "master",
-        "static",
-    ])
-    .await
-    .map(|_| ())
+/// The bridge's forwarding table, changed over netlink (see [`crate::fdb`]).
+#[derive(Debug)]
+pub struct Fdb {
+    sock: NetlinkSocket,
+    seq: u32,
+    bridge_ifindex: u32,
+    port_ifindex: u32,
 }
 
-/// Removes the static entries for `mac` on `bridge`, wherever they point now.
-pub async fn release(bridge: &str, mac: Mac) -> Result<(), PortError> {
-    let listing = run_async(&["bridge", "fdb", "show", "br", bridge]).await?;
-    let want = mac.to_string();
-    for line in listing.lines() {
-        let w: Vec<&str> = line.split_whitespace().collect();
-        if w.first().map(|m| m.to_lowercase()) != Some(want.clone())
-            || !w.contains(&"static")
-            || w.contains(&"permanent")
-        {
-            continue;
-        }
-        let Some(dev) = w
-            .iter()
-            .position(|x| *x == "dev")
-            .and_then(|i| w.get(i + 1))
-        else {
-            continue;
-        };
-        let mut args = vec!["bridge", "fdb", "del", &want, "dev", dev, "master"];
-        if let Some(v) = w
-            .iter()
-            .position(|x| *x == "vlan")
-            .and_then(|i| w.get(i + 1))
-        {
-            args.extend(["vlan", v]);
-        }
-        run_async(&args).await?;
-    }
-    Ok(())
+fn ifindex_of(dev: &str) -> Result<u32, PortError> {
+    let path = format!("/sys/class/net/{dev}/ifindex");
+    read_sys(&path)?.parse().map_err(|_| PortError::Sys {
+        path,
+        source: std::io::Error::other("not a number"),
+    })
 }
 
-async fn run_async(args: &[&str]) -> Result<String, PortError> {
-    let cmd = args.join(" ");
-    let out = tokio::process::Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .await
-        .map_err(|source| PortError::Spawn {
-            cmd: cmd.clone(),
+impl Fdb {
+    /// Opens a netlink socket for `bridge`, whose port `bridge_port` is synjitsu's.
+    pub fn open(bridge: &str, bridge_port: &str) -> Result<Fdb, PortError> {
+        let sock = NetlinkSocket::open().map_err(|source| PortError::Netlink {
+            what: "open",
             source,
         })?;
-    if !out.status.success() {
-        return Err(PortError::Command {
-            cmd,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+        Ok(Fdb {
+            sock,
+            seq: 0,
+            bridge_ifindex: ifindex_of(bridge)?,
+            port_ifindex: ifindex_of(bridge_port)?,
+        })
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    /// Points `mac` at synjitsu's port with a static entry.
+    pub fn steer(&mut self, mac: Mac) -> Result<(), PortError> {
+        let seq = self.next_seq();
+        self.sock
+            .transact(&fdb::steer_request(seq, self.port_ifindex, mac), seq, false)
+            .map(|_| ())
+            .map_err(|source| PortError::Netlink {
+                what: "steer",
+                source,
+            })
+    }
+
+    /// Removes the static entries for `mac` on the bridge, wherever they point now.
+    pub fn release(&mut self, mac: Mac) -> Result<(), PortError> {
+        let seq = self.next_seq();
+        let dumped = self
+            .sock
+            .transact(&fdb::dump_request(seq), seq, true)
+            .map_err(|source| PortError::Netlink {
+                what: "dump",
+                source,
+            })?;
+        let bridge = self.bridge_ifindex;
+        let ours: Vec<fdb::FdbEntry> = dumped
+            .iter()
+            .filter_map(|m| fdb::parse_entry(m))
+            .filter(|e| {
+                e.mac == mac
+                    && e.is_static
+                    && e.ifindex != bridge
+                    && e.master.is_none_or(|m| m == bridge)
+            })
+            .collect();
+        for e in ours {
+            let seq = self.next_seq();
+            match self
+                .sock
+                .transact(&fdb::delete_request(seq, &e), seq, false)
+            {
+                Ok(_) => {}
+                // Gone meanwhile (its port went away): what we wanted.
+                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(source) => {
+                    return Err(PortError::Netlink {
+                        what: "delete",
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

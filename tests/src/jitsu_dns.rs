@@ -9,49 +9,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub use crate::Scratch;
 use crate::topo::{Bridge, Daemon};
 use crate::{Netns, bin_path, unique};
 
-/// Polls `f` every 20 ms until it returns `Some`, or fails the test after `timeout` saying
-/// what it waited for.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(t) = f() {
-            return t;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A temporary directory, removed when dropped.
-#[derive(Debug)]
-pub struct Scratch {
-    dir: PathBuf,
-}
-
-impl Scratch {
-    /// Creates `/tmp/jitsu-tests/<tag><unique>`.
-    pub fn new(tag: &str) -> Result<Scratch> {
-        let dir = std::env::temp_dir().join("jitsu-tests").join(unique(tag));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Scratch { dir })
-    }
-
-    /// The directory.
-    pub fn path(&self) -> &Path {
-        &self.dir
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// Polls `f` until it returns `Some`, or fails the test after `timeout` saying what it
+/// waited for ([`crate::wait_until`], panicking).
+pub fn wait_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    crate::wait_until(what, timeout, f).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The cgroup2 mount point of this host (`/sys/fs/cgroup` or `/sys/fs/cgroup/unified`).

@@ -5,6 +5,7 @@
 //! Every topology lives in namespaces the test creates (addresses such as 10.77.0.0/16 only
 //! inside them) and is removed by [`Netns`]'s `Drop`, also when the test fails.
 
+pub mod e2e;
 pub mod fake_synjitsu;
 pub mod jitsu_dns;
 pub mod libvirt;
@@ -12,9 +13,10 @@ pub mod synjitsu;
 pub mod topo;
 pub mod xenstored;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
@@ -48,14 +50,18 @@ pub fn require_root() {
     );
 }
 
-/// The target directory the running test binary was built into (`target/debug`).
+/// The target directory the running binary was built into (`target/debug` or
+/// `target/release`): test binaries live in its `deps/`, the harness's own binaries in it.
 pub fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary has a path");
-    // target/debug/deps/<test-binary>
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binaries live in target/<profile>/deps")
-        .to_path_buf()
+    let exe = std::env::current_exe().expect("the running binary has a path");
+    let dir = exe.parent().expect("a binary lives in a directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent()
+            .expect("deps/ is inside the profile directory")
+            .to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// The path of a workspace binary built beside the tests; fails saying how to build it.
@@ -97,6 +103,57 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
 pub fn sh(script: &str) -> Result<String> {
     let out = run(Command::new("sh").args(["-c", script]))?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Polls `f` every 10 ms until it returns `Some`, or fails after `timeout` saying what it
+/// waited for. Tests wait for conditions this way, never with a bare sleep.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A temporary directory under `/tmp/jitsu-tests`, removed when dropped.
+#[derive(Debug)]
+pub struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    /// Creates `/tmp/jitsu-tests/<tag><unique>`.
+    pub fn new(tag: &str) -> Result<Scratch> {
+        let dir = std::env::temp_dir().join("jitsu-tests").join(unique(tag));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Scratch { dir })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A path inside it.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // JITSU_KEEP=1 keeps logs, stores and captures for a post-mortem.
+        if std::env::var_os("JITSU_KEEP").is_some() {
+            eprintln!("kept {}", self.dir.display());
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);

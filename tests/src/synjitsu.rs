@@ -29,18 +29,10 @@ pub const PROBE_V6: &str = "fd77:1::fa";
 /// Where synjitsu serves metrics inside the host namespace.
 pub const METRICS: &str = "127.0.0.1:9477";
 
-/// Polls `f` until it returns `Some`, or fails after `timeout` saying `what`.
-pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+/// Polls `f` until it returns `Some`, or fails after `timeout` saying `what`
+/// ([`crate::wait_until`] with the arguments in this module's order).
+pub fn wait_for<T>(timeout: Duration, what: &str, f: impl FnMut() -> Option<T>) -> Result<T> {
+    crate::wait_until(what, timeout, f)
 }
 
 /// The test VM `www`.
@@ -55,28 +47,7 @@ pub fn www(handover: Handover) -> VmIdentity {
 }
 
 /// A temporary directory removed on drop.
-#[derive(Debug)]
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    /// Creates `/tmp/<tag><unique>`.
-    pub fn new(tag: &str) -> Result<TempDir> {
-        let p = std::env::temp_dir().join(unique(tag));
-        std::fs::create_dir_all(&p)?;
-        Ok(TempDir(p))
-    }
-
-    /// A path inside.
-    pub fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub type TempDir = crate::Scratch;
 
 /// A bridge with synjitsu running on it.
 #[derive(Debug)]
@@ -117,7 +88,12 @@ impl SynjitsuHost {
             args.extend(["--xenstore", "off"]);
         }
         args.extend_from_slice(extra);
-        let daemon = Daemon::spawn(Some(bridge.host()), &bin_path("synjitsu"), &args, &dir.0)?;
+        let daemon = Daemon::spawn(
+            Some(bridge.host()),
+            &bin_path("synjitsu"),
+            &args,
+            dir.path(),
+        )?;
         let mut host = SynjitsuHost {
             bridge,
             daemon,
@@ -131,6 +107,22 @@ impl SynjitsuHost {
         .map_err(|e| anyhow::anyhow!("{e}; synjitsu's log:\n{}", host.daemon.log()))?;
         host.daemon.check_running()?;
         Ok(host)
+    }
+
+    /// Waits until the bridge steers `mac` to synjitsu's port with a static entry.
+    pub fn wait_steered(&self, mac: &str) -> Result<()> {
+        wait_for(
+            Duration::from_secs(10),
+            &format!("{mac} steered to synjitsu"),
+            || {
+                self.bridge
+                    .fdb()
+                    .ok()?
+                    .iter()
+                    .any(|e| e.mac == mac && e.is_static && e.port == "syj-br0-p")
+                    .then_some(())
+            },
+        )
     }
 
     /// The metrics text, scraped with curl inside the host namespace.

@@ -394,6 +394,26 @@ impl Drop for TestXenstored {
     }
 }
 
+/// Sends one request on `stream` and reads its answer (which may be an `ERROR`): a minimal
+/// blocking client for tests that talk to a xenstored directly.
+pub fn call(stream: &mut UnixStream, msg: &XsMsg) -> std::io::Result<XsMsg> {
+    let mut out = Vec::new();
+    msg.encode(&mut out).map_err(std::io::Error::other)?;
+    stream.write_all(&out)?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some((answer, _)) = XsMsg::decode(&buf).map_err(std::io::Error::other)? {
+            return Ok(answer);
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 fn serve(conn: u64, mut stream: UnixStream, state: &Mutex<State>) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
@@ -442,19 +462,7 @@ mod tests {
     use super::*;
 
     fn call(s: &mut UnixStream, m: XsMsg) -> XsMsg {
-        let mut out = Vec::new();
-        m.encode(&mut out).unwrap();
-        s.write_all(&out).unwrap();
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            if let Some((msg, _)) = XsMsg::decode(&buf).unwrap() {
-                return msg;
-            }
-            let n = s.read(&mut chunk).unwrap();
-            assert!(n > 0, "server closed");
-            buf.extend_from_slice(&chunk[..n]);
-        }
+        super::call(s, &m).unwrap()
     }
 
     #[test]

@@ -6,20 +6,20 @@ use std::time::{Duration, Instant};
 
 use jitsu_tests::libvirt::{GuestImage, Libvirtd, list_domains};
 use jitsu_tests::topo::Bridge;
-use jitsu_tests::{require_root, require_tool, unique};
+use jitsu_tests::{Scratch, require_root, require_tool, unique};
 
 #[test]
 fn a_hand_started_libvirtd_boots_the_guest_image_on_the_bridge() {
     require_root();
     require_tool("curl", "curl");
     let image = GuestImage::build().unwrap();
-    let dir = std::env::temp_dir().join(unique("lvh"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = Scratch::new("lvh").unwrap();
+    let dir = scratch.path();
     let br = Bridge::new("lvh").unwrap();
     br.address("10.77.3.1/24").unwrap();
     let name = unique("jt-lvh");
     {
-        let lv = Libvirtd::start(br.host(), &dir).unwrap();
+        let lv = Libvirtd::start(br.host(), dir).unwrap();
         let console = dir.join("console.log");
         let xml = format!(
             "<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>\
@@ -70,5 +70,4 @@ fn a_hand_started_libvirtd_boots_the_guest_image_on_the_bridge() {
             .unwrap_or(true),
         "libvirtd still running after the guard dropped"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -86,6 +86,77 @@ fn a_missing_bridge_is_a_clear_error_and_nothing_is_left_behind() {
 }
 
 #[test]
+fn synjitsu_coming_and_going_never_changes_the_bridges_own_mac() {
+    require_root();
+    require_tool("ip", "iproute2");
+    // A bridge takes the lowest MAC of its ports unless its address was set: with ports whose
+    // MACs are all high, a random MAC on synjitsu's port would very likely become the
+    // bridge's, moving the host's own address on the bridge each time synjitsu starts,
+    // stops or crashes.
+    let br = jitsu_tests::topo::Bridge::new("sym").unwrap();
+    let _members: Vec<_> = (0..3)
+        .map(|n| {
+            let m = br
+                .join("m", Some(&format!("f0:00:00:00:00:0{n}")), &[], true)
+                .unwrap();
+            br.host()
+                .sh(&format!(
+                    "ip link set {} address f0:00:00:00:00:1{n}",
+                    m.port
+                ))
+                .unwrap();
+            m
+        })
+        .collect();
+    let mac = || br.host().sh("cat /sys/class/net/br0/address").unwrap();
+    let before = mac();
+    assert_eq!(before.trim(), "f0:00:00:00:00:10", "the lowest port MAC");
+    let dir = TempDir::new("sym").unwrap();
+    let control = dir.join("c.sock");
+    for round in 0..2 {
+        let mut d = jitsu_tests::topo::Daemon::spawn(
+            Some(br.host()),
+            &bin_path("synjitsu"),
+            &[
+                "--bridge",
+                "br0",
+                "--xenstore",
+                "off",
+                "--control",
+                control.to_str().unwrap(),
+            ],
+            dir.path(),
+        )
+        .unwrap();
+        jitsu_tests::wait_until("synjitsu's port", Duration::from_secs(20), || {
+            br.host()
+                .sh("ip -o link show master br0")
+                .ok()
+                .filter(|l| l.contains("syj-br0-p"))
+        })
+        .unwrap();
+        assert_eq!(
+            mac(),
+            before,
+            "round {round}: synjitsu's port changed the bridge's MAC"
+        );
+        if round == 0 {
+            d.signal("TERM").unwrap();
+            d.wait_exit(Duration::from_secs(20)).unwrap();
+        } else {
+            // A crash leaves the port behind until the next start removes it.
+            d.signal("KILL").unwrap();
+            let _ = d.wait_exit(Duration::from_secs(20));
+        }
+        assert_eq!(
+            mac(),
+            before,
+            "round {round}: synjitsu's exit changed the bridge's MAC"
+        );
+    }
+}
+
+#[test]
 fn bad_flags_and_missing_privileges_are_refused() {
     require_root();
     require_tool("setpriv", "util-linux");
@@ -177,7 +248,7 @@ fn only_root_and_the_allowed_uid_may_use_the_control_socket() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     assert_eq!(meta.uid(), 65534, "owned by the allowed uid");
     // The parent directory must let the test users reach the socket at all.
-    std::fs::set_permissions(&host.dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(host.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let ok = hello_as(65534, &host.control);
     assert!(ok.contains(r#""type":"ok""#), "{ok}");
     // Anyone else is stopped by the file's mode...

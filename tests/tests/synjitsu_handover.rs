@@ -167,19 +167,8 @@ fn handover(v6: bool, delay: Duration, abuse: bool) -> Result<Outcome> {
         vm: www(Handover::Wire),
     })?;
     let syj_port = "syj-br0-p";
-    wait_for(
-        Duration::from_secs(10),
-        "the VM's MAC steered to synjitsu",
-        || {
-            host.bridge
-                .fdb()
-                .ok()?
-                .iter()
-                .any(|e| e.mac == VM_MAC && e.port == syj_port && e.is_static)
-                .then_some(())
-        },
-    )?;
-    let capture = Capture::start(&client.ns, "eth0", &host.dir.0, "cli")?;
+    host.wait_steered(VM_MAC)?;
+    let capture = Capture::start(&client.ns, "eth0", host.dir.path(), "cli")?;
 
     let url = if v6 {
         "http://[fd77:1::10]/"
@@ -381,18 +370,7 @@ fn wake_on_syn() -> Result<Duration> {
         other => bail!("xenstore booting with xenstore off got {other:?}"),
     }
     ctl.sync(&[(www(Handover::Wire), Phase::Stopped)])?;
-    wait_for(
-        Duration::from_secs(10),
-        "the stopped VM's MAC steered to synjitsu",
-        || {
-            host.bridge
-                .fdb()
-                .ok()?
-                .iter()
-                .any(|e| e.mac == VM_MAC && e.port == "syj-br0-p" && e.is_static)
-                .then_some(())
-        },
-    )?;
+    host.wait_steered(VM_MAC)?;
     let curl = client
         .ns
         .command("curl")

@@ -94,18 +94,7 @@ fn scenario() -> Result<()> {
     ctl.ok(ClientMessage::Booting {
         vm: www(Handover::Wire),
     })?;
-    wait_for(
-        Duration::from_secs(10),
-        "the VM's MAC steered to synjitsu",
-        || {
-            host.bridge
-                .fdb()
-                .ok()?
-                .iter()
-                .any(|e| e.mac == VM_MAC && e.is_static && e.port == "syj-br0-p")
-                .then_some(())
-        },
-    )?;
+    host.wait_steered(VM_MAC)?;
 
     // who-has: every ARP request and solicitation for the VM answered with its MAC.
     let who = listing("who-has.pcap")?;
@@ -118,7 +107,7 @@ fn scenario() -> Result<()> {
         .filter(|l| l.contains("neighbor solicitation, who has fd77:1::10"))
         .count();
     ensure!(arp_q > 0 && ns_q > 0, "who-has.pcap: {who:?}");
-    let cap = Capture::start(&rp.ns, "eth0", &host.dir.0, "rpl")?;
+    let cap = Capture::start(&rp.ns, "eth0", host.dir.path(), "rpl")?;
     replay(&rp, "who-has.pcap")?;
     reaches(
         &host,

@@ -106,19 +106,8 @@ fn scenario() -> Result<()> {
     ctl.ok(ClientMessage::Booting {
         vm: www(Handover::Xenstore { domid: 7 }),
     })?;
-    wait_for(
-        Duration::from_secs(10),
-        "the VM's MAC steered to synjitsu",
-        || {
-            host.bridge
-                .fdb()
-                .ok()?
-                .iter()
-                .any(|e| e.mac == VM_MAC && e.is_static && e.port == "syj-br0-p")
-                .then_some(())
-        },
-    )?;
-    let capture = Capture::start(&client.ns, "eth0", &dir.0, "cli")?;
+    host.wait_steered(VM_MAC)?;
+    let capture = Capture::start(&client.ns, "eth0", dir.path(), "cli")?;
     // No guest comes up: curl gives up; its SYN stays in Xenstore for the guest.
     let _ = client
         .ns

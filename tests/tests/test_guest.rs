@@ -5,15 +5,15 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jitsu_tests::topo::{Bridge, Daemon};
-use jitsu_tests::{bin_path, require_root, require_tool, unique};
+use jitsu_tests::{Scratch, bin_path, require_root, require_tool};
 
 #[test]
 fn the_guest_boots_announces_and_serves() {
     require_root();
     require_tool("curl", "curl");
     require_tool("tcpdump", "tcpdump");
-    let dir = std::env::temp_dir().join(unique("guest"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = Scratch::new("guest").unwrap();
+    let dir = scratch.path();
     let br = Bridge::new("tg").unwrap();
     let client = br
         .join(
@@ -48,7 +48,7 @@ fn the_guest_boots_announces_and_serves() {
             &pcap_s,
             "arp or icmp6",
         ],
-        &dir,
+        dir,
     )
     .unwrap();
     // tcpdump is capturing once it says so.
@@ -142,5 +142,4 @@ fn the_guest_boots_announces_and_serves() {
     assert!(na, "no unsolicited NA from the guest in:\n{seen}");
     let _ = child.kill();
     let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&dir);
 }

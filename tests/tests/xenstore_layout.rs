@@ -2,7 +2,6 @@
 //! wire protocol, read back by Debian's `xenstore-ls` and `xenstore-read`: clients nobody
 //! here wrote agree with both the layout and the test daemon.
 
-use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::os::unix::net::UnixStream;
 use std::process::Command;
@@ -13,20 +12,9 @@ use shared_proto::xenstore::{HeldSyn, SynKey, TcpOption, ip_path};
 use shared_proto::xs_wire::{Access, Perm, XsMsg, XsType};
 
 fn call(s: &mut UnixStream, m: XsMsg) -> XsMsg {
-    let mut out = Vec::new();
-    m.encode(&mut out).unwrap();
-    s.write_all(&out).unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some((msg, _)) = XsMsg::decode(&buf).unwrap() {
-            assert_ne!(msg.ty, XsType::Error, "{:?} failed: {}", m.ty, msg.text());
-            return msg;
-        }
-        let n = s.read(&mut chunk).unwrap();
-        assert!(n > 0, "test xenstored closed the connection");
-        buf.extend_from_slice(&chunk[..n]);
-    }
+    let msg = jitsu_tests::xenstored::call(s, &m).unwrap();
+    assert_ne!(msg.ty, XsType::Error, "{:?} failed: {}", m.ty, msg.text());
+    msg
 }
 
 fn xs_cmd(xs: &TestXenstored, tool: &str, args: &[&str]) -> String {
@@ -113,7 +101,6 @@ fn debian_clients_read_the_original_layout() {
     // nobody else sees anything.
     let perms = xs_cmd(&xs, "xenstore-ls", &["-p", "/ip/10-0-0-1/80"]);
     assert!(perms.contains("(n0,b7)"), "permissions were: {perms}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -136,11 +123,8 @@ fn the_tests_xenstored_answers_what_xenstore_tools_ask() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "reading a removed node must fail");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn tempdir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(jitsu_tests::unique("xs"));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tempdir() -> jitsu_tests::Scratch {
+    jitsu_tests::Scratch::new("xs").unwrap()
 }

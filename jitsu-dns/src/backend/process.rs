@@ -11,9 +11,10 @@
 //! Per VM, `start` creates:
 //! - the namespace `<prefix><vm>` with `lo` up and `eth0` (MAC from the VM's `mac`), whose
 //!   host side (a name derived from the VM's, at most 15 characters) is enslaved to the VM's
-//!   `nic` bridge; with `ifup=jitsu` the addresses (IPv6 without DAD), the gateway,
-//!   `arp_notify`/`ndisc_notify` so the kernel announces the guest, and `eth0` up; with
-//!   `ifup=guest` `eth0` stays down for the command to configure;
+//!   `nic` bridge; `eth0` comes up with no address and IPv6 off, and once the bridge port
+//!   forwards, `ifup=jitsu` adds the addresses (IPv6 without DAD probes) and the gateway and
+//!   announces them (gratuitous ARP, unsolicited NA), while with `ifup=guest` the command
+//!   configures and announces them itself when it is ready;
 //! - the cgroup `<mount>/jitsu/<prefix><vm>`;
 //! - the command, `sh -c <command>`, in its own session (jitsu-dns can exit and leave it
 //!   running), with `JITSU_NAME, JITSU_IP, JITSU_IP_PREFIX, JITSU_IP6, JITSU_IP6_PREFIX,
@@ -490,29 +491,57 @@ echo $$ > "$JITSU_PIDFILE" || exit 1
 exec env -u JITSU_CGROUP_PROCS -u JITSU_PIDFILE -u JITSU_NETNS -u JITSU_COMMAND \
   ip netns exec "$JITSU_NETNS" sh -c "$JITSU_COMMAND""#;
 
-/// Runs inside the VM's namespace before the command: the interface as `ifup` wants it.
-const NETNS_SETUP: &str = r#"set -e
+/// The MAC of every VM's bridge port (never the lowest on a bridge; it sends nothing).
+const PORT_MAC: &str = "fe:ff:ff:ff:ff:ff";
+
+/// Runs inside the VM's namespace first: `eth0` up with no address and IPv6 off, so the
+/// guest's MAC stays silent while the bridge port behind it starts forwarding. (A frame sent
+/// the instant a veth comes up, such as `arp_notify`'s gratuitous ARP, reaches a bridge port
+/// that is still disabled and is lost.)
+const NETNS_LINK_UP: &str = r#"set -e
 ip link set lo up
 ip link set eth0 address "$JITSU_MAC"
-echo 1 > /proc/sys/net/ipv4/conf/eth0/arp_notify
 if [ -d /proc/sys/net/ipv6/conf/eth0 ]; then
-  if [ -z "$JITSU_IP6" ]; then
-    echo 1 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6
-  else
-    echo 1 > /proc/sys/net/ipv6/conf/eth0/ndisc_notify
-    if [ "$JITSU_IFUP" = jitsu ]; then
-      echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_ra
-      echo 0 > /proc/sys/net/ipv6/conf/eth0/dad_transmits
-    fi
-  fi
+  echo 1 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6
 fi
-if [ "$JITSU_IFUP" = jitsu ]; then
-  ip addr add "$JITSU_IP/$JITSU_IP_PREFIX" dev eth0
-  if [ -n "$JITSU_IP6" ]; then ip -6 addr add "$JITSU_IP6/$JITSU_IP6_PREFIX" dev eth0 nodad; fi
-  ip link set eth0 up
-  if [ -n "$JITSU_GATEWAY" ]; then ip route add default via "$JITSU_GATEWAY"; fi
-fi
+ip link set eth0 up
 "#;
+
+/// Runs inside the VM's namespace once the bridge forwards, for `ifup=jitsu`: the addresses,
+/// each announced as a guest's own stack would (a gratuitous ARP; an unsolicited NA, which
+/// Linux sends for a new address only when it went through DAD, here with no probes), and the
+/// gateway. With `ifup=guest` the command does this itself when it is ready.
+const NETNS_ADDRESSES: &str = r#"set -e
+ip addr add "$JITSU_IP/$JITSU_IP_PREFIX" dev eth0
+if [ -n "$JITSU_IP6" ]; then
+  echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_ra
+  echo 0 > /proc/sys/net/ipv6/conf/eth0/dad_transmits
+  echo 1 > /proc/sys/net/ipv6/conf/eth0/ndisc_notify
+  echo 0 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6
+  ip -6 addr add "$JITSU_IP6/$JITSU_IP6_PREFIX" dev eth0
+fi
+if [ -n "$JITSU_GATEWAY" ]; then ip route add default via "$JITSU_GATEWAY"; fi
+arping -q -U -c 1 -I eth0 "$JITSU_IP" || true
+"#;
+
+/// How long a new bridge port may take to forward before the VM starts anyway.
+const PORT_FORWARDING_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Waits until the bridge port `port` forwards (`brport/state` 3), up to
+/// [`PORT_FORWARDING_TIMEOUT`]; returns whether it does.
+fn wait_port_forwarding(port: &str) -> bool {
+    let state = format!("/sys/class/net/{port}/brport/state");
+    let deadline = Instant::now() + PORT_FORWARDING_TIMEOUT;
+    loop {
+        if fs::read_to_string(&state).is_ok_and(|s| s.trim() == "3") {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
 
 impl ProcessBackend {
     /// Opens the backend: parses the URI, creates the runtime directory, finds the freezer.
@@ -792,10 +821,14 @@ impl Backend for ProcessBackend {
                 .map_err(|e| err("create cgroup", format!("{}: {e}", n.cgroup.display())))?;
             run(Command::new("ip").args(["netns", "add", &n.netns]))
                 .map_err(|d| err("create namespace", d))?;
+            // The host side takes the highest unicast MAC, as Xen gives every vif backend: a
+            // bridge whose address was never set takes the lowest MAC of its ports, and a
+            // random one here would move the host's own MAC on the bridge each time a VM
+            // boots or stops, leaving its clients' ARP caches wrong.
             ip_batch(
                 &[],
                 &format!(
-                    "link add {port} type veth peer name {GUEST_IFACE} netns {ns}\nlink set {port} master {nic}\n",
+                    "link add {port} address {PORT_MAC} type veth peer name {GUEST_IFACE} netns {ns}\nlink set {port} master {nic}\n",
                     port = n.port,
                     ns = n.netns,
                     nic = vm.nic
@@ -810,15 +843,19 @@ impl Backend for ProcessBackend {
             );
             run(Command::new("ip").args(["link", "set", &n.port, "up"]))
                 .map_err(|d| err("bring port up", d))?;
-            let ifup = match vm.ifup {
-                Ifup::Jitsu => "jitsu",
-                Ifup::Guest => "guest",
-            };
             run(Command::new("ip")
-                .args(["netns", "exec", &n.netns, "sh", "-c", NETNS_SETUP])
-                .envs(guest_env(vm))
-                .env("JITSU_IFUP", ifup))
-            .map_err(|d| err("configure eth0", d))?;
+                .args(["netns", "exec", &n.netns, "sh", "-c", NETNS_LINK_UP])
+                .envs(guest_env(vm)))
+            .map_err(|d| err("bring eth0 up", d))?;
+            if !wait_port_forwarding(&n.port) {
+                tracing::warn!(vm = %vm.name, port = %n.port, "bridge port not forwarding yet; starting anyway");
+            }
+            if vm.ifup == Ifup::Jitsu {
+                run(Command::new("ip")
+                    .args(["netns", "exec", &n.netns, "sh", "-c", NETNS_ADDRESSES])
+                    .envs(guest_env(vm)))
+                .map_err(|d| err("configure eth0", d))?;
+            }
             let rec = self.launch(vm, &n).map_err(|d| err("start command", d))?;
             let tmp = n.record.with_extension("state.tmp");
             fs::write(&tmp, rec.to_text())

@@ -11,6 +11,7 @@ use std::io;
 use std::mem::{size_of, zeroed};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
+use super::check;
 use crate::filter::SockFilter;
 
 /// `TP_STATUS_CSUMNOTREADY`: the transport checksum is left to offload (partial).
@@ -35,14 +36,6 @@ pub struct RecvMeta {
 #[derive(Debug)]
 pub struct PacketSocket {
     fd: OwnedFd,
-}
-
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
 }
 
 fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {

@@ -98,9 +98,9 @@ fn bring_up(s: &Settings) -> Result<()> {
          n=0; while [ \"$(cat /sys/class/net/{i}/operstate)\" != up ] && [ $n -lt 300 ]; do \
          sleep 0.01; n=$((n+1)); done"
     ))?;
-    // Announce each address as a unikernel's stack does when it configures it: the unsolicited
-    // NA comes from the kernel (ndisc_notify, on the address becoming valid), the gratuitous
-    // ARP from arping.
+    // Announce each address as a unikernel's stack does when it configures it, then listen:
+    // the unsolicited NA comes from the kernel (ndisc_notify, on the address becoming valid),
+    // the gratuitous ARP from arping.
     if let Some(ip6) = &s.ip6 {
         // Without DAD the address is valid at once and, being new (tentative), announced with
         // an unsolicited NA; a `nodad` address would be valid at once but never announced.
@@ -113,7 +113,13 @@ fn bring_up(s: &Settings) -> Result<()> {
     }
     if let Some(ip) = &s.ip {
         sh(&format!("ip addr replace {ip}/{} dev {i}", s.ip_prefix))?;
-        sh(&format!("arping -q -U -c 1 -I {i} {ip}"))?;
+        // arping sends at once but then lingers a second for replies that never come to a
+        // gratuitous ARP: let it linger on its own while the guest goes on to listen.
+        let mut garp = Command::new("arping")
+            .args(["-q", "-U", "-c", "1", "-I", i, ip])
+            .spawn()
+            .context("running arping (Debian package iputils-arping)")?;
+        std::thread::spawn(move || garp.wait());
     }
     if let Some(gw) = &s.gateway {
         sh(&format!("ip route replace default via {gw}"))?;

@@ -1,0 +1,692 @@
+//! The whole chain on one bridge, as on a Xen dom0: a host namespace with `br0`, synjitsu and
+//! jitsu-dns on it, jitsu-dns's VMs (the process backend running `jitsu-test-guest`, or
+//! libvirt guests) joining `br0`, and a client namespace whose resolver is jitsu-dns.
+//! [`Stack::cold_start`] runs one cold start the way a user's client does (`curl http://name/`)
+//! and measures it; the end-to-end tests, the README's main job (`jitsu-e2e demo`) and
+//! `bench/cold-start` (`jitsu-e2e bench`) are all built on it.
+//!
+//! Everything lives in namespaces the stack creates and is removed when it is dropped, also
+//! on failure: daemons first, then VMs, then namespaces and files.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+
+use crate::jitsu_dns::{ProcessVms, store_get, store_log};
+use crate::synjitsu::Capture;
+use crate::topo::{Bridge, Daemon, Member};
+use crate::{Scratch, bin_path, wait_until};
+
+/// The bridge's own address, where jitsu-dns serves DNS (dom0's address on `br0`).
+pub const DNS_ADDR: &str = "10.77.0.1";
+/// The client's address.
+pub const CLIENT_ADDR: &str = "10.77.0.2";
+/// The client's MAC.
+pub const CLIENT_MAC: &str = "02:77:00:00:00:02";
+/// synjitsu's probe address.
+pub const PROBE_ADDR: &str = "10.77.0.253";
+/// Prefix length of the stack's subnet.
+pub const PREFIX: u8 = 16;
+/// The zone the VMs' names are in.
+pub const ZONE: &str = "example.org";
+/// Where synjitsu's metrics are served inside the host namespace.
+pub const SYNJITSU_METRICS: &str = "127.0.0.1:9477";
+/// Where jitsu-dns's metrics are served inside the host namespace.
+pub const JITSU_METRICS: &str = "127.0.0.1:9153";
+
+/// How a VM's boot is masked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mask {
+    /// Answered as soon as the backend started it (`response_delay=0`).
+    None,
+    /// A fixed `response_delay`, in milliseconds.
+    Delay(u64),
+    /// `wait_for=announce`: answered when synjitsu sees the guest's gratuitous ARP.
+    Announce,
+    /// `use_synjitsu`: answered at once, synjitsu holds the client's SYNs.
+    Synjitsu,
+}
+
+impl Mask {
+    /// Every mode, in the order tables show them.
+    pub const ALL: [Mask; 4] = [Mask::None, Mask::Delay(100), Mask::Announce, Mask::Synjitsu];
+
+    /// A short name for tables and VM names.
+    pub fn label(self) -> String {
+        match self {
+            Mask::None => "none".into(),
+            Mask::Delay(ms) => format!("delay {ms}ms"),
+            Mask::Announce => "announce".into(),
+            Mask::Synjitsu => "synjitsu".into(),
+        }
+    }
+
+    fn slug(self) -> &'static str {
+        match self {
+            Mask::None => "none",
+            Mask::Delay(_) => "delay",
+            Mask::Announce => "announce",
+            Mask::Synjitsu => "synjitsu",
+        }
+    }
+
+    fn keys(self) -> String {
+        match self {
+            Mask::None => "response_delay = 0".into(),
+            Mask::Delay(ms) => format!("response_delay = {}", ms as f64 / 1000.0),
+            Mask::Announce => "wait_for = \"announce\"\nresponse_delay = 0".into(),
+            Mask::Synjitsu => "use_synjitsu = true\nresponse_delay = 0".into(),
+        }
+    }
+}
+
+/// One VM of the stack.
+#[derive(Debug, Clone)]
+pub struct Vm {
+    /// Its name; its DNS name is `<name>.example.org`.
+    pub name: String,
+    /// Its address.
+    pub ip: Ipv4Addr,
+    /// Its masking.
+    pub mask: Mask,
+    /// The guest's boot time (before it announces itself and listens).
+    pub boot: Duration,
+    /// Extra `key = value` lines for its `[[vm]]` table.
+    pub extra: String,
+}
+
+impl Vm {
+    /// The `n`th VM of the stack (addresses from 10.77.1.0 on).
+    pub fn new(n: usize, mask: Mask, boot: Duration) -> Vm {
+        let ip = Ipv4Addr::new(10, 77, 1 + (n / 200) as u8, 10 + (n % 200) as u8);
+        Vm {
+            name: format!("{}{n}", mask.slug()),
+            ip,
+            mask,
+            boot,
+            extra: String::new(),
+        }
+    }
+
+    /// Its DNS name.
+    pub fn dns(&self) -> String {
+        format!("{}.{ZONE}", self.name)
+    }
+
+    /// The MAC jitsu-dns derives for it (no `mac` key is given).
+    pub fn mac(&self) -> shared_proto::Mac {
+        shared_proto::Mac::derived_from(self.name.as_bytes())
+    }
+}
+
+/// How the stack is set up.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// TTL of answers; VMs idle for twice this are stopped.
+    pub ttl_secs: u32,
+    /// synjitsu's `--hold-timeout`.
+    pub hold_timeout: Duration,
+    /// The client starts with every VM's MAC in its neighbour cache (`stale`), as a client
+    /// that talked to it before: its SYN leaves at once instead of waiting for ARP.
+    pub client_knows_macs: bool,
+    /// Run synjitsu at all.
+    pub synjitsu: bool,
+    /// jitsu-dns's and synjitsu's `--log-level`.
+    pub log_level: String,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            ttl_secs: 1,
+            hold_timeout: Duration::from_secs(10),
+            client_knows_macs: true,
+            synjitsu: true,
+            // JITSU_E2E_LOG=debug shows every decision of both daemons in failure messages.
+            log_level: std::env::var("JITSU_E2E_LOG").unwrap_or_else(|_| "info".into()),
+        }
+    }
+}
+
+/// The running chain. Fields drop in order: daemons, VMs, client, bridge, files.
+#[derive(Debug)]
+pub struct Stack {
+    jitsu: Option<Daemon>,
+    synjitsu: Option<Daemon>,
+    /// The process backend's VMs (removed on drop).
+    pub process_vms: ProcessVms,
+    /// The client namespace.
+    pub client: Member,
+    _resolv: ResolvConf,
+    /// The host namespace with `br0`.
+    pub bridge: Bridge,
+    /// Logs, the store, the backend's runtime, the guests' report.
+    pub dir: Scratch,
+    /// The VMs.
+    pub vms: Vec<Vm>,
+    opts: Options,
+}
+
+/// `/etc/netns/<client>/resolv.conf`, which `ip netns exec` mounts over `/etc/resolv.conf`.
+#[derive(Debug)]
+struct ResolvConf(PathBuf);
+
+impl Drop for ResolvConf {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// One cold start, as the client saw it.
+#[derive(Debug, Clone)]
+pub struct ColdStart {
+    /// The VM.
+    pub vm: String,
+    /// Name resolution (curl's `time_namelookup`).
+    pub dns: Duration,
+    /// TCP connected (`time_connect`).
+    pub connect: Duration,
+    /// First byte of the page (`time_starttransfer`).
+    pub first_byte: Duration,
+    /// When the first byte of the page reached the client, minus when the guest started
+    /// listening, in microseconds: both from the same clock (the client's capture and the
+    /// guest's report).
+    pub after_listening_us: Option<i64>,
+    /// SYNs the client sent for the connection (from its capture): 1 when it never waited
+    /// for a retransmit timer.
+    pub syns: usize,
+    /// The client's SYN retransmissions during the connection (`TcpExtTCPSynRetrans`).
+    pub syn_retransmits: u64,
+    /// What went wrong, if the page did not arrive.
+    pub error: Option<String>,
+}
+
+impl ColdStart {
+    /// True if the page arrived.
+    pub fn ok(&self) -> bool {
+        self.error.is_none()
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos()
+}
+
+impl Stack {
+    /// Builds the bridge, client and daemons for `vms` with the process backend running
+    /// `jitsu-test-guest`, and waits until jitsu-dns answers.
+    pub fn start(tag: &str, vms: Vec<Vm>, opts: Options) -> Result<Stack> {
+        let dir = Scratch::new(tag)?;
+        let bridge = Bridge::new(tag)?;
+        bridge.address(&format!("{DNS_ADDR}/{PREFIX}"))?;
+        let client = bridge.join(
+            "cli",
+            Some(CLIENT_MAC),
+            &[&format!("{CLIENT_ADDR}/{PREFIX}")],
+            true,
+        )?;
+        // The classic 1 s, 3 s, 7 s SYN timers (this kernel defaults to linear 1 s ones), so
+        // the tables show what most clients on the Internet do.
+        let _ = client
+            .ns
+            .sh("sysctl -qw net.ipv4.tcp_syn_linear_timeouts=0 2>/dev/null; true");
+        let resolv_dir = PathBuf::from("/etc/netns").join(client.ns.name());
+        std::fs::create_dir_all(&resolv_dir)?;
+        let resolv = ResolvConf(resolv_dir.join("resolv.conf"));
+        std::fs::write(
+            &resolv.0,
+            format!("nameserver {DNS_ADDR}\noptions timeout:10 attempts:1\n"),
+        )?;
+        let process_vms = ProcessVms::new(tag, dir.join("run"));
+        let mut stack = Stack {
+            jitsu: None,
+            synjitsu: None,
+            process_vms,
+            client,
+            _resolv: resolv,
+            bridge,
+            dir,
+            vms,
+            opts,
+        };
+        if stack.opts.synjitsu {
+            stack.start_synjitsu()?;
+        }
+        stack.start_jitsu()?;
+        Ok(stack)
+    }
+
+    fn control(&self) -> PathBuf {
+        self.dir.join("synjitsu.sock")
+    }
+
+    /// The guests' report: `listening <name> <unix-ns>` lines.
+    pub fn report(&self) -> PathBuf {
+        self.dir.join("report")
+    }
+
+    /// The state store.
+    pub fn db(&self) -> PathBuf {
+        self.dir.join("db")
+    }
+
+    /// Starts (or restarts) synjitsu on `br0` and waits for its control socket.
+    pub fn start_synjitsu(&mut self) -> Result<()> {
+        let control = self.control();
+        let _ = std::fs::remove_file(&control);
+        let hold = format!("{}ms", self.opts.hold_timeout.as_millis());
+        let control_s = control.display().to_string();
+        let args = [
+            "--bridge",
+            "br0",
+            "--control",
+            &control_s,
+            "--probe-ip",
+            PROBE_ADDR,
+            "--xenstore",
+            "off",
+            "--metrics",
+            SYNJITSU_METRICS,
+            "--hold-timeout",
+            &hold,
+            "--log-level",
+            &self.opts.log_level,
+        ];
+        let mut d = Daemon::spawn(
+            Some(self.bridge.host()),
+            &bin_path("synjitsu"),
+            &args,
+            self.dir.path(),
+        )?;
+        wait_until("synjitsu's control socket", Duration::from_secs(30), || {
+            control.exists().then_some(())
+        })
+        .with_context(|| format!("synjitsu's log:\n{}", d.log()))?;
+        d.check_running()?;
+        self.synjitsu = Some(d);
+        Ok(())
+    }
+
+    /// Kills synjitsu (SIGKILL: no clean-up, as a crash).
+    pub fn kill_synjitsu(&mut self) {
+        self.synjitsu = None;
+    }
+
+    fn config_toml(&self) -> String {
+        let guest = bin_path("jitsu-test-guest");
+        let mut t = String::new();
+        for vm in &self.vms {
+            let _ = write!(
+                t,
+                "[[vm]]\nname = \"{}\"\ndns = [\"{}\"]\nip = \"{}/{PREFIX}\"\nifup = \"guest\"\n\
+                 command = \"exec {} --boot-ms {} --report {}\"\n{}\n{}\n\n",
+                vm.name,
+                vm.dns(),
+                vm.ip,
+                guest.display(),
+                vm.boot.as_millis(),
+                self.report().display(),
+                vm.mask.keys(),
+                vm.extra,
+            );
+        }
+        t
+    }
+
+    /// Starts (or restarts) jitsu-dns and waits until it answers DNS.
+    pub fn start_jitsu(&mut self) -> Result<()> {
+        let config = self.dir.join("jitsu.toml");
+        std::fs::write(&config, self.config_toml())?;
+        let ttl = self.opts.ttl_secs.to_string();
+        let uri = self.process_vms.uri(None);
+        let (config_s, db_s, control_s) = (
+            config.display().to_string(),
+            self.db().display().to_string(),
+            self.control().display().to_string(),
+        );
+        let mut args = vec![
+            "-b",
+            DNS_ADDR,
+            "-l",
+            "53",
+            "-f",
+            "0.0.0.0",
+            "-t",
+            &ttl,
+            "-x",
+            "process",
+            "-c",
+            &uri,
+            "--persistdb",
+            &db_s,
+            "--config",
+            &config_s,
+            "--metrics",
+            JITSU_METRICS,
+            "--log-level",
+            &self.opts.log_level,
+        ];
+        if self.opts.synjitsu {
+            args.extend(["--synjitsu", &control_s]);
+        }
+        let mut d = Daemon::spawn(
+            Some(self.bridge.host()),
+            &bin_path("jitsu-dns"),
+            &args,
+            self.dir.path(),
+        )?;
+        let host = self.bridge.host();
+        let answered = wait_until("jitsu-dns to answer DNS", Duration::from_secs(30), || {
+            if d.check_running().is_err() {
+                return Some(false);
+            }
+            let out = host
+                .command("dig")
+                .args(["+time=1", "+tries=1", &format!("@{DNS_ADDR}"), ZONE, "SOA"])
+                .output()
+                .ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .contains("status: NOERROR")
+                .then_some(true)
+        })
+        .with_context(|| format!("jitsu-dns's log:\n{}", d.log()))?;
+        if !answered {
+            bail!("jitsu-dns exited; its log:\n{}", d.log());
+        }
+        self.jitsu = Some(d);
+        Ok(())
+    }
+
+    /// Stops jitsu-dns with SIGTERM (its VMs keep running) and waits for it to exit.
+    pub fn stop_jitsu(&mut self) -> Result<Option<i32>> {
+        let mut d = self.jitsu.take().context("jitsu-dns is not running")?;
+        d.signal("TERM")?;
+        d.wait_exit(Duration::from_secs(30))
+    }
+
+    /// jitsu-dns's log so far.
+    pub fn jitsu_log(&self) -> String {
+        self.jitsu.as_ref().map(Daemon::log).unwrap_or_default()
+    }
+
+    /// synjitsu's log so far.
+    pub fn synjitsu_log(&self) -> String {
+        self.synjitsu.as_ref().map(Daemon::log).unwrap_or_default()
+    }
+
+    /// Both daemons' logs, for failure messages.
+    pub fn logs(&self) -> String {
+        format!(
+            "--- jitsu-dns ---\n{}\n--- synjitsu ---\n{}",
+            self.jitsu_log(),
+            self.synjitsu_log()
+        )
+    }
+
+    /// A VM's value in the store (`state`, `starts`...).
+    pub fn stored(&self, vm: &str, key: &str) -> Option<String> {
+        store_get(&self.db(), &format!("jitsu/vm/{vm}/{key}"))
+    }
+
+    /// The store's history, newest first.
+    pub fn history(&self) -> Vec<String> {
+        store_log(&self.db())
+    }
+
+    /// Waits until the store says `vm` is `state`.
+    pub fn wait_state(&self, vm: &str, state: &str, timeout: Duration) -> Result<()> {
+        wait_until(&format!("{vm} to be {state}"), timeout, || {
+            (self.stored(vm, "state").as_deref() == Some(state)).then_some(())
+        })
+        .with_context(|| self.logs())
+    }
+
+    /// One of synjitsu's metric samples (exact name with labels); 0 if absent.
+    pub fn synjitsu_metric(&self, name: &str) -> f64 {
+        self.bridge
+            .host()
+            .sh(&format!(
+                "curl -s --max-time 5 http://{SYNJITSU_METRICS}/metrics"
+            ))
+            .map(|t| crate::synjitsu::metric_in(&t, name))
+            .unwrap_or(0.0)
+    }
+
+    fn syn_retrans(&self) -> Result<u64> {
+        let out = self.client.ns.sh("nstat -asz TcpExtTCPSynRetrans")?;
+        Ok(out
+            .lines()
+            .find_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next() == Some("TcpExtTCPSynRetrans"))
+                    .then(|| w.next().and_then(|v| v.parse().ok()))
+                    .flatten()
+            })
+            .unwrap_or(0))
+    }
+
+    /// The last time `vm`'s guest reported listening, at or after `since_ns`.
+    pub fn listening_since(&self, vm: &str, since_ns: u128) -> Option<u128> {
+        let text = std::fs::read_to_string(self.report()).ok()?;
+        text.lines()
+            .filter_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                (w.len() == 3 && w[0] == "listening" && w[1] == vm)
+                    .then(|| w[2].parse::<u128>().ok())
+                    .flatten()
+            })
+            .filter(|t| *t >= since_ns)
+            .max()
+    }
+
+    /// One cold start of `vm` from the client: `curl http://<name>/`, resolving through
+    /// jitsu-dns. Never fails for the client's sake: a client failure is in the result.
+    pub fn cold_start(&self, vm: &Vm) -> Result<ColdStart> {
+        self.fetch(vm, &vm.dns())
+    }
+
+    /// Like [`Stack::cold_start`] but to the address, with no DNS (a client that cached it).
+    pub fn cached_start(&self, vm: &Vm) -> Result<ColdStart> {
+        self.fetch(vm, &vm.ip.to_string())
+    }
+
+    fn fetch(&self, vm: &Vm, host: &str) -> Result<ColdStart> {
+        if self.opts.client_knows_macs {
+            // Set just before each fetch: the kernel collects stale entries after a minute
+            // once it holds more than 128, and a client that must ARP instead sends its SYN
+            // only when the guest's gratuitous ARP arrives: another experiment.
+            self.client.ns.sh(&format!(
+                "ip neigh replace {} lladdr {} dev eth0 nud stale",
+                vm.ip,
+                vm.mac()
+            ))?;
+        }
+        // On `any`, so each frame says whether the client sent it (`Out`) or received it: a
+        // SYN synjitsu re-sends to the guest may be flooded back to the client's port.
+        let capture = Capture::start(&self.client.ns, "any", self.dir.path(), "cold")?;
+        let before = self.syn_retrans()?;
+        let started_ns = now_ns();
+        let out = self
+            .client
+            .ns
+            .command("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "20",
+                "-w",
+                "%{time_namelookup} %{time_connect} %{time_starttransfer} %{http_code} %{exitcode} %{errormsg}",
+                &format!("http://{host}/"),
+            ])
+            .output()
+            .context("running curl in the client namespace")?;
+        let after = self.syn_retrans()?;
+        let frames = capture.finish()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut w = text.split_whitespace();
+        let mut secs = || {
+            w.next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .map(Duration::from_secs_f64)
+                .unwrap_or_default()
+        };
+        let (dns, connect, first_byte) = (secs(), secs(), secs());
+        let code = w.next().unwrap_or("").to_string();
+        let exit = w.next().unwrap_or("").to_string();
+        let msg: Vec<&str> = w.collect();
+        let error = (code != "200").then(|| {
+            format!(
+                "curl exit {exit}, HTTP {code}: {}",
+                if msg.is_empty() {
+                    text.trim().to_string()
+                } else {
+                    msg.join(" ")
+                }
+            )
+        });
+        let ip = vm.ip.to_string();
+        let after_listening_us = match (
+            first_data_from(&frames, &ip),
+            self.listening_since(&vm.name, started_ns),
+        ) {
+            (Some(fb), Some(l)) if error.is_none() => {
+                Some(((fb as i128 - l as i128) / 1000) as i64)
+            }
+            _ => None,
+        };
+        Ok(ColdStart {
+            vm: vm.name.clone(),
+            dns,
+            connect,
+            first_byte,
+            after_listening_us,
+            syns: syns_to(&frames, &ip),
+            syn_retransmits: after.saturating_sub(before),
+            error,
+        })
+    }
+
+    /// Waits until every VM is off in the store (idle stop), returning how long it took.
+    pub fn wait_all_off(&self, timeout: Duration) -> Result<Duration> {
+        let t0 = Instant::now();
+        for vm in &self.vms {
+            self.wait_state(&vm.name, "off", timeout.saturating_sub(t0.elapsed()))?;
+        }
+        Ok(t0.elapsed())
+    }
+
+    /// Runs `jitsu-dns state <what>` on the store.
+    pub fn state_cli(&self, what: &str) -> Result<String> {
+        let out = crate::run(
+            std::process::Command::new(bin_path("jitsu-dns"))
+                .args(["state", what, "--persistdb"])
+                .arg(self.db()),
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The options the stack runs with.
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+}
+
+/// SYNs the client sent to `ip:80`, in `tcpdump -i any -nn -tt` lines.
+pub fn syns_to(frames: &[String], ip: &str) -> usize {
+    let to = " Out IP ";
+    let dst = format!("> {ip}.80:");
+    frames
+        .iter()
+        .filter(|l| l.contains(to) && l.contains(&dst) && l.contains("Flags [S]"))
+        .count()
+}
+
+/// When the first frame carrying data from `ip:80` reached the client, in ns since the
+/// epoch (`tcpdump -i any -nn -tt` lines).
+pub fn first_data_from(frames: &[String], ip: &str) -> Option<u128> {
+    let from = format!(" In  IP {ip}.80 > ");
+    frames.iter().find_map(|l| {
+        if !l.contains(&from) || l.ends_with("length 0") {
+            return None;
+        }
+        let ts = l.split_whitespace().next()?;
+        let (secs, frac) = ts.split_once('.')?;
+        let frac = format!("{frac:0<9}");
+        Some(secs.parse::<u128>().ok()? * 1_000_000_000 + frac[..9].parse::<u128>().ok()?)
+    })
+}
+
+/// A millisecond figure for tables.
+pub fn fmt_ms(d: Duration) -> String {
+    format!("{:.1}", ms(d))
+}
+
+/// Renders cold starts as the table the README's main job prints.
+pub fn table(rows: &[(String, ColdStart)]) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "{:<14} {:>8} {:>11} {:>12} {:>16} {:>5} {:>8}  result",
+        "mode", "DNS ms", "connect ms", "1st byte ms", "after listen ms", "SYNs", "SYN rtx",
+    );
+    for (label, c) in rows {
+        let after = c
+            .after_listening_us
+            .map(|us| format!("{:.1}", us as f64 / 1000.0))
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            t,
+            "{:<14} {:>8} {:>11} {:>12} {:>16} {:>5} {:>8}  {}",
+            label,
+            fmt_ms(c.dns),
+            fmt_ms(c.connect),
+            fmt_ms(c.first_byte),
+            after,
+            c.syns,
+            c.syn_retransmits,
+            c.error.as_deref().unwrap_or("ok")
+        );
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn captures_give_syns_and_the_first_data() {
+        let frames: Vec<String> = [
+            "1795697218.356099 eth0  Out ARP, Request who-has 10.77.0.1 tell 10.77.0.2, length 28",
+            "1795697218.400000 eth0  Out IP 10.77.0.2.40000 > 10.77.1.10.80: Flags [S], seq 1, length 0",
+            "1795697218.800000 eth0  In  IP 10.77.0.2.40000 > 10.77.1.10.80: Flags [S], seq 1, length 0",
+            "1795697219.400000 eth0  Out IP 10.77.0.2.40000 > 10.77.1.10.80: Flags [S], seq 1, length 0",
+            "1795697219.400100 eth0  In  IP 10.77.1.10.80 > 10.77.0.2.40000: Flags [S.], seq 9, ack 2, length 0",
+            "1795697219.400200 eth0  Out IP 10.77.0.2.40000 > 10.77.1.10.80: Flags [P.], seq 1:80, length 79",
+            "1795697219.4005 eth0  In  IP 10.77.1.10.80 > 10.77.0.2.40000: Flags [P.], seq 1:120, length 119",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(syns_to(&frames, "10.77.1.10"), 2);
+        assert_eq!(syns_to(&frames, "10.77.1.11"), 0);
+        assert_eq!(
+            first_data_from(&frames, "10.77.1.10"),
+            Some(1_795_697_219_400_500_000)
+        );
+    }
+}

@@ -1,0 +1,224 @@
+//! The whole chain in namespaces, both daemons on one bridge: dig boots the VM, synjitsu holds
+//! the client's SYN, the guest comes up, curl gets its page with exactly one SYN on the wire;
+//! the VM is stopped when idle; a client that still has the address connects again and the
+//! wake-on-SYN path boots the VM and completes the connection. Then the faults: synjitsu
+//! killed during a boot, jitsu-dns restarted, a guest that never comes up.
+
+use std::time::{Duration, Instant};
+
+use jitsu_tests::e2e::{DNS_ADDR, Mask, Options, Stack, Vm};
+use jitsu_tests::jitsu_dns::dig;
+use jitsu_tests::{require_root, require_tool, wait_until};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn prerequisites() {
+    require_root();
+    for (tool, package) in [
+        ("curl", "curl"),
+        ("dig", "dnsutils"),
+        ("tcpdump", "tcpdump"),
+        ("nstat", "iproute2"),
+        ("arping", "iputils-arping"),
+    ] {
+        require_tool(tool, package);
+    }
+}
+
+#[test]
+fn dig_boots_synjitsu_holds_one_syn_idle_stops_and_a_cached_client_wakes_it() {
+    prerequisites();
+    let vm = Vm::new(0, Mask::Synjitsu, Duration::from_millis(400));
+    let stack = Stack::start("e2c", vec![vm.clone()], Options::default()).unwrap();
+
+    // The client resolves the name (this boots the VM) and connects before the guest is up.
+    let t0 = Instant::now();
+    let answer = dig(&stack.client.ns, &[&format!("@{DNS_ADDR}"), &vm.dns(), "A"]).unwrap();
+    let dns_took = t0.elapsed();
+    assert_eq!(
+        answer.addresses(),
+        vec![vm.ip.to_string()],
+        "{}",
+        stack.logs()
+    );
+    let got = stack.cached_start(&vm).unwrap();
+    assert!(got.ok(), "{got:?}\n{}", stack.logs());
+    println!(
+        "dig answered in {:.1} ms; connect {:.1} ms, first byte {:.1} ms after curl started; \
+         first byte {} us after the guest listened",
+        dns_took.as_secs_f64() * 1000.0,
+        got.connect.as_secs_f64() * 1000.0,
+        got.first_byte.as_secs_f64() * 1000.0,
+        got.after_listening_us.unwrap_or(-1)
+    );
+    assert_eq!(
+        got.syns, 1,
+        "the client sent its SYN more than once: {got:?}"
+    );
+    assert_eq!(got.syn_retransmits, 0);
+    // The guest came up after curl started: the connection really waited for the boot.
+    assert!(
+        got.connect >= Duration::from_millis(200),
+        "connected in {:?}, before the guest could have booted",
+        got.connect
+    );
+    assert!(stack.synjitsu_metric("synjitsu_syns_handed_over_total{via=\"wire\"}") >= 1.0);
+    assert_eq!(stack.stored(&vm.name, "starts").as_deref(), Some("1"));
+
+    // Idle for 2 x TTL (TTL 1 s): stopped.
+    stack.wait_state(&vm.name, "off", LONG).unwrap();
+    let history = stack.history();
+    assert!(
+        history
+            .iter()
+            .any(|l| l.starts_with(&format!("{}: running -> stopping (idle for 2 s)", vm.name))),
+        "{history:#?}"
+    );
+
+    // A client with the address cached connects again: synjitsu holds its SYN, asks for a
+    // wake-up, jitsu-dns boots the VM, the connection completes.
+    let again = stack.cached_start(&vm).unwrap();
+    assert!(again.ok(), "{again:?}\n{}", stack.logs());
+    assert_eq!(stack.stored(&vm.name, "starts").as_deref(), Some("2"));
+    assert!(
+        stack
+            .history()
+            .iter()
+            .any(|l| l.contains("off -> booting (wake request from synjitsu)")),
+        "{:#?}",
+        stack.history()
+    );
+    assert_eq!(again.syns, 1, "woken by its one SYN: {again:?}");
+    println!(
+        "wake-on-SYN: connect {:.1} ms, first byte {} us after the guest listened",
+        again.connect.as_secs_f64() * 1000.0,
+        again.after_listening_us.unwrap_or(-1)
+    );
+}
+
+#[test]
+fn synjitsu_killed_during_a_boot_is_resynced_and_masks_the_next_cold_start() {
+    prerequisites();
+    let slow = Vm::new(0, Mask::Synjitsu, Duration::from_millis(1500));
+    let next = Vm::new(1, Mask::Synjitsu, Duration::from_millis(400));
+    let mut stack =
+        Stack::start("e2k", vec![slow.clone(), next.clone()], Options::default()).unwrap();
+    // Boot the slow one, and kill synjitsu while it boots.
+    let answer = dig(
+        &stack.client.ns,
+        &[&format!("@{DNS_ADDR}"), &slow.dns(), "A"],
+    )
+    .unwrap();
+    assert_eq!(
+        answer.addresses(),
+        vec![slow.ip.to_string()],
+        "{}",
+        stack.logs()
+    );
+    stack.wait_state(&slow.name, "running", LONG).unwrap();
+    stack.kill_synjitsu();
+    stack.start_synjitsu().unwrap();
+    // jitsu-dns reconnects and sends a full Sync; synjitsu then knows both VMs.
+    let phase = |vm: &Vm, p: &str| format!("synjitsu_vm_phase{{vm=\"{}\",phase=\"{p}\"}}", vm.name);
+    wait_until("synjitsu to be resynced", LONG, || {
+        (stack.synjitsu_metric(&phase(&next, "stopped")) == 1.0
+            && stack.synjitsu_metric(&phase(&slow, "running")) == 1.0)
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", stack.logs()));
+    // The next cold start is masked again: one SYN, no retransmit, the page.
+    let got = stack.cold_start(&next).unwrap();
+    assert!(got.ok(), "{got:?}\n{}", stack.logs());
+    assert_eq!(got.syns, 1, "{got:?}\n{}", stack.logs());
+    println!(
+        "after synjitsu's restart: connect {:.1} ms, first byte {} us after the guest listened",
+        got.connect.as_secs_f64() * 1000.0,
+        got.after_listening_us.unwrap_or(-1)
+    );
+}
+
+#[test]
+fn a_restarted_jitsu_dns_adopts_running_vms_and_boots_nothing_twice() {
+    prerequisites();
+    let vm = Vm::new(0, Mask::Synjitsu, Duration::from_millis(200));
+    let opts = Options {
+        ttl_secs: 30,
+        ..Options::default()
+    };
+    let mut stack = Stack::start("e2r", vec![vm.clone()], opts).unwrap();
+    let first = stack.cold_start(&vm).unwrap();
+    assert!(first.ok(), "{first:?}\n{}", stack.logs());
+    assert_eq!(stack.stop_jitsu().unwrap(), Some(0));
+    stack.start_jitsu().unwrap();
+    // Served at once, from the adopted VM.
+    let second = stack.cold_start(&vm).unwrap();
+    assert!(second.ok(), "{second:?}\n{}", stack.logs());
+    assert_eq!(stack.stored(&vm.name, "starts").as_deref(), Some("1"));
+    let history = stack.history();
+    assert!(
+        history
+            .iter()
+            .any(|l| l.contains("running (adopted: already running)")),
+        "{history:#?}"
+    );
+    assert_eq!(
+        history
+            .iter()
+            .filter(|l| l.contains("off -> booting"))
+            .count(),
+        1,
+        "{history:#?}"
+    );
+    assert!(
+        second.after_listening_us.is_none(),
+        "the guest did not start listening again: it was never restarted"
+    );
+}
+
+#[test]
+fn a_guest_that_never_comes_up_gets_rsts_is_marked_failed_and_retried() {
+    prerequisites();
+    let mut vm = Vm::new(0, Mask::Synjitsu, Duration::from_secs(3600));
+    vm.extra = "boot_timeout = 3".into();
+    let opts = Options {
+        hold_timeout: Duration::from_secs(2),
+        ttl_secs: 30,
+        ..Options::default()
+    };
+    let stack = Stack::start("e2f", vec![vm.clone()], opts).unwrap();
+    let t0 = Instant::now();
+    let got = stack.cold_start(&vm).unwrap();
+    let took = t0.elapsed();
+    // The held SYN is answered with a RST at synjitsu's limit: the client fails fast
+    // instead of hanging through its retransmits.
+    assert!(
+        !got.ok(),
+        "a guest that never came up served a page: {got:?}"
+    );
+    assert!(
+        got.error.as_deref().unwrap_or("").contains("exit 7"),
+        "curl should see the connection refused: {got:?}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "the client waited {took:?}, not failed fast"
+    );
+    assert!(stack.synjitsu_metric("synjitsu_rsts_sent_total{reason=\"hold_timeout\"}") >= 1.0);
+    println!("refused after {:.2} s", took.as_secs_f64());
+    stack.wait_state(&vm.name, "failed", LONG).unwrap();
+    assert!(
+        stack
+            .history()
+            .iter()
+            .any(|l| l.contains("the guest did not announce itself within 3 s")),
+        "{:#?}",
+        stack.history()
+    );
+    // The next query retries the boot.
+    let answer = dig(&stack.client.ns, &[&format!("@{DNS_ADDR}"), &vm.dns(), "A"]).unwrap();
+    assert_eq!(answer.addresses(), vec![vm.ip.to_string()]);
+    wait_until("a second boot", LONG, || {
+        (stack.stored(&vm.name, "starts").as_deref() == Some("2")).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", stack.logs()));
+}
