@@ -18,6 +18,8 @@ JITSU_PACKAGES=(
   busybox-static cpio lz4 xz-utils zstd
   # libvirt with QEMU guests (the libvirt backend and its tests)
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
+  # libvirt's schema check of the domain XML jitsu-dns generates (virt-xml-validate)
+  libxml2-utils
 )
 
 jitsu_log() { printf '==> %s\n' "$*" >&2; }

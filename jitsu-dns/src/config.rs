@@ -130,6 +130,44 @@ pub enum Ifup {
     Guest,
 }
 
+/// The kind of domain the libvirt backend defines for a VM that has none yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainType {
+    /// QEMU with TCG (software emulation): `<domain type='qemu'>`, machine `pc`.
+    Qemu,
+    /// QEMU with KVM: `<domain type='kvm'>`, machine `pc`.
+    Kvm,
+    /// A Xen PVH guest (`xenpvh`), as MirageOS 4 and Linux boot on Xen today.
+    XenPvh,
+    /// A Xen PV guest (`xenpv`), as older unikernels (MirageOS 2/3, Rumprun) boot.
+    XenPv,
+}
+
+impl DomainType {
+    /// The word used in specs and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainType::Qemu => "qemu",
+            DomainType::Kvm => "kvm",
+            DomainType::XenPvh => "xenpvh",
+            DomainType::XenPv => "xenpv",
+        }
+    }
+}
+
+impl FromStr for DomainType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "qemu" => Ok(DomainType::Qemu),
+            "kvm" => Ok(DomainType::Kvm),
+            "xenpvh" => Ok(DomainType::XenPvh),
+            "xenpv" => Ok(DomainType::XenPv),
+            _ => Err("expected qemu, kvm, xenpvh or xenpv".into()),
+        }
+    }
+}
+
 /// Extra masking conditions beyond the fixed delay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitFor {
@@ -205,16 +243,23 @@ pub struct VmConfig {
     pub nic: String,
     /// The command that is the VM (process backend).
     pub command: Option<String>,
-    /// Kernel image (libvirt).
+    /// Kernel image (libvirt), an absolute path.
     pub kernel: Option<PathBuf>,
+    /// Initial ramdisk (libvirt), an absolute path.
+    pub initrd: Option<PathBuf>,
     /// Memory in MiB (libvirt).
     pub memory: Option<u64>,
-    /// Disk images (libvirt).
+    /// Disk images (libvirt), absolute paths.
     pub disks: Vec<PathBuf>,
     /// Domain UUID (libvirt).
     pub uuid: Option<String>,
     /// Kernel command line (libvirt).
     pub cmdline: Option<String>,
+    /// File the guest's serial console is written to (libvirt, QEMU), an absolute path.
+    pub console_log: Option<PathBuf>,
+    /// The kind of domain defined for the VM when it has none (libvirt; default from the
+    /// connection's hypervisor).
+    pub domain_type: Option<DomainType>,
     /// The keys as given, for the state store's `config/` subtree.
     pub raw: Vec<(String, String)>,
 }
@@ -896,7 +941,16 @@ const COMMON_KEYS: &[&str] = &[
 /// Keys only the process backend uses.
 const PROCESS_KEYS: &[&str] = &["command", "ifup", "gateway"];
 /// Keys only the libvirt backend uses.
-const LIBVIRT_KEYS: &[&str] = &["kernel", "memory", "disk", "uuid", "cmdline"];
+const LIBVIRT_KEYS: &[&str] = &[
+    "kernel",
+    "initrd",
+    "memory",
+    "disk",
+    "uuid",
+    "cmdline",
+    "console_log",
+    "domain_type",
+];
 /// Keys that may be given more than once.
 const REPEATABLE: &[&str] = &["dns", "disk"];
 
@@ -930,9 +984,8 @@ fn build_vm(entries: &[Entry], d: VmDefaults) -> Result<VmConfig, ConfigError> {
                 &e.value,
                 "unknown key; VMs take name, dns, ip, ip6, mac, response_delay, wait_for_key, \
                  wait_for, wait_for_timeout, boot_timeout, use_synjitsu, stop_mode, handover, \
-                 zone, nic, and \
-                 for the process backend command, ifup, gateway, for libvirt kernel, memory, \
-                 disk, uuid, cmdline",
+                 zone, nic, and for the process backend command, ifup, gateway, for libvirt \
+                 kernel, initrd, memory, disk, uuid, cmdline, console_log, domain_type",
             ));
         }
         let (wrong, right) = match d.backend {
@@ -1185,7 +1238,23 @@ fn build_vm(entries: &[Entry], d: VmDefaults) -> Result<VmConfig, ConfigError> {
         }
         None => None,
     };
-    let kernel = get("kernel").map(|e| PathBuf::from(&e.value));
+    // libvirtd (or QEMU, as another user, in another directory) opens these: a relative path
+    // would name another file there.
+    let absolute = |e: &Entry| -> Result<PathBuf, ConfigError> {
+        if e.value.starts_with('/') {
+            Ok(PathBuf::from(&e.value))
+        } else {
+            Err(invalid(
+                &e.origin,
+                &e.key,
+                &e.value,
+                "must be an absolute path (libvirt opens it, not jitsu-dns)",
+            ))
+        }
+    };
+    let kernel = get("kernel").map(absolute).transpose()?;
+    let initrd = get("initrd").map(absolute).transpose()?;
+    let console_log = get("console_log").map(absolute).transpose()?;
     let memory = match get("memory") {
         Some(e) => Some(parse_u64(&e.origin, "memory", &e.value, 1, 1 << 24)?),
         None => None,
@@ -1193,8 +1262,16 @@ fn build_vm(entries: &[Entry], d: VmDefaults) -> Result<VmConfig, ConfigError> {
     let disks = entries
         .iter()
         .filter(|e| e.key == "disk")
-        .map(|e| PathBuf::from(&e.value))
-        .collect();
+        .map(|e| absolute(e))
+        .collect::<Result<Vec<_>, _>>()?;
+    let domain_type = match get("domain_type") {
+        Some(e) => Some(
+            e.value
+                .parse()
+                .map_err(|why: String| invalid(&e.origin, "domain_type", &e.value, why))?,
+        ),
+        None => None,
+    };
     let uuid = match get("uuid") {
         Some(e) if is_uuid(&e.value) => Some(e.value.to_ascii_lowercase()),
         Some(e) => {
@@ -1234,10 +1311,13 @@ fn build_vm(entries: &[Entry], d: VmDefaults) -> Result<VmConfig, ConfigError> {
         nic,
         command,
         kernel,
+        initrd,
         memory,
         disks,
         uuid,
         cmdline,
+        console_log,
+        domain_type,
         raw,
     })
 }
@@ -1788,12 +1868,19 @@ mod tests {
         let mut f = flags(&[
             "name=rump,dns=nginx.example.org,ip=10.0.0.3,kernel=/k/nginx.bin,memory=64,\
              disk=/d/a.img,disk=/d/b.img,uuid=4DEA22B3-1D52-D8F3-2516-782E98AB3FA0,\
-             cmdline=console=hvc0,handover=xenstore,wait_for_key=data/ready",
+             cmdline=console=hvc0,handover=xenstore,wait_for_key=data/ready,initrd=/k/initrd,\
+             console_log=/var/log/jitsu/rump.console,domain_type=xenpv",
         ]);
         f.backend = Some("libvirt".into());
         let c = ok(&f);
         let vm = &c.vms[0];
         assert_eq!(vm.kernel, Some(PathBuf::from("/k/nginx.bin")));
+        assert_eq!(vm.initrd, Some(PathBuf::from("/k/initrd")));
+        assert_eq!(
+            vm.console_log,
+            Some(PathBuf::from("/var/log/jitsu/rump.console"))
+        );
+        assert_eq!(vm.domain_type, Some(DomainType::XenPv));
         assert_eq!(vm.memory, Some(64));
         assert_eq!(
             vm.disks,
@@ -1985,6 +2072,31 @@ mod tests {
         let mut lv = flags(&["name=www,dns=www.example.org,ip=10.0.0.1,command=x"]);
         lv.backend = Some("libvirt".into());
         assert!(err(&lv).contains("process backend"));
+        for (spec, what) in [
+            (
+                "kernel=vmlinux",
+                "kernel = \"vmlinux\": must be an absolute path",
+            ),
+            (
+                "initrd=./i.gz",
+                "initrd = \"./i.gz\": must be an absolute path",
+            ),
+            (
+                "disk=/ok.img,disk=d.img",
+                "disk = \"d.img\": must be an absolute path",
+            ),
+            (
+                "console_log=c.log",
+                "console_log = \"c.log\": must be an absolute path",
+            ),
+            ("domain_type=hvm", "expected qemu, kvm, xenpvh or xenpv"),
+        ] {
+            let mut lv = flags(&[&format!("name=www,dns=www.example.org,ip=10.0.0.1,{spec}")]);
+            lv.backend = Some("libvirt".into());
+            let e = err(&lv);
+            assert!(e.starts_with("VM spec 1 (www): "), "{e}");
+            assert!(e.contains(what), "{spec}: {e}");
+        }
     }
 
     #[test]

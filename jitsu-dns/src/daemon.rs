@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use shared_proto::Mac;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -208,6 +209,12 @@ struct Shell {
     synjitsu: Option<mpsc::Sender<Outgoing>>,
     keys: KeyWatcher,
     poll_busy: Arc<AtomicBool>,
+    /// The backend pushes lifecycle changes: states are not polled, only counters.
+    pushes_states: bool,
+    /// A pushed change was lost (full queue): the next poll reads states once.
+    push_lost: Arc<AtomicBool>,
+    /// MACs taken from the backend's definitions, kept across reloads.
+    adopted_macs: HashMap<VmName, Mac>,
     limit_log: RateLimited,
     persisted_requests: HashMap<VmName, u64>,
 }
@@ -554,6 +561,8 @@ impl Shell {
         let backend = self.backend.clone();
         let events = self.events.clone();
         let busy = self.poll_busy.clone();
+        let metrics = self.metrics.clone();
+        let poll_states = !self.pushes_states || self.push_lost.swap(false, Ordering::AcqRel);
         tokio::task::spawn_blocking(move || {
             for (vm, epoch) in vms {
                 match backend.counters(&vm) {
@@ -565,6 +574,10 @@ impl Shell {
                     }
                     Err(e) => debug!(vm = %vm.name, error = %e, "counters"),
                 }
+                if !poll_states {
+                    continue;
+                }
+                metrics.add_state_poll();
                 match backend.state(&vm) {
                     Ok(state) => {
                         let _ = events.blocking_send(Event::Observed {
@@ -591,6 +604,13 @@ impl Shell {
         })
         .await
         .unwrap_or_default();
+        // A domain's own MAC is what its guest sends from, whatever the VM's keys say: synjitsu
+        // must steer that one. Adopted before the fleet hears of the VM.
+        let macs: Vec<(VmName, Mac)> = looked
+            .iter()
+            .filter_map(|(name, found)| Some((name.clone(), found.as_ref().ok()?.mac?)))
+            .collect();
+        self.adopt_macs(macs);
         for (name, found) in looked {
             let observed = match found {
                 Ok(d) => d.state,
@@ -612,6 +632,46 @@ impl Shell {
                 },
             );
         }
+    }
+
+    /// Uses each VM's MAC as its backend defines it (a libvirt domain's XML) where it differs
+    /// from the configured one; remembered across reloads.
+    fn adopt_macs(&mut self, macs: Vec<(VmName, Mac)>) {
+        let mut changed = Change::default();
+        for (name, mac) in macs {
+            let Some(vm) = self.cfg.vms.iter_mut().find(|v| v.name == name) else {
+                continue;
+            };
+            if vm.mac == mac {
+                continue;
+            }
+            if vm.raw.iter().any(|(k, _)| k == "mac") {
+                warn!(vm = %name, configured = %vm.mac, domain = %mac, "the domain's MAC differs from the VM's mac key: using the domain's, which its guest sends from");
+            } else {
+                info!(vm = %name, mac = %mac, "using the MAC of the VM's existing domain");
+            }
+            vm.mac = mac;
+            self.adopted_macs.insert(name.clone(), mac);
+            changed
+                .files
+                .push((format!("{}mac", state::vm_prefix(&name)), mac.to_string()));
+            changed.message = Some(format!("{name}: MAC {mac} from its domain"));
+        }
+        if changed.files.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let cmds = self
+            .fleet
+            .reconfigure(now, self.cfg.vms.iter().cloned().map(Arc::new));
+        let mut follow = VecDeque::new();
+        for c in cmds {
+            self.execute(now, c, &mut follow);
+        }
+        while let Some(ev) = follow.pop_front() {
+            self.process(now, ev);
+        }
+        self.commit(changed);
     }
 
     async fn reload(&mut self) {
@@ -644,6 +704,11 @@ impl Shell {
             }
         };
         let mut new = new;
+        for vm in &mut new.vms {
+            if let Some(mac) = self.adopted_macs.get(&vm.name) {
+                vm.mac = *mac;
+            }
+        }
         // What needs a restart stays as it is.
         new.bind = self.cfg.bind;
         new.listen = self.cfg.listen;
@@ -733,10 +798,43 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
         synjitsu,
         keys: KeyWatcher::new(events_tx.clone()),
         poll_busy: Arc::new(AtomicBool::new(false)),
+        pushes_states: false,
+        push_lost: Arc::new(AtomicBool::new(false)),
+        adopted_macs: HashMap::new(),
         limit_log: RateLimited::default(),
         persisted_requests: HashMap::new(),
     };
     shell.commit_config(&tree, "loaded");
+    // Backends that push lifecycle changes (libvirt) report them as current observations;
+    // the others are polled. Subscribed before reconciling: a change after a VM's lookup is
+    // then queued and handled after it, so the fleet ends with the latest state.
+    let pushed = events_tx.clone();
+    let push_metrics = metrics.clone();
+    let push_lost = shell.push_lost.clone();
+    let sink: backend::EventSink = Box::new(move |ev| {
+        push_metrics.add_backend_event();
+        let event = Event::Observed {
+            vm: ev.name.as_str().into(),
+            state: ev.state,
+            epoch: None,
+        };
+        if pushed.try_send(event).is_err() {
+            push_lost.store(true, Ordering::Release);
+            warn!(vm = %ev.name, "lifecycle event dropped: the event queue is full; states are polled once");
+        }
+    });
+    let backend2 = shell.backend.clone();
+    let subscribed = tokio::task::spawn_blocking(move || backend2.subscribe(sink))
+        .await
+        .unwrap_or(Ok(false));
+    match subscribed {
+        Ok(true) => {
+            shell.pushes_states = true;
+            info!("the backend pushes lifecycle events: states are not polled");
+        }
+        Ok(false) => debug!("the backend is polled for lifecycle changes"),
+        Err(e) => warn!(error = %e, "lifecycle events unavailable: polling instead"),
+    }
     shell.reconcile(vms, &tree).await;
     let backend2 = shell.backend.clone();
     if let Ok(Ok(listed)) = tokio::task::spawn_blocking(move || backend2.list()).await {
@@ -745,25 +843,6 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
                 info!(vm = %l.name, state = ?l.state, "the backend runs a VM that is not configured: left alone");
             }
         }
-    }
-
-    // Backends that push lifecycle changes (libvirt) report them as current observations;
-    // the others are polled.
-    let pushed = events_tx.clone();
-    let sink: backend::EventSink = Box::new(move |ev| {
-        let event = Event::Observed {
-            vm: ev.name.as_str().into(),
-            state: ev.state,
-            epoch: None,
-        };
-        if pushed.try_send(event).is_err() {
-            warn!(vm = %ev.name, "lifecycle event dropped: the event queue is full");
-        }
-    });
-    match shell.backend.subscribe(sink) {
-        Ok(true) => info!("the backend pushes lifecycle events"),
-        Ok(false) => debug!("the backend is polled for lifecycle changes"),
-        Err(e) => warn!(error = %e, "lifecycle events unavailable: polling instead"),
     }
 
     let addr = shell.cfg.dns_addr();

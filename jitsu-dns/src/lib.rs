@@ -6,7 +6,7 @@
 //! - [`fleet`]: the pure core deciding, per VM, what each query, tick and result leads to;
 //! - [`dns`]: the hickory-server request handler (answers from a table, asks the fleet on
 //!   the slow path) and [`forward`], the relay to the forwarders;
-//! - [`backend`]: the trait the VMs are run through, and the process backend;
+//! - [`backend`]: the trait the VMs are run through, the process backend and the libvirt one;
 //! - [`state`]: the state store with history (a git repository);
 //! - [`synjitsu`]: the client of synjitsu's control socket;
 //! - [`xenstore`]: waiting for a readiness key;

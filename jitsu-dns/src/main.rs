@@ -17,8 +17,9 @@ use tokio_util::sync::CancellationToken;
 /// `name=www,dns=www.example.org,ip=10.0.0.1,command='busybox httpd -f -p 80'`
 /// (keys: name, dns (repeatable), ip, ip6, mac, response_delay, wait_for_key, wait_for,
 /// wait_for_timeout, boot_timeout, use_synjitsu, stop_mode, handover, zone, nic; process
-/// backend: command, ifup, gateway; libvirt: kernel, memory, disk, uuid, cmdline), or
-/// `[[vm]]` tables in the --config file, whose top-level keys are the long flags with `_`.
+/// backend: command, ifup, gateway; libvirt: uuid, kernel, initrd, cmdline, memory, disk
+/// (repeatable), console_log, domain_type), or `[[vm]]` tables in the --config file, whose
+/// top-level keys are the long flags with `_`.
 #[derive(Debug, Parser)]
 #[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -46,7 +47,8 @@ struct Cli {
     /// Backend: process (a command in a network namespace) or libvirt.
     #[arg(short = 'x', long, value_name = "BACKEND")]
     backend: Option<String>,
-    /// Backend URI, e.g. process:///run/jitsu/process?netns_prefix=jitsu-&cgroup=auto.
+    /// Backend URI: process:///run/jitsu/process?netns_prefix=jitsu-&cgroup=auto, or a libvirt
+    /// URI (qemu:///system, xen:///system; default: libvirt's), plus ?shutdown_grace=SECONDS.
     #[arg(short = 'c', long, value_name = "URI")]
     connect: Option<String>,
     /// synjitsu's control socket.

@@ -79,6 +79,8 @@ pub struct Metrics {
     forward_failures: AtomicU64,
     synjitsu_connected: AtomicU64,
     store_dropped: AtomicU64,
+    backend_events: AtomicU64,
+    state_polls: AtomicU64,
 }
 
 impl Metrics {
@@ -172,6 +174,16 @@ impl Metrics {
     /// A state change did not fit the store's queue.
     pub fn add_store_dropped(&self) {
         self.store_dropped.fetch_add(1, Relaxed);
+    }
+
+    /// The backend pushed a lifecycle change (a libvirt event).
+    pub fn add_backend_event(&self) {
+        self.backend_events.fetch_add(1, Relaxed);
+    }
+
+    /// A VM's state was polled from the backend.
+    pub fn add_state_poll(&self) {
+        self.state_polls.fetch_add(1, Relaxed);
     }
 
     /// The Prometheus text exposition.
@@ -351,6 +363,32 @@ impl Metrics {
                 self.store_dropped.load(Relaxed)
             ),
         );
+        header(
+            &mut o,
+            "jitsu_dns_backend_events_total",
+            "counter",
+            "Lifecycle changes the backend pushed (libvirt events).",
+        );
+        line(
+            &mut o,
+            format!(
+                "jitsu_dns_backend_events_total {}",
+                self.backend_events.load(Relaxed)
+            ),
+        );
+        header(
+            &mut o,
+            "jitsu_dns_backend_state_polls_total",
+            "counter",
+            "VM states polled from the backend (not done for backends that push events).",
+        );
+        line(
+            &mut o,
+            format!(
+                "jitsu_dns_backend_state_polls_total {}",
+                self.state_polls.load(Relaxed)
+            ),
+        );
         o
     }
 }
@@ -433,6 +471,9 @@ mod tests {
         m.add_limit_refusal(Refusal::BootFailed);
         m.set_running(3);
         m.set_synjitsu_connected(true);
+        m.add_backend_event();
+        m.add_state_poll();
+        m.add_state_poll();
         let t = m.render();
         for want in [
             "jitsu_dns_queries_total{outcome=\"answer\"} 2",
@@ -449,6 +490,8 @@ mod tests {
             "jitsu_dns_limit_refusals_total{limit=\"boot_rate\"} 1",
             "jitsu_dns_limit_refusals_total{limit=\"max_running\"} 0",
             "jitsu_dns_synjitsu_connected 1",
+            "jitsu_dns_backend_events_total 1",
+            "jitsu_dns_backend_state_polls_total 2",
             "# TYPE jitsu_dns_boot_to_ready_seconds histogram",
         ] {
             assert!(t.lines().any(|l| l == want), "missing {want:?} in\n{t}");

@@ -1,5 +1,5 @@
 //! jitsu-dns refuses what it cannot run, at start, saying where, which key, which value and
-//! why; and it refuses the libvirt backend plainly until that backend exists (issue 6).
+//! why; a libvirt it cannot reach included.
 
 use std::process::Command;
 
@@ -65,14 +65,19 @@ fn bad_specs_flags_and_files_are_refused_at_start() {
 }
 
 #[test]
-fn the_libvirt_backend_is_refused_until_it_is_built() {
+fn an_unreachable_libvirt_is_refused_at_start() {
     let dir = Scratch::new("clilv").unwrap();
     let db = dir.path().join("db");
+    // A socket that does not exist: no libvirtd another test may run answers instead.
+    let uri = format!(
+        "qemu:///system?socket={}",
+        dir.path().join("no-libvirtd.sock").display()
+    );
     let (code, err) = run(&[
         "-x",
         "libvirt",
         "-c",
-        "qemu:///system",
+        &uri,
         "-l",
         "5399",
         "--persistdb",
@@ -81,9 +86,19 @@ fn the_libvirt_backend_is_refused_until_it_is_built() {
     ]);
     assert_eq!(code, Some(1), "{err}");
     assert!(
-        err.contains("the libvirt backend is not built yet (it is issue 6)"),
+        err.contains(&format!("cannot connect to libvirt at {uri}")),
         "{err}"
     );
+    // A process backend URI is not libvirt's.
+    let (code, err) = run(&[
+        "-x",
+        "libvirt",
+        "-c",
+        "process:///run/jitsu/process",
+        "name=www,dns=www.example.org,ip=10.0.0.1,kernel=/k",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("this is a process backend URI"), "{err}");
     // And process keys are not libvirt's.
     let (code, err) = run(&[
         "-x",

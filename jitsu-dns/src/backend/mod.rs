@@ -12,6 +12,7 @@
 //! counters feed idle detection, [`Backend::list`] serves reconciliation, and
 //! [`Backend::subscribe`] lets a backend push lifecycle events instead of being polled.
 
+pub mod libvirt;
 pub mod process;
 
 use std::fmt;
@@ -64,9 +65,6 @@ pub type EventSink = Box<dyn Fn(LifecycleEvent) + Send + Sync>;
 /// Why a backend call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    /// `-x libvirt` in a build without it.
-    #[error("the libvirt backend is not built yet (it is issue 6); use `-x process` for now")]
-    NotBuilt,
     /// The `-c` URI does not fit the backend.
     #[error("backend URI {uri:?}: {why}")]
     Uri {
@@ -144,9 +142,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
 pub fn open(kind: BackendKind, uri: Option<&str>) -> Result<Arc<dyn Backend>, BackendError> {
     match kind {
         BackendKind::Process => Ok(Arc::new(process::ProcessBackend::open(uri)?)),
-        // Refused rather than faked: a stub that pretends to boot would answer queries for
-        // VMs that never run.
-        BackendKind::Libvirt => Err(BackendError::NotBuilt),
+        BackendKind::Libvirt => Ok(Arc::new(libvirt::LibvirtBackend::open(uri)?)),
     }
 }
 
@@ -155,9 +151,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn libvirt_is_refused_clearly_until_it_exists() {
-        let err = open(BackendKind::Libvirt, Some("qemu:///system")).unwrap_err();
-        assert!(matches!(err, BackendError::NotBuilt));
-        assert!(err.to_string().contains("issue 6"));
+    fn libvirt_is_opened_on_its_uri_and_refuses_the_process_backends() {
+        let b = open(BackendKind::Libvirt, Some("test:///default")).unwrap();
+        assert_eq!(b.kind(), "libvirt");
+        let err = open(BackendKind::Libvirt, Some("process:///run/jitsu")).unwrap_err();
+        assert!(err.to_string().contains("process backend URI"), "{err}");
+        let err = open(BackendKind::Libvirt, Some("nosuchdriver:///x")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("cannot connect to libvirt at nosuchdriver:///x"),
+            "{err}"
+        );
     }
 }

@@ -1,9 +1,12 @@
-//! The only `unsafe` in jitsu-dns: thin, checked wrappers over the system calls std lacks.
+//! The only `unsafe` in jitsu-dns: thin, checked wrappers over the system calls std lacks
+//! and the libvirt callbacks the `virt` crate does not wrap ([`libvirt`]).
 //!
 //! Owns signalling a process by pid. Everything else (files, sockets, child processes) goes
 //! through std or tokio.
 
 #![allow(unsafe_code)]
+
+pub(crate) mod libvirt;
 
 use std::io;
 
