@@ -1,6 +1,7 @@
 //! The whole chain on one bridge, as on a Xen dom0: a host namespace with `br0`, synjitsu and
-//! jitsu-dns on it, jitsu-dns's VMs (the process backend running `jitsu-test-guest`, or
-//! libvirt guests) joining `br0`, and a client namespace whose resolver is jitsu-dns.
+//! jitsu-dns on it, jitsu-dns's VMs (the process backend running `jitsu-test-guest`, or QEMU
+//! guests of the project's image under a hand-started libvirtd) joining `br0`, and a client
+//! namespace whose resolver is jitsu-dns.
 //! [`Stack::cold_start`] runs one cold start the way a user's client does (`curl http://name/`)
 //! and measures it; the end-to-end tests, the README's main job (`jitsu-e2e demo`) and
 //! `bench/cold-start` (`jitsu-e2e bench`) are all built on it.
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 
 use crate::jitsu_dns::{ProcessVms, store_get, store_log};
+use crate::libvirt::{ConsoleWatch, GUEST_CMDLINE, GuestImage, Libvirtd};
 use crate::synjitsu::Capture;
 use crate::topo::{Bridge, Daemon, Member};
 use crate::{Scratch, bin_path, wait_until};
@@ -122,9 +124,20 @@ impl Vm {
     }
 }
 
+/// What runs the VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `jitsu-test-guest` in a network namespace, with the VM's boot time.
+    Process,
+    /// A QEMU guest (TCG) of `guest/build-image` under libvirtd; it boots as fast as it can.
+    Libvirt,
+}
+
 /// How the stack is set up.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// What runs the VMs.
+    pub backend: Backend,
     /// TTL of answers; VMs idle for twice this are stopped.
     pub ttl_secs: u32,
     /// synjitsu's `--hold-timeout`.
@@ -141,6 +154,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Options {
         Options {
+            backend: Backend::Process,
             ttl_secs: 1,
             hold_timeout: Duration::from_secs(10),
             client_knows_macs: true,
@@ -156,6 +170,9 @@ impl Default for Options {
 pub struct Stack {
     jitsu: Option<Daemon>,
     synjitsu: Option<Daemon>,
+    /// libvirtd with the libvirt backend (destroys its domains when dropped).
+    _libvirt: Option<Libvirtd>,
+    image: Option<GuestImage>,
     /// The process backend's VMs (removed on drop).
     pub process_vms: ProcessVms,
     /// The client namespace.
@@ -250,9 +267,21 @@ impl Stack {
             format!("nameserver {DNS_ADDR}\noptions timeout:10 attempts:1\n"),
         )?;
         let process_vms = ProcessVms::new(tag, dir.join("run"));
+        let (libvirt, image) = match opts.backend {
+            Backend::Process => (None, None),
+            Backend::Libvirt => {
+                let image = GuestImage::build()?;
+                (
+                    Some(Libvirtd::start(bridge.host(), dir.path())?),
+                    Some(image),
+                )
+            }
+        };
         let mut stack = Stack {
             jitsu: None,
             synjitsu: None,
+            _libvirt: libvirt,
+            image,
             process_vms,
             client,
             _resolv: resolv,
@@ -324,9 +353,34 @@ impl Stack {
         self.synjitsu = None;
     }
 
+    /// Where a libvirt guest's serial console goes.
+    pub fn console(&self, vm: &Vm) -> PathBuf {
+        self.dir.join(&format!("console-{}.log", vm.name))
+    }
+
     fn config_toml(&self) -> String {
         let guest = bin_path("jitsu-test-guest");
         let mut t = String::new();
+        if let Some(image) = &self.image {
+            for vm in &self.vms {
+                let _ = write!(
+                    t,
+                    "[[vm]]\nname = \"{n}\"\ndns = [\"{d}\"]\nip = \"{ip}/{PREFIX}\"\nnic = \"br0\"\n\
+                     memory = 128\nkernel = \"{k}\"\ninitrd = \"{i}\"\n\
+                     cmdline = \"{GUEST_CMDLINE} jitsu.ip={ip}/{PREFIX} jitsu.name={n}\"\n\
+                     console_log = \"{c}\"\n{m}\n{x}\n\n",
+                    n = vm.name,
+                    d = vm.dns(),
+                    ip = vm.ip,
+                    k = image.kernel.display(),
+                    i = image.initrd.display(),
+                    c = self.console(vm).display(),
+                    m = vm.mask.keys(),
+                    x = vm.extra,
+                );
+            }
+            return t;
+        }
         for vm in &self.vms {
             let _ = write!(
                 t,
@@ -350,7 +404,10 @@ impl Stack {
         let config = self.dir.join("jitsu.toml");
         std::fs::write(&config, self.config_toml())?;
         let ttl = self.opts.ttl_secs.to_string();
-        let uri = self.process_vms.uri(None);
+        let (backend, uri) = match self.opts.backend {
+            Backend::Process => ("process", self.process_vms.uri(None)),
+            Backend::Libvirt => ("libvirt", crate::libvirt::URI.to_string()),
+        };
         let (config_s, db_s, control_s) = (
             config.display().to_string(),
             self.db().display().to_string(),
@@ -366,7 +423,7 @@ impl Stack {
             "-t",
             &ttl,
             "-x",
-            "process",
+            backend,
             "-c",
             &uri,
             "--persistdb",
@@ -513,6 +570,13 @@ impl Stack {
                 vm.mac()
             ))?;
         }
+        // A libvirt guest says when it listens on its serial console, which QEMU truncates
+        // at every start.
+        let console = (self.opts.backend == Backend::Libvirt).then(|| {
+            let path = self.console(vm);
+            let _ = std::fs::remove_file(&path);
+            ConsoleWatch::start(&path, "jitsu-guest: listening")
+        });
         // On `any`, so each frame says whether the client sent it (`Out`) or received it: a
         // SYN synjitsu re-sends to the guest may be flooded back to the client's port.
         let capture = Capture::start(&self.client.ns, "any", self.dir.path(), "cold")?;
@@ -559,10 +623,16 @@ impl Stack {
             )
         });
         let ip = vm.ip.to_string();
-        let after_listening_us = match (
-            first_data_from(&frames, &ip),
-            self.listening_since(&vm.name, started_ns),
-        ) {
+        let listening = match &console {
+            Some(watch) => watch.seen().map(|s| {
+                s.wall
+                    .duration_since(UNIX_EPOCH)
+                    .expect("clock after 1970")
+                    .as_nanos()
+            }),
+            None => self.listening_since(&vm.name, started_ns),
+        };
+        let after_listening_us = match (first_data_from(&frames, &ip), listening) {
             (Some(fb), Some(l)) if error.is_none() => {
                 Some(((fb as i128 - l as i128) / 1000) as i64)
             }
