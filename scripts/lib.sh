@@ -31,10 +31,10 @@ jitsu_require_root() {
   fi
 }
 
-# Installs whatever of JITSU_PACKAGES (plus any arguments) is missing, and nothing else.
-jitsu_ensure_packages() {
+# Installs whichever of the given Debian packages is missing, and nothing else.
+jitsu_install_missing() {
   local missing=() p
-  for p in "${JITSU_PACKAGES[@]}" "$@"; do
+  for p in "$@"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
       missing+=("$p")
     fi
@@ -48,13 +48,43 @@ jitsu_ensure_packages() {
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# Puts cargo on PATH or says how to get it: Debian's own cargo is too old for the dependencies.
+# Installs whatever of JITSU_PACKAGES (plus any arguments) is missing.
+jitsu_ensure_packages() {
+  jitsu_install_missing "${JITSU_PACKAGES[@]}" "$@"
+}
+
+# The oldest Rust the workspace builds with (rust-version in Cargo.toml).
+JITSU_RUST_MIN=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' "$JITSU_ROOT/Cargo.toml")
+
+# True when `cargo` on PATH runs a rustc at least JITSU_RUST_MIN (and has clippy and rustfmt,
+# which .ci/run needs).
+jitsu_rust_ok() {
+  command -v cargo >/dev/null 2>&1 || return 1
+  local have
+  have=$(cargo --version 2>/dev/null | awk '{print $2}') || return 1
+  [ -n "$have" ] || return 1
+  [ "$(printf '%s\n%s\n' "$JITSU_RUST_MIN" "${have%%-*}" | sort -V | head -n1)" = "$JITSU_RUST_MIN" ] || return 1
+  cargo clippy --version >/dev/null 2>&1 && cargo fmt --version >/dev/null 2>&1
+}
+
+# Puts a Rust toolchain on PATH: rustup's in ~/.cargo/bin if there is one and it is recent
+# enough, else Debian's own current one (rustc-web/cargo-web, which Debian 12 ships from its
+# security archive for its browsers; the plain `cargo` package, 1.63, is too old).
 jitsu_ensure_rust() {
-  if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
-    export PATH="$HOME/.cargo/bin:$PATH"
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    case ":$PATH:" in *":$HOME/.cargo/bin:"*) ;; *) export PATH="$HOME/.cargo/bin:$PATH" ;; esac
   fi
-  if ! command -v cargo >/dev/null 2>&1; then
-    echo "error: no Rust toolchain: install one with rustup (https://rustup.rs), then run this again" >&2
+  if jitsu_rust_ok; then
+    return 0
+  fi
+  jitsu_log "no Rust >= $JITSU_RUST_MIN with clippy and rustfmt on PATH: using Debian's rustc-web"
+  jitsu_install_missing rustc-web cargo-web rust-web-clippy rustfmt-web
+  # Debian's toolchain is in /usr/bin; an older one earlier on PATH must not shadow it.
+  export PATH="/usr/bin:$PATH"
+  if ! jitsu_rust_ok; then
+    echo "error: no Rust >= $JITSU_RUST_MIN: Debian's rustc-web gave $(cargo --version 2>&1 || true)." >&2
+    echo "       Enable the bookworm-security archive (it carries the current rustc-web), or install" >&2
+    echo "       Rust with rustup (https://rustup.rs), then run this again." >&2
     exit 1
   fi
 }
