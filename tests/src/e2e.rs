@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use crate::jitsu_dns::{ProcessVms, store_get, store_log};
 use crate::libvirt::{ConsoleWatch, GUEST_CMDLINE, GuestImage, Libvirtd};
@@ -313,15 +313,8 @@ impl Stack {
 
     /// Starts (or restarts) synjitsu on `br0` and waits for its control socket.
     pub fn start_synjitsu(&mut self) -> Result<()> {
-        let control = self.control();
-        let _ = std::fs::remove_file(&control);
         let hold = format!("{}ms", self.opts.hold_timeout.as_millis());
-        let control_s = control.display().to_string();
         let args = [
-            "--bridge",
-            "br0",
-            "--control",
-            &control_s,
             "--probe-ip",
             PROBE_ADDR,
             "--xenstore",
@@ -333,17 +326,13 @@ impl Stack {
             "--log-level",
             &self.opts.log_level,
         ];
-        let mut d = Daemon::spawn(
-            Some(self.bridge.host()),
-            &bin_path("synjitsu"),
-            &args,
+        let d = crate::synjitsu::spawn_daemon(
+            self.bridge.host(),
             self.dir.path(),
+            &self.control(),
+            &args,
+            Duration::from_secs(30),
         )?;
-        wait_until("synjitsu's control socket", Duration::from_secs(30), || {
-            control.exists().then_some(())
-        })
-        .with_context(|| format!("synjitsu's log:\n{}", d.log()))?;
-        d.check_running()?;
         self.synjitsu = Some(d);
         Ok(())
     }
@@ -444,24 +433,12 @@ impl Stack {
             &args,
             self.dir.path(),
         )?;
-        let host = self.bridge.host();
-        let answered = wait_until("jitsu-dns to answer DNS", Duration::from_secs(30), || {
-            if d.check_running().is_err() {
-                return Some(false);
-            }
-            let out = host
-                .command("dig")
-                .args(["+time=1", "+tries=1", &format!("@{DNS_ADDR}"), ZONE, "SOA"])
-                .output()
-                .ok()?;
-            String::from_utf8_lossy(&out.stdout)
-                .contains("status: NOERROR")
-                .then_some(true)
-        })
-        .with_context(|| format!("jitsu-dns's log:\n{}", d.log()))?;
-        if !answered {
-            bail!("jitsu-dns exited; its log:\n{}", d.log());
-        }
+        crate::jitsu_dns::wait_answering(
+            &mut d,
+            self.bridge.host(),
+            &[&format!("@{DNS_ADDR}"), ZONE, "SOA"],
+            "status: NOERROR",
+        )?;
         self.jitsu = Some(d);
         Ok(())
     }

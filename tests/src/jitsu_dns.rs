@@ -402,31 +402,13 @@ impl DnsHarness {
             self.scratch.path(),
         )?;
         self.daemon = Some(daemon);
-        let host = self.bridge.host();
         let daemon = self.daemon.as_mut().expect("just set");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            daemon.check_running()?;
-            let probe = host
-                .command("dig")
-                .args([
-                    "+time=1",
-                    "+tries=1",
-                    "@127.0.0.1",
-                    "jitsu-test-probe.invalid",
-                ])
-                .output()?;
-            if String::from_utf8_lossy(&probe.stdout).contains("status: ") {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "jitsu-dns did not answer within 30 s; its log:\n{}",
-                    daemon.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_answering(
+            daemon,
+            self.bridge.host(),
+            &["@127.0.0.1", "jitsu-test-probe.invalid"],
+            "status: ",
+        )
     }
 
     /// SIGTERM, then waits for a clean exit; returns the exit code.
@@ -491,4 +473,33 @@ mod tests {
         assert!(k.answer.is_empty());
         assert_eq!(k.authority.len(), 1);
     }
+}
+
+/// Waits up to 30 s until jitsu-dns (`daemon`, in `host`) answers `dig <query>` with output
+/// containing `needle`; fails with its log if it exits or never answers.
+pub fn wait_answering(
+    daemon: &mut Daemon,
+    host: &Netns,
+    query: &[&str],
+    needle: &str,
+) -> Result<()> {
+    let answered = crate::wait_until("jitsu-dns to answer DNS", Duration::from_secs(30), || {
+        if daemon.check_running().is_err() {
+            return Some(false);
+        }
+        let out = host
+            .command("dig")
+            .args(["+time=1", "+tries=1"])
+            .args(query)
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .contains(needle)
+            .then_some(true)
+    })
+    .with_context(|| format!("jitsu-dns's log:\n{}", daemon.log()))?;
+    if !answered {
+        bail!("jitsu-dns exited; its log:\n{}", daemon.log());
+    }
+    Ok(())
 }

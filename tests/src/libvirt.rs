@@ -80,19 +80,11 @@ fn kvm_node_as_udev_sets_it() -> Result<()> {
 }
 
 fn wait_answering(libvirtd: &Daemon) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if virsh(&["version"]).is_ok() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "libvirtd did not answer within 60 s; its log:\n{}",
-                libvirtd.log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    crate::wait_until("libvirtd to answer", Duration::from_secs(60), || {
+        virsh(&["version"]).ok()
+    })
+    .with_context(|| format!("libvirtd's log:\n{}", libvirtd.log()))?;
+    Ok(())
 }
 
 fn lock(path: &Path) -> Result<File> {
@@ -156,6 +148,14 @@ impl Libvirtd {
     pub fn virsh(&self, args: &[&str]) -> Result<String> {
         let _ = &self.cleanup;
         virsh(args)
+    }
+
+    /// `virsh domstate --reason`: e.g. `running (booted)`, `shut off (saved)`.
+    pub fn domstate(&self, name: &str) -> Result<String> {
+        Ok(self
+            .virsh(&["domstate", "--reason", name])?
+            .trim()
+            .to_string())
     }
 }
 
@@ -356,20 +356,13 @@ impl ConsoleWatch {
 
     /// Waits until the needle appears, failing after `timeout` with the file's content.
     pub fn wait(&self, timeout: Duration) -> Result<Seen> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.seen() {
-                return Ok(s);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} did not show the expected line within {timeout:?}; it holds:\n{}",
-                    self.path.display(),
-                    std::fs::read_to_string(&self.path).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        crate::wait_until("the expected console line", timeout, || self.seen()).with_context(|| {
+            format!(
+                "{} holds:\n{}",
+                self.path.display(),
+                std::fs::read_to_string(&self.path).unwrap_or_default()
+            )
+        })
     }
 }
 

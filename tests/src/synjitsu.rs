@@ -16,7 +16,7 @@ use shared_proto::{
 };
 
 use crate::topo::{Bridge, Daemon};
-use crate::{bin_path, unique};
+use crate::{Netns, bin_path, unique};
 
 /// The guest's MAC in every synjitsu test.
 pub const VM_MAC: &str = "02:77:00:00:01:10";
@@ -33,6 +33,28 @@ pub const METRICS: &str = "127.0.0.1:9477";
 /// ([`crate::wait_until`] with the arguments in this module's order).
 pub fn wait_for<T>(timeout: Duration, what: &str, f: impl FnMut() -> Option<T>) -> Result<T> {
     crate::wait_until(what, timeout, f)
+}
+
+/// Spawns synjitsu on `br0` in `host` with its control socket at `control` and the other
+/// flags `args`, and waits up to `timeout` for the socket (a stale one is removed first).
+pub fn spawn_daemon(
+    host: &Netns,
+    dir: &Path,
+    control: &Path,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<Daemon> {
+    let _ = std::fs::remove_file(control);
+    let control_s = control.display().to_string();
+    let mut all = vec!["--bridge", "br0", "--control", &control_s];
+    all.extend_from_slice(args);
+    let mut d = Daemon::spawn(Some(host), &bin_path("synjitsu"), &all, dir)?;
+    crate::wait_until("synjitsu's control socket", timeout, || {
+        control.exists().then_some(())
+    })
+    .with_context(|| format!("synjitsu's log:\n{}", d.log()))?;
+    d.check_running()?;
+    Ok(d)
 }
 
 /// The test VM `www`.
@@ -69,12 +91,7 @@ impl SynjitsuHost {
         let dir = TempDir::new(tag)?;
         let bridge = Bridge::new(tag)?;
         let control = dir.join("synjitsu.sock");
-        let control_s = control.display().to_string();
         let mut args = vec![
-            "--bridge",
-            "br0",
-            "--control",
-            &control_s,
             "--probe-ip",
             PROBE_V4,
             "--probe-ip",
@@ -88,24 +105,19 @@ impl SynjitsuHost {
             args.extend(["--xenstore", "off"]);
         }
         args.extend_from_slice(extra);
-        let daemon = Daemon::spawn(
-            Some(bridge.host()),
-            &bin_path("synjitsu"),
-            &args,
+        let daemon = spawn_daemon(
+            bridge.host(),
             dir.path(),
+            &control,
+            &args,
+            Duration::from_secs(20),
         )?;
-        let mut host = SynjitsuHost {
+        let host = SynjitsuHost {
             bridge,
             daemon,
             control,
             dir,
         };
-        let control = host.control.clone();
-        wait_for(Duration::from_secs(20), "synjitsu's control socket", || {
-            control.exists().then_some(())
-        })
-        .map_err(|e| anyhow::anyhow!("{e}; synjitsu's log:\n{}", host.daemon.log()))?;
-        host.daemon.check_running()?;
         Ok(host)
     }
 

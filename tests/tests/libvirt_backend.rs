@@ -73,13 +73,6 @@ fn proc_net_dev(host: &Netns, dev: &str) -> (u64, u64) {
     (f[1], f[9])
 }
 
-fn domstate(lv: &Libvirtd, name: &str) -> String {
-    lv.virsh(&["domstate", "--reason", name])
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
 #[test]
 fn the_libvirt_backend_drives_real_qemu_guests() {
     require_root();
@@ -180,7 +173,7 @@ fn the_libvirt_backend_drives_real_qemu_guests() {
     assert_eq!(b.state(&vm).unwrap(), Observed::Paused);
     b.unpause(&vm).unwrap();
     events.wait(&name, "running", running);
-    assert_eq!(domstate(&lv, &name), "running (unpaused)");
+    assert_eq!(lv.domstate(&name).unwrap(), "running (unpaused)");
     assert_eq!(page(host, ip), format!("hello from {name}\n"));
 
     // Suspend: a managed save; QEMU exits and its memory is freed. Resume restores it.
@@ -190,7 +183,7 @@ fn the_libvirt_backend_drives_real_qemu_guests() {
     let save_took = t.elapsed();
     events.wait(&name, "suspended", |o| o == Observed::Suspended);
     assert_eq!(b.state(&vm).unwrap(), Observed::Suspended);
-    assert_eq!(domstate(&lv, &name), "shut off (saved)");
+    assert_eq!(lv.domstate(&name).unwrap(), "shut off (saved)");
     let save = std::path::Path::new("/var/lib/libvirt/qemu/save").join(format!("{name}.save"));
     let save_size = std::fs::metadata(&save).map(|m| m.len()).unwrap_or(0);
     assert!(save_size > 0, "no managed save at {}", save.display());
@@ -204,7 +197,7 @@ fn the_libvirt_backend_drives_real_qemu_guests() {
     assert_eq!(page(host, ip), format!("hello from {name}\n"));
     let resume_served = t.elapsed();
     events.wait(&name, "running", running);
-    assert_eq!(domstate(&lv, &name), "running (restored)");
+    assert_eq!(lv.domstate(&name).unwrap(), "running (restored)");
     assert!(!save.exists(), "the save is removed once restored");
     eprintln!(
         "suspend: managed save of {} MiB took {:.2} s; resume() returned after {:.2} s, served \
@@ -223,7 +216,7 @@ fn the_libvirt_backend_drives_real_qemu_guests() {
     eprintln!("shutdown: off after {:.2} s", t.elapsed().as_secs_f64());
     events.wait(&name, "off", |o| o == Observed::Off);
     assert_eq!(
-        domstate(&lv, &name),
+        lv.domstate(&name).unwrap(),
         "shut off (shutdown)",
         "the guest did not power off on the ACPI power button (destroyed after the grace period)"
     );
@@ -243,7 +236,7 @@ fn the_libvirt_backend_drives_real_qemu_guests() {
         "the guest powered itself off: the event came {:.3} s after its request",
         t.elapsed().as_secs_f64()
     );
-    assert_eq!(domstate(&lv, &name), "shut off (shutdown)");
+    assert_eq!(lv.domstate(&name).unwrap(), "shut off (shutdown)");
 
     // libvirtd crashes and comes back: the backend reconnects, pushes the current state, and
     // events flow on the new connection.

@@ -25,9 +25,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jitsu_tests::jitsu_dns::{DnsHarness, store_log, wait_for};
 use jitsu_tests::libvirt::{ConsoleWatch, GuestImage, GuestVm, Libvirtd, URI, qemu_pid};
-use jitsu_tests::synjitsu::{Capture, metric_in};
-use jitsu_tests::topo::{Daemon, Member};
-use jitsu_tests::{Netns, bin_path, require_root, require_tool, unique};
+use jitsu_tests::synjitsu::{Capture, metric_in, spawn_daemon};
+use jitsu_tests::topo::Member;
+use jitsu_tests::{Netns, require_root, require_tool, unique};
 
 const LONG: Duration = Duration::from_secs(120);
 const DNS: &str = "10.77.0.254";
@@ -202,13 +202,6 @@ fn cold_start(client: &Member, dir: &Path, vm: &GuestVm, console: &Path) -> (Col
     (cold, body)
 }
 
-fn domstate(lv: &Libvirtd, name: &str) -> String {
-    lv.virsh(&["domstate", "--reason", name])
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
 /// Seconds from a dig to the first byte of the page (guest off, suspended or paused).
 fn dig_to_page(client: &Member, vm: &GuestVm) -> f64 {
     let t0 = Instant::now();
@@ -233,14 +226,11 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
     let dir: PathBuf = h.scratch.path().to_path_buf();
     let lv = Libvirtd::start(h.host(), &dir).unwrap();
     let sock = dir.join("synjitsu.sock");
-    let mut synjitsu = Daemon::spawn(
-        Some(h.host()),
-        &bin_path("synjitsu"),
+    let mut synjitsu = spawn_daemon(
+        h.host(),
+        &dir,
+        &sock,
         &[
-            "--bridge",
-            "br0",
-            "--control",
-            sock.to_str().unwrap(),
             "--probe-ip",
             "10.77.0.250",
             "--metrics",
@@ -252,13 +242,9 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
             "--log-level",
             "debug",
         ],
-        &dir,
+        LONG,
     )
     .unwrap();
-    wait_for("synjitsu's control socket", LONG, || {
-        sock.exists().then_some(())
-    });
-    synjitsu.check_running().unwrap();
     let client = h
         .bridge
         .join(
@@ -467,21 +453,21 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
                 .any(|m| m.starts_with(&format!("{}: running -> stopping (idle for 10 s", g.name))),
             "{log:?}"
         );
-        assert_eq!(domstate(&lv, &g.name), "shut off (destroyed)");
+        assert_eq!(lv.domstate(&g.name).unwrap(), "shut off (destroyed)");
     }
 
     // Suspend mode: saved when idle (QEMU gone), resumed by the next query.
     let boot = dig_to_page(&client, &saver);
     let qemu = qemu_pid(&saver.name).expect("QEMU's pid while the guest runs");
     h.wait_state(&saver.name, "suspended", LONG);
-    assert_eq!(domstate(&lv, &saver.name), "shut off (saved)");
+    assert_eq!(lv.domstate(&saver.name).unwrap(), "shut off (saved)");
     assert!(
         !Path::new(&format!("/proc/{qemu}")).exists() && qemu_pid(&saver.name).is_none(),
         "QEMU {qemu} still runs for the saved guest"
     );
     let resume = dig_to_page(&client, &saver);
     h.wait_state(&saver.name, "running", LONG);
-    assert_eq!(domstate(&lv, &saver.name), "running (restored)");
+    assert_eq!(lv.domstate(&saver.name).unwrap(), "running (restored)");
     eprintln!(
         "suspend mode: dig to page {boot:.3} s for the boot, {resume:.3} s for the resume from \
          the managed save\n"
@@ -493,7 +479,7 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
     h.wait_state(&saver.name, "paused", LONG);
     let unpause = dig_to_page(&client, &saver);
     h.wait_state(&saver.name, "running", LONG);
-    assert_eq!(domstate(&lv, &saver.name), "running (unpaused)");
+    assert_eq!(lv.domstate(&saver.name).unwrap(), "running (unpaused)");
     eprintln!("paused: dig to page {unpause:.3} s\n");
 
     // jitsu-dns restarts: the running VM is adopted, not booted again, and its events still
@@ -534,7 +520,7 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
         "{:?}",
         store_log(&db)
     );
-    assert_eq!(domstate(&lv, &saver.name), "shut off (shutdown)");
+    assert_eq!(lv.domstate(&saver.name).unwrap(), "shut off (shutdown)");
     let events = metric(h.host(), JITSU_METRICS, "jitsu_dns_backend_events_total");
     let polls = metric(
         h.host(),

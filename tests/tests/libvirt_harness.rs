@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use jitsu_tests::libvirt::{GuestImage, Libvirtd, list_domains};
+use jitsu_tests::libvirt::{GUEST_CMDLINE, GuestImage, Libvirtd, list_domains};
 use jitsu_tests::topo::Bridge;
 use jitsu_tests::{Scratch, require_root, require_tool, unique};
 
@@ -24,7 +24,7 @@ fn a_hand_started_libvirtd_boots_the_guest_image_on_the_bridge() {
         let xml = format!(
             "<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>\
              <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{}</kernel><initrd>{}</initrd>\
-             <cmdline>console=ttyS0 tsc_early_khz=2000000 no_timer_check quiet jitsu.ip=10.77.3.10/24 jitsu.name={name}</cmdline></os>\
+             <cmdline>{GUEST_CMDLINE} jitsu.ip=10.77.3.10/24 jitsu.name={name}</cmdline></os>\
              <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot>\
              <devices><controller type='usb' model='none'/><memballoon model='none'/>\
              <interface type='bridge'><source bridge='br0'/><mac address='02:77:00:03:00:10'/><model type='virtio'/></interface>\
