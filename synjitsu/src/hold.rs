@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-use shared_proto::xenstore::{HeldSyn, SynKey, options_from_wire};
+use shared_proto::xenstore::{HeldSyn, SynKey, TcpOption, options_from_wire};
 use shared_proto::{
     ClientMessage, ErrorCode, Event, Handover, HandoverVia, Mac, PROTOCOL_VERSION, Phase, Reply,
     VmIdentity, VmStatus,
@@ -173,10 +173,21 @@ impl DropReason {
         }
     }
 
+    /// The position of `self` in [`DropReason::all`], without walking it (every dropped
+    /// frame counts here).
     fn index(self) -> usize {
-        DropReason::all()
-            .position(|r| r == self)
-            .expect("all() lists every reason")
+        // `WireError` is field-less and `WireError::ALL` lists it in declaration order.
+        let n = wire::WireError::ALL.len();
+        match self {
+            DropReason::Malformed(e) => e as usize,
+            DropReason::BadChecksum => n,
+            DropReason::BadTcpOptions => n + 1,
+            DropReason::VmFull => n + 2,
+            DropReason::TableFull => n + 3,
+            DropReason::Evicted => n + 4,
+            DropReason::HoldTimeout => n + 5,
+            DropReason::VmForgotten => n + 6,
+        }
     }
 }
 
@@ -408,6 +419,9 @@ struct Held {
     id: u64,
     key: SynKey,
     isn: u32,
+    /// The client's window and options, for Xenstore.
+    window: u16,
+    options: Vec<TcpOption>,
     client_mac: Mac,
     /// The frame as received, its checksum completed.
     frame: Vec<u8>,
@@ -517,6 +531,46 @@ impl Vm {
             Handover::Xenstore { domid } => Some(domid),
             Handover::Wire => None,
         }
+    }
+
+    /// Starts standing in for the guest anew in `phase` (booting or stopped), with
+    /// `garp_left` gratuitous ARPs to send from `garp_at`. Nothing held is in Xenstore any
+    /// more: the domain is gone or new.
+    fn restart(&mut self, phase: VmPhase, garp_left: u32, garp_at: Option<Instant>) {
+        self.phase = phase;
+        self.announced = false;
+        self.listening = false;
+        self.probes.clear();
+        self.garp_left = garp_left;
+        self.garp_at = garp_at;
+        for h in self.held.iter_mut() {
+            h.stored = Stored::No;
+        }
+    }
+
+    /// Removes every held SYN `pick` selects (from `held` and `seen`), in order. The caller
+    /// subtracts them from [`Hold`]'s `total_held`.
+    fn take_held(&mut self, mut pick: impl FnMut(&Held) -> bool) -> Vec<Held> {
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.held.len());
+        for h in self.held.drain(..) {
+            if pick(&h) {
+                self.seen.remove(&(h.key, h.isn));
+                taken.push(h);
+            } else {
+                kept.push_back(h);
+            }
+        }
+        self.held = kept;
+        taken
+    }
+
+    /// Removes the held SYN at `i` (from `held` and `seen`). The caller subtracts it from
+    /// [`Hold`]'s `total_held`.
+    fn take_held_at(&mut self, i: usize) -> Option<Held> {
+        let h = self.held.remove(i)?;
+        self.seen.remove(&(h.key, h.isn));
+        Some(h)
     }
 }
 
@@ -913,9 +967,9 @@ impl Hold {
         if meta.checksum == Checksum::Unknown && !wire::tcp_checksum_ok(frame, t) {
             return Verdict::Drop(DropReason::BadChecksum);
         }
-        if options_from_wire(t.options).is_err() {
+        let Ok(options) = options_from_wire(t.options) else {
             return Verdict::Drop(DropReason::BadTcpOptions);
-        }
+        };
         let key = SynKey {
             local_ip: t.dst_ip,
             local_port: t.dst_port,
@@ -960,6 +1014,8 @@ impl Hold {
             id,
             key,
             isn: t.seq,
+            window: t.window,
+            options,
             client_mac: eth.src,
             frame,
             since: now,
@@ -1058,19 +1114,7 @@ impl Hold {
             vm.phase = VmPhase::Handover;
         }
         // What Xenstore has, the guest reads itself.
-        let before = vm.held.len();
-        let mut gone = Vec::new();
-        vm.held.retain(|h| {
-            let keep = h.stored != Stored::Written;
-            if !keep {
-                gone.push((h.key, h.isn));
-            }
-            keep
-        });
-        for g in &gone {
-            vm.seen.remove(g);
-        }
-        let removed = before - vm.held.len();
+        let removed = vm.take_held(|h| h.stored == Stored::Written).len();
         let steered = std::mem::replace(&mut vm.steered, false);
         let mac = vm.id.mac;
         self.total_held -= removed;
@@ -1125,8 +1169,15 @@ impl Hold {
             }
             self.send_due_probes(now, name);
         }
-        let vm = self.vms.get_mut(name).expect("present");
-        if vm.held.is_empty() {
+        self.finish_handover(name);
+    }
+
+    /// Ends a VM's hand-over once the release is confirmed and nothing is held any more.
+    fn finish_handover(&mut self, name: &str) {
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        if vm.phase == VmPhase::Handover && vm.release_pending.is_none() && vm.held.is_empty() {
             vm.probes.clear();
             vm.phase = VmPhase::Running;
             tracing::info!(vm = %name, "hand-over complete");
@@ -1183,25 +1234,15 @@ impl Hold {
         let Some(vm) = self.vms.get_mut(name) else {
             return;
         };
-        let mut out = Vec::new();
-        let mut kept = VecDeque::with_capacity(vm.held.len());
-        for h in vm.held.drain(..) {
-            if matches!(h.stored, Stored::No | Stored::Refused) && pick(&h) {
-                vm.seen.remove(&(h.key, h.isn));
-                out.push(h.frame);
-            } else {
-                kept.push_back(h);
-            }
-        }
-        vm.held = kept;
+        let out = vm.take_held(|h| matches!(h.stored, Stored::No | Stored::Refused) && pick(h));
         if out.is_empty() {
             return;
         }
         let count = out.len();
         self.total_held -= count;
         self.counters.handed_over_wire += count as u64;
-        for f in out {
-            self.send(Tx::Frame(f));
+        for h in out {
+            self.send(Tx::Frame(h.frame));
         }
         tracing::info!(vm = %name, count, "held SYNs re-sent to the guest");
         self.emit(Event::Handover {
@@ -1230,14 +1271,10 @@ impl Hold {
             .map(|(i, _)| i)
             .collect();
         for i in todo {
+            let random = (self.rand() % 65535) as u16;
             let h = &self.vms[name].held[i];
             let (id, key) = (h.id, h.key);
-            let syn = match held_syn(&h.frame) {
-                Some(parts) => parts,
-                None => continue,
-            };
-            let random = (self.rand() % 65535) as u16;
-            let syn = HeldSyn::new(syn.0, syn.1, syn.2, random);
+            let syn = HeldSyn::new(h.window, h.isn, h.options.clone(), random);
             let queued = self.queue_store(StoreOp::Write {
                 id,
                 vm: name.to_string(),
@@ -1267,8 +1304,7 @@ impl Hold {
         let Some(i) = victim else {
             return false;
         };
-        let h = vm.held.remove(i).expect("index from rposition");
-        vm.seen.remove(&(h.key, h.isn));
+        let h = vm.take_held_at(i).expect("index from rposition");
         self.total_held -= 1;
         self.counters.drops[DropReason::Evicted.index()] += 1;
         tracing::debug!(vm = %name, client = %h.key.dest_ip, "held SYN evicted for a retransmitted one");
@@ -1316,9 +1352,7 @@ impl Hold {
         let Some(vm) = self.vms.get_mut(name) else {
             return;
         };
-        let held: Vec<Held> = vm.held.drain(..).collect();
-        vm.seen.clear();
-        for h in held {
+        for h in vm.take_held(|_| true) {
             self.reset_one(name, h, reason);
         }
     }
@@ -1444,17 +1478,10 @@ impl Hold {
             return Ok(());
         }
         let vm = self.vms.get_mut(&id.name).expect("upserted");
-        vm.phase = VmPhase::Booting;
-        vm.announced = false;
-        vm.listening = false;
-        vm.probes.clear();
-        vm.garp_left = self.cfg.garp_count;
-        vm.garp_at = (self.cfg.garp_count > 0).then_some(now);
         // A new boot: what Xenstore held for an earlier one is stale, the guest reads the
         // writes below, and the domid may be new.
-        for h in vm.held.iter_mut() {
-            h.stored = Stored::No;
-        }
+        let garps = self.cfg.garp_count;
+        vm.restart(VmPhase::Booting, garps, (garps > 0).then_some(now));
         if vm.xenstore_domid().is_some() {
             let ips = vm.addrs();
             self.queue_store(StoreOp::Reset {
@@ -1472,17 +1499,9 @@ impl Hold {
     fn on_stopped(&mut self, _now: Instant, id: &VmIdentity) -> Result<(), ControlError> {
         self.check_conflicts(id)?;
         self.upsert(id, VmPhase::Stopped);
-        let vm = self.vms.get_mut(&id.name).expect("upserted");
-        vm.phase = VmPhase::Stopped;
-        vm.announced = false;
-        vm.garp_at = None;
-        vm.garp_left = 0;
-        vm.listening = false;
-        vm.probes.clear();
         // The domain is gone; its Xenstore entries with it.
-        for h in vm.held.iter_mut() {
-            h.stored = Stored::No;
-        }
+        let vm = self.vms.get_mut(&id.name).expect("upserted");
+        vm.restart(VmPhase::Stopped, 0, None);
         self.steer(&id.name);
         tracing::info!(vm = %id.name, "stopped: holding for a wake-up");
         Ok(())
@@ -1641,27 +1660,13 @@ impl Hold {
                 if !expired {
                     break;
                 }
-                let h = vm.held.pop_front().expect("checked");
-                vm.seen.remove(&(h.key, h.isn));
+                let h = vm.take_held_at(0).expect("checked");
                 self.reset_one(&name, h, DropReason::HoldTimeout);
             }
             self.send_due_probes(now, &name);
-            let vm = self.vms.get_mut(&name).expect("listed");
-            if vm.phase == VmPhase::Handover && vm.held.is_empty() && vm.release_pending.is_none() {
-                vm.probes.clear();
-                vm.phase = VmPhase::Running;
-            }
+            self.finish_handover(&name);
         }
     }
-}
-
-/// The client's window, ISN and options of a held SYN frame, for Xenstore.
-fn held_syn(frame: &[u8]) -> Option<(u16, u32, Vec<shared_proto::xenstore::TcpOption>)> {
-    let parsed = wire::parse(frame, true).ok()?;
-    let Packet::Tcp(t) = parsed.packet else {
-        return None;
-    };
-    Some((t.window, t.seq, options_from_wire(t.options).ok()?))
 }
 
 #[cfg(test)]
@@ -1762,6 +1767,13 @@ pub(crate) mod tests {
         );
         out.truncate(n);
         out
+    }
+
+    #[test]
+    fn drop_reason_index_is_its_position_in_all() {
+        for (i, r) in DropReason::all().enumerate() {
+            assert_eq!(r.index(), i, "{}", r.as_str());
+        }
     }
 
     #[test]
