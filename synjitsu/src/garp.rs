@@ -89,14 +89,8 @@ pub fn neighbour_advertisement(out: &mut [u8], mac: Mac, ip: Ipv6Addr, to: NaTo)
     };
     wire::write_eth(out, eth_dst, mac, ETHERTYPE_IPV6);
     let icmp_len = NA_FRAME_LEN - ETH_HDR - IPV6_HDR;
-    let ip6 = &mut out[ETH_HDR..ETH_HDR + IPV6_HDR];
-    ip6[0..4].copy_from_slice(&0x6000_0000u32.to_be_bytes());
-    ip6[4..6].copy_from_slice(&(icmp_len as u16).to_be_bytes());
-    ip6[6] = PROTO_ICMPV6;
     // RFC 4861: neighbour discovery is only believed with a hop limit of 255.
-    ip6[7] = 255;
-    ip6[8..24].copy_from_slice(&ip.octets());
-    ip6[24..40].copy_from_slice(&dst_ip.octets());
+    wire::write_ipv6(out, ip, dst_ip, PROTO_ICMPV6, 255, icmp_len as u16);
     let icmp = &mut out[ETH_HDR + IPV6_HDR..NA_FRAME_LEN];
     icmp[0] = ICMPV6_NA;
     icmp[1] = 0;

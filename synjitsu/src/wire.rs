@@ -621,6 +621,24 @@ pub fn write_arp(out: &mut [u8], arp: &ArpRepr) {
     b[24..28].copy_from_slice(&arp.target_ip.octets());
 }
 
+/// Writes an IPv6 header (no flow label, traffic class 0) at `out[ETH_HDR..]`.
+pub fn write_ipv6(
+    out: &mut [u8],
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    next_header: u8,
+    hop_limit: u8,
+    payload_len: u16,
+) {
+    let ip = &mut out[ETH_HDR..ETH_HDR + IPV6_HDR];
+    ip[0..4].copy_from_slice(&0x6000_0000u32.to_be_bytes());
+    ip[4..6].copy_from_slice(&payload_len.to_be_bytes());
+    ip[6] = next_header;
+    ip[7] = hop_limit;
+    ip[8..24].copy_from_slice(&src.octets());
+    ip[24..40].copy_from_slice(&dst.octets());
+}
+
 /// A TCP segment without payload to emit (RSTs and probe SYNs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TcpOut {
@@ -675,13 +693,7 @@ pub fn write_tcp(out: &mut [u8], seg: &TcpOut) -> usize {
             (ETHERTYPE_IPV4, ETH_HDR + IPV4_HDR)
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let ip = &mut out[ETH_HDR..ETH_HDR + IPV6_HDR];
-            ip[0..4].copy_from_slice(&0x6000_0000u32.to_be_bytes());
-            ip[4..6].copy_from_slice(&(tcp_len as u16).to_be_bytes());
-            ip[6] = PROTO_TCP;
-            ip[7] = 64;
-            ip[8..24].copy_from_slice(&s.octets());
-            ip[24..40].copy_from_slice(&d.octets());
+            write_ipv6(out, s, d, PROTO_TCP, 64, tcp_len as u16);
             (ETHERTYPE_IPV6, ETH_HDR + IPV6_HDR)
         }
         // The callers build both addresses from one family.
