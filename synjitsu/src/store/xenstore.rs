@@ -145,6 +145,18 @@ impl XenstoreClient {
         self.next_req
     }
 
+    /// Sends the message `msg` builds with a fresh request id and reads its answer.
+    fn request(
+        &mut self,
+        op: &'static str,
+        path: &str,
+        msg: impl FnOnce(u32) -> XsMsg,
+    ) -> Result<XsMsg, StoreError> {
+        let id = self.req();
+        self.call(msg(id)).map_err(|e| self.err(op, path, e))
+    }
+
+    /// A request of type `ty` naming only `path`.
     fn simple(
         &mut self,
         op: &'static str,
@@ -152,27 +164,19 @@ impl XenstoreClient {
         tx: u32,
         path: &str,
     ) -> Result<XsMsg, StoreError> {
-        let id = self.req();
-        self.call(XsMsg::new(ty, id, tx, &[path.as_bytes()]))
-            .map_err(|e| self.err(op, path, e))
+        self.request(op, path, |id| XsMsg::new(ty, id, tx, &[path.as_bytes()]))
     }
 
     /// Reads a node: `None` if it does not exist.
     pub fn read(&mut self, tx: u32, path: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let id = self.req();
-        match self.call(XsMsg::new(XsType::Read, id, tx, &[path.as_bytes()])) {
-            Ok(m) => Ok(Some(m.payload)),
-            Err(CallError::Errno(e)) if e == "ENOENT" => Ok(None),
-            Err(e) => Err(self.err("read", path, e)),
-        }
+        let m = unless_errno(self.simple("read", XsType::Read, tx, path), "ENOENT")?;
+        Ok(m.map(|m| m.payload))
     }
 
     /// Writes a node (creating its parents).
     pub fn write(&mut self, tx: u32, path: &str, value: &[u8]) -> Result<(), StoreError> {
-        let id = self.req();
-        self.call(XsMsg::write(id, tx, path, value))
+        self.request("write", path, |id| XsMsg::write(id, tx, path, value))
             .map(|_| ())
-            .map_err(|e| self.err("write", path, e))
     }
 
     /// Creates a node (and its parents) if absent.
@@ -182,12 +186,7 @@ impl XenstoreClient {
 
     /// Removes a node and its subtree; an absent node is not an error.
     pub fn rm(&mut self, tx: u32, path: &str) -> Result<(), StoreError> {
-        let id = self.req();
-        match self.call(XsMsg::new(XsType::Rm, id, tx, &[path.as_bytes()])) {
-            Ok(_) => Ok(()),
-            Err(CallError::Errno(e)) if e == "ENOENT" => Ok(()),
-            Err(e) => Err(self.err("rm", path, e)),
-        }
+        unless_errno(self.simple("rm", XsType::Rm, tx, path), "ENOENT").map(|_| ())
     }
 
     /// Lists a node's children.
@@ -202,18 +201,17 @@ impl XenstoreClient {
 
     /// Sets a node's permissions.
     pub fn set_perms(&mut self, tx: u32, path: &str, perms: &[Perm]) -> Result<(), StoreError> {
-        let id = self.req();
-        self.call(XsMsg::set_perms(id, tx, path, perms))
-            .map(|_| ())
-            .map_err(|e| self.err("set_perms", path, e))
+        self.request("set_perms", path, |id| {
+            XsMsg::set_perms(id, tx, path, perms)
+        })
+        .map(|_| ())
     }
 
     /// Starts a transaction; returns its id.
     pub fn transaction_start(&mut self) -> Result<u32, StoreError> {
-        let id = self.req();
-        let m = self
-            .call(XsMsg::new(XsType::TransactionStart, id, 0, &[b""]))
-            .map_err(|e| self.err("transaction_start", "", e))?;
+        let m = self.request("transaction_start", "", |id| {
+            XsMsg::new(XsType::TransactionStart, id, 0, &[b""])
+        })?;
         m.text()
             .parse()
             .map_err(|_| StoreError::Protocol(format!("transaction id {:?}", m.text())))
@@ -221,13 +219,11 @@ impl XenstoreClient {
 
     /// Ends a transaction: `Ok(true)` committed, `Ok(false)` conflicted (`EAGAIN`: retry).
     pub fn transaction_end(&mut self, tx: u32, commit: bool) -> Result<bool, StoreError> {
-        let id = self.req();
         let flag: &[u8] = if commit { b"T" } else { b"F" };
-        match self.call(XsMsg::new(XsType::TransactionEnd, id, tx, &[flag])) {
-            Ok(_) => Ok(true),
-            Err(CallError::Errno(e)) if e == "EAGAIN" => Ok(false),
-            Err(e) => Err(self.err("transaction_end", "", e)),
-        }
+        let r = self.request("transaction_end", "", |id| {
+            XsMsg::new(XsType::TransactionEnd, id, tx, &[flag])
+        });
+        Ok(unless_errno(r, "EAGAIN")?.is_some())
     }
 
     fn try_write_syn(
@@ -321,6 +317,16 @@ impl SynStore for XenstoreClient {
     fn remove(&mut self, key: &SynKey) -> Result<(), StoreError> {
         let path = key.conn_path();
         self.in_transaction(&path, |c, tx| c.rm(tx, &path))
+    }
+}
+
+/// `r`, but `Ok(None)` if xenstored refused the request with `errno`, which the caller
+/// expects.
+fn unless_errno(r: Result<XsMsg, StoreError>, errno: &str) -> Result<Option<XsMsg>, StoreError> {
+    match r {
+        Ok(m) => Ok(Some(m)),
+        Err(StoreError::Refused { errno: e, .. }) if e == errno => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
