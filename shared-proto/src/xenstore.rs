@@ -13,8 +13,9 @@
 //! ```
 //! Every `.` in an address becomes `-` in its path component (`10.0.0.1` -> `10-0-0-1`).
 //! The original knew only IPv4; for IPv6, which Xenstore's path alphabet cannot spell with
-//! `:`, this crate writes `:` as `_` (`fd00::1` -> `fd00__1`), an extension no original guest
-//! will ever meet.
+//! `:`, this crate writes `:` as `_` (`fd00::1` -> `fd00__1`), and the last 32 bits of an
+//! IPv4-mapped address in hex rather than dotted (`::ffff:10.0.0.1` -> `__ffff_a00_1`), an
+//! extension no original guest will ever meet.
 //!
 //! This module owns paths, leaf values and the TCP-option S-expression, both ways. Talking to
 //! a Xenstore daemon is [`crate::xs_wire`]'s (framing) and the daemons' (sockets).
@@ -86,7 +87,18 @@ pub enum LayoutError {
 pub fn encode_addr(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => v4.to_string().replace('.', "-"),
-        IpAddr::V6(v6) => v6.to_string().replace(':', "_"),
+        IpAddr::V6(v6) => {
+            let mut text = v6.to_string();
+            // Display writes an IPv4-mapped address's last 32 bits dotted (`::ffff:10.0.0.1`):
+            // they become the same two segments in hex (`::ffff:a00:1`).
+            if text.contains('.')
+                && let Some((head, _)) = text.rsplit_once(':')
+            {
+                let [.., hi, lo] = v6.segments();
+                text = format!("{head}:{hi:x}:{lo:x}");
+            }
+            text.replace(':', "_")
+        }
     }
 }
 
@@ -99,7 +111,7 @@ pub fn decode_addr(component: &str) -> Result<IpAddr, LayoutError> {
     if component.contains('_') {
         if !component
             .bytes()
-            .all(|b| b.is_ascii_hexdigit() || b == b'_' || b == b'.')
+            .all(|b| b.is_ascii_hexdigit() || b == b'_')
         {
             return Err(err());
         }
@@ -742,6 +754,53 @@ mod tests {
                 .all(|b| b.is_ascii_alphanumeric() || b"-_@".contains(&b))
         );
         assert_eq!(decode_addr(&c).unwrap(), ip);
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_is_written_without_dots() {
+        for text in [
+            "::ffff:10.0.0.1",
+            "::ffff:0.0.0.0",
+            "::ffff:255.255.255.255",
+        ] {
+            let ip: IpAddr = text.parse().unwrap();
+            let c = encode_addr(ip);
+            assert!(
+                c.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_@".contains(&b)),
+                "{text} -> {c}"
+            );
+            assert!(!c.contains('.'), "{text} -> {c}");
+            assert_eq!(decode_addr(&c).unwrap(), ip, "{text} -> {c}");
+            let key = SynKey {
+                local_ip: ip,
+                local_port: 80,
+                dest_ip: ip,
+                dest_port: 1,
+            };
+            assert_eq!(SynKey::from_path(&key.leaf_path("options")).unwrap(), key);
+        }
+        assert_eq!(
+            encode_addr("::ffff:10.0.0.1".parse().unwrap()),
+            "__ffff_a00_1"
+        );
+    }
+
+    #[test]
+    fn a_dotted_ipv6_component_is_refused() {
+        for c in ["__ffff_10.0.0.1", "__10.0.0.1", "fd00__1.2.3.4"] {
+            assert_eq!(
+                decode_addr(c),
+                Err(LayoutError::BadAddress {
+                    component: c.to_string()
+                }),
+                "{c}"
+            );
+        }
+        assert!(matches!(
+            SynKey::from_path("/ip/__ffff_10.0.0.1/80/10-0-0-2/1"),
+            Err(LayoutError::BadAddress { .. })
+        ));
     }
 
     #[test]
