@@ -9,7 +9,6 @@
 //! exactly their frame: the reader may answer with an error and read on.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use serde::Serialize;
 
 use crate::control::Message;
 use crate::vm::VmError;
@@ -90,14 +89,16 @@ impl CodecError {
 
 /// Appends `msg` as one frame to `dst`.
 pub fn encode<M: Message>(msg: &M, dst: &mut BytesMut) -> Result<(), CodecError> {
-    encode_value(msg, dst)
-}
-
-fn encode_value<M: Serialize>(msg: &M, dst: &mut BytesMut) -> Result<(), CodecError> {
     let payload = serde_json::to_vec(msg).map_err(|e| CodecError::Malformed {
         id: None,
         reason: e.to_string(),
     })?;
+    encode_payload(&payload, dst)
+}
+
+/// Appends `payload`, whatever its bytes, as one frame to `dst`; nothing is written if it is
+/// longer than [`MAX_FRAME_LEN`].
+pub fn encode_payload(payload: &[u8], dst: &mut BytesMut) -> Result<(), CodecError> {
     if payload.len() > MAX_FRAME_LEN {
         return Err(CodecError::Oversized {
             len: payload.len(),
@@ -106,7 +107,7 @@ fn encode_value<M: Serialize>(msg: &M, dst: &mut BytesMut) -> Result<(), CodecEr
     }
     dst.reserve(HEADER_LEN + payload.len());
     dst.put_u32(u32::try_from(payload.len()).expect("bounded by MAX_FRAME_LEN"));
-    dst.put_slice(&payload);
+    dst.put_slice(payload);
     Ok(())
 }
 
@@ -308,8 +309,7 @@ mod tests {
 
     fn frame(payload: &[u8]) -> BytesMut {
         let mut b = BytesMut::new();
-        b.put_u32(payload.len() as u32);
-        b.put_slice(payload);
+        encode_payload(payload, &mut b).unwrap();
         b
     }
 

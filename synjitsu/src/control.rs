@@ -494,8 +494,8 @@ mod tests {
     }
 
     async fn frame(s: &mut UnixStream, payload: &[u8]) {
-        let mut b = (payload.len() as u32).to_be_bytes().to_vec();
-        b.extend_from_slice(payload);
+        let mut b = BytesMut::new();
+        codec::encode_payload(payload, &mut b).unwrap();
         s.write_all(&b).await.unwrap();
     }
 

@@ -210,8 +210,8 @@ impl ControlClient {
 
     /// Sends one frame with `payload`.
     pub fn send_payload(&mut self, payload: &[u8]) -> Result<()> {
-        let mut b = (payload.len() as u32).to_be_bytes().to_vec();
-        b.extend_from_slice(payload);
+        let mut b = BytesMut::new();
+        codec::encode_payload(payload, &mut b)?;
         self.send_raw(&b)
     }
 
