@@ -24,7 +24,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::VmIdentity;
-use crate::vm::{VmError, is_valid_name};
+use crate::vm::{VmError, check_name};
 
 /// The protocol version this crate speaks; a server refuses a hello with another.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -217,16 +217,6 @@ impl ClientMessage {
             ClientMessage::Stopped { .. } => "stopped",
             ClientMessage::Sync { .. } => "sync",
         }
-    }
-}
-
-fn check_name(name: &str) -> Result<(), VmError> {
-    if is_valid_name(name) {
-        Ok(())
-    } else {
-        Err(VmError::BadName {
-            name: name.to_string(),
-        })
     }
 }
 

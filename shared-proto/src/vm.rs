@@ -86,13 +86,22 @@ pub fn is_valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// [`is_valid_name`], refusing with [`VmError::BadName`].
+pub(crate) fn check_name(name: &str) -> Result<(), VmError> {
+    if is_valid_name(name) {
+        Ok(())
+    } else {
+        Err(VmError::BadName {
+            name: name.to_string(),
+        })
+    }
+}
+
 impl VmIdentity {
     /// Checks what the type cannot: name charset, unicast MAC, usable addresses.
     pub fn validate(&self) -> Result<(), VmError> {
+        check_name(&self.name)?;
         let name = || self.name.clone();
-        if !is_valid_name(&self.name) {
-            return Err(VmError::BadName { name: name() });
-        }
         if self.mac.is_multicast() {
             return Err(VmError::MulticastMac {
                 name: name(),

@@ -235,7 +235,7 @@ impl XsMsg {
     /// The payload split at NULs; a final NUL does not make an empty last string.
     pub fn parts(&self) -> Vec<&[u8]> {
         let p = self.payload.strip_suffix(&[0]).unwrap_or(&self.payload);
-        if p.is_empty() && self.payload.is_empty() {
+        if self.payload.is_empty() {
             return Vec::new();
         }
         p.split(|b| *b == 0).collect()
