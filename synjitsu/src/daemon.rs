@@ -10,7 +10,7 @@
 //! Nothing here decides anything; the core does.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use shared_proto::ServerMessage;
@@ -269,8 +269,8 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
     let _ = control_task.await;
     let steered = shell.core.steered_macs();
     drop(shell.fdb);
-    let _ = fdb_task.await;
-    match port::Fdb::open(&opts.bridge, &port.names.outer) {
+    // The fdb task hands its netlink socket back once its queue is closed.
+    match fdb_task.await {
         Ok(mut fdb) => {
             for (vm, mac) in steered {
                 if let Err(e) = fdb.release(mac) {
@@ -345,7 +345,7 @@ impl Shell {
                                 Ok(Err(e)) => {
                                     // Down is passing (the kernel re-attaches the socket when
                                     // it comes up); gone is the end.
-                                    if Path::new(&format!("/sys/class/net/{}", self.port)).exists() {
+                                    if port::exists(&self.port) {
                                         tracing::warn!(error = %e, port = %self.port, "packet socket error; the port is still there");
                                     } else {
                                         failed = Some(e);
@@ -368,11 +368,15 @@ impl Shell {
                 }
                 Some(reply) = metrics_rx.recv() => {
                     self.read_kernel_stats(sock);
-                    let _ = reply.send(metrics::render(&self.core, &self.stats));
+                    let _ = reply.send(metrics::render(
+                        &self.core,
+                        &self.stats,
+                        self.attached.is_some(),
+                    ));
                 }
                 _ = housekeeping.tick() => {
                     self.read_kernel_stats(sock);
-                    if !Path::new(&format!("/sys/class/net/{}", self.port)).exists() {
+                    if !port::exists(&self.port) {
                         failed = Some(std::io::Error::new(
                             std::io::ErrorKind::NotFound,
                             format!("interface {} is gone", self.port),
@@ -427,12 +431,10 @@ impl Shell {
                 if let Some(old) = self.attached.replace(Attached { conn, tx, close }) {
                     old.close.cancel();
                 }
-                self.stats.client_attached = true;
             }
             ControlIn::Detached { conn } => {
                 if self.attached.as_ref().is_some_and(|a| a.conn == conn) {
                     self.attached = None;
-                    self.stats.client_attached = false;
                 }
             }
             ControlIn::Request { conn, req } => {
@@ -520,11 +522,7 @@ impl Shell {
         }
         while let Some(op) = self.core.poll_fdb() {
             if let Err(e) = self.fdb.try_send(op) {
-                let op = match e {
-                    mpsc::error::TrySendError::Full(op) | mpsc::error::TrySendError::Closed(op) => {
-                        op
-                    }
-                };
+                let op = e.into_inner();
                 self.stats.fdb_errors += 1;
                 tracing::warn!(vm = %op.vm, "forwarding-table queue full; change dropped");
                 self.core.on_fdb_done(Instant::now(), op.id);
@@ -533,12 +531,13 @@ impl Shell {
     }
 }
 
-/// Runs forwarding-table changes one after the other, in the order the core asked for them.
+/// Runs forwarding-table changes one after the other, in the order the core asked for them;
+/// returns the table once `ops` is closed (or `done` is), for the releases at exit.
 async fn fdb_worker(
     mut fdb: port::Fdb,
     mut ops: mpsc::Receiver<FdbOp>,
     done: mpsc::Sender<(u64, bool)>,
-) {
+) -> port::Fdb {
     while let Some(op) = ops.recv().await {
         let started = Instant::now();
         // A netlink round trip of tens of microseconds: done inline.
@@ -560,6 +559,7 @@ async fn fdb_worker(
             break;
         }
     }
+    fdb
 }
 
 /// Splits `--probe-ip` values into one per family.

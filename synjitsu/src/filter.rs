@@ -40,6 +40,7 @@ const BPF_ABS: u16 = 0x20;
 const BPF_IND: u16 = 0x40;
 const BPF_MSH: u16 = 0xa0;
 const BPF_AND: u16 = 0x50;
+#[cfg(test)]
 const BPF_JA: u16 = 0x00;
 const BPF_JEQ: u16 = 0x10;
 const BPF_JSET: u16 = 0x40;
@@ -188,8 +189,9 @@ pub fn program(probe_v4: Option<Ipv4Addr>, probe_v6: Option<Ipv6Addr>) -> Vec<So
 
 /// Runs `prog` on `pkt` as the kernel would, for the instructions [`program`] uses; returns
 /// the number of bytes accepted (0: dropped). A load past the end drops the frame, as in the
-/// kernel.
-pub fn run(prog: &[SockFilter], pkt: &[u8]) -> u32 {
+/// kernel. Only the tests need it.
+#[cfg(test)]
+fn run(prog: &[SockFilter], pkt: &[u8]) -> u32 {
     let (mut acc, mut x, mut pc) = (0u32, 0u32, 0usize);
     let load = |at: usize, size: usize| -> Option<u32> {
         let b = pkt.get(at..at.checked_add(size)?)?;

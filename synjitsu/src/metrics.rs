@@ -35,8 +35,6 @@ pub struct ShellStats {
     pub store_errors: u64,
     /// Events produced while no client was attached.
     pub events_undelivered: u64,
-    /// Whether a control client is attached.
-    pub client_attached: bool,
 }
 
 fn counter(out: &mut String, name: &str, help: &str, value: u64) {
@@ -50,8 +48,8 @@ fn family(out: &mut String, name: &str, help: &str, kind: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
-/// Renders every metric.
-pub fn render(core: &Hold, shell: &ShellStats) -> String {
+/// Renders every metric; `client_attached` says whether a control client is attached.
+pub fn render(core: &Hold, shell: &ShellStats, client_attached: bool) -> String {
     let c: &Counters = core.counters();
     let mut o = String::with_capacity(8192);
     family(
@@ -246,7 +244,7 @@ pub fn render(core: &Hold, shell: &ShellStats) -> String {
     let _ = writeln!(
         o,
         "synjitsu_control_client_attached {}",
-        u8::from(shell.client_attached)
+        u8::from(client_attached)
     );
     family(
         &mut o,
@@ -363,7 +361,7 @@ mod tests {
             },
         );
         h.on_frame(now, &[0u8; 3], FrameMeta::default());
-        let text = render(&h, &ShellStats::default());
+        let text = render(&h, &ShellStats::default(), false);
         let mut families = 0;
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {

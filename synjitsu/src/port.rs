@@ -121,6 +121,11 @@ fn run(args: &[&str]) -> Result<String, PortError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// True if the network interface `dev` exists.
+pub fn exists(dev: &str) -> bool {
+    Path::new(&format!("/sys/class/net/{dev}")).exists()
+}
+
 fn read_sys(path: &str) -> Result<String, PortError> {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())
@@ -141,8 +146,6 @@ fn write_sys(path: &str, value: &str) -> Result<(), PortError> {
 /// (and with it every forwarding entry that points at it).
 #[derive(Debug)]
 pub struct Port {
-    /// The bridge.
-    pub bridge: String,
     /// The pair's names.
     pub names: PortNames,
     /// The inner end's interface index, for the packet socket.
@@ -156,15 +159,15 @@ impl Port {
     /// Creates the pair on `bridge` (replacing a stale one left by a crash), turns learning
     /// off on the bridge port, and brings both ends up.
     pub fn create(bridge: &str) -> Result<Port, PortError> {
-        let sys = format!("/sys/class/net/{bridge}");
-        if !Path::new(&sys).exists() {
+        if !exists(bridge) {
             return Err(PortError::NoBridge(bridge.to_string()));
         }
+        let sys = format!("/sys/class/net/{bridge}");
         if !Path::new(&format!("{sys}/bridge")).exists() {
             return Err(PortError::NotABridge(bridge.to_string()));
         }
         let names = names(bridge);
-        if Path::new(&format!("/sys/class/net/{}", names.inner)).exists() {
+        if exists(&names.inner) {
             tracing::warn!(port = %names.inner, "removing a stale port left by an earlier run");
             run(&["ip", "link", "del", &names.inner])?;
         }
@@ -192,7 +195,6 @@ impl Port {
             OUTER_MAC,
         ])?;
         let mut port = Port {
-            bridge: bridge.to_string(),
             names: names.clone(),
             ifindex: 0,
             mac: Mac::ZERO,
@@ -230,13 +232,8 @@ impl Port {
         ])?;
         run(&["ip", "link", "set", &names.inner, "up"])?;
         run(&["ip", "link", "set", &names.outer, "up"])?;
+        port.ifindex = ifindex_of(&names.inner)?;
         let inner_sys = format!("/sys/class/net/{}", names.inner);
-        port.ifindex = read_sys(&format!("{inner_sys}/ifindex"))?
-            .parse()
-            .map_err(|_| PortError::Sys {
-                path: format!("{inner_sys}/ifindex"),
-                source: std::io::Error::other("not a number"),
-            })?;
         port.mac = read_sys(&format!("{inner_sys}/address"))?
             .parse()
             .map_err(|e| PortError::Sys {
@@ -265,7 +262,7 @@ impl Port {
         }
         self.removed = true;
         // Removed by someone else already: nothing left to do.
-        if !Path::new(&format!("/sys/class/net/{}", self.names.inner)).exists() {
+        if !exists(&self.names.inner) {
             return Ok(());
         }
         run(&["ip", "link", "del", &self.names.inner]).map(|_| ())
@@ -289,7 +286,8 @@ pub struct Fdb {
     port_ifindex: u32,
 }
 
-fn ifindex_of(dev: &str) -> Result<u32, PortError> {
+/// The interface index of `dev`, as the caller types it (the packet socket's is signed).
+fn ifindex_of<T: std::str::FromStr>(dev: &str) -> Result<T, PortError> {
     let path = format!("/sys/class/net/{dev}/ifindex");
     read_sys(&path)?.parse().map_err(|_| PortError::Sys {
         path,

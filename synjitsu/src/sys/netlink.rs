@@ -16,11 +16,22 @@ const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 /// Length of `struct nlmsghdr`.
 pub const NLMSG_HDRLEN: usize = 16;
+/// The receive buffer: any datagram the kernel sends on this socket.
+const RECV_BUF: usize = 64 * 1024;
 
 /// A bound `NETLINK_ROUTE` socket; closed on drop.
-#[derive(Debug)]
 pub struct NetlinkSocket {
     fd: OwnedFd,
+    /// Where answers are received, reused by every [`NetlinkSocket::transact`].
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for NetlinkSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetlinkSocket")
+            .field("fd", &self.fd)
+            .finish_non_exhaustive()
+    }
 }
 
 impl NetlinkSocket {
@@ -47,14 +58,17 @@ impl NetlinkSocket {
                 size_of::<libc::sockaddr_nl>() as libc::socklen_t,
             )
         })?;
-        Ok(NetlinkSocket { fd })
+        Ok(NetlinkSocket {
+            fd,
+            buf: vec![0u8; RECV_BUF],
+        })
     }
 
     /// Sends `msg` (one complete netlink message with sequence number `seq`) to the kernel and
     /// returns the messages that answer it, headers included: for a dump, every message up to
     /// `NLMSG_DONE`; for a change asked with `NLM_F_ACK`, nothing once acknowledged. A
     /// negative error in the answer becomes the `io::Error` of that errno.
-    pub fn transact(&self, msg: &[u8], seq: u32, dump: bool) -> io::Result<Vec<Vec<u8>>> {
+    pub fn transact(&mut self, msg: &[u8], seq: u32, dump: bool) -> io::Result<Vec<Vec<u8>>> {
         // SAFETY: `msg` is a valid buffer of the length passed; the kernel (pid 0) is the
         // default destination of an unconnected netlink socket.
         let sent = check(unsafe {
@@ -64,7 +78,7 @@ impl NetlinkSocket {
             return Err(io::Error::other("short netlink send"));
         }
         let mut out = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
+        let buf = &mut self.buf;
         loop {
             // SAFETY: `buf` is a valid writable buffer of the length passed.
             let n =
