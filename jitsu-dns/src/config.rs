@@ -1328,7 +1328,7 @@ fn build_zone(entries: &[Entry], bind: IpAddr) -> Result<ZoneConfig, ConfigError
     let mut ns_addresses = Vec::new();
     for e in entries {
         match e.key.as_str() {
-            "name" => name = Some(parse_dns_name(&e.origin, "name", &e.value)?),
+            "name" => name = Some((parse_dns_name(&e.origin, "name", &e.value)?, e)),
             "ns" => ns = Some(parse_dns_name(&e.origin, "ns", &e.value)?),
             "ns_address" => ns_addresses.push(
                 e.value
@@ -1338,9 +1338,8 @@ fn build_zone(entries: &[Entry], bind: IpAddr) -> Result<ZoneConfig, ConfigError
             _ => {}
         }
     }
-    let name = name.expect("a [[zone]] always has a name (serde requires it)");
+    let (name, e) = name.expect("a [[zone]] always has a name (serde requires it)");
     if name.is_root() {
-        let e = &entries[1];
         return Err(invalid(
             &e.origin,
             "name",
@@ -2332,6 +2331,35 @@ command = "sleep infinity"
                 .unwrap_err()
                 .to_string();
             assert!(e.starts_with(want), "{text:?}: got {e}, want {want}");
+        }
+    }
+
+    #[test]
+    fn a_root_zone_is_refused_at_its_name() {
+        let path = Path::new("dom0.toml");
+        let cases: &[(&str, usize)] = &[
+            ("[[zone]]\nname = \".\"\n", 2),
+            ("[[zone]]\nname = \".\"\nns = \"ns1.example.org\"\n", 2),
+            ("[[zone]]\nns = \"ns1.example.org\"\nname = \".\"\n", 3),
+        ];
+        for (text, line) in cases {
+            let e = from_toml(text, path)
+                .and_then(|f| merge(&Flags::default(), Some(&f)))
+                .unwrap_err();
+            match &e {
+                ConfigError::Invalid { key, value, .. } => {
+                    assert_eq!(key, "name", "{text:?}");
+                    assert_eq!(value, ".", "{text:?}");
+                }
+                other => panic!("{text:?}: got {other}, want an invalid name"),
+            }
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "dom0.toml line {line}: name = \".\": jitsu-dns does not serve the root zone"
+                ),
+                "{text:?}"
+            );
         }
     }
 
