@@ -444,6 +444,35 @@ impl DnsHarness {
     }
 }
 
+/// Waits up to 30 s until jitsu-dns (`daemon`, in `host`) answers `dig <query>` with output
+/// containing `needle`; fails with its log if it exits or never answers.
+pub fn wait_answering(
+    daemon: &mut Daemon,
+    host: &Netns,
+    query: &[&str],
+    needle: &str,
+) -> Result<()> {
+    let answered = crate::wait_until("jitsu-dns to answer DNS", Duration::from_secs(30), || {
+        if daemon.check_running().is_err() {
+            return Some(false);
+        }
+        let out = host
+            .command("dig")
+            .args(["+time=1", "+tries=1"])
+            .args(query)
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .contains(needle)
+            .then_some(true)
+    })
+    .with_context(|| format!("jitsu-dns's log:\n{}", daemon.log()))?;
+    if !answered {
+        bail!("jitsu-dns exited; its log:\n{}", daemon.log());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,33 +502,4 @@ mod tests {
         assert!(k.answer.is_empty());
         assert_eq!(k.authority.len(), 1);
     }
-}
-
-/// Waits up to 30 s until jitsu-dns (`daemon`, in `host`) answers `dig <query>` with output
-/// containing `needle`; fails with its log if it exits or never answers.
-pub fn wait_answering(
-    daemon: &mut Daemon,
-    host: &Netns,
-    query: &[&str],
-    needle: &str,
-) -> Result<()> {
-    let answered = crate::wait_until("jitsu-dns to answer DNS", Duration::from_secs(30), || {
-        if daemon.check_running().is_err() {
-            return Some(false);
-        }
-        let out = host
-            .command("dig")
-            .args(["+time=1", "+tries=1"])
-            .args(query)
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .contains(needle)
-            .then_some(true)
-    })
-    .with_context(|| format!("jitsu-dns's log:\n{}", daemon.log()))?;
-    if !answered {
-        bail!("jitsu-dns exited; its log:\n{}", daemon.log());
-    }
-    Ok(())
 }
