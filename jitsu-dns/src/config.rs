@@ -8,7 +8,7 @@
 //! Precedence: a flag beats the file, the file beats the default. VMs come from both the
 //! positional specs and the file's `[[vm]]` tables; a name defined twice is refused.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -783,6 +783,14 @@ fn parse_seconds(origin: &Origin, key: &str, v: &str) -> Result<Duration, Config
     Ok(Duration::from_secs_f64(x))
 }
 
+fn parse_positive_seconds(origin: &Origin, key: &str, v: &str) -> Result<Duration, ConfigError> {
+    let t = parse_seconds(origin, key, v)?;
+    if t.is_zero() {
+        return Err(invalid(origin, key, v, "must be more than zero"));
+    }
+    Ok(t)
+}
+
 fn parse_bool(origin: &Origin, key: &str, v: &str) -> Result<bool, ConfigError> {
     match v.to_ascii_lowercase().as_str() {
         "true" | "yes" | "on" | "1" => Ok(true),
@@ -1111,33 +1119,11 @@ fn build_vm(entries: &[Entry], d: VmDefaults) -> Result<VmConfig, ConfigError> {
         None => None,
     };
     let wait_for_timeout = match get("wait_for_timeout") {
-        Some(e) => {
-            let t = parse_seconds(&e.origin, "wait_for_timeout", &e.value)?;
-            if t.is_zero() {
-                return Err(invalid(
-                    &e.origin,
-                    "wait_for_timeout",
-                    &e.value,
-                    "must be more than zero",
-                ));
-            }
-            t
-        }
+        Some(e) => parse_positive_seconds(&e.origin, "wait_for_timeout", &e.value)?,
         None => DEFAULT_WAIT_FOR_TIMEOUT,
     };
     let boot_timeout = match get("boot_timeout") {
-        Some(e) => {
-            let t = parse_seconds(&e.origin, "boot_timeout", &e.value)?;
-            if t.is_zero() {
-                return Err(invalid(
-                    &e.origin,
-                    "boot_timeout",
-                    &e.value,
-                    "must be more than zero",
-                ));
-            }
-            t
-        }
+        Some(e) => parse_positive_seconds(&e.origin, "boot_timeout", &e.value)?,
         None => DEFAULT_BOOT_TIMEOUT,
     };
     let use_synjitsu = match get("use_synjitsu") {
@@ -1576,7 +1562,7 @@ fn build(
     }
 
     // Names, addresses and MACs identify a VM on the bridge and in DNS: no two may share one.
-    let mut names: HashMap<Arc<str>, ()> = HashMap::new();
+    let mut names: HashSet<Arc<str>> = HashSet::new();
     let mut dns_owner: HashMap<Name, Arc<str>> = HashMap::new();
     let mut ip_owner: HashMap<IpAddr, Arc<str>> = HashMap::new();
     let mut mac_owner: HashMap<Mac, Arc<str>> = HashMap::new();
@@ -1588,7 +1574,7 @@ fn build(
                 .map(|e| e.origin.clone())
                 .unwrap_or(Origin::Spec { index: 0, vm: None })
         };
-        if names.insert(vm.name.clone(), ()).is_some() {
+        if !names.insert(vm.name.clone()) {
             return Err(invalid(
                 &at("name"),
                 "name",

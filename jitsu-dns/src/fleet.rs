@@ -563,20 +563,12 @@ impl Fleet {
 
     /// A view of `vm`.
     pub fn view(&self, vm: &str) -> Option<VmView> {
-        self.vms.get(vm).map(|v| VmView {
-            cfg: v.cfg.clone(),
-            state: v.life.state(),
-            domid: v.domid,
-            starts: v.starts,
-            requests: v.requests,
-            last_request: v.last_query,
-            last_start: v.last_start,
-        })
+        self.vms.get(vm).map(Vm::view)
     }
 
     /// Every VM's view, by name.
     pub fn views(&self) -> Vec<VmView> {
-        self.vms.keys().filter_map(|n| self.view(n)).collect()
+        self.vms.values().map(Vm::view).collect()
     }
 
     /// Running VMs, whose backend state and counters are worth polling, each with the epoch
@@ -617,6 +609,14 @@ impl Fleet {
                     Life::Booting(_) | Life::Running { .. } | Life::Stopping { .. }
                 )
             })
+            .count()
+    }
+
+    /// VMs in `state` now.
+    pub fn count_in(&self, state: Lifecycle) -> usize {
+        self.vms
+            .values()
+            .filter(|v| v.life.state() == state)
             .count()
     }
 
@@ -673,13 +673,12 @@ impl Fleet {
             .cloned()
             .collect();
         for name in removed {
-            let vm = self.vms.remove(&name).expect("listed above");
-            for id in vm.waiting {
-                out.push(Command::Answer {
-                    id,
-                    answer: Answer::ServFail(Refusal::Unknown),
-                });
-            }
+            let mut vm = self.vms.remove(&name).expect("listed above");
+            answer_waiting(
+                &mut vm.waiting,
+                Answer::ServFail(Refusal::Unknown),
+                &mut out,
+            );
             out.push(Command::Serve {
                 vm: name.clone(),
                 direct: false,
@@ -705,11 +704,7 @@ impl Fleet {
         let mut out = Vec::new();
         match event {
             Event::Query { id, vm, from } => {
-                let cause = match from {
-                    Some(ip) => format!("query from {ip}"),
-                    None => "query".to_string(),
-                };
-                self.on_query(now, &vm, Some(id), cause, &mut out);
+                self.on_query(now, &vm, Some(id), Cause::Query(from), &mut out);
             }
             Event::WakeRequest { vm } => {
                 if let Some(v) = self.vms.get(&vm)
@@ -718,21 +713,10 @@ impl Fleet {
                     && self.synjitsu_up
                 {
                     // synjitsu holds a SYN for a VM that runs: its view is stale.
-                    let tag = self.tag();
-                    out.push(Command::Synjitsu {
-                        tag,
-                        msg: ClientMessage::Ready {
-                            name: vm.to_string(),
-                        },
-                    });
+                    let name = vm.to_string();
+                    send(&mut self.next_tag, ClientMessage::Ready { name }, &mut out);
                 } else {
-                    self.on_query(
-                        now,
-                        &vm,
-                        None,
-                        "wake request from synjitsu".into(),
-                        &mut out,
-                    );
+                    self.on_query(now, &vm, None, Cause::Wake, &mut out);
                 }
             }
             Event::Tick { activity } => {
@@ -777,12 +761,7 @@ impl Fleet {
                         vm: vm.clone(),
                         direct: true,
                     });
-                    for id in std::mem::take(&mut v.waiting) {
-                        out.push(Command::Answer {
-                            id,
-                            answer: Answer::Ready,
-                        });
-                    }
+                    answer_waiting(&mut v.waiting, Answer::Ready, &mut out);
                     out.push(persist(
                         &vm,
                         Lifecycle::Stopping,
@@ -861,13 +840,8 @@ impl Fleet {
                     b.key_seen = true;
                     if tracked && v.cfg.synjitsu_tracked() {
                         // The guest listens: synjitsu may hand over what it holds.
-                        let tag = self.tag();
-                        out.push(Command::Synjitsu {
-                            tag,
-                            msg: ClientMessage::Ready {
-                                name: vm.to_string(),
-                            },
-                        });
+                        let name = vm.to_string();
+                        send(&mut self.next_tag, ClientMessage::Ready { name }, &mut out);
                     }
                     self.settle(now, &vm, &mut out);
                 }
@@ -876,21 +850,14 @@ impl Fleet {
         out
     }
 
-    fn tag(&mut self) -> u64 {
-        let t = self.next_tag;
-        self.next_tag += 1;
-        t
-    }
-
     fn on_query(
         &mut self,
         now: Instant,
         name: &VmName,
         id: Option<QueryId>,
-        cause: String,
+        cause: Cause,
         out: &mut Vec<Command>,
     ) {
-        let running = self.running_count();
         let Some(vm) = self.vms.get_mut(name) else {
             if let Some(id) = id {
                 out.push(Command::Answer {
@@ -940,7 +907,7 @@ impl Fleet {
             Life::Running { .. } => unreachable!("answered above"),
         };
         if let Some(kind) = kind {
-            if let Some(refusal) = self.refuse_boot(now, kind, running) {
+            if let Some(refusal) = self.refuse_boot(now, kind) {
                 if let Some(id) = id {
                     out.push(Command::Answer {
                         id,
@@ -957,9 +924,9 @@ impl Fleet {
         }
     }
 
-    fn refuse_boot(&mut self, now: Instant, kind: BootKind, running: usize) -> Option<Refusal> {
+    fn refuse_boot(&mut self, now: Instant, kind: BootKind) -> Option<Refusal> {
         if let Some(max) = self.settings.max_running
-            && running >= max
+            && self.running_count() >= max
         {
             return Some(Refusal::MaxRunning);
         }
@@ -985,11 +952,10 @@ impl Fleet {
         now: Instant,
         name: &VmName,
         kind: BootKind,
-        cause: String,
+        cause: Cause,
         out: &mut Vec<Command>,
     ) {
         let syn_up = self.synjitsu_up;
-        let tag = if syn_up { Some(self.next_tag) } else { None };
         let vm = self.vms.get_mut(name).expect("caller looked it up");
         let from = vm.life.state();
         let mut boot = Boot {
@@ -1018,25 +984,18 @@ impl Fleet {
             BootKind::Unpause => out.push(Command::Unpause { vm: cfg.clone() }),
         }
         let cause = match kind {
-            BootKind::Fresh => cause,
+            BootKind::Fresh => cause.to_string(),
             BootKind::Resume => format!("resume, {cause}"),
             BootKind::Unpause => format!("unpause, {cause}"),
         };
         out.push(persist(name, from, Lifecycle::Booting, cause, None));
         // synjitsu stands in at once for a wire hand-over; a Xenstore hand-over needs the
         // domain id, so it waits for the backend.
-        if cfg.synjitsu_tracked()
-            && cfg.handover == HandoverKind::Wire
-            && let Some(tag) = tag
-        {
-            self.next_tag += 1;
-            boot.syn_tag = Some(tag);
-            out.push(Command::Synjitsu {
-                tag,
-                msg: ClientMessage::Booting {
-                    vm: identity(&cfg, None),
-                },
-            });
+        if syn_up && cfg.synjitsu_tracked() && cfg.handover == HandoverKind::Wire {
+            let msg = ClientMessage::Booting {
+                vm: identity(&cfg, None),
+            };
+            boot.syn_tag = Some(send(&mut self.next_tag, msg, out));
         }
         if kind == BootKind::Fresh
             && let Some(key) = &cfg.wait_for_key
@@ -1048,7 +1007,6 @@ impl Fleet {
                 path: key.clone(),
             });
         }
-        let vm = self.vms.get_mut(name).expect("caller looked it up");
         vm.set_life(Life::Booting(boot));
     }
 
@@ -1060,7 +1018,6 @@ impl Fleet {
         out: &mut Vec<Command>,
     ) {
         let syn_up = self.synjitsu_up;
-        let mut want_tag = false;
         let Some(vm) = self.vms.get_mut(name) else {
             return;
         };
@@ -1082,38 +1039,21 @@ impl Fleet {
         }
         if cfg.synjitsu_tracked() && syn_up {
             if cfg.handover == HandoverKind::Xenstore && b.syn_tag.is_none() {
-                want_tag = true;
+                let msg = ClientMessage::Booting {
+                    vm: identity(&cfg, domid),
+                };
+                b.syn_tag = Some(send(&mut self.next_tag, msg, out));
+                b.syn_unavailable = false;
             } else if b.kind != BootKind::Fresh {
                 // A resumed guest does not announce itself again: hand over now.
-                let tag = self.next_tag;
-                self.next_tag += 1;
-                out.push(Command::Synjitsu {
-                    tag,
-                    msg: ClientMessage::Ready {
-                        name: name.to_string(),
-                    },
-                });
+                let name = name.to_string();
+                send(&mut self.next_tag, ClientMessage::Ready { name }, out);
             }
-        }
-        if want_tag {
-            let tag = self.tag();
-            let vm = self.vms.get_mut(name).expect("looked up above");
-            if let Life::Booting(b) = &mut vm.life {
-                b.syn_tag = Some(tag);
-                b.syn_unavailable = false;
-            }
-            out.push(Command::Synjitsu {
-                tag,
-                msg: ClientMessage::Booting {
-                    vm: identity(&cfg, domid),
-                },
-            });
         }
         self.settle(now, name, out);
     }
 
     fn on_start_failed(&mut self, name: &VmName, error: &str, out: &mut Vec<Command>) {
-        let syn_up = self.synjitsu_up;
         let Some(vm) = self.vms.get_mut(name) else {
             return;
         };
@@ -1123,12 +1063,7 @@ impl Fleet {
         vm.set_life(Life::Failed);
         let cfg = vm.cfg.clone();
         let domid = vm.domid;
-        for id in std::mem::take(&mut vm.waiting) {
-            out.push(Command::Answer {
-                id,
-                answer: Answer::ServFail(Refusal::BootFailed),
-            });
-        }
+        answer_waiting(&mut vm.waiting, Answer::ServFail(Refusal::BootFailed), out);
         out.push(Command::UnwatchKey { vm: name.clone() });
         out.push(persist(
             name,
@@ -1137,19 +1072,10 @@ impl Fleet {
             format!("boot failed: {error}"),
             None,
         ));
-        if syn_up && cfg.synjitsu_tracked() {
-            let tag = self.tag();
-            out.push(Command::Synjitsu {
-                tag,
-                msg: ClientMessage::Stopped {
-                    vm: identity(&cfg, domid),
-                },
-            });
-        }
+        self.notify_stopped(&cfg, domid, out);
     }
 
     fn on_stopped(&mut self, now: Instant, name: &VmName, out: &mut Vec<Command>) {
-        let syn_up = self.synjitsu_up;
         let Some(vm) = self.vms.get_mut(name) else {
             return;
         };
@@ -1181,18 +1107,10 @@ impl Fleet {
             format!("stopped ({mode})"),
             None,
         ));
-        if syn_up && cfg.synjitsu_tracked() {
-            let tag = self.tag();
-            out.push(Command::Synjitsu {
-                tag,
-                msg: ClientMessage::Stopped {
-                    vm: identity(&cfg, domid),
-                },
-            });
-        }
+        self.notify_stopped(&cfg, domid, out);
         if wake {
             // Queries came while it stopped: bring it back for them.
-            self.restart_for_waiting(now, name, "queries arrived while it stopped".into(), out);
+            self.restart_for_waiting(now, name, Cause::Waiting, out);
         }
     }
 
@@ -1201,10 +1119,9 @@ impl Fleet {
         &mut self,
         now: Instant,
         name: &VmName,
-        cause: String,
+        cause: Cause,
         out: &mut Vec<Command>,
     ) {
-        let running = self.running_count();
         let Some(vm) = self.vms.get(name) else { return };
         let kind = match vm.life {
             Life::Off | Life::Failed => BootKind::Fresh,
@@ -1212,14 +1129,9 @@ impl Fleet {
             Life::Paused => BootKind::Unpause,
             _ => return,
         };
-        if let Some(refusal) = self.refuse_boot(now, kind, running) {
+        if let Some(refusal) = self.refuse_boot(now, kind) {
             let vm = self.vms.get_mut(name).expect("looked up above");
-            for id in std::mem::take(&mut vm.waiting) {
-                out.push(Command::Answer {
-                    id,
-                    answer: Answer::ServFail(refusal),
-                });
-            }
+            answer_waiting(&mut vm.waiting, Answer::ServFail(refusal), out);
             return;
         }
         self.begin_boot(now, name, kind, cause, out);
@@ -1232,7 +1144,6 @@ impl Fleet {
         state: Observed,
         out: &mut Vec<Command>,
     ) {
-        let syn_up = self.synjitsu_up;
         let Some(vm) = self.vms.get_mut(name) else {
             return;
         };
@@ -1254,16 +1165,8 @@ impl Fleet {
                     "exited by itself".into(),
                     None,
                 ));
-                if syn_up && cfg.synjitsu_tracked() {
-                    let domid = vm.domid;
-                    let tag = self.tag();
-                    out.push(Command::Synjitsu {
-                        tag,
-                        msg: ClientMessage::Stopped {
-                            vm: identity(&cfg, domid),
-                        },
-                    });
-                }
+                let domid = vm.domid;
+                self.notify_stopped(&cfg, domid, out);
             }
             (Observed::Off, Life::Booting(b)) if b.started.is_some() => {
                 // It died before it was ready: a failed boot.
@@ -1287,43 +1190,27 @@ impl Fleet {
                     "found running".into(),
                     None,
                 ));
-                for id in std::mem::take(&mut vm.waiting) {
-                    out.push(Command::Answer {
-                        id,
-                        answer: Answer::Ready,
-                    });
-                }
+                answer_waiting(&mut vm.waiting, Answer::Ready, out);
             }
             (Observed::Running { domid }, Life::Running { .. }) => {
                 vm.domid = domid.or(vm.domid);
             }
-            (Observed::Suspended, Life::Running { .. } | Life::Off | Life::Failed) => {
-                vm.set_life(Life::Suspended);
+            (
+                Observed::Suspended | Observed::Paused,
+                Life::Running { .. } | Life::Off | Life::Failed,
+            ) => {
+                let life = if state == Observed::Suspended {
+                    Life::Suspended
+                } else {
+                    Life::Paused
+                };
+                let to = life.state();
+                vm.set_life(life);
                 out.push(Command::Serve {
                     vm: name.clone(),
                     direct: false,
                 });
-                out.push(persist(
-                    name,
-                    from,
-                    Lifecycle::Suspended,
-                    "found suspended".into(),
-                    None,
-                ));
-            }
-            (Observed::Paused, Life::Running { .. } | Life::Off | Life::Failed) => {
-                vm.set_life(Life::Paused);
-                out.push(Command::Serve {
-                    vm: name.clone(),
-                    direct: false,
-                });
-                out.push(persist(
-                    name,
-                    from,
-                    Lifecycle::Paused,
-                    "found paused".into(),
-                    None,
-                ));
+                out.push(persist(name, from, to, format!("found {to}"), None));
             }
             // Booting and stopping VMs report through their own results.
             _ => {}
@@ -1396,12 +1283,7 @@ impl Fleet {
         };
         if !b.answered {
             b.answered = true;
-            for id in std::mem::take(&mut vm.waiting) {
-                out.push(Command::Answer {
-                    id,
-                    answer: Answer::Ready,
-                });
-            }
+            answer_waiting(&mut vm.waiting, Answer::Ready, out);
         }
         if b.started.is_none() {
             return;
@@ -1446,30 +1328,11 @@ impl Fleet {
         {
             return;
         }
-        let limit = vm.cfg.boot_timeout;
-        vm.set_life(Life::Stopping {
-            mode: StopMode::Destroy,
-            pending_wake: false,
-            failed: true,
-        });
-        out.push(Command::Serve {
-            vm: name.clone(),
-            direct: false,
-        });
-        out.push(Command::Stop {
-            vm: vm.cfg.clone(),
-            mode: StopMode::Destroy,
-        });
-        out.push(persist(
-            name,
-            Lifecycle::Running,
-            Lifecycle::Stopping,
-            format!(
-                "the guest did not announce itself within {} of its start",
-                fmt_duration(limit)
-            ),
-            None,
-        ));
+        let cause = format!(
+            "the guest did not announce itself within {} of its start",
+            fmt_duration(vm.cfg.boot_timeout)
+        );
+        vm.begin_stop(name, StopMode::Destroy, true, cause, out);
     }
 
     fn check_idle(&mut self, now: Instant, name: &VmName, out: &mut Vec<Command>) {
@@ -1483,45 +1346,15 @@ impl Fleet {
         if now < vm.idle_since(since) + limit {
             return;
         }
-        let mode = vm.cfg.stop_mode;
-        vm.set_life(Life::Stopping {
-            mode,
-            pending_wake: false,
-            failed: false,
-        });
-        out.push(Command::Serve {
-            vm: name.clone(),
-            direct: false,
-        });
-        out.push(Command::Stop {
-            vm: vm.cfg.clone(),
-            mode,
-        });
-        out.push(persist(
-            name,
-            Lifecycle::Running,
-            Lifecycle::Stopping,
-            format!("idle for {}", fmt_duration(limit)),
-            None,
-        ));
+        let cause = format!("idle for {}", fmt_duration(limit));
+        vm.begin_stop(name, vm.cfg.stop_mode, false, cause, out);
     }
 
     fn boot_deadline(&self, vm: &Vm, b: &Boot) -> Option<Instant> {
-        let started = b.started?;
         if b.kind != BootKind::Fresh {
             return None;
         }
-        Some(match mask_of(&vm.cfg) {
-            Mask::Announce { timeout, delay } | Mask::Synjitsu { timeout, delay } => {
-                if b.syn_unavailable {
-                    started + delay
-                } else {
-                    started + timeout
-                }
-            }
-            Mask::Key { timeout } => started + timeout,
-            Mask::Delay(d) => started + d,
-        })
+        give_up_at(mask_of(&vm.cfg), b)
     }
 
     fn push_sync(&mut self, out: &mut Vec<Command>) {
@@ -1538,11 +1371,17 @@ impl Fleet {
                 },
             })
             .collect();
-        let tag = self.tag();
-        out.push(Command::Synjitsu {
-            tag,
-            msg: ClientMessage::Sync { vms },
-        });
+        send(&mut self.next_tag, ClientMessage::Sync { vms }, out);
+    }
+
+    /// Tells synjitsu, if it is connected, that a VM it tracks stopped.
+    fn notify_stopped(&mut self, cfg: &VmConfig, domid: Option<u32>, out: &mut Vec<Command>) {
+        if self.synjitsu_up && cfg.synjitsu_tracked() {
+            let msg = ClientMessage::Stopped {
+                vm: identity(cfg, domid),
+            };
+            send(&mut self.next_tag, msg, out);
+        }
     }
 }
 
@@ -1554,41 +1393,38 @@ fn answer_reason(cfg: &VmConfig, b: &Boot, now: Instant) -> Option<&'static str>
             _ => "unpaused",
         });
     }
-    match mask_of(cfg) {
-        Mask::Synjitsu { timeout, delay } => {
-            if b.acked {
-                return Some("synjitsu holds its SYNs");
-            }
-            let started = b.started?;
-            if b.syn_unavailable {
-                (now >= started + delay).then_some("response delay (synjitsu unavailable)")
-            } else {
-                (now >= started + timeout).then_some("synjitsu did not answer in time")
-            }
-        }
-        Mask::Announce { timeout, delay } => {
-            let started = b.started?;
-            if b.announced {
-                Some("guest announced itself")
-            } else if b.syn_unavailable {
-                (now >= started + delay).then_some("response delay (synjitsu unavailable)")
-            } else {
-                (now >= started + timeout).then_some("no announcement in time")
-            }
-        }
-        Mask::Key { timeout } => {
-            let started = b.started?;
-            if b.key_seen {
-                Some("readiness key appeared")
-            } else {
-                (now >= started + timeout).then_some("readiness key did not appear in time")
-            }
-        }
-        Mask::Delay(d) => {
-            let started = b.started?;
-            (now >= started + d).then_some("response delay")
-        }
+    let mask = mask_of(cfg);
+    // synjitsu's acknowledgement is the one condition met before the backend started the VM.
+    if matches!(mask, Mask::Synjitsu { .. }) && b.acked {
+        return Some("synjitsu holds its SYNs");
     }
+    let give_up = give_up_at(mask, b)?;
+    Some(match mask {
+        Mask::Announce { .. } if b.announced => "guest announced itself",
+        Mask::Key { .. } if b.key_seen => "readiness key appeared",
+        _ if now < give_up => return None,
+        Mask::Announce { .. } | Mask::Synjitsu { .. } if b.syn_unavailable => {
+            "response delay (synjitsu unavailable)"
+        }
+        Mask::Announce { .. } => "no announcement in time",
+        Mask::Synjitsu { .. } => "synjitsu did not answer in time",
+        Mask::Key { .. } => "readiness key did not appear in time",
+        Mask::Delay(_) => "response delay",
+    })
+}
+
+/// When a fresh boot is answered although its masking condition was not met: at the
+/// response delay if synjitsu is unavailable to a synjitsu-based mode, else at the timeout,
+/// counted from the start. `None` until the backend started the VM.
+fn give_up_at(mask: Mask, b: &Boot) -> Option<Instant> {
+    let wait = match mask {
+        Mask::Announce { timeout, delay } | Mask::Synjitsu { timeout, delay } => {
+            if b.syn_unavailable { delay } else { timeout }
+        }
+        Mask::Key { timeout } => timeout,
+        Mask::Delay(delay) => delay,
+    };
+    b.started.map(|started| started + wait)
 }
 
 impl Vm {
@@ -1615,6 +1451,49 @@ impl Vm {
         self.unconfirmed_until = None;
     }
 
+    /// Stops the running VM `name` in `mode`; `failed`: it lands in `Failed`, not `Off`.
+    fn begin_stop(
+        &mut self,
+        name: &VmName,
+        mode: StopMode,
+        failed: bool,
+        cause: String,
+        out: &mut Vec<Command>,
+    ) {
+        self.set_life(Life::Stopping {
+            mode,
+            pending_wake: false,
+            failed,
+        });
+        out.push(Command::Serve {
+            vm: name.clone(),
+            direct: false,
+        });
+        out.push(Command::Stop {
+            vm: self.cfg.clone(),
+            mode,
+        });
+        out.push(persist(
+            name,
+            Lifecycle::Running,
+            Lifecycle::Stopping,
+            cause,
+            None,
+        ));
+    }
+
+    fn view(&self) -> VmView {
+        VmView {
+            cfg: self.cfg.clone(),
+            state: self.life.state(),
+            domid: self.domid,
+            starts: self.starts,
+            requests: self.requests,
+            last_request: self.last_query,
+            last_start: self.last_start,
+        }
+    }
+
     /// The start of the current idle period of a VM running since `since`.
     fn idle_since(&self, since: Instant) -> Instant {
         [self.last_query, self.last_traffic]
@@ -1637,6 +1516,43 @@ pub fn identity(cfg: &VmConfig, domid: Option<u32>) -> VmIdentity {
         ipv4: cfg.ip,
         ipv6: cfg.ip6,
         handover,
+    }
+}
+
+/// Answers every query in `waiting` with `answer`.
+fn answer_waiting(waiting: &mut Vec<QueryId>, answer: Answer, out: &mut Vec<Command>) {
+    for id in std::mem::take(waiting) {
+        out.push(Command::Answer { id, answer });
+    }
+}
+
+/// Queues `msg` for synjitsu under the next tag, and returns the tag.
+fn send(next_tag: &mut u64, msg: ClientMessage, out: &mut Vec<Command>) -> u64 {
+    let tag = *next_tag;
+    *next_tag += 1;
+    out.push(Command::Synjitsu { tag, msg });
+    tag
+}
+
+/// Why a VM is booted, spelled out only when it is.
+#[derive(Debug, Clone, Copy)]
+enum Cause {
+    /// A query, from this client if known.
+    Query(Option<IpAddr>),
+    /// synjitsu saw a SYN for the VM.
+    Wake,
+    /// Queries arrived while the VM stopped.
+    Waiting,
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cause::Query(Some(ip)) => write!(f, "query from {ip}"),
+            Cause::Query(None) => f.write_str("query"),
+            Cause::Wake => f.write_str("wake request from synjitsu"),
+            Cause::Waiting => f.write_str("queries arrived while it stopped"),
+        }
     }
 }
 
@@ -1738,6 +1654,16 @@ mod tests {
         )
     }
 
+    fn started(f: &mut Fleet, t: Instant, vm: &str, domid: Option<u32>) -> Vec<Command> {
+        f.handle(
+            t,
+            Event::Started {
+                vm: name(vm),
+                domid,
+            },
+        )
+    }
+
     fn tick(f: &mut Fleet, t: Instant) -> Vec<Command> {
         f.handle(t, Event::Tick { activity: vec![] })
     }
@@ -1820,13 +1746,7 @@ mod tests {
         assert_eq!(f.view("www").unwrap().requests, 50);
 
         let t_started = t0 + MS * 60;
-        let out = f.handle(
-            t_started,
-            Event::Started {
-                vm: name("www"),
-                domid: None,
-            },
-        );
+        let out = started(&mut f, t_started, "www", None);
         assert!(answers(&out).is_empty(), "the delay has not passed");
         assert_eq!(f.poll_at(), Some(t_started + MS * 100));
         assert!(answers(&tick(&mut f, t_started + MS * 99)).is_empty());
@@ -1858,13 +1778,7 @@ mod tests {
         let (mut f, t0) = fleet(&[spec("www", 1, ",response_delay=0")], settings());
         let out = query(&mut f, t0, "www", 1);
         assert!(answers(&out).is_empty());
-        let out = f.handle(
-            t0 + MS,
-            Event::Started {
-                vm: name("www"),
-                domid: None,
-            },
-        );
+        let out = started(&mut f, t0 + MS, "www", None);
         assert_eq!(answers(&out), vec![(1, Answer::Ready)]);
     }
 
@@ -1883,13 +1797,7 @@ mod tests {
             vm: name("www"),
             path: "/jitsu/www/ready".into()
         }));
-        let out = f.handle(
-            t0 + MS,
-            Event::Started {
-                vm: name("www"),
-                domid: None,
-            },
-        );
+        let out = started(&mut f, t0 + MS, "www", None);
         assert!(
             answers(&out).is_empty(),
             "the delay does not apply: the key does"
@@ -1910,13 +1818,7 @@ mod tests {
             settings(),
         );
         query(&mut f, t0, "b", 2);
-        f.handle(
-            t0 + MS,
-            Event::Started {
-                vm: name("b"),
-                domid: None,
-            },
-        );
+        started(&mut f, t0 + MS, "b", None);
         assert_eq!(f.poll_at(), Some(t0 + MS + Duration::from_secs(5)));
         assert!(answers(&tick(&mut f, t0 + Duration::from_secs(5))).is_empty());
         let out = tick(&mut f, t0 + MS + Duration::from_secs(5));
@@ -1942,13 +1844,7 @@ mod tests {
         );
         let out = query(&mut f, t0, "m", 1);
         assert!(!out.iter().any(|c| matches!(c, Command::WatchKey { .. })));
-        let out = f.handle(
-            t0 + MS,
-            Event::Started {
-                vm: name("m"),
-                domid: Some(7),
-            },
-        );
+        let out = started(&mut f, t0 + MS, "m", Some(7));
         assert!(out.contains(&Command::WatchKey {
             vm: name("m"),
             path: "/local/domain/7/data/ready".into()
@@ -2007,13 +1903,7 @@ mod tests {
             answers(&query(&mut f, t0 + MS * 4, "www", 2)),
             vec![(2, Answer::Ready)]
         );
-        let out = f.handle(
-            t0 + MS * 50,
-            Event::Started {
-                vm: name("www"),
-                domid: None,
-            },
-        );
+        let out = started(&mut f, t0 + MS * 50, "www", None);
         assert_eq!(f.state("www"), Some(Lifecycle::Running));
         assert_eq!(lifecycle(&out)[0].2, "synjitsu holds its SYNs");
     }
@@ -2030,13 +1920,7 @@ mod tests {
             synjitsu(&out).is_empty(),
             "nothing is sent to a synjitsu that is down"
         );
-        f.handle(
-            t0 + MS,
-            Event::Started {
-                vm: name("www"),
-                domid: None,
-            },
-        );
+        started(&mut f, t0 + MS, "www", None);
         assert!(answers(&tick(&mut f, t0 + MS * 300)).is_empty());
         assert_eq!(
             answers(&tick(&mut f, t0 + MS * 301)),
@@ -2051,13 +1935,7 @@ mod tests {
         f.handle(t0, Event::SynjitsuUp);
         let out = query(&mut f, t0, "www", 1);
         let tag = synjitsu(&out)[0].0;
-        f.handle(
-            t0 + MS,
-            Event::Started {
-                vm: name("www"),
-                domid: None,
-            },
-        );
+        started(&mut f, t0 + MS, "www", None);
         f.handle(t0 + MS * 2, Event::SynjitsuReplied { tag, ok: false });
         assert_eq!(
             answers(&tick(&mut f, t0 + MS * 301)),
@@ -2071,13 +1949,7 @@ mod tests {
         );
         f.handle(t0, Event::SynjitsuUp);
         query(&mut f, t0, "www", 1);
-        f.handle(
-            t0 + MS,
-            Event::Started {
-                vm: name("www"),
-                domid: None,
-            },
-        );
+        started(&mut f, t0 + MS, "www", None);
         assert!(
             answers(&tick(&mut f, t0 + MS * 400)).is_empty(),
             "connected: waits for the ack"
@@ -2100,13 +1972,7 @@ mod tests {
         );
         f.handle(t0, Event::SynjitsuUp);
         query(&mut f, t0, "www", 1);
-        f.handle(
-            t0,
-            Event::Started {
-                vm: name("www"),
-                domid: None,
-            },
-        );
+        started(&mut f, t0, "www", None);
         assert_eq!(f.poll_at(), Some(t0 + Duration::from_secs(2)));
         assert_eq!(
             answers(&tick(&mut f, t0 + Duration::from_secs(2))),
@@ -2135,13 +2001,7 @@ mod tests {
                 ok: true,
             },
         );
-        let out = f.handle(
-            t0 + MS,
-            Event::Started {
-                vm: name("www"),
-                domid: None,
-            },
-        );
+        let out = started(&mut f, t0 + MS, "www", None);
         assert!(answers(&out).is_empty(), "the ack is not the announcement");
         let out = f.handle(t0 + MS * 800, Event::GuestAnnounced { vm: name("www") });
         assert_eq!(answers(&out), vec![(1, Answer::Ready)]);
@@ -2157,13 +2017,7 @@ mod tests {
         );
         f.handle(t0, Event::SynjitsuUp);
         query(&mut f, t0, "www", 1);
-        f.handle(
-            t0,
-            Event::Started {
-                vm: name("www"),
-                domid: None,
-            },
-        );
+        started(&mut f, t0, "www", None);
         assert!(answers(&tick(&mut f, t0 + MS * 2999)).is_empty());
         assert_eq!(
             answers(&tick(&mut f, t0 + MS * 3000)),
@@ -2180,13 +2034,7 @@ mod tests {
             settings(),
         );
         query(&mut f, t0, "www", 1);
-        f.handle(
-            t0,
-            Event::Started {
-                vm: name("www"),
-                domid: None,
-            },
-        );
+        started(&mut f, t0, "www", None);
         assert_eq!(
             answers(&tick(&mut f, t0 + MS * 200)),
             vec![(1, Answer::Ready)]
@@ -2212,13 +2060,7 @@ mod tests {
         for vm in f.vms.keys().cloned().collect::<Vec<_>>() {
             let delay = f.view(&vm).unwrap().cfg.response_delay;
             query(&mut f, t0, &vm, 0);
-            f.handle(
-                t0,
-                Event::Started {
-                    vm: vm.clone(),
-                    domid: None,
-                },
-            );
+            started(&mut f, t0, &vm, None);
             tick(&mut f, t0 + delay);
             assert_eq!(f.state(&vm), Some(Lifecycle::Running));
             end = end.max(t0 + delay);
@@ -2340,13 +2182,7 @@ mod tests {
         assert!(out.iter().any(|c| matches!(c, Command::Resume { .. })));
         assert_eq!(lifecycle(&out)[0].2, "resume, query from 10.0.0.99");
         // Resuming is not a boot: no response delay, answered as soon as it runs again.
-        let out = f.handle(
-            t + TTL * 3 + MS,
-            Event::Started {
-                vm: name("www"),
-                domid: None,
-            },
-        );
+        let out = started(&mut f, t + TTL * 3 + MS, "www", None);
         assert_eq!(answers(&out), vec![(7, Answer::Ready)]);
         assert_eq!(f.state("www"), Some(Lifecycle::Running));
         assert_eq!(f.view("www").unwrap().starts, 1, "a resume is not a start");
@@ -2363,13 +2199,7 @@ mod tests {
         assert_eq!(f.state("p"), Some(Lifecycle::Paused));
         let out = query(&mut f, t0, "p", 1);
         assert!(out.iter().any(|c| matches!(c, Command::Unpause { .. })));
-        let out = f.handle(
-            t0 + MS,
-            Event::Started {
-                vm: name("p"),
-                domid: None,
-            },
-        );
+        let out = started(&mut f, t0 + MS, "p", None);
         assert_eq!(answers(&out), vec![(1, Answer::Ready)]);
     }
 
@@ -2451,13 +2281,7 @@ mod tests {
             let out = query(f, t, "www", id);
             let (tag, _) = synjitsu(&out)[0].clone();
             f.handle(t, Event::SynjitsuReplied { tag, ok: true });
-            f.handle(
-                t + MS,
-                Event::Started {
-                    vm: name("www"),
-                    domid: None,
-                },
-            );
+            started(f, t + MS, "www", None);
         };
         let (mut f, t0) = fleet(
             &[spec("www", 1, ",use_synjitsu=true,boot_timeout=1.5")],
@@ -2611,13 +2435,7 @@ mod tests {
         assert_eq!(f.view("www").unwrap().requests, 0, "not a query");
         let tag = synjitsu(&out)[0].0;
         f.handle(t0, Event::SynjitsuReplied { tag, ok: true });
-        f.handle(
-            t0,
-            Event::Started {
-                vm: name("www"),
-                domid: None,
-            },
-        );
+        started(&mut f, t0, "www", None);
         assert_eq!(f.state("www"), Some(Lifecycle::Running));
         let out = f.handle(t0, Event::WakeRequest { vm: name("www") });
         assert_eq!(starts(&out), 0);
@@ -2635,13 +2453,7 @@ mod tests {
             settings(),
         );
         query(&mut f, t0, "a", 1);
-        f.handle(
-            t0,
-            Event::Started {
-                vm: name("a"),
-                domid: None,
-            },
-        );
+        started(&mut f, t0, "a", None);
         tick(&mut f, t0 + Duration::from_millis(100));
         query(&mut f, t0, "b", 2);
         for _ in 0..2 {
@@ -2681,13 +2493,7 @@ mod tests {
         );
         let out = f.handle(t + TTL * 3, Event::Stopped { vm: name("www") });
         assert_eq!(starts(&out), 1);
-        let out = f.handle(
-            t + TTL * 3,
-            Event::Started {
-                vm: name("www"),
-                domid: None,
-            },
-        );
+        let out = started(&mut f, t + TTL * 3, "www", None);
         assert_eq!(answers(&out), vec![(5, Answer::Ready)]);
     }
 
@@ -2778,13 +2584,7 @@ mod tests {
         f.handle(t0, Event::SynjitsuUp);
         let out = query(&mut f, t0, "m", 1);
         assert!(synjitsu(&out).is_empty());
-        let out = f.handle(
-            t0 + MS,
-            Event::Started {
-                vm: name("m"),
-                domid: Some(12),
-            },
-        );
+        let out = started(&mut f, t0 + MS, "m", Some(12));
         let s = synjitsu(&out);
         let (tag, ClientMessage::Booting { vm }) = &s[0] else {
             panic!("{s:?}")
@@ -2808,13 +2608,7 @@ mod tests {
         tick(&mut f, t + TTL * 2);
         f.handle(t + TTL * 2, Event::Stopped { vm: name("www") });
         query(&mut f, t + TTL * 3, "www", 1);
-        f.handle(
-            t + TTL * 3,
-            Event::Started {
-                vm: name("www"),
-                domid: None,
-            },
-        );
+        started(&mut f, t + TTL * 3, "www", None);
         // ...so its old "off" must not kill the new boot.
         let out = f.handle(
             t + TTL * 3,
