@@ -52,11 +52,6 @@ impl Forwarder {
         Forwarder { servers }
     }
 
-    /// The servers.
-    pub fn servers(&self) -> &[SocketAddr] {
-        &self.servers
-    }
-
     /// Sends `query` (a whole DNS message) upstream and returns the answer. `tcp`: the
     /// client came over TCP, so its answer may be large.
     pub async fn forward(&self, query: &[u8], tcp: bool) -> Result<Message, ForwardError> {

@@ -43,7 +43,10 @@ use virt::domain::{Domain as VirDomain, DomainStateReason};
 use virt::enumutil::Enum;
 use virt::sys;
 
-use super::{Backend, BackendError, Domain, EventSink, LifecycleEvent, Listed, Started};
+use super::{
+    Backend, BackendError, Domain, EventSink, LifecycleEvent, Listed, Started,
+    parse_shutdown_grace, uri_err,
+};
 use crate::config::{DomainType, StopMode, VmConfig};
 use crate::fleet::{IfCounters, Observed};
 use crate::sys::libvirt::{
@@ -71,13 +74,6 @@ pub struct LibvirtUri {
     pub connect: Option<String>,
     /// Grace period of `shutdown`.
     pub shutdown_grace: Duration,
-}
-
-fn uri_err(uri: &str, why: impl Into<String>) -> BackendError {
-    BackendError::Uri {
-        uri: uri.to_string(),
-        why: why.into(),
-    }
 }
 
 /// Parses a libvirt URI, taking our own `shutdown_grace` parameter out of it.
@@ -111,14 +107,7 @@ pub fn parse_uri(uri: Option<&str>) -> Result<LibvirtUri, BackendError> {
     let mut kept = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
-            Some(("shutdown_grace", v)) => {
-                let s: f64 = v
-                    .parse()
-                    .ok()
-                    .filter(|s: &f64| s.is_finite() && *s >= 0.0 && *s <= 3600.0)
-                    .ok_or_else(|| uri_err(uri, "shutdown_grace: seconds, 0 to 3600"))?;
-                out.shutdown_grace = Duration::from_secs_f64(s);
-            }
+            Some(("shutdown_grace", v)) => out.shutdown_grace = parse_shutdown_grace(uri, v)?,
             // Everything else is libvirt's (socket=, keyfile=, no_verify=...).
             _ => kept.push(pair),
         }
@@ -727,11 +716,8 @@ impl LibvirtBackend {
         what: &'static str,
         op: impl Fn(&Session) -> Result<T, OpError>,
     ) -> Result<T, BackendError> {
-        self.with_session(op).map_err(|e| BackendError::Vm {
-            vm: vm.name.to_string(),
-            what,
-            detail: e.detail(),
-        })
+        self.with_session(op)
+            .map_err(|e| BackendError::vm(vm, what, e.detail()))
     }
 
     fn remember(&self, d: &VirDomain, vm: &VmConfig) {

@@ -17,6 +17,7 @@ pub mod process;
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use shared_proto::Mac;
 
@@ -88,6 +89,35 @@ pub enum BackendError {
     },
 }
 
+impl BackendError {
+    /// Operation `what` on `vm` failed because of `detail`.
+    fn vm(vm: &VmConfig, what: &'static str, detail: String) -> BackendError {
+        BackendError::Vm {
+            vm: vm.name.to_string(),
+            what,
+            detail,
+        }
+    }
+}
+
+/// The `-c` URI `uri` is wrong: `why`.
+fn uri_err(uri: &str, why: impl Into<String>) -> BackendError {
+    BackendError::Uri {
+        uri: uri.to_string(),
+        why: why.into(),
+    }
+}
+
+/// The `shutdown_grace` parameter of `uri` (both backends take it): seconds, 0 to 3600.
+fn parse_shutdown_grace(uri: &str, value: &str) -> Result<Duration, BackendError> {
+    value
+        .parse()
+        .ok()
+        .filter(|s: &f64| s.is_finite() && *s >= 0.0 && *s <= 3600.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| uri_err(uri, "shutdown_grace: seconds, 0 to 3600"))
+}
+
 /// A way of running VMs. Every method blocks; none is called on the async runtime.
 pub trait Backend: Send + Sync + fmt::Debug {
     /// `process` or `libvirt`, for logs.
@@ -112,11 +142,6 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// The VM's state (a shorthand for [`Backend::lookup`]).
     fn state(&self, vm: &VmConfig) -> Result<Observed, BackendError> {
         self.lookup(vm).map(|d| d.state)
-    }
-
-    /// The VM's MAC as the backend defines it.
-    fn mac(&self, vm: &VmConfig) -> Result<Option<Mac>, BackendError> {
-        self.lookup(vm).map(|d| d.mac)
     }
 
     /// The VM's domain id, if it runs and the backend has them.

@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{Backend, BackendError, Domain, Listed, Started};
+use super::{Backend, BackendError, Domain, Listed, Started, parse_shutdown_grace, uri_err};
 use crate::config::{Ifup, StopMode, VmConfig};
 use crate::fleet::{IfCounters, Observed};
 use crate::sys::{Signal, kill};
@@ -71,13 +71,6 @@ pub struct ProcessUri {
     pub cgroup: Option<CgroupVersion>,
     /// Grace period of `shutdown`.
     pub shutdown_grace: Duration,
-}
-
-fn uri_err(uri: &str, why: impl Into<String>) -> BackendError {
-    BackendError::Uri {
-        uri: uri.to_string(),
-        why: why.into(),
-    }
 }
 
 /// Parses `process://<absolute dir>?netns_prefix=..&cgroup=..&shutdown_grace=..`.
@@ -130,14 +123,7 @@ pub fn parse_uri(uri: &str) -> Result<ProcessUri, BackendError> {
                     _ => return Err(uri_err(uri, "cgroup: expected v1, v2 or auto")),
                 }
             }
-            "shutdown_grace" => {
-                let s: f64 = v
-                    .parse()
-                    .ok()
-                    .filter(|s: &f64| s.is_finite() && *s >= 0.0 && *s <= 3600.0)
-                    .ok_or_else(|| uri_err(uri, "shutdown_grace: seconds, 0 to 3600"))?;
-                out.shutdown_grace = Duration::from_secs_f64(s);
-            }
+            "shutdown_grace" => out.shutdown_grace = parse_shutdown_grace(uri, v)?,
             other => {
                 return Err(uri_err(
                     uri,
@@ -182,6 +168,13 @@ impl Record {
             self.port,
             self.cgroup.display()
         )
+    }
+
+    /// The record in the file `path`, if there is one and it parses.
+    fn read(path: &Path) -> Option<Record> {
+        fs::read_to_string(path)
+            .ok()
+            .and_then(|t| Record::parse(&t))
     }
 
     fn parse(text: &str) -> Option<Record> {
@@ -531,16 +524,9 @@ const PORT_FORWARDING_TIMEOUT: Duration = Duration::from_secs(3);
 /// [`PORT_FORWARDING_TIMEOUT`]; returns whether it does.
 fn wait_port_forwarding(port: &str) -> bool {
     let state = format!("/sys/class/net/{port}/brport/state");
-    let deadline = Instant::now() + PORT_FORWARDING_TIMEOUT;
-    loop {
-        if fs::read_to_string(&state).is_ok_and(|s| s.trim() == "3") {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until(PORT_FORWARDING_TIMEOUT, || {
+        fs::read_to_string(&state).is_ok_and(|s| s.trim() == "3")
+    })
 }
 
 impl ProcessBackend {
@@ -565,11 +551,6 @@ impl ProcessBackend {
         Ok(ProcessBackend { uri, cgroups })
     }
 
-    /// The freezer in use.
-    pub fn cgroup_version(&self) -> CgroupVersion {
-        self.cgroups.version
-    }
-
     fn names(&self, vm: &str) -> Names {
         let netns = format!("{}{vm}", self.uri.netns_prefix);
         Names {
@@ -583,19 +564,28 @@ impl ProcessBackend {
     }
 
     fn record(&self, vm: &str) -> Option<Record> {
-        fs::read_to_string(self.names(vm).record)
-            .ok()
-            .and_then(|t| Record::parse(&t))
+        Record::read(&self.names(vm).record)
+    }
+
+    /// The state of the VM `rec` records: off unless its process is alive, suspended while
+    /// its cgroup is frozen.
+    fn observe(&self, rec: Option<Record>) -> Observed {
+        match rec {
+            Some(r) if alive(&r) => {
+                if self.cgroups.is_frozen(&r.cgroup) {
+                    Observed::Suspended
+                } else {
+                    Observed::Running { domid: None }
+                }
+            }
+            _ => Observed::Off,
+        }
     }
 
     /// Removes everything of the VM's: processes, cgroup, interfaces, namespace, record.
     fn teardown(&self, vm: &VmConfig) -> Result<(), BackendError> {
         let n = self.names(&vm.name);
-        let err = |what, detail: String| BackendError::Vm {
-            vm: vm.name.to_string(),
-            what,
-            detail,
-        };
+        let err = |what, detail| BackendError::vm(vm, what, detail);
         let rec = self.record(&vm.name);
         let mut cgroups = vec![n.cgroup.clone()];
         let mut ports = vec![n.port.clone()];
@@ -782,18 +772,8 @@ impl Backend for ProcessBackend {
     }
 
     fn lookup(&self, vm: &VmConfig) -> Result<Domain, BackendError> {
-        let state = match self.record(&vm.name) {
-            Some(r) if alive(&r) => {
-                if self.cgroups.is_frozen(&r.cgroup) {
-                    Observed::Suspended
-                } else {
-                    Observed::Running { domid: None }
-                }
-            }
-            _ => Observed::Off,
-        };
         Ok(Domain {
-            state,
+            state: self.observe(self.record(&vm.name)),
             domid: None,
             mac: Some(vm.mac),
         })
@@ -801,11 +781,7 @@ impl Backend for ProcessBackend {
 
     fn start(&self, vm: &VmConfig) -> Result<Started, BackendError> {
         let n = self.names(&vm.name);
-        let err = |what, detail: String| BackendError::Vm {
-            vm: vm.name.to_string(),
-            what,
-            detail,
-        };
+        let err = |what, detail| BackendError::vm(vm, what, detail);
         self.teardown(vm)?;
         run(Command::new("ip").args(["link", "show", "dev", &vm.nic])).map_err(|_| {
             err(
@@ -880,11 +856,7 @@ impl Backend for ProcessBackend {
     }
 
     fn stop(&self, vm: &VmConfig, mode: StopMode) -> Result<(), BackendError> {
-        let err = |what, detail: String| BackendError::Vm {
-            vm: vm.name.to_string(),
-            what,
-            detail,
-        };
+        let err = |what, detail| BackendError::vm(vm, what, detail);
         let rec = self.record(&vm.name);
         match mode {
             StopMode::Destroy => self.teardown(vm),
@@ -916,11 +888,7 @@ impl Backend for ProcessBackend {
     }
 
     fn resume(&self, vm: &VmConfig) -> Result<Started, BackendError> {
-        let err = |detail: String| BackendError::Vm {
-            vm: vm.name.to_string(),
-            what: "resume",
-            detail,
-        };
+        let err = |detail| BackendError::vm(vm, "resume", detail);
         let r = self
             .record(&vm.name)
             .filter(alive)
@@ -939,11 +907,8 @@ impl Backend for ProcessBackend {
             .record(&vm.name)
             .map(|r| r.port)
             .unwrap_or_else(|| self.names(&vm.name).port);
-        let text = fs::read_to_string("/proc/net/dev").map_err(|e| BackendError::Vm {
-            vm: vm.name.to_string(),
-            what: "counters",
-            detail: format!("/proc/net/dev: {e}"),
-        })?;
+        let text = fs::read_to_string("/proc/net/dev")
+            .map_err(|e| BackendError::vm(vm, "counters", format!("/proc/net/dev: {e}")))?;
         Ok(parse_net_dev(&text, &port))
     }
 
@@ -960,17 +925,9 @@ impl Backend for ProcessBackend {
             let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
                 continue;
             };
-            let state = match fs::read_to_string(&path)
-                .ok()
-                .and_then(|t| Record::parse(&t))
-            {
-                Some(r) if alive(&r) && self.cgroups.is_frozen(&r.cgroup) => Observed::Suspended,
-                Some(r) if alive(&r) => Observed::Running { domid: None },
-                _ => Observed::Off,
-            };
             out.push(Listed {
                 name: name.to_string(),
-                state,
+                state: self.observe(Record::read(&path)),
             });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
