@@ -189,208 +189,146 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut o = String::with_capacity(4096);
-        let line = |o: &mut String, s: String| {
-            o.push_str(&s);
-            o.push('\n');
-        };
-        let header = |o: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
-        header(
+        family(
             &mut o,
             "jitsu_dns_queries_total",
             "counter",
             "DNS queries by outcome.",
         );
-        for (i, (_, label)) in OUTCOMES.iter().enumerate() {
-            line(
-                &mut o,
-                format!(
-                    "jitsu_dns_queries_total{{outcome=\"{label}\"}} {}",
-                    self.queries[i].load(Relaxed)
-                ),
+        for ((_, label), n) in OUTCOMES.iter().zip(&self.queries) {
+            let _ = writeln!(
+                o,
+                "jitsu_dns_queries_total{{outcome=\"{label}\"}} {}",
+                n.load(Relaxed)
             );
         }
-        header(
+        counter(
             &mut o,
             "jitsu_dns_forwarded_queries_total",
-            "counter",
             "Queries relayed to a forwarder.",
+            self.queries(Outcome::Forwarded),
         );
-        line(
-            &mut o,
-            format!(
-                "jitsu_dns_forwarded_queries_total {}",
-                self.queries(Outcome::Forwarded)
-            ),
-        );
-        header(
+        counter(
             &mut o,
             "jitsu_dns_forward_failures_total",
-            "counter",
             "Forwarded queries no forwarder answered.",
+            self.forward_failures.load(Relaxed),
         );
-        line(
-            &mut o,
-            format!(
-                "jitsu_dns_forward_failures_total {}",
-                self.forward_failures.load(Relaxed)
-            ),
-        );
-        header(
+        counter(
             &mut o,
             "jitsu_dns_boots_total",
-            "counter",
             "VM boots begun.",
+            self.boots.load(Relaxed),
         );
-        line(
-            &mut o,
-            format!("jitsu_dns_boots_total {}", self.boots.load(Relaxed)),
-        );
-        header(
+        counter(
             &mut o,
             "jitsu_dns_boot_failures_total",
-            "counter",
             "VM boots that failed.",
+            self.boot_failures.load(Relaxed),
         );
-        line(
-            &mut o,
-            format!(
-                "jitsu_dns_boot_failures_total {}",
-                self.boot_failures.load(Relaxed)
-            ),
-        );
-        header(
+        counter(
             &mut o,
             "jitsu_dns_resumes_total",
-            "counter",
             "Resumes and unpauses begun.",
+            self.resumes.load(Relaxed),
         );
-        line(
-            &mut o,
-            format!("jitsu_dns_resumes_total {}", self.resumes.load(Relaxed)),
-        );
-        header(
+        family(
             &mut o,
             "jitsu_dns_boot_to_ready_seconds",
             "histogram",
             "Time from a boot's start to the VM being ready (masking condition met).",
         );
-        for (i, le) in BOOT_BUCKETS.iter().enumerate() {
-            line(
-                &mut o,
-                format!(
-                    "jitsu_dns_boot_to_ready_seconds_bucket{{le=\"{le}\"}} {}",
-                    self.boot_buckets[i].load(Relaxed)
-                ),
+        for (le, n) in BOOT_BUCKETS.iter().zip(&self.boot_buckets) {
+            let _ = writeln!(
+                o,
+                "jitsu_dns_boot_to_ready_seconds_bucket{{le=\"{le}\"}} {}",
+                n.load(Relaxed)
             );
         }
         let count = self.boot_count.load(Relaxed);
-        line(
-            &mut o,
-            format!("jitsu_dns_boot_to_ready_seconds_bucket{{le=\"+Inf\"}} {count}"),
+        let _ = writeln!(
+            o,
+            "jitsu_dns_boot_to_ready_seconds_bucket{{le=\"+Inf\"}} {count}\n\
+             jitsu_dns_boot_to_ready_seconds_sum {}\n\
+             jitsu_dns_boot_to_ready_seconds_count {count}",
+            self.boot_sum_us.load(Relaxed) as f64 / 1e6
         );
-        line(
+        gauge(
             &mut o,
-            format!(
-                "jitsu_dns_boot_to_ready_seconds_sum {}",
-                self.boot_sum_us.load(Relaxed) as f64 / 1e6
-            ),
+            "jitsu_dns_vms_running",
+            "VMs running now.",
+            self.running.load(Relaxed),
         );
-        line(
-            &mut o,
-            format!("jitsu_dns_boot_to_ready_seconds_count {count}"),
-        );
-        header(&mut o, "jitsu_dns_vms_running", "gauge", "VMs running now.");
-        line(
-            &mut o,
-            format!("jitsu_dns_vms_running {}", self.running.load(Relaxed)),
-        );
-        header(
+        family(
             &mut o,
             "jitsu_dns_stops_total",
             "counter",
             "VM stops begun, by stop mode.",
         );
-        for (i, m) in STOP_MODES.iter().enumerate() {
-            line(
-                &mut o,
-                format!(
-                    "jitsu_dns_stops_total{{mode=\"{m}\"}} {}",
-                    self.stops[i].load(Relaxed)
-                ),
+        for (m, n) in STOP_MODES.iter().zip(&self.stops) {
+            let _ = writeln!(
+                o,
+                "jitsu_dns_stops_total{{mode=\"{m}\"}} {}",
+                n.load(Relaxed)
             );
         }
-        header(
+        family(
             &mut o,
             "jitsu_dns_limit_refusals_total",
             "counter",
             "Queries refused (SERVFAIL) by a limit.",
         );
-        for (i, l) in LIMITS.iter().enumerate() {
-            line(
-                &mut o,
-                format!(
-                    "jitsu_dns_limit_refusals_total{{limit=\"{}\"}} {}",
-                    l.as_str(),
-                    self.limit_refusals[i].load(Relaxed)
-                ),
+        for (l, n) in LIMITS.iter().zip(&self.limit_refusals) {
+            let _ = writeln!(
+                o,
+                "jitsu_dns_limit_refusals_total{{limit=\"{}\"}} {}",
+                l.as_str(),
+                n.load(Relaxed)
             );
         }
-        header(
+        gauge(
             &mut o,
             "jitsu_dns_synjitsu_connected",
-            "gauge",
             "1 while connected to synjitsu.",
+            self.synjitsu_connected.load(Relaxed),
         );
-        line(
-            &mut o,
-            format!(
-                "jitsu_dns_synjitsu_connected {}",
-                self.synjitsu_connected.load(Relaxed)
-            ),
-        );
-        header(
+        counter(
             &mut o,
             "jitsu_dns_state_changes_dropped_total",
-            "counter",
             "State changes lost because the store's queue was full.",
+            self.store_dropped.load(Relaxed),
         );
-        line(
-            &mut o,
-            format!(
-                "jitsu_dns_state_changes_dropped_total {}",
-                self.store_dropped.load(Relaxed)
-            ),
-        );
-        header(
+        counter(
             &mut o,
             "jitsu_dns_backend_events_total",
-            "counter",
             "Lifecycle changes the backend pushed (libvirt events).",
+            self.backend_events.load(Relaxed),
         );
-        line(
-            &mut o,
-            format!(
-                "jitsu_dns_backend_events_total {}",
-                self.backend_events.load(Relaxed)
-            ),
-        );
-        header(
+        counter(
             &mut o,
             "jitsu_dns_backend_state_polls_total",
-            "counter",
             "VM states polled from the backend (not done for backends that push events).",
-        );
-        line(
-            &mut o,
-            format!(
-                "jitsu_dns_backend_state_polls_total {}",
-                self.state_polls.load(Relaxed)
-            ),
+            self.state_polls.load(Relaxed),
         );
         o
     }
+}
+
+/// The `# HELP` and `# TYPE` lines of the metric `name` of type `kind`.
+fn family(o: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A counter without labels.
+fn counter(o: &mut String, name: &str, help: &str, value: u64) {
+    family(o, name, "counter", help);
+    let _ = writeln!(o, "{name} {value}");
+}
+
+/// A gauge without labels.
+fn gauge(o: &mut String, name: &str, help: &str, value: u64) {
+    family(o, name, "gauge", help);
+    let _ = writeln!(o, "{name} {value}");
 }
 
 /// Serves `GET /metrics` on `listener` until `stop` is cancelled. Anything else gets 404;
