@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::ops::Bound;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -285,18 +286,18 @@ impl Shell {
         }
         for vm in &self.cfg.vms {
             let p = state::vm_prefix(&vm.name);
+            let (config_dir, dns_dir) = (format!("{p}config/"), format!("{p}dns/"));
+            let is_spec = |k: &str| k.starts_with(&config_dir) || k.starts_with(&dns_dir);
             let files = config_files(vm, self.cfg.ttl);
+            // The VM's subtree only: keys sharing a prefix are adjacent in the tree.
             let before: Vec<(&String, &String)> = old
-                .iter()
-                .filter(|(k, _)| {
-                    k.starts_with(&format!("{p}config/")) || k.starts_with(&format!("{p}dns/"))
-                })
+                .range::<str, _>((Bound::Included(p.as_str()), Bound::Unbounded))
+                .take_while(|(k, _)| k.starts_with(&p))
+                .filter(|(k, _)| is_spec(k))
                 .collect();
             let after: Vec<(&String, &String)> = files
                 .iter()
-                .filter(|(k, _)| {
-                    k.starts_with(&format!("{p}config/")) || k.starts_with(&format!("{p}dns/"))
-                })
+                .filter(|(k, _)| is_spec(k))
                 .map(|(k, v)| (k, v))
                 .collect();
             if !known.contains(&*vm.name) {
@@ -307,8 +308,8 @@ impl Shell {
             } else if before != after {
                 changed.push(vm.name.to_string());
             }
-            change.remove.push(format!("{p}config/"));
-            change.remove.push(format!("{p}dns/"));
+            change.remove.push(config_dir);
+            change.remove.push(dns_dir);
             change.files.extend(files);
         }
         let mut parts = Vec::new();
@@ -341,36 +342,23 @@ impl Shell {
         tokio::task::spawn_blocking(move || {
             let name = vm.name.clone();
             let event = match op {
-                Op::Start => match backend.start(&vm) {
-                    Ok(s) => Event::Started {
-                        vm: name,
-                        domid: s.domid,
-                    },
-                    Err(e) => Event::StartFailed {
-                        vm: name,
-                        error: e.to_string(),
-                    },
-                },
-                Op::Resume => match backend.resume(&vm) {
-                    Ok(s) => Event::Started {
-                        vm: name,
-                        domid: s.domid,
-                    },
-                    Err(e) => Event::StartFailed {
-                        vm: name,
-                        error: e.to_string(),
-                    },
-                },
-                Op::Unpause => match backend.unpause(&vm) {
-                    Ok(s) => Event::Started {
-                        vm: name,
-                        domid: s.domid,
-                    },
-                    Err(e) => Event::StartFailed {
-                        vm: name,
-                        error: e.to_string(),
-                    },
-                },
+                Op::Start | Op::Resume | Op::Unpause => {
+                    let started = match op {
+                        Op::Start => backend.start(&vm),
+                        Op::Resume => backend.resume(&vm),
+                        _ => backend.unpause(&vm),
+                    };
+                    match started {
+                        Ok(s) => Event::Started {
+                            vm: name,
+                            domid: s.domid,
+                        },
+                        Err(e) => Event::StartFailed {
+                            vm: name,
+                            error: e.to_string(),
+                        },
+                    }
+                }
                 Op::Stop(mode) => match backend.stop(&vm, mode) {
                     Ok(()) => Event::Stopped { vm: name },
                     Err(e) => Event::StopFailed {
@@ -404,13 +392,8 @@ impl Shell {
                 self.execute(now, cmd, &mut queue);
             }
         }
-        self.metrics.set_running(
-            self.fleet
-                .views()
-                .iter()
-                .filter(|v| v.state == Lifecycle::Running)
-                .count(),
-        );
+        self.metrics
+            .set_running(self.fleet.count_in(Lifecycle::Running));
     }
 
     fn execute(&mut self, now: Instant, cmd: Command, follow: &mut VecDeque<Event>) {
@@ -484,14 +467,13 @@ impl Shell {
                 } else {
                     format!("{vm}: {from} -> {to} ({cause})")
                 };
-                let files = self
-                    .fleet
-                    .view(&vm)
-                    .map(|v| self.state_files(&v))
-                    .unwrap_or_default();
-                if let Some(v) = self.fleet.view(&vm) {
-                    self.persisted_requests.insert(vm.clone(), v.requests);
-                }
+                let files = match self.fleet.view(&vm) {
+                    Some(v) => {
+                        self.persisted_requests.insert(vm.clone(), v.requests);
+                        self.state_files(&v)
+                    }
+                    None => Vec::new(),
+                };
                 self.commit(Change {
                     remove: vec![],
                     files,
@@ -500,6 +482,17 @@ impl Shell {
                 });
             }
             Command::Persist(Persist::Counters) => self.flush_counters(None),
+        }
+    }
+
+    /// Carries out `cmds` (from outside [`Self::process`]), then runs the events they led to.
+    fn execute_all(&mut self, now: Instant, cmds: Vec<Command>) {
+        let mut follow = VecDeque::new();
+        for c in cmds {
+            self.execute(now, c, &mut follow);
+        }
+        while let Some(ev) = follow.pop_front() {
+            self.process(now, ev);
         }
     }
 
@@ -664,13 +657,7 @@ impl Shell {
         let cmds = self
             .fleet
             .reconfigure(now, self.cfg.vms.iter().cloned().map(Arc::new));
-        let mut follow = VecDeque::new();
-        for c in cmds {
-            self.execute(now, c, &mut follow);
-        }
-        while let Some(ev) = follow.pop_front() {
-            self.process(now, ev);
-        }
+        self.execute_all(now, cmds);
         self.commit(changed);
     }
 
@@ -738,13 +725,7 @@ impl Shell {
         self.slots = dns::slots_for(&new.vms, &self.slots);
         self.cfg = new;
         self.commit_config(&old_tree, "reloaded");
-        let mut follow = VecDeque::new();
-        for c in cmds {
-            self.execute(now, c, &mut follow);
-        }
-        while let Some(ev) = follow.pop_front() {
-            self.process(now, ev);
-        }
+        self.execute_all(now, cmds);
         // New VMs are looked up before their names are served, so one that already runs is
         // adopted rather than booted again.
         self.reconcile(added, &old_tree).await;
@@ -757,10 +738,12 @@ impl Shell {
         info!(vms = self.cfg.vms.len(), "configuration reloaded");
     }
 
-    /// The store's view as of the last commit (read back from the repository).
+    /// The store's view as of the last commit (from its writer; read back from the
+    /// repository if the writer is gone).
     fn store_tree(&self) -> Tree {
-        self.store.flush();
-        state::read_head(self.store.dir()).unwrap_or_default()
+        self.store
+            .flush()
+            .unwrap_or_else(|| state::read_head(self.store.dir()).unwrap_or_default())
     }
 }
 

@@ -70,7 +70,8 @@ pub struct Change {
 
 enum Msg {
     Change(Change),
-    Flush(mpsc::Sender<()>),
+    /// Answered with the tree as of the last commit once everything before it is done.
+    Flush(mpsc::Sender<Tree>),
 }
 
 /// The repository and its writer thread.
@@ -253,14 +254,13 @@ impl Store {
         })
     }
 
-    /// Waits until everything queued is written and committed.
-    pub fn flush(&self) {
-        if let Some(tx) = &self.tx {
-            let (done_tx, done_rx) = mpsc::channel();
-            if tx.send(Msg::Flush(done_tx)).is_ok() {
-                let _ = done_rx.recv();
-            }
-        }
+    /// Waits until everything queued is written and committed. Returns the tree as of the
+    /// last commit (what HEAD holds), or `None` if the writer is gone.
+    pub fn flush(&self) -> Option<Tree> {
+        let tx = self.tx.as_ref()?;
+        let (done_tx, done_rx) = mpsc::channel();
+        tx.send(Msg::Flush(done_tx)).ok()?;
+        done_rx.recv().ok()
     }
 
     /// Writes everything, stops the writer, and removes a temporary repository.
@@ -299,7 +299,7 @@ fn writer(dir: PathBuf, mut committed: Tree, rx: mpsc::Receiver<Msg>) {
     while let Ok(msg) = rx.recv() {
         match msg {
             Msg::Flush(done) => {
-                let _ = done.send(());
+                let _ = done.send(committed.clone());
             }
             Msg::Change(c) => {
                 for prefix in &c.remove {
@@ -525,6 +525,30 @@ mod tests {
         assert!(l.starts_with("20"), "dated: {l}");
         store.close();
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn flush_returns_the_tree_head_holds() {
+        let (store, tree) = Store::open(None).unwrap();
+        assert_eq!(store.flush(), Some(tree));
+        store
+            .apply(change(
+                &[("jitsu/vm/a/state", "off")],
+                Some("configuration: added a"),
+            ))
+            .unwrap();
+        // Written but not committed: not in HEAD, not in the flushed tree.
+        store
+            .apply(change(&[("jitsu/vm/a/requests", "3")], None))
+            .unwrap();
+        let flushed = store.flush().unwrap();
+        assert_eq!(flushed, read_head(store.dir()).unwrap());
+        assert_eq!(
+            flushed.get("jitsu/vm/a/state").map(String::as_str),
+            Some("off")
+        );
+        assert!(!flushed.contains_key("jitsu/vm/a/requests"));
+        store.close();
     }
 
     #[test]
