@@ -328,7 +328,21 @@ impl Capture {
         let err = dir.join(format!("{}.tcpdump.log", unique(tag)));
         let child = ns
             .command("tcpdump")
-            .args(["--immediate-mode", "-U", "-n", "-i", ifname, "-w"])
+            // Headers only (-s), and a ring that holds thousands of them (-B, KiB): with the
+            // full snapshot length the default 2 MiB ring holds a few frames, and a burst
+            // while tcpdump waits for a CPU was dropped by the kernel.
+            .args([
+                "--immediate-mode",
+                "-U",
+                "-n",
+                "-s",
+                "512",
+                "-B",
+                "8192",
+                "-i",
+                ifname,
+                "-w",
+            ])
             .arg(&file)
             .stderr(std::fs::File::create(&err)?)
             .stdout(std::process::Stdio::null())
@@ -355,6 +369,19 @@ impl Capture {
                 .args(["-nn", "-tt", "-r"])
                 .arg(&self.file),
         )?;
+        // A capture that lost frames would miscount SYNs and miss first bytes.
+        let stats = std::fs::read_to_string(&self.err).unwrap_or_default();
+        let dropped: u64 = stats
+            .lines()
+            .find_map(|l| l.strip_suffix(" packets dropped by kernel"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        if dropped > 0 {
+            bail!(
+                "tcpdump's kernel ring dropped {dropped} frames of {}; its report:\n{stats}",
+                self.file.display()
+            );
+        }
         let _ = std::fs::remove_file(&self.err);
         Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
