@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-use shared_proto::xenstore::{HeldSyn, SynKey, TcpOption, options_from_wire};
+use crate::store::layout::{HeldSyn, SynKey, TcpOption, options_from_wire};
 use shared_proto::{
     ClientMessage, ErrorCode, Event, Handover, HandoverVia, Mac, PROTOCOL_VERSION, Phase, Reply,
     VmIdentity, VmStatus,
@@ -2281,7 +2281,7 @@ pub(crate) mod tests {
         assert_eq!(domid, 7);
         assert_eq!(key.conn_path(), "/ip/10-77-1-10/80/10-77-1-2/40436");
         assert_eq!((syn.tx_wnd, syn.sequence), (64240, 1_727_484_408));
-        assert!(syn.tx_isn >= shared_proto::xenstore::TX_ISN_BASE);
+        assert!(syn.tx_isn >= crate::store::layout::TX_ISN_BASE);
         drain_events(&mut h);
         h.on_store_done(
             t0,
