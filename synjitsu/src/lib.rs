@@ -6,7 +6,7 @@
 //! - The pure core, no IO: [`hold`] decides; [`wire`] reads and writes frames, [`garp`]
 //!   builds the neighbour frames synjitsu sends, [`refused`] remembers SYNs refused under a
 //!   flood, [`filter`] is the kernel filter program, [`fdb`] encodes forwarding-table
-//!   requests, [`pcap`] reads captures for replaying them through the core.
+//!   requests.
 //! - The IO shell: [`daemon`] (set-up and the one `select!` loop), [`control`] (the control
 //!   socket), [`metrics`] (Prometheus text over HTTP), [`port`] (the veth pair and the
 //!   bridge's forwarding entries), [`store`] (the Xenstore hand-over on its own thread), and
@@ -19,7 +19,6 @@ pub mod filter;
 pub mod garp;
 pub mod hold;
 pub mod metrics;
-pub mod pcap;
 pub mod port;
 pub mod refused;
 pub mod store;
