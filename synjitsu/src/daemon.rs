@@ -127,18 +127,6 @@ pub enum DaemonError {
     Thread(std::io::Error),
 }
 
-fn is_root() -> bool {
-    // The effective uid is the second field of /proc/self/status's Uid line.
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
 fn seed() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -148,7 +136,7 @@ fn seed() -> u64 {
 
 /// Runs the daemon until `cancel` fires; sets up and tears down everything it uses.
 pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonError> {
-    if !is_root() {
+    if !rustix::process::geteuid().is_root() {
         return Err(DaemonError::NotRoot);
     }
     // Xenstore first: a configured but broken Xenstore stops start-up before anything is
