@@ -43,6 +43,16 @@ pub(crate) fn booting(h: &mut Hold, now: Instant, handover: Handover) {
         .unwrap();
 }
 
+fn stopped(h: &mut Hold, now: Instant) {
+    h.on_control(
+        now,
+        &ClientMessage::Stopped {
+            vm: www(Handover::Wire),
+        },
+    )
+    .unwrap();
+}
+
 pub(crate) fn drain_tx(h: &mut Hold) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     let mut buf = Vec::new();
@@ -62,6 +72,18 @@ fn fdb_ops(h: &mut Hold) -> Vec<FdbOp> {
 
 fn parsed(f: &[u8]) -> wire::Frame<'_> {
     wire::parse(f, false).unwrap()
+}
+
+/// [`SYN_V4`] with `edit` applied to its bytes, and both checksums fixed after it.
+fn edited_syn_v4(edit: impl FnOnce(&mut [u8; 74])) -> [u8; 74] {
+    let mut f = SYN_V4;
+    edit(&mut f);
+    f[24] = 0;
+    f[25] = 0;
+    let c = !wire::fold(wire::sum_words(&f[14..34], 0));
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    assert!(wire::fix_tcp_checksum(&mut f));
+    f
 }
 
 /// The guest's own gratuitous ARP (request form, as `arping -U` sends it).
@@ -298,17 +320,11 @@ fn bounds_per_vm_and_in_total_are_enforced() {
     h.on_control(t0, &ClientMessage::Booting { vm: other })
         .unwrap();
     let syn = |port: u16, ip_last: u8, mac_last: u8| {
-        let mut f = SYN_V4;
-        f[5] = mac_last;
-        f[33] = ip_last;
-        f[34..36].copy_from_slice(&port.to_be_bytes());
-        // Fix both checksums after the edits.
-        f[24] = 0;
-        f[25] = 0;
-        let c = !wire::fold(wire::sum_words(&f[14..34], 0));
-        f[24..26].copy_from_slice(&c.to_be_bytes());
-        assert!(wire::fix_tcp_checksum(&mut f));
-        f
+        edited_syn_v4(|f| {
+            f[5] = mac_last;
+            f[33] = ip_last;
+            f[34..36].copy_from_slice(&port.to_be_bytes());
+        })
     };
     let m = FrameMeta::default();
     assert_eq!(h.on_frame(t0, &syn(1, 10, 0x10), m), Verdict::Held);
@@ -334,15 +350,10 @@ fn under_a_flood_a_retransmitting_client_displaces_a_spoofed_syn() {
     let t0 = Instant::now();
     booting(&mut h, t0, Handover::Wire);
     let syn = |src_last: u8, port: u16| {
-        let mut f = SYN_V4;
-        f[29] = src_last;
-        f[34..36].copy_from_slice(&port.to_be_bytes());
-        f[24] = 0;
-        f[25] = 0;
-        let c = !wire::fold(wire::sum_words(&f[14..34], 0));
-        f[24..26].copy_from_slice(&c.to_be_bytes());
-        assert!(wire::fix_tcp_checksum(&mut f));
-        f
+        edited_syn_v4(|f| {
+            f[29] = src_last;
+            f[34..36].copy_from_slice(&port.to_be_bytes());
+        })
     };
     let m = FrameMeta::default();
     // A real client's SYN held early, and retransmitted once: it is protected.
@@ -522,13 +533,7 @@ fn without_probe_addresses_the_wire_waits_for_ready() {
 fn stopped_vms_hold_and_ask_to_be_woken_once_a_second() {
     let mut h = core();
     let t0 = Instant::now();
-    h.on_control(
-        t0,
-        &ClientMessage::Stopped {
-            vm: www(Handover::Wire),
-        },
-    )
-    .unwrap();
+    stopped(&mut h, t0);
     assert_eq!(fdb_ops(&mut h)[0].action, FdbAction::Steer);
     assert!(
         drain_tx(&mut h).is_empty(),
@@ -670,13 +675,7 @@ fn xenstore_vms_write_each_syn_once_and_stop_when_managed() {
 fn sync_running_hands_over_at_once_and_sync_stopped_asks_again_for_a_wake_up() {
     let mut h = core();
     let t0 = Instant::now();
-    h.on_control(
-        t0,
-        &ClientMessage::Stopped {
-            vm: www(Handover::Wire),
-        },
-    )
-    .unwrap();
+    stopped(&mut h, t0);
     h.on_frame(t0, &SYN_V4, FrameMeta::default());
     drain_events(&mut h);
     // A reconnect within the wake interval: the wake request may have been lost with the
