@@ -2,8 +2,8 @@
 //!
 //! This crate owns the vocabulary both daemons share: the [`Mac`] type and the VM identity
 //! jitsu-dns hands to synjitsu ([`vm`]), the control messages ([`control`]) and their framing
-//! ([`codec`]), the Xenstore layout of a held SYN as the original Synjitsu and its patched
-//! MirageOS TCP stack read it ([`xenstore`]), and the Xenstore wire protocol ([`xs_wire`]).
+//! ([`codec`]). What only one daemon uses lives with it: the Xenstore layout of a held SYN and
+//! the Xenstore wire protocol are synjitsu's (`synjitsu::store`).
 //!
 //! It does no IO: no tokio, no sockets, no clock. Everything here turns bytes into values and
 //! values into bytes, so it can be tested on static inputs and reused from any runtime.
@@ -12,8 +12,6 @@ pub mod codec;
 pub mod control;
 pub mod mac;
 pub mod vm;
-pub mod xenstore;
-pub mod xs_wire;
 
 pub use codec::{CodecError, MAX_FRAME_LEN};
 pub use control::{

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::control::{ControlIn, ControlServer};
+use crate::fdb::{Fdb, FdbError};
 use crate::filter;
 use crate::hold::{
     Checksum, Config, FdbAction, FdbOp, FrameMeta, Hold, StoreDone, StoreOp, StoreOutcome,
@@ -88,6 +89,9 @@ pub enum DaemonError {
     /// The port on the bridge.
     #[error(transparent)]
     Port(#[from] port::PortError),
+    /// The bridge's forwarding table.
+    #[error(transparent)]
+    Fdb(#[from] FdbError),
     /// The packet socket.
     #[error("packet socket on {port}: {source}")]
     Socket {
@@ -123,18 +127,6 @@ pub enum DaemonError {
     Thread(std::io::Error),
 }
 
-fn is_root() -> bool {
-    // The effective uid is the second field of /proc/self/status's Uid line.
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
 fn seed() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -144,7 +136,7 @@ fn seed() -> u64 {
 
 /// Runs the daemon until `cancel` fires; sets up and tears down everything it uses.
 pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonError> {
-    if !is_root() {
+    if !rustix::process::geteuid().is_root() {
         return Err(DaemonError::NotRoot);
     }
     // Xenstore first: a configured but broken Xenstore stops start-up before anything is
@@ -220,7 +212,10 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
     let (fdb_tx, fdb_rx_ops) = mpsc::channel::<FdbOp>(FDB_QUEUE);
     let (fdb_done_tx, fdb_done_rx) = mpsc::channel::<(u64, bool)>(FDB_QUEUE);
     let tasks = CancellationToken::new();
-    let fdb = port::Fdb::open(&opts.bridge, &port.names.outer)?;
+    let fdb = Fdb::open(
+        port::ifindex_of(&opts.bridge)?,
+        port::ifindex_of(&port.names.outer)?,
+    )?;
     let fdb_task = tokio::spawn(fdb_worker(fdb, fdb_rx_ops, fdb_done_tx));
     let control_task = {
         let t = tasks.clone();
@@ -534,10 +529,10 @@ impl Shell {
 /// Runs forwarding-table changes one after the other, in the order the core asked for them;
 /// returns the table once `ops` is closed (or `done` is), for the releases at exit.
 async fn fdb_worker(
-    mut fdb: port::Fdb,
+    mut fdb: Fdb,
     mut ops: mpsc::Receiver<FdbOp>,
     done: mpsc::Sender<(u64, bool)>,
-) -> port::Fdb {
+) -> Fdb {
     while let Some(op) = ops.recv().await {
         let started = Instant::now();
         // A netlink round trip of tens of microseconds: done inline.

@@ -1,34 +1,52 @@
-//! The bridge forwarding-table requests synjitsu makes, as netlink messages: steer a MAC to a
-//! port with a static entry (`bridge fdb replace MAC dev PORT master static`), and find and
-//! remove static entries for a MAC wherever they now are (on Linux a static entry moves to
-//! the port its MAC sends from).
+//! The bridge's forwarding table, changed over netlink: steer a MAC to synjitsu's port with a
+//! static entry (`bridge fdb replace MAC dev PORT master static`), and find and remove the
+//! static entries for a MAC wherever they now are (on Linux a static entry moves to the port
+//! its MAC sends from).
 //!
-//! Owns encoding the requests and decoding dumped entries, on plain bytes; the socket is
-//! [`crate::sys::netlink`]'s. Spawning iproute2's `bridge` for each change took about 2 ms,
-//! all of it on the path from a guest's announcement to its first held SYN; a netlink
-//! request takes tens of microseconds.
+//! Owns the requests, reading dumped entries, and the blocking `NETLINK_ROUTE` socket they go
+//! over. Messages are `netlink-packet-route`'s (`NeighbourMessage`: any state and flags an
+//! entry may need, such as `NTF_STICKY`, and the table's dump), the socket `netlink-sys`'s; both
+//! are safe Rust, so nothing here is in [`crate::sys`]. It does not decide which MAC to steer
+//! ([`crate::hold`]) or create the port ([`crate::port`]).
+//!
+//! Spawning iproute2's `bridge` for each change took about a millisecond, all of it on the path
+//! from a guest's announcement to its first held SYN; a request here takes a few microseconds,
+//! a release (a dump of the table, then the deletes) tens (`bench/fdb-latency`).
 
+use std::io;
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkBuffer,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use shared_proto::Mac;
 
-use crate::sys::netlink::NLMSG_HDRLEN;
-
-const RTM_NEWNEIGH: u16 = 28;
-const RTM_DELNEIGH: u16 = 29;
-const RTM_GETNEIGH: u16 = 30;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLM_F_REPLACE: u16 = 0x100;
-const NLM_F_CREATE: u16 = 0x400;
-const AF_BRIDGE: u8 = 7;
-const NDA_LLADDR: u16 = 2;
-const NDA_VLAN: u16 = 5;
-const NDA_MASTER: u16 = 9;
+/// `NUD_REACHABLE`: with `NUD_NOARP`, what `bridge fdb ... static` asks for.
 const NUD_REACHABLE: u16 = 0x02;
+/// `NUD_NOARP`: an entry added by hand, not learnt.
 const NUD_NOARP: u16 = 0x40;
+/// `NUD_PERMANENT`: the bridge's own addresses (`bridge fdb ... permanent`).
 const NUD_PERMANENT: u16 = 0x80;
-const NTF_MASTER: u8 = 0x04;
-const NDMSG_LEN: usize = 12;
+/// `RTM_NEWNEIGH`: an entry, added or dumped.
+const RTM_NEWNEIGH: u16 = 28;
+/// The receive buffer: any datagram the kernel sends on this socket.
+const RECV_BUF: usize = 64 * 1024;
+
+/// A forwarding-table request that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("forwarding table ({what}): {source}")]
+pub struct FdbError {
+    /// The request (`open`, `steer`, `dump`, `delete`).
+    pub what: &'static str,
+    /// Why: the kernel's errno, or a malformed answer.
+    #[source]
+    pub source: io::Error,
+}
 
 /// One entry of the bridge's forwarding table, as dumped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,105 +63,88 @@ pub struct FdbEntry {
     pub is_static: bool,
 }
 
-fn header(buf: &mut Vec<u8>, ty: u16, flags: u16, seq: u32) {
-    buf.extend_from_slice(&0u32.to_ne_bytes()); // length, patched in `finish`
-    buf.extend_from_slice(&ty.to_ne_bytes());
-    buf.extend_from_slice(&flags.to_ne_bytes());
-    buf.extend_from_slice(&seq.to_ne_bytes());
-    buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+/// A bridge-family neighbour message for port `ifindex`.
+fn neighbour(ifindex: u32, state: u16, flags: NeighbourFlags) -> NeighbourMessage {
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Bridge;
+    m.header.ifindex = ifindex;
+    m.header.state = NeighbourState::from(state);
+    m.header.flags = flags;
+    m
 }
 
-fn ndmsg(buf: &mut Vec<u8>, ifindex: u32, state: u16, flags: u8) {
-    buf.push(AF_BRIDGE);
-    buf.extend_from_slice(&[0, 0, 0]);
-    buf.extend_from_slice(&ifindex.to_ne_bytes());
-    buf.extend_from_slice(&state.to_ne_bytes());
-    buf.push(flags);
-    buf.push(0); // ndm_type
-}
-
-fn attr(buf: &mut Vec<u8>, ty: u16, data: &[u8]) {
-    buf.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
-    buf.extend_from_slice(&ty.to_ne_bytes());
-    buf.extend_from_slice(data);
-    while !buf.len().is_multiple_of(4) {
-        buf.push(0);
-    }
-}
-
-fn finish(mut buf: Vec<u8>) -> Vec<u8> {
-    let len = (buf.len() as u32).to_ne_bytes();
-    buf[..4].copy_from_slice(&len);
+/// `msg` as one netlink request with sequence number `seq`, ready to send.
+fn request(msg: RouteNetlinkMessage, flags: u16, seq: u32) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    header.sequence_number = seq;
+    let mut nl = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+    nl.finalize();
+    let mut buf = vec![0u8; nl.buffer_len()];
+    nl.serialize(&mut buf);
     buf
 }
 
 /// `RTM_NEWNEIGH`: a static entry for `mac` on port `ifindex`, replacing any.
 pub fn steer_request(seq: u32, ifindex: u32, mac: Mac) -> Vec<u8> {
-    let mut b = Vec::with_capacity(40);
-    header(
-        &mut b,
-        RTM_NEWNEIGH,
+    let mut m = neighbour(
+        ifindex,
+        NUD_NOARP | NUD_REACHABLE,
+        NeighbourFlags::Controller,
+    );
+    m.attributes
+        .push(NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()));
+    request(
+        RouteNetlinkMessage::NewNeighbour(m),
         NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
         seq,
-    );
-    ndmsg(&mut b, ifindex, NUD_NOARP | NUD_REACHABLE, NTF_MASTER);
-    attr(&mut b, NDA_LLADDR, &mac.octets());
-    finish(b)
+    )
 }
 
 /// `RTM_DELNEIGH`: removes `entry` from its port.
 pub fn delete_request(seq: u32, entry: &FdbEntry) -> Vec<u8> {
-    let mut b = Vec::with_capacity(48);
-    header(&mut b, RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK, seq);
-    ndmsg(&mut b, entry.ifindex, NUD_NOARP, NTF_MASTER);
-    attr(&mut b, NDA_LLADDR, &entry.mac.octets());
-    if let Some(v) = entry.vlan {
-        attr(&mut b, NDA_VLAN, &v.to_ne_bytes());
-    }
-    finish(b)
+    let mut m = neighbour(entry.ifindex, NUD_NOARP, NeighbourFlags::Controller);
+    m.attributes.push(NeighbourAttribute::LinkLayerAddress(
+        entry.mac.octets().to_vec(),
+    ));
+    m.attributes
+        .extend(entry.vlan.map(NeighbourAttribute::Vlan));
+    request(
+        RouteNetlinkMessage::DelNeighbour(m),
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+    )
 }
 
 /// `RTM_GETNEIGH` dump of every bridge forwarding entry.
 pub fn dump_request(seq: u32) -> Vec<u8> {
-    let mut b = Vec::with_capacity(28);
-    header(&mut b, RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, seq);
-    ndmsg(&mut b, 0, 0, 0);
-    finish(b)
+    let m = neighbour(0, 0, NeighbourFlags::empty());
+    request(
+        RouteNetlinkMessage::GetNeighbour(m),
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+    )
 }
 
-/// Reads one dumped `RTM_NEWNEIGH` message (header included); `None` for anything else or
-/// anything malformed.
-pub fn parse_entry(msg: &[u8]) -> Option<FdbEntry> {
-    let ty = u16::from_ne_bytes([*msg.get(4)?, *msg.get(5)?]);
-    let nd = msg.get(NLMSG_HDRLEN..NLMSG_HDRLEN + NDMSG_LEN)?;
-    if ty != RTM_NEWNEIGH || nd[0] != AF_BRIDGE {
+/// Reads one dumped bridge entry; `None` for anything else (another family, no MAC).
+fn entry_of(m: &NeighbourMessage) -> Option<FdbEntry> {
+    if m.header.family != AddressFamily::Bridge {
         return None;
     }
-    let ifindex = u32::from_ne_bytes([nd[4], nd[5], nd[6], nd[7]]);
-    let state = u16::from_ne_bytes([nd[8], nd[9]]);
     let (mut mac, mut vlan, mut master) = (None, None, None);
-    let mut rest = msg.get(NLMSG_HDRLEN + NDMSG_LEN..)?;
-    while rest.len() >= 4 {
-        let len = u16::from_ne_bytes([rest[0], rest[1]]) as usize;
-        let ty = u16::from_ne_bytes([rest[2], rest[3]]) & 0x3fff;
-        if len < 4 || len > rest.len() {
-            return None;
-        }
-        let data = &rest[4..len];
-        match (ty, data.len()) {
-            (NDA_LLADDR, 6) => {
-                mac = Some(Mac([data[0], data[1], data[2], data[3], data[4], data[5]]))
+    for a in &m.attributes {
+        match a {
+            NeighbourAttribute::LinkLayerAddress(b) => {
+                mac = <[u8; 6]>::try_from(b.as_slice()).ok().map(Mac);
             }
-            (NDA_VLAN, 2) => vlan = Some(u16::from_ne_bytes([data[0], data[1]])),
-            (NDA_MASTER, 4) => {
-                master = Some(u32::from_ne_bytes([data[0], data[1], data[2], data[3]]));
-            }
+            NeighbourAttribute::Vlan(v) => vlan = Some(*v),
+            NeighbourAttribute::Controller(i) => master = Some(*i),
             _ => {}
         }
-        rest = &rest[((len + 3) & !3).min(rest.len())..];
     }
+    let state = u16::from(m.header.state);
     Some(FdbEntry {
-        ifindex,
+        ifindex: m.header.ifindex,
         mac: mac?,
         vlan,
         master,
@@ -151,11 +152,189 @@ pub fn parse_entry(msg: &[u8]) -> Option<FdbEntry> {
     })
 }
 
+/// Reads one dumped `RTM_NEWNEIGH` message (header included); `None` for anything else or
+/// anything malformed.
+pub fn parse_entry(msg: &[u8]) -> Option<FdbEntry> {
+    match NetlinkMessage::<RouteNetlinkMessage>::deserialize(msg)
+        .ok()?
+        .payload
+    {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(m)) => entry_of(&m),
+        _ => None,
+    }
+}
+
+/// The bridge's forwarding table, seen from synjitsu's port. Every call blocks for one
+/// netlink round trip (or a dump); the daemon makes them from its fdb task, one at a time.
+#[derive(Debug)]
+pub struct Fdb {
+    sock: Socket,
+    seq: u32,
+    bridge_ifindex: u32,
+    port_ifindex: u32,
+    /// Where answers are received, reused by every request.
+    rx: Vec<u8>,
+}
+
+fn malformed(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("malformed netlink {what}"),
+    )
+}
+
+impl Fdb {
+    /// Opens a netlink socket for the bridge `bridge_ifindex`, whose port `port_ifindex` is
+    /// synjitsu's.
+    pub fn open(bridge_ifindex: u32, port_ifindex: u32) -> Result<Fdb, FdbError> {
+        let open = |source| FdbError {
+            what: "open",
+            source,
+        };
+        let mut sock = Socket::new(NETLINK_ROUTE).map_err(open)?;
+        // Port id 0: the kernel assigns one.
+        sock.bind(&SocketAddr::new(0, 0)).map_err(open)?;
+        Ok(Fdb {
+            sock,
+            seq: 0,
+            bridge_ifindex,
+            port_ifindex,
+            rx: Vec::with_capacity(RECV_BUF),
+        })
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    /// Sends one request (sequence number `seq`) and returns the entries that answer it: for
+    /// a dump of `mac`'s entries, every one up to `NLMSG_DONE` (a message that does not parse
+    /// is skipped, not trusted); for a change asked with `NLM_F_ACK` (`dump` is `None`), none
+    /// once acknowledged. A negative error in the answer becomes the `io::Error` of that errno.
+    fn transact(&mut self, msg: &[u8], seq: u32, dump: Option<Mac>) -> io::Result<Vec<FdbEntry>> {
+        let sent = self.sock.send(msg, 0)?;
+        if sent != msg.len() {
+            return Err(io::Error::other("short netlink send"));
+        }
+        let mut out = Vec::new();
+        loop {
+            self.rx.clear();
+            match self.sock.recv(&mut self.rx, 0) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            let mut rest = self.rx.as_slice();
+            while !rest.is_empty() {
+                let buf = NetlinkBuffer::new_checked(rest).map_err(|_| malformed("answer"))?;
+                let len = buf.length() as usize;
+                let mseq = buf.sequence_number();
+                let m = &rest[..len];
+                // Messages are 4-byte aligned; the last one may end the datagram unpadded.
+                rest = &rest[((len + 3) & !3).min(rest.len())..];
+                if mseq != seq {
+                    // Not ours (a stale answer): skip it.
+                    continue;
+                }
+                // Parsing every entry of a large table would double a release's time: an
+                // entry that does not even contain the MAC's bytes is not one of its entries.
+                if let Some(mac) = dump
+                    && buf.message_type() == RTM_NEWNEIGH
+                    && !m.windows(6).any(|w| w == mac.octets())
+                {
+                    continue;
+                }
+                let Ok(parsed) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(m) else {
+                    if dump.is_some() {
+                        continue;
+                    }
+                    return Err(malformed("acknowledgement"));
+                };
+                match parsed.payload {
+                    NetlinkPayload::Done(_) => return Ok(out),
+                    NetlinkPayload::Error(e) => match e.code {
+                        Some(code) => return Err(io::Error::from_raw_os_error(-code.get())),
+                        None if dump.is_none() => return Ok(out),
+                        None => {}
+                    },
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n)) => {
+                        out.extend(entry_of(&n));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Points `mac` at synjitsu's port with a static entry.
+    pub fn steer(&mut self, mac: Mac) -> Result<(), FdbError> {
+        let seq = self.next_seq();
+        self.transact(&steer_request(seq, self.port_ifindex, mac), seq, None)
+            .map(|_| ())
+            .map_err(|source| FdbError {
+                what: "steer",
+                source,
+            })
+    }
+
+    /// Removes the static entries for `mac` on the bridge, wherever they point now.
+    pub fn release(&mut self, mac: Mac) -> Result<(), FdbError> {
+        let seq = self.next_seq();
+        let dumped = self
+            .transact(&dump_request(seq), seq, Some(mac))
+            .map_err(|source| FdbError {
+                what: "dump",
+                source,
+            })?;
+        let bridge = self.bridge_ifindex;
+        let ours = dumped.into_iter().filter(|e| {
+            e.mac == mac
+                && e.is_static
+                && e.ifindex != bridge
+                && e.master.is_none_or(|m| m == bridge)
+        });
+        for e in ours {
+            let seq = self.next_seq();
+            match self.transact(&delete_request(seq, &e), seq, None) {
+                Ok(_) => {}
+                // Gone meanwhile (its port went away): what we wanted.
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(FdbError {
+                        what: "delete",
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const MAC: Mac = Mac([0x02, 0x77, 0, 0, 1, 0x10]);
+    const RTM_DELNEIGH: u16 = 29;
+    const RTM_GETNEIGH: u16 = 30;
+    const AF_BRIDGE: u8 = 7;
+    const NDA_LLADDR: u16 = 2;
+    const NDA_VLAN: u16 = 5;
+    const NTF_MASTER: u8 = 0x04;
+
+    /// A static entry for [`MAC`] on port 42 of bridge 3, VLAN 1, as the kernel dumps it:
+    /// `struct nlmsghdr`, `struct ndmsg`, then attributes, in host order (little-endian).
+    #[rustfmt::skip]
+    const DUMPED: [u8; 64] = [
+        64, 0, 0, 0,  28, 0,  2, 0,  9, 0, 0, 0,  0, 0, 0, 0, // len, RTM_NEWNEIGH, MULTI, seq 9
+        7, 0, 0, 0,  42, 0, 0, 0,  0x42, 0,  0x04,  0,       // AF_BRIDGE, port 42, NOARP|REACHABLE, NTF_MASTER
+        10, 0, 2, 0,  0x02, 0x77, 0, 0, 1, 0x10,  0, 0,      // NDA_LLADDR
+        8, 0, 9, 0,  3, 0, 0, 0,                             // NDA_MASTER 3
+        6, 0, 5, 0,  1, 0,  0, 0,                            // NDA_VLAN 1
+        7, 0, 99, 0,  1, 2, 3,  0,                           // an attribute nobody knows
+    ];
 
     #[test]
     fn steer_is_a_static_master_entry() {
@@ -177,17 +356,7 @@ mod tests {
 
     #[test]
     fn a_dumped_entry_reads_back_and_deletes_with_its_vlan() {
-        // A static entry on port 42 of bridge 3, VLAN 1, as the kernel dumps it (built with
-        // the same layout the kernel uses: ndmsg, then attributes).
-        let mut m = Vec::new();
-        header(&mut m, RTM_NEWNEIGH, 0x2, 9);
-        ndmsg(&mut m, 42, NUD_NOARP | NUD_REACHABLE, NTF_MASTER);
-        attr(&mut m, NDA_LLADDR, &MAC.octets());
-        attr(&mut m, NDA_MASTER, &3u32.to_ne_bytes());
-        attr(&mut m, NDA_VLAN, &1u16.to_ne_bytes());
-        attr(&mut m, 99, &[1, 2, 3]);
-        let m = finish(m);
-        let e = parse_entry(&m).unwrap();
+        let e = parse_entry(&DUMPED).unwrap();
         assert_eq!(
             e,
             FdbEntry {
@@ -201,39 +370,43 @@ mod tests {
         let d = delete_request(10, &e);
         assert_eq!(u16::from_ne_bytes([d[4], d[5]]), RTM_DELNEIGH);
         assert_eq!(u32::from_ne_bytes(d[20..24].try_into().unwrap()), 42);
+        assert_eq!(u16::from_ne_bytes([d[24], d[25]]), 0x40, "NOARP");
+        assert_eq!(&d[32..38], &MAC.octets());
         assert_eq!(u16::from_ne_bytes([d[42], d[43]]), NDA_VLAN);
+        assert_eq!(u16::from_ne_bytes([d[44], d[45]]), 1);
         // Learnt and permanent entries are not static.
-        let mut learnt = m.clone();
+        let mut learnt = DUMPED;
         learnt[24..26].copy_from_slice(&NUD_REACHABLE.to_ne_bytes());
         assert!(!parse_entry(&learnt).unwrap().is_static);
-        let mut local = m.clone();
+        let mut local = DUMPED;
         local[24..26].copy_from_slice(&(NUD_NOARP | NUD_PERMANENT).to_ne_bytes());
         assert!(!parse_entry(&local).unwrap().is_static);
     }
 
     #[test]
     fn malformed_dumps_are_skipped_not_trusted() {
-        let mut m = Vec::new();
-        header(&mut m, RTM_NEWNEIGH, 0x2, 9);
-        ndmsg(&mut m, 42, NUD_NOARP, NTF_MASTER);
-        attr(&mut m, NDA_LLADDR, &MAC.octets());
-        let m = finish(m);
-        for cut in 0..m.len() {
-            let _ = parse_entry(&m[..cut]);
+        for cut in 0..DUMPED.len() {
+            let mut m = DUMPED[..cut].to_vec();
+            // A cut message that says its own (shorter) length is still cut attributes.
+            if m.len() >= 4 {
+                m[0..4].copy_from_slice(&(cut as u32).to_ne_bytes());
+            }
+            let _ = parse_entry(&m);
+            let _ = parse_entry(&DUMPED[..cut]);
         }
-        let mut bad_len = m.clone();
+        let mut bad_len = DUMPED;
         bad_len[28..30].copy_from_slice(&200u16.to_ne_bytes());
         assert_eq!(parse_entry(&bad_len), None);
-        let mut not_bridge = m.clone();
+        let mut not_bridge = DUMPED;
         not_bridge[16] = 2;
         assert_eq!(parse_entry(&not_bridge), None);
-        let no_mac = finish({
-            let mut b = Vec::new();
-            header(&mut b, RTM_NEWNEIGH, 0x2, 9);
-            ndmsg(&mut b, 42, NUD_NOARP, NTF_MASTER);
-            b
-        });
+        let mut no_mac = DUMPED[..28].to_vec();
+        no_mac[0..4].copy_from_slice(&28u32.to_ne_bytes());
         assert_eq!(parse_entry(&no_mac), None);
-        assert!(dump_request(1).len() == 28);
+        let d = dump_request(1);
+        assert_eq!(d.len(), 28);
+        assert_eq!(u16::from_ne_bytes([d[4], d[5]]), RTM_GETNEIGH);
+        assert_eq!(u16::from_ne_bytes([d[6], d[7]]), 0x301, "REQUEST|DUMP");
+        assert_eq!(d[16], AF_BRIDGE);
     }
 }

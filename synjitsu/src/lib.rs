@@ -5,12 +5,11 @@
 //!
 //! - The pure core, no IO: [`hold`] decides; [`wire`] reads and writes frames, [`garp`]
 //!   builds the neighbour frames synjitsu sends, [`refused`] remembers SYNs refused under a
-//!   flood, [`filter`] is the kernel filter program, [`fdb`] encodes forwarding-table
-//!   requests, [`pcap`] reads captures for replaying them through the core.
+//!   flood, [`filter`] is the kernel filter program.
 //! - The IO shell: [`daemon`] (set-up and the one `select!` loop), [`control`] (the control
-//!   socket), [`metrics`] (Prometheus text over HTTP), [`port`] (the veth pair and the
-//!   bridge's forwarding entries), [`store`] (the Xenstore hand-over on its own thread), and
-//!   [`sys`] (the packet and netlink sockets: the only `unsafe`).
+//!   socket), [`metrics`] (Prometheus text over HTTP), [`port`] (the veth pair), [`fdb`] (the
+//!   bridge's forwarding entries, over netlink), [`store`] (the Xenstore hand-over on its own
+//!   thread), and [`sys`] (the packet socket: the only `unsafe`).
 
 pub mod control;
 pub mod daemon;
@@ -19,7 +18,6 @@ pub mod filter;
 pub mod garp;
 pub mod hold;
 pub mod metrics;
-pub mod pcap;
 pub mod port;
 pub mod refused;
 pub mod store;

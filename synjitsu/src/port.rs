@@ -3,8 +3,9 @@
 //! socket is bound to; and the bridge's forwarding entries that steer booting guests' MACs
 //! to it.
 //!
-//! Owns set-up and removal of the pair (with iproute2's `ip` and `bridge`, at start and exit)
-//! and the forwarding-table changes (over netlink, [`Fdb`]: they are on the hand-over path). Why learning is off on the port:
+//! Owns set-up and removal of the pair (with iproute2's `ip` and `bridge`, at start and exit).
+//! The forwarding-table changes for booting guests are [`crate::fdb`]'s (over netlink: they
+//! are on the hand-over path). Why learning is off on the port:
 //! synjitsu re-sends client SYNs with the client's MAC as source and answers with the guest's
 //! MAC; with learning on, the bridge would move those MACs to synjitsu's port and the guest's
 //! SYN-ACK would come back here instead of reaching the client. Instead each booting guest's
@@ -19,9 +20,6 @@ use std::path::Path;
 use std::process::Command;
 
 use shared_proto::Mac;
-
-use crate::fdb;
-use crate::sys::netlink::NetlinkSocket;
 
 /// The MAC of the bridge-side end of synjitsu's pair: never the lowest on a bridge.
 pub const OUTER_MAC: &str = "fe:ff:ff:ff:ff:ff";
@@ -54,15 +52,6 @@ pub enum PortError {
         cmd: String,
         /// What it said.
         stderr: String,
-    },
-    /// A netlink request on the forwarding table failed.
-    #[error("forwarding table ({what}): {source}")]
-    Netlink {
-        /// The request.
-        what: &'static str,
-        /// Why.
-        #[source]
-        source: std::io::Error,
     },
     /// A sysfs or procfs file could not be read or written.
     #[error("{path}: {source}")]
@@ -277,96 +266,13 @@ impl Drop for Port {
     }
 }
 
-/// The bridge's forwarding table, changed over netlink (see [`crate::fdb`]).
-#[derive(Debug)]
-pub struct Fdb {
-    sock: NetlinkSocket,
-    seq: u32,
-    bridge_ifindex: u32,
-    port_ifindex: u32,
-}
-
 /// The interface index of `dev`, as the caller types it (the packet socket's is signed).
-fn ifindex_of<T: std::str::FromStr>(dev: &str) -> Result<T, PortError> {
+pub fn ifindex_of<T: std::str::FromStr>(dev: &str) -> Result<T, PortError> {
     let path = format!("/sys/class/net/{dev}/ifindex");
     read_sys(&path)?.parse().map_err(|_| PortError::Sys {
         path,
         source: std::io::Error::other("not a number"),
     })
-}
-
-impl Fdb {
-    /// Opens a netlink socket for `bridge`, whose port `bridge_port` is synjitsu's.
-    pub fn open(bridge: &str, bridge_port: &str) -> Result<Fdb, PortError> {
-        let sock = NetlinkSocket::open().map_err(|source| PortError::Netlink {
-            what: "open",
-            source,
-        })?;
-        Ok(Fdb {
-            sock,
-            seq: 0,
-            bridge_ifindex: ifindex_of(bridge)?,
-            port_ifindex: ifindex_of(bridge_port)?,
-        })
-    }
-
-    fn next_seq(&mut self) -> u32 {
-        self.seq = self.seq.wrapping_add(1);
-        self.seq
-    }
-
-    /// Points `mac` at synjitsu's port with a static entry.
-    pub fn steer(&mut self, mac: Mac) -> Result<(), PortError> {
-        let seq = self.next_seq();
-        self.sock
-            .transact(&fdb::steer_request(seq, self.port_ifindex, mac), seq, false)
-            .map(|_| ())
-            .map_err(|source| PortError::Netlink {
-                what: "steer",
-                source,
-            })
-    }
-
-    /// Removes the static entries for `mac` on the bridge, wherever they point now.
-    pub fn release(&mut self, mac: Mac) -> Result<(), PortError> {
-        let seq = self.next_seq();
-        let dumped = self
-            .sock
-            .transact(&fdb::dump_request(seq), seq, true)
-            .map_err(|source| PortError::Netlink {
-                what: "dump",
-                source,
-            })?;
-        let bridge = self.bridge_ifindex;
-        let ours: Vec<fdb::FdbEntry> = dumped
-            .iter()
-            .filter_map(|m| fdb::parse_entry(m))
-            .filter(|e| {
-                e.mac == mac
-                    && e.is_static
-                    && e.ifindex != bridge
-                    && e.master.is_none_or(|m| m == bridge)
-            })
-            .collect();
-        for e in ours {
-            let seq = self.next_seq();
-            match self
-                .sock
-                .transact(&fdb::delete_request(seq, &e), seq, false)
-            {
-                Ok(_) => {}
-                // Gone meanwhile (its port went away): what we wanted.
-                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(source) => {
-                    return Err(PortError::Netlink {
-                        what: "delete",
-                        source,
-                    });
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use shared_proto::xenstore::SynKey;
+use crate::store::layout::SynKey;
 
 /// Bits per filter: 2^22, for about 400 000 refusals per window at about 1% false positives.
 pub const BITS: usize = 1 << 22;

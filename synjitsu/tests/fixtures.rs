@@ -138,7 +138,7 @@ fn partial_checksums_are_completed_to_the_correct_value() {
     assert_eq!(handed[0][at + 2..], first.data[at + 2..]);
 }
 
-fn announces(recs: &[synjitsu::pcap::Record], what: &str) {
+fn announces(recs: &[Record], what: &str) {
     let mut r = Replay::new(core(), recs);
     booting(&mut r);
     let verdicts = r.run(recs, FrameMeta::default());

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use shared_proto::xs_wire::{Access, Perm, XsMsg, XsType};
+use synjitsu::store::xs_wire::{Access, Perm, XsMsg, XsType};
 
 /// One node: a value, permissions and children.
 #[derive(Debug, Clone)]

@@ -204,7 +204,10 @@ try:
 except OSError as e:
     print("connect:", e.strerror); sys.exit(0)
 b = json.dumps({"id": 1, "type": "hello", "version": 1, "client": "uid test"}).encode()
-s.sendall(struct.pack(">I", len(b)) + b)
+try:
+    s.sendall(struct.pack(">I", len(b)) + b)
+except (BrokenPipeError, ConnectionResetError):
+    pass  # refused and closed before the hello: the refusal is still there to read
 h = b""
 while len(h) < 4:
     c = s.recv(4 - len(h))

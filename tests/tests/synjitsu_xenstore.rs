@@ -12,9 +12,9 @@ use anyhow::{Context, Result, bail, ensure};
 use jitsu_tests::synjitsu::*;
 use jitsu_tests::xenstored::TestXenstored;
 use jitsu_tests::{require_root, require_tool, run};
-use shared_proto::xenstore::{HeldSyn, SynKey, TX_ISN_BASE, TcpOption};
-use shared_proto::xs_wire::{Access, Perm};
 use shared_proto::{ClientMessage, Event, Handover, HandoverVia};
+use synjitsu::store::layout::{HeldSyn, SynKey, TX_ISN_BASE, TcpOption};
+use synjitsu::store::xs_wire::{Access, Perm};
 
 /// `xenstore-ls -p -f <path>`: path to (value, permissions).
 fn xenstore_ls(xs: &TestXenstored, path: &str) -> Result<BTreeMap<String, (String, String)>> {
@@ -162,7 +162,7 @@ fn scenario() -> Result<()> {
         .keys()
         .filter_map(|p| p.strip_prefix(&format!("{conn}/syn/")))
         .collect();
-    let mut want = shared_proto::xenstore::LEAVES.to_vec();
+    let mut want = synjitsu::store::layout::LEAVES.to_vec();
     want.sort_unstable();
     ensure!(leaves == want, "leaves of {conn}/syn: {leaves:?}");
     ensure!(

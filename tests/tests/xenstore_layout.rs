@@ -1,4 +1,4 @@
-//! The held-SYN layout from `shared-proto`, written into the test xenstored over the real
+//! The held-SYN layout from `synjitsu::store`, written into the test xenstored over the real
 //! wire protocol, read back by Debian's `xenstore-ls` and `xenstore-read`: clients nobody
 //! here wrote agree with both the layout and the test daemon.
 
@@ -8,8 +8,8 @@ use std::process::Command;
 
 use jitsu_tests::xenstored::TestXenstored;
 use jitsu_tests::{require_tool, run};
-use shared_proto::xenstore::{HeldSyn, SynKey, TcpOption, ip_path};
-use shared_proto::xs_wire::{Access, Perm, XsMsg, XsType};
+use synjitsu::store::layout::{HeldSyn, SynKey, TcpOption, ip_path};
+use synjitsu::store::xs_wire::{Access, Perm, XsMsg, XsType};
 
 fn call(s: &mut UnixStream, m: XsMsg) -> XsMsg {
     let msg = jitsu_tests::xenstored::call(s, &m).unwrap();

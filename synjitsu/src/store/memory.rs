@@ -6,8 +6,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use shared_proto::xenstore::{HeldSyn, MANAGED, SynKey, ip_path};
-
+use super::layout::{HeldSyn, MANAGED, SynKey, ip_path};
 use super::{StoreError, SynStore, WriteOutcome};
 
 /// The nodes, shared with the test that made the store.

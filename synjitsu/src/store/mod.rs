@@ -1,20 +1,24 @@
 //! Where held SYNs go for guests that replay them themselves: Xenstore, in the original
-//! Synjitsu's layout (`shared_proto::xenstore`), one transaction per SYN.
+//! Synjitsu's layout ([`layout`], with the `options` leaf's S-expression in [`sexp`]), one
+//! transaction per SYN.
 //!
-//! Owns the [`SynStore`] trait (what a hand-over store must do), its implementations
-//! ([`xenstore`], the real one; [`memory`], a fake for unit tests beside it), and the
-//! [`StoreWorker`]: a dedicated thread that runs the blocking store, fed by a bounded channel,
-//! so the core and the packet loop never wait on Xenstore. Which SYN to write and when is the
-//! core's ([`crate::hold`]).
+//! Owns the layout and the Xenstore wire codec ([`xs_wire`]), the [`SynStore`] trait (what a
+//! hand-over store must do), its implementations ([`xenstore`], the real one; [`memory`], a
+//! fake for unit tests beside it), and the [`StoreWorker`]: a dedicated thread that runs the
+//! blocking store, fed by a bounded channel, so the core and the packet loop never wait on
+//! Xenstore. Which SYN to write and when is the core's ([`crate::hold`]).
 
+pub mod layout;
 pub mod memory;
+pub mod sexp;
 pub mod xenstore;
+pub mod xs_wire;
 
 use std::net::IpAddr;
 use std::sync::mpsc;
 use std::thread;
 
-use shared_proto::xenstore::{HeldSyn, SynKey};
+use layout::{HeldSyn, SynKey};
 
 use crate::hold::{StoreDone, StoreOp, StoreOutcome};
 

@@ -4,9 +4,6 @@
 #[allow(unsafe_code)]
 pub mod packet;
 
-#[allow(unsafe_code)]
-pub mod netlink;
-
 /// A libc return value: negative is the thread's `errno`.
 fn check(ret: libc::c_int) -> std::io::Result<libc::c_int> {
     if ret < 0 {

@@ -6,6 +6,12 @@
 //! Owns the file descriptor and every `unsafe` call on it. It does not parse frames
 //! ([`crate::wire`]) or decide anything ([`crate::hold`]); the tokio shell wraps it in an
 //! `AsyncFd`.
+//!
+//! Hand-written on `libc`, where synjitsu uses `rustix` for plain calls (its credentials):
+//! `rustix` can neither attach a classic BPF program nor turn on `PACKET_AUXDATA` (the
+//! checksum status of each frame, in a `tpacket_auxdata` control message) or
+//! `PACKET_IGNORE_OUTGOING`, nor read `PACKET_STATISTICS`; `socket2` attaches the filter but
+//! lacks the rest. Either would leave raw `setsockopt`s here, beside a second crate.
 
 use std::io;
 use std::mem::{size_of, zeroed};

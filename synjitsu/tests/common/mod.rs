@@ -2,12 +2,14 @@
 //! core's timers between frames at the capture's own times.
 #![allow(dead_code, unreachable_pub)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use pcap_file::DataLink;
+use pcap_file::pcap::PcapReader;
 
 use shared_proto::{ClientMessage, Event, Handover, Mac, VmIdentity};
 use synjitsu::hold::{Config, FrameMeta, Hold, Verdict};
-use synjitsu::pcap::{self, Record};
 
 /// The fixture addresses (pcap-fixtures contract).
 pub const CLIENT_MAC: &str = "02:77:00:00:01:02";
@@ -21,6 +23,34 @@ pub fn fixtures_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../pcap-fixtures"))
 }
 
+/// One captured frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Capture time since the Unix epoch.
+    pub ts: Duration,
+    /// The bytes captured.
+    pub data: Vec<u8>,
+}
+
+/// Every frame of a classic pcap file of Ethernet frames (`tcpdump -w`), read by `pcap-file`.
+pub fn read_pcap(path: &Path) -> Result<Vec<Record>, String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut reader = PcapReader::new(file).map_err(|e| e.to_string())?;
+    let link = reader.header().datalink;
+    if link != DataLink::ETHERNET {
+        return Err(format!("link type {link:?} is not Ethernet"));
+    }
+    let mut out = Vec::new();
+    while let Some(packet) = reader.next_packet() {
+        let p = packet.map_err(|e| e.to_string())?;
+        out.push(Record {
+            ts: p.timestamp,
+            data: p.data.into_owned(),
+        });
+    }
+    Ok(out)
+}
+
 /// Reads a fixture; fails (never skips) naming the file and how to make it.
 pub fn fixture(name: &str) -> Vec<Record> {
     let path = fixtures_dir().join(name);
@@ -30,7 +60,7 @@ pub fn fixture(name: &str) -> Vec<Record> {
          pcap-fixtures/regenerate.sh, as root)",
         path.display()
     );
-    let recs = pcap::read_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let recs = read_pcap(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert!(!recs.is_empty(), "{} holds no frame", path.display());
     recs
 }

@@ -2,8 +2,10 @@
 //! strings, over xenstored's Unix socket or the xenbus device.
 //!
 //! Owns framing, message types, error names and permission strings, both ways, so a client
-//! (synjitsu's hand-over, which needs transactions and permissions) and a server (the test
-//! support's small xenstored) share one codec. Sockets are the callers'.
+//! (synjitsu's hand-over, [`super::xenstore`], which needs transactions and permissions) and a
+//! server (the test support's small xenstored, `jitsu_tests::xenstored`) share one codec.
+//! Sockets are the callers'. jitsu-dns does not use it: it only watches keys, through
+//! `xenstore-rs`.
 //!
 //! `xenstore-rs` 0.8 speaks the same protocol but does not expose transactions (it always
 //! sends transaction id 0) or `SET_PERMS`, both of which the hand-over needs.

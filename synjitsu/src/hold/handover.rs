@@ -1,0 +1,298 @@
+//! The hand-over: giving a guest the SYNs held for it, from the moment synjitsu steers its MAC
+//! until the last held SYN has reached it.
+//!
+//! Owns the guest's side of a VM's life in the core: steering its MAC here and releasing it
+//! (a forwarding-table change the shell confirms with [`Hold::on_fdb_done`]: nothing goes to
+//! the guest before), the Xenstore writes for guests that replay SYNs themselves (confirmed
+//! with [`Hold::on_store_done`]), probing each held port from synjitsu's own address until the
+//! guest answers with a SYN-ACK, and re-sending the held SYNs on the wire. Holding them is
+//! [`super::syn`]'s; noticing the guest's announcement is [`super::neighbour`]'s.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use shared_proto::{Event, HandoverVia};
+
+use super::outputs::{FdbAction, Outputs, StoreDone, StoreOp, StoreOutcome, Tx};
+use super::vm::{Held, Probe, Stored, Vm, VmPhase};
+use super::{Config, Hold, Verdict};
+use crate::store::layout::HeldSyn;
+use crate::wire::{self, TcpOut, TcpRepr};
+
+/// Options a probe SYN carries: MSS 1460 (some stacks refuse option-less SYNs, none these).
+const PROBE_OPTIONS: &[u8] = &[2, 4, 0x05, 0xb4];
+
+impl Hold {
+    /// A TCP segment to one of synjitsu's probe addresses: a guest answering a probe.
+    pub(super) fn on_probe_answer(&mut self, now: Instant, t: &TcpRepr<'_>) -> Verdict {
+        let found = self.vms.iter_mut().find_map(|vm| {
+            let i = vm.probes.iter().position(|p| {
+                p.vm_ip == t.src_ip
+                    && p.port == t.src_port
+                    && p.probe_ip == t.dst_ip
+                    && p.src_port == t.dst_port
+            })?;
+            Some((vm, i))
+        });
+        let Some((vm, i)) = found else {
+            return Verdict::Pass;
+        };
+        let (cfg, out) = (&self.cfg, &mut self.out);
+        let p = vm.probes[i].clone();
+        let acks_probe = t.flags & wire::tcp_flags::ACK != 0 && t.ack == p.isn.wrapping_add(1);
+        let syn_ack = t.flags & (wire::tcp_flags::SYN | wire::tcp_flags::ACK)
+            == (wire::tcp_flags::SYN | wire::tcp_flags::ACK);
+        if syn_ack && acks_probe {
+            vm.probes.remove(i);
+            // Reset the probe's half-open connection so the guest forgets it at once.
+            out.send(Tx::Tcp(TcpOut {
+                eth_src: cfg.own_mac,
+                eth_dst: vm.id.mac,
+                src_ip: p.probe_ip,
+                dst_ip: p.vm_ip,
+                src_port: p.src_port,
+                dst_port: p.port,
+                seq: p.isn.wrapping_add(1),
+                ack: 0,
+                flags: wire::tcp_flags::RST,
+                window: 0,
+                options: &[],
+            }));
+            out.counters.probe_resets += 1;
+            tracing::debug!(vm = %vm.id.name, port = p.port, "probe answered: the port listens");
+            vm.resend(out, |h| {
+                h.key.local_port == p.port && h.key.local_ip.is_ipv6() == p.v6
+            });
+            vm.progress(cfg, out, now);
+        } else if t.flags & wire::tcp_flags::RST != 0 && acks_probe {
+            tracing::trace!(vm = %vm.id.name, port = p.port, "probe refused: not listening yet");
+        }
+        Verdict::ProbeAnswer
+    }
+
+    /// The result of a Xenstore write.
+    pub fn on_store_done(&mut self, now: Instant, done: StoreDone) {
+        let (cfg, out) = (&self.cfg, &mut self.out);
+        let found = self
+            .vms
+            .get_mut(&done.vm)
+            .and_then(|vm| Some((vm.held.iter().position(|h| h.id == done.id)?, vm)));
+        let Some((i, vm)) = found else {
+            // Its client got a RST meanwhile: the entry is stale.
+            if done.outcome == StoreOutcome::Written {
+                out.queue_store(StoreOp::Remove { key: done.key });
+            }
+            return;
+        };
+        let h = &mut vm.held[i];
+        match &done.outcome {
+            StoreOutcome::Written => {
+                h.stored = Stored::Written;
+                out.counters.xenstore_writes += 1;
+                out.counters.handed_over_xenstore += 1;
+                out.emit(Event::Handover {
+                    name: done.vm.clone(),
+                    count: 1,
+                    via: HandoverVia::Xenstore,
+                });
+            }
+            StoreOutcome::Managed => {
+                h.stored = Stored::Refused;
+                out.counters.xenstore_skipped_managed += 1;
+            }
+            StoreOutcome::Failed(why) => {
+                h.stored = Stored::Refused;
+                out.counters.xenstore_errors += 1;
+                tracing::warn!(vm = %done.vm, error = %why, "xenstore write failed; the SYN will go on the wire");
+            }
+        }
+        if vm.phase == VmPhase::Handover {
+            // The guest announced while the write ran: drop what it now has, send the rest.
+            vm.go_up(cfg, out, now, false);
+        }
+    }
+
+    /// A forwarding-table change finished (successfully or not: either way it is over).
+    pub fn on_fdb_done(&mut self, now: Instant, id: u64) {
+        if let Some(vm) = self.vms.iter_mut().find(|v| v.release_pending == Some(id)) {
+            vm.release_pending = None;
+            vm.progress(&self.cfg, &mut self.out, now);
+        }
+    }
+}
+
+impl Vm {
+    /// Steers the VM's MAC to synjitsu's port, unless it is already.
+    pub(super) fn steer(&mut self, out: &mut Outputs) {
+        if self.steered {
+            return;
+        }
+        if out
+            .queue_fdb(&self.id.name, self.id.mac, FdbAction::Steer)
+            .is_some()
+        {
+            self.steered = true;
+            self.release_pending = None;
+        }
+    }
+
+    /// The guest announced itself on the bridge.
+    pub(super) fn announced(&mut self, cfg: &Config, out: &mut Outputs, now: Instant) {
+        self.announced = true;
+        out.counters.guests_announced += 1;
+        tracing::info!(vm = %self.id.name, "guest announced itself");
+        out.emit(Event::GuestAnnounced {
+            name: self.id.name.clone(),
+        });
+        self.go_up(cfg, out, now, false);
+    }
+
+    /// The guest is up: stop intercepting, release its MAC, hand over what is held.
+    pub(super) fn go_up(&mut self, cfg: &Config, out: &mut Outputs, now: Instant, listening: bool) {
+        self.garp_at = None;
+        self.garp_left = 0;
+        self.listening |= listening;
+        if self.phase.intercepting() || self.phase == VmPhase::Running {
+            self.phase = VmPhase::Handover;
+        }
+        // What Xenstore has, the guest reads itself.
+        out.total_held -= self.take_held(|h| h.stored == Stored::Written).len();
+        if std::mem::replace(&mut self.steered, false) {
+            self.release_pending = out.queue_fdb(&self.id.name, self.id.mac, FdbAction::Release);
+        }
+        self.progress(cfg, out, now);
+    }
+
+    /// Moves a VM in hand-over forward: re-send what may go, probe what must be probed.
+    pub(super) fn progress(&mut self, cfg: &Config, out: &mut Outputs, now: Instant) {
+        if self.phase != VmPhase::Handover || self.release_pending.is_some() {
+            return;
+        }
+        if self.listening {
+            self.resend(out, |_| true);
+        } else {
+            // One probe per (family, port) of what waits for the wire.
+            let mut wanted: Vec<(bool, u16)> = self
+                .held
+                .iter()
+                .filter(|h| matches!(h.stored, Stored::No | Stored::Refused))
+                .map(|h| (h.key.local_ip.is_ipv6(), h.key.local_port))
+                .collect();
+            wanted.sort_unstable();
+            wanted.dedup();
+            for (v6, port) in wanted {
+                if self.probes.iter().any(|p| p.v6 == v6 && p.port == port) {
+                    continue;
+                }
+                let Some((vm_ip, probe_ip)) = self.probe_route(cfg, v6) else {
+                    // No probe address for either family: wait for `Ready`.
+                    continue;
+                };
+                let src_port = 32768 + (out.rand() % 28232) as u16;
+                let isn = out.rand() as u32;
+                self.probes.push(Probe {
+                    v6,
+                    port,
+                    vm_ip,
+                    probe_ip,
+                    src_port,
+                    isn,
+                    next_at: now,
+                });
+            }
+            self.send_due_probes(cfg, out, now);
+        }
+        self.finish_handover();
+    }
+
+    /// Ends the hand-over once the release is confirmed and nothing is held any more.
+    pub(super) fn finish_handover(&mut self) {
+        if self.phase == VmPhase::Handover && self.release_pending.is_none() && self.held.is_empty()
+        {
+            self.probes.clear();
+            self.phase = VmPhase::Running;
+            tracing::info!(vm = %self.id.name, "hand-over complete");
+        }
+    }
+
+    /// The guest address and synjitsu address to probe with: the held SYN's family if
+    /// synjitsu has a probe address in it, else the other family.
+    fn probe_route(&self, cfg: &Config, v6: bool) -> Option<(IpAddr, IpAddr)> {
+        let v4 = cfg
+            .probe_v4
+            .map(|p| (IpAddr::V4(self.id.ipv4), IpAddr::V4(p)));
+        let v6r = cfg
+            .probe_v6
+            .zip(self.id.ipv6)
+            .map(|(p, ip)| (IpAddr::V6(ip), IpAddr::V6(p)));
+        if v6 { v6r.or(v4) } else { v4.or(v6r) }
+    }
+
+    /// Sends every probe due at `now` and schedules its next one.
+    pub(super) fn send_due_probes(&mut self, cfg: &Config, out: &mut Outputs, now: Instant) {
+        for p in self.probes.iter_mut().filter(|p| p.next_at <= now) {
+            p.next_at = now + cfg.probe_interval;
+            out.send(Tx::Tcp(TcpOut {
+                eth_src: cfg.own_mac,
+                eth_dst: self.id.mac,
+                src_ip: p.probe_ip,
+                dst_ip: p.vm_ip,
+                src_port: p.src_port,
+                dst_port: p.port,
+                seq: p.isn,
+                ack: 0,
+                flags: wire::tcp_flags::SYN,
+                window: 64240,
+                options: PROBE_OPTIONS,
+            }));
+            out.counters.probes_sent += 1;
+            tracing::trace!(vm = %self.id.name, port = p.port, "probe sent");
+        }
+    }
+
+    /// Re-sends every held SYN that `pick` selects and Xenstore does not have.
+    pub(super) fn resend(&mut self, out: &mut Outputs, pick: impl Fn(&Held) -> bool) {
+        let sent = self.take_held(|h| matches!(h.stored, Stored::No | Stored::Refused) && pick(h));
+        if sent.is_empty() {
+            return;
+        }
+        let count = sent.len();
+        out.total_held -= count;
+        out.counters.handed_over_wire += count as u64;
+        for h in sent {
+            out.send(Tx::Frame(h.frame));
+        }
+        tracing::info!(vm = %self.id.name, count, "held SYNs re-sent to the guest");
+        out.emit(Event::Handover {
+            name: self.id.name.clone(),
+            count: u32::try_from(count).unwrap_or(u32::MAX),
+            via: HandoverVia::Wire,
+        });
+    }
+
+    /// Queues a Xenstore write for every held SYN of a booting Xenstore VM not yet written.
+    pub(super) fn write_pending(&mut self, out: &mut Outputs) {
+        let Some(domid) = self.xenstore_domid() else {
+            return;
+        };
+        if self.phase != VmPhase::Booting {
+            return;
+        }
+        for h in self.held.iter_mut().filter(|h| h.stored == Stored::No) {
+            let random = (out.rand() % 65535) as u16;
+            let syn = HeldSyn::new(h.window, h.isn, h.options.clone(), random);
+            let queued = out.queue_store(StoreOp::Write {
+                id: h.id,
+                vm: self.id.name.clone(),
+                domid,
+                key: h.key,
+                syn,
+            });
+            h.stored = if queued {
+                Stored::Pending
+            } else {
+                Stored::Refused
+            };
+        }
+    }
+}

@@ -1,0 +1,403 @@
+//! The pure core of synjitsu: which guests it stands in for, what it holds for them, and what
+//! to send, write and report next.
+//!
+//! It owns every decision and nothing else: no sockets, no clock (`now` is passed in), no
+//! threads. The shell feeds it frames ([`Hold::on_frame`]), control requests
+//! ([`Hold::on_control`]), results of the slow work it asked for ([`Hold::on_store_done`],
+//! [`Hold::on_fdb_done`]) and timer expiries ([`Hold::handle_timeout`] at [`Hold::poll_at`]),
+//! and drains what the core queued: frames ([`Hold::poll_transmit`]), events for jitsu-dns
+//! ([`Hold::poll_event`]), Xenstore work ([`Hold::poll_store`]) and forwarding-table changes
+//! ([`Hold::poll_fdb`]).
+//!
+//! Per VM, a phase:
+//! - **booting**: stand in for the guest: send gratuitous ARP and an unsolicited NA for it a
+//!   few times, answer ARP and neighbour solicitations with its MAC, hold its clients' SYNs
+//!   (and, for a Xenstore hand-over, write each one as it is captured);
+//! - **stopped**: known but off: answer and hold as above, and ask jitsu-dns to wake it (at
+//!   most once per `wake_interval` while it stays stopped);
+//! - **handover**: the guest announced itself (its own gratuitous ARP or NA) or jitsu-dns said
+//!   it answers (`Ready`, or `Running` in a `Sync`): stop answering for it, release its
+//!   forwarding entry, and give it what is held: at once after `Ready`, else once a probe from
+//!   synjitsu's own address finds the port listening;
+//! - **running**: nothing held, nothing intercepted.
+//!
+//! Every queue is bounded (see [`Config`] and the `MAX_*` constants); what does not fit is
+//! dropped and counted, never blocks and never grows without limit. Malformed frames are a
+//! [`Verdict::Drop`] with a reason, never an error or a panic.
+//!
+//! One file per concept, as smoltcp splits its interface by protocol; the state is split so
+//! that a handler borrows one VM and the outputs at once (`&mut Vm`, `&mut Outputs`), never
+//! looking a VM up again by name:
+//! - this file: [`Hold`] (the VMs, the outputs, the configuration), the frame verdicts, and
+//!   the entry points, which find the VM an input is about and hand it over;
+//! - `vm`: one VM's state ([`VmPhase`], what it holds, its probes) and the table of VMs by
+//!   name, address and MAC;
+//! - `outputs`: the bounded queues the shell drains, the [`Counters`], ids and the generator;
+//! - `neighbour`: ARP and neighbour discovery: answers, announcements, the guest's own;
+//! - `syn`: holding a client SYN: checksum, deduplication, bounds, eviction, time-outs;
+//! - `handover`: from the guest's announcement to its first SYN: forwarding-table release,
+//!   Xenstore writes, probes, re-sending;
+//! - `control`: what jitsu-dns asks (booting, stopped, ready, sync) and wake requests.
+
+mod control;
+mod handover;
+mod neighbour;
+mod outputs;
+mod syn;
+mod vm;
+
+#[cfg(test)]
+pub(crate) mod tests;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+use shared_proto::Mac;
+
+pub use self::control::ControlError;
+use self::outputs::Outputs;
+pub use self::outputs::{
+    Counters, FdbAction, FdbOp, MAX_EVENTS, MAX_FDB_OPS, MAX_STORE_OPS, MAX_TRANSMIT, StoreDone,
+    StoreOp, StoreOutcome,
+};
+pub use self::vm::VmPhase;
+use self::vm::Vms;
+use crate::refused::Refused;
+use crate::wire::{self, Packet};
+
+/// Tunables of the core.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The MAC of synjitsu's own port: the source of probes and of answers for probe
+    /// addresses.
+    pub own_mac: Mac,
+    /// synjitsu's IPv4 probe address, if any.
+    pub probe_v4: Option<Ipv4Addr>,
+    /// synjitsu's IPv6 probe address, if any.
+    pub probe_v6: Option<Ipv6Addr>,
+    /// A held SYN older than this is answered with a RST.
+    pub hold_timeout: Duration,
+    /// SYNs held per VM at most; further ones are dropped (`vm_full`).
+    pub max_held_per_vm: usize,
+    /// SYNs held in total at most; further ones are dropped (`table_full`).
+    pub max_held: usize,
+    /// Why Xenstore hand-over is unavailable (`None`: it is available).
+    pub xenstore_off: Option<String>,
+    /// Gratuitous ARPs (and unsolicited NAs) sent per boot.
+    pub garp_count: u32,
+    /// Between two of them.
+    pub garp_interval: Duration,
+    /// Wake requests per stopped VM at most once per this.
+    pub wake_interval: Duration,
+    /// Between two probes of a port that is not listening yet.
+    pub probe_interval: Duration,
+    /// Seeds the generator of probe ports, probe ISNs and Xenstore `tx_isn`s.
+    pub seed: u64,
+}
+
+impl Config {
+    /// The defaults: hold 10 s, 1024 per VM and 16384 in total, 3 gratuitous ARPs 100 ms
+    /// apart, a wake request per second, a probe every 5 ms.
+    pub fn new(own_mac: Mac) -> Config {
+        Config {
+            own_mac,
+            probe_v4: None,
+            probe_v6: None,
+            hold_timeout: Duration::from_secs(10),
+            max_held_per_vm: 1024,
+            max_held: 16384,
+            xenstore_off: Some("not configured".into()),
+            garp_count: 3,
+            garp_interval: Duration::from_millis(100),
+            wake_interval: Duration::from_secs(1),
+            probe_interval: Duration::from_millis(5),
+            seed: 0x5eed,
+        }
+    }
+
+    /// True if `ip` is one of synjitsu's own probe addresses.
+    pub(crate) fn is_probe_ip(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(v4) => Some(v4) == self.probe_v4,
+            IpAddr::V6(v6) => Some(v6) == self.probe_v6,
+        }
+    }
+}
+
+/// What the kernel said about a frame's transport checksum (`PACKET_AUXDATA`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Checksum {
+    /// Nothing known (a capture file): verify it.
+    #[default]
+    Unknown,
+    /// `TP_STATUS_CSUMNOTREADY`: the sender left it to offload; only the pseudo-header sum
+    /// is there. Complete it before holding.
+    Partial,
+    /// `TP_STATUS_CSUM_VALID`: already verified.
+    Valid,
+}
+
+/// What comes with a frame besides its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FrameMeta {
+    /// The transport checksum's state.
+    pub checksum: Checksum,
+}
+
+/// Why a frame or a held SYN was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The frame is malformed.
+    Malformed(wire::WireError),
+    /// A SYN's TCP checksum is wrong (and not merely partial).
+    BadChecksum,
+    /// A SYN's TCP options cannot be read.
+    BadTcpOptions,
+    /// The VM holds `max_held_per_vm` SYNs already.
+    VmFull,
+    /// `max_held` SYNs are held already.
+    TableFull,
+    /// A held SYN never retransmitted made room for a retransmission of one refused earlier
+    /// (under a flood: a real client displaces a spoofed SYN). No RST: its source is
+    /// likely spoofed.
+    Evicted,
+    /// A held SYN waited longer than `hold_timeout`: its client got a RST.
+    HoldTimeout,
+    /// The VM was forgotten (absent from a `Sync`): its clients got a RST.
+    VmForgotten,
+}
+
+impl DropReason {
+    /// Every reason, for metrics.
+    pub fn all() -> impl Iterator<Item = DropReason> {
+        wire::WireError::ALL
+            .into_iter()
+            .map(DropReason::Malformed)
+            .chain([
+                DropReason::BadChecksum,
+                DropReason::BadTcpOptions,
+                DropReason::VmFull,
+                DropReason::TableFull,
+                DropReason::Evicted,
+                DropReason::HoldTimeout,
+                DropReason::VmForgotten,
+            ])
+    }
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Malformed(e) => e.as_str(),
+            DropReason::BadChecksum => "bad_checksum",
+            DropReason::BadTcpOptions => "bad_tcp_options",
+            DropReason::VmFull => "vm_full",
+            DropReason::TableFull => "table_full",
+            DropReason::Evicted => "evicted",
+            DropReason::HoldTimeout => "hold_timeout",
+            DropReason::VmForgotten => "vm_forgotten",
+        }
+    }
+
+    /// The position of `self` in [`DropReason::all`], without walking it (every dropped
+    /// frame counts here).
+    fn index(self) -> usize {
+        // `WireError` is field-less and `WireError::ALL` lists it in declaration order.
+        let n = wire::WireError::ALL.len();
+        match self {
+            DropReason::Malformed(e) => e as usize,
+            DropReason::BadChecksum => n,
+            DropReason::BadTcpOptions => n + 1,
+            DropReason::VmFull => n + 2,
+            DropReason::TableFull => n + 3,
+            DropReason::Evicted => n + 4,
+            DropReason::HoldTimeout => n + 5,
+            DropReason::VmForgotten => n + 6,
+        }
+    }
+}
+
+/// What became of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not synjitsu's business.
+    Pass,
+    /// An ARP request or neighbour solicitation synjitsu answered.
+    Answered,
+    /// A client SYN, now held.
+    Held,
+    /// A retransmission of a SYN already held.
+    Duplicate,
+    /// A guest's own gratuitous ARP or NA: it is on the bridge.
+    Announced,
+    /// A guest's answer to a probe.
+    ProbeAnswer,
+    /// Dropped, for a reason.
+    Drop(DropReason),
+}
+
+impl Verdict {
+    /// Every verdict label, for metrics.
+    pub const LABELS: [&'static str; 7] = [
+        "pass",
+        "answered",
+        "held",
+        "duplicate",
+        "announced",
+        "probe_answer",
+        "dropped",
+    ];
+
+    fn index(self) -> usize {
+        match self {
+            Verdict::Pass => 0,
+            Verdict::Answered => 1,
+            Verdict::Held => 2,
+            Verdict::Duplicate => 3,
+            Verdict::Announced => 4,
+            Verdict::ProbeAnswer => 5,
+            Verdict::Drop(_) => 6,
+        }
+    }
+}
+
+/// The core. See the module documentation.
+#[derive(Debug)]
+pub struct Hold {
+    cfg: Config,
+    vms: Vms,
+    out: Outputs,
+    /// When a dropped frame was last logged, and how many were not logged since: a flood of
+    /// garbage must not become a flood of log lines.
+    drop_log: (Option<Instant>, u64),
+    /// SYNs recently refused for want of room, to recognise their retransmissions.
+    refused: Refused,
+}
+
+impl Hold {
+    /// A core that knows no VM yet.
+    pub fn new(cfg: Config) -> Hold {
+        let seed = cfg.seed;
+        Hold {
+            cfg,
+            vms: Vms::default(),
+            out: Outputs::new(seed),
+            drop_log: (None, 0),
+            refused: Refused::new(Duration::from_secs(2), seed),
+        }
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &Counters {
+        &self.out.counters
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// SYNs held now, in total.
+    pub fn held_now(&self) -> usize {
+        self.out.total_held
+    }
+
+    /// Every VM: name, phase, SYNs held now.
+    pub fn vms(&self) -> impl Iterator<Item = (&str, VmPhase, usize)> {
+        self.vms
+            .iter()
+            .map(|v| (v.id.name.as_str(), v.phase, v.held.len()))
+    }
+
+    /// Every MAC with a static entry asked for and not released (to release on exit).
+    pub fn steered_macs(&self) -> Vec<(String, Mac)> {
+        self.vms
+            .iter()
+            .filter(|v| v.steered)
+            .map(|v| (v.id.name.clone(), v.id.mac))
+            .collect()
+    }
+
+    // ---- outputs -------------------------------------------------------------------------
+
+    /// The next frame to send, written into `out` (replacing its contents); false if none.
+    pub fn poll_transmit(&mut self, out: &mut Vec<u8>) -> bool {
+        self.out.poll_transmit(out)
+    }
+
+    /// The next event for jitsu-dns.
+    pub fn poll_event(&mut self) -> Option<shared_proto::Event> {
+        self.out.events.pop_front()
+    }
+
+    /// The next Xenstore operation.
+    pub fn poll_store(&mut self) -> Option<StoreOp> {
+        self.out.store.pop_front()
+    }
+
+    /// The next forwarding-table change.
+    pub fn poll_fdb(&mut self) -> Option<FdbOp> {
+        self.out.fdb.pop_front()
+    }
+
+    /// When [`Hold::handle_timeout`] must run next, if ever.
+    pub fn poll_at(&self) -> Option<Instant> {
+        self.vms
+            .iter()
+            .flat_map(|vm| {
+                let held = vm.held.front().map(|h| h.since + self.cfg.hold_timeout);
+                let probes = vm.probes.iter().map(|p| p.next_at);
+                vm.garp_at.into_iter().chain(held).chain(probes)
+            })
+            .min()
+    }
+
+    // ---- inputs --------------------------------------------------------------------------
+
+    /// Looks at one frame received on synjitsu's port and decides.
+    pub fn on_frame(&mut self, now: Instant, frame: &[u8], meta: FrameMeta) -> Verdict {
+        let verdict = self.judge(now, frame, meta);
+        self.out.counters.frames[verdict.index()] += 1;
+        if let Verdict::Drop(reason) = verdict {
+            self.out.counters.count_drop(reason);
+            let (last, suppressed) = &mut self.drop_log;
+            if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+                tracing::trace!(
+                    reason = reason.as_str(),
+                    len = frame.len(),
+                    suppressed = *suppressed,
+                    "frame dropped"
+                );
+                *last = Some(now);
+                *suppressed = 0;
+            } else {
+                *suppressed += 1;
+            }
+        }
+        verdict
+    }
+
+    fn judge(&mut self, now: Instant, frame: &[u8], meta: FrameMeta) -> Verdict {
+        let trusted = meta.checksum != Checksum::Unknown;
+        let parsed = match wire::parse(frame, trusted) {
+            Ok(p) => p,
+            Err(e) => return Verdict::Drop(DropReason::Malformed(e)),
+        };
+        match parsed.packet {
+            Packet::Arp(a) => self.on_arp(now, &parsed.eth, &a),
+            Packet::Ndp(n) => self.on_ndp(now, &parsed.eth, &n),
+            Packet::Tcp(t) if self.cfg.is_probe_ip(t.dst_ip) => self.on_probe_answer(now, &t),
+            Packet::Tcp(t) => self.on_tcp(now, frame, &parsed.eth, &t, meta),
+            Packet::Other => Verdict::Pass,
+        }
+    }
+
+    /// Runs what is due at `now`, VM by VM: gratuitous ARPs, hold timeouts, probes.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for vm in self.vms.iter_mut() {
+            vm.announce_due(&self.cfg, &mut self.out, now);
+            vm.expire_held(&self.cfg, &mut self.out, now);
+            vm.send_due_probes(&self.cfg, &mut self.out, now);
+            vm.finish_handover();
+        }
+    }
+}

@@ -1,0 +1,781 @@
+//! The core's rules, driven with synthetic `Instant`s and the static frames of
+//! [`crate::wire::tests`]: no clock, no socket. Shared with other modules' tests (`core`,
+//! `booting`, `drain_tx`).
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use shared_proto::{
+    ClientMessage, ErrorCode, Event, Handover, HandoverVia, Mac, Phase, VmIdentity, VmStatus,
+};
+
+use super::*;
+use crate::wire::tests::{NS, SYN_V4, SYN_V4_PARTIAL, SYN_V6, WHO_HAS};
+use crate::wire::{ArpOp, ArpRepr, NdpKind, TcpOut};
+pub(crate) fn vm_mac() -> Mac {
+    "02:77:00:00:01:10".parse().unwrap()
+}
+
+pub(crate) fn own_mac() -> Mac {
+    "02:53:59:4a:00:01".parse().unwrap()
+}
+
+pub(crate) fn www(handover: Handover) -> VmIdentity {
+    VmIdentity {
+        name: "www".into(),
+        mac: vm_mac(),
+        ipv4: "10.77.1.10".parse().unwrap(),
+        ipv6: Some("fd77:1::10".parse().unwrap()),
+        handover,
+    }
+}
+
+pub(crate) fn core() -> Hold {
+    let mut cfg = Config::new(own_mac());
+    cfg.probe_v4 = Some("10.77.1.250".parse().unwrap());
+    cfg.probe_v6 = Some("fd77:1::fa".parse().unwrap());
+    cfg.xenstore_off = None;
+    Hold::new(cfg)
+}
+
+pub(crate) fn booting(h: &mut Hold, now: Instant, handover: Handover) {
+    h.on_control(now, &ClientMessage::Booting { vm: www(handover) })
+        .unwrap();
+}
+
+fn stopped(h: &mut Hold, now: Instant) {
+    h.on_control(
+        now,
+        &ClientMessage::Stopped {
+            vm: www(Handover::Wire),
+        },
+    )
+    .unwrap();
+}
+
+pub(crate) fn drain_tx(h: &mut Hold) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    while h.poll_transmit(&mut buf) {
+        out.push(std::mem::take(&mut buf));
+    }
+    out
+}
+
+fn drain_events(h: &mut Hold) -> Vec<Event> {
+    std::iter::from_fn(|| h.poll_event()).collect()
+}
+
+fn fdb_ops(h: &mut Hold) -> Vec<FdbOp> {
+    std::iter::from_fn(|| h.poll_fdb()).collect()
+}
+
+fn parsed(f: &[u8]) -> wire::Frame<'_> {
+    wire::parse(f, false).unwrap()
+}
+
+/// [`SYN_V4`] with `edit` applied to its bytes, and both checksums fixed after it.
+fn edited_syn_v4(edit: impl FnOnce(&mut [u8; 74])) -> [u8; 74] {
+    let mut f = SYN_V4;
+    edit(&mut f);
+    f[24] = 0;
+    f[25] = 0;
+    let c = !wire::fold(wire::sum_words(&f[14..34], 0));
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    assert!(wire::fix_tcp_checksum(&mut f));
+    f
+}
+
+/// The guest's own gratuitous ARP (request form, as `arping -U` sends it).
+fn guest_garp() -> Vec<u8> {
+    let mut f = vec![0u8; 42];
+    wire::write_eth(&mut f, Mac::BROADCAST, vm_mac(), wire::ETHERTYPE_ARP);
+    wire::write_arp(
+        &mut f,
+        &ArpRepr {
+            op: ArpOp::Request,
+            sender_mac: vm_mac(),
+            sender_ip: "10.77.1.10".parse().unwrap(),
+            target_mac: Mac::BROADCAST,
+            target_ip: "10.77.1.10".parse().unwrap(),
+        },
+    );
+    f
+}
+
+/// The guest's answer to a probe: a SYN-ACK (or RST) from the guest's port to the probe's.
+fn probe_answer(probe: &[u8], flags: u8) -> Vec<u8> {
+    let Packet::Tcp(p) = parsed(probe).packet else {
+        panic!("not a probe")
+    };
+    let mut out = vec![0u8; wire::TCP_OUT_MAX];
+    let n = wire::write_tcp(
+        &mut out,
+        &TcpOut {
+            eth_src: vm_mac(),
+            eth_dst: own_mac(),
+            src_ip: p.dst_ip,
+            dst_ip: p.src_ip,
+            src_port: p.dst_port,
+            dst_port: p.src_port,
+            seq: 77,
+            ack: p.seq.wrapping_add(1),
+            flags,
+            window: 0,
+            options: &[],
+        },
+    );
+    out.truncate(n);
+    out
+}
+
+#[test]
+fn drop_reason_index_is_its_position_in_all() {
+    for (i, r) in DropReason::all().enumerate() {
+        assert_eq!(r.index(), i, "{}", r.as_str());
+    }
+}
+
+#[test]
+fn booting_sends_gratuitous_arp_and_na_three_times_over_200ms() {
+    let mut h = core();
+    let t0 = Instant::now();
+    booting(&mut h, t0, Handover::Wire);
+    let ops = fdb_ops(&mut h);
+    assert_eq!(ops.len(), 1);
+    assert_eq!((ops[0].mac, ops[0].action), (vm_mac(), FdbAction::Steer));
+    let mut sent = drain_tx(&mut h);
+    let mut now = t0;
+    while let Some(at) = h.poll_at() {
+        assert!(at >= now);
+        now = at;
+        h.handle_timeout(now);
+        sent.extend(drain_tx(&mut h));
+    }
+    assert!(now - t0 <= Duration::from_millis(200), "{:?}", now - t0);
+    let garps: Vec<_> = sent.iter().filter(|f| f.len() == 60).collect();
+    let nas: Vec<_> = sent.iter().filter(|f| f.len() == 86).collect();
+    assert_eq!((garps.len(), nas.len()), (3, 3), "{sent:02x?}");
+    for g in garps {
+        let f = parsed(g);
+        assert_eq!((f.eth.dst, f.eth.src), (Mac::BROADCAST, vm_mac()));
+        let Packet::Arp(a) = f.packet else { panic!() };
+        assert_eq!((a.op, a.sender_mac), (ArpOp::Reply, vm_mac()));
+    }
+    for n in nas {
+        let Packet::Ndp(na) = parsed(n).packet else {
+            panic!()
+        };
+        assert!(matches!(
+            na.kind,
+            NdpKind::Advertisement {
+                override_: true,
+                solicited: false,
+                ..
+            }
+        ));
+    }
+    assert_eq!(h.counters().garp_sent, 3);
+}
+
+#[test]
+fn arp_and_ns_for_the_vm_are_answered_with_its_mac() {
+    let mut h = core();
+    let t0 = Instant::now();
+    booting(&mut h, t0, Handover::Wire);
+    drain_tx(&mut h);
+    assert_eq!(
+        h.on_frame(t0, &WHO_HAS, FrameMeta::default()),
+        Verdict::Answered
+    );
+    assert_eq!(h.on_frame(t0, &NS, FrameMeta::default()), Verdict::Answered);
+    let sent = drain_tx(&mut h);
+    assert_eq!(sent.len(), 2);
+    let Packet::Arp(a) = parsed(&sent[0]).packet else {
+        panic!()
+    };
+    assert_eq!((a.op, a.sender_mac), (ArpOp::Reply, vm_mac()));
+    assert_eq!(a.target_ip, "10.77.1.2".parse::<Ipv4Addr>().unwrap());
+    let f = parsed(&sent[1]);
+    assert_eq!(f.eth.dst.to_string(), "02:77:00:00:01:02");
+    let Packet::Ndp(na) = f.packet else { panic!() };
+    assert_eq!(na.lladdr, Some(vm_mac()));
+    assert!(matches!(
+        na.kind,
+        NdpKind::Advertisement {
+            solicited: true,
+            ..
+        }
+    ));
+    // Unknown addresses, DAD and the guest's own questions are not answered.
+    let mut dad = NS;
+    dad[22..38].fill(0);
+    assert_eq!(
+        h.on_frame(
+            t0,
+            &dad,
+            FrameMeta {
+                checksum: Checksum::Valid
+            }
+        ),
+        Verdict::Pass
+    );
+    let mut other = WHO_HAS;
+    other[41] = 11;
+    assert_eq!(h.on_frame(t0, &other, FrameMeta::default()), Verdict::Pass);
+    assert!(drain_tx(&mut h).is_empty());
+}
+
+#[test]
+fn the_probe_addresses_are_answered_with_synjitsus_own_mac() {
+    let mut h = core();
+    let t0 = Instant::now();
+    let mut who = WHO_HAS;
+    who[41] = 250;
+    assert_eq!(
+        h.on_frame(t0, &who, FrameMeta::default()),
+        Verdict::Answered
+    );
+    let sent = drain_tx(&mut h);
+    let Packet::Arp(a) = parsed(&sent[0]).packet else {
+        panic!()
+    };
+    assert_eq!(a.sender_mac, own_mac());
+}
+
+#[test]
+fn a_syn_is_held_once_and_its_retransmits_are_deduplicated() {
+    let mut h = core();
+    let t0 = Instant::now();
+    booting(&mut h, t0, Handover::Wire);
+    drain_events(&mut h);
+    assert_eq!(h.on_frame(t0, &SYN_V4, FrameMeta::default()), Verdict::Held);
+    for i in 1..4 {
+        let t = t0 + Duration::from_secs(i);
+        assert_eq!(
+            h.on_frame(t, &SYN_V4, FrameMeta::default()),
+            Verdict::Duplicate
+        );
+    }
+    assert_eq!(h.held_now(), 1);
+    assert_eq!(h.counters().retransmit_dedup, 3);
+    assert_eq!(
+        drain_events(&mut h),
+        vec![Event::SynHeld {
+            name: "www".into(),
+            held: 1
+        }]
+    );
+    // A new attempt on the same 4-tuple (another ISN) is another SYN.
+    let mut again = SYN_V4;
+    again[41] ^= 1;
+    assert!(wire::fix_tcp_checksum(&mut again));
+    assert_eq!(h.on_frame(t0, &again, FrameMeta::default()), Verdict::Held);
+    assert_eq!(h.held_now(), 2);
+}
+
+#[test]
+fn checksums_partial_are_completed_bad_are_dropped() {
+    let mut h = core();
+    let t0 = Instant::now();
+    booting(&mut h, t0, Handover::Wire);
+    // Unknown status: the partial checksum looks bad, and is.
+    assert_eq!(
+        h.on_frame(t0, &SYN_V4_PARTIAL, FrameMeta::default()),
+        Verdict::Drop(DropReason::BadChecksum)
+    );
+    assert_eq!(h.counters().drops_for(DropReason::BadChecksum), 1);
+    let partial = FrameMeta {
+        checksum: Checksum::Partial,
+    };
+    assert_eq!(h.on_frame(t0, &SYN_V4_PARTIAL, partial), Verdict::Held);
+    assert_eq!(h.counters().checksums_completed, 1);
+    // Hand it over and look at what goes to the guest.
+    h.on_control(t0, &ClientMessage::Ready { name: "www".into() })
+        .unwrap();
+    let op = fdb_ops(&mut h).pop().unwrap();
+    assert_eq!(op.action, FdbAction::Release);
+    drain_tx(&mut h);
+    h.on_fdb_done(t0, op.id);
+    let sent = drain_tx(&mut h);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(&sent[0][50..52], &0x4c76u16.to_be_bytes());
+    assert_eq!(&sent[0][..50], &SYN_V4_PARTIAL[..50]);
+    assert_eq!(&sent[0][52..], &SYN_V4_PARTIAL[52..]);
+}
+
+#[test]
+fn bounds_per_vm_and_in_total_are_enforced() {
+    let mut cfg = Config::new(own_mac());
+    cfg.max_held_per_vm = 2;
+    cfg.max_held = 3;
+    let mut h = Hold::new(cfg);
+    let t0 = Instant::now();
+    booting(&mut h, t0, Handover::Wire);
+    let mut other = www(Handover::Wire);
+    other.name = "db".into();
+    other.mac = "02:77:00:00:01:11".parse().unwrap();
+    other.ipv4 = "10.77.1.11".parse().unwrap();
+    other.ipv6 = None;
+    h.on_control(t0, &ClientMessage::Booting { vm: other })
+        .unwrap();
+    let syn = |port: u16, ip_last: u8, mac_last: u8| {
+        edited_syn_v4(|f| {
+            f[5] = mac_last;
+            f[33] = ip_last;
+            f[34..36].copy_from_slice(&port.to_be_bytes());
+        })
+    };
+    let m = FrameMeta::default();
+    assert_eq!(h.on_frame(t0, &syn(1, 10, 0x10), m), Verdict::Held);
+    assert_eq!(h.on_frame(t0, &syn(2, 10, 0x10), m), Verdict::Held);
+    assert_eq!(
+        h.on_frame(t0, &syn(3, 10, 0x10), m),
+        Verdict::Drop(DropReason::VmFull)
+    );
+    assert_eq!(h.on_frame(t0, &syn(4, 11, 0x11), m), Verdict::Held);
+    assert_eq!(
+        h.on_frame(t0, &syn(5, 11, 0x11), m),
+        Verdict::Drop(DropReason::TableFull)
+    );
+    assert_eq!(h.held_now(), 3);
+}
+
+#[test]
+fn under_a_flood_a_retransmitting_client_displaces_a_spoofed_syn() {
+    let mut cfg = Config::new(own_mac());
+    cfg.max_held_per_vm = 4;
+    cfg.garp_count = 0;
+    let mut h = Hold::new(cfg);
+    let t0 = Instant::now();
+    booting(&mut h, t0, Handover::Wire);
+    let syn = |src_last: u8, port: u16| {
+        edited_syn_v4(|f| {
+            f[29] = src_last;
+            f[34..36].copy_from_slice(&port.to_be_bytes());
+        })
+    };
+    let m = FrameMeta::default();
+    // A real client's SYN held early, and retransmitted once: it is protected.
+    let early = syn(2, 1000);
+    assert_eq!(h.on_frame(t0, &early, m), Verdict::Held);
+    assert_eq!(h.on_frame(t0, &early, m), Verdict::Duplicate);
+    // The flood fills the table.
+    for p in 1..=3 {
+        assert_eq!(h.on_frame(t0, &syn(200, p), m), Verdict::Held);
+    }
+    let client = syn(3, 2000);
+    assert_eq!(
+        h.on_frame(t0, &client, m),
+        Verdict::Drop(DropReason::VmFull)
+    );
+    for p in 4..100 {
+        assert_eq!(
+            h.on_frame(t0, &syn(200, p), m),
+            Verdict::Drop(DropReason::VmFull)
+        );
+    }
+    // One second later the client retransmits: it takes a spoofed SYN's place.
+    let t1 = t0 + Duration::from_secs(1);
+    assert_eq!(h.on_frame(t1, &client, m), Verdict::Held);
+    assert_eq!(h.counters().drops_for(DropReason::Evicted), 1);
+    assert_eq!(h.held_now(), 4);
+    // Flood SYNs never retransmitted stay refused even when repeated with new ISNs.
+    assert_eq!(
+        h.on_frame(t1, &syn(200, 500), m),
+        Verdict::Drop(DropReason::VmFull)
+    );
+    // Nothing was sent for the evicted one (its source is likely spoofed).
+    drain_tx(&mut h);
+    // Both real clients are handed over.
+    h.on_control(t1, &ClientMessage::Ready { name: "www".into() })
+        .unwrap();
+    while let Some(op) = h.poll_fdb() {
+        h.on_fdb_done(t1, op.id);
+    }
+    let sent = drain_tx(&mut h);
+    assert!(sent.contains(&early.to_vec()) && sent.contains(&client.to_vec()));
+    assert_eq!(sent.len(), 4);
+}
+
+#[test]
+fn held_syns_time_out_with_a_rst_to_the_client() {
+    let mut h = core();
+    let t0 = Instant::now();
+    booting(&mut h, t0, Handover::Wire);
+    h.on_frame(t0, &SYN_V6, FrameMeta::default());
+    let mut now = t0;
+    let mut sent = Vec::new();
+    while let Some(at) = h.poll_at() {
+        now = at;
+        h.handle_timeout(now);
+        sent.extend(drain_tx(&mut h));
+    }
+    assert_eq!(now - t0, Duration::from_secs(10));
+    let rst = sent.last().unwrap();
+    let f = parsed(rst);
+    assert_eq!(
+        (f.eth.src, f.eth.dst.to_string().as_str()),
+        (vm_mac(), "02:77:00:00:01:02")
+    );
+    let Packet::Tcp(t) = f.packet else { panic!() };
+    assert_eq!(t.flags, wire::tcp_flags::RST | wire::tcp_flags::ACK);
+    assert_eq!(t.ack, 3_916_296_312u32.wrapping_add(1));
+    assert_eq!((t.src_port, t.dst_port), (80, 39004));
+    assert_eq!(h.held_now(), 0);
+    assert_eq!(h.counters().drops_for(DropReason::HoldTimeout), 1);
+    assert_eq!(h.counters().rst_hold_timeout, 1);
+}
+
+#[test]
+fn announce_then_probe_then_resend_on_syn_ack() {
+    let mut h = core();
+    let t0 = Instant::now();
+    booting(&mut h, t0, Handover::Wire);
+    h.on_frame(t0, &SYN_V4, FrameMeta::default());
+    h.on_frame(t0, &SYN_V6, FrameMeta::default());
+    drain_tx(&mut h);
+    fdb_ops(&mut h);
+    drain_events(&mut h);
+    let t1 = t0 + Duration::from_millis(300);
+    assert_eq!(
+        h.on_frame(t1, &guest_garp(), FrameMeta::default()),
+        Verdict::Announced
+    );
+    assert_eq!(
+        drain_events(&mut h),
+        vec![Event::GuestAnnounced { name: "www".into() }]
+    );
+    // No more answering for it.
+    assert_eq!(
+        h.on_frame(t1, &WHO_HAS, FrameMeta::default()),
+        Verdict::Pass
+    );
+    let rel = fdb_ops(&mut h);
+    assert_eq!(rel[0].action, FdbAction::Release);
+    assert!(
+        drain_tx(&mut h).is_empty(),
+        "nothing before the release is done"
+    );
+    h.on_fdb_done(t1, rel[0].id);
+    let probes = drain_tx(&mut h);
+    assert_eq!(probes.len(), 2, "one probe per family and port");
+    for p in &probes {
+        let f = parsed(p);
+        assert_eq!((f.eth.src, f.eth.dst), (own_mac(), vm_mac()));
+        let Packet::Tcp(t) = f.packet else { panic!() };
+        assert!(t.is_syn() && wire::tcp_checksum_ok(p, &t));
+        assert!(h.cfg.is_probe_ip(t.src_ip));
+        assert_eq!(t.dst_port, 80);
+    }
+    // Not listening yet: RSTs, then a probe again 5 ms later.
+    let v4_probe = probes.iter().find(|p| p[12] == 0x08).unwrap().clone();
+    let rst = probe_answer(&v4_probe, wire::tcp_flags::RST | wire::tcp_flags::ACK);
+    assert_eq!(
+        h.on_frame(t1, &rst, FrameMeta::default()),
+        Verdict::ProbeAnswer
+    );
+    assert_eq!(h.poll_at(), Some(t1 + Duration::from_millis(5)));
+    h.handle_timeout(t1 + Duration::from_millis(5));
+    assert_eq!(drain_tx(&mut h).len(), 2);
+    // Listening on IPv4: reset the probe, re-send the IPv4 SYN unchanged.
+    let t2 = t1 + Duration::from_millis(7);
+    let synack = probe_answer(&v4_probe, wire::tcp_flags::SYN | wire::tcp_flags::ACK);
+    assert_eq!(
+        h.on_frame(t2, &synack, FrameMeta::default()),
+        Verdict::ProbeAnswer
+    );
+    let sent = drain_tx(&mut h);
+    assert_eq!(sent.len(), 2);
+    let Packet::Tcp(r) = parsed(&sent[0]).packet else {
+        panic!()
+    };
+    assert_eq!(r.flags, wire::tcp_flags::RST);
+    assert_eq!(sent[1], SYN_V4.to_vec());
+    assert_eq!(
+        drain_events(&mut h),
+        vec![Event::Handover {
+            name: "www".into(),
+            count: 1,
+            via: HandoverVia::Wire
+        }]
+    );
+    assert_eq!(h.held_now(), 1);
+    assert_eq!(h.vms().next().unwrap().1, VmPhase::Handover);
+    // Ready: the rest goes at once, without probing.
+    h.on_control(t2, &ClientMessage::Ready { name: "www".into() })
+        .unwrap();
+    let sent = drain_tx(&mut h);
+    assert_eq!(sent, vec![SYN_V6.to_vec()]);
+    assert_eq!(h.vms().next().unwrap().1, VmPhase::Running);
+    assert_eq!(h.poll_at(), None);
+    assert_eq!(h.counters().handed_over_wire, 2);
+}
+
+#[test]
+fn without_probe_addresses_the_wire_waits_for_ready() {
+    let mut cfg = Config::new(own_mac());
+    cfg.garp_count = 0;
+    let mut h = Hold::new(cfg);
+    let t0 = Instant::now();
+    booting(&mut h, t0, Handover::Wire);
+    h.on_frame(t0, &SYN_V4, FrameMeta::default());
+    h.on_frame(t0, &guest_garp(), FrameMeta::default());
+    let rel = fdb_ops(&mut h).pop().unwrap();
+    h.on_fdb_done(t0, rel.id);
+    assert!(drain_tx(&mut h).is_empty());
+    h.on_control(t0, &ClientMessage::Ready { name: "www".into() })
+        .unwrap();
+    assert_eq!(drain_tx(&mut h), vec![SYN_V4.to_vec()]);
+}
+
+#[test]
+fn stopped_vms_hold_and_ask_to_be_woken_once_a_second() {
+    let mut h = core();
+    let t0 = Instant::now();
+    stopped(&mut h, t0);
+    assert_eq!(fdb_ops(&mut h)[0].action, FdbAction::Steer);
+    assert!(
+        drain_tx(&mut h).is_empty(),
+        "no gratuitous ARP for a stopped VM"
+    );
+    assert_eq!(h.on_frame(t0, &SYN_V4, FrameMeta::default()), Verdict::Held);
+    assert_eq!(
+        h.on_frame(t0, &WHO_HAS, FrameMeta::default()),
+        Verdict::Answered
+    );
+    let t1 = t0 + Duration::from_millis(1000);
+    assert_eq!(
+        h.on_frame(t1, &SYN_V4, FrameMeta::default()),
+        Verdict::Duplicate
+    );
+    let wakes = drain_events(&mut h)
+        .into_iter()
+        .filter(|e| matches!(e, Event::WakeRequest { .. }))
+        .count();
+    assert_eq!(wakes, 2);
+    // Booting keeps what is held.
+    booting(&mut h, t1, Handover::Wire);
+    assert_eq!(h.held_now(), 1);
+    assert_eq!(h.vms().next().unwrap().1, VmPhase::Booting);
+}
+
+#[test]
+fn sync_forgets_absent_vms_with_rsts_and_keeps_present_ones() {
+    let mut h = core();
+    let t0 = Instant::now();
+    booting(&mut h, t0, Handover::Wire);
+    h.on_frame(t0, &SYN_V4, FrameMeta::default());
+    drain_tx(&mut h);
+    let present = vec![VmStatus {
+        vm: www(Handover::Wire),
+        phase: Phase::Booting,
+    }];
+    h.on_control(t0, &ClientMessage::Sync { vms: present })
+        .unwrap();
+    assert_eq!(h.held_now(), 1, "a VM present keeps what it holds");
+    assert!(drain_tx(&mut h).is_empty(), "and is not a new boot");
+    h.on_control(t0, &ClientMessage::Sync { vms: vec![] })
+        .unwrap();
+    assert_eq!(h.held_now(), 0);
+    assert_eq!(h.counters().rst_vm_forgotten, 1);
+    let sent = drain_tx(&mut h);
+    let Packet::Tcp(t) = parsed(&sent[0]).packet else {
+        panic!()
+    };
+    assert_eq!(t.flags & wire::tcp_flags::RST, wire::tcp_flags::RST);
+    assert!(
+        fdb_ops(&mut h)
+            .iter()
+            .any(|o| o.action == FdbAction::Release)
+    );
+    assert_eq!(h.vms().count(), 0);
+    assert_eq!(
+        h.on_control(t0, &ClientMessage::Ready { name: "www".into() })
+            .unwrap_err()
+            .code,
+        ErrorCode::UnknownVm
+    );
+}
+
+#[test]
+fn xenstore_vms_write_each_syn_once_and_stop_when_managed() {
+    let mut h = core();
+    let t0 = Instant::now();
+    booting(&mut h, t0, Handover::Xenstore { domid: 7 });
+    let reset = h.poll_store().unwrap();
+    assert!(matches!(reset, StoreOp::Reset { ref ips, .. } if ips.len() == 2));
+    h.on_frame(t0, &SYN_V4, FrameMeta::default());
+    h.on_frame(t0, &SYN_V4, FrameMeta::default());
+    let Some(StoreOp::Write {
+        id,
+        domid,
+        key,
+        syn,
+        ..
+    }) = h.poll_store()
+    else {
+        panic!("no write")
+    };
+    assert!(
+        h.poll_store().is_none(),
+        "a retransmit is not written twice"
+    );
+    assert_eq!(domid, 7);
+    assert_eq!(key.conn_path(), "/ip/10-77-1-10/80/10-77-1-2/40436");
+    assert_eq!((syn.tx_wnd, syn.sequence), (64240, 1_727_484_408));
+    assert!(syn.tx_isn >= crate::store::layout::TX_ISN_BASE);
+    drain_events(&mut h);
+    h.on_store_done(
+        t0,
+        StoreDone {
+            id,
+            vm: "www".into(),
+            key,
+            outcome: StoreOutcome::Written,
+        },
+    );
+    assert_eq!(
+        drain_events(&mut h),
+        vec![Event::Handover {
+            name: "www".into(),
+            count: 1,
+            via: HandoverVia::Xenstore
+        }]
+    );
+    // A second SYN finds the address managed: it goes on the wire once the guest is up.
+    h.on_frame(t0, &SYN_V6, FrameMeta::default());
+    let Some(StoreOp::Write { id, key, .. }) = h.poll_store() else {
+        panic!()
+    };
+    h.on_store_done(
+        t0,
+        StoreDone {
+            id,
+            vm: "www".into(),
+            key,
+            outcome: StoreOutcome::Managed,
+        },
+    );
+    assert_eq!(h.counters().xenstore_skipped_managed, 1);
+    drain_tx(&mut h);
+    h.on_frame(t0, &guest_garp(), FrameMeta::default());
+    assert_eq!(h.held_now(), 1, "the written one is the guest's now");
+    let rel = fdb_ops(&mut h).pop().unwrap();
+    h.on_fdb_done(t0, rel.id);
+    let probes = drain_tx(&mut h);
+    assert_eq!(probes.len(), 1, "the managed one is probed for on the wire");
+    let Packet::Tcp(t) = parsed(&probes[0]).packet else {
+        panic!()
+    };
+    assert!(t.dst_ip.is_ipv6() && t.dst_port == 80 && t.is_syn());
+}
+
+#[test]
+fn sync_running_hands_over_at_once_and_sync_stopped_asks_again_for_a_wake_up() {
+    let mut h = core();
+    let t0 = Instant::now();
+    stopped(&mut h, t0);
+    h.on_frame(t0, &SYN_V4, FrameMeta::default());
+    drain_events(&mut h);
+    // A reconnect within the wake interval: the wake request may have been lost with the
+    // old connection, so it is sent again.
+    let t1 = t0 + Duration::from_millis(10);
+    let stopped = vec![VmStatus {
+        vm: www(Handover::Wire),
+        phase: Phase::Stopped,
+    }];
+    h.on_control(t1, &ClientMessage::Sync { vms: stopped })
+        .unwrap();
+    assert_eq!(
+        drain_events(&mut h),
+        vec![Event::WakeRequest { name: "www".into() }]
+    );
+    // jitsu-dns says it runs (it started it meanwhile): hand over without probing.
+    let running = vec![VmStatus {
+        vm: www(Handover::Wire),
+        phase: Phase::Running,
+    }];
+    h.on_control(t1, &ClientMessage::Sync { vms: running })
+        .unwrap();
+    drain_tx(&mut h);
+    let ops = fdb_ops(&mut h);
+    let rel = ops
+        .iter()
+        .find(|o| o.action == FdbAction::Release)
+        .expect("released");
+    h.on_fdb_done(t1, rel.id);
+    assert_eq!(drain_tx(&mut h), vec![SYN_V4.to_vec()]);
+    assert_eq!(h.counters().probes_sent, 0);
+    assert_eq!(h.vms().next().unwrap().1, VmPhase::Running);
+    // Running: nothing is intercepted any more.
+    assert_eq!(
+        h.on_frame(t1, &WHO_HAS, FrameMeta::default()),
+        Verdict::Pass
+    );
+    assert_eq!(h.on_frame(t1, &SYN_V6, FrameMeta::default()), Verdict::Pass);
+}
+
+#[test]
+fn a_sync_saying_booting_does_not_hijack_a_guest_that_announced_itself() {
+    let mut h = core();
+    let t0 = Instant::now();
+    booting(&mut h, t0, Handover::Wire);
+    h.on_frame(t0, &guest_garp(), FrameMeta::default());
+    while let Some(op) = h.poll_fdb() {
+        h.on_fdb_done(t0, op.id);
+    }
+    drain_events(&mut h);
+    drain_tx(&mut h);
+    let vms = vec![VmStatus {
+        vm: www(Handover::Wire),
+        phase: Phase::Booting,
+    }];
+    h.on_control(t0, &ClientMessage::Sync { vms }).unwrap();
+    assert_eq!(
+        drain_events(&mut h),
+        vec![Event::GuestAnnounced { name: "www".into() }]
+    );
+    assert!(fdb_ops(&mut h).is_empty(), "not steered back");
+    assert!(drain_tx(&mut h).is_empty(), "no gratuitous ARP");
+    assert_eq!(h.on_frame(t0, &SYN_V4, FrameMeta::default()), Verdict::Pass);
+    // A Booting request itself is a new boot (the VM was restarted): stand in again.
+    booting(&mut h, t0, Handover::Wire);
+    assert_eq!(fdb_ops(&mut h)[0].action, FdbAction::Steer);
+    assert_eq!(h.on_frame(t0, &SYN_V4, FrameMeta::default()), Verdict::Held);
+}
+
+#[test]
+fn xenstore_booting_is_refused_when_xenstore_is_off() {
+    let mut h = Hold::new(Config::new(own_mac()));
+    let err = h
+        .on_control(
+            Instant::now(),
+            &ClientMessage::Booting {
+                vm: www(Handover::Xenstore { domid: 3 }),
+            },
+        )
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::Failed);
+    assert!(err.message.contains("xenstore"), "{}", err.message);
+    assert_eq!(h.vms().count(), 0);
+}
+
+#[test]
+fn a_second_vm_cannot_take_a_first_ones_address() {
+    let mut h = core();
+    let t0 = Instant::now();
+    booting(&mut h, t0, Handover::Wire);
+    let mut thief = www(Handover::Wire);
+    thief.name = "thief".into();
+    thief.mac = "02:77:00:00:01:99".parse().unwrap();
+    thief.ipv6 = None;
+    let err = h
+        .on_control(t0, &ClientMessage::Booting { vm: thief })
+        .unwrap_err();
+    assert!(
+        err.message.contains("already belongs to VM www"),
+        "{}",
+        err.message
+    );
+}
