@@ -37,6 +37,7 @@ use crate::fleet::{
 };
 use crate::forward::{Forwarder, parse_resolv_conf};
 use crate::metrics::{self, Metrics};
+use crate::ratelimit::RateLimited;
 use crate::state::{self, Change, StateError, Store, Tree};
 use crate::synjitsu::{self, Outgoing};
 use crate::xenstore::KeyWatcher;
@@ -161,27 +162,6 @@ fn config_files(vm: &VmConfig, ttl: u32) -> Vec<(String, String)> {
     }
     files.push((format!("{p}mac"), vm.mac.to_string()));
     files
-}
-
-/// Rate-limited warnings for limit refusals: one a second, with how many were suppressed.
-#[derive(Debug, Default)]
-struct RateLimited {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimited {
-    fn allow(&mut self, now: Instant) -> Option<u64> {
-        if self
-            .last
-            .is_some_and(|l| now.duration_since(l) < Duration::from_secs(1))
-        {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
-    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -784,7 +764,8 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
         pushes_states: false,
         push_lost: Arc::new(AtomicBool::new(false)),
         adopted_macs: HashMap::new(),
-        limit_log: RateLimited::default(),
+        // One warning a second about refused queries, however many there are.
+        limit_log: RateLimited::new(Duration::from_secs(1)),
         persisted_requests: HashMap::new(),
     };
     shell.commit_config(&tree, "loaded");
