@@ -35,7 +35,7 @@ use crate::fleet::{
     self, Answer, Command, Event, Fleet, Lifecycle, Observed, Persist, QueryId, Settings, VmName,
     VmView,
 };
-use crate::forward::{Forwarder, parse_resolv_conf};
+use crate::forward::{self, Forwarder, UpstreamError, parse_resolv_conf};
 use crate::metrics::{self, Metrics};
 use crate::ratelimit::RateLimited;
 use crate::state::{self, Change, StateError, Store, Tree};
@@ -76,7 +76,7 @@ pub enum DaemonError {
     },
     /// Forwarding is misconfigured.
     #[error("forwarding: {0}")]
-    Forward(String),
+    Forward(#[from] UpstreamError),
 }
 
 /// The forwarder for `cfg`, `None` when forwarding is off (or nothing to forward to).
@@ -89,30 +89,17 @@ fn forwarder_for(cfg: &Config) -> Result<Option<Arc<Forwarder>>, DaemonError> {
             (parse_resolv_conf(&text), true)
         }
     };
-    let own = cfg.dns_addr();
-    let mut servers = Vec::new();
-    for ip in ips {
-        let s = SocketAddr::new(ip, cfg.forwarder_port);
-        let loops =
-            s == own || (own.ip().is_unspecified() && ip.is_loopback() && s.port() == own.port());
-        if loops {
-            if from_system {
-                warn!(forwarder = %s, "skipping the /etc/resolv.conf nameserver that is jitsu-dns itself");
-                continue;
-            }
-            return Err(DaemonError::Forward(format!(
-                "forwarder {s} is jitsu-dns's own address: queries would loop"
-            )));
-        }
-        servers.push(s);
+    let up = forward::upstreams(&ips, cfg.forwarder_port, cfg.dns_addr(), from_system)?;
+    for s in &up.skipped {
+        warn!(forwarder = %s, "skipping the /etc/resolv.conf nameserver that is jitsu-dns itself");
     }
-    if servers.is_empty() {
+    if up.servers.is_empty() {
         warn!(
             "no forwarder (no usable nameserver in /etc/resolv.conf): names outside the zones are refused"
         );
         return Ok(None);
     }
-    Ok(Some(Arc::new(Forwarder::new(servers))))
+    Ok(Some(Arc::new(Forwarder::new(up.servers))))
 }
 
 fn settings(cfg: &Config) -> Settings {
