@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use shared_proto::Mac;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -181,8 +180,6 @@ struct Shell {
     pushes_states: bool,
     /// A pushed change was lost (full queue): the next poll reads states once.
     push_lost: Arc<AtomicBool>,
-    /// MACs taken from the backend's definitions, kept across reloads.
-    adopted_macs: HashMap<VmName, Mac>,
     limit_log: RateLimited,
     persisted_requests: HashMap<VmName, u64>,
 }
@@ -421,6 +418,7 @@ impl Shell {
                 to,
                 cause,
                 boot_took,
+                view,
             }) => {
                 if let Some(d) = boot_took {
                     self.metrics.observe_boot(d);
@@ -434,18 +432,31 @@ impl Shell {
                 } else {
                     format!("{vm}: {from} -> {to} ({cause})")
                 };
-                let files = match self.fleet.view(&vm) {
-                    Some(v) => {
-                        self.persisted_requests.insert(vm.clone(), v.requests);
-                        self.state_files(&v)
-                    }
-                    None => Vec::new(),
-                };
+                self.persisted_requests.insert(vm.clone(), view.requests);
+                let files = self.state_files(&view);
                 self.commit(Change {
                     remove: vec![],
                     files,
                     message: Some(message),
                     always: true,
+                });
+            }
+            Command::Persist(Persist::Mac {
+                vm,
+                mac,
+                configured,
+                keyed,
+            }) => {
+                if keyed {
+                    warn!(vm = %vm, %configured, domain = %mac, "the domain's MAC differs from the VM's mac key: using the domain's, which its guest sends from");
+                } else {
+                    info!(vm = %vm, %mac, "using the MAC of the VM's existing domain");
+                }
+                self.commit(Change {
+                    remove: vec![],
+                    files: vec![(format!("{}mac", state::vm_prefix(&vm)), mac.to_string())],
+                    message: Some(format!("{vm}: MAC {mac} from its domain")),
+                    always: false,
                 });
             }
             Command::Persist(Persist::Counters) => self.flush_counters(None),
@@ -564,13 +575,18 @@ impl Shell {
         })
         .await
         .unwrap_or_default();
-        // A domain's own MAC is what its guest sends from, whatever the VM's keys say: synjitsu
-        // must steer that one. Adopted before the fleet hears of the VM.
-        let macs: Vec<(VmName, Mac)> = looked
-            .iter()
-            .filter_map(|(name, found)| Some((name.clone(), found.as_ref().ok()?.mac?)))
-            .collect();
-        self.adopt_macs(macs);
+        // The fleet takes each domain's own MAC before it hears of the VM's state.
+        for (vm, found) in &looked {
+            if let Some(mac) = found.as_ref().ok().and_then(|d| d.mac) {
+                self.process(
+                    Instant::now(),
+                    Event::MacFound {
+                        vm: vm.clone(),
+                        mac,
+                    },
+                );
+            }
+        }
         for (name, found) in looked {
             let observed = match found {
                 Ok(d) => d.state,
@@ -592,40 +608,6 @@ impl Shell {
                 },
             );
         }
-    }
-
-    /// Uses each VM's MAC as its backend defines it (a libvirt domain's XML) where it differs
-    /// from the configured one; remembered across reloads.
-    fn adopt_macs(&mut self, macs: Vec<(VmName, Mac)>) {
-        let mut changed = Change::default();
-        for (name, mac) in macs {
-            let Some(vm) = self.cfg.vms.iter_mut().find(|v| v.name == name) else {
-                continue;
-            };
-            if vm.mac == mac {
-                continue;
-            }
-            if vm.raw.iter().any(|(k, _)| k == "mac") {
-                warn!(vm = %name, configured = %vm.mac, domain = %mac, "the domain's MAC differs from the VM's mac key: using the domain's, which its guest sends from");
-            } else {
-                info!(vm = %name, mac = %mac, "using the MAC of the VM's existing domain");
-            }
-            vm.mac = mac;
-            self.adopted_macs.insert(name.clone(), mac);
-            changed
-                .files
-                .push((format!("{}mac", state::vm_prefix(&name)), mac.to_string()));
-            changed.message = Some(format!("{name}: MAC {mac} from its domain"));
-        }
-        if changed.files.is_empty() {
-            return;
-        }
-        let now = Instant::now();
-        let cmds = self
-            .fleet
-            .reconfigure(now, self.cfg.vms.iter().cloned().map(Arc::new));
-        self.execute_all(now, cmds);
-        self.commit(changed);
     }
 
     async fn reload(&mut self) {
@@ -658,9 +640,10 @@ impl Shell {
             }
         };
         let mut new = new;
+        // The MACs the fleet took from the VMs' domains outlive a reload: the store keeps them.
         for vm in &mut new.vms {
-            if let Some(mac) = self.adopted_macs.get(&vm.name) {
-                vm.mac = *mac;
+            if let Some(mac) = self.fleet.adopted_mac(&vm.name) {
+                vm.mac = mac;
             }
         }
         // What needs a restart stays as it is.
@@ -750,7 +733,6 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
         poll_busy: Arc::new(AtomicBool::new(false)),
         pushes_states: false,
         push_lost: Arc::new(AtomicBool::new(false)),
-        adopted_macs: HashMap::new(),
         // One warning a second about refused queries, however many there are.
         limit_log: RateLimited::new(Duration::from_secs(1)),
         persisted_requests: HashMap::new(),

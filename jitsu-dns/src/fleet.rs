@@ -3,9 +3,10 @@
 //! [`Fleet::handle`] takes `now` and one [`Event`] (a query that needs the fleet, a tick, a
 //! backend result, something synjitsu said, a readiness key that appeared) and returns the
 //! [`Command`]s the shell must carry out: start, stop, resume or unpause a VM, answer a
-//! waiting query, tell synjitsu, watch a key, persist a change. [`Fleet::poll_at`] says when
-//! the next timer-driven decision is due. Nothing here reads a clock, touches a socket or
-//! calls a backend, so every rule is tested with synthetic `Instant`s below.
+//! waiting query, tell synjitsu, watch a key, persist a change (with the VM as it is after
+//! it). [`Fleet::poll_at`] says when the next timer-driven decision is due. Nothing here reads
+//! a clock, touches a socket or calls a backend, so every rule is tested with synthetic
+//! `Instant`s below.
 //!
 //! Rules (the issue's, with the lead's precedence):
 //! - one boot per VM however many queries arrive while it boots; every waiting query is
@@ -24,7 +25,9 @@
 //!   tracked by synjitsu that has not announced itself `boot_timeout` after the backend
 //!   started it never came up: it is destroyed and marked failed (synjitsu answers the SYNs
 //!   it held with RSTs at its own limit), and the next query boots it again;
-//! - a VM the backend reports running is adopted, never booted twice.
+//! - a VM the backend reports running is adopted, never booted twice;
+//! - a VM whose backend definition has a MAC of its own (a libvirt domain's) takes it, since
+//!   its guest sends from it, whatever its keys say, and keeps it across reloads.
 //!
 //! The fleet does not know DNS: the shell answers queries for running VMs itself from a table
 //! and only reports that activity with each [`Event::Tick`].
@@ -36,7 +39,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shared_proto::{ClientMessage, Handover, Phase, VmIdentity, VmStatus};
+use shared_proto::{ClientMessage, Handover, Mac, Phase, VmIdentity, VmStatus};
 
 use crate::config::{HandoverKind, StopMode, VmConfig, WaitFor};
 
@@ -252,6 +255,14 @@ pub enum Event {
         /// The VM.
         vm: VmName,
     },
+    /// The backend's definition of the VM (a libvirt domain's XML) gives its interface this
+    /// MAC. Reported before [`Event::Reconciled`].
+    MacFound {
+        /// The VM.
+        vm: VmName,
+        /// The MAC.
+        mac: Mac,
+    },
 }
 
 /// Why a query got SERVFAIL.
@@ -297,7 +308,7 @@ pub enum Answer {
 }
 
 /// A change worth a commit in the state store.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Persist {
     /// A VM changed state.
     Lifecycle {
@@ -311,6 +322,19 @@ pub enum Persist {
         cause: String,
         /// For booting -> running after a fresh boot: how long the boot took.
         boot_took: Option<Duration>,
+        /// The VM right after the change (its `state` is `to`), for the store.
+        view: VmView,
+    },
+    /// The VM took the MAC of its domain (see [`Event::MacFound`]).
+    Mac {
+        /// The VM.
+        vm: VmName,
+        /// The domain's MAC, the VM's from now on.
+        mac: Mac,
+        /// The MAC its keys gave it.
+        configured: Mac,
+        /// The keys named that MAC (`mac=`) rather than deriving it from the name.
+        keyed: bool,
     },
     /// Request counters changed and are due for a batch commit.
     Counters,
@@ -500,6 +524,8 @@ struct Vm {
     /// While a synjitsu-tracked guest runs without having announced itself: when its boot
     /// is failed. Cleared by its announcement and by every change of `life`.
     unconfirmed_until: Option<Instant>,
+    /// The MAC taken from the VM's domain ([`Event::MacFound`]), kept across reloads.
+    adopted_mac: Option<Mac>,
 }
 
 /// A read-only view of one VM, for the store and the shell.
@@ -554,6 +580,12 @@ impl Fleet {
             fleet.vms.insert(cfg.name.clone(), Vm::new(cfg));
         }
         fleet
+    }
+
+    /// The MAC the fleet took from `vm`'s domain, which wins over its keys' until it is
+    /// removed from the configuration.
+    pub fn adopted_mac(&self, vm: &str) -> Option<Mac> {
+        self.vms.get(vm).and_then(|v| v.adopted_mac)
     }
 
     /// The state of `vm`.
@@ -687,7 +719,15 @@ impl Fleet {
         }
         for (name, cfg) in new {
             match self.vms.get_mut(&name) {
-                Some(vm) => vm.cfg = cfg,
+                Some(vm) => {
+                    vm.cfg = match vm.adopted_mac {
+                        Some(mac) if mac != cfg.mac => Arc::new(VmConfig {
+                            mac,
+                            ..(*cfg).clone()
+                        }),
+                        _ => cfg,
+                    }
+                }
                 None => {
                     self.vms.insert(name, Vm::new(cfg));
                 }
@@ -762,13 +802,7 @@ impl Fleet {
                         direct: true,
                     });
                     answer_waiting(&mut v.waiting, Answer::Ready, &mut out);
-                    out.push(persist(
-                        &vm,
-                        Lifecycle::Stopping,
-                        Lifecycle::Running,
-                        format!("stop failed: {error}"),
-                        None,
-                    ));
+                    out.push(v.persist(Lifecycle::Stopping, format!("stop failed: {error}"), None));
                 }
             }
             Event::Observed { vm, state, epoch } => {
@@ -831,6 +865,7 @@ impl Fleet {
                     }
                 }
             }
+            Event::MacFound { vm, mac } => self.on_mac_found(&vm, mac, &mut out),
             Event::KeyAppeared { vm } => {
                 let tracked = self.synjitsu_up;
                 if let Some(v) = self.vms.get_mut(&vm)
@@ -848,6 +883,33 @@ impl Fleet {
             }
         }
         out
+    }
+
+    /// A domain's own MAC is what its guest sends from, whatever the VM's keys say: synjitsu
+    /// must steer that one, and it stays the VM's across reloads.
+    fn on_mac_found(&mut self, name: &VmName, mac: Mac, out: &mut Vec<Command>) {
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        if vm.cfg.mac == mac {
+            return;
+        }
+        let configured = vm.cfg.mac;
+        let keyed = vm.cfg.raw.iter().any(|(k, _)| k == "mac");
+        vm.adopted_mac = Some(mac);
+        vm.cfg = Arc::new(VmConfig {
+            mac,
+            ..(*vm.cfg).clone()
+        });
+        out.push(Command::Persist(Persist::Mac {
+            vm: name.clone(),
+            mac,
+            configured,
+            keyed,
+        }));
+        if self.synjitsu_up {
+            self.push_sync(out);
+        }
     }
 
     fn on_query(
@@ -988,7 +1050,6 @@ impl Fleet {
             BootKind::Resume => format!("resume, {cause}"),
             BootKind::Unpause => format!("unpause, {cause}"),
         };
-        out.push(persist(name, from, Lifecycle::Booting, cause, None));
         // synjitsu stands in at once for a wire hand-over; a Xenstore hand-over needs the
         // domain id, so it waits for the backend.
         if syn_up && cfg.synjitsu_tracked() && cfg.handover == HandoverKind::Wire {
@@ -1008,6 +1069,7 @@ impl Fleet {
             });
         }
         vm.set_life(Life::Booting(boot));
+        out.push(vm.persist(from, cause, None));
     }
 
     fn on_started(
@@ -1065,13 +1127,7 @@ impl Fleet {
         let domid = vm.domid;
         answer_waiting(&mut vm.waiting, Answer::ServFail(Refusal::BootFailed), out);
         out.push(Command::UnwatchKey { vm: name.clone() });
-        out.push(persist(
-            name,
-            Lifecycle::Booting,
-            Lifecycle::Failed,
-            format!("boot failed: {error}"),
-            None,
-        ));
+        out.push(vm.persist(Lifecycle::Booting, format!("boot failed: {error}"), None));
         self.notify_stopped(&cfg, domid, out);
     }
 
@@ -1094,19 +1150,12 @@ impl Fleet {
         } else {
             Life::Off
         };
-        let to_state = to.state();
         vm.set_life(to);
         vm.counters = None;
         let cfg = vm.cfg.clone();
         let domid = vm.domid;
         let wake = pending_wake || !vm.waiting.is_empty();
-        out.push(persist(
-            name,
-            Lifecycle::Stopping,
-            to_state,
-            format!("stopped ({mode})"),
-            None,
-        ));
+        out.push(vm.persist(Lifecycle::Stopping, format!("stopped ({mode})"), None));
         self.notify_stopped(&cfg, domid, out);
         if wake {
             // Queries came while it stopped: bring it back for them.
@@ -1158,13 +1207,7 @@ impl Fleet {
                     direct: false,
                 });
                 out.push(Command::Cleanup { vm: cfg.clone() });
-                out.push(persist(
-                    name,
-                    from,
-                    Lifecycle::Off,
-                    "exited by itself".into(),
-                    None,
-                ));
+                out.push(vm.persist(from, "exited by itself".into(), None));
                 let domid = vm.domid;
                 self.notify_stopped(&cfg, domid, out);
             }
@@ -1183,13 +1226,7 @@ impl Fleet {
                     vm: name.clone(),
                     direct: true,
                 });
-                out.push(persist(
-                    name,
-                    from,
-                    Lifecycle::Running,
-                    "found running".into(),
-                    None,
-                ));
+                out.push(vm.persist(from, "found running".into(), None));
                 answer_waiting(&mut vm.waiting, Answer::Ready, out);
             }
             (Observed::Running { domid }, Life::Running { .. }) => {
@@ -1210,7 +1247,7 @@ impl Fleet {
                     vm: name.clone(),
                     direct: false,
                 });
-                out.push(persist(name, from, to, format!("found {to}"), None));
+                out.push(vm.persist(from, format!("found {to}"), None));
             }
             // Booting and stopping VMs report through their own results.
             _ => {}
@@ -1255,7 +1292,6 @@ impl Fleet {
                 )
             }
         };
-        let to = life.state();
         let serve = matches!(life, Life::Running { .. });
         vm.set_life(life);
         if serve {
@@ -1265,7 +1301,7 @@ impl Fleet {
             });
         }
         if !cause.is_empty() {
-            out.push(persist(name, stored_state, to, cause.into(), None));
+            out.push(vm.persist(stored_state, cause.into(), None));
         }
     }
 
@@ -1309,13 +1345,7 @@ impl Fleet {
             vm: name.clone(),
             direct: true,
         });
-        out.push(persist(
-            name,
-            Lifecycle::Booting,
-            Lifecycle::Running,
-            reason.into(),
-            took,
-        ));
+        out.push(vm.persist(Lifecycle::Booting, reason.into(), took));
     }
 
     /// Fails a synjitsu-tracked boot whose guest never announced itself: destroyed, then
@@ -1442,6 +1472,7 @@ impl Vm {
             starts: 0,
             last_start: None,
             unconfirmed_until: None,
+            adopted_mac: None,
         }
     }
 
@@ -1473,13 +1504,20 @@ impl Vm {
             vm: self.cfg.clone(),
             mode,
         });
-        out.push(persist(
-            name,
-            Lifecycle::Running,
-            Lifecycle::Stopping,
+        out.push(self.persist(Lifecycle::Running, cause, None));
+    }
+
+    /// The store's record of this VM's change from `from` to the state it is in now, with
+    /// its view after the change.
+    fn persist(&self, from: Lifecycle, cause: String, boot_took: Option<Duration>) -> Command {
+        Command::Persist(Persist::Lifecycle {
+            vm: self.cfg.name.clone(),
+            from,
+            to: self.life.state(),
             cause,
-            None,
-        ));
+            boot_took,
+            view: self.view(),
+        })
     }
 
     fn view(&self) -> VmView {
@@ -1554,22 +1592,6 @@ impl fmt::Display for Cause {
             Cause::Waiting => f.write_str("queries arrived while it stopped"),
         }
     }
-}
-
-fn persist(
-    vm: &VmName,
-    from: Lifecycle,
-    to: Lifecycle,
-    cause: String,
-    boot_took: Option<Duration>,
-) -> Command {
-    Command::Persist(Persist::Lifecycle {
-        vm: vm.clone(),
-        from,
-        to,
-        cause,
-        boot_took,
-    })
 }
 
 /// `2 s`, `1.5 s`, `120 s`.
@@ -2549,6 +2571,96 @@ mod tests {
             Duration::from_secs(1)
         );
         assert_eq!(f.state("c"), Some(Lifecycle::Off));
+    }
+
+    #[test]
+    fn the_domains_mac_wins_over_the_keys_and_outlives_a_reload() {
+        let specs = [
+            spec("www", 1, ",use_synjitsu=true"),
+            spec("m", 2, ",mac=02:00:00:00:00:02"),
+        ];
+        let (mut f, t) = fleet(&specs, settings());
+        f.handle(t, Event::SynjitsuUp);
+        let derived = f.view("www").unwrap().cfg.mac;
+        let domain: Mac = "02:aa:00:00:00:77".parse().unwrap();
+        let out = f.handle(
+            t,
+            Event::MacFound {
+                vm: name("www"),
+                mac: domain,
+            },
+        );
+        assert!(out.contains(&Command::Persist(Persist::Mac {
+            vm: name("www"),
+            mac: domain,
+            configured: derived,
+            keyed: false,
+        })));
+        let told = synjitsu(&out);
+        let [(_, ClientMessage::Sync { vms: synced })] = &told[..] else {
+            panic!("synjitsu is told at once: {told:?}")
+        };
+        assert_eq!(synced[0].vm.mac, domain);
+        assert_eq!(f.view("www").unwrap().cfg.mac, domain);
+        let same = f.handle(
+            t,
+            Event::MacFound {
+                vm: name("www"),
+                mac: domain,
+            },
+        );
+        assert!(same.is_empty(), "{same:?}");
+        let out = f.handle(
+            t,
+            Event::MacFound {
+                vm: name("m"),
+                mac: domain,
+            },
+        );
+        assert!(matches!(
+            &out[..],
+            [Command::Persist(Persist::Mac { keyed: true, .. }), ..]
+        ));
+
+        // A reload gives the keys' MAC again; the domain's stays.
+        let refs: Vec<&str> = specs.iter().map(String::as_str).collect();
+        f.reconfigure(t, vms(&refs));
+        assert_eq!(f.view("www").unwrap().cfg.mac, domain);
+        assert_eq!(f.adopted_mac("www"), Some(domain));
+        // Removed, the VM is forgotten with its MAC.
+        f.reconfigure(t, vms(&refs[1..]));
+        f.reconfigure(t, vms(&refs));
+        assert_eq!(f.adopted_mac("www"), None);
+        assert_eq!(f.view("www").unwrap().cfg.mac, derived);
+    }
+
+    #[test]
+    fn a_lifecycle_record_carries_the_vm_as_it_is_after_the_change() {
+        let (mut f, t0) = fleet(&[spec("www", 1, ",response_delay=0")], settings());
+        let out = query(&mut f, t0, "www", 1);
+        let views: Vec<&VmView> = out
+            .iter()
+            .filter_map(|c| match c {
+                Command::Persist(Persist::Lifecycle { view, to, .. }) => {
+                    assert_eq!(view.state, *to);
+                    Some(view)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(views.len(), 1);
+        assert_eq!(
+            (views[0].state, views[0].starts, views[0].requests),
+            (Lifecycle::Booting, 1, 1)
+        );
+        assert_eq!(views[0].last_start, Some(t0));
+        let out = started(&mut f, t0 + MS, "www", Some(7));
+        let Some(Command::Persist(Persist::Lifecycle { view, .. })) =
+            out.iter().find(|c| matches!(c, Command::Persist(_)))
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!((view.state, view.domid), (Lifecycle::Running, Some(7)));
     }
 
     #[test]
