@@ -16,9 +16,8 @@
 //! synjitsu, persistdb, metrics) need a restart and are ignored with a warning.
 //! SIGTERM/SIGINT stop jitsu-dns and leave every VM as it is; the store is flushed.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::ops::Bound;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -37,7 +36,7 @@ use crate::fleet::{
 use crate::forward::{self, Forwarder, UpstreamError, parse_resolv_conf};
 use crate::metrics::{self, Metrics};
 use crate::ratelimit::RateLimited;
-use crate::state::{self, Change, StateError, Store, Tree};
+use crate::state::{self, Change, ConfigChange, StateError, Store, Tree, Wall};
 use crate::synjitsu::{self, Outgoing};
 use crate::xenstore::KeyWatcher;
 
@@ -124,32 +123,6 @@ fn serial_now() -> u32 {
         .unwrap_or(1)
 }
 
-/// The store's files for a VM's configuration (and the VM's identity).
-fn config_files(vm: &VmConfig, ttl: u32) -> Vec<(String, String)> {
-    let p = state::vm_prefix(&vm.name);
-    let mut grouped: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for (k, v) in &vm.raw {
-        grouped.entry(k.as_str()).or_default().push(v.as_str());
-    }
-    let mut files: Vec<(String, String)> = grouped
-        .into_iter()
-        .map(|(k, v)| (format!("{p}config/{k}"), v.join("\n")))
-        .collect();
-    for n in &vm.dns {
-        let n = n.to_ascii();
-        files.push((
-            format!("{p}dns/{}", n.trim_end_matches('.')),
-            ttl.to_string(),
-        ));
-    }
-    files.push((format!("{p}ip"), vm.ip.to_string()));
-    if let Some(ip6) = vm.ip6 {
-        files.push((format!("{p}ip6"), ip6.to_string()));
-    }
-    files.push((format!("{p}mac"), vm.mac.to_string()));
-    files
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Op {
     Start,
@@ -169,7 +142,7 @@ struct Shell {
     tables: Arc<Tables>,
     slots: HashMap<VmName, Arc<VmSlot>>,
     clock: Clock,
-    wall: (Instant, SystemTime),
+    wall: Wall,
     pending: HashMap<QueryId, oneshot::Sender<Answer>>,
     next_query: u64,
     events: mpsc::Sender<Event>,
@@ -185,41 +158,6 @@ struct Shell {
 }
 
 impl Shell {
-    /// Unix time of `t`, for the store.
-    fn unix(&self, t: Instant) -> String {
-        let (base_i, base_s) = self.wall;
-        let s = if t >= base_i {
-            base_s + (t - base_i)
-        } else {
-            base_s - (base_i - t)
-        };
-        let secs = s
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        format!("{secs:.3}")
-    }
-
-    /// The store's files for a VM's dynamic state.
-    fn state_files(&self, v: &VmView) -> Vec<(String, String)> {
-        let p = state::vm_prefix(&v.cfg.name);
-        let mut files = vec![
-            (format!("{p}state"), v.state.as_str().to_string()),
-            (format!("{p}starts"), v.starts.to_string()),
-            (format!("{p}requests"), v.requests.to_string()),
-        ];
-        if let Some(d) = v.domid {
-            files.push((format!("{p}domid"), d.to_string()));
-        }
-        if let Some(t) = v.last_request {
-            files.push((format!("{p}last_request"), self.unix(t)));
-        }
-        if let Some(t) = v.last_start {
-            files.push((format!("{p}last_start"), self.unix(t)));
-        }
-        files
-    }
-
     fn commit(&mut self, change: Change) {
         if let Err(e) = self.store.apply(change) {
             self.metrics.add_store_dropped();
@@ -227,76 +165,21 @@ impl Shell {
         }
     }
 
-    /// Commits the configuration: what was added, removed or changed relative to `tree`
-    /// (the store's last view), with fresh state files for VMs new to the store.
+    /// Commits the configuration over `old` (the store's last committed tree).
     fn commit_config(&mut self, old: &Tree, verb: &str) {
-        let mut change = Change::default();
-        let mut added = Vec::new();
-        let mut changed = Vec::new();
-        let configured: Vec<VmName> = self.cfg.vms.iter().map(|v| v.name.clone()).collect();
-        let known: std::collections::BTreeSet<String> = old
-            .keys()
-            .filter_map(|k| k.strip_prefix("jitsu/vm/"))
-            .filter_map(|k| k.split('/').next())
-            .map(str::to_string)
-            .collect();
-        let removed: Vec<String> = known
+        // Each VM as the fleet runs it (with a MAC taken from its domain), in the
+        // configuration's order.
+        let vms: Vec<VmView> = self
+            .cfg
+            .vms
             .iter()
-            .filter(|n| !configured.iter().any(|c| &**c == n.as_str()))
-            .cloned()
+            .filter_map(|v| self.fleet.view(&v.name))
             .collect();
-        for n in &removed {
-            change.remove.push(state::vm_prefix(n));
+        let ConfigChange { change, summary } =
+            state::config_change(old, &vms, self.cfg.ttl, &self.wall, verb);
+        if let Some(changes) = summary {
+            info!(%changes, "configuration {verb}");
         }
-        for vm in &self.cfg.vms {
-            let p = state::vm_prefix(&vm.name);
-            let (config_dir, dns_dir) = (format!("{p}config/"), format!("{p}dns/"));
-            let is_spec = |k: &str| k.starts_with(&config_dir) || k.starts_with(&dns_dir);
-            let files = config_files(vm, self.cfg.ttl);
-            // The VM's subtree only: keys sharing a prefix are adjacent in the tree.
-            let before: Vec<(&String, &String)> = old
-                .range::<str, _>((Bound::Included(p.as_str()), Bound::Unbounded))
-                .take_while(|(k, _)| k.starts_with(&p))
-                .filter(|(k, _)| is_spec(k))
-                .collect();
-            let after: Vec<(&String, &String)> = files
-                .iter()
-                .filter(|(k, _)| is_spec(k))
-                .map(|(k, v)| (k, v))
-                .collect();
-            if !known.contains(&*vm.name) {
-                added.push(vm.name.to_string());
-                if let Some(view) = self.fleet.view(&vm.name) {
-                    change.files.extend(self.state_files(&view));
-                }
-            } else if before != after {
-                changed.push(vm.name.to_string());
-            }
-            change.remove.push(config_dir);
-            change.remove.push(dns_dir);
-            change.files.extend(files);
-        }
-        let mut parts = Vec::new();
-        for (what, names) in [
-            ("added", &added),
-            ("removed", &removed),
-            ("changed", &changed),
-        ] {
-            if !names.is_empty() {
-                parts.push(format!("{what} {}", names.join(", ")));
-            }
-        }
-        if !parts.is_empty() {
-            info!(changes = %parts.join("; "), "configuration {verb}");
-        }
-        change.message = Some(format!(
-            "configuration {verb}: {}",
-            if parts.is_empty() {
-                "unchanged".to_string()
-            } else {
-                parts.join("; ")
-            }
-        ));
         self.commit(change);
     }
 
@@ -427,19 +310,8 @@ impl Shell {
                     self.metrics.add_boot_failure();
                 }
                 info!(vm = %vm, from = %from, to = %to, %cause, "lifecycle");
-                let message = if from == to {
-                    format!("{vm}: {to} ({cause})")
-                } else {
-                    format!("{vm}: {from} -> {to} ({cause})")
-                };
-                self.persisted_requests.insert(vm.clone(), view.requests);
-                let files = self.state_files(&view);
-                self.commit(Change {
-                    remove: vec![],
-                    files,
-                    message: Some(message),
-                    always: true,
-                });
+                self.persisted_requests.insert(vm, view.requests);
+                self.commit(state::lifecycle_change(&view, from, &cause, &self.wall));
             }
             Command::Persist(Persist::Mac {
                 vm,
@@ -452,12 +324,7 @@ impl Shell {
                 } else {
                     info!(vm = %vm, %mac, "using the MAC of the VM's existing domain");
                 }
-                self.commit(Change {
-                    remove: vec![],
-                    files: vec![(format!("{}mac", state::vm_prefix(&vm)), mac.to_string())],
-                    message: Some(format!("{vm}: MAC {mac} from its domain")),
-                    always: false,
-                });
+                self.commit(state::mac_change(&vm, mac));
             }
             Command::Persist(Persist::Counters) => self.flush_counters(None),
         }
@@ -485,7 +352,7 @@ impl Shell {
                 self.persisted_requests
                     .insert(v.cfg.name.clone(), v.requests);
             }
-            files.extend(self.state_files(&v));
+            files.extend(state::state_files(&v, &self.wall));
         }
         let message = if moved.is_empty() {
             None
@@ -640,12 +507,6 @@ impl Shell {
             }
         };
         let mut new = new;
-        // The MACs the fleet took from the VMs' domains outlive a reload: the store keeps them.
-        for vm in &mut new.vms {
-            if let Some(mac) = self.fleet.adopted_mac(&vm.name) {
-                vm.mac = mac;
-            }
-        }
         // What needs a restart stays as it is.
         new.bind = self.cfg.bind;
         new.listen = self.cfg.listen;
@@ -724,7 +585,7 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
         tables: tables.clone(),
         slots,
         clock,
-        wall: (Instant::now(), SystemTime::now()),
+        wall: Wall::now(),
         pending: HashMap::new(),
         next_query: 0,
         events: events_tx.clone(),

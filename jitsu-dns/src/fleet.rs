@@ -582,12 +582,6 @@ impl Fleet {
         fleet
     }
 
-    /// The MAC the fleet took from `vm`'s domain, which wins over its keys' until it is
-    /// removed from the configuration.
-    pub fn adopted_mac(&self, vm: &str) -> Option<Mac> {
-        self.vms.get(vm).and_then(|v| v.adopted_mac)
-    }
-
     /// The state of `vm`.
     pub fn state(&self, vm: &str) -> Option<Lifecycle> {
         self.vms.get(vm).map(|v| v.life.state())
@@ -2626,11 +2620,9 @@ mod tests {
         let refs: Vec<&str> = specs.iter().map(String::as_str).collect();
         f.reconfigure(t, vms(&refs));
         assert_eq!(f.view("www").unwrap().cfg.mac, domain);
-        assert_eq!(f.adopted_mac("www"), Some(domain));
         // Removed, the VM is forgotten with its MAC.
         f.reconfigure(t, vms(&refs[1..]));
         f.reconfigure(t, vms(&refs));
-        assert_eq!(f.adopted_mac("www"), None);
         assert_eq!(f.view("www").unwrap().cfg.mac, derived);
     }
 
