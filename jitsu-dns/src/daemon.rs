@@ -485,20 +485,11 @@ impl Shell {
                 return;
             }
         };
-        let restart_only = [
-            ("bind", new.bind != self.cfg.bind),
-            ("listen", new.listen != self.cfg.listen),
-            ("backend", new.backend != self.cfg.backend),
-            ("connect", new.connect != self.cfg.connect),
-            ("synjitsu", new.synjitsu != self.cfg.synjitsu),
-            ("persistdb", new.persistdb != self.cfg.persistdb),
-            ("metrics", new.metrics != self.cfg.metrics),
-        ];
-        for (setting, differs) in restart_only {
-            if differs {
-                warn!(setting, "this setting changes only with a restart: ignored");
-            }
+        let (new, kept) = new.for_reload(&self.cfg);
+        for setting in kept {
+            warn!(setting, "this setting changes only with a restart: ignored");
         }
+        // Checked against the address served, which a reload does not change.
         let forwarder = match forwarder_for(&new) {
             Ok(f) => f,
             Err(e) => {
@@ -506,15 +497,6 @@ impl Shell {
                 return;
             }
         };
-        let mut new = new;
-        // What needs a restart stays as it is.
-        new.bind = self.cfg.bind;
-        new.listen = self.cfg.listen;
-        new.backend = self.cfg.backend;
-        new.connect = self.cfg.connect.clone();
-        new.synjitsu = self.cfg.synjitsu.clone();
-        new.persistdb = self.cfg.persistdb.clone();
-        new.metrics = self.cfg.metrics;
         let added: Vec<Arc<VmConfig>> = new
             .vms
             .iter()

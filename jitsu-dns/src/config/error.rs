@@ -7,8 +7,8 @@ use std::path::PathBuf;
 /// Where a value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
-    /// A command-line flag.
-    Flag(&'static str),
+    /// A command-line flag (`--ttl`).
+    Flag(String),
     /// A positional VM spec (1-based), with the VM's name once known.
     Spec {
         /// 1-based position among the specs.

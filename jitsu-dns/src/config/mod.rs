@@ -28,12 +28,12 @@ pub use flags::Flags;
 pub use spec::{Entry, parse_spec};
 pub use types::*;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use error::invalid;
-use values::{parse_seconds, parse_u64};
+use flags::Given;
+use values::{parse_enum, parse_ip, parse_seconds, parse_u64};
 use vm::{VmDefaults, build_vm, check_distinct};
 use zone::{explicit_zones, zones_for};
 
@@ -47,172 +47,80 @@ pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
     merge(flags, file.as_ref())
 }
 
+/// Where the settings come from: the flags, then the file.
+#[derive(Clone, Copy)]
+struct Sources<'a> {
+    flags: &'a Flags,
+    file: Option<&'a FileSettings>,
+}
+
+impl Sources<'_> {
+    /// Setting `key` (the field `field` of the flags and of the file) parsed by `parse`: the
+    /// flag's value if given, else the file's, else `None`. The file's is read even when a
+    /// flag overrides it, so a malformed file is refused all the same.
+    fn get<T>(
+        &self,
+        key: &'static str,
+        field: impl Fn(&Flags) -> &Option<Given>,
+        parse: impl FnOnce(&Origin, &str, &str) -> Result<T, ConfigError>,
+    ) -> Result<Option<T>, ConfigError> {
+        let from_file = match self.file {
+            Some(f) => field(&f.flags)
+                .as_ref()
+                .map(|g| g.text(key, Some(f)))
+                .transpose()?,
+            None => None,
+        };
+        let given = match field(self.flags) {
+            Some(g) => Some(g.text(key, self.file)?),
+            None => from_file,
+        };
+        given.map(|(v, o)| parse(&o, key, &v)).transpose()
+    }
+}
+
+/// Setting `$key` of `$sources`, parsed by `$parse`: the field names the setting.
+macro_rules! setting {
+    ($sources:expr, $key:ident, $parse:expr) => {
+        $sources.get(stringify!($key), |f| &f.$key, $parse)
+    };
+}
+
 /// Merges a parsed file (if any) under `flags` and validates everything.
 pub fn merge(flags: &Flags, file: Option<&FileSettings>) -> Result<Config, ConfigError> {
-    let no_origins = HashMap::new();
-    let no_flags = Flags::default();
-    let (from_file, file_origins) = match file {
-        Some(f) => (&f.flags, &f.origins),
-        None => (&no_flags, &no_origins),
-    };
-    // A setting comes from the flag if given, else from the file (with its line), else None.
-    let pick = |flag: &Option<String>,
-                from_file: &Option<String>,
-                flag_name: &'static str,
-                key: &'static str|
-     -> Option<(String, Origin)> {
-        match (flag, from_file) {
-            (Some(v), _) => Some((v.clone(), Origin::Flag(flag_name))),
-            (None, Some(v)) => Some((
-                v.clone(),
-                file_origins
-                    .get(key)
-                    .cloned()
-                    .unwrap_or(Origin::Flag(flag_name)),
-            )),
-            (None, None) => None,
-        }
-    };
-
-    let bind = match pick(&flags.bind, &from_file.bind, "--bind", "bind") {
-        Some((v, o)) => v
-            .parse::<IpAddr>()
-            .map_err(|_| invalid(&o, "bind", &v, "not an IP address"))?,
-        None => DEFAULT_BIND,
-    };
-    let listen = match pick(&flags.listen, &from_file.listen, "--listen", "listen") {
-        Some((v, o)) => parse_u64(&o, "listen", &v, 1, 65535)? as u16,
-        None => DEFAULT_LISTEN,
-    };
-    let forwarders = match pick(
-        &flags.forwarder,
-        &from_file.forwarder,
-        "--forwarder",
-        "forwarder",
-    ) {
-        None => Forwarders::System,
-        Some((v, _)) if v.trim().is_empty() => Forwarders::System,
-        Some((v, o)) => {
-            let list = v
-                .split(',')
-                .map(|s| {
-                    s.trim()
-                        .parse::<IpAddr>()
-                        .map_err(|_| invalid(&o, "forwarder", &v, "not an IP address (or a comma-separated list of them; 0.0.0.0 turns forwarding off, empty uses /etc/resolv.conf)"))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            if list.iter().all(IpAddr::is_unspecified) {
-                Forwarders::Off
-            } else if list.iter().any(IpAddr::is_unspecified) {
-                return Err(invalid(
-                    &o,
-                    "forwarder",
-                    &v,
-                    "0.0.0.0 (no forwarding) cannot be mixed with servers",
-                ));
-            } else {
-                Forwarders::List(list)
-            }
-        }
-    };
-    let forwarder_port = match pick(
-        &flags.forwarder_port,
-        &from_file.forwarder_port,
-        "--forwarder-port",
-        "forwarder_port",
-    ) {
-        Some((v, o)) => parse_u64(&o, "forwarder_port", &v, 1, 65535)? as u16,
-        None => DEFAULT_FORWARDER_PORT,
-    };
-    let delay = match pick(&flags.delay, &from_file.delay, "--delay", "delay") {
-        Some((v, o)) => parse_seconds(&o, "delay", &v)?,
-        None => DEFAULT_DELAY,
-    };
-    let ttl = match pick(&flags.ttl, &from_file.ttl, "--ttl", "ttl") {
-        // RFC 2181: TTLs are at most 2^31 - 1.
-        Some((v, o)) => parse_u64(&o, "ttl", &v, 1, (1 << 31) - 1)? as u32,
-        None => DEFAULT_TTL,
-    };
-    let mode = match pick(&flags.mode, &from_file.mode, "--mode", "mode") {
-        Some((v, o)) => v
-            .parse()
-            .map_err(|why: String| invalid(&o, "mode", &v, why))?,
-        None => StopMode::Destroy,
-    };
-    let backend = match pick(&flags.backend, &from_file.backend, "--backend", "backend") {
-        Some((v, o)) => v
-            .parse()
-            .map_err(|why: String| invalid(&o, "backend", &v, why))?,
-        // The process backend is the one that works everywhere; libvirt is chosen explicitly.
-        None => BackendKind::Process,
-    };
-    let connect = pick(&flags.connect, &from_file.connect, "--connect", "connect").map(|(v, _)| v);
-    let synjitsu = match pick(
-        &flags.synjitsu,
-        &from_file.synjitsu,
-        "--synjitsu",
-        "synjitsu",
-    ) {
-        Some((v, o)) if v.is_empty() => {
-            return Err(invalid(
-                &o,
-                "synjitsu",
-                &v,
-                "expected the path of synjitsu's control socket",
-            ));
-        }
-        Some((v, _)) => Some(PathBuf::from(v)),
-        None => None,
-    };
-    let persistdb = match pick(
-        &flags.persistdb,
-        &from_file.persistdb,
-        "--persistdb",
-        "persistdb",
-    ) {
-        Some((v, o)) if v.is_empty() => {
-            return Err(invalid(&o, "persistdb", &v, "expected a directory"));
-        }
-        Some((v, _)) => Some(PathBuf::from(v)),
-        None => None,
-    };
-    let metrics = match pick(&flags.metrics, &from_file.metrics, "--metrics", "metrics") {
-        Some((v, o)) => Some(v.parse::<SocketAddr>().map_err(|_| {
-            invalid(
-                &o,
-                "metrics",
-                &v,
-                "expected address:port, like 127.0.0.1:9153",
-            )
-        })?),
-        None => None,
-    };
-    let log_level = pick(
-        &flags.log_level,
-        &from_file.log_level,
-        "--log-level",
-        "log_level",
-    )
-    .map(|(v, _)| v)
-    .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_string());
-    let max_running = match pick(
-        &flags.max_running,
-        &from_file.max_running,
-        "--max-running",
-        "max_running",
-    ) {
-        Some((v, o)) => Some(parse_u64(&o, "max_running", &v, 1, 1 << 20)? as usize),
-        None => None,
-    };
-    let max_boots_per_second = match pick(
-        &flags.max_boots_per_second,
-        &from_file.max_boots_per_second,
-        "--max-boots-per-second",
-        "max_boots_per_second",
-    ) {
-        Some((v, o)) => Some(parse_u64(&o, "max_boots_per_second", &v, 1, 1 << 20)? as u32),
-        None => None,
-    };
+    let s = Sources { flags, file };
+    let port = |o: &Origin, k: &str, v: &str| parse_u64(o, k, v, 1, 65535).map(|p| p as u16);
+    let bind = setting!(s, bind, parse_ip)?.unwrap_or(DEFAULT_BIND);
+    let listen = setting!(s, listen, port)?.unwrap_or(DEFAULT_LISTEN);
+    let forwarders = setting!(s, forwarder, parse_forwarders)?.unwrap_or(Forwarders::System);
+    let forwarder_port = setting!(s, forwarder_port, port)?.unwrap_or(DEFAULT_FORWARDER_PORT);
+    let delay = setting!(s, delay, parse_seconds)?.unwrap_or(DEFAULT_DELAY);
+    // RFC 2181: TTLs are at most 2^31 - 1.
+    let ttl = setting!(s, ttl, |o, k, v| parse_u64(o, k, v, 1, (1 << 31) - 1))?
+        .map_or(DEFAULT_TTL, |t| t as u32);
+    let mode = setting!(s, mode, parse_enum)?.unwrap_or(StopMode::Destroy);
+    // The process backend is the one that works everywhere; libvirt is chosen explicitly.
+    let backend = setting!(s, backend, parse_enum)?.unwrap_or(BackendKind::Process);
+    let connect = setting!(s, connect, as_text)?;
+    let synjitsu = setting!(s, synjitsu, |o, k, v| {
+        parse_path(o, k, v, "expected the path of synjitsu's control socket")
+    })?;
+    let persistdb = setting!(s, persistdb, |o, k, v| {
+        parse_path(o, k, v, "expected a directory")
+    })?;
+    let metrics = setting!(s, metrics, parse_socket_addr)?;
+    let log_level =
+        setting!(s, log_level, as_text)?.unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_string());
+    let max_running =
+        setting!(s, max_running, |o, k, v| parse_u64(o, k, v, 1, 1 << 20))?.map(|n| n as usize);
+    let max_boots_per_second = setting!(s, max_boots_per_second, |o, k, v| parse_u64(
+        o,
+        k,
+        v,
+        1,
+        1 << 20
+    ))?
+    .map(|n| n as u32);
 
     let defaults = VmDefaults {
         delay,
@@ -261,6 +169,56 @@ pub fn merge(flags: &Flags, file: Option<&FileSettings>) -> Result<Config, Confi
         vms: vms.into_iter().map(|(v, _)| v).collect(),
         file: file.map(|f| f.path.clone()),
     })
+}
+
+/// `-f`: a comma-separated list of servers; empty: the system's; `0.0.0.0`: none.
+fn parse_forwarders(origin: &Origin, key: &str, v: &str) -> Result<Forwarders, ConfigError> {
+    if v.trim().is_empty() {
+        return Ok(Forwarders::System);
+    }
+    let list = v
+        .split(',')
+        .map(|s| {
+            s.trim().parse::<IpAddr>().map_err(|_| {
+                invalid(
+                    origin,
+                    key,
+                    v,
+                    "not an IP address (or a comma-separated list of them; 0.0.0.0 turns \
+                     forwarding off, empty uses /etc/resolv.conf)",
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if list.iter().all(IpAddr::is_unspecified) {
+        Ok(Forwarders::Off)
+    } else if list.iter().any(IpAddr::is_unspecified) {
+        Err(invalid(
+            origin,
+            key,
+            v,
+            "0.0.0.0 (no forwarding) cannot be mixed with servers",
+        ))
+    } else {
+        Ok(Forwarders::List(list))
+    }
+}
+
+/// A path that must not be empty (`why` says what it should name).
+fn parse_path(origin: &Origin, key: &str, v: &str, why: &str) -> Result<PathBuf, ConfigError> {
+    if v.is_empty() {
+        return Err(invalid(origin, key, v, why));
+    }
+    Ok(PathBuf::from(v))
+}
+
+fn parse_socket_addr(origin: &Origin, key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
+    v.parse()
+        .map_err(|_| invalid(origin, key, v, "expected address:port, like 127.0.0.1:9153"))
+}
+
+fn as_text(_: &Origin, _: &str, v: &str) -> Result<String, ConfigError> {
+    Ok(v.to_string())
 }
 
 #[cfg(test)]

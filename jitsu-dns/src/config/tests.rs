@@ -111,7 +111,7 @@ fn every_flag_is_parsed() {
     let mut off = flags(&[www()]);
     off.forwarder = Some("0.0.0.0".into());
     assert_eq!(ok(&off).forwarders, Forwarders::Off);
-    off.forwarder = Some(String::new());
+    off.forwarder = Some("".into());
     assert_eq!(ok(&off).forwarders, Forwarders::System);
 }
 
@@ -675,4 +675,28 @@ fn zones_default_to_the_parent_and_nest_into_the_outer_one() {
         c.zone_of(&Name::from_ascii("example.info.").unwrap())
             .is_none()
     );
+}
+
+#[test]
+fn a_reload_keeps_the_settings_that_need_a_restart() {
+    let running = ok(&Flags {
+        bind: Some("10.0.0.254".into()),
+        metrics: Some("127.0.0.1:9153".into()),
+        ..flags(&[www()])
+    });
+    let read = ok(&Flags {
+        bind: Some("10.0.0.1".into()),
+        listen: Some("5353".into()),
+        backend: Some("libvirt".into()),
+        ttl: Some("5".into()),
+        metrics: Some("127.0.0.1:9153".into()),
+        ..flags(&["name=www,dns=www.example.org,ip=10.0.0.1"])
+    });
+    let (c, kept) = read.for_reload(&running);
+    assert_eq!(kept, ["bind", "listen", "backend"]);
+    assert_eq!(c.dns_addr(), running.dns_addr());
+    assert_eq!(c.backend, BackendKind::Process);
+    assert_eq!(c.ttl, 5, "the rest is the new configuration's");
+    let (_, kept) = running.clone().for_reload(&running);
+    assert!(kept.is_empty());
 }

@@ -317,4 +317,21 @@ impl Config {
     pub fn dns_addr(&self) -> SocketAddr {
         SocketAddr::new(self.bind, self.listen)
     }
+
+    /// The configuration a reload runs with: this one (just read) with the settings that
+    /// need new sockets, another backend or another store kept as `running` has them, and
+    /// the names of those this one would have changed.
+    pub fn for_reload(mut self, running: &Config) -> (Config, Vec<&'static str>) {
+        let mut kept = Vec::new();
+        macro_rules! restart_only {
+            ($($setting:ident),*) => {$(
+                if self.$setting != running.$setting {
+                    kept.push(stringify!($setting));
+                    self.$setting = running.$setting.clone();
+                }
+            )*};
+        }
+        restart_only!(bind, listen, backend, connect, synjitsu, persistdb, metrics);
+        (self, kept)
+    }
 }
