@@ -54,8 +54,12 @@ pub struct Flags {
     /// Git repository holding the state and its history (default: a temporary one).
     #[arg(long, value_name = "DIR")]
     pub persistdb: Option<Given>,
-    /// TOML file with the same settings and [[vm]] tables; re-read on SIGHUP.
-    #[arg(long, value_name = "FILE")]
+    /// The TOML file with the same settings and `[[vm]]` tables; re-read on SIGHUP.
+    #[arg(
+        long,
+        value_name = "FILE",
+        help = "TOML file with the same settings and [[vm]] tables; re-read on SIGHUP"
+    )]
     #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics.

@@ -187,7 +187,7 @@ pub enum Event {
         vm: VmName,
         /// Its state.
         state: Observed,
-        /// For a poll: the epoch [`Fleet::polled`] gave with the VM; the observation is
+        /// For a poll: the epoch [`super::Fleet::polled`] gave with the VM; the observation is
         /// dropped if the VM changed state since. `None` for pushed events, which are current.
         epoch: Option<u64>,
     },

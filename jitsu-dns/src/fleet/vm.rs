@@ -93,7 +93,7 @@ pub(super) struct Vm {
     /// While a synjitsu-tracked guest runs without having announced itself: when its boot
     /// is failed. Cleared by its announcement and by every change of `life`.
     pub(super) unconfirmed_until: Option<Instant>,
-    /// The MAC taken from the VM's domain ([`Event::MacFound`]), kept across reloads.
+    /// The MAC taken from the VM's domain ([`super::Event::MacFound`]), kept across reloads.
     pub(super) adopted_mac: Option<Mac>,
 }
 
