@@ -16,14 +16,12 @@
 //! synjitsu, persistdb, metrics) need a restart and are ignored with a warning.
 //! SIGTERM/SIGINT stop jitsu-dns and leave every VM as it is; the store is flushed.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::ops::Bound;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use shared_proto::Mac;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -35,9 +33,10 @@ use crate::fleet::{
     self, Answer, Command, Event, Fleet, Lifecycle, Observed, Persist, QueryId, Settings, VmName,
     VmView,
 };
-use crate::forward::{Forwarder, parse_resolv_conf};
+use crate::forward::{self, Forwarder, UpstreamError, parse_resolv_conf};
 use crate::metrics::{self, Metrics};
-use crate::state::{self, Change, StateError, Store, Tree};
+use crate::ratelimit::RateLimited;
+use crate::state::{self, Change, ConfigChange, StateError, Store, Tree, Wall};
 use crate::synjitsu::{self, Outgoing};
 use crate::xenstore::KeyWatcher;
 
@@ -75,7 +74,7 @@ pub enum DaemonError {
     },
     /// Forwarding is misconfigured.
     #[error("forwarding: {0}")]
-    Forward(String),
+    Forward(#[from] UpstreamError),
 }
 
 /// The forwarder for `cfg`, `None` when forwarding is off (or nothing to forward to).
@@ -88,30 +87,17 @@ fn forwarder_for(cfg: &Config) -> Result<Option<Arc<Forwarder>>, DaemonError> {
             (parse_resolv_conf(&text), true)
         }
     };
-    let own = cfg.dns_addr();
-    let mut servers = Vec::new();
-    for ip in ips {
-        let s = SocketAddr::new(ip, cfg.forwarder_port);
-        let loops =
-            s == own || (own.ip().is_unspecified() && ip.is_loopback() && s.port() == own.port());
-        if loops {
-            if from_system {
-                warn!(forwarder = %s, "skipping the /etc/resolv.conf nameserver that is jitsu-dns itself");
-                continue;
-            }
-            return Err(DaemonError::Forward(format!(
-                "forwarder {s} is jitsu-dns's own address: queries would loop"
-            )));
-        }
-        servers.push(s);
+    let up = forward::upstreams(&ips, cfg.forwarder_port, cfg.dns_addr(), from_system)?;
+    for s in &up.skipped {
+        warn!(forwarder = %s, "skipping the /etc/resolv.conf nameserver that is jitsu-dns itself");
     }
-    if servers.is_empty() {
+    if up.servers.is_empty() {
         warn!(
             "no forwarder (no usable nameserver in /etc/resolv.conf): names outside the zones are refused"
         );
         return Ok(None);
     }
-    Ok(Some(Arc::new(Forwarder::new(servers))))
+    Ok(Some(Arc::new(Forwarder::new(up.servers))))
 }
 
 fn settings(cfg: &Config) -> Settings {
@@ -137,53 +123,6 @@ fn serial_now() -> u32 {
         .unwrap_or(1)
 }
 
-/// The store's files for a VM's configuration (and the VM's identity).
-fn config_files(vm: &VmConfig, ttl: u32) -> Vec<(String, String)> {
-    let p = state::vm_prefix(&vm.name);
-    let mut grouped: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for (k, v) in &vm.raw {
-        grouped.entry(k.as_str()).or_default().push(v.as_str());
-    }
-    let mut files: Vec<(String, String)> = grouped
-        .into_iter()
-        .map(|(k, v)| (format!("{p}config/{k}"), v.join("\n")))
-        .collect();
-    for n in &vm.dns {
-        let n = n.to_ascii();
-        files.push((
-            format!("{p}dns/{}", n.trim_end_matches('.')),
-            ttl.to_string(),
-        ));
-    }
-    files.push((format!("{p}ip"), vm.ip.to_string()));
-    if let Some(ip6) = vm.ip6 {
-        files.push((format!("{p}ip6"), ip6.to_string()));
-    }
-    files.push((format!("{p}mac"), vm.mac.to_string()));
-    files
-}
-
-/// Rate-limited warnings for limit refusals: one a second, with how many were suppressed.
-#[derive(Debug, Default)]
-struct RateLimited {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimited {
-    fn allow(&mut self, now: Instant) -> Option<u64> {
-        if self
-            .last
-            .is_some_and(|l| now.duration_since(l) < Duration::from_secs(1))
-        {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Op {
     Start,
@@ -203,7 +142,7 @@ struct Shell {
     tables: Arc<Tables>,
     slots: HashMap<VmName, Arc<VmSlot>>,
     clock: Clock,
-    wall: (Instant, SystemTime),
+    wall: Wall,
     pending: HashMap<QueryId, oneshot::Sender<Answer>>,
     next_query: u64,
     events: mpsc::Sender<Event>,
@@ -214,48 +153,11 @@ struct Shell {
     pushes_states: bool,
     /// A pushed change was lost (full queue): the next poll reads states once.
     push_lost: Arc<AtomicBool>,
-    /// MACs taken from the backend's definitions, kept across reloads.
-    adopted_macs: HashMap<VmName, Mac>,
     limit_log: RateLimited,
     persisted_requests: HashMap<VmName, u64>,
 }
 
 impl Shell {
-    /// Unix time of `t`, for the store.
-    fn unix(&self, t: Instant) -> String {
-        let (base_i, base_s) = self.wall;
-        let s = if t >= base_i {
-            base_s + (t - base_i)
-        } else {
-            base_s - (base_i - t)
-        };
-        let secs = s
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        format!("{secs:.3}")
-    }
-
-    /// The store's files for a VM's dynamic state.
-    fn state_files(&self, v: &VmView) -> Vec<(String, String)> {
-        let p = state::vm_prefix(&v.cfg.name);
-        let mut files = vec![
-            (format!("{p}state"), v.state.as_str().to_string()),
-            (format!("{p}starts"), v.starts.to_string()),
-            (format!("{p}requests"), v.requests.to_string()),
-        ];
-        if let Some(d) = v.domid {
-            files.push((format!("{p}domid"), d.to_string()));
-        }
-        if let Some(t) = v.last_request {
-            files.push((format!("{p}last_request"), self.unix(t)));
-        }
-        if let Some(t) = v.last_start {
-            files.push((format!("{p}last_start"), self.unix(t)));
-        }
-        files
-    }
-
     fn commit(&mut self, change: Change) {
         if let Err(e) = self.store.apply(change) {
             self.metrics.add_store_dropped();
@@ -263,76 +165,21 @@ impl Shell {
         }
     }
 
-    /// Commits the configuration: what was added, removed or changed relative to `tree`
-    /// (the store's last view), with fresh state files for VMs new to the store.
+    /// Commits the configuration over `old` (the store's last committed tree).
     fn commit_config(&mut self, old: &Tree, verb: &str) {
-        let mut change = Change::default();
-        let mut added = Vec::new();
-        let mut changed = Vec::new();
-        let configured: Vec<VmName> = self.cfg.vms.iter().map(|v| v.name.clone()).collect();
-        let known: std::collections::BTreeSet<String> = old
-            .keys()
-            .filter_map(|k| k.strip_prefix("jitsu/vm/"))
-            .filter_map(|k| k.split('/').next())
-            .map(str::to_string)
-            .collect();
-        let removed: Vec<String> = known
+        // Each VM as the fleet runs it (with a MAC taken from its domain), in the
+        // configuration's order.
+        let vms: Vec<VmView> = self
+            .cfg
+            .vms
             .iter()
-            .filter(|n| !configured.iter().any(|c| &**c == n.as_str()))
-            .cloned()
+            .filter_map(|v| self.fleet.view(&v.name))
             .collect();
-        for n in &removed {
-            change.remove.push(state::vm_prefix(n));
+        let ConfigChange { change, summary } =
+            state::config_change(old, &vms, self.cfg.ttl, &self.wall, verb);
+        if let Some(changes) = summary {
+            info!(%changes, "configuration {verb}");
         }
-        for vm in &self.cfg.vms {
-            let p = state::vm_prefix(&vm.name);
-            let (config_dir, dns_dir) = (format!("{p}config/"), format!("{p}dns/"));
-            let is_spec = |k: &str| k.starts_with(&config_dir) || k.starts_with(&dns_dir);
-            let files = config_files(vm, self.cfg.ttl);
-            // The VM's subtree only: keys sharing a prefix are adjacent in the tree.
-            let before: Vec<(&String, &String)> = old
-                .range::<str, _>((Bound::Included(p.as_str()), Bound::Unbounded))
-                .take_while(|(k, _)| k.starts_with(&p))
-                .filter(|(k, _)| is_spec(k))
-                .collect();
-            let after: Vec<(&String, &String)> = files
-                .iter()
-                .filter(|(k, _)| is_spec(k))
-                .map(|(k, v)| (k, v))
-                .collect();
-            if !known.contains(&*vm.name) {
-                added.push(vm.name.to_string());
-                if let Some(view) = self.fleet.view(&vm.name) {
-                    change.files.extend(self.state_files(&view));
-                }
-            } else if before != after {
-                changed.push(vm.name.to_string());
-            }
-            change.remove.push(config_dir);
-            change.remove.push(dns_dir);
-            change.files.extend(files);
-        }
-        let mut parts = Vec::new();
-        for (what, names) in [
-            ("added", &added),
-            ("removed", &removed),
-            ("changed", &changed),
-        ] {
-            if !names.is_empty() {
-                parts.push(format!("{what} {}", names.join(", ")));
-            }
-        }
-        if !parts.is_empty() {
-            info!(changes = %parts.join("; "), "configuration {verb}");
-        }
-        change.message = Some(format!(
-            "configuration {verb}: {}",
-            if parts.is_empty() {
-                "unchanged".to_string()
-            } else {
-                parts.join("; ")
-            }
-        ));
         self.commit(change);
     }
 
@@ -454,6 +301,7 @@ impl Shell {
                 to,
                 cause,
                 boot_took,
+                view,
             }) => {
                 if let Some(d) = boot_took {
                     self.metrics.observe_boot(d);
@@ -462,24 +310,21 @@ impl Shell {
                     self.metrics.add_boot_failure();
                 }
                 info!(vm = %vm, from = %from, to = %to, %cause, "lifecycle");
-                let message = if from == to {
-                    format!("{vm}: {to} ({cause})")
+                self.persisted_requests.insert(vm, view.requests);
+                self.commit(state::lifecycle_change(&view, from, &cause, &self.wall));
+            }
+            Command::Persist(Persist::Mac {
+                vm,
+                mac,
+                configured,
+                keyed,
+            }) => {
+                if keyed {
+                    warn!(vm = %vm, %configured, domain = %mac, "the domain's MAC differs from the VM's mac key: using the domain's, which its guest sends from");
                 } else {
-                    format!("{vm}: {from} -> {to} ({cause})")
-                };
-                let files = match self.fleet.view(&vm) {
-                    Some(v) => {
-                        self.persisted_requests.insert(vm.clone(), v.requests);
-                        self.state_files(&v)
-                    }
-                    None => Vec::new(),
-                };
-                self.commit(Change {
-                    remove: vec![],
-                    files,
-                    message: Some(message),
-                    always: true,
-                });
+                    info!(vm = %vm, %mac, "using the MAC of the VM's existing domain");
+                }
+                self.commit(state::mac_change(&vm, mac));
             }
             Command::Persist(Persist::Counters) => self.flush_counters(None),
         }
@@ -507,7 +352,7 @@ impl Shell {
                 self.persisted_requests
                     .insert(v.cfg.name.clone(), v.requests);
             }
-            files.extend(self.state_files(&v));
+            files.extend(state::state_files(&v, &self.wall));
         }
         let message = if moved.is_empty() {
             None
@@ -597,13 +442,18 @@ impl Shell {
         })
         .await
         .unwrap_or_default();
-        // A domain's own MAC is what its guest sends from, whatever the VM's keys say: synjitsu
-        // must steer that one. Adopted before the fleet hears of the VM.
-        let macs: Vec<(VmName, Mac)> = looked
-            .iter()
-            .filter_map(|(name, found)| Some((name.clone(), found.as_ref().ok()?.mac?)))
-            .collect();
-        self.adopt_macs(macs);
+        // The fleet takes each domain's own MAC before it hears of the VM's state.
+        for (vm, found) in &looked {
+            if let Some(mac) = found.as_ref().ok().and_then(|d| d.mac) {
+                self.process(
+                    Instant::now(),
+                    Event::MacFound {
+                        vm: vm.clone(),
+                        mac,
+                    },
+                );
+            }
+        }
         for (name, found) in looked {
             let observed = match found {
                 Ok(d) => d.state,
@@ -627,40 +477,6 @@ impl Shell {
         }
     }
 
-    /// Uses each VM's MAC as its backend defines it (a libvirt domain's XML) where it differs
-    /// from the configured one; remembered across reloads.
-    fn adopt_macs(&mut self, macs: Vec<(VmName, Mac)>) {
-        let mut changed = Change::default();
-        for (name, mac) in macs {
-            let Some(vm) = self.cfg.vms.iter_mut().find(|v| v.name == name) else {
-                continue;
-            };
-            if vm.mac == mac {
-                continue;
-            }
-            if vm.raw.iter().any(|(k, _)| k == "mac") {
-                warn!(vm = %name, configured = %vm.mac, domain = %mac, "the domain's MAC differs from the VM's mac key: using the domain's, which its guest sends from");
-            } else {
-                info!(vm = %name, mac = %mac, "using the MAC of the VM's existing domain");
-            }
-            vm.mac = mac;
-            self.adopted_macs.insert(name.clone(), mac);
-            changed
-                .files
-                .push((format!("{}mac", state::vm_prefix(&name)), mac.to_string()));
-            changed.message = Some(format!("{name}: MAC {mac} from its domain"));
-        }
-        if changed.files.is_empty() {
-            return;
-        }
-        let now = Instant::now();
-        let cmds = self
-            .fleet
-            .reconfigure(now, self.cfg.vms.iter().cloned().map(Arc::new));
-        self.execute_all(now, cmds);
-        self.commit(changed);
-    }
-
     async fn reload(&mut self) {
         let new = match config::load(&self.flags) {
             Ok(c) => c,
@@ -669,20 +485,11 @@ impl Shell {
                 return;
             }
         };
-        let restart_only = [
-            ("bind", new.bind != self.cfg.bind),
-            ("listen", new.listen != self.cfg.listen),
-            ("backend", new.backend != self.cfg.backend),
-            ("connect", new.connect != self.cfg.connect),
-            ("synjitsu", new.synjitsu != self.cfg.synjitsu),
-            ("persistdb", new.persistdb != self.cfg.persistdb),
-            ("metrics", new.metrics != self.cfg.metrics),
-        ];
-        for (setting, differs) in restart_only {
-            if differs {
-                warn!(setting, "this setting changes only with a restart: ignored");
-            }
+        let (new, kept) = new.for_reload(&self.cfg);
+        for setting in kept {
+            warn!(setting, "this setting changes only with a restart: ignored");
         }
+        // Checked against the address served, which a reload does not change.
         let forwarder = match forwarder_for(&new) {
             Ok(f) => f,
             Err(e) => {
@@ -690,20 +497,6 @@ impl Shell {
                 return;
             }
         };
-        let mut new = new;
-        for vm in &mut new.vms {
-            if let Some(mac) = self.adopted_macs.get(&vm.name) {
-                vm.mac = *mac;
-            }
-        }
-        // What needs a restart stays as it is.
-        new.bind = self.cfg.bind;
-        new.listen = self.cfg.listen;
-        new.backend = self.cfg.backend;
-        new.connect = self.cfg.connect.clone();
-        new.synjitsu = self.cfg.synjitsu.clone();
-        new.persistdb = self.cfg.persistdb.clone();
-        new.metrics = self.cfg.metrics;
         let added: Vec<Arc<VmConfig>> = new
             .vms
             .iter()
@@ -774,7 +567,7 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
         tables: tables.clone(),
         slots,
         clock,
-        wall: (Instant::now(), SystemTime::now()),
+        wall: Wall::now(),
         pending: HashMap::new(),
         next_query: 0,
         events: events_tx.clone(),
@@ -783,8 +576,8 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
         poll_busy: Arc::new(AtomicBool::new(false)),
         pushes_states: false,
         push_lost: Arc::new(AtomicBool::new(false)),
-        adopted_macs: HashMap::new(),
-        limit_log: RateLimited::default(),
+        // One warning a second about refused queries, however many there are.
+        limit_log: RateLimited::new(Duration::from_secs(1)),
         persisted_requests: HashMap::new(),
     };
     shell.commit_config(&tree, "loaded");

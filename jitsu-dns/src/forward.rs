@@ -5,7 +5,9 @@
 //! used TCP or the UDP answer was truncated; the answer must carry our id and the client's
 //! question. Servers are tried in order, each with its own timeout. Each forward is its own
 //! task (hickory spawns one per UDP query), so a slow forwarder never delays other queries.
-//! Reading `/etc/resolv.conf` for the default forwarders is here too.
+//! Which servers to forward to is decided here too: the `nameserver` lines of
+//! `/etc/resolv.conf` for the default, and never jitsu-dns's own address (a loop). Reading
+//! the file is the daemon's.
 
 use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -29,6 +31,49 @@ pub enum ForwardError {
     /// Every server failed; the last error.
     #[error("no forwarder answered: {0}")]
     NoAnswer(String),
+}
+
+/// A forwarder that would send queries back to jitsu-dns.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// A configured forwarder is jitsu-dns's own address.
+    #[error("forwarder {0} is jitsu-dns's own address: queries would loop")]
+    Loop(SocketAddr),
+}
+
+/// The servers to forward to, and the system nameservers left out because they are
+/// jitsu-dns itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Upstreams {
+    /// In order.
+    pub servers: Vec<SocketAddr>,
+    /// From `/etc/resolv.conf`, skipped: each is jitsu-dns's own address.
+    pub skipped: Vec<SocketAddr>,
+}
+
+/// Where to forward: each of `ips` on `port`, except jitsu-dns's own address `own`. A
+/// configured forwarder that is `own` is refused, since every query to it would come back;
+/// a nameserver of `/etc/resolv.conf` (`from_system`) that is `own` is only skipped, as a
+/// host running jitsu-dns as its resolver lists it there.
+pub fn upstreams(
+    ips: &[IpAddr],
+    port: u16,
+    own: SocketAddr,
+    from_system: bool,
+) -> Result<Upstreams, UpstreamError> {
+    let mut up = Upstreams::default();
+    for ip in ips {
+        let server = SocketAddr::new(*ip, port);
+        // A server on the wildcard address is reached on every local address, loopback too.
+        let loops = server == own
+            || (own.ip().is_unspecified() && ip.is_loopback() && server.port() == own.port());
+        match (loops, from_system) {
+            (false, _) => up.servers.push(server),
+            (true, true) => up.skipped.push(server),
+            (true, false) => return Err(UpstreamError::Loop(server)),
+        }
+    }
+    Ok(up)
 }
 
 /// The forwarders, in order.
@@ -162,6 +207,32 @@ mod tests {
                 "fd00::53".parse().unwrap()
             ]
         );
+    }
+
+    #[test]
+    fn forwarding_to_jitsu_dns_itself_is_refused_or_skipped() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let own = addr("10.0.0.254:53");
+        let up = upstreams(&[ip("192.0.2.53"), ip("10.0.0.254")], 5300, own, false).unwrap();
+        assert_eq!(
+            up.servers,
+            [addr("192.0.2.53:5300"), addr("10.0.0.254:5300")]
+        );
+        let e = upstreams(&[ip("192.0.2.53"), ip("10.0.0.254")], 53, own, false).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "forwarder 10.0.0.254:53 is jitsu-dns's own address: queries would loop"
+        );
+        let up = upstreams(&[ip("10.0.0.254"), ip("192.0.2.53")], 53, own, true).unwrap();
+        assert_eq!(up.servers, [addr("192.0.2.53:53")]);
+        assert_eq!(up.skipped, [addr("10.0.0.254:53")]);
+        // Bound to every address, jitsu-dns is also every loopback address.
+        let any = addr("0.0.0.0:53");
+        assert!(upstreams(&[ip("127.0.0.53")], 53, any, false).is_err());
+        assert!(upstreams(&[ip("127.0.0.53")], 5353, any, false).is_ok());
+        let up = upstreams(&[ip("127.0.0.1")], 53, any, true).unwrap();
+        assert!(up.servers.is_empty() && up.skipped.len() == 1);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`synjitsu`]: the client of synjitsu's control socket;
 //! - [`xenstore`]: waiting for a readiness key;
 //! - [`metrics`]: Prometheus counters and the `/metrics` endpoint;
+//! - [`ratelimit`]: one log line per period for repeated warnings;
 //! - [`daemon`]: the IO shell tying them together in one `select!` loop.
 
 pub mod backend;
@@ -20,6 +21,7 @@ pub mod dns;
 pub mod fleet;
 pub mod forward;
 pub mod metrics;
+pub mod ratelimit;
 pub mod state;
 pub mod synjitsu;
 mod sys;

@@ -23,58 +23,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
-    /// Address to serve DNS on.
-    #[arg(short = 'b', long, value_name = "IP")]
-    bind: Option<String>,
-    /// Port to serve DNS on.
-    #[arg(short = 'l', long, value_name = "PORT")]
-    listen: Option<String>,
-    /// Where other names go: IPs (comma-separated); empty: /etc/resolv.conf; 0.0.0.0: refuse.
-    #[arg(short = 'f', long, value_name = "IP")]
-    forwarder: Option<String>,
-    /// Port of the forwarders.
-    #[arg(short = 'p', long = "forwarder-port", value_name = "PORT")]
-    forwarder_port: Option<String>,
-    /// Default response delay in seconds (masks a boot when nothing better is configured).
-    #[arg(short = 'd', long, value_name = "SECONDS")]
-    delay: Option<String>,
-    /// TTL of answers in seconds; VMs idle for twice this are stopped.
-    #[arg(short = 't', long, value_name = "SECONDS")]
-    ttl: Option<String>,
-    /// Default stop mode: destroy, suspend or shutdown.
-    #[arg(short = 'm', long, value_name = "MODE")]
-    mode: Option<String>,
-    /// Backend: process (a command in a network namespace) or libvirt.
-    #[arg(short = 'x', long, value_name = "BACKEND")]
-    backend: Option<String>,
-    /// Backend URI: process:///run/jitsu/process?netns_prefix=jitsu-&cgroup=auto, or a libvirt
-    /// URI (qemu:///system, xen:///system; default: libvirt's), plus ?shutdown_grace=SECONDS.
-    #[arg(short = 'c', long, value_name = "URI")]
-    connect: Option<String>,
-    /// synjitsu's control socket.
-    #[arg(long, value_name = "SOCKET")]
-    synjitsu: Option<String>,
-    /// Git repository holding the state and its history (default: a temporary one).
-    #[arg(long, value_name = "DIR")]
-    persistdb: Option<String>,
-    /// TOML file with the same settings and [[vm]] tables; re-read on SIGHUP.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Serve Prometheus metrics at http://ADDR/metrics.
-    #[arg(long, value_name = "ADDR:PORT")]
-    metrics: Option<String>,
-    /// Log level or filter (error, warn, info, debug, trace, or an EnvFilter directive).
-    #[arg(long, value_name = "LEVEL")]
-    log_level: Option<String>,
-    /// At most this many VMs booting or running; past it, queries get SERVFAIL.
-    #[arg(long, value_name = "N")]
-    max_running: Option<String>,
-    /// At most this many boots per second; past it, queries get SERVFAIL.
-    #[arg(long, value_name = "M")]
-    max_boots_per_second: Option<String>,
-    /// VM specs: name=www,dns=www.example.org,ip=10.0.0.1,...
-    #[arg(value_name = "VM")]
-    specs: Vec<String>,
+    #[command(flatten)]
+    flags: Flags,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -152,25 +102,7 @@ fn main() -> ExitCode {
     if let Some(Cmd::State { what }) = cli.command {
         return state_command(what);
     }
-    let flags = Flags {
-        bind: cli.bind,
-        listen: cli.listen,
-        forwarder: cli.forwarder,
-        forwarder_port: cli.forwarder_port,
-        delay: cli.delay,
-        ttl: cli.ttl,
-        mode: cli.mode,
-        backend: cli.backend,
-        connect: cli.connect,
-        synjitsu: cli.synjitsu,
-        persistdb: cli.persistdb,
-        config: cli.config,
-        metrics: cli.metrics,
-        log_level: cli.log_level,
-        max_running: cli.max_running,
-        max_boots_per_second: cli.max_boots_per_second,
-        specs: cli.specs,
-    };
+    let flags = cli.flags;
     let cfg = match config::load(&flags) {
         Ok(c) => c,
         Err(e) => {

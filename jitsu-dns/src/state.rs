@@ -20,17 +20,26 @@
 //! reads (`www: off -> booting (query from 10.0.0.2)`); request counters ride along with the
 //! next commit or are flushed in a batch every few seconds, never one commit per query.
 //!
+//! The files and commit messages each change makes are built here, by pure functions: a
+//! configuration over the last committed tree ([`config_change`]), a VM's lifecycle change
+//! ([`lifecycle_change`]), its state files, a MAC taken from its domain. What changed is not
+//! decided here: the fleet says what happened to a VM, the configuration what is configured.
+//!
 //! A dedicated thread runs the `git` CLI, so the DNS loop never waits for a commit; its queue
-//! is bounded ([`QUEUE`]) and a change that does not fit is dropped, logged and counted. This
-//! module does not decide what changed: the daemon tells it.
+//! is bounded ([`QUEUE`]) and a change that does not fit is dropped, logged and counted.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crate::fleet::{Lifecycle, Stored};
+use shared_proto::Mac;
+
+use crate::config::VmConfig;
+use crate::fleet::{Lifecycle, Stored, VmView};
 
 /// Changes that can wait for the writer thread; past this the daemon drops and counts them.
 pub const QUEUE: usize = 4096;
@@ -359,6 +368,186 @@ pub fn vm_prefix(name: &str) -> String {
     format!("jitsu/vm/{name}/")
 }
 
+/// Wall-clock times for the store: `Instant`s placed against one reading of both clocks.
+#[derive(Debug, Clone, Copy)]
+pub struct Wall {
+    at: Instant,
+    unix: SystemTime,
+}
+
+impl Wall {
+    /// Both clocks, now.
+    pub fn now() -> Wall {
+        Wall {
+            at: Instant::now(),
+            unix: SystemTime::now(),
+        }
+    }
+
+    /// Unix time of `t`, in seconds with milliseconds (`1700000000.250`).
+    pub fn stamp(&self, t: Instant) -> String {
+        let s = if t >= self.at {
+            self.unix + (t - self.at)
+        } else {
+            self.unix - (self.at - t)
+        };
+        let secs = s
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        format!("{secs:.3}")
+    }
+}
+
+/// The files of a VM's configuration: its keys as given under `config/` (a repeated key one
+/// value per line), its names under `dns/` (each holding the TTL), its addresses and MAC.
+pub fn config_files(vm: &VmConfig, ttl: u32) -> Vec<(String, String)> {
+    let p = vm_prefix(&vm.name);
+    let mut grouped: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (k, v) in &vm.raw {
+        grouped.entry(k.as_str()).or_default().push(v.as_str());
+    }
+    let mut files: Vec<(String, String)> = grouped
+        .into_iter()
+        .map(|(k, v)| (format!("{p}config/{k}"), v.join("\n")))
+        .collect();
+    for n in &vm.dns {
+        let n = n.to_ascii();
+        files.push((
+            format!("{p}dns/{}", n.trim_end_matches('.')),
+            ttl.to_string(),
+        ));
+    }
+    files.push((format!("{p}ip"), vm.ip.to_string()));
+    if let Some(ip6) = vm.ip6 {
+        files.push((format!("{p}ip6"), ip6.to_string()));
+    }
+    files.push((format!("{p}mac"), vm.mac.to_string()));
+    files
+}
+
+/// The files of a VM's dynamic state: lifecycle state, counters, domain id, times.
+pub fn state_files(v: &VmView, wall: &Wall) -> Vec<(String, String)> {
+    let p = vm_prefix(&v.cfg.name);
+    let mut files = vec![
+        (format!("{p}state"), v.state.as_str().to_string()),
+        (format!("{p}starts"), v.starts.to_string()),
+        (format!("{p}requests"), v.requests.to_string()),
+    ];
+    if let Some(d) = v.domid {
+        files.push((format!("{p}domid"), d.to_string()));
+    }
+    if let Some(t) = v.last_request {
+        files.push((format!("{p}last_request"), wall.stamp(t)));
+    }
+    if let Some(t) = v.last_start {
+        files.push((format!("{p}last_start"), wall.stamp(t)));
+    }
+    files
+}
+
+/// A configuration to commit, and what it changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigChange {
+    /// The change to apply.
+    pub change: Change,
+    /// `added a, b; removed c; changed d`; `None` when the store held this configuration.
+    pub summary: Option<String>,
+}
+
+/// The commit of a configuration: `vms` (each VM as the fleet runs it, in the
+/// configuration's order) over `old`, the tree as last committed. Every VM's configuration
+/// files are written afresh; VMs the tree knows and `vms` lacks are removed; VMs new to the
+/// tree get their state files too. A VM is changed when its `config/` or `dns/` files
+/// differ. `verb` says what happened (`loaded`, `reloaded`) in the message.
+pub fn config_change(
+    old: &Tree,
+    vms: &[VmView],
+    ttl: u32,
+    wall: &Wall,
+    verb: &str,
+) -> ConfigChange {
+    let mut change = Change::default();
+    let mut added = Vec::new();
+    let mut changed = Vec::new();
+    let known: BTreeSet<&str> = old
+        .keys()
+        .filter_map(|k| k.strip_prefix("jitsu/vm/")?.split('/').next())
+        .collect();
+    let removed: Vec<&str> = known
+        .iter()
+        .copied()
+        .filter(|n| !vms.iter().any(|v| &*v.cfg.name == *n))
+        .collect();
+    change.remove.extend(removed.iter().map(|n| vm_prefix(n)));
+    for view in vms {
+        let vm = &view.cfg;
+        let p = vm_prefix(&vm.name);
+        let (config_dir, dns_dir) = (format!("{p}config/"), format!("{p}dns/"));
+        let is_spec = |k: &str| k.starts_with(&config_dir) || k.starts_with(&dns_dir);
+        let files = config_files(vm, ttl);
+        if !known.contains(&*vm.name) {
+            added.push(&*vm.name);
+            change.files.extend(state_files(view, wall));
+        } else {
+            // The VM's subtree only: keys sharing a prefix are adjacent in the tree.
+            let before = old
+                .range::<str, _>((Bound::Included(p.as_str()), Bound::Unbounded))
+                .take_while(|(k, _)| k.starts_with(&p))
+                .filter(|(k, _)| is_spec(k));
+            let after = files
+                .iter()
+                .filter(|(k, _)| is_spec(k))
+                .map(|(k, v)| (k, v));
+            if !before.eq(after) {
+                changed.push(&*vm.name);
+            }
+        }
+        change.remove.push(config_dir);
+        change.remove.push(dns_dir);
+        change.files.extend(files);
+    }
+    let parts: Vec<String> = [("added", added), ("removed", removed), ("changed", changed)]
+        .into_iter()
+        .filter(|(_, names)| !names.is_empty())
+        .map(|(what, names)| format!("{what} {}", names.join(", ")))
+        .collect();
+    let summary = (!parts.is_empty()).then(|| parts.join("; "));
+    change.message = Some(format!(
+        "configuration {verb}: {}",
+        summary.as_deref().unwrap_or("unchanged")
+    ));
+    ConfigChange { change, summary }
+}
+
+/// The commit of a VM's lifecycle change from `from` to `view.state`: its state files, and
+/// `www: off -> booting (query from 10.0.0.2)` (`www: running (adopted)` when the state
+/// stays, a line in the history all the same).
+pub fn lifecycle_change(view: &VmView, from: Lifecycle, cause: &str, wall: &Wall) -> Change {
+    let (vm, to) = (&view.cfg.name, view.state);
+    let message = if from == to {
+        format!("{vm}: {to} ({cause})")
+    } else {
+        format!("{vm}: {from} -> {to} ({cause})")
+    };
+    Change {
+        remove: vec![],
+        files: state_files(view, wall),
+        message: Some(message),
+        always: true,
+    }
+}
+
+/// The commit of the MAC a VM took from its domain.
+pub fn mac_change(vm: &str, mac: Mac) -> Change {
+    Change {
+        remove: vec![],
+        files: vec![(format!("{}mac", vm_prefix(vm)), mac.to_string())],
+        message: Some(format!("{vm}: MAC {mac} from its domain")),
+        always: false,
+    }
+}
+
 /// What the store remembers of `name`.
 pub fn stored(tree: &Tree, name: &str) -> Option<Stored> {
     let p = vm_prefix(name);
@@ -549,6 +738,146 @@ mod tests {
         );
         assert!(!flushed.contains_key("jitsu/vm/a/requests"));
         store.close();
+    }
+
+    fn views(specs: &[&str]) -> Vec<VmView> {
+        let flags = crate::config::Flags {
+            specs: specs.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        crate::config::merge(&flags, None)
+            .unwrap()
+            .vms
+            .into_iter()
+            .map(|cfg| VmView {
+                cfg: std::sync::Arc::new(cfg),
+                state: Lifecycle::Off,
+                domid: None,
+                starts: 0,
+                requests: 0,
+                last_request: None,
+                last_start: None,
+            })
+            .collect()
+    }
+
+    /// `tree` after `c`, as the writer applies it.
+    fn applied(mut tree: Tree, c: &Change) -> Tree {
+        tree.retain(|k, _| !c.remove.iter().any(|p| k.starts_with(p.as_str())));
+        tree.extend(c.files.iter().cloned());
+        tree
+    }
+
+    const A: &str = "name=a,dns=a.example.org,dns=a2.example.org,ip=10.0.0.1,command=x";
+    const B: &str = "name=b,dns=b.example.org,ip=10.0.0.2,command=y";
+
+    #[test]
+    fn a_configuration_commit_names_what_it_adds_removes_and_changes() {
+        let wall = Wall::now();
+        let first = config_change(&Tree::new(), &views(&[A, B]), 60, &wall, "loaded");
+        assert_eq!(first.summary.as_deref(), Some("added a, b"));
+        assert_eq!(
+            first.change.message.as_deref(),
+            Some("configuration loaded: added a, b")
+        );
+        let tree = applied(Tree::new(), &first.change);
+        let get = |t: &Tree, k: &str| t.get(k).cloned();
+        assert_eq!(get(&tree, "jitsu/vm/a/state").as_deref(), Some("off"));
+        assert_eq!(get(&tree, "jitsu/vm/a/starts").as_deref(), Some("0"));
+        assert_eq!(
+            get(&tree, "jitsu/vm/a/config/dns").as_deref(),
+            Some("a.example.org\na2.example.org")
+        );
+        assert_eq!(
+            get(&tree, "jitsu/vm/a/dns/a2.example.org").as_deref(),
+            Some("60")
+        );
+        assert_eq!(get(&tree, "jitsu/vm/b/ip").as_deref(), Some("10.0.0.2"));
+        assert!(tree.contains_key("jitsu/vm/b/mac"));
+
+        // The same configuration again: nothing to say, and state left alone.
+        let mut running = tree.clone();
+        running.insert("jitsu/vm/a/state".into(), "running".into());
+        let again = config_change(&running, &views(&[A, B]), 60, &wall, "reloaded");
+        assert_eq!(again.summary, None);
+        assert_eq!(
+            again.change.message.as_deref(),
+            Some("configuration reloaded: unchanged")
+        );
+        assert!(
+            !again
+                .change
+                .files
+                .iter()
+                .any(|(k, _)| k.ends_with("/state"))
+        );
+        assert_eq!(
+            get(&applied(running.clone(), &again.change), "jitsu/vm/a/state").as_deref(),
+            Some("running")
+        );
+
+        // A key changed (a name dropped), one VM gone, one new.
+        let a = "name=a,dns=a.example.org,ip=10.0.0.1,command=x";
+        let c = "name=c,dns=c.example.org,ip=10.0.0.3,command=z";
+        let next = config_change(&running, &views(&[c, a]), 60, &wall, "reloaded");
+        assert_eq!(
+            next.summary.as_deref(),
+            Some("added c; removed b; changed a")
+        );
+        let after = applied(running, &next.change);
+        assert!(!after.keys().any(|k| k.starts_with("jitsu/vm/b/")));
+        assert!(!after.contains_key("jitsu/vm/a/dns/a2.example.org"));
+        assert_eq!(get(&after, "jitsu/vm/c/state").as_deref(), Some("off"));
+        // A TTL is part of the names' files: a new one changes every VM.
+        let ttl = config_change(&after, &views(&[c, a]), 30, &wall, "reloaded");
+        assert_eq!(ttl.summary.as_deref(), Some("changed c, a"));
+    }
+
+    #[test]
+    fn lifecycle_and_mac_commits_read_as_history() {
+        let wall = Wall::now();
+        let mut v = views(&[A]).remove(0);
+        v.state = Lifecycle::Booting;
+        v.starts = 2;
+        v.domid = Some(7);
+        v.last_start = Some(wall.at);
+        let c = lifecycle_change(&v, Lifecycle::Off, "query from 10.0.0.2", &wall);
+        assert_eq!(
+            c.message.as_deref(),
+            Some("a: off -> booting (query from 10.0.0.2)")
+        );
+        assert!(c.always);
+        let files: Tree = c.files.into_iter().collect();
+        let file = |k: &str| files.get(&format!("jitsu/vm/a/{k}")).cloned();
+        assert_eq!(file("state").as_deref(), Some("booting"));
+        assert_eq!(file("starts").as_deref(), Some("2"));
+        assert_eq!(file("domid").as_deref(), Some("7"));
+        assert_eq!(file("last_start"), Some(wall.stamp(wall.at)));
+        assert_eq!(file("last_request"), None);
+        let c = lifecycle_change(&v, Lifecycle::Booting, "adopted: already running", &wall);
+        assert_eq!(
+            c.message.as_deref(),
+            Some("a: booting (adopted: already running)")
+        );
+        let mac: Mac = "02:aa:00:00:00:77".parse().unwrap();
+        let c = mac_change("a", mac);
+        assert_eq!(c.files, [("jitsu/vm/a/mac".to_string(), mac.to_string())]);
+        assert_eq!(
+            c.message.as_deref(),
+            Some("a: MAC 02:aa:00:00:00:77 from its domain")
+        );
+    }
+
+    #[test]
+    fn wall_stamps_are_unix_seconds_with_milliseconds() {
+        let wall = Wall {
+            at: Instant::now(),
+            unix: UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_250),
+        };
+        let ms = std::time::Duration::from_millis(1500);
+        assert_eq!(wall.stamp(wall.at), "1700000000.250");
+        assert_eq!(wall.stamp(wall.at + ms), "1700000001.750");
+        assert_eq!(wall.stamp(wall.at - ms), "1699999998.750");
     }
 
     #[test]

@@ -33,10 +33,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rustix::io::Errno;
+use rustix::process::{Pid, Signal, kill_process};
+
 use super::{Backend, BackendError, Domain, Listed, Started, parse_shutdown_grace, uri_err};
 use crate::config::{Ifup, StopMode, VmConfig};
 use crate::fleet::{IfCounters, Observed};
-use crate::sys::{Signal, kill};
 
 /// The runtime directory when the URI names none.
 pub const DEFAULT_RUNTIME_DIR: &str = "/run/jitsu/process";
@@ -231,6 +233,20 @@ fn parse_stat(text: &str) -> Option<(char, u64)> {
     Some((state, start))
 }
 
+/// Sends `sig` to process `pid`. A process that is already gone is not an error.
+fn kill(pid: u32, sig: Signal) -> std::io::Result<()> {
+    // Positive only: 0 and negative pids name process groups, -1 every process.
+    let pid = i32::try_from(pid)
+        .ok()
+        .filter(|p| *p > 0)
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a process id"))?;
+    match kill_process(pid, sig) {
+        Ok(()) | Err(Errno::SRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn alive(rec: &Record) -> bool {
     matches!(proc_stat(rec.pid), Some((state, start)) if start == rec.start && !matches!(state, 'Z' | 'X' | 'x'))
 }
@@ -415,7 +431,7 @@ impl Cgroups {
                 .map_err(|e| format!("writing {}: {e}", kill_file.display()))?;
         } else {
             for pid in Self::procs(dir) {
-                kill(pid, Signal::Kill).map_err(|e| format!("killing {pid}: {e}"))?;
+                kill(pid, Signal::KILL).map_err(|e| format!("killing {pid}: {e}"))?;
             }
         }
         // Frozen tasks die only once thawed.
@@ -425,7 +441,7 @@ impl Cgroups {
         if !wait_until(CGROUP_WAIT, || {
             let left = Self::procs(dir);
             for pid in &left {
-                let _ = kill(*pid, Signal::Kill);
+                let _ = kill(*pid, Signal::KILL);
             }
             left.is_empty()
         }) {
@@ -596,7 +612,7 @@ impl ProcessBackend {
             namespaces.push(r.netns.clone());
             if alive(r) {
                 // Outside its cgroup (moved by someone?): it still goes.
-                kill(r.pid, Signal::Kill).map_err(|e| err("kill", e.to_string()))?;
+                kill(r.pid, Signal::KILL).map_err(|e| err("kill", e.to_string()))?;
             }
         }
         cgroups.dedup();
@@ -876,7 +892,7 @@ impl Backend for ProcessBackend {
                             .map_err(|d| err("thaw", d))?;
                     }
                     for pid in Cgroups::procs(&r.cgroup) {
-                        kill(pid, Signal::Term).map_err(|e| err("shutdown", e.to_string()))?;
+                        kill(pid, Signal::TERM).map_err(|e| err("shutdown", e.to_string()))?;
                     }
                     if !wait_until(self.uri.shutdown_grace, || !alive(&r)) {
                         tracing::info!(vm = %vm.name, grace = ?self.uri.shutdown_grace, "still running after SIGTERM: destroying");
@@ -938,6 +954,25 @@ impl Backend for ProcessBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kill_refuses_pids_that_would_signal_groups() {
+        assert!(kill(0, Signal::TERM).is_err());
+        assert!(kill(u32::MAX, Signal::TERM).is_err());
+    }
+
+    #[test]
+    fn kill_signals_a_child_and_a_gone_process_is_no_error() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("100")
+            .spawn()
+            .unwrap();
+        kill(child.id(), Signal::KILL).unwrap();
+        let status = child.wait().unwrap();
+        assert!(!status.success());
+        // Above any pid_max (at most 2^22): no such process, which is no error.
+        kill(i32::MAX as u32, Signal::KILL).unwrap();
+    }
 
     #[test]
     fn uris_are_parsed_and_checked() {

@@ -1,0 +1,466 @@
+//! The domain XML jitsu-dns writes and reads, as pure text functions: the definition of a
+//! VM that has no domain yet ([`domain_xml`], for the connection's [`Hypervisor`]), and the
+//! first interface's MAC and host-side device from a domain's own XML.
+//!
+//! No libvirt call is made here: the session defines what this writes and hands over what
+//! it reads.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use shared_proto::Mac;
+
+use crate::config::{DomainType, VmConfig};
+
+/// Memory of a domain defined from keys without `memory`, in MiB.
+pub const DEFAULT_MEMORY_MIB: u64 = 128;
+
+/// The hypervisor behind a connection, from `virConnectGetType`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hypervisor {
+    /// QEMU or KVM (`QEMU`).
+    Qemu,
+    /// Xen through libxl (`Xen`).
+    Xen,
+    /// libvirt's test driver (`Test`).
+    Test,
+    /// Anything else (LXC, VirtualBox...): domains are used, never defined.
+    Other(String),
+}
+
+impl Hypervisor {
+    /// From the driver's name as `virConnectGetType` gives it.
+    pub fn from_driver(t: &str) -> Hypervisor {
+        match t.to_ascii_lowercase().as_str() {
+            "qemu" | "kvm" => Hypervisor::Qemu,
+            "xen" | "libxl" | "xenlight" => Hypervisor::Xen,
+            "test" => Hypervisor::Test,
+            _ => Hypervisor::Other(t.to_string()),
+        }
+    }
+}
+
+/// Escapes text for an XML attribute or element.
+fn xml_escape(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '\'' => o.push_str("&apos;"),
+            '"' => o.push_str("&quot;"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+fn path_text(p: &Path) -> String {
+    xml_escape(&p.to_string_lossy())
+}
+
+/// The shape of a domain defined from keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// A PC (`hvm`, machine `pc`) of this libvirt domain type (`qemu`, `kvm`, `test`).
+    Pc(&'static str),
+    XenPvh,
+    XenPv,
+}
+
+/// The domain XML for `vm` on `hv`: what jitsu-dns defines when the VM has no domain.
+///
+/// QEMU: a `pc` machine (libvirt 9 refuses `microvm` without PCI) of domain type `qemu`
+/// (TCG) unless `domain_type=kvm`, direct kernel boot (`kernel`, `initrd`, `cmdline`) or BIOS
+/// from the first disk, ACPI (so `shutdown` works), no USB controller and no memballoon (a
+/// unikernel has no driver for either), virtio disks and a virtio NIC on the `nic` bridge
+/// with the VM's MAC, and the serial console to `console_log` (else a pty).
+/// Xen: PVH (`xenpvh`, the default) or PV (`domain_type=xenpv`) with `kernel` required, `xvd*`
+/// disks, a vif on the bridge, and a pty console (libxl has no file consoles).
+pub fn domain_xml(vm: &VmConfig, hv: &Hypervisor) -> Result<String, String> {
+    let layout = match (vm.domain_type, hv) {
+        (None, Hypervisor::Test) => Layout::Pc("test"),
+        (None | Some(DomainType::Qemu), Hypervisor::Qemu) => Layout::Pc("qemu"),
+        (Some(DomainType::Kvm), Hypervisor::Qemu) => Layout::Pc("kvm"),
+        (None | Some(DomainType::XenPvh), Hypervisor::Xen) => Layout::XenPvh,
+        (Some(DomainType::XenPv), Hypervisor::Xen) => Layout::XenPv,
+        (Some(t), Hypervisor::Qemu | Hypervisor::Xen) => {
+            return Err(format!(
+                "domain_type={} does not run on this connection's hypervisor ({hv:?})",
+                t.as_str()
+            ));
+        }
+        // The test driver takes any shape: it lets the other layouts be exercised.
+        (Some(DomainType::Qemu | DomainType::Kvm), Hypervisor::Test) => Layout::Pc("test"),
+        (Some(DomainType::XenPvh), Hypervisor::Test) => Layout::XenPvh,
+        (Some(DomainType::XenPv), Hypervisor::Test) => Layout::XenPv,
+        (_, Hypervisor::Other(t)) => {
+            return Err(format!(
+                "jitsu-dns defines domains for QEMU/KVM and Xen only, and this connection's \
+                 driver is {t}: define the domain {} yourself",
+                vm.name
+            ));
+        }
+    };
+    let xen = matches!(layout, Layout::XenPvh | Layout::XenPv);
+    if vm.kernel.is_none() && (xen || vm.disks.is_empty()) {
+        return Err(if xen {
+            "a Xen domain is defined from a `kernel` key, and the VM has none".to_string()
+        } else {
+            "a domain is defined from a `kernel` (or at least a `disk`) key, and the VM has \
+             neither"
+                .to_string()
+        });
+    }
+    if xen && vm.console_log.is_some() {
+        return Err(
+            "console_log: libxl gives Xen guests pty consoles only (read them with \
+                    `virsh console` or `xl console`)"
+                .to_string(),
+        );
+    }
+    let virt_type = match layout {
+        Layout::Pc(t) => t,
+        _ if *hv == Hypervisor::Test => "test",
+        _ => "xen",
+    };
+    let mut x = String::with_capacity(2048);
+    let _ = writeln!(x, "<domain type='{virt_type}'>");
+    let _ = writeln!(x, "  <name>{}</name>", xml_escape(&vm.name));
+    if let Some(u) = &vm.uuid {
+        let _ = writeln!(x, "  <uuid>{}</uuid>", xml_escape(u));
+    }
+    let _ = writeln!(
+        x,
+        "  <description>Defined by jitsu-dns from the keys of VM {}.</description>",
+        xml_escape(&vm.name)
+    );
+    let _ = writeln!(
+        x,
+        "  <memory unit='MiB'>{}</memory>",
+        vm.memory.unwrap_or(DEFAULT_MEMORY_MIB)
+    );
+    x.push_str("  <vcpu>1</vcpu>\n  <os>\n");
+    let arch = std::env::consts::ARCH;
+    match layout {
+        Layout::Pc(_) => {
+            let machine = match arch {
+                "x86_64" | "x86" => " machine='pc'",
+                "aarch64" => " machine='virt'",
+                _ => "",
+            };
+            // The test driver knows no machine types.
+            let machine = if *hv == Hypervisor::Test { "" } else { machine };
+            let _ = writeln!(x, "    <type arch='{arch}'{machine}>hvm</type>");
+        }
+        Layout::XenPvh => {
+            let _ = writeln!(x, "    <type arch='{arch}' machine='xenpvh'>xenpvh</type>");
+        }
+        Layout::XenPv => {
+            let _ = writeln!(x, "    <type arch='{arch}' machine='xenpv'>xen</type>");
+        }
+    }
+    if let Some(k) = &vm.kernel {
+        let _ = writeln!(x, "    <kernel>{}</kernel>", path_text(k));
+        if let Some(i) = &vm.initrd {
+            let _ = writeln!(x, "    <initrd>{}</initrd>", path_text(i));
+        }
+        if let Some(c) = &vm.cmdline {
+            let _ = writeln!(x, "    <cmdline>{}</cmdline>", xml_escape(c));
+        }
+    } else {
+        x.push_str("    <boot dev='hd'/>\n");
+    }
+    x.push_str("  </os>\n");
+    if !xen {
+        // Without it libvirt runs QEMU with -no-acpi, and the power button does nothing.
+        x.push_str("  <features>\n    <acpi/>\n  </features>\n");
+    }
+    x.push_str(
+        "  <on_poweroff>destroy</on_poweroff>\n  <on_reboot>restart</on_reboot>\n  \
+         <on_crash>destroy</on_crash>\n  <devices>\n",
+    );
+    if !xen {
+        x.push_str("    <controller type='usb' model='none'/>\n    <memballoon model='none'/>\n");
+    }
+    for (i, d) in vm.disks.iter().enumerate() {
+        let letter = char::from(b'a' + (i % 26) as u8);
+        let format = if d.extension().is_some_and(|e| e == "qcow2") {
+            "qcow2"
+        } else {
+            "raw"
+        };
+        let (dev, bus) = if xen {
+            (format!("xvd{letter}"), "xen")
+        } else {
+            (format!("vd{letter}"), "virtio")
+        };
+        let _ = writeln!(
+            x,
+            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='{format}'/>\n      \
+             <source file='{}'/>\n      <target dev='{dev}' bus='{bus}'/>\n    </disk>",
+            path_text(d)
+        );
+    }
+    let _ = writeln!(
+        x,
+        "    <interface type='bridge'>\n      <mac address='{}'/>\n      <source bridge='{}'/>",
+        vm.mac,
+        xml_escape(&vm.nic)
+    );
+    if !xen {
+        x.push_str("      <model type='virtio'/>\n");
+    }
+    x.push_str("    </interface>\n");
+    if xen {
+        x.push_str(
+            "    <console type='pty'>\n      <target type='xen' port='0'/>\n    </console>\n",
+        );
+    } else if let Some(log) = &vm.console_log {
+        let _ = writeln!(
+            x,
+            "    <serial type='file'>\n      <source path='{}'/>\n      <target port='0'/>\n    </serial>",
+            path_text(log)
+        );
+    } else {
+        x.push_str("    <serial type='pty'>\n      <target port='0'/>\n    </serial>\n");
+    }
+    x.push_str("  </devices>\n</domain>\n");
+    Ok(x)
+}
+
+/// The value of attribute `name` in the start tag `tag` (`<mac address='..'/>`).
+fn attr<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
+    let mut rest = tag;
+    while let Some(i) = rest.find(name) {
+        let before = rest[..i].chars().last();
+        let after = &rest[i + name.len()..];
+        let after_eq = after.trim_start().strip_prefix('=').map(str::trim_start);
+        if before.is_some_and(char::is_whitespace)
+            && let Some(v) = after_eq
+            && let Some(q) = v.chars().next().filter(|q| *q == '\'' || *q == '"')
+        {
+            let v = &v[1..];
+            return v.find(q).map(|end| &v[..end]);
+        }
+        rest = &rest[i + name.len()..];
+    }
+    None
+}
+
+/// The first start tag `<name ...>` in `text`.
+fn start_tag<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    let open = format!("<{name}");
+    let mut from = 0;
+    while let Some(i) = text[from..].find(&open) {
+        let at = from + i;
+        let next = text[at + open.len()..].chars().next();
+        if next.is_some_and(|c| c.is_whitespace() || c == '>' || c == '/') {
+            let end = text[at..].find('>')?;
+            return Some(&text[at..=at + end]);
+        }
+        from = at + open.len();
+    }
+    None
+}
+
+/// The first `<interface>` of a domain's XML: its MAC and (while running) its host-side
+/// device. libvirt writes this XML itself, so a scan for two tags suffices.
+pub(super) fn first_interface(xml: &str) -> (Option<Mac>, Option<String>) {
+    let Some(start) = xml.find("<interface ") else {
+        return (None, None);
+    };
+    let body = &xml[start..];
+    let body = &body[..body.find("</interface>").unwrap_or(body.len())];
+    let mac = start_tag(body, "mac")
+        .and_then(|t| attr(t, "address"))
+        .and_then(|a| a.parse().ok());
+    let dev = start_tag(body, "target")
+        .and_then(|t| attr(t, "dev"))
+        .map(str::to_string);
+    (mac, dev)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use super::super::tests::{unique, vm};
+    use super::*;
+
+    #[test]
+    fn hypervisors_come_from_the_driver_name() {
+        assert_eq!(Hypervisor::from_driver("QEMU"), Hypervisor::Qemu);
+        assert_eq!(Hypervisor::from_driver("Xen"), Hypervisor::Xen);
+        assert_eq!(Hypervisor::from_driver("TEST"), Hypervisor::Test);
+        assert_eq!(
+            Hypervisor::from_driver("LXC"),
+            Hypervisor::Other("LXC".into())
+        );
+    }
+
+    const GUEST: &str = "name=www,dns=www.example.org,ip=10.77.0.10/24,mac=02:77:00:00:00:10,\
+                         kernel=/g/vmlinux,initrd=/g/initramfs.cpio.gz,memory=96,\
+                         cmdline=console=ttyS0 jitsu.ip=10.77.0.10/24 jitsu.name=<www&co>";
+
+    /// Runs libvirt's schema check (virt-xml-validate) on `xml`.
+    fn validate(xml: &str) {
+        let dir = std::env::temp_dir().join(unique("jitsu-xml"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("domain.xml");
+        std::fs::write(&f, xml).unwrap();
+        let out = Command::new("virt-xml-validate")
+            .arg(&f)
+            .arg("domain")
+            .output()
+            .expect(
+                "virt-xml-validate (Debian packages libvirt-clients and libxml2-utils) runs; \
+                 scripts/test installs them",
+            );
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            out.status.success(),
+            "libvirt's domain schema refuses:\n{xml}\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn qemu_domains_are_pcs_with_direct_kernel_boot_on_the_bridge() {
+        let x = domain_xml(&vm(GUEST), &Hypervisor::Qemu).unwrap();
+        validate(&x);
+        for want in [
+            "<domain type='qemu'>",
+            "<name>www</name>",
+            "<memory unit='MiB'>96</memory>",
+            "machine='pc'>hvm</type>",
+            "<kernel>/g/vmlinux</kernel>",
+            "<initrd>/g/initramfs.cpio.gz</initrd>",
+            "<cmdline>console=ttyS0 jitsu.ip=10.77.0.10/24 jitsu.name=&lt;www&amp;co&gt;</cmdline>",
+            "<acpi/>",
+            "<controller type='usb' model='none'/>",
+            "<memballoon model='none'/>",
+            "<mac address='02:77:00:00:00:10'/>",
+            "<source bridge='br0'/>",
+            "<model type='virtio'/>",
+            "<serial type='pty'>",
+        ] {
+            assert!(x.contains(want), "{want} missing from\n{x}");
+        }
+        assert!(!x.contains("<uuid>") && !x.contains("<disk"), "{x}");
+        // KVM only when asked, a UUID when given, disks, a console file.
+        let x = domain_xml(
+            &vm(&format!(
+                "{GUEST},domain_type=kvm,uuid=4dea22b3-1d52-d8f3-2516-782e98ab3fa0,\
+                 disk=/d/root.qcow2,disk=/d/data.img,console_log=/var/log/www.console,nic=xenbr1"
+            )),
+            &Hypervisor::Qemu,
+        )
+        .unwrap();
+        validate(&x);
+        for want in [
+            "<domain type='kvm'>",
+            "<uuid>4dea22b3-1d52-d8f3-2516-782e98ab3fa0</uuid>",
+            "<driver name='qemu' type='qcow2'/>\n      <source file='/d/root.qcow2'/>\n      <target dev='vda' bus='virtio'/>",
+            "<driver name='qemu' type='raw'/>\n      <source file='/d/data.img'/>\n      <target dev='vdb' bus='virtio'/>",
+            "<serial type='file'>\n      <source path='/var/log/www.console'/>",
+            "<source bridge='xenbr1'/>",
+        ] {
+            assert!(x.contains(want), "{want} missing from\n{x}");
+        }
+        // A disk alone boots through the BIOS.
+        let x = domain_xml(
+            &vm("name=d,dns=d.example.org,ip=10.0.0.2,disk=/d/disk.img"),
+            &Hypervisor::Qemu,
+        )
+        .unwrap();
+        validate(&x);
+        assert!(
+            x.contains("<boot dev='hd'/>") && !x.contains("<kernel>"),
+            "{x}"
+        );
+        assert!(x.contains(&format!("<memory unit='MiB'>{DEFAULT_MEMORY_MIB}</memory>")));
+    }
+
+    #[test]
+    fn xen_domains_are_pvh_or_pv_with_xen_devices() {
+        // Xen cannot run on this machine: the XML is checked against libvirt's schema and
+        // for the shape libxl needs.
+        let pvh = domain_xml(&vm(&format!("{GUEST},disk=/d/a.img")), &Hypervisor::Xen).unwrap();
+        validate(&pvh);
+        for want in [
+            "<domain type='xen'>",
+            "machine='xenpvh'>xenpvh</type>",
+            "<kernel>/g/vmlinux</kernel>",
+            "<target dev='xvda' bus='xen'/>",
+            "<source bridge='br0'/>",
+            "<console type='pty'>\n      <target type='xen' port='0'/>",
+        ] {
+            assert!(pvh.contains(want), "{want} missing from\n{pvh}");
+        }
+        for absent in ["<acpi/>", "usb", "memballoon", "virtio", "<serial"] {
+            assert!(!pvh.contains(absent), "{absent} in\n{pvh}");
+        }
+        let pv = domain_xml(&vm(&format!("{GUEST},domain_type=xenpv")), &Hypervisor::Xen).unwrap();
+        validate(&pv);
+        assert!(pv.contains("machine='xenpv'>xen</type>"), "{pv}");
+    }
+
+    #[test]
+    fn domains_that_cannot_be_defined_say_why() {
+        let nothing = vm("name=n,dns=n.example.org,ip=10.0.0.3");
+        let e = domain_xml(&nothing, &Hypervisor::Qemu).unwrap_err();
+        assert!(e.contains("`kernel`"), "{e}");
+        let disk_only = vm("name=n,dns=n.example.org,ip=10.0.0.3,disk=/d/a.img");
+        let e = domain_xml(&disk_only, &Hypervisor::Xen).unwrap_err();
+        assert!(e.contains("Xen domain is defined from a `kernel`"), "{e}");
+        let e = domain_xml(&vm(&format!("{GUEST},console_log=/l")), &Hypervisor::Xen).unwrap_err();
+        assert!(e.contains("pty consoles only"), "{e}");
+        let e = domain_xml(
+            &vm(&format!("{GUEST},domain_type=xenpvh")),
+            &Hypervisor::Qemu,
+        )
+        .unwrap_err();
+        assert!(e.contains("domain_type=xenpvh"), "{e}");
+        let e = domain_xml(&vm(GUEST), &Hypervisor::Other("LXC".into())).unwrap_err();
+        assert!(
+            e.contains("driver is LXC: define the domain www yourself"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_first_interface_gives_mac_and_device() {
+        let xml = "<domain type='qemu' id='3'>\n  <name>www</name>\n  <devices>\n\
+            <disk type='file' device='disk'><target dev='vda' bus='virtio'/></disk>\n\
+            <interface type='bridge'>\n      <mac address='02:77:00:00:00:10'/>\n\
+            <source bridge='br0'/>\n      <target dev='vnet7'/>\n      <model type='virtio'/>\n\
+            <alias name='net0'/>\n    </interface>\n\
+            <interface type='network'><mac address='52:54:00:00:00:99'/><target dev='vnet8'/></interface>\n\
+            </devices>\n</domain>";
+        assert_eq!(
+            first_interface(xml),
+            (
+                Some("02:77:00:00:00:10".parse().unwrap()),
+                Some("vnet7".to_string())
+            )
+        );
+        // Off: no target yet. Double quotes are XML too.
+        let off = r#"<domain><devices><interface type="bridge"><mac address="02:00:00:00:00:01"/><source bridge="br0"/></interface></devices></domain>"#;
+        assert_eq!(
+            first_interface(off),
+            (Some("02:00:00:00:00:01".parse().unwrap()), None)
+        );
+        assert_eq!(first_interface("<domain><devices/></domain>"), (None, None));
+        // A <target> outside the interface is not its device.
+        let stray = "<interface type='bridge'><mac address='zz'/></interface><target dev='x'/>";
+        assert_eq!(first_interface(stray), (None, None));
+        assert_eq!(attr("<x naddress='1' address='2'/>", "address"), Some("2"));
+        assert_eq!(
+            start_tag("<macro/><mac address='a'/>", "mac"),
+            Some("<mac address='a'/>")
+        );
+    }
+}

@@ -1,0 +1,337 @@
+//! The validated configuration: [`Config`], each VM's [`VmConfig`], the zones, the small
+//! enums their keys take, and the defaults.
+//!
+//! Plain typed data: turning what was given into it, and refusing what is wrong, is the other
+//! modules' ([`super::load`]).
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::rr::Name;
+use shared_proto::Mac;
+
+/// Default address the DNS server binds (Jitsu's default).
+pub const DEFAULT_BIND: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// Default DNS port.
+pub const DEFAULT_LISTEN: u16 = 53;
+/// Default port of the forwarders.
+pub const DEFAULT_FORWARDER_PORT: u16 = 53;
+/// Default response delay (Jitsu's `-d 0.1`).
+pub const DEFAULT_DELAY: Duration = Duration::from_millis(100);
+/// Default TTL of answers, in seconds; VMs idle for twice this are stopped.
+pub const DEFAULT_TTL: u32 = 60;
+/// Default wait for a readiness key or a guest's announcement before answering anyway.
+pub const DEFAULT_WAIT_FOR_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a synjitsu-tracked guest has to announce itself before its boot is failed.
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default bridge a process-backend VM joins.
+pub const DEFAULT_NIC: &str = "br0";
+/// Default log filter.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// How a VM is stopped when idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StopMode {
+    /// Killed at once.
+    Destroy,
+    /// Frozen (process backend) or saved (libvirt); the next query resumes it.
+    Suspend,
+    /// Asked to stop (SIGTERM, ACPI), then destroyed after a grace period.
+    Shutdown,
+}
+
+impl StopMode {
+    /// The word used in flags, specs, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopMode::Destroy => "destroy",
+            StopMode::Suspend => "suspend",
+            StopMode::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl fmt::Display for StopMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for StopMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "destroy" => Ok(StopMode::Destroy),
+            "suspend" => Ok(StopMode::Suspend),
+            "shutdown" => Ok(StopMode::Shutdown),
+            _ => Err("expected destroy, suspend or shutdown".into()),
+        }
+    }
+}
+
+/// Which backend runs the VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// libvirt (issue 6).
+    Libvirt,
+    /// A command in a network namespace of its own.
+    Process,
+}
+
+impl BackendKind {
+    /// The word used on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Libvirt => "libvirt",
+            BackendKind::Process => "process",
+        }
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "libvirt" => Ok(BackendKind::Libvirt),
+            "process" => Ok(BackendKind::Process),
+            _ => Err("expected libvirt or process".into()),
+        }
+    }
+}
+
+/// How synjitsu hands the held SYNs to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandoverKind {
+    /// Re-sent on the bridge once the guest listens.
+    Wire,
+    /// Written to Xenstore for a guest that replays them (needs a Xen domain id).
+    Xenstore,
+}
+
+/// Who configures the guest's interface (process backend).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ifup {
+    /// jitsu-dns adds the addresses and brings `eth0` up before the command starts.
+    Jitsu,
+    /// The command brings `eth0` up itself, as a unikernel configures its own NIC.
+    Guest,
+}
+
+/// The kind of domain the libvirt backend defines for a VM that has none yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainType {
+    /// QEMU with TCG (software emulation): `<domain type='qemu'>`, machine `pc`.
+    Qemu,
+    /// QEMU with KVM: `<domain type='kvm'>`, machine `pc`.
+    Kvm,
+    /// A Xen PVH guest (`xenpvh`), as MirageOS 4 and Linux boot on Xen today.
+    XenPvh,
+    /// A Xen PV guest (`xenpv`), as older unikernels (MirageOS 2/3, Rumprun) boot.
+    XenPv,
+}
+
+impl DomainType {
+    /// The word used in specs and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainType::Qemu => "qemu",
+            DomainType::Kvm => "kvm",
+            DomainType::XenPvh => "xenpvh",
+            DomainType::XenPv => "xenpv",
+        }
+    }
+}
+
+impl FromStr for DomainType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "qemu" => Ok(DomainType::Qemu),
+            "kvm" => Ok(DomainType::Kvm),
+            "xenpvh" => Ok(DomainType::XenPvh),
+            "xenpv" => Ok(DomainType::XenPv),
+            _ => Err("expected qemu, kvm, xenpvh or xenpv".into()),
+        }
+    }
+}
+
+/// Extra masking conditions beyond the fixed delay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitFor {
+    /// Answer when synjitsu reports the guest's own gratuitous ARP.
+    Announce,
+}
+
+/// Where queries for names outside the owned zones go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forwarders {
+    /// The nameservers of `/etc/resolv.conf` (`-f ""`, the default).
+    System,
+    /// Nowhere: such queries are REFUSED (`-f 0.0.0.0`).
+    Off,
+    /// These servers, in order.
+    List(Vec<IpAddr>),
+}
+
+/// A zone jitsu-dns is authoritative for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZoneConfig {
+    /// The apex, lower-case, fully qualified.
+    pub name: Name,
+    /// The name served as NS (default `ns.<zone>`).
+    pub ns: Name,
+    /// Addresses served for the NS name when it lies inside the zone.
+    pub ns_addresses: Vec<IpAddr>,
+}
+
+/// One VM, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmConfig {
+    /// Unique name; the key of everything else.
+    pub name: Arc<str>,
+    /// The names it answers to, lower-case, fully qualified.
+    pub dns: Vec<Name>,
+    /// The zone its names are in, if set explicitly with `zone=`.
+    pub zone: Option<Name>,
+    /// IPv4 address and prefix length (the prefix is used by the process backend).
+    pub ip: Ipv4Addr,
+    /// Prefix length of `ip`.
+    pub ip_prefix: u8,
+    /// IPv6 address, if any.
+    pub ip6: Option<Ipv6Addr>,
+    /// Prefix length of `ip6`.
+    pub ip6_prefix: u8,
+    /// The guest's MAC (default derived from the name).
+    pub mac: Mac,
+    /// Masking by a fixed delay after the backend started the VM.
+    pub response_delay: Duration,
+    /// Xenstore key whose appearance means the guest is ready (relative keys live under
+    /// `/local/domain/<domid>/`).
+    pub wait_for_key: Option<String>,
+    /// Masking by synjitsu's report of the guest's gratuitous ARP.
+    pub wait_for: Option<WaitFor>,
+    /// How long `wait_for_key` / `wait_for` wait before answering anyway.
+    pub wait_for_timeout: Duration,
+    /// Masking by synjitsu holding the SYNs.
+    pub use_synjitsu: bool,
+    /// A synjitsu-tracked guest that has not announced itself this long after the backend
+    /// started it never came up: it is destroyed and marked failed, and the next query boots
+    /// it again.
+    pub boot_timeout: Duration,
+    /// How the VM is stopped when idle.
+    pub stop_mode: StopMode,
+    /// How synjitsu hands over held SYNs.
+    pub handover: HandoverKind,
+    /// Who brings the interface up (process backend).
+    pub ifup: Ifup,
+    /// Default route of the guest (process backend with `ifup=jitsu`).
+    pub gateway: Option<IpAddr>,
+    /// The bridge the VM joins.
+    pub nic: String,
+    /// The command that is the VM (process backend).
+    pub command: Option<String>,
+    /// Kernel image (libvirt), an absolute path.
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk (libvirt), an absolute path.
+    pub initrd: Option<PathBuf>,
+    /// Memory in MiB (libvirt).
+    pub memory: Option<u64>,
+    /// Disk images (libvirt), absolute paths.
+    pub disks: Vec<PathBuf>,
+    /// Domain UUID (libvirt).
+    pub uuid: Option<String>,
+    /// Kernel command line (libvirt).
+    pub cmdline: Option<String>,
+    /// File the guest's serial console is written to (libvirt, QEMU), an absolute path.
+    pub console_log: Option<PathBuf>,
+    /// The kind of domain defined for the VM when it has none (libvirt; default from the
+    /// connection's hypervisor).
+    pub domain_type: Option<DomainType>,
+    /// The keys as given, for the state store's `config/` subtree.
+    pub raw: Vec<(String, String)>,
+}
+
+impl VmConfig {
+    /// True if synjitsu is told about this VM (it masks with synjitsu or waits for its
+    /// announcement).
+    pub fn synjitsu_tracked(&self) -> bool {
+        self.use_synjitsu || self.wait_for == Some(WaitFor::Announce)
+    }
+}
+
+/// The whole configuration, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Address of the DNS server.
+    pub bind: IpAddr,
+    /// Port of the DNS server.
+    pub listen: u16,
+    /// Where other names go.
+    pub forwarders: Forwarders,
+    /// Port of the forwarders.
+    pub forwarder_port: u16,
+    /// Default response delay.
+    pub delay: Duration,
+    /// TTL of answers in seconds.
+    pub ttl: u32,
+    /// Default stop mode.
+    pub mode: StopMode,
+    /// The backend.
+    pub backend: BackendKind,
+    /// The backend's URI.
+    pub connect: Option<String>,
+    /// synjitsu's control socket.
+    pub synjitsu: Option<PathBuf>,
+    /// The state store's git repository.
+    pub persistdb: Option<PathBuf>,
+    /// Address of the metrics endpoint.
+    pub metrics: Option<SocketAddr>,
+    /// Log filter (`info`, `debug`, or an `EnvFilter` directive).
+    pub log_level: String,
+    /// At most this many VMs booting or running.
+    pub max_running: Option<usize>,
+    /// At most this many boots per second.
+    pub max_boots_per_second: Option<u32>,
+    /// Zones, explicit and implicit.
+    pub zones: Vec<ZoneConfig>,
+    /// The VMs.
+    pub vms: Vec<VmConfig>,
+    /// The file read, if any (re-read on SIGHUP).
+    pub file: Option<PathBuf>,
+}
+
+impl Config {
+    /// The zone a name belongs to: the longest owned zone containing it.
+    pub fn zone_of(&self, name: &Name) -> Option<&ZoneConfig> {
+        self.zones
+            .iter()
+            .filter(|z| z.name.zone_of(name))
+            .max_by_key(|z| z.name.num_labels())
+    }
+
+    /// The server's socket address.
+    pub fn dns_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.bind, self.listen)
+    }
+
+    /// The configuration a reload runs with: this one (just read) with the settings that
+    /// need new sockets, another backend or another store kept as `running` has them, and
+    /// the names of those this one would have changed.
+    pub fn for_reload(mut self, running: &Config) -> (Config, Vec<&'static str>) {
+        let mut kept = Vec::new();
+        macro_rules! restart_only {
+            ($($setting:ident),*) => {$(
+                if self.$setting != running.$setting {
+                    kept.push(stringify!($setting));
+                    self.$setting = running.$setting.clone();
+                }
+            )*};
+        }
+        restart_only!(bind, listen, backend, connect, synjitsu, persistdb, metrics);
+        (self, kept)
+    }
+}

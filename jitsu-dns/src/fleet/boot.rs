@@ -1,0 +1,344 @@
+//! Booting: a query (or a wake request) for a VM that is not running starts, resumes or
+//! unpauses it within the limits; the boot is answered and promoted to running when its
+//! masking condition is met ([`super::mask`]); a boot that fails, or a synjitsu-tracked guest
+//! that never announces itself, lands in `Failed` and the next query tries again.
+//!
+//! Stopping and what the backend reports on its own are elsewhere ([`super::stop`],
+//! [`super::observe`]).
+
+use std::time::{Duration, Instant};
+
+use shared_proto::ClientMessage;
+
+use super::mask::answer_reason;
+use super::synjitsu::{identity, send};
+use super::types::{Answer, Command, Lifecycle, MAX_WAITING_PER_VM, QueryId, Refusal, VmName};
+use super::vm::{Boot, BootKind, Cause, Life, answer_waiting};
+use super::{Fleet, fmt_duration};
+use crate::config::{HandoverKind, StopMode};
+
+impl Fleet {
+    pub(super) fn on_query(
+        &mut self,
+        now: Instant,
+        name: &VmName,
+        id: Option<QueryId>,
+        cause: Cause,
+        out: &mut Vec<Command>,
+    ) {
+        let Some(vm) = self.vms.get_mut(name) else {
+            if let Some(id) = id {
+                out.push(Command::Answer {
+                    id,
+                    answer: Answer::ServFail(Refusal::Unknown),
+                });
+            }
+            return;
+        };
+        if id.is_some() {
+            vm.requests += 1;
+            vm.last_query = Some(now);
+            self.counters_dirty = true;
+        }
+        let answer_now = match &vm.life {
+            Life::Running { .. } => true,
+            Life::Booting(b) => b.answered,
+            _ => false,
+        };
+        if answer_now {
+            if let Some(id) = id {
+                out.push(Command::Answer {
+                    id,
+                    answer: Answer::Ready,
+                });
+            }
+            return;
+        }
+        if let Some(id) = id
+            && vm.waiting.len() >= MAX_WAITING_PER_VM
+        {
+            out.push(Command::Answer {
+                id,
+                answer: Answer::ServFail(Refusal::Overloaded),
+            });
+            return;
+        }
+        let kind = match &mut vm.life {
+            Life::Booting(_) => None,
+            Life::Stopping { pending_wake, .. } => {
+                *pending_wake = true;
+                None
+            }
+            Life::Off | Life::Failed => Some(BootKind::Fresh),
+            Life::Suspended => Some(BootKind::Resume),
+            Life::Paused => Some(BootKind::Unpause),
+            Life::Running { .. } => unreachable!("answered above"),
+        };
+        if let Some(kind) = kind {
+            if let Some(refusal) = self.refuse_boot(now, kind) {
+                if let Some(id) = id {
+                    out.push(Command::Answer {
+                        id,
+                        answer: Answer::ServFail(refusal),
+                    });
+                }
+                return;
+            }
+            self.begin_boot(now, name, kind, cause, out);
+        }
+        if let Some(id) = id {
+            let vm = self.vms.get_mut(name).expect("looked up above");
+            vm.waiting.push(id);
+        }
+    }
+
+    pub(super) fn refuse_boot(&mut self, now: Instant, kind: BootKind) -> Option<Refusal> {
+        if let Some(max) = self.settings.max_running
+            && self.running_count() >= max
+        {
+            return Some(Refusal::MaxRunning);
+        }
+        if kind == BootKind::Fresh
+            && let Some(max) = self.settings.max_boots_per_second
+        {
+            while self
+                .boots
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+            {
+                self.boots.pop_front();
+            }
+            if self.boots.len() >= max as usize {
+                return Some(Refusal::BootRate);
+            }
+        }
+        None
+    }
+
+    pub(super) fn begin_boot(
+        &mut self,
+        now: Instant,
+        name: &VmName,
+        kind: BootKind,
+        cause: Cause,
+        out: &mut Vec<Command>,
+    ) {
+        let syn_up = self.synjitsu_up;
+        let vm = self.vms.get_mut(name).expect("caller looked it up");
+        let from = vm.life.state();
+        let mut boot = Boot {
+            kind,
+            since: now,
+            started: None,
+            answered: false,
+            syn_tag: None,
+            acked: false,
+            syn_unavailable: !syn_up,
+            announced: false,
+            key_seen: false,
+            key_watched: false,
+        };
+        let cfg = vm.cfg.clone();
+        match kind {
+            BootKind::Fresh => {
+                vm.starts += 1;
+                vm.last_start = Some(now);
+                vm.counters = None;
+                vm.domid = None;
+                self.boots.push_back(now);
+                out.push(Command::Start { vm: cfg.clone() });
+            }
+            BootKind::Resume => out.push(Command::Resume { vm: cfg.clone() }),
+            BootKind::Unpause => out.push(Command::Unpause { vm: cfg.clone() }),
+        }
+        let cause = match kind {
+            BootKind::Fresh => cause.to_string(),
+            BootKind::Resume => format!("resume, {cause}"),
+            BootKind::Unpause => format!("unpause, {cause}"),
+        };
+        // synjitsu stands in at once for a wire hand-over; a Xenstore hand-over needs the
+        // domain id, so it waits for the backend.
+        if syn_up && cfg.synjitsu_tracked() && cfg.handover == HandoverKind::Wire {
+            let msg = ClientMessage::Booting {
+                vm: identity(&cfg, None),
+            };
+            boot.syn_tag = Some(send(&mut self.next_tag, msg, out));
+        }
+        if kind == BootKind::Fresh
+            && let Some(key) = &cfg.wait_for_key
+            && key.starts_with('/')
+        {
+            boot.key_watched = true;
+            out.push(Command::WatchKey {
+                vm: name.clone(),
+                path: key.clone(),
+            });
+        }
+        vm.set_life(Life::Booting(boot));
+        out.push(vm.persist(from, cause, None));
+    }
+
+    pub(super) fn on_started(
+        &mut self,
+        now: Instant,
+        name: &VmName,
+        domid: Option<u32>,
+        out: &mut Vec<Command>,
+    ) {
+        let syn_up = self.synjitsu_up;
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        let Life::Booting(b) = &mut vm.life else {
+            return;
+        };
+        b.started = Some(now);
+        vm.domid = domid;
+        let cfg = vm.cfg.clone();
+        if b.kind == BootKind::Fresh
+            && !b.key_watched
+            && let (Some(key), Some(domid)) = (&cfg.wait_for_key, domid)
+        {
+            b.key_watched = true;
+            out.push(Command::WatchKey {
+                vm: name.clone(),
+                path: format!("/local/domain/{domid}/{key}"),
+            });
+        }
+        if cfg.synjitsu_tracked() && syn_up {
+            if cfg.handover == HandoverKind::Xenstore && b.syn_tag.is_none() {
+                let msg = ClientMessage::Booting {
+                    vm: identity(&cfg, domid),
+                };
+                b.syn_tag = Some(send(&mut self.next_tag, msg, out));
+                b.syn_unavailable = false;
+            } else if b.kind != BootKind::Fresh {
+                // A resumed guest does not announce itself again: hand over now.
+                let name = name.to_string();
+                send(&mut self.next_tag, ClientMessage::Ready { name }, out);
+            }
+        }
+        self.settle(now, name, out);
+    }
+
+    pub(super) fn on_start_failed(&mut self, name: &VmName, error: &str, out: &mut Vec<Command>) {
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        if !matches!(vm.life, Life::Booting(_)) {
+            return;
+        }
+        vm.set_life(Life::Failed);
+        let cfg = vm.cfg.clone();
+        let domid = vm.domid;
+        answer_waiting(&mut vm.waiting, Answer::ServFail(Refusal::BootFailed), out);
+        out.push(Command::UnwatchKey { vm: name.clone() });
+        out.push(vm.persist(Lifecycle::Booting, format!("boot failed: {error}"), None));
+        self.notify_stopped(&cfg, domid, out);
+    }
+
+    /// Boots a VM that has waiting queries (they arrived while it stopped), or refuses them.
+    pub(super) fn restart_for_waiting(
+        &mut self,
+        now: Instant,
+        name: &VmName,
+        cause: Cause,
+        out: &mut Vec<Command>,
+    ) {
+        let Some(vm) = self.vms.get(name) else { return };
+        let kind = match vm.life {
+            Life::Off | Life::Failed => BootKind::Fresh,
+            Life::Suspended => BootKind::Resume,
+            Life::Paused => BootKind::Unpause,
+            _ => return,
+        };
+        if let Some(refusal) = self.refuse_boot(now, kind) {
+            let vm = self.vms.get_mut(name).expect("looked up above");
+            answer_waiting(&mut vm.waiting, Answer::ServFail(refusal), out);
+            return;
+        }
+        self.begin_boot(now, name, kind, cause, out);
+    }
+
+    /// Answers and promotes a booting VM whose masking condition is met.
+    pub(super) fn settle(&mut self, now: Instant, name: &VmName, out: &mut Vec<Command>) {
+        let syn_up = self.synjitsu_up;
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        let Life::Booting(b) = &mut vm.life else {
+            return;
+        };
+        let Some(reason) = answer_reason(&vm.cfg, b, now) else {
+            return;
+        };
+        if !b.answered {
+            b.answered = true;
+            answer_waiting(&mut vm.waiting, Answer::Ready, out);
+        }
+        if b.started.is_none() {
+            return;
+        }
+        let took = (b.kind == BootKind::Fresh).then(|| now.duration_since(b.since));
+        let key_watched = b.key_watched;
+        // Only synjitsu can tell that the guest came up; while it can, a guest that never
+        // announces itself is a boot that failed.
+        let unconfirmed = (b.kind == BootKind::Fresh
+            && vm.cfg.synjitsu_tracked()
+            && !b.announced
+            && !b.syn_unavailable
+            && syn_up)
+            .then(|| b.started.map(|s| s + vm.cfg.boot_timeout))
+            .flatten();
+        vm.set_life(Life::Running { since: now });
+        vm.unconfirmed_until = unconfirmed;
+        vm.last_traffic = None;
+        if key_watched {
+            out.push(Command::UnwatchKey { vm: name.clone() });
+        }
+        out.push(Command::Serve {
+            vm: name.clone(),
+            direct: true,
+        });
+        out.push(vm.persist(Lifecycle::Booting, reason.into(), took));
+    }
+
+    /// Fails a synjitsu-tracked boot whose guest never announced itself: destroyed, then
+    /// `Failed`, so the next query (or SYN) boots it again.
+    pub(super) fn check_unconfirmed(
+        &mut self,
+        now: Instant,
+        name: &VmName,
+        out: &mut Vec<Command>,
+    ) {
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        if !matches!(vm.life, Life::Running { .. }) || vm.unconfirmed_until.is_none_or(|t| now < t)
+        {
+            return;
+        }
+        let cause = format!(
+            "the guest did not announce itself within {} of its start",
+            fmt_duration(vm.cfg.boot_timeout)
+        );
+        vm.begin_stop(name, StopMode::Destroy, true, cause, out);
+    }
+
+    /// The VM's readiness key appeared: the guest listens.
+    pub(super) fn on_key_appeared(&mut self, now: Instant, name: &VmName, out: &mut Vec<Command>) {
+        let tracked = self.synjitsu_up;
+        if let Some(v) = self.vms.get_mut(name)
+            && let Life::Booting(b) = &mut v.life
+            && !b.key_seen
+        {
+            b.key_seen = true;
+            if tracked && v.cfg.synjitsu_tracked() {
+                // The guest listens: synjitsu may hand over what it holds.
+                let name = name.to_string();
+                send(&mut self.next_tag, ClientMessage::Ready { name }, out);
+            }
+            self.settle(now, name, out);
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Stopping: a running VM without queries or traffic for 2 x TTL is stopped in its stop
+//! mode; a stop that finished lands the VM in `Off`, `Suspended` or `Failed` (and boots it
+//! again for queries that arrived meanwhile); a stop that failed leaves it running.
+//!
+//! Booting is [`super::boot`]'s; a VM that stops by itself is [`super::observe`]'s.
+
+use std::time::Instant;
+
+use super::types::{Answer, Command, IfCounters, Lifecycle, VmName};
+use super::vm::{Cause, Life, answer_waiting};
+use super::{Fleet, fmt_duration};
+use crate::config::StopMode;
+
+impl Fleet {
+    pub(super) fn check_idle(&mut self, now: Instant, name: &VmName, out: &mut Vec<Command>) {
+        let limit = self.idle_limit();
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        let Life::Running { since } = vm.life else {
+            return;
+        };
+        if now < vm.idle_since(since) + limit {
+            return;
+        }
+        let cause = format!("idle for {}", fmt_duration(limit));
+        vm.begin_stop(name, vm.cfg.stop_mode, false, cause, out);
+    }
+
+    /// New counters of the VM's interface: traffic the guest sent keeps it up.
+    pub(super) fn on_counters(
+        &mut self,
+        now: Instant,
+        name: &VmName,
+        counters: Option<IfCounters>,
+    ) {
+        if let Some(v) = self.vms.get_mut(name)
+            && let Some(c) = counters
+        {
+            // Only what the guest sends counts: broadcasts and multicasts flooded to
+            // every port of a busy bridge would keep every VM up for ever, while any
+            // real conversation makes the guest send too.
+            if v.counters.is_some_and(|old| old.rx_packets != c.rx_packets) {
+                v.last_traffic = Some(now);
+            }
+            v.counters = Some(c);
+        }
+    }
+
+    pub(super) fn on_stopped(&mut self, now: Instant, name: &VmName, out: &mut Vec<Command>) {
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        let Life::Stopping {
+            mode,
+            pending_wake,
+            failed,
+        } = vm.life
+        else {
+            return;
+        };
+        let to = if failed {
+            Life::Failed
+        } else if mode == StopMode::Suspend {
+            Life::Suspended
+        } else {
+            Life::Off
+        };
+        vm.set_life(to);
+        vm.counters = None;
+        let cfg = vm.cfg.clone();
+        let domid = vm.domid;
+        let wake = pending_wake || !vm.waiting.is_empty();
+        out.push(vm.persist(Lifecycle::Stopping, format!("stopped ({mode})"), None));
+        self.notify_stopped(&cfg, domid, out);
+        if wake {
+            // Queries came while it stopped: bring it back for them.
+            self.restart_for_waiting(now, name, Cause::Waiting, out);
+        }
+    }
+
+    /// A stop failed: the VM still runs as far as anyone can tell.
+    pub(super) fn on_stop_failed(
+        &mut self,
+        now: Instant,
+        name: &VmName,
+        error: &str,
+        out: &mut Vec<Command>,
+    ) {
+        if let Some(v) = self.vms.get_mut(name)
+            && matches!(v.life, Life::Stopping { .. })
+        {
+            // Serve it and try again after another idle period.
+            v.set_life(Life::Running { since: now });
+            v.last_traffic = Some(now);
+            out.push(Command::Serve {
+                vm: name.clone(),
+                direct: true,
+            });
+            answer_waiting(&mut v.waiting, Answer::Ready, out);
+            out.push(v.persist(Lifecycle::Stopping, format!("stop failed: {error}"), None));
+        }
+    }
+}
