@@ -169,6 +169,8 @@ impl Daemon {
         };
         let child = cmd
             .args(args)
+            // The log is a file: plain text that tests can search (tracing colours otherwise).
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
