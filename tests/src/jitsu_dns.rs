@@ -1,23 +1,17 @@
 //! Support for the tests of jitsu-dns: a bridge namespace with jitsu-dns in it and its
 //! process-backend VMs ([`DnsHarness`]), a guard that removes those VMs even when the test
 //! fails ([`ProcessVms`]), `dig`/`kdig` output parsed into records ([`Dig`]), the state
-//! store read with plain git, and deadline polling ([`wait_for`]).
+//! store read with plain git.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
 pub use crate::Scratch;
 use crate::topo::{Bridge, Daemon};
 use crate::{Netns, bin_path, unique};
-
-/// Polls `f` until it returns `Some`, or fails the test after `timeout` saying what it
-/// waited for ([`crate::wait_until`], panicking).
-pub fn wait_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
-    crate::wait_until(what, timeout, f).unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// The cgroup2 mount point of this host (`/sys/fs/cgroup` or `/sys/fs/cgroup/unified`).
 pub fn cgroup2_mount() -> Option<PathBuf> {
@@ -107,17 +101,18 @@ impl ProcessVms {
                 let dir = e.path();
                 let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
                 let _ = std::fs::write(dir.join("freezer.state"), "THAWED");
-                let deadline = Instant::now() + Duration::from_secs(5);
-                loop {
-                    let procs =
-                        std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-                    let pids: Vec<&str> = procs.split_whitespace().collect();
-                    if pids.is_empty() || Instant::now() > deadline {
-                        break;
-                    }
-                    let _ = Command::new("kill").arg("-9").args(&pids).status();
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+                // Best effort: a cgroup that keeps a process is left for the next run.
+                let _ =
+                    crate::wait_until("the VM's cgroup to empty", Duration::from_secs(5), || {
+                        let procs =
+                            std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                        let pids: Vec<&str> = procs.split_whitespace().collect();
+                        if pids.is_empty() {
+                            return Some(());
+                        }
+                        let _ = Command::new("kill").arg("-9").args(&pids).status();
+                        None
+                    });
                 let _ = std::fs::remove_dir(&dir);
             }
         }
@@ -436,11 +431,12 @@ impl DnsHarness {
         store_get(&self.db(), &format!("jitsu/vm/{vm}/{key}"))
     }
 
-    /// Waits until the store says `vm` is in `state`.
+    /// Waits until the store says `vm` is in `state`; fails the test with jitsu-dns's log.
     pub fn wait_state(&self, vm: &str, state: &str, timeout: Duration) {
-        wait_for(&format!("{vm} to be {state} in the store"), timeout, || {
+        crate::wait_until(&format!("{vm} to be {state} in the store"), timeout, || {
             (self.stored(vm, "state").as_deref() == Some(state)).then_some(())
-        });
+        })
+        .unwrap_or_else(|e| panic!("{e}\njitsu-dns log:\n{}", self.log()));
     }
 }
 

@@ -106,7 +106,8 @@ pub fn sh(script: &str) -> Result<String> {
 }
 
 /// Polls `f` every 10 ms until it returns `Some`, or fails after `timeout` saying what it
-/// waited for. Tests wait for conditions this way, never with a bare sleep.
+/// waited for and how long. Every wait of the tests is this one, never a bare sleep; `f`
+/// returns `Some(Err(..))` to give up early (a daemon that exited, a closed connection).
 pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;
     loop {

@@ -1,11 +1,10 @@
 //! Support for synjitsu's end-to-end tests: a host namespace with `br0` and synjitsu on it,
-//! a control client that plays jitsu-dns over the real socket, metrics scraped with curl,
-//! and deadline polling.
+//! a control client that plays jitsu-dns over the real socket, metrics scraped with curl.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bytes::BytesMut;
@@ -16,7 +15,7 @@ use shared_proto::{
 };
 
 use crate::topo::{Bridge, Daemon};
-use crate::{Netns, bin_path, unique};
+use crate::{Netns, bin_path, unique, wait_until};
 
 /// The guest's MAC in every synjitsu test.
 pub const VM_MAC: &str = "02:77:00:00:01:10";
@@ -28,12 +27,6 @@ pub const PROBE_V4: &str = "10.77.1.250";
 pub const PROBE_V6: &str = "fd77:1::fa";
 /// Where synjitsu serves metrics inside the host namespace.
 pub const METRICS: &str = "127.0.0.1:9477";
-
-/// Polls `f` until it returns `Some`, or fails after `timeout` saying `what`
-/// ([`crate::wait_until`] with the arguments in this module's order).
-pub fn wait_for<T>(timeout: Duration, what: &str, f: impl FnMut() -> Option<T>) -> Result<T> {
-    crate::wait_until(what, timeout, f)
-}
 
 /// Spawns synjitsu on `br0` in `host` with its control socket at `control` and the other
 /// flags `args`, and waits up to `timeout` for the socket (a stale one is removed first).
@@ -49,7 +42,7 @@ pub fn spawn_daemon(
     let mut all = vec!["--bridge", "br0", "--control", &control_s];
     all.extend_from_slice(args);
     let mut d = Daemon::spawn(Some(host), &bin_path("synjitsu"), &all, dir)?;
-    crate::wait_until("synjitsu's control socket", timeout, || {
+    wait_until("synjitsu's control socket", timeout, || {
         control.exists().then_some(())
     })
     .with_context(|| format!("synjitsu's log:\n{}", d.log()))?;
@@ -123,9 +116,9 @@ impl SynjitsuHost {
 
     /// Waits until the bridge steers `mac` to synjitsu's port with a static entry.
     pub fn wait_steered(&self, mac: &str) -> Result<()> {
-        wait_for(
-            Duration::from_secs(10),
+        wait_until(
             &format!("{mac} steered to synjitsu"),
+            Duration::from_secs(10),
             || {
                 self.bridge
                     .fdb()
@@ -181,9 +174,9 @@ pub struct ControlClient {
 impl ControlClient {
     /// Connects (retrying until the socket accepts, up to 20 s) and says hello.
     pub fn connect(path: &Path) -> Result<ControlClient> {
-        let stream = wait_for(
-            Duration::from_secs(20),
+        let stream = wait_until(
             "the control socket to accept",
+            Duration::from_secs(20),
             || UnixStream::connect(path).ok(),
         )?;
         stream.set_read_timeout(Some(Duration::from_millis(100)))?;
@@ -217,26 +210,31 @@ impl ControlClient {
 
     /// Reads the next message, up to `timeout`; `Ok(None)` if the server closed.
     pub fn next_message(&mut self, timeout: Duration) -> Result<Option<ServerMessage>> {
-        let deadline = Instant::now() + timeout;
         let mut chunk = [0u8; 4096];
-        loop {
-            if let Some(m) = codec::decode::<ServerMessage>(&mut self.buf)? {
-                return Ok(Some(m));
-            }
-            if Instant::now() > deadline {
-                bail!("no message from synjitsu within {timeout:?}");
+        // Each read blocks up to the socket's read timeout (100 ms).
+        wait_until("a message from synjitsu", timeout, || {
+            match codec::decode::<ServerMessage>(&mut self.buf) {
+                Ok(Some(m)) => return Some(Ok(Some(m))),
+                Ok(None) => {}
+                Err(e) => return Some(Err(e.into())),
             }
             match self.stream.read(&mut chunk) {
-                Ok(0) => return Ok(None),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(0) => Some(Ok(None)),
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    None
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) => return Err(e.into()),
+                    ) =>
+                {
+                    None
+                }
+                Err(e) => Some(Err(e.into())),
             }
-        }
+        })?
     }
 
     /// Reads until the answer to request `id` (keeping events).
@@ -293,22 +291,25 @@ impl ControlClient {
         what: &str,
         pred: impl Fn(&Event) -> bool,
     ) -> Result<Event> {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let got = wait_until(&format!("a {what} event"), timeout, || {
             if let Some(i) = self.events.iter().position(&pred) {
-                return Ok(self.events.remove(i));
+                return Some(Ok(self.events.remove(i)));
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                bail!("no {what} event within {timeout:?}; got {:?}", self.events);
+            match self.next_message(Duration::from_millis(200)) {
+                Ok(Some(ServerMessage::Event { event })) => {
+                    self.events.push(event);
+                    None
+                }
+                Ok(Some(other)) => Some(Err(anyhow::anyhow!(
+                    "unexpected {other:?} while waiting for {what}"
+                ))),
+                Ok(None) => Some(Err(anyhow::anyhow!(
+                    "synjitsu closed the control connection"
+                ))),
+                Err(_) => None,
             }
-            match self.next_message(left.min(Duration::from_millis(200))) {
-                Ok(Some(ServerMessage::Event { event })) => self.events.push(event),
-                Ok(Some(other)) => bail!("unexpected {other:?} while waiting for {what}"),
-                Ok(None) => bail!("synjitsu closed the control connection"),
-                Err(_) => {}
-            }
-        }
+        });
+        got.with_context(|| format!("events received: {:?}", self.events))?
     }
 }
 
@@ -349,7 +350,7 @@ impl Capture {
             .spawn()
             .context("starting tcpdump")?;
         let e = err.clone();
-        wait_for(Duration::from_secs(20), "tcpdump to listen", || {
+        wait_until("tcpdump to listen", Duration::from_secs(20), || {
             std::fs::read_to_string(&e)
                 .ok()
                 .filter(|s| s.contains("listening on"))

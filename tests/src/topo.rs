@@ -13,6 +13,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
@@ -210,19 +211,13 @@ impl Daemon {
     }
 
     /// Waits for the daemon to exit, up to `timeout`; returns its exit code.
-    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Result<Option<i32>> {
-        let deadline = std::time::Instant::now() + timeout;
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
         let child = self.child.as_mut().context("already reaped")?;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                self.child = None;
-                return Ok(status.code());
-            }
-            if std::time::Instant::now() > deadline {
-                bail!("{} did not exit within {timeout:?}", self.name);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        let status = crate::wait_until(&format!("{} to exit", self.name), timeout, || {
+            child.try_wait().transpose()
+        })??;
+        self.child = None;
+        Ok(status.code())
     }
 }
 

@@ -7,8 +7,8 @@ use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
-use jitsu_tests::jitsu_dns::{DnsHarness, parse_dig, store_log, wait_for};
-use jitsu_tests::{bin_path, require_root, require_tool};
+use jitsu_tests::jitsu_dns::{DnsHarness, parse_dig, store_log};
+use jitsu_tests::{bin_path, require_root, require_tool, wait_until};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -127,9 +127,10 @@ fn fifty_parallel_queries_boot_once_and_the_idle_vm_stops_after_twice_the_ttl() 
             .any(|l| l == "www: stopping -> off (stopped (destroy))"),
         "{log:?}"
     );
-    wait_for("the VM's process to be gone", LONG, || {
+    wait_until("the VM's process to be gone", LONG, || {
         (!alive(pids[0])).then_some(())
-    });
+    })
+    .unwrap();
     assert!(
         !Path::new("/run/netns").join(h.vms.netns("www")).exists(),
         "namespace removed"
@@ -183,12 +184,13 @@ fn a_restarted_jitsu_dns_adopts_the_running_vm_and_never_boots_it_twice() {
     assert_eq!(d.addresses(), vec!["10.77.0.1"], "{}", d.text);
     assert_eq!(boots(&h.file("boots")), pids, "adopted, not booted again");
     assert_eq!(h.stored("www", "starts").as_deref(), Some("1"));
-    let log = wait_for("the adoption in the history", LONG, || {
+    let log = wait_until("the adoption in the history", LONG, || {
         let log = store_log(&h.db());
         log.iter()
             .any(|l| l == "www: running (adopted: already running)")
             .then_some(log)
-    });
+    })
+    .unwrap();
     assert_eq!(count(&log, "www: off -> booting"), 1, "{log:?}");
 
     // The state views a person uses.
@@ -323,7 +325,7 @@ fn shutdown_mode_delivers_sigterm() {
         "{log:?}"
     );
     let pid = boots(&h.file("boots"))[0];
-    wait_for("the VM to be gone", LONG, || (!alive(pid)).then_some(()));
+    wait_until("the VM to be gone", LONG, || (!alive(pid)).then_some(())).unwrap();
 }
 
 fn toml_vm(name: &str, n: u8, boots: &Path) -> String {
@@ -359,31 +361,35 @@ fn sighup_adds_and_removes_vms_without_a_restart() {
     )
     .unwrap();
     h.daemon.as_ref().unwrap().signal("HUP").unwrap();
-    wait_for("b to be served after SIGHUP", LONG, || {
+    wait_until("b to be served after SIGHUP", LONG, || {
         (h.dig(&["b.example.org", "A"]).addresses() == vec!["10.77.0.2"]).then_some(())
-    });
+    })
+    .unwrap();
     assert_eq!(boots(&bb).len(), 1);
-    wait_for("b's addition in the history", LONG, || {
+    wait_until("b's addition in the history", LONG, || {
         store_log(&h.db())
             .iter()
             .any(|l| l == "configuration reloaded: added b")
             .then_some(())
-    });
+    })
+    .unwrap();
 
     // Removing a running VM forgets it and leaves it running.
     let a_pid = boots(&ba)[0];
     std::fs::write(&file, format!("ttl = 60\n\n{}", toml_vm("b", 2, &bb))).unwrap();
     h.daemon.as_ref().unwrap().signal("HUP").unwrap();
-    wait_for("a to be gone from DNS after SIGHUP", LONG, || {
+    wait_until("a to be gone from DNS after SIGHUP", LONG, || {
         (h.dig(&["a.example.org", "A"]).status == "NXDOMAIN").then_some(())
-    });
+    })
+    .unwrap();
     assert!(alive(a_pid), "a removed VM is left running");
-    wait_for("a's removal in the history", LONG, || {
+    wait_until("a's removal in the history", LONG, || {
         store_log(&h.db())
             .iter()
             .any(|l| l == "configuration reloaded: removed a")
             .then_some(())
-    });
+    })
+    .unwrap();
     assert!(
         h.stored("a", "state").is_none(),
         "its subtree is gone from the store"
@@ -391,9 +397,10 @@ fn sighup_adds_and_removes_vms_without_a_restart() {
     // A broken file is refused and the running configuration kept.
     std::fs::write(&file, "ttl = \"soon\"\n").unwrap();
     h.daemon.as_ref().unwrap().signal("HUP").unwrap();
-    wait_for("the refusal to be logged", LONG, || {
+    wait_until("the refusal to be logged", LONG, || {
         h.log().contains("configuration not reloaded").then_some(())
-    });
+    })
+    .unwrap();
     assert_eq!(
         h.dig(&["b.example.org", "A"]).addresses(),
         vec!["10.77.0.2"]
@@ -473,10 +480,11 @@ fn ifup_guest_leaves_the_interface_to_the_command_with_its_settings_in_the_envir
         h.dig(&["g.example.org", "A"]).addresses(),
         vec!["10.77.0.5"]
     );
-    let env = wait_for("the guest's environment", LONG, || {
+    let env = wait_until("the guest's environment", LONG, || {
         let e = std::fs::read_to_string(&env_file).ok()?;
         e.contains("JITSU_NAME").then_some(e)
-    });
+    })
+    .unwrap();
     let want = [
         "JITSU_GATEWAY=10.77.0.254",
         "JITSU_IFACE=eth0",
@@ -505,9 +513,10 @@ fn ifup_guest_leaves_the_interface_to_the_command_with_its_settings_in_the_envir
         .collect();
     got.sort_unstable();
     assert_eq!(got, want);
-    wait_for("the guest to answer ping", LONG, || {
+    wait_until("the guest to answer ping", LONG, || {
         h.host().sh("ping -c1 -W1 10.77.0.5").ok()
-    });
+    })
+    .unwrap();
     // The guest's MAC is the configured one, as the bridge learnt it.
     let fdb = h.bridge.fdb().unwrap();
     assert!(fdb.iter().any(|e| e.mac == "02:77:00:00:00:05"), "{fdb:?}");

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use jitsu_tests::jitsu_dns::{DnsHarness, kdig, wait_for};
+use jitsu_tests::jitsu_dns::{DnsHarness, kdig};
 use jitsu_tests::topo::Daemon;
-use jitsu_tests::{bin_path, require_root, require_tool};
+use jitsu_tests::{bin_path, require_root, require_tool, wait_until};
 
 fn vm(name: &str, n: u8, extra: &str) -> String {
     format!(
@@ -281,7 +281,7 @@ fn other_names_are_forwarded_to_a_real_server_without_aa() {
         h.scratch.path(),
     )
     .unwrap();
-    wait_for("named to answer", Duration::from_secs(30), || {
+    wait_until("named to answer", Duration::from_secs(30), || {
         let out = h
             .host()
             .command("dig")
@@ -297,7 +297,8 @@ fn other_names_are_forwarded_to_a_real_server_without_aa() {
             .output()
             .ok()?;
         (String::from_utf8_lossy(&out.stdout).trim() == "192.0.2.80").then_some(())
-    });
+    })
+    .unwrap();
     // BIND itself answers authoritatively...
     let direct =
         jitsu_tests::jitsu_dns::dig(h.host(), &["@127.0.0.1", "-p", "5300", "www.fwd.test"])

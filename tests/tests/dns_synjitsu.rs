@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use jitsu_tests::fake_synjitsu::{FakeSynjitsu, Policy};
-use jitsu_tests::jitsu_dns::{DnsHarness, wait_for};
-use jitsu_tests::{require_root, require_tool};
+use jitsu_tests::jitsu_dns::DnsHarness;
+use jitsu_tests::{require_root, require_tool, wait_until};
 use shared_proto::{ClientMessage, Event, Handover, Mac, Phase};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -28,12 +28,13 @@ fn spec(h: &DnsHarness, extra: &str) -> String {
 
 /// Waits until jitsu-dns has connected and sent its `sync` on connection `conn`.
 fn wait_sync(fake: &FakeSynjitsu, conn: u32) -> Vec<shared_proto::VmStatus> {
-    wait_for(&format!("a sync on connection {conn}"), LONG, || {
+    wait_until(&format!("a sync on connection {conn}"), LONG, || {
         fake.requests().into_iter().find_map(|r| match r.req.body {
             ClientMessage::Sync { vms } if r.conn == conn => Some(vms),
             _ => None,
         })
     })
+    .unwrap()
 }
 
 fn boots(h: &DnsHarness) -> usize {
@@ -107,9 +108,10 @@ fn use_synjitsu_answers_once_synjitsu_acknowledges_booting() {
     );
     // The answer may come before the backend finished starting the VM (synjitsu holds its
     // SYNs meanwhile): wait for the command, then make sure it ran once.
-    wait_for("the VM's command to start", LONG, || {
+    wait_until("the VM's command to start", LONG, || {
         (boots(&h) >= 1).then_some(())
-    });
+    })
+    .unwrap();
     assert_eq!(boots(&h), 1);
 }
 
@@ -210,24 +212,27 @@ fn every_reconnect_resyncs_and_stops_and_wake_requests_flow() {
     // A SYN for the stopped VM: synjitsu asks, jitsu-dns boots it.
     fake.send_event(Event::WakeRequest { name: "www".into() })
         .unwrap();
-    wait_for("the wake request to boot the VM", LONG, || {
+    wait_until("the wake request to boot the VM", LONG, || {
         (boots(&h) == 1).then_some(())
-    });
-    wait_for("a booting request on the new connection", LONG, || {
+    })
+    .unwrap();
+    wait_until("a booting request on the new connection", LONG, || {
         fake.requests()
             .iter()
             .any(|r| r.conn == 2 && matches!(r.req.body, ClientMessage::Booting { .. }))
             .then_some(())
-    });
+    })
+    .unwrap();
     h.wait_state("www", "running", LONG);
     // Idle for 2 x TTL: stopped, and synjitsu is told so it can wake it again.
     h.wait_state("www", "off", LONG);
-    wait_for("a stopped request", LONG, || {
+    wait_until("a stopped request", LONG, || {
         fake.requests()
             .iter()
             .any(|r| matches!(&r.req.body, ClientMessage::Stopped { vm } if vm.name == "www"))
             .then_some(())
-    });
+    })
+    .unwrap();
     let log = jitsu_tests::jitsu_dns::store_log(&h.db());
     assert!(
         log.iter()

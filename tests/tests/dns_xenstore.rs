@@ -5,9 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use jitsu_tests::jitsu_dns::{DnsHarness, store_log, wait_for};
+use jitsu_tests::jitsu_dns::{DnsHarness, store_log};
 use jitsu_tests::xenstored::TestXenstored;
-use jitsu_tests::{require_root, require_tool, unique};
+use jitsu_tests::{require_root, require_tool, unique, wait_until};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -40,12 +40,13 @@ fn the_answer_waits_for_the_readiness_key() {
         "the key existed before the answer"
     );
     assert!(took >= Duration::from_millis(500), "{took:?}");
-    let log = wait_for("the VM running in the history", LONG, || {
+    let log = wait_until("the VM running in the history", LONG, || {
         let log = store_log(&h.db());
         log.iter()
             .any(|l| l.starts_with("www: booting -> running"))
             .then_some(log)
-    });
+    })
+    .unwrap();
     assert!(
         log.iter()
             .any(|l| l == "www: booting -> running (readiness key appeared)"),
@@ -79,12 +80,13 @@ fn a_key_that_never_appears_is_answered_at_the_timeout() {
         asked.elapsed()
     );
     assert_eq!(xs.read(&key), None);
-    let log = wait_for("the VM running in the history", LONG, || {
+    let log = wait_until("the VM running in the history", LONG, || {
         let log = store_log(&h.db());
         log.iter()
             .any(|l| l.starts_with("www: booting -> running"))
             .then_some(log)
-    });
+    })
+    .unwrap();
     assert!(
         log.iter()
             .any(|l| l == "www: booting -> running (readiness key did not appear in time)"),

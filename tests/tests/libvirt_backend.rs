@@ -14,10 +14,10 @@ use jitsu_dns::backend::libvirt::LibvirtBackend;
 use jitsu_dns::backend::{Backend, LifecycleEvent};
 use jitsu_dns::config::{Flags, StopMode, VmConfig, merge};
 use jitsu_dns::fleet::Observed;
-use jitsu_tests::jitsu_dns::{Scratch, wait_for};
+use jitsu_tests::jitsu_dns::Scratch;
 use jitsu_tests::libvirt::{ConsoleWatch, GuestImage, GuestVm, Libvirtd, URI, qemu_pid};
 use jitsu_tests::topo::Bridge;
-use jitsu_tests::{Netns, require_root, require_tool, unique};
+use jitsu_tests::{Netns, require_root, require_tool, unique, wait_until};
 
 const BOOT: Duration = Duration::from_secs(180);
 
@@ -36,12 +36,13 @@ struct Events(Arc<Mutex<Vec<LifecycleEvent>>>);
 
 impl Events {
     fn wait(&self, name: &str, what: &str, pred: impl Fn(Observed) -> bool) {
-        wait_for(&format!("a {what} event for {name}"), BOOT, || {
+        wait_until(&format!("a {what} event for {name}"), BOOT, || {
             let mut evs = self.0.lock().unwrap();
             let i = evs.iter().position(|e| e.name == name && pred(e.state))?;
             evs.drain(..=i);
             Some(())
-        });
+        })
+        .unwrap();
     }
 }
 
@@ -51,9 +52,10 @@ fn running(o: Observed) -> bool {
 
 /// The guest's page, fetched from the host namespace until it answers.
 fn page(host: &Netns, ip: &str) -> String {
-    wait_for(&format!("the guest's page at {ip}"), BOOT, || {
+    wait_until(&format!("the guest's page at {ip}"), BOOT, || {
         host.sh(&format!("curl -s -m 2 http://{ip}/")).ok()
     })
+    .unwrap()
 }
 
 /// Packets received and transmitted by `dev` as the host sees them.

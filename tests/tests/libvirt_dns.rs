@@ -23,11 +23,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use jitsu_tests::jitsu_dns::{DnsHarness, store_log, wait_for};
+use jitsu_tests::jitsu_dns::{DnsHarness, store_log};
 use jitsu_tests::libvirt::{ConsoleWatch, GuestImage, GuestVm, Libvirtd, URI, qemu_pid};
 use jitsu_tests::synjitsu::{Capture, metric_in, spawn_daemon};
 use jitsu_tests::topo::Member;
-use jitsu_tests::{Netns, require_root, require_tool, unique};
+use jitsu_tests::{Netns, require_root, require_tool, unique, wait_until};
 
 const LONG: Duration = Duration::from_secs(120);
 const DNS: &str = "10.77.0.254";
@@ -318,14 +318,15 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
         args.push(g.spec(&image));
     }
     h.start(&args, &[]).unwrap();
-    wait_for("synjitsu's control client", LONG, || {
+    wait_until("synjitsu's control client", LONG, || {
         (metric(
             h.host(),
             SYNJITSU_METRICS,
             "synjitsu_control_client_attached",
         ) == 1.0)
             .then_some(())
-    });
+    })
+    .unwrap();
 
     // Cold starts, masked by synjitsu and not.
     neigh(&masked.ip.to_string(), &masked.mac);
@@ -487,7 +488,7 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
     let starts = h.stored(&saver.name, "starts");
     assert_eq!(h.stop().unwrap(), Some(0));
     h.start(&args, &[]).unwrap();
-    wait_for("the running VM adopted", LONG, || {
+    wait_until("the running VM adopted", LONG, || {
         store_log(&db)
             .iter()
             .any(|m| {
@@ -495,7 +496,8 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
                     && m.ends_with("running (adopted: already running)")
             })
             .then_some(())
-    });
+    })
+    .unwrap();
     assert_eq!(h.stored(&saver.name, "starts"), starts, "booted again");
 
     // The guest powers itself off: jitsu-dns hears it from libvirt, without polling.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use jitsu_tests::libvirt::{GUEST_CMDLINE, GuestImage, Libvirtd, list_domains};
 use jitsu_tests::topo::Bridge;
-use jitsu_tests::{Scratch, require_root, require_tool, unique};
+use jitsu_tests::{Scratch, require_root, require_tool, unique, wait_until};
 
 #[test]
 fn a_hand_started_libvirtd_boots_the_guest_image_on_the_bridge() {
@@ -38,16 +38,15 @@ fn a_hand_started_libvirtd_boots_the_guest_image_on_the_bridge() {
         lv.virsh(&["define", xml_path.to_str().unwrap()]).unwrap();
         let started = Instant::now();
         lv.virsh(&["start", &name]).unwrap();
-        let page = loop {
-            if let Ok(p) = br.host().sh("curl -s -m 1 http://10.77.3.10/") {
-                break p;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "the guest never served; console:\n{}",
+        let page = wait_until("the guest to serve", Duration::from_secs(120), || {
+            br.host().sh("curl -s -m 1 http://10.77.3.10/").ok()
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}; console:\n{}",
                 std::fs::read_to_string(&console).unwrap_or_default()
-            );
-        };
+            )
+        });
         assert_eq!(page, format!("hello from {name}\n"));
         let console_text = std::fs::read_to_string(&console).unwrap_or_default();
         eprintln!(

@@ -7,9 +7,9 @@
 
 use std::time::Duration;
 
-use jitsu_tests::jitsu_dns::{DnsHarness, store_log, wait_for};
+use jitsu_tests::jitsu_dns::{DnsHarness, store_log};
 use jitsu_tests::synjitsu::metric_in;
-use jitsu_tests::{require_root, require_tool};
+use jitsu_tests::{require_root, require_tool, wait_until};
 
 const LONG: Duration = Duration::from_secs(60);
 const METRICS: &str = "127.0.0.1:9154";
@@ -80,9 +80,10 @@ fn the_test_driver_runs_vms_for_jitsu_dns() {
     h.start(&args, &[]).unwrap();
 
     // The existing domain's MAC is the VM's now (no mac key: it was derived from the name).
-    wait_for("pre's MAC from its domain", LONG, || {
+    wait_until("pre's MAC from its domain", LONG, || {
         (h.stored("pre", "mac").as_deref() == Some("02:aa:00:00:00:77")).then_some(())
-    });
+    })
+    .unwrap();
     assert!(
         store_log(&db)
             .iter()

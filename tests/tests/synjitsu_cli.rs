@@ -2,10 +2,10 @@
 //! with a clear message and a non-zero exit, leaving nothing behind.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use jitsu_tests::synjitsu::TempDir;
-use jitsu_tests::{Netns, bin_path, require_root, require_tool};
+use jitsu_tests::{Netns, bin_path, require_root, require_tool, wait_until};
 
 fn run_with_deadline(mut cmd: Command, timeout: Duration) -> std::process::Output {
     let child = cmd
@@ -14,14 +14,12 @@ fn run_with_deadline(mut cmd: Command, timeout: Duration) -> std::process::Outpu
         .spawn()
         .unwrap();
     let pid = child.id();
-    let start = Instant::now();
     let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
-    while !waiter.is_finished() {
-        if start.elapsed() > timeout {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            panic!("synjitsu did not exit within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    if let Err(e) = wait_until("synjitsu to exit", timeout, || {
+        waiter.is_finished().then_some(())
+    }) {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        panic!("{e}");
     }
     waiter.join().unwrap()
 }
@@ -128,7 +126,7 @@ fn synjitsu_coming_and_going_never_changes_the_bridges_own_mac() {
             dir.path(),
         )
         .unwrap();
-        jitsu_tests::wait_until("synjitsu's port", Duration::from_secs(20), || {
+        wait_until("synjitsu's port", Duration::from_secs(20), || {
             br.host()
                 .sh("ip -o link show master br0")
                 .ok()

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use jitsu_tests::synjitsu::*;
 use jitsu_tests::topo::{FdbEntry, Member};
-use jitsu_tests::{require_root, require_tool};
+use jitsu_tests::{require_root, require_tool, wait_until};
 use shared_proto::{ClientMessage, ErrorCode, Event, Handover, HandoverVia, Phase, ServerMessage};
 
 fn tools() {
@@ -129,9 +129,9 @@ fn abuse_control(host: &SynjitsuHost, ctl: &mut ControlClient) -> Result<Control
         ServerMessage::Error { id: 0, .. } => {}
         other => bail!("a framing error got {other:?}"),
     }
-    let closed = wait_for(
-        Duration::from_secs(5),
+    let closed = wait_until(
         "the connection to close",
+        Duration::from_secs(5),
         || match ctl.next_message(Duration::from_millis(50)) {
             Ok(None) => Some(()),
             _ => None,
@@ -264,9 +264,9 @@ fn handover(v6: bool, delay: Duration, abuse: bool) -> Result<Outcome> {
         shown()
     );
 
-    let fdb = wait_for(
-        Duration::from_secs(10),
+    let fdb = wait_until(
         "client and VM MACs learnt on their own ports",
+        Duration::from_secs(10),
         || fdb_shows(&host, &client, &guest),
     )
     .map_err(|e| anyhow::anyhow!("{e}: {:?}", host.bridge.fdb()))?;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use jitsu_tests::synjitsu::*;
 use jitsu_tests::topo::Member;
-use jitsu_tests::{repo_root, require_root, require_tool, run};
+use jitsu_tests::{repo_root, require_root, require_tool, run, wait_until};
 use shared_proto::{ClientMessage, Event, Handover};
 
 fn fixture(name: &str) -> PathBuf {
@@ -65,9 +65,9 @@ fn frames_total(metrics: &str) -> f64 {
 /// Waits until `metric` reaches `want` (the daemon takes frames asynchronously).
 fn reaches(host: &SynjitsuHost, metric: &str, want: f64) -> Result<()> {
     let last = std::cell::Cell::new(0.0);
-    wait_for(
-        Duration::from_secs(10),
+    wait_until(
         &format!("{metric} = {want}"),
+        Duration::from_secs(10),
         || {
             let v = host.metric(metric).ok()?;
             last.set(v);

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use jitsu_tests::synjitsu::*;
 use jitsu_tests::xenstored::TestXenstored;
-use jitsu_tests::{require_root, require_tool, run};
+use jitsu_tests::{require_root, require_tool, run, wait_until};
 use shared_proto::xenstore::{HeldSyn, SynKey, TX_ISN_BASE, TcpOption};
 use shared_proto::xs_wire::{Access, Perm};
 use shared_proto::{ClientMessage, Event, Handover, HandoverVia};
@@ -85,7 +85,7 @@ fn scenario() -> Result<()> {
 
     let xs_path = xs.path().display().to_string();
     let mut host = SynjitsuHost::start("syx", &["--xenstore", &xs_path, "--hold-timeout", "60s"])?;
-    wait_for(Duration::from_secs(10), "stale entries removed", || {
+    wait_until("stale entries removed", Duration::from_secs(10), || {
         (xs.read("/ip/10-77-1-99").is_none() && xs.read("/ip/10-77-1-10").is_none()).then_some(())
     })?;
     ensure!(
@@ -217,9 +217,9 @@ fn scenario() -> Result<()> {
             "http://10.77.1.10/",
         ])
         .output()?;
-    wait_for(
-        Duration::from_secs(10),
+    wait_until(
         "a write skipped for `managed`",
+        Duration::from_secs(10),
         || {
             (host
                 .metric("synjitsu_xenstore_skipped_managed_total")

@@ -2,10 +2,10 @@
 //! boot time, then its gratuitous ARP, then it listens (HTTP and echo) and reports when.
 
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jitsu_tests::topo::{Bridge, Daemon};
-use jitsu_tests::{Scratch, bin_path, require_root, require_tool};
+use jitsu_tests::{Scratch, bin_path, require_root, require_tool, wait_until};
 
 #[test]
 fn the_guest_boots_announces_and_serves() {
@@ -52,15 +52,10 @@ fn the_guest_boots_announces_and_serves() {
     )
     .unwrap();
     // tcpdump is capturing once it says so.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !dump.log().contains("listening on") {
-        assert!(
-            Instant::now() < deadline,
-            "tcpdump did not start: {}",
-            dump.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("tcpdump to listen", Duration::from_secs(10), || {
+        dump.log().contains("listening on").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", dump.log()));
 
     let report = dir.join("report");
     let started = SystemTime::now()
@@ -75,19 +70,16 @@ fn the_guest_boots_announces_and_serves() {
         .env("JITSU_IP6", "fd77:2::10");
     let mut child = g.spawn().unwrap();
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let line = loop {
-        if let Ok(s) = std::fs::read_to_string(&report)
-            && !s.is_empty()
-        {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the guest never reported listening"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let line = wait_until(
+        "the guest to report listening",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(&report)
+                .ok()
+                .filter(|s| !s.is_empty())
+        },
+    )
+    .unwrap();
     let fields: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(&fields[..2], ["listening", "www"], "report line {line:?}");
     let listening: u128 = fields[2].parse().unwrap();
