@@ -9,9 +9,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-pub use crate::Scratch;
 use crate::topo::{Bridge, Daemon};
-use crate::{Netns, bin_path, unique};
+use crate::{Netns, Scratch, bin_path, unique};
 
 /// The cgroup2 mount point of this host (`/sys/fs/cgroup` or `/sys/fs/cgroup/unified`).
 pub fn cgroup2_mount() -> Option<PathBuf> {

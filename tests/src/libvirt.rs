@@ -406,8 +406,7 @@ mod tests {
 
     #[test]
     fn the_console_watch_sees_a_line_appear() {
-        let dir = std::env::temp_dir().join(crate::unique("cw"));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::Scratch::new("cw").unwrap();
         let f = dir.join("console.log");
         let w = ConsoleWatch::start(&f, "jitsu-guest: listening");
         std::fs::write(&f, "jitsu-guest: init uptime=1.5\n").unwrap();
@@ -420,6 +419,5 @@ mod tests {
         .unwrap();
         let seen = w.wait(Duration::from_secs(10)).unwrap();
         assert!(seen.at >= wrote);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

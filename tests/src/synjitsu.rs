@@ -15,7 +15,7 @@ use shared_proto::{
 };
 
 use crate::topo::{Bridge, Daemon};
-use crate::{Netns, bin_path, unique, wait_until};
+use crate::{Netns, Scratch, bin_path, unique, wait_until};
 
 /// The guest's MAC in every synjitsu test.
 pub const VM_MAC: &str = "02:77:00:00:01:10";
@@ -61,9 +61,6 @@ pub fn www(handover: Handover) -> VmIdentity {
     }
 }
 
-/// A temporary directory removed on drop.
-pub type TempDir = crate::Scratch;
-
 /// A bridge with synjitsu running on it.
 #[derive(Debug)]
 pub struct SynjitsuHost {
@@ -74,14 +71,14 @@ pub struct SynjitsuHost {
     /// The control socket.
     pub control: PathBuf,
     /// Logs, sockets and captures.
-    pub dir: TempDir,
+    pub dir: Scratch,
 }
 
 impl SynjitsuHost {
     /// Starts synjitsu on a new bridge with probe addresses and metrics; `extra` flags are
     /// appended (e.g. `--xenstore <socket>`).
     pub fn start(tag: &str, extra: &[&str]) -> Result<SynjitsuHost> {
-        let dir = TempDir::new(tag)?;
+        let dir = Scratch::new(tag)?;
         let bridge = Bridge::new(tag)?;
         let control = dir.join("synjitsu.sock");
         let mut args = vec![

@@ -14,10 +14,9 @@ use jitsu_dns::backend::libvirt::LibvirtBackend;
 use jitsu_dns::backend::{Backend, LifecycleEvent};
 use jitsu_dns::config::{Flags, StopMode, VmConfig, merge};
 use jitsu_dns::fleet::Observed;
-use jitsu_tests::jitsu_dns::Scratch;
 use jitsu_tests::libvirt::{ConsoleWatch, GuestImage, GuestVm, Libvirtd, URI, qemu_pid};
 use jitsu_tests::topo::Bridge;
-use jitsu_tests::{Netns, require_root, require_tool, unique, wait_until};
+use jitsu_tests::{Netns, Scratch, require_root, require_tool, unique, wait_until};
 
 const BOOT: Duration = Duration::from_secs(180);
 

@@ -4,8 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use jitsu_tests::synjitsu::TempDir;
-use jitsu_tests::{Netns, bin_path, require_root, require_tool, wait_until};
+use jitsu_tests::{Netns, Scratch, bin_path, require_root, require_tool, wait_until};
 
 fn run_with_deadline(mut cmd: Command, timeout: Duration) -> std::process::Output {
     let child = cmd
@@ -69,7 +68,7 @@ fn a_missing_bridge_is_a_clear_error_and_nothing_is_left_behind() {
     require_root();
     require_tool("ip", "iproute2");
     let ns = Netns::new("syc").unwrap();
-    let dir = TempDir::new("syc").unwrap();
+    let dir = Scratch::new("syc").unwrap();
     let control = dir.join("c.sock");
     let mut cmd = ns.command(bin_path("synjitsu").to_str().unwrap());
     cmd.args(["--bridge", "br0", "--xenstore", "off", "--control"])
@@ -109,7 +108,7 @@ fn synjitsu_coming_and_going_never_changes_the_bridges_own_mac() {
     let mac = || br.host().sh("cat /sys/class/net/br0/address").unwrap();
     let before = mac();
     assert_eq!(before.trim(), "f0:00:00:00:00:10", "the lowest port MAC");
-    let dir = TempDir::new("sym").unwrap();
+    let dir = Scratch::new("sym").unwrap();
     let control = dir.join("c.sock");
     for round in 0..2 {
         let mut d = jitsu_tests::topo::Daemon::spawn(
@@ -158,7 +157,7 @@ fn synjitsu_coming_and_going_never_changes_the_bridges_own_mac() {
 fn bad_flags_and_missing_privileges_are_refused() {
     require_root();
     require_tool("setpriv", "util-linux");
-    let dir = TempDir::new("syc").unwrap();
+    let dir = Scratch::new("syc").unwrap();
     let control = dir.join("c.sock");
     // Two IPv4 probe addresses.
     let out = Command::new(bin_path("synjitsu"))

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use jitsu_tests::synjitsu::*;
 use jitsu_tests::xenstored::TestXenstored;
-use jitsu_tests::{require_root, require_tool, run, wait_until};
+use jitsu_tests::{Scratch, require_root, require_tool, run, wait_until};
 use shared_proto::xenstore::{HeldSyn, SynKey, TX_ISN_BASE, TcpOption};
 use shared_proto::xs_wire::{Access, Perm};
 use shared_proto::{ClientMessage, Event, Handover, HandoverVia};
@@ -74,7 +74,7 @@ fn scenario() -> Result<()> {
     ] {
         require_tool(t, p);
     }
-    let dir = TempDir::new("syx")?;
+    let dir = Scratch::new("syx")?;
     let xs = TestXenstored::start(&dir.join("xenstored.sock"))?;
     // What an earlier run (or the original Synjitsu's set-up) left behind.
     xs.write("/ip/10-77-1-99/80/10-77-1-2/1234/syn/tx_wnd", b"1");
