@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 
+use crate::curl::Curl;
 use crate::jitsu_dns::{ProcessVms, store_get, store_log};
 use crate::libvirt::{ConsoleWatch, GUEST_CMDLINE, GuestImage, Libvirtd};
 use crate::synjitsu::Capture;
@@ -489,13 +490,7 @@ impl Stack {
 
     /// One of synjitsu's metric samples (exact name with labels); 0 if absent.
     pub fn synjitsu_metric(&self, name: &str) -> f64 {
-        self.bridge
-            .host()
-            .sh(&format!(
-                "curl -s --max-time 5 http://{SYNJITSU_METRICS}/metrics"
-            ))
-            .map(|t| crate::synjitsu::metric_in(&t, name))
-            .unwrap_or(0.0)
+        crate::curl::metric(self.bridge.host(), SYNJITSU_METRICS, name)
     }
 
     fn syn_retrans(&self) -> Result<u64> {
@@ -559,44 +554,15 @@ impl Stack {
         let capture = Capture::start(&self.client.ns, "any", self.dir.path(), "cold")?;
         let before = self.syn_retrans()?;
         let started_ns = now_ns();
-        let out = self
-            .client
-            .ns
-            .command("curl")
-            .args([
-                "-s",
-                "-o",
-                "/dev/null",
-                "--max-time",
-                "20",
-                "-w",
-                "%{time_namelookup} %{time_connect} %{time_starttransfer} %{http_code} %{exitcode} %{errormsg}",
-                &format!("http://{host}/"),
-            ])
-            .output()
-            .context("running curl in the client namespace")?;
+        let got = Curl::get(format!("http://{host}/"))
+            .max_time(Duration::from_secs(20))
+            .run(&self.client.ns)?;
         let after = self.syn_retrans()?;
         let frames = capture.finish()?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let mut w = text.split_whitespace();
-        let mut secs = || {
-            w.next()
-                .and_then(|v| v.parse::<f64>().ok())
-                .map(Duration::from_secs_f64)
-                .unwrap_or_default()
-        };
-        let (dns, connect, first_byte) = (secs(), secs(), secs());
-        let code = w.next().unwrap_or("").to_string();
-        let exit = w.next().unwrap_or("").to_string();
-        let msg: Vec<&str> = w.collect();
-        let error = (code != "200").then(|| {
+        let error = (!got.ok()).then(|| {
             format!(
-                "curl exit {exit}, HTTP {code}: {}",
-                if msg.is_empty() {
-                    text.trim().to_string()
-                } else {
-                    msg.join(" ")
-                }
+                "curl exit {}, HTTP {}: {}",
+                got.exit, got.http_code, got.error
             )
         });
         let ip = vm.ip.to_string();
@@ -617,9 +583,9 @@ impl Stack {
         };
         Ok(ColdStart {
             vm: vm.name.clone(),
-            dns,
-            connect,
-            first_byte,
+            dns: got.namelookup,
+            connect: got.connect,
+            first_byte: got.first_byte,
             after_listening_us,
             syns: syns_to(&frames, &ip),
             syn_retransmits: after.saturating_sub(before),

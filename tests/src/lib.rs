@@ -5,6 +5,7 @@
 //! Every topology lives in namespaces the test creates (addresses such as 10.77.0.0/16 only
 //! inside them) and is removed by [`Netns`]'s `Drop`, also when the test fails.
 
+pub mod curl;
 pub mod e2e;
 pub mod fake_synjitsu;
 pub mod jitsu_dns;

@@ -14,6 +14,7 @@ use shared_proto::{
     VmStatus,
 };
 
+use crate::curl::metric_in;
 use crate::topo::{Bridge, Daemon};
 use crate::{Netns, Scratch, bin_path, unique, wait_until};
 
@@ -129,9 +130,7 @@ impl SynjitsuHost {
 
     /// The metrics text, scraped with curl inside the host namespace.
     pub fn metrics(&self) -> Result<String> {
-        self.bridge
-            .host()
-            .sh(&format!("curl -s --max-time 5 http://{METRICS}/metrics"))
+        crate::curl::metrics(self.bridge.host(), METRICS)
     }
 
     /// One sample's value (`name` with its labels, exactly as printed); 0 if absent.
@@ -145,17 +144,6 @@ impl SynjitsuHost {
         self.daemon.signal("TERM")?;
         self.daemon.wait_exit(Duration::from_secs(20))
     }
-}
-
-/// A sample's value in metrics text; 0 if absent.
-pub fn metric_in(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
 }
 
 /// A control-socket client playing jitsu-dns.

@@ -7,6 +7,7 @@ use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
+use jitsu_tests::curl::metrics;
 use jitsu_tests::jitsu_dns::{DnsHarness, parse_dig, store_log};
 use jitsu_tests::{bin_path, require_root, require_tool, wait_until};
 
@@ -437,10 +438,7 @@ fn limits_answer_servfail_and_are_counted() {
     let refused = h.dig(&["b.example.org", "A"]);
     assert_eq!(refused.status, "SERVFAIL", "{}", refused.text);
     assert_eq!(h.stored("b", "starts").as_deref(), Some("0"));
-    let m = h
-        .host()
-        .sh("curl -sf http://127.0.0.1:9153/metrics")
-        .unwrap();
+    let m = metrics(h.host(), "127.0.0.1:9153").unwrap();
     assert!(
         m.lines()
             .any(|l| l == "jitsu_dns_limit_refusals_total{limit=\"max_running\"} 1"),

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use jitsu_tests::curl::metrics;
 use jitsu_tests::jitsu_dns::{DnsHarness, kdig};
 use jitsu_tests::topo::Daemon;
 use jitsu_tests::{bin_path, require_root, require_tool, wait_until};
@@ -209,13 +210,7 @@ fn authoritative_answers_over_udp_and_tcp() {
     );
 
     // The counters saw all of it.
-    let metrics = h
-        .host()
-        .command("curl")
-        .args(["-sf", "http://127.0.0.1:9153/metrics"])
-        .output()
-        .unwrap();
-    let m = String::from_utf8_lossy(&metrics.stdout);
+    let m = metrics(h.host(), "127.0.0.1:9153").unwrap();
     let value = |name: &str| -> u64 {
         m.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())

@@ -14,6 +14,7 @@ use jitsu_dns::backend::libvirt::LibvirtBackend;
 use jitsu_dns::backend::{Backend, LifecycleEvent};
 use jitsu_dns::config::{Flags, StopMode, VmConfig, merge};
 use jitsu_dns::fleet::Observed;
+use jitsu_tests::curl::Curl;
 use jitsu_tests::libvirt::{ConsoleWatch, GuestImage, GuestVm, Libvirtd, URI, qemu_pid};
 use jitsu_tests::topo::Bridge;
 use jitsu_tests::{Netns, Scratch, require_root, require_tool, unique, wait_until};
@@ -52,7 +53,10 @@ fn running(o: Observed) -> bool {
 /// The guest's page, fetched from the host namespace until it answers.
 fn page(host: &Netns, ip: &str) -> String {
     wait_until(&format!("the guest's page at {ip}"), BOOT, || {
-        host.sh(&format!("curl -s -m 2 http://{ip}/")).ok()
+        Curl::get(format!("http://{ip}/"))
+            .max_time(Duration::from_secs(2))
+            .body(host)
+            .ok()
     })
     .unwrap()
 }
@@ -228,8 +232,9 @@ fn the_libvirt_backend_drives_real_qemu_guests() {
     watch.wait(BOOT).unwrap();
     assert_eq!(page(host, ip), format!("hello from {name}\n"));
     let t = Instant::now();
-    let said = host
-        .sh(&format!("curl -s -m 5 http://{ip}/cgi-bin/poweroff"))
+    let said = Curl::get(format!("http://{ip}/cgi-bin/poweroff"))
+        .max_time(Duration::from_secs(5))
+        .body(host)
         .unwrap();
     assert!(said.contains("powering off"), "{said}");
     events.wait(&name, "off", |o| o == Observed::Off);

@@ -23,9 +23,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use jitsu_tests::curl::{Curl, metric};
 use jitsu_tests::jitsu_dns::{DnsHarness, store_log};
 use jitsu_tests::libvirt::{ConsoleWatch, GuestImage, GuestVm, Libvirtd, URI, qemu_pid};
-use jitsu_tests::synjitsu::{Capture, metric_in, spawn_daemon};
+use jitsu_tests::synjitsu::{Capture, spawn_daemon};
 use jitsu_tests::topo::Member;
 use jitsu_tests::{Netns, require_root, require_tool, unique, wait_until};
 
@@ -49,13 +50,6 @@ fn tools() {
 
 fn epoch(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
-}
-
-fn metric(ns: &Netns, addr: &str, name: &str) -> f64 {
-    let text = ns
-        .sh(&format!("curl -s --max-time 5 http://{addr}/metrics"))
-        .unwrap_or_default();
-    metric_in(&text, name)
 }
 
 /// The client namespace's count of retransmitted SYNs (`TcpExt: TCPSynRetrans`).
@@ -138,28 +132,19 @@ fn cold_start(client: &Member, dir: &Path, vm: &GuestVm, console: &Path) -> (Col
         dig_text.contains(&format!("\t{}\n", vm.ip)),
         "no address: {dig_text}"
     );
-    let curl = client
-        .ns
-        .command("curl")
-        .args([
-            "-sS",
-            "--connect-timeout",
-            "60",
-            &format!("http://{}/", vm.ip),
-        ])
-        .output()
+    let got = Curl::get(format!("http://{}/", vm.ip))
+        .connect_timeout(Duration::from_secs(60))
+        .run(&client.ns)
         .unwrap();
     let failed_at = t0.elapsed().as_secs_f64();
-    let body = String::from_utf8_lossy(&curl.stdout).into_owned();
-    let page = match curl.status.code() {
-        Some(0) => Ok(()),
+    let page = match got.exit {
+        _ if got.ok() => Ok(()),
         // curl's exit 7: the connection failed (refused, or no route: nobody answered ARP).
-        Some(7) => {
-            let err = String::from_utf8_lossy(&curl.stderr);
-            let why = err.rsplit(": ").next().unwrap_or("connect failed").trim();
+        7 => {
+            let why = got.error.rsplit(": ").next().unwrap_or("connect failed");
             Err((why.to_string(), failed_at))
         }
-        other => Err((format!("curl exit {other:?}"), failed_at)),
+        other => Err((format!("curl exit {other}"), failed_at)),
     };
     let listening = watch.wait(LONG).unwrap();
     let frames = capture.finish().unwrap();
@@ -199,7 +184,7 @@ fn cold_start(client: &Member, dir: &Path, vm: &GuestVm, console: &Path) -> (Col
         first_byte,
         wall0: w0,
     };
-    (cold, body)
+    (cold, got.body)
 }
 
 /// Seconds from a dig to the first byte of the page (guest off, suspended or paused).
@@ -210,9 +195,9 @@ fn dig_to_page(client: &Member, vm: &GuestVm) -> f64 {
         .sh(&format!("dig +time=30 +tries=1 +short @{DNS} {} A", vm.dns))
         .unwrap();
     assert_eq!(d.trim(), vm.ip.to_string());
-    let page = client
-        .ns
-        .sh(&format!("curl -s --connect-timeout 60 http://{}/", vm.ip))
+    let page = Curl::get(format!("http://{}/", vm.ip))
+        .connect_timeout(Duration::from_secs(60))
+        .body(&client.ns)
         .unwrap();
     assert_eq!(page, format!("hello from {}\n", vm.name));
     t0.elapsed().as_secs_f64()
@@ -502,12 +487,9 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
 
     // The guest powers itself off: jitsu-dns hears it from libvirt, without polling.
     let asked = Instant::now();
-    let said = client
-        .ns
-        .sh(&format!(
-            "curl -s -m 5 http://{}/cgi-bin/poweroff",
-            saver.ip
-        ))
+    let said = Curl::get(format!("http://{}/cgi-bin/poweroff", saver.ip))
+        .max_time(Duration::from_secs(5))
+        .body(&client.ns)
         .unwrap();
     assert!(said.contains("powering off"), "{said}");
     h.wait_state(&saver.name, "off", LONG);

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use jitsu_tests::curl::Curl;
 use jitsu_tests::libvirt::{GUEST_CMDLINE, GuestImage, Libvirtd, list_domains};
 use jitsu_tests::topo::Bridge;
 use jitsu_tests::{Scratch, require_root, require_tool, unique, wait_until};
@@ -39,7 +40,10 @@ fn a_hand_started_libvirtd_boots_the_guest_image_on_the_bridge() {
         let started = Instant::now();
         lv.virsh(&["start", &name]).unwrap();
         let page = wait_until("the guest to serve", Duration::from_secs(120), || {
-            br.host().sh("curl -s -m 1 http://10.77.3.10/").ok()
+            Curl::get("http://10.77.3.10/")
+                .max_time(Duration::from_secs(1))
+                .body(br.host())
+                .ok()
         })
         .unwrap_or_else(|e| {
             panic!(

@@ -8,7 +8,6 @@
 use std::time::Duration;
 
 use jitsu_tests::jitsu_dns::{DnsHarness, store_log};
-use jitsu_tests::synjitsu::metric_in;
 use jitsu_tests::{require_root, require_tool, wait_until};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -30,11 +29,7 @@ const NODE: &str = "<node>
 ";
 
 fn metric(h: &DnsHarness, name: &str) -> f64 {
-    let text = h
-        .host()
-        .sh(&format!("curl -s --max-time 5 http://{METRICS}/metrics"))
-        .unwrap_or_default();
-    metric_in(&text, name)
+    jitsu_tests::curl::metric(h.host(), METRICS, name)
 }
 
 #[test]

@@ -7,7 +7,8 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
+use jitsu_tests::curl::{Curl, Running, metric_in};
 use jitsu_tests::synjitsu::*;
 use jitsu_tests::topo::{FdbEntry, Member};
 use jitsu_tests::{require_root, require_tool, wait_until};
@@ -97,6 +98,24 @@ fn guest_up(guest: &Member, www: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// Starts the client's fetch of `url`, which connects while the guest is still down.
+fn start_fetch(client: &Member, url: &str) -> Result<Running> {
+    Curl::get(url)
+        .connect_timeout(Duration::from_secs(8))
+        .spawn(&client.ns)
+}
+
+/// Waits for the fetch to get its page; returns curl's connect time.
+fn connect_time(curl: Running, host: &SynjitsuHost) -> Result<Duration> {
+    let got = curl.wait()?;
+    ensure!(
+        got.ok(),
+        "curl failed: {got:?}; synjitsu's log:\n{}",
+        host.daemon.log()
+    );
+    Ok(got.connect)
+}
+
 fn fdb_shows(host: &SynjitsuHost, client: &Member, guest: &Member) -> Option<Vec<FdbEntry>> {
     let fdb = host.bridge.fdb().ok()?;
     let on = |mac: &str, port: &str| {
@@ -176,22 +195,7 @@ fn handover(v6: bool, delay: Duration, abuse: bool) -> Result<Outcome> {
         "http://10.77.1.10/"
     };
     let t0 = Instant::now();
-    let curl = client
-        .ns
-        .command("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{time_connect}",
-            "--connect-timeout",
-            "8",
-            url,
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("starting curl")?;
+    let curl = start_fetch(&client, url)?;
 
     if abuse {
         ctl.wait_event(Duration::from_secs(5), "syn_held", |e| {
@@ -210,15 +214,7 @@ fn handover(v6: bool, delay: Duration, abuse: bool) -> Result<Outcome> {
     guest_up(&guest, &www_dir)?;
     let listening_after = t0.elapsed();
 
-    let out = curl.wait_with_output()?;
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    ensure!(
-        out.status.success(),
-        "curl failed ({}), time_connect {text}; synjitsu's log:\n{}",
-        out.status,
-        host.daemon.log()
-    );
-    let connect = Duration::from_secs_f64(text.parse().context("curl's time_connect")?);
+    let connect = connect_time(curl, &host)?;
     let lines = capture.finish()?;
     let tl = timeline(&lines, v6);
     let shown = || lines.join("\n");
@@ -371,21 +367,7 @@ fn wake_on_syn() -> Result<Duration> {
     }
     ctl.sync(&[(www(Handover::Wire), Phase::Stopped)])?;
     host.wait_steered(VM_MAC)?;
-    let curl = client
-        .ns
-        .command("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{time_connect}",
-            "--connect-timeout",
-            "8",
-            "http://10.77.1.10/",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
+    let curl = start_fetch(&client, "http://10.77.1.10/")?;
     let t0 = Instant::now();
     ctl.wait_event(Duration::from_secs(5), "wake_request", |e| {
         *e == Event::WakeRequest { name: "www".into() }
@@ -396,15 +378,7 @@ fn wake_on_syn() -> Result<Duration> {
         vm: www(Handover::Wire),
     })?;
     guest_up(&guest, &www_dir)?;
-    let out = curl.wait_with_output()?;
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    ensure!(
-        out.status.success(),
-        "curl failed ({}); synjitsu's log:\n{}",
-        out.status,
-        host.daemon.log()
-    );
-    let connect = Duration::from_secs_f64(text.parse()?);
+    let connect = connect_time(curl, &host)?;
     println!(
         "wake on SYN: wake request after {:.1} ms, connect {:.1} ms",
         woke.as_secs_f64() * 1e3,

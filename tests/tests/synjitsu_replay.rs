@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use jitsu_tests::curl::metric_in;
 use jitsu_tests::synjitsu::*;
 use jitsu_tests::topo::Member;
 use jitsu_tests::{repo_root, require_root, require_tool, run, wait_until};

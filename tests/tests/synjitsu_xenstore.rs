@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+use jitsu_tests::curl::Curl;
 use jitsu_tests::synjitsu::*;
 use jitsu_tests::xenstored::TestXenstored;
 use jitsu_tests::{Scratch, require_root, require_tool, run, wait_until};
@@ -109,18 +110,8 @@ fn scenario() -> Result<()> {
     host.wait_steered(VM_MAC)?;
     let capture = Capture::start(&client.ns, "eth0", dir.path(), "cli")?;
     // No guest comes up: curl gives up; its SYN stays in Xenstore for the guest.
-    let _ = client
-        .ns
-        .command("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "--connect-timeout",
-            "1",
-            "http://10.77.1.10/",
-        ])
-        .output()?;
+    let knock = Curl::get("http://10.77.1.10/").connect_timeout(Duration::from_secs(1));
+    let _ = knock.run(&client.ns)?;
     ctl.wait_event(Duration::from_secs(10), "xenstore handover", |e| {
         *e == Event::Handover {
             name: "www".into(),
@@ -205,18 +196,7 @@ fn scenario() -> Result<()> {
 
     // The guest took over (as a MirageOS guest writes it): nothing more is written.
     xs.write("/ip/10-77-1-10", b"managed");
-    let _ = client
-        .ns
-        .command("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "--connect-timeout",
-            "1",
-            "http://10.77.1.10/",
-        ])
-        .output()?;
+    let _ = knock.run(&client.ns)?;
     wait_until(
         "a write skipped for `managed`",
         Duration::from_secs(10),

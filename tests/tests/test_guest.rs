@@ -4,6 +4,7 @@
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use jitsu_tests::curl::Curl;
 use jitsu_tests::topo::{Bridge, Daemon};
 use jitsu_tests::{Scratch, bin_path, require_root, require_tool, wait_until};
 
@@ -89,11 +90,13 @@ fn the_guest_boots_announces_and_serves() {
         (listening - started) / 1_000_000
     );
 
-    let page = client
-        .ns
-        .sh("curl -s -m 5 http://10.77.2.10/ && curl -s -m 5 -g 'http://[fd77:2::10]/'")
-        .unwrap();
-    assert_eq!(page, "hello from www\nhello from www\n");
+    for url in ["http://10.77.2.10/", "http://[fd77:2::10]/"] {
+        let page = Curl::get(url)
+            .max_time(Duration::from_secs(5))
+            .body(&client.ns)
+            .unwrap();
+        assert_eq!(page, "hello from www\n", "{url}");
+    }
     let echo = client
         .ns
         .sh("printf ping | timeout 5 busybox nc 10.77.2.10 7 || true")
