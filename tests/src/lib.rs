@@ -1,6 +1,8 @@
 //! Support code for jitsu's end-to-end tests: network namespaces that clean up after
-//! themselves, a check for the real tools a test needs, the paths of the built daemons, and a
-//! small Xenstore daemon ([`xenstored`]).
+//! themselves, the tests' one wait ([`wait_until`]), scratch directory ([`Scratch`]) and HTTP
+//! client ([`curl`]), the host every harness builds on ([`topo::Host`]: `br0` in a namespace
+//! of its own, plus daemons), a check for the real tools a test needs, the paths of the built
+//! daemons, and a small Xenstore daemon ([`xenstored`]).
 //!
 //! Every topology lives in namespaces the test creates (addresses such as 10.77.0.0/16 only
 //! inside them) and is removed by [`Netns`]'s `Drop`, also when the test fails.
@@ -189,9 +191,9 @@ impl Netns {
     }
 
     /// A command that runs `program` inside the namespace.
-    pub fn command(&self, program: &str) -> Command {
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
+        c.args(["netns", "exec", &self.name]).arg(program);
         c
     }
 

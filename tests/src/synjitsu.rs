@@ -15,8 +15,8 @@ use shared_proto::{
 };
 
 use crate::curl::metric_in;
-use crate::topo::{Bridge, Daemon};
-use crate::{Netns, Scratch, bin_path, unique, wait_until};
+use crate::topo::{BRIDGE, Daemon, Host};
+use crate::{bin_path, unique, wait_until};
 
 /// The guest's MAC in every synjitsu test.
 pub const VM_MAC: &str = "02:77:00:00:01:10";
@@ -29,20 +29,14 @@ pub const PROBE_V6: &str = "fd77:1::fa";
 /// Where synjitsu serves metrics inside the host namespace.
 pub const METRICS: &str = "127.0.0.1:9477";
 
-/// Spawns synjitsu on `br0` in `host` with its control socket at `control` and the other
+/// Starts synjitsu on `host`'s `br0` with its control socket at `control` and the other
 /// flags `args`, and waits up to `timeout` for the socket (a stale one is removed first).
-pub fn spawn_daemon(
-    host: &Netns,
-    dir: &Path,
-    control: &Path,
-    args: &[&str],
-    timeout: Duration,
-) -> Result<Daemon> {
+pub fn start(host: &Host, control: &Path, args: &[&str], timeout: Duration) -> Result<Daemon> {
     let _ = std::fs::remove_file(control);
     let control_s = control.display().to_string();
-    let mut all = vec!["--bridge", "br0", "--control", &control_s];
+    let mut all = vec!["--bridge", BRIDGE, "--control", &control_s];
     all.extend_from_slice(args);
-    let mut d = Daemon::spawn(Some(host), &bin_path("synjitsu"), &all, dir)?;
+    let mut d = host.spawn(bin_path("synjitsu"), &all)?;
     wait_until("synjitsu's control socket", timeout, || {
         control.exists().then_some(())
     })
@@ -62,26 +56,23 @@ pub fn www(handover: Handover) -> VmIdentity {
     }
 }
 
-/// A bridge with synjitsu running on it.
+/// A host with synjitsu running on its bridge. Dropped in order: synjitsu, the host.
 #[derive(Debug)]
 pub struct SynjitsuHost {
-    /// The bridge and its host namespace.
-    pub bridge: Bridge,
     /// The daemon.
     pub daemon: Daemon,
     /// The control socket.
     pub control: PathBuf,
-    /// Logs, sockets and captures.
-    pub dir: Scratch,
+    /// The bridge, its namespace and the directory of logs, sockets and captures.
+    pub host: Host,
 }
 
 impl SynjitsuHost {
     /// Starts synjitsu on a new bridge with probe addresses and metrics; `extra` flags are
     /// appended (e.g. `--xenstore <socket>`).
     pub fn start(tag: &str, extra: &[&str]) -> Result<SynjitsuHost> {
-        let dir = Scratch::new(tag)?;
-        let bridge = Bridge::new(tag)?;
-        let control = dir.join("synjitsu.sock");
+        let host = Host::new(tag)?;
+        let control = host.file("synjitsu.sock");
         let mut args = vec![
             "--probe-ip",
             PROBE_V4,
@@ -96,20 +87,12 @@ impl SynjitsuHost {
             args.extend(["--xenstore", "off"]);
         }
         args.extend_from_slice(extra);
-        let daemon = spawn_daemon(
-            bridge.host(),
-            dir.path(),
-            &control,
-            &args,
-            Duration::from_secs(20),
-        )?;
-        let host = SynjitsuHost {
-            bridge,
+        let daemon = start(&host, &control, &args, Duration::from_secs(20))?;
+        Ok(SynjitsuHost {
             daemon,
             control,
-            dir,
-        };
-        Ok(host)
+            host,
+        })
     }
 
     /// Waits until the bridge steers `mac` to synjitsu's port with a static entry.
@@ -118,7 +101,7 @@ impl SynjitsuHost {
             &format!("{mac} steered to synjitsu"),
             Duration::from_secs(10),
             || {
-                self.bridge
+                self.host
                     .fdb()
                     .ok()?
                     .iter()
@@ -130,7 +113,7 @@ impl SynjitsuHost {
 
     /// The metrics text, scraped with curl inside the host namespace.
     pub fn metrics(&self) -> Result<String> {
-        crate::curl::metrics(self.bridge.host(), METRICS)
+        crate::curl::metrics(self.host.ns(), METRICS)
     }
 
     /// One sample's value (`name` with its labels, exactly as printed); 0 if absent.
@@ -141,8 +124,7 @@ impl SynjitsuHost {
 
     /// Stops synjitsu with SIGTERM; returns its exit code.
     pub fn stop(&mut self) -> Result<Option<i32>> {
-        self.daemon.signal("TERM")?;
-        self.daemon.wait_exit(Duration::from_secs(20))
+        self.daemon.stop(Duration::from_secs(20))
     }
 }
 

@@ -22,7 +22,7 @@ fn spec(h: &DnsHarness, extra: &str) -> String {
     format!(
         "name=www,dns=www.example.org,ip=10.77.0.1,response_delay=0{extra},\
          command='echo $$ >> {}; exec sleep 600'",
-        h.file("boots").display()
+        h.host.file("boots").display()
     )
 }
 
@@ -38,7 +38,7 @@ fn wait_sync(fake: &FakeSynjitsu, conn: u32) -> Vec<shared_proto::VmStatus> {
 }
 
 fn boots(h: &DnsHarness) -> usize {
-    std::fs::read_to_string(h.file("boots"))
+    std::fs::read_to_string(h.host.file("boots"))
         .unwrap_or_default()
         .lines()
         .count()
@@ -50,7 +50,7 @@ fn use_synjitsu_answers_once_synjitsu_acknowledges_booting() {
     let mut h = DnsHarness::new("dsyn").unwrap();
     let ack_after = Duration::from_millis(800);
     let fake = FakeSynjitsu::start(
-        &h.file("synjitsu.sock"),
+        &h.host.file("synjitsu.sock"),
         Policy {
             ack_booting_after: ack_after,
             announce_after: None,
@@ -121,7 +121,7 @@ fn wait_for_announce_answers_when_the_guest_announces_itself() {
     let mut h = DnsHarness::new("dann").unwrap();
     let announce_after = Duration::from_millis(800);
     let fake = FakeSynjitsu::start(
-        &h.file("synjitsu.sock"),
+        &h.host.file("synjitsu.sock"),
         Policy {
             ack_booting_after: Duration::ZERO,
             announce_after: Some(announce_after),
@@ -165,7 +165,7 @@ fn wait_for_announce_answers_when_the_guest_announces_itself() {
 fn without_synjitsu_answers_still_come_after_the_response_delay() {
     prerequisites();
     let mut h = DnsHarness::new("dnosyn").unwrap();
-    let missing = h.file("nobody-listens.sock");
+    let missing = h.host.file("nobody-listens.sock");
     let www = "name=www,dns=www.example.org,ip=10.77.0.1,response_delay=0.5,use_synjitsu=true,\
                command='exec sleep 600'";
     let b = "name=b,dns=b.example.org,ip=10.77.0.2,response_delay=0.3,wait_for=announce,\
@@ -191,7 +191,7 @@ fn without_synjitsu_answers_still_come_after_the_response_delay() {
 fn every_reconnect_resyncs_and_stops_and_wake_requests_flow() {
     prerequisites();
     let mut h = DnsHarness::new("dresync").unwrap();
-    let fake = FakeSynjitsu::start(&h.file("synjitsu.sock"), Policy::default()).unwrap();
+    let fake = FakeSynjitsu::start(&h.host.file("synjitsu.sock"), Policy::default()).unwrap();
     let args = h.args(
         None,
         &[

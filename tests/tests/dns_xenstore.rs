@@ -17,7 +17,7 @@ fn the_answer_waits_for_the_readiness_key() {
     require_tool("dig", "dnsutils");
     require_tool("xenstore-write", "xenstore-utils");
     let mut h = DnsHarness::new("dkey").unwrap();
-    let xs = TestXenstored::start(&h.file("xenstored.sock")).unwrap();
+    let xs = TestXenstored::start(&h.host.file("xenstored.sock")).unwrap();
     let key = format!("/jitsu-test/{}/ready", unique("k"));
     // The guest takes half a second, then says it is ready, as a Xen guest writes its key.
     let spec = format!(
@@ -59,7 +59,7 @@ fn a_key_that_never_appears_is_answered_at_the_timeout() {
     require_root();
     require_tool("dig", "dnsutils");
     let mut h = DnsHarness::new("dkeyto").unwrap();
-    let xs = TestXenstored::start(&h.file("xenstored.sock")).unwrap();
+    let xs = TestXenstored::start(&h.host.file("xenstored.sock")).unwrap();
     let key = format!("/jitsu-test/{}/ready", unique("k"));
     let spec = format!(
         "name=www,dns=www.example.org,ip=10.77.0.1,response_delay=0,wait_for_key={key},\

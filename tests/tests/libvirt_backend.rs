@@ -16,8 +16,8 @@ use jitsu_dns::config::{Flags, StopMode, VmConfig, merge};
 use jitsu_dns::fleet::Observed;
 use jitsu_tests::curl::Curl;
 use jitsu_tests::libvirt::{ConsoleWatch, GuestImage, GuestVm, Libvirtd, URI, qemu_pid};
-use jitsu_tests::topo::Bridge;
-use jitsu_tests::{Netns, Scratch, require_root, require_tool, unique, wait_until};
+use jitsu_tests::topo::Host;
+use jitsu_tests::{Netns, require_root, require_tool, unique, wait_until};
 
 const BOOT: Duration = Duration::from_secs(180);
 
@@ -84,14 +84,13 @@ fn the_libvirt_backend_drives_real_qemu_guests() {
     require_tool("curl", "curl");
     require_tool("ping", "iputils-ping");
     let image = GuestImage::build().unwrap();
-    let scratch = Scratch::new("lvb").unwrap();
-    let br = Bridge::new("lvb").unwrap();
-    br.address("10.77.4.1/24").unwrap();
-    let host = br.host();
-    let mut lv = Libvirtd::start(host, scratch.path()).unwrap();
+    let dom0 = Host::new("lvb").unwrap();
+    dom0.address("10.77.4.1/24").unwrap();
+    let host = dom0.ns();
+    let mut lv = Libvirtd::start(&dom0).unwrap();
     let name = unique("jt-lvb");
     let ip = "10.77.4.10";
-    let console = scratch.path().join("console.log");
+    let console = dom0.file("console.log");
     let g = GuestVm::new(
         &name,
         "b.example.org",

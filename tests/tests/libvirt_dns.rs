@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use jitsu_tests::curl::{Curl, metric};
 use jitsu_tests::jitsu_dns::{DnsHarness, store_log};
 use jitsu_tests::libvirt::{ConsoleWatch, GuestImage, GuestVm, Libvirtd, URI, qemu_pid};
-use jitsu_tests::synjitsu::{Capture, spawn_daemon};
+use jitsu_tests::synjitsu::Capture;
 use jitsu_tests::topo::Member;
 use jitsu_tests::{Netns, require_root, require_tool, unique, wait_until};
 
@@ -208,12 +208,11 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
     tools();
     let image = GuestImage::build().unwrap();
     let mut h = DnsHarness::new("lvd").unwrap();
-    let dir: PathBuf = h.scratch.path().to_path_buf();
-    let lv = Libvirtd::start(h.host(), &dir).unwrap();
+    let dir: PathBuf = h.host.dir().to_path_buf();
+    let lv = Libvirtd::start(&h.host).unwrap();
     let sock = dir.join("synjitsu.sock");
-    let mut synjitsu = spawn_daemon(
-        h.host(),
-        &dir,
+    let mut synjitsu = jitsu_tests::synjitsu::start(
+        &h.host,
         &sock,
         &[
             "--probe-ip",
@@ -231,7 +230,7 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
     )
     .unwrap();
     let client = h
-        .bridge
+        .host
         .join(
             "cli",
             Some("02:77:00:00:00:02"),
@@ -274,38 +273,29 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
     let (plain, plain_console) = vm("plain", 11, "response_delay=0");
     let (saver, saver_console) = vm("saver", 12, "use_synjitsu=true,stop_mode=suspend");
     let db = h.db();
-    let mut args: Vec<String> = [
+    let specs: Vec<String> = [&masked, &plain, &saver]
+        .iter()
+        .map(|g| g.spec(&image))
+        .collect();
+    let mut flags = vec![
+        // Reached from the client at br0's address.
         "-b",
         "0.0.0.0",
-        "-l",
-        "53",
-        "-f",
-        "0.0.0.0",
-        "--log-level",
-        "debug",
         "-x",
         "libvirt",
-        "-c",
-        &format!("{URI}?shutdown_grace=30"),
         "--synjitsu",
         sock.to_str().unwrap(),
-        "--persistdb",
-        db.to_str().unwrap(),
         "--metrics",
         JITSU_METRICS,
         "-t",
         "5",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for g in [&masked, &plain, &saver] {
-        args.push(g.spec(&image));
-    }
+    ];
+    flags.extend(specs.iter().map(String::as_str));
+    let args = h.backend_args(&format!("{URI}?shutdown_grace=30"), &flags);
     h.start(&args, &[]).unwrap();
     wait_until("synjitsu's control client", LONG, || {
         (metric(
-            h.host(),
+            h.host.ns(),
             SYNJITSU_METRICS,
             "synjitsu_control_client_attached",
         ) == 1.0)
@@ -316,10 +306,10 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
     // Cold starts, masked by synjitsu and not.
     neigh(&masked.ip.to_string(), &masked.mac);
     neigh(&plain.ip.to_string(), &plain.mac);
-    let held_before = metric(h.host(), SYNJITSU_METRICS, "synjitsu_syns_held_total");
+    let held_before = metric(h.host.ns(), SYNJITSU_METRICS, "synjitsu_syns_held_total");
     // synjitsu's port shows its probe, the guest's first SYN-ACK (the moment it listens, on
     // the wire) and the held SYN re-sent.
-    let syj = Capture::start(h.host(), "syj-br0-p", &dir, "syj").unwrap();
+    let syj = Capture::start(h.host.ns(), "syj-br0-p", &dir, "syj").unwrap();
     let (with, page) = cold_start(&client, &dir, &masked, &masked_console);
     assert_eq!(page, format!("hello from {}\n", masked.name), "{with:?}");
     let syj = syj.finish().unwrap();
@@ -352,9 +342,9 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
         })
         .filter_map(at)
         .find(|t| probe_answered.is_some_and(|p| *t >= p));
-    let held = metric(h.host(), SYNJITSU_METRICS, "synjitsu_syns_held_total") - held_before;
+    let held = metric(h.host.ns(), SYNJITSU_METRICS, "synjitsu_syns_held_total") - held_before;
     let handed = metric(
-        h.host(),
+        h.host.ns(),
         SYNJITSU_METRICS,
         "synjitsu_syns_handed_over_total{via=\"wire\"}",
     );
@@ -505,9 +495,9 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
         store_log(&db)
     );
     assert_eq!(lv.domstate(&saver.name).unwrap(), "shut off (shutdown)");
-    let events = metric(h.host(), JITSU_METRICS, "jitsu_dns_backend_events_total");
+    let events = metric(h.host.ns(), JITSU_METRICS, "jitsu_dns_backend_events_total");
     let polls = metric(
-        h.host(),
+        h.host.ns(),
         JITSU_METRICS,
         "jitsu_dns_backend_state_polls_total",
     );

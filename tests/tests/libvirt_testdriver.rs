@@ -29,7 +29,7 @@ const NODE: &str = "<node>
 ";
 
 fn metric(h: &DnsHarness, name: &str) -> f64 {
-    jitsu_tests::curl::metric(h.host(), METRICS, name)
+    jitsu_tests::curl::metric(h.host.ns(), METRICS, name)
 }
 
 #[test]
@@ -39,39 +39,27 @@ fn the_test_driver_runs_vms_for_jitsu_dns() {
     require_tool("git", "git");
     require_tool("curl", "curl");
     let mut h = DnsHarness::new("lvt").unwrap();
-    let node = h.file("node.xml");
+    let node = h.host.file("node.xml");
     std::fs::write(&node, NODE).unwrap();
     let db = h.db();
-    let args: Vec<String> = [
-        "-b",
-        "127.0.0.1",
-        "-l",
-        "53",
-        "-f",
-        "0.0.0.0",
-        "--log-level",
-        "debug",
-        "-x",
-        "libvirt",
-        "-c",
+    let args = h.backend_args(
         &format!("test://{}", node.display()),
-        "--persistdb",
-        db.to_str().unwrap(),
-        "--metrics",
-        METRICS,
-        "-t",
-        "1",
-        "-d",
-        "0",
-        "name=pre,dns=pre.example.org,ip=10.77.0.20",
-        "name=fresh,dns=fresh.example.org,ip=10.77.0.21,kernel=/boot/fresh.vmlinux,memory=64",
-        "name=sleepy,dns=sleepy.example.org,ip=10.77.0.22,kernel=/boot/sleepy.vmlinux,\
-         stop_mode=suspend",
-        "name=nokeys,dns=nokeys.example.org,ip=10.77.0.23",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+        &[
+            "-x",
+            "libvirt",
+            "--metrics",
+            METRICS,
+            "-t",
+            "1",
+            "-d",
+            "0",
+            "name=pre,dns=pre.example.org,ip=10.77.0.20",
+            "name=fresh,dns=fresh.example.org,ip=10.77.0.21,kernel=/boot/fresh.vmlinux,memory=64",
+            "name=sleepy,dns=sleepy.example.org,ip=10.77.0.22,kernel=/boot/sleepy.vmlinux,\
+             stop_mode=suspend",
+            "name=nokeys,dns=nokeys.example.org,ip=10.77.0.23",
+        ],
+    );
     h.start(&args, &[]).unwrap();
 
     // The existing domain's MAC is the VM's now (no mac key: it was derived from the name).

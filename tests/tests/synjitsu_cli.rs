@@ -4,6 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use jitsu_tests::topo::Host;
 use jitsu_tests::{Netns, Scratch, bin_path, require_root, require_tool, wait_until};
 
 fn run_with_deadline(mut cmd: Command, timeout: Duration) -> std::process::Output {
@@ -70,7 +71,7 @@ fn a_missing_bridge_is_a_clear_error_and_nothing_is_left_behind() {
     let ns = Netns::new("syc").unwrap();
     let dir = Scratch::new("syc").unwrap();
     let control = dir.join("c.sock");
-    let mut cmd = ns.command(bin_path("synjitsu").to_str().unwrap());
+    let mut cmd = ns.command(bin_path("synjitsu"));
     cmd.args(["--bridge", "br0", "--xenstore", "off", "--control"])
         .arg(&control);
     let out = run_with_deadline(cmd, Duration::from_secs(20));
@@ -90,13 +91,13 @@ fn synjitsu_coming_and_going_never_changes_the_bridges_own_mac() {
     // MACs are all high, a random MAC on synjitsu's port would very likely become the
     // bridge's, moving the host's own address on the bridge each time synjitsu starts,
     // stops or crashes.
-    let br = jitsu_tests::topo::Bridge::new("sym").unwrap();
+    let br = Host::new("sym").unwrap();
     let _members: Vec<_> = (0..3)
         .map(|n| {
             let m = br
                 .join("m", Some(&format!("f0:00:00:00:00:0{n}")), &[], true)
                 .unwrap();
-            br.host()
+            br.ns()
                 .sh(&format!(
                     "ip link set {} address f0:00:00:00:00:1{n}",
                     m.port
@@ -105,28 +106,26 @@ fn synjitsu_coming_and_going_never_changes_the_bridges_own_mac() {
             m
         })
         .collect();
-    let mac = || br.host().sh("cat /sys/class/net/br0/address").unwrap();
+    let mac = || br.bridge_mac().unwrap();
     let before = mac();
-    assert_eq!(before.trim(), "f0:00:00:00:00:10", "the lowest port MAC");
-    let dir = Scratch::new("sym").unwrap();
-    let control = dir.join("c.sock");
+    assert_eq!(before, "f0:00:00:00:00:10", "the lowest port MAC");
+    let control = br.file("c.sock");
     for round in 0..2 {
-        let mut d = jitsu_tests::topo::Daemon::spawn(
-            Some(br.host()),
-            &bin_path("synjitsu"),
-            &[
-                "--bridge",
-                "br0",
-                "--xenstore",
-                "off",
-                "--control",
-                control.to_str().unwrap(),
-            ],
-            dir.path(),
-        )
-        .unwrap();
+        let mut d = br
+            .spawn(
+                bin_path("synjitsu"),
+                &[
+                    "--bridge",
+                    "br0",
+                    "--xenstore",
+                    "off",
+                    "--control",
+                    control.to_str().unwrap(),
+                ],
+            )
+            .unwrap();
         wait_until("synjitsu's port", Duration::from_secs(20), || {
-            br.host()
+            br.ns()
                 .sh("ip -o link show master br0")
                 .ok()
                 .filter(|l| l.contains("syj-br0-p"))
@@ -138,8 +137,7 @@ fn synjitsu_coming_and_going_never_changes_the_bridges_own_mac() {
             "round {round}: synjitsu's port changed the bridge's MAC"
         );
         if round == 0 {
-            d.signal("TERM").unwrap();
-            d.wait_exit(Duration::from_secs(20)).unwrap();
+            d.stop(Duration::from_secs(20)).unwrap();
         } else {
             // A crash leaves the port behind until the next start removes it.
             d.signal("KILL").unwrap();
@@ -250,27 +248,27 @@ fn only_root_and_the_allowed_uid_may_use_the_control_socket() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     require_root();
     require_tool("setpriv", "util-linux");
-    let host = SynjitsuHost::start("syu", &["--allow-uid", "65534"]).unwrap();
-    let meta = std::fs::metadata(&host.control).unwrap();
+    let synjitsu = SynjitsuHost::start("syu", &["--allow-uid", "65534"]).unwrap();
+    let meta = std::fs::metadata(&synjitsu.control).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     assert_eq!(meta.uid(), 65534, "owned by the allowed uid");
     // The parent directory must let the test users reach the socket at all.
-    std::fs::set_permissions(host.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let ok = hello_as(65534, &host.control);
+    std::fs::set_permissions(synjitsu.host.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ok = hello_as(65534, &synjitsu.control);
     assert!(ok.contains(r#""type":"ok""#), "{ok}");
     // Anyone else is stopped by the file's mode...
-    let denied = hello_as(65533, &host.control);
+    let denied = hello_as(65533, &synjitsu.control);
     assert!(denied.starts_with("connect:"), "{denied}");
     // ...and, should the mode be widened, by the peer credentials.
-    std::fs::set_permissions(&host.control, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let refused = hello_as(65533, &host.control);
+    std::fs::set_permissions(&synjitsu.control, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let refused = hello_as(65533, &synjitsu.control);
     assert!(
         refused.contains("permission denied for uid 65533"),
         "{refused}"
     );
     assert!(!refused.contains(r#""type":"ok""#), "{refused}");
     // The daemon said why, once: the client stopped by the mode never reached it.
-    let log = host.daemon.log();
+    let log = synjitsu.daemon.log();
     let refusals: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("control client refused: not root nor the allowed uid"))
@@ -285,19 +283,24 @@ fn only_root_and_the_allowed_uid_may_use_the_control_socket() {
 fn a_port_taken_down_is_survived_a_port_deleted_stops_synjitsu_with_an_error() {
     use jitsu_tests::synjitsu::SynjitsuHost;
     require_root();
-    let mut host = SynjitsuHost::start("syd", &[]).unwrap();
-    let h = host.bridge.host();
+    let mut synjitsu = SynjitsuHost::start("syd", &[]).unwrap();
+    let h = synjitsu.host.ns();
     h.sh("ip link set syj-br0 down && ip link set syj-br0 up")
         .unwrap();
     // Still serving, still running.
-    assert!(host.metrics().unwrap().contains("synjitsu_frames_total"));
-    host.daemon.check_running().unwrap();
-    h.sh("ip link del syj-br0").unwrap();
-    let code = host.daemon.wait_exit(Duration::from_secs(20)).unwrap();
-    assert_ne!(code, Some(0), "{}", host.daemon.log());
     assert!(
-        host.daemon.log().contains("packet socket"),
+        synjitsu
+            .metrics()
+            .unwrap()
+            .contains("synjitsu_frames_total")
+    );
+    synjitsu.daemon.check_running().unwrap();
+    h.sh("ip link del syj-br0").unwrap();
+    let code = synjitsu.daemon.wait_exit(Duration::from_secs(20)).unwrap();
+    assert_ne!(code, Some(0), "{}", synjitsu.daemon.log());
+    assert!(
+        synjitsu.daemon.log().contains("packet socket"),
         "{}",
-        host.daemon.log()
+        synjitsu.daemon.log()
     );
 }

@@ -106,18 +106,18 @@ fn start_fetch(client: &Member, url: &str) -> Result<Running> {
 }
 
 /// Waits for the fetch to get its page; returns curl's connect time.
-fn connect_time(curl: Running, host: &SynjitsuHost) -> Result<Duration> {
+fn connect_time(curl: Running, synjitsu: &SynjitsuHost) -> Result<Duration> {
     let got = curl.wait()?;
     ensure!(
         got.ok(),
         "curl failed: {got:?}; synjitsu's log:\n{}",
-        host.daemon.log()
+        synjitsu.daemon.log()
     );
     Ok(got.connect)
 }
 
-fn fdb_shows(host: &SynjitsuHost, client: &Member, guest: &Member) -> Option<Vec<FdbEntry>> {
-    let fdb = host.bridge.fdb().ok()?;
+fn fdb_shows(synjitsu: &SynjitsuHost, client: &Member, guest: &Member) -> Option<Vec<FdbEntry>> {
+    let fdb = synjitsu.host.fdb().ok()?;
     let on = |mac: &str, port: &str| {
         fdb.iter()
             .any(|e| e.mac == mac && e.port == port && !e.is_static)
@@ -128,7 +128,7 @@ fn fdb_shows(host: &SynjitsuHost, client: &Member, guest: &Member) -> Option<Vec
 /// Breaks the control connection the two ways the protocol allows and reconnects, checking
 /// that the held SYN survives: a payload error (answered, connection kept), then a framing
 /// error (answered, connection closed), then a new connection whose `Sync` keeps the VM.
-fn abuse_control(host: &SynjitsuHost, ctl: &mut ControlClient) -> Result<ControlClient> {
+fn abuse_control(synjitsu: &SynjitsuHost, ctl: &mut ControlClient) -> Result<ControlClient> {
     ctl.send_payload(b"{this is not json")?;
     match ctl.answer(0)? {
         ServerMessage::Error {
@@ -142,7 +142,10 @@ fn abuse_control(host: &SynjitsuHost, ctl: &mut ControlClient) -> Result<Control
         ServerMessage::Error { id: 50, .. } => {}
         other => bail!("an invalid name got {other:?}"),
     }
-    ensure!(host.metric("synjitsu_held_syns")? == 1.0, "held SYN lost");
+    ensure!(
+        synjitsu.metric("synjitsu_held_syns")? == 1.0,
+        "held SYN lost"
+    );
     ctl.send_raw(&u32::MAX.to_be_bytes())?;
     match ctl.answer(0)? {
         ServerMessage::Error { id: 0, .. } => {}
@@ -157,10 +160,10 @@ fn abuse_control(host: &SynjitsuHost, ctl: &mut ControlClient) -> Result<Control
         },
     );
     closed?;
-    let mut fresh = ControlClient::connect(&host.control)?;
+    let mut fresh = ControlClient::connect(&synjitsu.control)?;
     fresh.sync(&[(www(Handover::Wire), Phase::Booting)])?;
     ensure!(
-        host.metric("synjitsu_held_syns")? == 1.0,
+        synjitsu.metric("synjitsu_held_syns")? == 1.0,
         "the held SYN did not survive a reconnect"
     );
     Ok(fresh)
@@ -168,26 +171,26 @@ fn abuse_control(host: &SynjitsuHost, ctl: &mut ControlClient) -> Result<Control
 
 fn handover(v6: bool, delay: Duration, abuse: bool) -> Result<Outcome> {
     tools();
-    let mut host = SynjitsuHost::start("syh", &[])?;
-    let client = host.bridge.join(
+    let mut synjitsu = SynjitsuHost::start("syh", &[])?;
+    let client = synjitsu.host.join(
         "cli",
         Some(CLIENT_MAC),
         &["10.77.1.2/24", "fd77:1::2/64"],
         true,
     )?;
-    let guest = host.bridge.join("gst", Some(VM_MAC), &[], false)?;
-    let www_dir = host.dir.join("www");
+    let guest = synjitsu.host.join("gst", Some(VM_MAC), &[], false)?;
+    let www_dir = synjitsu.host.file("www");
     std::fs::create_dir_all(&www_dir)?;
     std::fs::write(www_dir.join("index.html"), "hello from the guest\n")?;
 
-    let mut ctl = ControlClient::connect(&host.control)?;
+    let mut ctl = ControlClient::connect(&synjitsu.control)?;
     ctl.sync(&[])?;
     ctl.ok(ClientMessage::Booting {
         vm: www(Handover::Wire),
     })?;
     let syj_port = "syj-br0-p";
-    host.wait_steered(VM_MAC)?;
-    let capture = Capture::start(&client.ns, "eth0", host.dir.path(), "cli")?;
+    synjitsu.wait_steered(VM_MAC)?;
+    let capture = Capture::start(&client.ns, "eth0", synjitsu.host.dir(), "cli")?;
 
     let url = if v6 {
         "http://[fd77:1::10]/"
@@ -201,7 +204,7 @@ fn handover(v6: bool, delay: Duration, abuse: bool) -> Result<Outcome> {
         ctl.wait_event(Duration::from_secs(5), "syn_held", |e| {
             matches!(e, Event::SynHeld { .. })
         })?;
-        ctl = abuse_control(&host, &mut ctl)?;
+        ctl = abuse_control(&synjitsu, &mut ctl)?;
         ensure!(
             t0.elapsed() < delay,
             "the control checks took {:?}, past the guest's start",
@@ -214,7 +217,7 @@ fn handover(v6: bool, delay: Duration, abuse: bool) -> Result<Outcome> {
     guest_up(&guest, &www_dir)?;
     let listening_after = t0.elapsed();
 
-    let connect = connect_time(curl, &host)?;
+    let connect = connect_time(curl, &synjitsu)?;
     let lines = capture.finish()?;
     let tl = timeline(&lines, v6);
     let shown = || lines.join("\n");
@@ -244,7 +247,7 @@ fn handover(v6: bool, delay: Duration, abuse: bool) -> Result<Outcome> {
             via: HandoverVia::Wire,
         }
     })?;
-    let metrics = host.metrics()?;
+    let metrics = synjitsu.metrics()?;
     ensure!(
         metric_in(&metrics, "synjitsu_syns_held_total") == 1.0,
         "one SYN held:\n{metrics}"
@@ -263,18 +266,18 @@ fn handover(v6: bool, delay: Duration, abuse: bool) -> Result<Outcome> {
     let fdb = wait_until(
         "client and VM MACs learnt on their own ports",
         Duration::from_secs(10),
-        || fdb_shows(&host, &client, &guest),
+        || fdb_shows(&synjitsu, &client, &guest),
     )
-    .map_err(|e| anyhow::anyhow!("{e}: {:?}", host.bridge.fdb()))?;
+    .map_err(|e| anyhow::anyhow!("{e}: {:?}", synjitsu.host.fdb()))?;
     ensure!(
         !fdb.iter().any(|e| e.mac == VM_MAC && e.port == syj_port),
         "the VM's MAC still points at synjitsu: {fdb:?}"
     );
 
-    let code = host.stop()?;
+    let code = synjitsu.stop()?;
     ensure!(code == Some(0), "synjitsu exited with {code:?}");
     let left = Command::new("ip")
-        .args(["-n", host.bridge.host().name(), "link", "show", "syj-br0"])
+        .args(["-n", synjitsu.host.ns().name(), "link", "show", "syj-br0"])
         .output()?;
     ensure!(!left.status.success(), "synjitsu's port left behind");
     Ok(Outcome {
@@ -340,12 +343,12 @@ fn v6_guest_up_after_1500ms_completes_before_the_next_retransmit() {
 
 fn wake_on_syn() -> Result<Duration> {
     tools();
-    let mut host = SynjitsuHost::start("syw", &[])?;
-    let client = host
-        .bridge
+    let mut synjitsu = SynjitsuHost::start("syw", &[])?;
+    let client = synjitsu
+        .host
         .join("cli", Some(CLIENT_MAC), &["10.77.1.2/24"], true)?;
-    let guest = host.bridge.join("gst", Some(VM_MAC), &[], false)?;
-    let www_dir = host.dir.join("www");
+    let guest = synjitsu.host.join("gst", Some(VM_MAC), &[], false)?;
+    let www_dir = synjitsu.host.file("www");
     std::fs::create_dir_all(&www_dir)?;
     std::fs::write(www_dir.join("index.html"), "awake\n")?;
     // A client that kept the VM's address from before: no ARP, straight to the MAC.
@@ -353,7 +356,7 @@ fn wake_on_syn() -> Result<Duration> {
         "ip neigh replace 10.77.1.10 lladdr {VM_MAC} dev eth0 nud permanent"
     ))?;
 
-    let mut ctl = ControlClient::connect(&host.control)?;
+    let mut ctl = ControlClient::connect(&synjitsu.control)?;
     // Xenstore is off here: a VM asking for it is refused with the reason.
     match ctl.request(ClientMessage::Booting {
         vm: www(Handover::Xenstore { domid: 9 }),
@@ -366,7 +369,7 @@ fn wake_on_syn() -> Result<Duration> {
         other => bail!("xenstore booting with xenstore off got {other:?}"),
     }
     ctl.sync(&[(www(Handover::Wire), Phase::Stopped)])?;
-    host.wait_steered(VM_MAC)?;
+    synjitsu.wait_steered(VM_MAC)?;
     let curl = start_fetch(&client, "http://10.77.1.10/")?;
     let t0 = Instant::now();
     ctl.wait_event(Duration::from_secs(5), "wake_request", |e| {
@@ -378,15 +381,15 @@ fn wake_on_syn() -> Result<Duration> {
         vm: www(Handover::Wire),
     })?;
     guest_up(&guest, &www_dir)?;
-    let connect = connect_time(curl, &host)?;
+    let connect = connect_time(curl, &synjitsu)?;
     println!(
         "wake on SYN: wake request after {:.1} ms, connect {:.1} ms",
         woke.as_secs_f64() * 1e3,
         connect.as_secs_f64() * 1e3
     );
-    ensure!(host.metric("synjitsu_wake_requests_total")? >= 1.0);
-    ensure!(host.metric("synjitsu_syns_handed_over_total{via=\"wire\"}")? == 1.0);
-    ensure!(host.stop()? == Some(0));
+    ensure!(synjitsu.metric("synjitsu_wake_requests_total")? >= 1.0);
+    ensure!(synjitsu.metric("synjitsu_syns_handed_over_total{via=\"wire\"}")? == 1.0);
+    ensure!(synjitsu.stop()? == Some(0));
     Ok(connect)
 }
 

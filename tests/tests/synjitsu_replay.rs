@@ -64,13 +64,13 @@ fn frames_total(metrics: &str) -> f64 {
 }
 
 /// Waits until `metric` reaches `want` (the daemon takes frames asynchronously).
-fn reaches(host: &SynjitsuHost, metric: &str, want: f64) -> Result<()> {
+fn reaches(synjitsu: &SynjitsuHost, metric: &str, want: f64) -> Result<()> {
     let last = std::cell::Cell::new(0.0);
     wait_until(
         &format!("{metric} = {want}"),
         Duration::from_secs(10),
         || {
-            let v = host.metric(metric).ok()?;
+            let v = synjitsu.metric(metric).ok()?;
             last.set(v);
             (v == want).then_some(())
         },
@@ -87,15 +87,15 @@ fn scenario() -> Result<()> {
     ] {
         require_tool(t, p);
     }
-    let host = SynjitsuHost::start("syr", &[])?;
+    let synjitsu = SynjitsuHost::start("syr", &[])?;
     // The replay port plays the client (and, last, the guest's own announcements).
-    let rp = host.bridge.join("rpl", None, &[], true)?;
-    let mut ctl = ControlClient::connect(&host.control)?;
+    let rp = synjitsu.host.join("rpl", None, &[], true)?;
+    let mut ctl = ControlClient::connect(&synjitsu.control)?;
     ctl.sync(&[])?;
     ctl.ok(ClientMessage::Booting {
         vm: www(Handover::Wire),
     })?;
-    host.wait_steered(VM_MAC)?;
+    synjitsu.wait_steered(VM_MAC)?;
 
     // who-has: every ARP request and solicitation for the VM answered with its MAC.
     let who = listing("who-has.pcap")?;
@@ -108,15 +108,15 @@ fn scenario() -> Result<()> {
         .filter(|l| l.contains("neighbor solicitation, who has fd77:1::10"))
         .count();
     ensure!(arp_q > 0 && ns_q > 0, "who-has.pcap: {who:?}");
-    let cap = Capture::start(&rp.ns, "eth0", host.dir.path(), "rpl")?;
+    let cap = Capture::start(&rp.ns, "eth0", synjitsu.host.dir(), "rpl")?;
     replay(&rp, "who-has.pcap")?;
     reaches(
-        &host,
+        &synjitsu,
         "synjitsu_arp_sent_total{kind=\"reply\"}",
         arp_q as f64,
     )?;
     reaches(
-        &host,
+        &synjitsu,
         "synjitsu_na_sent_total{kind=\"solicited\"}",
         ns_q as f64,
     )?;
@@ -141,9 +141,9 @@ fn scenario() -> Result<()> {
         .filter(|l| l.contains("> 10.77.1.10.80: Flags [S],"))
         .count();
     replay(&rp, "curl-syn-v4.pcap")?;
-    reaches(&host, "synjitsu_syns_held_total", 1.0)?;
+    reaches(&synjitsu, "synjitsu_syns_held_total", 1.0)?;
     reaches(
-        &host,
+        &synjitsu,
         "synjitsu_syn_retransmits_deduplicated_total",
         (syns - 1) as f64,
     )?;
@@ -155,7 +155,7 @@ fn scenario() -> Result<()> {
         .count();
     replay(&rp, "curl-syn-v4-csum-partial.pcap")?;
     reaches(
-        &host,
+        &synjitsu,
         "synjitsu_dropped_total{reason=\"bad_checksum\"}",
         partial as f64,
     )?;
@@ -163,21 +163,21 @@ fn scenario() -> Result<()> {
     // Noise: nothing held, nothing answered. who-has.pcap replayed after it is a barrier:
     // synjitsu reads its socket in order, so once the barrier's answers are counted, every
     // noise frame that reached it has been judged.
-    let before = host.metrics()?;
+    let before = synjitsu.metrics()?;
     let noise_frames = listing("noise.pcap")?.len();
     replay(&rp, "noise.pcap")?;
     replay(&rp, "who-has.pcap")?;
     reaches(
-        &host,
+        &synjitsu,
         "synjitsu_arp_sent_total{kind=\"reply\"}",
         2.0 * arp_q as f64,
     )?;
     reaches(
-        &host,
+        &synjitsu,
         "synjitsu_na_sent_total{kind=\"solicited\"}",
         2.0 * ns_q as f64,
     )?;
-    let after = host.metrics()?;
+    let after = synjitsu.metrics()?;
     println!(
         "noise.pcap: {noise_frames} frames replayed, {} reached synjitsu past the bridge and \
          its kernel filter (with the barrier's {} questions)",
@@ -202,7 +202,7 @@ fn scenario() -> Result<()> {
     ctl.wait_event(Duration::from_secs(10), "guest_announced", |e| {
         *e == Event::GuestAnnounced { name: "www".into() }
     })?;
-    reaches(&host, "synjitsu_guests_announced_total", 1.0)?;
+    reaches(&synjitsu, "synjitsu_guests_announced_total", 1.0)?;
     Ok(())
 }
 

@@ -5,18 +5,16 @@ use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jitsu_tests::curl::Curl;
-use jitsu_tests::topo::{Bridge, Daemon};
-use jitsu_tests::{Scratch, bin_path, require_root, require_tool, wait_until};
+use jitsu_tests::topo::Host;
+use jitsu_tests::{bin_path, require_root, require_tool, wait_until};
 
 #[test]
 fn the_guest_boots_announces_and_serves() {
     require_root();
     require_tool("curl", "curl");
     require_tool("tcpdump", "tcpdump");
-    let scratch = Scratch::new("guest").unwrap();
-    let dir = scratch.path();
-    let br = Bridge::new("tg").unwrap();
-    let client = br
+    let host = Host::new("tg").unwrap();
+    let client = host
         .join(
             "tgc",
             Some("02:77:00:02:00:02"),
@@ -24,7 +22,7 @@ fn the_guest_boots_announces_and_serves() {
             true,
         )
         .unwrap();
-    let guest = br
+    let guest = host
         .join("tgg", Some("02:77:00:02:00:10"), &[], false)
         .unwrap();
     // As the process backend leaves it for a guest that configures itself: link up, no
@@ -34,37 +32,36 @@ fn the_guest_boots_announces_and_serves() {
         .sh("sysctl -qw net.ipv6.conf.eth0.disable_ipv6=1 && ip link set eth0 up")
         .unwrap();
 
-    let pcap = dir.join("br0.pcap");
+    let pcap = host.file("br0.pcap");
     let pcap_s = pcap.to_str().unwrap().to_string();
-    let mut dump = Daemon::spawn(
-        Some(br.host()),
-        std::path::Path::new("/usr/bin/tcpdump"),
-        &[
-            "-i",
-            "br0",
-            "-U",
-            "--immediate-mode",
-            "-n",
-            "-w",
-            &pcap_s,
-            "arp or icmp6",
-        ],
-        dir,
-    )
-    .unwrap();
+    let mut dump = host
+        .spawn(
+            "/usr/bin/tcpdump",
+            &[
+                "-i",
+                "br0",
+                "-U",
+                "--immediate-mode",
+                "-n",
+                "-w",
+                &pcap_s,
+                "arp or icmp6",
+            ],
+        )
+        .unwrap();
     // tcpdump is capturing once it says so.
     wait_until("tcpdump to listen", Duration::from_secs(10), || {
         dump.log().contains("listening on").then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}: {}", dump.log()));
 
-    let report = dir.join("report");
+    let report = host.file("report");
     let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_nanos();
     let guest_bin = bin_path("jitsu-test-guest");
-    let mut g = guest.ns.command(guest_bin.to_str().unwrap());
+    let mut g = guest.ns.command(guest_bin);
     g.args(["--boot-ms", "200", "--report", report.to_str().unwrap()])
         .env("JITSU_NAME", "www")
         .env("JITSU_IP", "10.77.2.10")
