@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 
 use crate::bin_path;
 use crate::curl::Curl;
-use crate::jitsu_dns::{ProcessVms, store_log, vm_value, wait_vm_state};
+use crate::jitsu_dns::{Dig, ProcessVms, store_log, vm_value, wait_vm_state};
 use crate::libvirt::{ConsoleWatch, GUEST_CMDLINE, GuestImage, Libvirtd};
 use crate::synjitsu::Capture;
 use crate::topo::{Daemon, Host, Member};
@@ -294,6 +294,11 @@ impl Stack {
 
     fn control(&self) -> PathBuf {
         self.host.file("synjitsu.sock")
+    }
+
+    /// The client's `dig @10.77.0.1 <name> A`, resolving through jitsu-dns.
+    pub fn dig(&self, name: &str) -> Result<Dig> {
+        crate::jitsu_dns::dig(&self.client.ns, &[&format!("@{DNS_ADDR}"), name, "A"])
     }
 
     /// The guests' report: `listening <name> <unix-ns>` lines.

@@ -260,30 +260,24 @@ pub fn parse_dig(text: &str) -> Dig {
 
 /// Runs `dig +time=10 +tries=1 <args>` in `ns`.
 pub fn dig(ns: &Netns, args: &[&str]) -> Result<Dig> {
-    let out = ns
-        .command("dig")
-        .args(["+time=10", "+tries=1"])
-        .args(args)
-        .output()
-        .context("running dig")?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        bail!("dig {args:?} failed ({}): {text}", out.status);
-    }
-    Ok(parse_dig(&text))
+    query(ns, "dig", &["+time=10", "+tries=1"], args)
 }
 
 /// Runs `kdig +timeout=10 +retry=0 <args>` in `ns`.
 pub fn kdig(ns: &Netns, args: &[&str]) -> Result<Dig> {
+    query(ns, "kdig", &["+timeout=10", "+retry=0"], args)
+}
+
+fn query(ns: &Netns, tool: &str, limits: &[&str], args: &[&str]) -> Result<Dig> {
     let out = ns
-        .command("kdig")
-        .args(["+timeout=10", "+retry=0"])
+        .command(tool)
+        .args(limits)
         .args(args)
         .output()
-        .context("running kdig")?;
+        .with_context(|| format!("running {tool}"))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
-        bail!("kdig {args:?} failed ({}): {text}", out.status);
+        bail!("{tool} {args:?} failed ({}): {text}", out.status);
     }
     Ok(parse_dig(&text))
 }
@@ -315,6 +309,28 @@ pub fn store_log(db: &Path) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Fails the test unless each of `lines` is a commit message in the store's history at `db`;
+/// returns the history.
+pub fn assert_history(db: &Path, lines: &[&str]) -> Vec<String> {
+    let log = store_log(db);
+    for line in lines {
+        assert!(
+            log.iter().any(|l| l == line),
+            "{line:?} is not in the store's history: {log:#?}"
+        );
+    }
+    log
+}
+
+/// Waits until `line` is a commit message in the store's history at `db`; returns the
+/// history.
+pub fn wait_history(db: &Path, line: &str, timeout: Duration) -> Result<Vec<String>> {
+    wait_until(&format!("{line:?} in the store's history"), timeout, || {
+        let log = store_log(db);
+        log.iter().any(|l| l == line).then_some(log)
+    })
 }
 
 /// A VM's value (`state`, `starts`...) in the store at `db`.

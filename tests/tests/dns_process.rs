@@ -8,7 +8,7 @@ use std::thread;
 use std::time::Duration;
 
 use jitsu_tests::curl::metrics;
-use jitsu_tests::jitsu_dns::{DnsHarness, parse_dig, store_log};
+use jitsu_tests::jitsu_dns::{DnsHarness, assert_history, parse_dig, store_log, wait_history};
 use jitsu_tests::{bin_path, require_root, require_tool, wait_until};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -117,16 +117,12 @@ fn fifty_parallel_queries_boot_once_and_the_idle_vm_stops_after_twice_the_ttl() 
 
     // No more queries: stopped after 2 x TTL (TTL 1 s), in the default mode, destroy.
     h.wait_state("www", "off", LONG);
-    let log = store_log(&h.db());
-    assert!(
-        log.iter()
-            .any(|l| l == "www: running -> stopping (idle for 2 s)"),
-        "{log:?}"
-    );
-    assert!(
-        log.iter()
-            .any(|l| l == "www: stopping -> off (stopped (destroy))"),
-        "{log:?}"
+    assert_history(
+        &h.db(),
+        &[
+            "www: running -> stopping (idle for 2 s)",
+            "www: stopping -> off (stopped (destroy))",
+        ],
     );
     wait_until("the VM's process to be gone", LONG, || {
         (!alive(pids[0])).then_some(())
@@ -189,13 +185,7 @@ fn a_restarted_jitsu_dns_adopts_the_running_vm_and_never_boots_it_twice() {
         "adopted, not booted again"
     );
     assert_eq!(h.stored("www", "starts").as_deref(), Some("1"));
-    let log = wait_until("the adoption in the history", LONG, || {
-        let log = store_log(&h.db());
-        log.iter()
-            .any(|l| l == "www: running (adopted: already running)")
-            .then_some(log)
-    })
-    .unwrap();
+    let log = wait_history(&h.db(), "www: running (adopted: already running)", LONG).unwrap();
     assert_eq!(count(&log, "www: off -> booting"), 1, "{log:?}");
 
     // The state views a person uses.
@@ -271,25 +261,14 @@ fn suspend_and_resume(cgroup: &str) {
     h.wait_state("www", "running", LONG);
     assert!(!frozen(), "thawed");
     assert_eq!(boots(&h.host.file("boots")), pids, "resumed, not booted");
-    let log = store_log(&h.db());
-    assert!(
-        log.iter()
-            .any(|l| l == "www: running -> stopping (idle for 2 s)"),
-        "{log:?}"
-    );
-    assert!(
-        log.iter()
-            .any(|l| l == "www: stopping -> suspended (stopped (suspend))"),
-        "{log:?}"
-    );
-    assert!(
-        log.iter()
-            .any(|l| l == "www: suspended -> booting (resume, query from 127.0.0.1)"),
-        "{log:?}"
-    );
-    assert!(
-        log.iter().any(|l| l == "www: booting -> running (resumed)"),
-        "{log:?}"
+    assert_history(
+        &h.db(),
+        &[
+            "www: running -> stopping (idle for 2 s)",
+            "www: stopping -> suspended (stopped (suspend))",
+            "www: suspended -> booting (resume, query from 127.0.0.1)",
+            "www: booting -> running (resumed)",
+        ],
     );
 }
 
@@ -323,12 +302,7 @@ fn shutdown_mode_delivers_sigterm() {
     h.wait_state("www", "off", LONG);
     let got = std::fs::read_to_string(&term).unwrap_or_default();
     assert_eq!(got.trim(), "term", "the VM got SIGTERM and handled it");
-    let log = store_log(&h.db());
-    assert!(
-        log.iter()
-            .any(|l| l == "www: stopping -> off (stopped (shutdown))"),
-        "{log:?}"
-    );
+    assert_history(&h.db(), &["www: stopping -> off (stopped (shutdown))"]);
     let pid = boots(&h.host.file("boots"))[0];
     wait_until("the VM to be gone", LONG, || (!alive(pid)).then_some(())).unwrap();
 }
@@ -371,13 +345,7 @@ fn sighup_adds_and_removes_vms_without_a_restart() {
     })
     .unwrap();
     assert_eq!(boots(&bb).len(), 1);
-    wait_until("b's addition in the history", LONG, || {
-        store_log(&h.db())
-            .iter()
-            .any(|l| l == "configuration reloaded: added b")
-            .then_some(())
-    })
-    .unwrap();
+    wait_history(&h.db(), "configuration reloaded: added b", LONG).unwrap();
 
     // Removing a running VM forgets it and leaves it running.
     let a_pid = boots(&ba)[0];
@@ -388,13 +356,7 @@ fn sighup_adds_and_removes_vms_without_a_restart() {
     })
     .unwrap();
     assert!(alive(a_pid), "a removed VM is left running");
-    wait_until("a's removal in the history", LONG, || {
-        store_log(&h.db())
-            .iter()
-            .any(|l| l == "configuration reloaded: removed a")
-            .then_some(())
-    })
-    .unwrap();
+    wait_history(&h.db(), "configuration reloaded: removed a", LONG).unwrap();
     assert!(
         h.stored("a", "state").is_none(),
         "its subtree is gone from the store"

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use jitsu_tests::fake_synjitsu::{FakeSynjitsu, Policy};
-use jitsu_tests::jitsu_dns::DnsHarness;
+use jitsu_tests::jitsu_dns::{DnsHarness, assert_history};
 use jitsu_tests::{require_root, require_tool, wait_until};
 use shared_proto::{ClientMessage, Event, Handover, Mac, Phase};
 
@@ -24,6 +24,19 @@ fn spec(h: &DnsHarness, extra: &str) -> String {
          command='echo $$ >> {}; exec sleep 600'",
         h.host.file("boots").display()
     )
+}
+
+/// jitsu-dns with `www` (its spec with `keys`, after the flags `flags`), its synjitsu the fake
+/// answering by `policy`.
+fn with_fake(tag: &str, policy: Policy, flags: &[&str], keys: &str) -> (DnsHarness, FakeSynjitsu) {
+    let mut h = DnsHarness::new(tag).unwrap();
+    let fake = FakeSynjitsu::start(&h.host.file("synjitsu.sock"), policy).unwrap();
+    let www = spec(&h, keys);
+    let mut extra = flags.to_vec();
+    extra.extend(["--synjitsu", fake.path().to_str().unwrap(), &www]);
+    let args = h.args(None, &extra);
+    h.start(&args, &[]).unwrap();
+    (h, fake)
 }
 
 /// Waits until jitsu-dns has connected and sent its `sync` on connection `conn`.
@@ -47,25 +60,12 @@ fn boots(h: &DnsHarness) -> usize {
 #[test]
 fn use_synjitsu_answers_once_synjitsu_acknowledges_booting() {
     prerequisites();
-    let mut h = DnsHarness::new("dsyn").unwrap();
     let ack_after = Duration::from_millis(800);
-    let fake = FakeSynjitsu::start(
-        &h.host.file("synjitsu.sock"),
-        Policy {
-            ack_booting_after: ack_after,
-            announce_after: None,
-        },
-    )
-    .unwrap();
-    let args = h.args(
-        None,
-        &[
-            "--synjitsu",
-            fake.path().to_str().unwrap(),
-            &spec(&h, ",use_synjitsu=true"),
-        ],
-    );
-    h.start(&args, &[]).unwrap();
+    let policy = Policy {
+        ack_booting_after: ack_after,
+        announce_after: None,
+    };
+    let (h, fake) = with_fake("dsyn", policy, &[], ",use_synjitsu=true");
     let sync = wait_sync(&fake, 1);
     assert_eq!(sync.len(), 1);
     assert_eq!(
@@ -118,25 +118,13 @@ fn use_synjitsu_answers_once_synjitsu_acknowledges_booting() {
 #[test]
 fn wait_for_announce_answers_when_the_guest_announces_itself() {
     prerequisites();
-    let mut h = DnsHarness::new("dann").unwrap();
     let announce_after = Duration::from_millis(800);
-    let fake = FakeSynjitsu::start(
-        &h.host.file("synjitsu.sock"),
-        Policy {
-            ack_booting_after: Duration::ZERO,
-            announce_after: Some(announce_after),
-        },
-    )
-    .unwrap();
-    let args = h.args(
-        None,
-        &[
-            "--synjitsu",
-            fake.path().to_str().unwrap(),
-            &spec(&h, ",wait_for=announce,wait_for_timeout=30"),
-        ],
-    );
-    h.start(&args, &[]).unwrap();
+    let policy = Policy {
+        ack_booting_after: Duration::ZERO,
+        announce_after: Some(announce_after),
+    };
+    let keys = ",wait_for=announce,wait_for_timeout=30";
+    let (h, fake) = with_fake("dann", policy, &[], keys);
     wait_sync(&fake, 1);
     let asked = Instant::now();
     let d = h.dig(&["+time=20", "www.example.org", "A"]);
@@ -153,11 +141,9 @@ fn wait_for_announce_answers_when_the_guest_announces_itself() {
     );
     assert!(answered - asked >= announce_after, "{:?}", answered - asked);
     h.wait_state("www", "running", LONG);
-    let log = jitsu_tests::jitsu_dns::store_log(&h.db());
-    assert!(
-        log.iter()
-            .any(|l| l == "www: booting -> running (guest announced itself)"),
-        "{log:?}"
+    assert_history(
+        &h.db(),
+        &["www: booting -> running (guest announced itself)"],
     );
 }
 
@@ -190,19 +176,12 @@ fn without_synjitsu_answers_still_come_after_the_response_delay() {
 #[test]
 fn every_reconnect_resyncs_and_stops_and_wake_requests_flow() {
     prerequisites();
-    let mut h = DnsHarness::new("dresync").unwrap();
-    let fake = FakeSynjitsu::start(&h.host.file("synjitsu.sock"), Policy::default()).unwrap();
-    let args = h.args(
-        None,
-        &[
-            "-t",
-            "1",
-            "--synjitsu",
-            fake.path().to_str().unwrap(),
-            &spec(&h, ",use_synjitsu=true"),
-        ],
+    let (h, fake) = with_fake(
+        "dresync",
+        Policy::default(),
+        &["-t", "1"],
+        ",use_synjitsu=true",
     );
-    h.start(&args, &[]).unwrap();
     wait_sync(&fake, 1);
     fake.disconnect();
     let again = wait_sync(&fake, 2);
@@ -233,10 +212,8 @@ fn every_reconnect_resyncs_and_stops_and_wake_requests_flow() {
             .then_some(())
     })
     .unwrap();
-    let log = jitsu_tests::jitsu_dns::store_log(&h.db());
-    assert!(
-        log.iter()
-            .any(|l| l == "www: off -> booting (wake request from synjitsu)"),
-        "{log:?}"
+    assert_history(
+        &h.db(),
+        &["www: off -> booting (wake request from synjitsu)"],
     );
 }

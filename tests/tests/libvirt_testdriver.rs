@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use jitsu_tests::jitsu_dns::{DnsHarness, store_log};
+use jitsu_tests::jitsu_dns::{DnsHarness, assert_history, store_log};
 use jitsu_tests::{require_root, require_tool, wait_until};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -67,13 +67,7 @@ fn the_test_driver_runs_vms_for_jitsu_dns() {
         (h.stored("pre", "mac").as_deref() == Some("02:aa:00:00:00:77")).then_some(())
     })
     .unwrap();
-    assert!(
-        store_log(&db)
-            .iter()
-            .any(|m| m == "pre: MAC 02:aa:00:00:00:77 from its domain"),
-        "{:?}",
-        store_log(&db)
-    );
+    assert_history(&db, &["pre: MAC 02:aa:00:00:00:77 from its domain"]);
     let d = h.dig(&["pre.example.org", "A"]);
     assert_eq!(d.addresses(), vec!["10.77.0.20"], "{}", d.text);
     h.wait_state("pre", "running", LONG);
@@ -95,11 +89,7 @@ fn the_test_driver_runs_vms_for_jitsu_dns() {
             .any(|m| m.starts_with("fresh: running -> stopping (idle for 2 s")),
         "{log:?}"
     );
-    assert!(
-        log.iter()
-            .any(|m| m == "fresh: stopping -> off (stopped (destroy))"),
-        "{log:?}"
-    );
+    assert_history(&db, &["fresh: stopping -> off (stopped (destroy))"]);
 
     // Suspend mode: a managed save when idle, a resume on the next query.
     let d = h.dig(&["sleepy.example.org", "A"]);
@@ -113,14 +103,14 @@ fn the_test_driver_runs_vms_for_jitsu_dns() {
         Some("1"),
         "a resume is no boot"
     );
-    let log = store_log(&db);
-    for want in [
-        "sleepy: stopping -> suspended (stopped (suspend))",
-        "sleepy: suspended -> booting (resume, query from 127.0.0.1)",
-        "sleepy: booting -> running (resumed)",
-    ] {
-        assert!(log.iter().any(|m| m == want), "{want} not in {log:?}");
-    }
+    assert_history(
+        &db,
+        &[
+            "sleepy: stopping -> suspended (stopped (suspend))",
+            "sleepy: suspended -> booting (resume, query from 127.0.0.1)",
+            "sleepy: booting -> running (resumed)",
+        ],
+    );
 
     // Nothing to define a domain from: the boot fails saying why, the query gets SERVFAIL.
     let d = h.dig(&["nokeys.example.org", "A"]);

@@ -54,6 +54,11 @@ fn replay(member: &Member, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Lines of `lines` that contain `needle`.
+fn count(lines: &[String], needle: &str) -> usize {
+    lines.iter().filter(|l| l.contains(needle)).count()
+}
+
 /// Frames synjitsu received past its kernel filter, whatever became of them.
 fn frames_total(metrics: &str) -> f64 {
     metrics
@@ -99,14 +104,8 @@ fn scenario() -> Result<()> {
 
     // who-has: every ARP request and solicitation for the VM answered with its MAC.
     let who = listing("who-has.pcap")?;
-    let arp_q = who
-        .iter()
-        .filter(|l| l.contains("ARP, Request who-has 10.77.1.10"))
-        .count();
-    let ns_q = who
-        .iter()
-        .filter(|l| l.contains("neighbor solicitation, who has fd77:1::10"))
-        .count();
+    let arp_q = count(&who, "ARP, Request who-has 10.77.1.10");
+    let ns_q = count(&who, "neighbor solicitation, who has fd77:1::10");
     ensure!(arp_q > 0 && ns_q > 0, "who-has.pcap: {who:?}");
     let cap = Capture::start(&rp.ns, "eth0", synjitsu.host.dir(), "rpl")?;
     replay(&rp, "who-has.pcap")?;
@@ -121,14 +120,8 @@ fn scenario() -> Result<()> {
         ns_q as f64,
     )?;
     let seen = cap.finish()?;
-    let replies = seen
-        .iter()
-        .filter(|l| l.contains("ARP, Reply 10.77.1.10 is-at 02:77:00:00:01:10"))
-        .count();
-    let nas = seen
-        .iter()
-        .filter(|l| l.contains("neighbor advertisement, tgt is fd77:1::10"))
-        .count();
+    let replies = count(&seen, "ARP, Reply 10.77.1.10 is-at 02:77:00:00:01:10");
+    let nas = count(&seen, "neighbor advertisement, tgt is fd77:1::10");
     ensure!(
         replies >= arp_q && nas >= ns_q,
         "answers on the wire: {replies} ARP, {nas} NA:\n{}",
@@ -136,10 +129,7 @@ fn scenario() -> Result<()> {
     );
 
     // curl's SYN and retransmits: held once.
-    let syns = listing("curl-syn-v4.pcap")?
-        .iter()
-        .filter(|l| l.contains("> 10.77.1.10.80: Flags [S],"))
-        .count();
+    let syns = count(&listing("curl-syn-v4.pcap")?, "> 10.77.1.10.80: Flags [S],");
     replay(&rp, "curl-syn-v4.pcap")?;
     reaches(&synjitsu, "synjitsu_syns_held_total", 1.0)?;
     reaches(
@@ -149,10 +139,10 @@ fn scenario() -> Result<()> {
     )?;
 
     // The offload-on capture, replayed whole: really bad checksums, dropped and counted.
-    let partial = listing("curl-syn-v4-csum-partial.pcap")?
-        .iter()
-        .filter(|l| l.contains("> 10.77.1.10.80: Flags [S],"))
-        .count();
+    let partial = count(
+        &listing("curl-syn-v4-csum-partial.pcap")?,
+        "> 10.77.1.10.80: Flags [S],",
+    );
     replay(&rp, "curl-syn-v4-csum-partial.pcap")?;
     reaches(
         &synjitsu,
