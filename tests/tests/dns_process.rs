@@ -344,6 +344,12 @@ fn sighup_adds_and_removes_vms_without_a_restart() {
         (h.dig(&["b.example.org", "A"]).addresses() == vec!["10.77.0.2"]).then_some(())
     })
     .unwrap();
+    // With no response delay the answer comes once the backend started b, maybe before b's
+    // command wrote its pid: wait for that, then make sure it ran once.
+    wait_until("b's command to start", LONG, || {
+        (!boots(&bb).is_empty()).then_some(())
+    })
+    .unwrap();
     assert_eq!(boots(&bb).len(), 1);
     wait_history(&h.db(), "configuration reloaded: added b", LONG).unwrap();
 
