@@ -16,11 +16,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 
-use crate::jitsu_dns::{ProcessVms, store_get, store_log};
+use crate::bin_path;
+use crate::curl::Curl;
+use crate::jitsu_dns::{Dig, ProcessVms, store_log, vm_value, wait_vm_state};
 use crate::libvirt::{ConsoleWatch, GUEST_CMDLINE, GuestImage, Libvirtd};
 use crate::synjitsu::Capture;
-use crate::topo::{Bridge, Daemon, Member};
-use crate::{Scratch, bin_path, wait_until};
+use crate::topo::{Daemon, Host, Member};
 
 /// The bridge's own address, where jitsu-dns serves DNS (dom0's address on `br0`).
 pub const DNS_ADDR: &str = "10.77.0.1";
@@ -165,7 +166,7 @@ impl Default for Options {
     }
 }
 
-/// The running chain. Fields drop in order: daemons, VMs, client, bridge, files.
+/// The running chain. Fields drop in order: daemons, VMs, client, host (bridge, files).
 #[derive(Debug)]
 pub struct Stack {
     jitsu: Option<Daemon>,
@@ -178,10 +179,9 @@ pub struct Stack {
     /// The client namespace.
     pub client: Member,
     _resolv: ResolvConf,
-    /// The host namespace with `br0`.
-    pub bridge: Bridge,
-    /// Logs, the store, the backend's runtime, the guests' report.
-    pub dir: Scratch,
+    /// The host namespace with `br0`, and its directory: logs, the store, the backend's
+    /// runtime, the guests' report.
+    pub host: Host,
     /// The VMs.
     pub vms: Vec<Vm>,
     opts: Options,
@@ -245,10 +245,9 @@ impl Stack {
     /// Builds the bridge, client and daemons for `vms` with the process backend running
     /// `jitsu-test-guest`, and waits until jitsu-dns answers.
     pub fn start(tag: &str, vms: Vec<Vm>, opts: Options) -> Result<Stack> {
-        let dir = Scratch::new(tag)?;
-        let bridge = Bridge::new(tag)?;
-        bridge.address(&format!("{DNS_ADDR}/{PREFIX}"))?;
-        let client = bridge.join(
+        let host = Host::new(tag)?;
+        host.address(&format!("{DNS_ADDR}/{PREFIX}"))?;
+        let client = host.join(
             "cli",
             Some(CLIENT_MAC),
             &[&format!("{CLIENT_ADDR}/{PREFIX}")],
@@ -266,15 +265,12 @@ impl Stack {
             &resolv.0,
             format!("nameserver {DNS_ADDR}\noptions timeout:10 attempts:1\n"),
         )?;
-        let process_vms = ProcessVms::new(tag, dir.join("run"));
+        let process_vms = ProcessVms::new(tag, host.file("run"));
         let (libvirt, image) = match opts.backend {
             Backend::Process => (None, None),
             Backend::Libvirt => {
                 let image = GuestImage::build()?;
-                (
-                    Some(Libvirtd::start(bridge.host(), dir.path())?),
-                    Some(image),
-                )
+                (Some(Libvirtd::start(&host)?), Some(image))
             }
         };
         let mut stack = Stack {
@@ -285,8 +281,7 @@ impl Stack {
             process_vms,
             client,
             _resolv: resolv,
-            bridge,
-            dir,
+            host,
             vms,
             opts,
         };
@@ -298,17 +293,22 @@ impl Stack {
     }
 
     fn control(&self) -> PathBuf {
-        self.dir.join("synjitsu.sock")
+        self.host.file("synjitsu.sock")
+    }
+
+    /// The client's `dig @10.77.0.1 <name> A`, resolving through jitsu-dns.
+    pub fn dig(&self, name: &str) -> Result<Dig> {
+        crate::jitsu_dns::dig(&self.client.ns, &[&format!("@{DNS_ADDR}"), name, "A"])
     }
 
     /// The guests' report: `listening <name> <unix-ns>` lines.
     pub fn report(&self) -> PathBuf {
-        self.dir.join("report")
+        self.host.file("report")
     }
 
     /// The state store.
     pub fn db(&self) -> PathBuf {
-        self.dir.join("db")
+        self.host.file("db")
     }
 
     /// Starts (or restarts) synjitsu on `br0` and waits for its control socket.
@@ -326,13 +326,8 @@ impl Stack {
             "--log-level",
             &self.opts.log_level,
         ];
-        let d = crate::synjitsu::spawn_daemon(
-            self.bridge.host(),
-            self.dir.path(),
-            &self.control(),
-            &args,
-            Duration::from_secs(30),
-        )?;
+        let d =
+            crate::synjitsu::start(&self.host, &self.control(), &args, Duration::from_secs(30))?;
         self.synjitsu = Some(d);
         Ok(())
     }
@@ -344,7 +339,7 @@ impl Stack {
 
     /// Where a libvirt guest's serial console goes.
     pub fn console(&self, vm: &Vm) -> PathBuf {
-        self.dir.join(&format!("console-{}.log", vm.name))
+        self.host.file(&format!("console-{}.log", vm.name))
     }
 
     fn config_toml(&self) -> String {
@@ -390,7 +385,7 @@ impl Stack {
 
     /// Starts (or restarts) jitsu-dns and waits until it answers DNS.
     pub fn start_jitsu(&mut self) -> Result<()> {
-        let config = self.dir.join("jitsu.toml");
+        let config = self.host.file("jitsu.toml");
         std::fs::write(&config, self.config_toml())?;
         let ttl = self.opts.ttl_secs.to_string();
         let (backend, uri) = match self.opts.backend {
@@ -427,15 +422,11 @@ impl Stack {
         if self.opts.synjitsu {
             args.extend(["--synjitsu", &control_s]);
         }
-        let mut d = Daemon::spawn(
-            Some(self.bridge.host()),
-            &bin_path("jitsu-dns"),
+        // Answering for its zone: the configuration is loaded.
+        let d = crate::jitsu_dns::start(
+            &self.host,
             &args,
-            self.dir.path(),
-        )?;
-        crate::jitsu_dns::wait_answering(
-            &mut d,
-            self.bridge.host(),
+            &[],
             &[&format!("@{DNS_ADDR}"), ZONE, "SOA"],
             "status: NOERROR",
         )?;
@@ -446,8 +437,7 @@ impl Stack {
     /// Stops jitsu-dns with SIGTERM (its VMs keep running) and waits for it to exit.
     pub fn stop_jitsu(&mut self) -> Result<Option<i32>> {
         let mut d = self.jitsu.take().context("jitsu-dns is not running")?;
-        d.signal("TERM")?;
-        d.wait_exit(Duration::from_secs(30))
+        d.stop(Duration::from_secs(30))
     }
 
     /// jitsu-dns's log so far.
@@ -471,7 +461,7 @@ impl Stack {
 
     /// A VM's value in the store (`state`, `starts`...).
     pub fn stored(&self, vm: &str, key: &str) -> Option<String> {
-        store_get(&self.db(), &format!("jitsu/vm/{vm}/{key}"))
+        vm_value(&self.db(), vm, key)
     }
 
     /// The store's history, newest first.
@@ -481,21 +471,12 @@ impl Stack {
 
     /// Waits until the store says `vm` is `state`.
     pub fn wait_state(&self, vm: &str, state: &str, timeout: Duration) -> Result<()> {
-        wait_until(&format!("{vm} to be {state}"), timeout, || {
-            (self.stored(vm, "state").as_deref() == Some(state)).then_some(())
-        })
-        .with_context(|| self.logs())
+        wait_vm_state(&self.db(), vm, state, timeout).with_context(|| self.logs())
     }
 
     /// One of synjitsu's metric samples (exact name with labels); 0 if absent.
     pub fn synjitsu_metric(&self, name: &str) -> f64 {
-        self.bridge
-            .host()
-            .sh(&format!(
-                "curl -s --max-time 5 http://{SYNJITSU_METRICS}/metrics"
-            ))
-            .map(|t| crate::synjitsu::metric_in(&t, name))
-            .unwrap_or(0.0)
+        crate::curl::metric(self.host.ns(), SYNJITSU_METRICS, name)
     }
 
     fn syn_retrans(&self) -> Result<u64> {
@@ -556,47 +537,18 @@ impl Stack {
         });
         // On `any`, so each frame says whether the client sent it (`Out`) or received it: a
         // SYN synjitsu re-sends to the guest may be flooded back to the client's port.
-        let capture = Capture::start(&self.client.ns, "any", self.dir.path(), "cold")?;
+        let capture = Capture::start(&self.client.ns, "any", self.host.dir(), "cold")?;
         let before = self.syn_retrans()?;
         let started_ns = now_ns();
-        let out = self
-            .client
-            .ns
-            .command("curl")
-            .args([
-                "-s",
-                "-o",
-                "/dev/null",
-                "--max-time",
-                "20",
-                "-w",
-                "%{time_namelookup} %{time_connect} %{time_starttransfer} %{http_code} %{exitcode} %{errormsg}",
-                &format!("http://{host}/"),
-            ])
-            .output()
-            .context("running curl in the client namespace")?;
+        let got = Curl::get(format!("http://{host}/"))
+            .max_time(Duration::from_secs(20))
+            .run(&self.client.ns)?;
         let after = self.syn_retrans()?;
         let frames = capture.finish()?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let mut w = text.split_whitespace();
-        let mut secs = || {
-            w.next()
-                .and_then(|v| v.parse::<f64>().ok())
-                .map(Duration::from_secs_f64)
-                .unwrap_or_default()
-        };
-        let (dns, connect, first_byte) = (secs(), secs(), secs());
-        let code = w.next().unwrap_or("").to_string();
-        let exit = w.next().unwrap_or("").to_string();
-        let msg: Vec<&str> = w.collect();
-        let error = (code != "200").then(|| {
+        let error = (!got.ok()).then(|| {
             format!(
-                "curl exit {exit}, HTTP {code}: {}",
-                if msg.is_empty() {
-                    text.trim().to_string()
-                } else {
-                    msg.join(" ")
-                }
+                "curl exit {}, HTTP {}: {}",
+                got.exit, got.http_code, got.error
             )
         });
         let ip = vm.ip.to_string();
@@ -617,9 +569,9 @@ impl Stack {
         };
         Ok(ColdStart {
             vm: vm.name.clone(),
-            dns,
-            connect,
-            first_byte,
+            dns: got.namelookup,
+            connect: got.connect,
+            first_byte: got.first_byte,
             after_listening_us,
             syns: syns_to(&frames, &ip),
             syn_retransmits: after.saturating_sub(before),

@@ -1,23 +1,16 @@
-//! Support for the tests of jitsu-dns: a bridge namespace with jitsu-dns in it and its
-//! process-backend VMs ([`DnsHarness`]), a guard that removes those VMs even when the test
-//! fails ([`ProcessVms`]), `dig`/`kdig` output parsed into records ([`Dig`]), the state
-//! store read with plain git, and deadline polling ([`wait_for`]).
+//! Support for the tests of jitsu-dns: jitsu-dns started on a host and waited for
+//! ([`start`]), a host with jitsu-dns and its process-backend VMs ([`DnsHarness`]), a guard
+//! that removes those VMs even when the test fails ([`ProcessVms`]), `dig`/`kdig` output
+//! parsed into records ([`Dig`]), and the state store read with plain git.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-pub use crate::Scratch;
-use crate::topo::{Bridge, Daemon};
-use crate::{Netns, bin_path, unique};
-
-/// Polls `f` until it returns `Some`, or fails the test after `timeout` saying what it
-/// waited for ([`crate::wait_until`], panicking).
-pub fn wait_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
-    crate::wait_until(what, timeout, f).unwrap_or_else(|e| panic!("{e}"))
-}
+use crate::topo::{Daemon, Host};
+use crate::{Netns, bin_path, unique, wait_until};
 
 /// The cgroup2 mount point of this host (`/sys/fs/cgroup` or `/sys/fs/cgroup/unified`).
 pub fn cgroup2_mount() -> Option<PathBuf> {
@@ -107,17 +100,17 @@ impl ProcessVms {
                 let dir = e.path();
                 let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
                 let _ = std::fs::write(dir.join("freezer.state"), "THAWED");
-                let deadline = Instant::now() + Duration::from_secs(5);
-                loop {
+                // Best effort: a cgroup that keeps a process is left for the next run.
+                let _ = wait_until("the VM's cgroup to empty", Duration::from_secs(5), || {
                     let procs =
                         std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
                     let pids: Vec<&str> = procs.split_whitespace().collect();
-                    if pids.is_empty() || Instant::now() > deadline {
-                        break;
+                    if pids.is_empty() {
+                        return Some(());
                     }
                     let _ = Command::new("kill").arg("-9").args(&pids).status();
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+                    None
+                });
                 let _ = std::fs::remove_dir(&dir);
             }
         }
@@ -267,30 +260,24 @@ pub fn parse_dig(text: &str) -> Dig {
 
 /// Runs `dig +time=10 +tries=1 <args>` in `ns`.
 pub fn dig(ns: &Netns, args: &[&str]) -> Result<Dig> {
-    let out = ns
-        .command("dig")
-        .args(["+time=10", "+tries=1"])
-        .args(args)
-        .output()
-        .context("running dig")?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        bail!("dig {args:?} failed ({}): {text}", out.status);
-    }
-    Ok(parse_dig(&text))
+    query(ns, "dig", &["+time=10", "+tries=1"], args)
 }
 
 /// Runs `kdig +timeout=10 +retry=0 <args>` in `ns`.
 pub fn kdig(ns: &Netns, args: &[&str]) -> Result<Dig> {
+    query(ns, "kdig", &["+timeout=10", "+retry=0"], args)
+}
+
+fn query(ns: &Netns, tool: &str, limits: &[&str], args: &[&str]) -> Result<Dig> {
     let out = ns
-        .command("kdig")
-        .args(["+timeout=10", "+retry=0"])
+        .command(tool)
+        .args(limits)
         .args(args)
         .output()
-        .context("running kdig")?;
+        .with_context(|| format!("running {tool}"))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
-        bail!("kdig {args:?} failed ({}): {text}", out.status);
+        bail!("{tool} {args:?} failed ({}): {text}", out.status);
     }
     Ok(parse_dig(&text))
 }
@@ -324,99 +311,149 @@ pub fn store_log(db: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// jitsu-dns in the host namespace of a bridge (as on a dom0 with `br0`), its VMs joining
-/// the bridge, its store and runtime in a scratch directory. Dropped in order: jitsu-dns,
-/// the VMs, the bridge, the directory.
+/// Fails the test unless each of `lines` is a commit message in the store's history at `db`;
+/// returns the history.
+pub fn assert_history(db: &Path, lines: &[&str]) -> Vec<String> {
+    let log = store_log(db);
+    for line in lines {
+        assert!(
+            log.iter().any(|l| l == line),
+            "{line:?} is not in the store's history: {log:#?}"
+        );
+    }
+    log
+}
+
+/// Waits until `line` is a commit message in the store's history at `db`; returns the
+/// history.
+pub fn wait_history(db: &Path, line: &str, timeout: Duration) -> Result<Vec<String>> {
+    wait_until(&format!("{line:?} in the store's history"), timeout, || {
+        let log = store_log(db);
+        log.iter().any(|l| l == line).then_some(log)
+    })
+}
+
+/// A VM's value (`state`, `starts`...) in the store at `db`.
+pub fn vm_value(db: &Path, vm: &str, key: &str) -> Option<String> {
+    store_get(db, &format!("jitsu/vm/{vm}/{key}"))
+}
+
+/// Waits until the store at `db` says `vm` is in `state`.
+pub fn wait_vm_state(db: &Path, vm: &str, state: &str, timeout: Duration) -> Result<()> {
+    wait_until(&format!("{vm} to be {state} in the store"), timeout, || {
+        (vm_value(db, vm, "state").as_deref() == Some(state)).then_some(())
+    })
+}
+
+/// Starts jitsu-dns in `host`'s namespace with `args` and `env`, its log in the host's
+/// directory, and waits up to 30 s until it answers `dig <probe>` with output containing
+/// `needle`; fails with its log if it exits or never answers.
+pub fn start(
+    host: &Host,
+    args: &[&str],
+    env: &[(&str, String)],
+    probe: &[&str],
+    needle: &str,
+) -> Result<Daemon> {
+    let mut cmd = host.ns().command(bin_path("jitsu-dns"));
+    cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
+    let mut daemon = Daemon::start(cmd, "jitsu-dns", host.dir())?;
+    let answered = wait_until("jitsu-dns to answer DNS", Duration::from_secs(30), || {
+        if daemon.check_running().is_err() {
+            return Some(false);
+        }
+        let out = host
+            .ns()
+            .command("dig")
+            .args(["+time=1", "+tries=1"])
+            .args(probe)
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .contains(needle)
+            .then_some(true)
+    })
+    .with_context(|| format!("jitsu-dns's log:\n{}", daemon.log()))?;
+    if !answered {
+        bail!("jitsu-dns exited; its log:\n{}", daemon.log());
+    }
+    Ok(daemon)
+}
+
+/// jitsu-dns on a host (as on a dom0 with `br0`, which has 10.77.0.254/24), its VMs joining
+/// the bridge, its store (`db`) and runtime (`run`) in the host's directory. Dropped in
+/// order: jitsu-dns, the VMs, the host.
 #[derive(Debug)]
 pub struct DnsHarness {
     /// The running jitsu-dns, if started.
     pub daemon: Option<Daemon>,
     /// Its VMs.
     pub vms: ProcessVms,
-    /// The bridge and host namespace.
-    pub bridge: Bridge,
-    /// Files: `db` (the store), `run` (the backend), logs, and whatever the test puts there.
-    pub scratch: Scratch,
+    /// The bridge, its namespace, and the directory for the store, logs, and whatever the
+    /// test puts there.
+    pub host: Host,
 }
 
 impl DnsHarness {
-    /// A bridge namespace (br0 with 10.77.0.254/24) and a scratch directory.
+    /// A host whose br0 has 10.77.0.254/24; jitsu-dns is not started.
     pub fn new(tag: &str) -> Result<DnsHarness> {
-        let scratch = Scratch::new(tag)?;
-        let bridge = Bridge::new(tag)?;
-        bridge.address("10.77.0.254/24")?;
-        let vms = ProcessVms::new(tag, scratch.path().join("run"));
+        let host = Host::new(tag)?;
+        host.address("10.77.0.254/24")?;
+        let vms = ProcessVms::new(tag, host.file("run"));
         Ok(DnsHarness {
             daemon: None,
             vms,
-            bridge,
-            scratch,
+            host,
         })
-    }
-
-    /// The host namespace.
-    pub fn host(&self) -> &Netns {
-        self.bridge.host()
     }
 
     /// The store's directory.
     pub fn db(&self) -> PathBuf {
-        self.scratch.path().join("db")
+        self.host.file("db")
     }
 
-    /// A path in the scratch directory.
-    pub fn file(&self, name: &str) -> PathBuf {
-        self.scratch.path().join(name)
-    }
-
-    /// The usual flags: DNS on 127.0.0.1:53 in the host namespace, forwarding off (unless
-    /// `extra` has `-f`), the
-    /// process backend with this test's prefix, the store, debug logs; then `extra`.
+    /// The usual flags with the process backend with this test's prefix: see
+    /// [`DnsHarness::backend_args`].
     pub fn args(&self, cgroup: Option<&str>, extra: &[&str]) -> Vec<String> {
-        let mut a: Vec<String> = ["-b", "127.0.0.1", "-l", "53", "--log-level", "debug"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        if !extra.contains(&"-f") {
-            a.extend(["-f".to_string(), "0.0.0.0".to_string()]);
+        self.backend_args(&self.vms.uri(cgroup), extra)
+    }
+
+    /// The usual flags: DNS on 127.0.0.1:53 in the host namespace (unless `extra` has `-b`),
+    /// forwarding off (unless `extra` has `-f`), the backend at `uri` (`-x` in `extra` says
+    /// which, the process backend otherwise), the store, debug logs; then `extra`.
+    pub fn backend_args(&self, uri: &str, extra: &[&str]) -> Vec<String> {
+        let db = self.db().display().to_string();
+        let mut a = vec![
+            "-l",
+            "53",
+            "--log-level",
+            "debug",
+            "-c",
+            uri,
+            "--persistdb",
+            &db,
+        ];
+        for (flag, default) in [("-b", "127.0.0.1"), ("-f", "0.0.0.0")] {
+            if !extra.contains(&flag) {
+                a.extend([flag, default]);
+            }
         }
-        a.push("-c".into());
-        a.push(self.vms.uri(cgroup));
-        a.push("--persistdb".into());
-        a.push(self.db().display().to_string());
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
+        a.extend_from_slice(extra);
+        a.into_iter().map(str::to_string).collect()
     }
 
     /// Starts jitsu-dns with `args` (and `env`), and waits until it answers DNS.
     pub fn start(&mut self, args: &[String], env: &[(&str, String)]) -> Result<()> {
-        let jitsu = bin_path("jitsu-dns");
-        let mut full: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        full.push(jitsu.display().to_string());
-        full.extend(args.iter().cloned());
-        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
-        let daemon = Daemon::spawn(
-            Some(self.bridge.host()),
-            Path::new("/usr/bin/env"),
-            &refs,
-            self.scratch.path(),
-        )?;
-        self.daemon = Some(daemon);
-        let daemon = self.daemon.as_mut().expect("just set");
-        wait_answering(
-            daemon,
-            self.bridge.host(),
-            &["@127.0.0.1", "jitsu-test-probe.invalid"],
-            "status: ",
-        )
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let probe = ["@127.0.0.1", "jitsu-test-probe.invalid"];
+        self.daemon = Some(start(&self.host, &args, env, &probe, "status: ")?);
+        Ok(())
     }
 
     /// SIGTERM, then waits for a clean exit; returns the exit code.
     pub fn stop(&mut self) -> Result<Option<i32>> {
         let mut d = self.daemon.take().context("not started")?;
-        d.signal("TERM")?;
-        let code = d.wait_exit(Duration::from_secs(30))?;
-        Ok(code)
+        d.stop(Duration::from_secs(30))
     }
 
     /// jitsu-dns's log so far.
@@ -428,49 +465,19 @@ impl DnsHarness {
     pub fn dig(&self, args: &[&str]) -> Dig {
         let mut a = vec!["@127.0.0.1"];
         a.extend_from_slice(args);
-        dig(self.host(), &a).unwrap_or_else(|e| panic!("{e}\njitsu-dns log:\n{}", self.log()))
+        dig(self.host.ns(), &a).unwrap_or_else(|e| panic!("{e}\njitsu-dns log:\n{}", self.log()))
     }
 
     /// A VM's value in the store (`state`, `starts`...).
     pub fn stored(&self, vm: &str, key: &str) -> Option<String> {
-        store_get(&self.db(), &format!("jitsu/vm/{vm}/{key}"))
+        vm_value(&self.db(), vm, key)
     }
 
-    /// Waits until the store says `vm` is in `state`.
+    /// Waits until the store says `vm` is in `state`; fails the test with jitsu-dns's log.
     pub fn wait_state(&self, vm: &str, state: &str, timeout: Duration) {
-        wait_for(&format!("{vm} to be {state} in the store"), timeout, || {
-            (self.stored(vm, "state").as_deref() == Some(state)).then_some(())
-        });
+        wait_vm_state(&self.db(), vm, state, timeout)
+            .unwrap_or_else(|e| panic!("{e}\njitsu-dns log:\n{}", self.log()));
     }
-}
-
-/// Waits up to 30 s until jitsu-dns (`daemon`, in `host`) answers `dig <query>` with output
-/// containing `needle`; fails with its log if it exits or never answers.
-pub fn wait_answering(
-    daemon: &mut Daemon,
-    host: &Netns,
-    query: &[&str],
-    needle: &str,
-) -> Result<()> {
-    let answered = crate::wait_until("jitsu-dns to answer DNS", Duration::from_secs(30), || {
-        if daemon.check_running().is_err() {
-            return Some(false);
-        }
-        let out = host
-            .command("dig")
-            .args(["+time=1", "+tries=1"])
-            .args(query)
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .contains(needle)
-            .then_some(true)
-    })
-    .with_context(|| format!("jitsu-dns's log:\n{}", daemon.log()))?;
-    if !answered {
-        bail!("jitsu-dns exited; its log:\n{}", daemon.log());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,10 +1,13 @@
 //! Support code for jitsu's end-to-end tests: network namespaces that clean up after
-//! themselves, a check for the real tools a test needs, the paths of the built daemons, and a
-//! small Xenstore daemon ([`xenstored`]).
+//! themselves, the tests' one wait ([`wait_until`]), scratch directory ([`Scratch`]) and HTTP
+//! client ([`curl`]), the host every harness builds on ([`topo::Host`]: `br0` in a namespace
+//! of its own, plus daemons), a check for the real tools a test needs, the paths of the built
+//! daemons, and a small Xenstore daemon ([`xenstored`]).
 //!
 //! Every topology lives in namespaces the test creates (addresses such as 10.77.0.0/16 only
 //! inside them) and is removed by [`Netns`]'s `Drop`, also when the test fails.
 
+pub mod curl;
 pub mod e2e;
 pub mod fake_synjitsu;
 pub mod jitsu_dns;
@@ -106,7 +109,8 @@ pub fn sh(script: &str) -> Result<String> {
 }
 
 /// Polls `f` every 10 ms until it returns `Some`, or fails after `timeout` saying what it
-/// waited for. Tests wait for conditions this way, never with a bare sleep.
+/// waited for and how long. Every wait of the tests is this one, never a bare sleep; `f`
+/// returns `Some(Err(..))` to give up early (a daemon that exited, a closed connection).
 pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -187,9 +191,9 @@ impl Netns {
     }
 
     /// A command that runs `program` inside the namespace.
-    pub fn command(&self, program: &str) -> Command {
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
+        c.args(["netns", "exec", &self.name]).arg(program);
         c
     }
 

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 
-use crate::topo::Daemon;
-use crate::{Netns, repo_root};
+use crate::repo_root;
+use crate::topo::{Daemon, Host};
 
 /// The URI tests use: the system QEMU driver of the libvirtd started here.
 pub const URI: &str = "qemu:///system";
@@ -95,9 +95,9 @@ fn lock(path: &Path) -> Result<File> {
 }
 
 impl Libvirtd {
-    /// Starts virtlogd and libvirtd inside `host` and waits until `virsh` answers. Fails saying
-    /// what is missing if libvirt is not installed.
-    pub fn start(host: &Netns, log_dir: &Path) -> Result<Libvirtd> {
+    /// Starts virtlogd and libvirtd in `host`'s namespace (their logs in its directory) and
+    /// waits until `virsh` answers. Fails saying what is missing if libvirt is not installed.
+    pub fn start(host: &Host) -> Result<Libvirtd> {
         crate::require_tool("libvirtd", "libvirt-daemon-system");
         crate::require_tool("virsh", "libvirt-clients");
         crate::require_tool("qemu-system-x86_64", "qemu-system-x86");
@@ -109,16 +109,16 @@ impl Libvirtd {
         // A libvirtd left by a crashed run would answer instead of ours, from another namespace.
         let _ = Command::new("pkill").args(["-x", "libvirtd"]).status();
         let _ = Command::new("pkill").args(["-x", "virtlogd"]).status();
-        let virtlogd = Daemon::spawn(Some(host), Path::new("/usr/sbin/virtlogd"), &[], log_dir)?;
-        let libvirtd = Daemon::spawn(Some(host), Path::new("/usr/sbin/libvirtd"), &[], log_dir)?;
+        let virtlogd = host.spawn("/usr/sbin/virtlogd", &[])?;
+        let libvirtd = host.spawn("/usr/sbin/libvirtd", &[])?;
         wait_answering(&libvirtd)?;
         Ok(Libvirtd {
             cleanup: DomainCleanup,
             libvirtd,
             _virtlogd: virtlogd,
             _lock: lock,
-            host: host.name().to_string(),
-            log_dir: log_dir.to_path_buf(),
+            host: host.ns().name().to_string(),
+            log_dir: host.dir().to_path_buf(),
         })
     }
 
@@ -128,12 +128,9 @@ impl Libvirtd {
     pub fn restart(&mut self) -> Result<()> {
         crate::run(Command::new("kill").args(["-KILL", &self.libvirtd.pid().to_string()]))?;
         let _ = self.libvirtd.wait_exit(Duration::from_secs(30));
-        let libvirtd = Daemon::spawn(
-            None,
-            Path::new("ip"),
-            &["netns", "exec", &self.host, "/usr/sbin/libvirtd"],
-            &self.log_dir,
-        )?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.host, "/usr/sbin/libvirtd"]);
+        let libvirtd = Daemon::start(cmd, "libvirtd", &self.log_dir)?;
         wait_answering(&libvirtd)?;
         self.libvirtd = libvirtd;
         Ok(())
@@ -406,8 +403,7 @@ mod tests {
 
     #[test]
     fn the_console_watch_sees_a_line_appear() {
-        let dir = std::env::temp_dir().join(crate::unique("cw"));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::Scratch::new("cw").unwrap();
         let f = dir.join("console.log");
         let w = ConsoleWatch::start(&f, "jitsu-guest: listening");
         std::fs::write(&f, "jitsu-guest: init uptime=1.5\n").unwrap();
@@ -420,6 +416,5 @@ mod tests {
         .unwrap();
         let seen = w.wait(Duration::from_secs(10)).unwrap();
         assert!(seen.at >= wrote);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

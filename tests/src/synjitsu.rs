@@ -1,11 +1,10 @@
 //! Support for synjitsu's end-to-end tests: a host namespace with `br0` and synjitsu on it,
-//! a control client that plays jitsu-dns over the real socket, metrics scraped with curl,
-//! and deadline polling.
+//! a control client that plays jitsu-dns over the real socket, metrics scraped with curl.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bytes::BytesMut;
@@ -15,8 +14,9 @@ use shared_proto::{
     VmStatus,
 };
 
-use crate::topo::{Bridge, Daemon};
-use crate::{Netns, bin_path, unique};
+use crate::curl::metric_in;
+use crate::topo::{BRIDGE, Daemon, Host};
+use crate::{bin_path, unique, wait_until};
 
 /// The guest's MAC in every synjitsu test.
 pub const VM_MAC: &str = "02:77:00:00:01:10";
@@ -29,27 +29,15 @@ pub const PROBE_V6: &str = "fd77:1::fa";
 /// Where synjitsu serves metrics inside the host namespace.
 pub const METRICS: &str = "127.0.0.1:9477";
 
-/// Polls `f` until it returns `Some`, or fails after `timeout` saying `what`
-/// ([`crate::wait_until`] with the arguments in this module's order).
-pub fn wait_for<T>(timeout: Duration, what: &str, f: impl FnMut() -> Option<T>) -> Result<T> {
-    crate::wait_until(what, timeout, f)
-}
-
-/// Spawns synjitsu on `br0` in `host` with its control socket at `control` and the other
+/// Starts synjitsu on `host`'s `br0` with its control socket at `control` and the other
 /// flags `args`, and waits up to `timeout` for the socket (a stale one is removed first).
-pub fn spawn_daemon(
-    host: &Netns,
-    dir: &Path,
-    control: &Path,
-    args: &[&str],
-    timeout: Duration,
-) -> Result<Daemon> {
+pub fn start(host: &Host, control: &Path, args: &[&str], timeout: Duration) -> Result<Daemon> {
     let _ = std::fs::remove_file(control);
     let control_s = control.display().to_string();
-    let mut all = vec!["--bridge", "br0", "--control", &control_s];
+    let mut all = vec!["--bridge", BRIDGE, "--control", &control_s];
     all.extend_from_slice(args);
-    let mut d = Daemon::spawn(Some(host), &bin_path("synjitsu"), &all, dir)?;
-    crate::wait_until("synjitsu's control socket", timeout, || {
+    let mut d = host.spawn(bin_path("synjitsu"), &all)?;
+    wait_until("synjitsu's control socket", timeout, || {
         control.exists().then_some(())
     })
     .with_context(|| format!("synjitsu's log:\n{}", d.log()))?;
@@ -68,29 +56,23 @@ pub fn www(handover: Handover) -> VmIdentity {
     }
 }
 
-/// A temporary directory removed on drop.
-pub type TempDir = crate::Scratch;
-
-/// A bridge with synjitsu running on it.
+/// A host with synjitsu running on its bridge. Dropped in order: synjitsu, the host.
 #[derive(Debug)]
 pub struct SynjitsuHost {
-    /// The bridge and its host namespace.
-    pub bridge: Bridge,
     /// The daemon.
     pub daemon: Daemon,
     /// The control socket.
     pub control: PathBuf,
-    /// Logs, sockets and captures.
-    pub dir: TempDir,
+    /// The bridge, its namespace and the directory of logs, sockets and captures.
+    pub host: Host,
 }
 
 impl SynjitsuHost {
     /// Starts synjitsu on a new bridge with probe addresses and metrics; `extra` flags are
     /// appended (e.g. `--xenstore <socket>`).
     pub fn start(tag: &str, extra: &[&str]) -> Result<SynjitsuHost> {
-        let dir = TempDir::new(tag)?;
-        let bridge = Bridge::new(tag)?;
-        let control = dir.join("synjitsu.sock");
+        let host = Host::new(tag)?;
+        let control = host.file("synjitsu.sock");
         let mut args = vec![
             "--probe-ip",
             PROBE_V4,
@@ -105,29 +87,21 @@ impl SynjitsuHost {
             args.extend(["--xenstore", "off"]);
         }
         args.extend_from_slice(extra);
-        let daemon = spawn_daemon(
-            bridge.host(),
-            dir.path(),
-            &control,
-            &args,
-            Duration::from_secs(20),
-        )?;
-        let host = SynjitsuHost {
-            bridge,
+        let daemon = start(&host, &control, &args, Duration::from_secs(20))?;
+        Ok(SynjitsuHost {
             daemon,
             control,
-            dir,
-        };
-        Ok(host)
+            host,
+        })
     }
 
     /// Waits until the bridge steers `mac` to synjitsu's port with a static entry.
     pub fn wait_steered(&self, mac: &str) -> Result<()> {
-        wait_for(
-            Duration::from_secs(10),
+        wait_until(
             &format!("{mac} steered to synjitsu"),
+            Duration::from_secs(10),
             || {
-                self.bridge
+                self.host
                     .fdb()
                     .ok()?
                     .iter()
@@ -139,9 +113,7 @@ impl SynjitsuHost {
 
     /// The metrics text, scraped with curl inside the host namespace.
     pub fn metrics(&self) -> Result<String> {
-        self.bridge
-            .host()
-            .sh(&format!("curl -s --max-time 5 http://{METRICS}/metrics"))
+        crate::curl::metrics(self.host.ns(), METRICS)
     }
 
     /// One sample's value (`name` with its labels, exactly as printed); 0 if absent.
@@ -152,20 +124,8 @@ impl SynjitsuHost {
 
     /// Stops synjitsu with SIGTERM; returns its exit code.
     pub fn stop(&mut self) -> Result<Option<i32>> {
-        self.daemon.signal("TERM")?;
-        self.daemon.wait_exit(Duration::from_secs(20))
+        self.daemon.stop(Duration::from_secs(20))
     }
-}
-
-/// A sample's value in metrics text; 0 if absent.
-pub fn metric_in(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
 }
 
 /// A control-socket client playing jitsu-dns.
@@ -181,9 +141,9 @@ pub struct ControlClient {
 impl ControlClient {
     /// Connects (retrying until the socket accepts, up to 20 s) and says hello.
     pub fn connect(path: &Path) -> Result<ControlClient> {
-        let stream = wait_for(
-            Duration::from_secs(20),
+        let stream = wait_until(
             "the control socket to accept",
+            Duration::from_secs(20),
             || UnixStream::connect(path).ok(),
         )?;
         stream.set_read_timeout(Some(Duration::from_millis(100)))?;
@@ -217,26 +177,31 @@ impl ControlClient {
 
     /// Reads the next message, up to `timeout`; `Ok(None)` if the server closed.
     pub fn next_message(&mut self, timeout: Duration) -> Result<Option<ServerMessage>> {
-        let deadline = Instant::now() + timeout;
         let mut chunk = [0u8; 4096];
-        loop {
-            if let Some(m) = codec::decode::<ServerMessage>(&mut self.buf)? {
-                return Ok(Some(m));
-            }
-            if Instant::now() > deadline {
-                bail!("no message from synjitsu within {timeout:?}");
+        // Each read blocks up to the socket's read timeout (100 ms).
+        wait_until("a message from synjitsu", timeout, || {
+            match codec::decode::<ServerMessage>(&mut self.buf) {
+                Ok(Some(m)) => return Some(Ok(Some(m))),
+                Ok(None) => {}
+                Err(e) => return Some(Err(e.into())),
             }
             match self.stream.read(&mut chunk) {
-                Ok(0) => return Ok(None),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(0) => Some(Ok(None)),
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    None
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) => return Err(e.into()),
+                    ) =>
+                {
+                    None
+                }
+                Err(e) => Some(Err(e.into())),
             }
-        }
+        })?
     }
 
     /// Reads until the answer to request `id` (keeping events).
@@ -293,22 +258,25 @@ impl ControlClient {
         what: &str,
         pred: impl Fn(&Event) -> bool,
     ) -> Result<Event> {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let got = wait_until(&format!("a {what} event"), timeout, || {
             if let Some(i) = self.events.iter().position(&pred) {
-                return Ok(self.events.remove(i));
+                return Some(Ok(self.events.remove(i)));
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                bail!("no {what} event within {timeout:?}; got {:?}", self.events);
+            match self.next_message(Duration::from_millis(200)) {
+                Ok(Some(ServerMessage::Event { event })) => {
+                    self.events.push(event);
+                    None
+                }
+                Ok(Some(other)) => Some(Err(anyhow::anyhow!(
+                    "unexpected {other:?} while waiting for {what}"
+                ))),
+                Ok(None) => Some(Err(anyhow::anyhow!(
+                    "synjitsu closed the control connection"
+                ))),
+                Err(_) => None,
             }
-            match self.next_message(left.min(Duration::from_millis(200))) {
-                Ok(Some(ServerMessage::Event { event })) => self.events.push(event),
-                Ok(Some(other)) => bail!("unexpected {other:?} while waiting for {what}"),
-                Ok(None) => bail!("synjitsu closed the control connection"),
-                Err(_) => {}
-            }
-        }
+        });
+        got.with_context(|| format!("events received: {:?}", self.events))?
     }
 }
 
@@ -349,7 +317,7 @@ impl Capture {
             .spawn()
             .context("starting tcpdump")?;
         let e = err.clone();
-        wait_for(Duration::from_secs(20), "tcpdump to listen", || {
+        wait_until("tcpdump to listen", Duration::from_secs(20), || {
             std::fs::read_to_string(&e)
                 .ok()
                 .filter(|s| s.contains("listening on"))

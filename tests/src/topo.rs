@@ -1,29 +1,39 @@
-//! Test topologies: a host namespace with a bridge (as dom0 with `br0`), and other namespaces
-//! joined to it by veth pairs, plus daemons run inside them. Everything is removed on drop.
+//! Test topologies: a host namespace with a bridge and a scratch directory (as dom0 with
+//! `br0`, [`Host`]), other namespaces joined to it by veth pairs, and daemons run inside
+//! them ([`Daemon`]). Every harness (synjitsu's, jitsu-dns's, the whole chain, libvirtd)
+//! builds on [`Host`]; what runs where, and with which flags, is theirs. Everything is
+//! removed on drop.
 //!
 //! A typical test:
 //! ```no_run
 //! # use jitsu_tests::topo::*;
-//! let br = Bridge::new("syn").unwrap();                 // namespace + br0
-//! let client = br.join("cli", Some("02:00:00:00:00:0c"), &["10.77.0.2/24"], true).unwrap();
-//! let guest = br.join("gst", Some("02:00:00:00:00:01"), &[], false).unwrap();
-//! let fdb = br.fdb().unwrap();
+//! let host = Host::new("syn").unwrap();                 // namespace + br0 + directory
+//! let client = host.join("cli", Some("02:00:00:00:00:0c"), &["10.77.0.2/24"], true).unwrap();
+//! let guest = host.join("gst", Some("02:00:00:00:00:01"), &[], false).unwrap();
+//! let fdb = host.fdb().unwrap();
 //! ```
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{Netns, unique};
+use crate::{Netns, Scratch, unique};
+
+/// The bridge's name in every host namespace.
+pub const BRIDGE: &str = "br0";
 
 /// A host namespace holding bridge `br0`, with STP off and multicast snooping off so that
-/// neighbour discovery reaches every port at once.
+/// neighbour discovery reaches every port at once, and a scratch directory for the files of
+/// what runs there (logs, sockets, stores, captures). Dropped in order: the namespace (and
+/// whatever still runs in it), then the directory.
 #[derive(Debug)]
-pub struct Bridge {
-    host: Netns,
-    name: String,
+pub struct Host {
+    ns: Netns,
+    dir: Scratch,
 }
 
 /// A namespace joined to the bridge by a veth pair; its interface inside is `eth0`.
@@ -48,35 +58,46 @@ pub struct FdbEntry {
     pub is_static: bool,
 }
 
-impl Bridge {
-    /// Creates the host namespace and its `br0`, up.
-    pub fn new(tag: &str) -> Result<Bridge> {
-        let host = Netns::new(tag)?;
-        host.sh(
-            "ip link add br0 type bridge stp_state 0 forward_delay 0 mcast_snooping 0 \
-             && ip link set br0 up",
-        )?;
-        Ok(Bridge {
-            host,
-            name: "br0".into(),
-        })
+impl Host {
+    /// Creates the host namespace and its `br0`, up, and the directory `<tag><unique>`.
+    pub fn new(tag: &str) -> Result<Host> {
+        let dir = Scratch::new(tag)?;
+        let ns = Netns::new(tag)?;
+        ns.sh(&format!(
+            "ip link add {BRIDGE} type bridge stp_state 0 forward_delay 0 mcast_snooping 0 \
+             && ip link set {BRIDGE} up"
+        ))?;
+        Ok(Host { ns, dir })
     }
 
     /// The host namespace (where daemons that sit on the bridge run).
-    pub fn host(&self) -> &Netns {
-        &self.host
+    pub fn ns(&self) -> &Netns {
+        &self.ns
     }
 
-    /// The bridge's name inside the host namespace.
-    pub fn name(&self) -> &str {
-        &self.name
+    /// The scratch directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A path in the scratch directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
     }
 
     /// Gives the bridge itself an address (as dom0 has one on `br0`).
     pub fn address(&self, cidr: &str) -> Result<()> {
-        self.host
-            .sh(&format!("ip addr add {cidr} dev {} nodad", self.name))?;
+        self.ns
+            .sh(&format!("ip addr add {cidr} dev {BRIDGE} nodad"))?;
         Ok(())
+    }
+
+    /// The bridge's own MAC.
+    pub fn bridge_mac(&self) -> Result<String> {
+        let mac = self
+            .ns
+            .sh(&format!("cat /sys/class/net/{BRIDGE}/address"))?;
+        Ok(mac.trim().to_string())
     }
 
     /// Creates a namespace and joins it to the bridge: `eth0` inside, with `mac` if given,
@@ -84,12 +105,11 @@ impl Bridge {
     pub fn join(&self, tag: &str, mac: Option<&str>, addrs: &[&str], up: bool) -> Result<Member> {
         let ns = Netns::new(tag)?;
         let port = unique("p");
-        let h = self.host.name();
+        let h = self.ns.name();
         crate::sh(&format!(
             "ip -n {h} link add {port} type veth peer name eth0 netns {} \
-             && ip -n {h} link set {port} master {} && ip -n {h} link set {port} up",
+             && ip -n {h} link set {port} master {BRIDGE} && ip -n {h} link set {port} up",
             ns.name(),
-            self.name
         ))?;
         if let Some(mac) = mac {
             ns.sh(&format!("ip link set eth0 address {mac}"))?;
@@ -110,8 +130,20 @@ impl Bridge {
 
     /// The forwarding table, without the bridge's own and the ports' own addresses.
     pub fn fdb(&self) -> Result<Vec<FdbEntry>> {
-        let out = self.host.sh(&format!("bridge fdb show br {}", self.name))?;
+        let out = self.ns.sh(&format!("bridge fdb show br {BRIDGE}"))?;
         Ok(parse_fdb(&out))
+    }
+
+    /// Starts `program args...` in the host namespace, its log in the scratch directory.
+    pub fn spawn(&self, program: impl AsRef<OsStr>, args: &[&str]) -> Result<Daemon> {
+        let program = program.as_ref();
+        let mut cmd = self.ns.command(program);
+        cmd.args(args);
+        let name = Path::new(program)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "daemon".into());
+        Daemon::start(cmd, &name, self.dir())
     }
 }
 
@@ -145,39 +177,24 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `program args...` inside `ns` (or in the current namespace if `None`).
-    pub fn spawn(
-        ns: Option<&Netns>,
-        program: &Path,
-        args: &[&str],
-        log_dir: &Path,
-    ) -> Result<Daemon> {
-        let name = program
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "daemon".into());
-        let log = log_dir.join(format!("{}.log", unique(&name)));
+    /// Starts `cmd` (no stdin) as `name`, its stdout and stderr going to a log file in
+    /// `log_dir`.
+    pub fn start(mut cmd: Command, name: &str, log_dir: &Path) -> Result<Daemon> {
+        let log = log_dir.join(format!("{}.log", unique(name)));
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
-        let mut cmd = match ns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns.name()]).arg(program);
-                c
-            }
-            None => Command::new(program),
-        };
         let child = cmd
-            .args(args)
+            // The log is a file: plain text that tests can search (tracing colours otherwise).
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
-            .with_context(|| format!("starting {}", program.display()))?;
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
         Ok(Daemon {
             child: Some(child),
             log,
-            name,
+            name: name.to_string(),
         })
     }
 
@@ -207,20 +224,21 @@ impl Daemon {
         Ok(())
     }
 
+    /// Stops the daemon with SIGTERM and waits up to `timeout` for it to exit; returns its
+    /// exit code.
+    pub fn stop(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        self.signal("TERM")?;
+        self.wait_exit(timeout)
+    }
+
     /// Waits for the daemon to exit, up to `timeout`; returns its exit code.
-    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Result<Option<i32>> {
-        let deadline = std::time::Instant::now() + timeout;
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
         let child = self.child.as_mut().context("already reaped")?;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                self.child = None;
-                return Ok(status.code());
-            }
-            if std::time::Instant::now() > deadline {
-                bail!("{} did not exit within {timeout:?}", self.name);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        let status = crate::wait_until(&format!("{} to exit", self.name), timeout, || {
+            child.try_wait().transpose()
+        })??;
+        self.child = None;
+        Ok(status.code())
     }
 }
 

@@ -467,8 +467,7 @@ mod tests {
 
     #[test]
     fn transactions_commit_whole_or_get_eagain() {
-        let dir = std::env::temp_dir().join(format!("xsd-unit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::Scratch::new("xsd-unit").unwrap();
         let xs = TestXenstored::start(&dir.join("sock")).unwrap();
         let mut a = UnixStream::connect(xs.path()).unwrap();
         a.set_read_timeout(Some(std::time::Duration::from_secs(5)))
@@ -492,7 +491,5 @@ mod tests {
         assert_eq!(r.text(), "ENOENT");
         let r = call(&mut a, XsMsg::new(XsType::Read, 8, 0, &[b"/bad.path"]));
         assert_eq!(r.text(), "EINVAL");
-        drop(xs);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -3,8 +3,7 @@
 
 use std::process::Command;
 
-use jitsu_tests::bin_path;
-use jitsu_tests::jitsu_dns::Scratch;
+use jitsu_tests::{Scratch, bin_path};
 
 fn run(args: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(bin_path("jitsu-dns"))

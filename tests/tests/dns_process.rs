@@ -7,8 +7,9 @@ use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
-use jitsu_tests::jitsu_dns::{DnsHarness, parse_dig, store_log, wait_for};
-use jitsu_tests::{bin_path, require_root, require_tool};
+use jitsu_tests::curl::metrics;
+use jitsu_tests::jitsu_dns::{DnsHarness, assert_history, parse_dig, store_log, wait_history};
+use jitsu_tests::{bin_path, require_root, require_tool, wait_until};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -38,7 +39,7 @@ fn alive(pid: u32) -> bool {
 }
 
 fn www(h: &DnsHarness, extra: &str) -> String {
-    let boots = h.file("boots");
+    let boots = h.host.file("boots");
     format!(
         "name=www,dns=www.example.org,ip=10.77.0.1/24,response_delay=0.2{extra},\
          command='echo $$ >> {}; exec sleep 600'",
@@ -61,7 +62,7 @@ fn fifty_parallel_queries_boot_once_and_the_idle_vm_stops_after_twice_the_ttl() 
     let args = h.args(None, &["-t", "1", &www(&h, "")]);
     h.start(&args, &[]).unwrap();
 
-    let host = h.host().name().to_string();
+    let host = h.host.ns().name().to_string();
     let clients: Vec<_> = (0..50)
         .map(|_| {
             let host = host.clone();
@@ -105,31 +106,28 @@ fn fifty_parallel_queries_boot_once_and_the_idle_vm_stops_after_twice_the_ttl() 
     }
     // Booted once: the VM's own record of its starts, the store's counter, the history.
     h.wait_state("www", "running", LONG);
-    let pids = boots(&h.file("boots"));
+    let pids = boots(&h.host.file("boots"));
     assert_eq!(pids.len(), 1, "the command ran once: {pids:?}");
     assert!(alive(pids[0]));
     assert_eq!(h.stored("www", "starts").as_deref(), Some("1"));
     let log = store_log(&h.db());
     assert_eq!(count(&log, "www: off -> booting"), 1, "{log:?}");
     // The VM is really on the bridge, with its address.
-    h.host().sh("ping -c1 -W2 10.77.0.1").unwrap();
+    h.host.ns().sh("ping -c1 -W2 10.77.0.1").unwrap();
 
     // No more queries: stopped after 2 x TTL (TTL 1 s), in the default mode, destroy.
     h.wait_state("www", "off", LONG);
-    let log = store_log(&h.db());
-    assert!(
-        log.iter()
-            .any(|l| l == "www: running -> stopping (idle for 2 s)"),
-        "{log:?}"
+    assert_history(
+        &h.db(),
+        &[
+            "www: running -> stopping (idle for 2 s)",
+            "www: stopping -> off (stopped (destroy))",
+        ],
     );
-    assert!(
-        log.iter()
-            .any(|l| l == "www: stopping -> off (stopped (destroy))"),
-        "{log:?}"
-    );
-    wait_for("the VM's process to be gone", LONG, || {
+    wait_until("the VM's process to be gone", LONG, || {
         (!alive(pids[0])).then_some(())
-    });
+    })
+    .unwrap();
     assert!(
         !Path::new("/run/netns").join(h.vms.netns("www")).exists(),
         "namespace removed"
@@ -160,7 +158,7 @@ fn fifty_parallel_queries_boot_once_and_the_idle_vm_stops_after_twice_the_ttl() 
     // The next query boots it again.
     let again = h.dig(&["www.example.org", "A"]);
     assert_eq!(again.addresses(), vec!["10.77.0.1"]);
-    assert_eq!(boots(&h.file("boots")).len(), 2);
+    assert_eq!(boots(&h.host.file("boots")).len(), 2);
 }
 
 #[test]
@@ -173,7 +171,7 @@ fn a_restarted_jitsu_dns_adopts_the_running_vm_and_never_boots_it_twice() {
         h.dig(&["www.example.org", "A"]).addresses(),
         vec!["10.77.0.1"]
     );
-    let pids = boots(&h.file("boots"));
+    let pids = boots(&h.host.file("boots"));
     assert_eq!(pids.len(), 1);
     assert_eq!(h.stop().unwrap(), Some(0));
     assert!(alive(pids[0]), "SIGTERM leaves the VMs running");
@@ -181,14 +179,13 @@ fn a_restarted_jitsu_dns_adopts_the_running_vm_and_never_boots_it_twice() {
     h.start(&args, &[]).unwrap();
     let d = h.dig(&["www.example.org", "A"]);
     assert_eq!(d.addresses(), vec!["10.77.0.1"], "{}", d.text);
-    assert_eq!(boots(&h.file("boots")), pids, "adopted, not booted again");
+    assert_eq!(
+        boots(&h.host.file("boots")),
+        pids,
+        "adopted, not booted again"
+    );
     assert_eq!(h.stored("www", "starts").as_deref(), Some("1"));
-    let log = wait_for("the adoption in the history", LONG, || {
-        let log = store_log(&h.db());
-        log.iter()
-            .any(|l| l == "www: running (adopted: already running)")
-            .then_some(log)
-    });
+    let log = wait_history(&h.db(), "www: running (adopted: already running)", LONG).unwrap();
     assert_eq!(count(&log, "www: off -> booting"), 1, "{log:?}");
 
     // The state views a person uses.
@@ -236,7 +233,7 @@ fn suspend_and_resume(cgroup: &str) {
         h.dig(&["www.example.org", "A"]).addresses(),
         vec!["10.77.0.1"]
     );
-    let pids = boots(&h.file("boots"));
+    let pids = boots(&h.host.file("boots"));
     h.wait_state("www", "suspended", LONG);
     let cg = h.vms.cgroup(cgroup, "www");
     let frozen = || match cgroup {
@@ -263,26 +260,15 @@ fn suspend_and_resume(cgroup: &str) {
     assert_eq!(d.addresses(), vec!["10.77.0.1"], "{}", d.text);
     h.wait_state("www", "running", LONG);
     assert!(!frozen(), "thawed");
-    assert_eq!(boots(&h.file("boots")), pids, "resumed, not booted");
-    let log = store_log(&h.db());
-    assert!(
-        log.iter()
-            .any(|l| l == "www: running -> stopping (idle for 2 s)"),
-        "{log:?}"
-    );
-    assert!(
-        log.iter()
-            .any(|l| l == "www: stopping -> suspended (stopped (suspend))"),
-        "{log:?}"
-    );
-    assert!(
-        log.iter()
-            .any(|l| l == "www: suspended -> booting (resume, query from 127.0.0.1)"),
-        "{log:?}"
-    );
-    assert!(
-        log.iter().any(|l| l == "www: booting -> running (resumed)"),
-        "{log:?}"
+    assert_eq!(boots(&h.host.file("boots")), pids, "resumed, not booted");
+    assert_history(
+        &h.db(),
+        &[
+            "www: running -> stopping (idle for 2 s)",
+            "www: stopping -> suspended (stopped (suspend))",
+            "www: suspended -> booting (resume, query from 127.0.0.1)",
+            "www: booting -> running (resumed)",
+        ],
     );
 }
 
@@ -300,12 +286,12 @@ fn suspend_freezes_the_vm_and_the_next_query_resumes_it_cgroup_v2() {
 fn shutdown_mode_delivers_sigterm() {
     prerequisites();
     let mut h = DnsHarness::new("dshut").unwrap();
-    let term = h.file("term");
+    let term = h.host.file("term");
     let spec = format!(
         "name=www,dns=www.example.org,ip=10.77.0.1,response_delay=0,stop_mode=shutdown,\
          command='trap \"echo term >> {}; exit 0\" TERM; echo $$ >> {}; while :; do sleep 0.1; done'",
         term.display(),
-        h.file("boots").display()
+        h.host.file("boots").display()
     );
     let args = h.args(Some("v2"), &["-t", "1", &spec]);
     h.start(&args, &[]).unwrap();
@@ -316,14 +302,9 @@ fn shutdown_mode_delivers_sigterm() {
     h.wait_state("www", "off", LONG);
     let got = std::fs::read_to_string(&term).unwrap_or_default();
     assert_eq!(got.trim(), "term", "the VM got SIGTERM and handled it");
-    let log = store_log(&h.db());
-    assert!(
-        log.iter()
-            .any(|l| l == "www: stopping -> off (stopped (shutdown))"),
-        "{log:?}"
-    );
-    let pid = boots(&h.file("boots"))[0];
-    wait_for("the VM to be gone", LONG, || (!alive(pid)).then_some(()));
+    assert_history(&h.db(), &["www: stopping -> off (stopped (shutdown))"]);
+    let pid = boots(&h.host.file("boots"))[0];
+    wait_until("the VM to be gone", LONG, || (!alive(pid)).then_some(())).unwrap();
 }
 
 fn toml_vm(name: &str, n: u8, boots: &Path) -> String {
@@ -338,8 +319,8 @@ fn toml_vm(name: &str, n: u8, boots: &Path) -> String {
 fn sighup_adds_and_removes_vms_without_a_restart() {
     prerequisites();
     let mut h = DnsHarness::new("dhup").unwrap();
-    let file = h.file("jitsu.toml");
-    let (ba, bb) = (h.file("boots-a"), h.file("boots-b"));
+    let file = h.host.file("jitsu.toml");
+    let (ba, bb) = (h.host.file("boots-a"), h.host.file("boots-b"));
     std::fs::write(&file, format!("ttl = 60\n\n{}", toml_vm("a", 1, &ba))).unwrap();
     let args = h.args(None, &["--config", file.to_str().unwrap()]);
     h.start(&args, &[]).unwrap();
@@ -359,31 +340,29 @@ fn sighup_adds_and_removes_vms_without_a_restart() {
     )
     .unwrap();
     h.daemon.as_ref().unwrap().signal("HUP").unwrap();
-    wait_for("b to be served after SIGHUP", LONG, || {
+    wait_until("b to be served after SIGHUP", LONG, || {
         (h.dig(&["b.example.org", "A"]).addresses() == vec!["10.77.0.2"]).then_some(())
-    });
+    })
+    .unwrap();
+    // With no response delay the answer comes once the backend started b, maybe before b's
+    // command wrote its pid: wait for that, then make sure it ran once.
+    wait_until("b's command to start", LONG, || {
+        (!boots(&bb).is_empty()).then_some(())
+    })
+    .unwrap();
     assert_eq!(boots(&bb).len(), 1);
-    wait_for("b's addition in the history", LONG, || {
-        store_log(&h.db())
-            .iter()
-            .any(|l| l == "configuration reloaded: added b")
-            .then_some(())
-    });
+    wait_history(&h.db(), "configuration reloaded: added b", LONG).unwrap();
 
     // Removing a running VM forgets it and leaves it running.
     let a_pid = boots(&ba)[0];
     std::fs::write(&file, format!("ttl = 60\n\n{}", toml_vm("b", 2, &bb))).unwrap();
     h.daemon.as_ref().unwrap().signal("HUP").unwrap();
-    wait_for("a to be gone from DNS after SIGHUP", LONG, || {
+    wait_until("a to be gone from DNS after SIGHUP", LONG, || {
         (h.dig(&["a.example.org", "A"]).status == "NXDOMAIN").then_some(())
-    });
+    })
+    .unwrap();
     assert!(alive(a_pid), "a removed VM is left running");
-    wait_for("a's removal in the history", LONG, || {
-        store_log(&h.db())
-            .iter()
-            .any(|l| l == "configuration reloaded: removed a")
-            .then_some(())
-    });
+    wait_history(&h.db(), "configuration reloaded: removed a", LONG).unwrap();
     assert!(
         h.stored("a", "state").is_none(),
         "its subtree is gone from the store"
@@ -391,9 +370,10 @@ fn sighup_adds_and_removes_vms_without_a_restart() {
     // A broken file is refused and the running configuration kept.
     std::fs::write(&file, "ttl = \"soon\"\n").unwrap();
     h.daemon.as_ref().unwrap().signal("HUP").unwrap();
-    wait_for("the refusal to be logged", LONG, || {
+    wait_until("the refusal to be logged", LONG, || {
         h.log().contains("configuration not reloaded").then_some(())
-    });
+    })
+    .unwrap();
     assert_eq!(
         h.dig(&["b.example.org", "A"]).addresses(),
         vec!["10.77.0.2"]
@@ -430,10 +410,7 @@ fn limits_answer_servfail_and_are_counted() {
     let refused = h.dig(&["b.example.org", "A"]);
     assert_eq!(refused.status, "SERVFAIL", "{}", refused.text);
     assert_eq!(h.stored("b", "starts").as_deref(), Some("0"));
-    let m = h
-        .host()
-        .sh("curl -sf http://127.0.0.1:9153/metrics")
-        .unwrap();
+    let m = metrics(h.host.ns(), "127.0.0.1:9153").unwrap();
     assert!(
         m.lines()
             .any(|l| l == "jitsu_dns_limit_refusals_total{limit=\"max_running\"} 1"),
@@ -450,7 +427,7 @@ fn limits_answer_servfail_and_are_counted() {
 fn ifup_guest_leaves_the_interface_to_the_command_with_its_settings_in_the_environment() {
     prerequisites();
     let mut h = DnsHarness::new("difup").unwrap();
-    let env_file = h.file("env");
+    let env_file = h.host.file("env");
     // The guest configures its own NIC, as a unikernel does, from what jitsu-dns tells it.
     let guest = format!(
         "ip -o addr show dev $JITSU_IFACE | sed s/^/addr:/ > {env}; \
@@ -473,10 +450,11 @@ fn ifup_guest_leaves_the_interface_to_the_command_with_its_settings_in_the_envir
         h.dig(&["g.example.org", "A"]).addresses(),
         vec!["10.77.0.5"]
     );
-    let env = wait_for("the guest's environment", LONG, || {
+    let env = wait_until("the guest's environment", LONG, || {
         let e = std::fs::read_to_string(&env_file).ok()?;
         e.contains("JITSU_NAME").then_some(e)
-    });
+    })
+    .unwrap();
     let want = [
         "JITSU_GATEWAY=10.77.0.254",
         "JITSU_IFACE=eth0",
@@ -505,11 +483,12 @@ fn ifup_guest_leaves_the_interface_to_the_command_with_its_settings_in_the_envir
         .collect();
     got.sort_unstable();
     assert_eq!(got, want);
-    wait_for("the guest to answer ping", LONG, || {
-        h.host().sh("ping -c1 -W1 10.77.0.5").ok()
-    });
+    wait_until("the guest to answer ping", LONG, || {
+        h.host.ns().sh("ping -c1 -W1 10.77.0.5").ok()
+    })
+    .unwrap();
     // The guest's MAC is the configured one, as the bridge learnt it.
-    let fdb = h.bridge.fdb().unwrap();
+    let fdb = h.host.fdb().unwrap();
     assert!(fdb.iter().any(|e| e.mac == "02:77:00:00:00:05"), "{fdb:?}");
 }
 
@@ -521,18 +500,18 @@ fn vms_coming_and_going_never_change_the_bridges_own_mac() {
     // and the host's own address on the bridge would move at each boot and stop, leaving
     // every client's ARP cache wrong (seen: DNS queries to br0 lost for seconds).
     let mut h = DnsHarness::new("dmac").unwrap();
-    let member = h.bridge.join("m", None, &[], true).unwrap();
-    h.host()
+    let member = h.host.join("m", None, &[], true).unwrap();
+    h.host
+        .ns()
         .sh(&format!(
             "ip link set {} address f0:00:00:00:00:10",
             member.port
         ))
         .unwrap();
-    let mac = |h: &DnsHarness| h.host().sh("cat /sys/class/net/br0/address").unwrap();
+    let mac = |h: &DnsHarness| h.host.bridge_mac().unwrap();
     let before = mac(&h);
     assert_eq!(
-        before.trim(),
-        "f0:00:00:00:00:10",
+        before, "f0:00:00:00:00:10",
         "the member's port is the lowest"
     );
     let args = h.args(None, &["-t", "1", &www(&h, "")]);

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use jitsu_tests::jitsu_dns::{DnsHarness, kdig, wait_for};
-use jitsu_tests::topo::Daemon;
-use jitsu_tests::{bin_path, require_root, require_tool};
+use jitsu_tests::curl::metrics;
+use jitsu_tests::jitsu_dns::{DnsHarness, kdig};
+use jitsu_tests::{bin_path, require_root, require_tool, wait_until};
 
 fn vm(name: &str, n: u8, extra: &str) -> String {
     format!(
@@ -34,8 +34,9 @@ fn query(questions: &[(&str, u16)]) -> Vec<u8> {
 fn probe(h: &DnsHarness, msg: &[u8]) -> Option<Vec<u8>> {
     let hex: String = msg.iter().map(|b| format!("{b:02x}")).collect();
     let out = h
-        .host()
-        .command(bin_path("udp-probe").to_str().unwrap())
+        .host
+        .ns()
+        .command(bin_path("udp-probe"))
         .args(["127.0.0.1:53", &hex, "2000"])
         .output()
         .unwrap();
@@ -112,7 +113,7 @@ fn authoritative_answers_over_udp_and_tcp() {
 
     // SOA and NS of the zone, over UDP and TCP, with kdig as well as dig.
     for tcp in ["+notcp", "+tcp"] {
-        let soa = kdig(h.host(), &["@127.0.0.1", tcp, "example.org", "SOA"]).unwrap();
+        let soa = kdig(h.host.ns(), &["@127.0.0.1", tcp, "example.org", "SOA"]).unwrap();
         assert_eq!(soa.status, "NOERROR", "{}", soa.text);
         assert!(soa.aa());
         assert_eq!(soa.answer.len(), 1, "{}", soa.text);
@@ -209,13 +210,7 @@ fn authoritative_answers_over_udp_and_tcp() {
     );
 
     // The counters saw all of it.
-    let metrics = h
-        .host()
-        .command("curl")
-        .args(["-sf", "http://127.0.0.1:9153/metrics"])
-        .output()
-        .unwrap();
-    let m = String::from_utf8_lossy(&metrics.stdout);
+    let m = metrics(h.host.ns(), "127.0.0.1:9153").unwrap();
     let value = |name: &str| -> u64 {
         m.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
@@ -265,7 +260,7 @@ fn other_names_are_forwarded_to_a_real_server_without_aa() {
     require_tool("dig", "dnsutils");
     require_tool("named", "bind9");
     let mut h = DnsHarness::new("dfwd").unwrap();
-    let dir = h.file("named");
+    let dir = h.host.file("named");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("named.conf"),
@@ -274,16 +269,14 @@ fn other_names_are_forwarded_to_a_real_server_without_aa() {
     .unwrap();
     std::fs::write(dir.join("fwd.test.zone"), ZONE).unwrap();
     let conf = dir.join("named.conf");
-    let _named = Daemon::spawn(
-        Some(h.host()),
-        std::path::Path::new("/usr/sbin/named"),
-        &["-g", "-c", conf.to_str().unwrap()],
-        h.scratch.path(),
-    )
-    .unwrap();
-    wait_for("named to answer", Duration::from_secs(30), || {
+    let _named = h
+        .host
+        .spawn("/usr/sbin/named", &["-g", "-c", conf.to_str().unwrap()])
+        .unwrap();
+    wait_until("named to answer", Duration::from_secs(30), || {
         let out = h
-            .host()
+            .host
+            .ns()
             .command("dig")
             .args([
                 "+time=1",
@@ -297,10 +290,11 @@ fn other_names_are_forwarded_to_a_real_server_without_aa() {
             .output()
             .ok()?;
         (String::from_utf8_lossy(&out.stdout).trim() == "192.0.2.80").then_some(())
-    });
+    })
+    .unwrap();
     // BIND itself answers authoritatively...
     let direct =
-        jitsu_tests::jitsu_dns::dig(h.host(), &["@127.0.0.1", "-p", "5300", "www.fwd.test"])
+        jitsu_tests::jitsu_dns::dig(h.host.ns(), &["@127.0.0.1", "-p", "5300", "www.fwd.test"])
             .unwrap();
     assert!(direct.aa());
     let args = h.args(None, &["-f", "127.0.0.1", "-p", "5300", &vm("www", 1, "")]);

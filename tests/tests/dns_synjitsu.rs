@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use jitsu_tests::fake_synjitsu::{FakeSynjitsu, Policy};
-use jitsu_tests::jitsu_dns::{DnsHarness, wait_for};
-use jitsu_tests::{require_root, require_tool};
+use jitsu_tests::jitsu_dns::{DnsHarness, assert_history};
+use jitsu_tests::{require_root, require_tool, wait_until};
 use shared_proto::{ClientMessage, Event, Handover, Mac, Phase};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -22,22 +22,36 @@ fn spec(h: &DnsHarness, extra: &str) -> String {
     format!(
         "name=www,dns=www.example.org,ip=10.77.0.1,response_delay=0{extra},\
          command='echo $$ >> {}; exec sleep 600'",
-        h.file("boots").display()
+        h.host.file("boots").display()
     )
+}
+
+/// jitsu-dns with `www` (its spec with `keys`, after the flags `flags`), its synjitsu the fake
+/// answering by `policy`.
+fn with_fake(tag: &str, policy: Policy, flags: &[&str], keys: &str) -> (DnsHarness, FakeSynjitsu) {
+    let mut h = DnsHarness::new(tag).unwrap();
+    let fake = FakeSynjitsu::start(&h.host.file("synjitsu.sock"), policy).unwrap();
+    let www = spec(&h, keys);
+    let mut extra = flags.to_vec();
+    extra.extend(["--synjitsu", fake.path().to_str().unwrap(), &www]);
+    let args = h.args(None, &extra);
+    h.start(&args, &[]).unwrap();
+    (h, fake)
 }
 
 /// Waits until jitsu-dns has connected and sent its `sync` on connection `conn`.
 fn wait_sync(fake: &FakeSynjitsu, conn: u32) -> Vec<shared_proto::VmStatus> {
-    wait_for(&format!("a sync on connection {conn}"), LONG, || {
+    wait_until(&format!("a sync on connection {conn}"), LONG, || {
         fake.requests().into_iter().find_map(|r| match r.req.body {
             ClientMessage::Sync { vms } if r.conn == conn => Some(vms),
             _ => None,
         })
     })
+    .unwrap()
 }
 
 fn boots(h: &DnsHarness) -> usize {
-    std::fs::read_to_string(h.file("boots"))
+    std::fs::read_to_string(h.host.file("boots"))
         .unwrap_or_default()
         .lines()
         .count()
@@ -46,25 +60,12 @@ fn boots(h: &DnsHarness) -> usize {
 #[test]
 fn use_synjitsu_answers_once_synjitsu_acknowledges_booting() {
     prerequisites();
-    let mut h = DnsHarness::new("dsyn").unwrap();
     let ack_after = Duration::from_millis(800);
-    let fake = FakeSynjitsu::start(
-        &h.file("synjitsu.sock"),
-        Policy {
-            ack_booting_after: ack_after,
-            announce_after: None,
-        },
-    )
-    .unwrap();
-    let args = h.args(
-        None,
-        &[
-            "--synjitsu",
-            fake.path().to_str().unwrap(),
-            &spec(&h, ",use_synjitsu=true"),
-        ],
-    );
-    h.start(&args, &[]).unwrap();
+    let policy = Policy {
+        ack_booting_after: ack_after,
+        announce_after: None,
+    };
+    let (h, fake) = with_fake("dsyn", policy, &[], ",use_synjitsu=true");
     let sync = wait_sync(&fake, 1);
     assert_eq!(sync.len(), 1);
     assert_eq!(
@@ -107,34 +108,23 @@ fn use_synjitsu_answers_once_synjitsu_acknowledges_booting() {
     );
     // The answer may come before the backend finished starting the VM (synjitsu holds its
     // SYNs meanwhile): wait for the command, then make sure it ran once.
-    wait_for("the VM's command to start", LONG, || {
+    wait_until("the VM's command to start", LONG, || {
         (boots(&h) >= 1).then_some(())
-    });
+    })
+    .unwrap();
     assert_eq!(boots(&h), 1);
 }
 
 #[test]
 fn wait_for_announce_answers_when_the_guest_announces_itself() {
     prerequisites();
-    let mut h = DnsHarness::new("dann").unwrap();
     let announce_after = Duration::from_millis(800);
-    let fake = FakeSynjitsu::start(
-        &h.file("synjitsu.sock"),
-        Policy {
-            ack_booting_after: Duration::ZERO,
-            announce_after: Some(announce_after),
-        },
-    )
-    .unwrap();
-    let args = h.args(
-        None,
-        &[
-            "--synjitsu",
-            fake.path().to_str().unwrap(),
-            &spec(&h, ",wait_for=announce,wait_for_timeout=30"),
-        ],
-    );
-    h.start(&args, &[]).unwrap();
+    let policy = Policy {
+        ack_booting_after: Duration::ZERO,
+        announce_after: Some(announce_after),
+    };
+    let keys = ",wait_for=announce,wait_for_timeout=30";
+    let (h, fake) = with_fake("dann", policy, &[], keys);
     wait_sync(&fake, 1);
     let asked = Instant::now();
     let d = h.dig(&["+time=20", "www.example.org", "A"]);
@@ -151,11 +141,9 @@ fn wait_for_announce_answers_when_the_guest_announces_itself() {
     );
     assert!(answered - asked >= announce_after, "{:?}", answered - asked);
     h.wait_state("www", "running", LONG);
-    let log = jitsu_tests::jitsu_dns::store_log(&h.db());
-    assert!(
-        log.iter()
-            .any(|l| l == "www: booting -> running (guest announced itself)"),
-        "{log:?}"
+    assert_history(
+        &h.db(),
+        &["www: booting -> running (guest announced itself)"],
     );
 }
 
@@ -163,7 +151,7 @@ fn wait_for_announce_answers_when_the_guest_announces_itself() {
 fn without_synjitsu_answers_still_come_after_the_response_delay() {
     prerequisites();
     let mut h = DnsHarness::new("dnosyn").unwrap();
-    let missing = h.file("nobody-listens.sock");
+    let missing = h.host.file("nobody-listens.sock");
     let www = "name=www,dns=www.example.org,ip=10.77.0.1,response_delay=0.5,use_synjitsu=true,\
                command='exec sleep 600'";
     let b = "name=b,dns=b.example.org,ip=10.77.0.2,response_delay=0.3,wait_for=announce,\
@@ -188,19 +176,12 @@ fn without_synjitsu_answers_still_come_after_the_response_delay() {
 #[test]
 fn every_reconnect_resyncs_and_stops_and_wake_requests_flow() {
     prerequisites();
-    let mut h = DnsHarness::new("dresync").unwrap();
-    let fake = FakeSynjitsu::start(&h.file("synjitsu.sock"), Policy::default()).unwrap();
-    let args = h.args(
-        None,
-        &[
-            "-t",
-            "1",
-            "--synjitsu",
-            fake.path().to_str().unwrap(),
-            &spec(&h, ",use_synjitsu=true"),
-        ],
+    let (h, fake) = with_fake(
+        "dresync",
+        Policy::default(),
+        &["-t", "1"],
+        ",use_synjitsu=true",
     );
-    h.start(&args, &[]).unwrap();
     wait_sync(&fake, 1);
     fake.disconnect();
     let again = wait_sync(&fake, 2);
@@ -210,28 +191,29 @@ fn every_reconnect_resyncs_and_stops_and_wake_requests_flow() {
     // A SYN for the stopped VM: synjitsu asks, jitsu-dns boots it.
     fake.send_event(Event::WakeRequest { name: "www".into() })
         .unwrap();
-    wait_for("the wake request to boot the VM", LONG, || {
+    wait_until("the wake request to boot the VM", LONG, || {
         (boots(&h) == 1).then_some(())
-    });
-    wait_for("a booting request on the new connection", LONG, || {
+    })
+    .unwrap();
+    wait_until("a booting request on the new connection", LONG, || {
         fake.requests()
             .iter()
             .any(|r| r.conn == 2 && matches!(r.req.body, ClientMessage::Booting { .. }))
             .then_some(())
-    });
+    })
+    .unwrap();
     h.wait_state("www", "running", LONG);
     // Idle for 2 x TTL: stopped, and synjitsu is told so it can wake it again.
     h.wait_state("www", "off", LONG);
-    wait_for("a stopped request", LONG, || {
+    wait_until("a stopped request", LONG, || {
         fake.requests()
             .iter()
             .any(|r| matches!(&r.req.body, ClientMessage::Stopped { vm } if vm.name == "www"))
             .then_some(())
-    });
-    let log = jitsu_tests::jitsu_dns::store_log(&h.db());
-    assert!(
-        log.iter()
-            .any(|l| l == "www: off -> booting (wake request from synjitsu)"),
-        "{log:?}"
+    })
+    .unwrap();
+    assert_history(
+        &h.db(),
+        &["www: off -> booting (wake request from synjitsu)"],
     );
 }

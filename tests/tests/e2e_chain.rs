@@ -6,8 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use jitsu_tests::e2e::{DNS_ADDR, Mask, Options, Stack, Vm};
-use jitsu_tests::jitsu_dns::dig;
+use jitsu_tests::e2e::{Mask, Options, Stack, Vm};
 use jitsu_tests::{require_root, require_tool, wait_until};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -33,7 +32,7 @@ fn dig_boots_synjitsu_holds_one_syn_idle_stops_and_a_cached_client_wakes_it() {
 
     // The client resolves the name (this boots the VM) and connects before the guest is up.
     let t0 = Instant::now();
-    let answer = dig(&stack.client.ns, &[&format!("@{DNS_ADDR}"), &vm.dns(), "A"]).unwrap();
+    let answer = stack.dig(&vm.dns()).unwrap();
     let dns_took = t0.elapsed();
     assert_eq!(
         answer.addresses(),
@@ -104,11 +103,7 @@ fn synjitsu_killed_during_a_boot_is_resynced_and_masks_the_next_cold_start() {
     let mut stack =
         Stack::start("e2k", vec![slow.clone(), next.clone()], Options::default()).unwrap();
     // Boot the slow one, and kill synjitsu while it boots.
-    let answer = dig(
-        &stack.client.ns,
-        &[&format!("@{DNS_ADDR}"), &slow.dns(), "A"],
-    )
-    .unwrap();
+    let answer = stack.dig(&slow.dns()).unwrap();
     assert_eq!(
         answer.addresses(),
         vec![slow.ip.to_string()],
@@ -215,7 +210,7 @@ fn a_guest_that_never_comes_up_gets_rsts_is_marked_failed_and_retried() {
         stack.history()
     );
     // The next query retries the boot.
-    let answer = dig(&stack.client.ns, &[&format!("@{DNS_ADDR}"), &vm.dns(), "A"]).unwrap();
+    let answer = stack.dig(&vm.dns()).unwrap();
     assert_eq!(answer.addresses(), vec![vm.ip.to_string()]);
     wait_until("a second boot", LONG, || {
         (stack.stored(&vm.name, "starts").as_deref() == Some("2")).then_some(())

@@ -14,10 +14,10 @@ use jitsu_dns::backend::libvirt::LibvirtBackend;
 use jitsu_dns::backend::{Backend, LifecycleEvent};
 use jitsu_dns::config::{Flags, StopMode, VmConfig, merge};
 use jitsu_dns::fleet::Observed;
-use jitsu_tests::jitsu_dns::{Scratch, wait_for};
+use jitsu_tests::curl::Curl;
 use jitsu_tests::libvirt::{ConsoleWatch, GuestImage, GuestVm, Libvirtd, URI, qemu_pid};
-use jitsu_tests::topo::Bridge;
-use jitsu_tests::{Netns, require_root, require_tool, unique};
+use jitsu_tests::topo::Host;
+use jitsu_tests::{Netns, require_root, require_tool, unique, wait_until};
 
 const BOOT: Duration = Duration::from_secs(180);
 
@@ -36,12 +36,13 @@ struct Events(Arc<Mutex<Vec<LifecycleEvent>>>);
 
 impl Events {
     fn wait(&self, name: &str, what: &str, pred: impl Fn(Observed) -> bool) {
-        wait_for(&format!("a {what} event for {name}"), BOOT, || {
+        wait_until(&format!("a {what} event for {name}"), BOOT, || {
             let mut evs = self.0.lock().unwrap();
             let i = evs.iter().position(|e| e.name == name && pred(e.state))?;
             evs.drain(..=i);
             Some(())
-        });
+        })
+        .unwrap();
     }
 }
 
@@ -51,9 +52,13 @@ fn running(o: Observed) -> bool {
 
 /// The guest's page, fetched from the host namespace until it answers.
 fn page(host: &Netns, ip: &str) -> String {
-    wait_for(&format!("the guest's page at {ip}"), BOOT, || {
-        host.sh(&format!("curl -s -m 2 http://{ip}/")).ok()
+    wait_until(&format!("the guest's page at {ip}"), BOOT, || {
+        Curl::get(format!("http://{ip}/"))
+            .max_time(Duration::from_secs(2))
+            .body(host)
+            .ok()
     })
+    .unwrap()
 }
 
 /// Packets received and transmitted by `dev` as the host sees them.
@@ -79,14 +84,13 @@ fn the_libvirt_backend_drives_real_qemu_guests() {
     require_tool("curl", "curl");
     require_tool("ping", "iputils-ping");
     let image = GuestImage::build().unwrap();
-    let scratch = Scratch::new("lvb").unwrap();
-    let br = Bridge::new("lvb").unwrap();
-    br.address("10.77.4.1/24").unwrap();
-    let host = br.host();
-    let mut lv = Libvirtd::start(host, scratch.path()).unwrap();
+    let dom0 = Host::new("lvb").unwrap();
+    dom0.address("10.77.4.1/24").unwrap();
+    let host = dom0.ns();
+    let mut lv = Libvirtd::start(&dom0).unwrap();
     let name = unique("jt-lvb");
     let ip = "10.77.4.10";
-    let console = scratch.path().join("console.log");
+    let console = dom0.file("console.log");
     let g = GuestVm::new(
         &name,
         "b.example.org",
@@ -227,8 +231,9 @@ fn the_libvirt_backend_drives_real_qemu_guests() {
     watch.wait(BOOT).unwrap();
     assert_eq!(page(host, ip), format!("hello from {name}\n"));
     let t = Instant::now();
-    let said = host
-        .sh(&format!("curl -s -m 5 http://{ip}/cgi-bin/poweroff"))
+    let said = Curl::get(format!("http://{ip}/cgi-bin/poweroff"))
+        .max_time(Duration::from_secs(5))
+        .body(host)
         .unwrap();
     assert!(said.contains("powering off"), "{said}");
     events.wait(&name, "off", |o| o == Observed::Off);

@@ -23,11 +23,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use jitsu_tests::jitsu_dns::{DnsHarness, store_log, wait_for};
+use jitsu_tests::curl::{Curl, metric};
+use jitsu_tests::jitsu_dns::{DnsHarness, store_log};
 use jitsu_tests::libvirt::{ConsoleWatch, GuestImage, GuestVm, Libvirtd, URI, qemu_pid};
-use jitsu_tests::synjitsu::{Capture, metric_in, spawn_daemon};
+use jitsu_tests::synjitsu::Capture;
 use jitsu_tests::topo::Member;
-use jitsu_tests::{Netns, require_root, require_tool, unique};
+use jitsu_tests::{Netns, require_root, require_tool, unique, wait_until};
 
 const LONG: Duration = Duration::from_secs(120);
 const DNS: &str = "10.77.0.254";
@@ -49,13 +50,6 @@ fn tools() {
 
 fn epoch(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
-}
-
-fn metric(ns: &Netns, addr: &str, name: &str) -> f64 {
-    let text = ns
-        .sh(&format!("curl -s --max-time 5 http://{addr}/metrics"))
-        .unwrap_or_default();
-    metric_in(&text, name)
 }
 
 /// The client namespace's count of retransmitted SYNs (`TcpExt: TCPSynRetrans`).
@@ -138,28 +132,19 @@ fn cold_start(client: &Member, dir: &Path, vm: &GuestVm, console: &Path) -> (Col
         dig_text.contains(&format!("\t{}\n", vm.ip)),
         "no address: {dig_text}"
     );
-    let curl = client
-        .ns
-        .command("curl")
-        .args([
-            "-sS",
-            "--connect-timeout",
-            "60",
-            &format!("http://{}/", vm.ip),
-        ])
-        .output()
+    let got = Curl::get(format!("http://{}/", vm.ip))
+        .connect_timeout(Duration::from_secs(60))
+        .run(&client.ns)
         .unwrap();
     let failed_at = t0.elapsed().as_secs_f64();
-    let body = String::from_utf8_lossy(&curl.stdout).into_owned();
-    let page = match curl.status.code() {
-        Some(0) => Ok(()),
+    let page = match got.exit {
+        _ if got.ok() => Ok(()),
         // curl's exit 7: the connection failed (refused, or no route: nobody answered ARP).
-        Some(7) => {
-            let err = String::from_utf8_lossy(&curl.stderr);
-            let why = err.rsplit(": ").next().unwrap_or("connect failed").trim();
+        7 => {
+            let why = got.error.rsplit(": ").next().unwrap_or("connect failed");
             Err((why.to_string(), failed_at))
         }
-        other => Err((format!("curl exit {other:?}"), failed_at)),
+        other => Err((format!("curl exit {other}"), failed_at)),
     };
     let listening = watch.wait(LONG).unwrap();
     let frames = capture.finish().unwrap();
@@ -199,7 +184,7 @@ fn cold_start(client: &Member, dir: &Path, vm: &GuestVm, console: &Path) -> (Col
         first_byte,
         wall0: w0,
     };
-    (cold, body)
+    (cold, got.body)
 }
 
 /// Seconds from a dig to the first byte of the page (guest off, suspended or paused).
@@ -210,9 +195,9 @@ fn dig_to_page(client: &Member, vm: &GuestVm) -> f64 {
         .sh(&format!("dig +time=30 +tries=1 +short @{DNS} {} A", vm.dns))
         .unwrap();
     assert_eq!(d.trim(), vm.ip.to_string());
-    let page = client
-        .ns
-        .sh(&format!("curl -s --connect-timeout 60 http://{}/", vm.ip))
+    let page = Curl::get(format!("http://{}/", vm.ip))
+        .connect_timeout(Duration::from_secs(60))
+        .body(&client.ns)
         .unwrap();
     assert_eq!(page, format!("hello from {}\n", vm.name));
     t0.elapsed().as_secs_f64()
@@ -223,12 +208,11 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
     tools();
     let image = GuestImage::build().unwrap();
     let mut h = DnsHarness::new("lvd").unwrap();
-    let dir: PathBuf = h.scratch.path().to_path_buf();
-    let lv = Libvirtd::start(h.host(), &dir).unwrap();
+    let dir: PathBuf = h.host.dir().to_path_buf();
+    let lv = Libvirtd::start(&h.host).unwrap();
     let sock = dir.join("synjitsu.sock");
-    let mut synjitsu = spawn_daemon(
-        h.host(),
-        &dir,
+    let mut synjitsu = jitsu_tests::synjitsu::start(
+        &h.host,
         &sock,
         &[
             "--probe-ip",
@@ -246,7 +230,7 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
     )
     .unwrap();
     let client = h
-        .bridge
+        .host
         .join(
             "cli",
             Some("02:77:00:00:00:02"),
@@ -289,51 +273,43 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
     let (plain, plain_console) = vm("plain", 11, "response_delay=0");
     let (saver, saver_console) = vm("saver", 12, "use_synjitsu=true,stop_mode=suspend");
     let db = h.db();
-    let mut args: Vec<String> = [
+    let specs: Vec<String> = [&masked, &plain, &saver]
+        .iter()
+        .map(|g| g.spec(&image))
+        .collect();
+    let mut flags = vec![
+        // Reached from the client at br0's address.
         "-b",
         "0.0.0.0",
-        "-l",
-        "53",
-        "-f",
-        "0.0.0.0",
-        "--log-level",
-        "debug",
         "-x",
         "libvirt",
-        "-c",
-        &format!("{URI}?shutdown_grace=30"),
         "--synjitsu",
         sock.to_str().unwrap(),
-        "--persistdb",
-        db.to_str().unwrap(),
         "--metrics",
         JITSU_METRICS,
         "-t",
         "5",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for g in [&masked, &plain, &saver] {
-        args.push(g.spec(&image));
-    }
+    ];
+    flags.extend(specs.iter().map(String::as_str));
+    let args = h.backend_args(&format!("{URI}?shutdown_grace=30"), &flags);
     h.start(&args, &[]).unwrap();
-    wait_for("synjitsu's control client", LONG, || {
+    wait_until("synjitsu's control client", LONG, || {
         (metric(
-            h.host(),
+            h.host.ns(),
             SYNJITSU_METRICS,
             "synjitsu_control_client_attached",
         ) == 1.0)
             .then_some(())
-    });
+    })
+    .unwrap();
 
     // Cold starts, masked by synjitsu and not.
     neigh(&masked.ip.to_string(), &masked.mac);
     neigh(&plain.ip.to_string(), &plain.mac);
-    let held_before = metric(h.host(), SYNJITSU_METRICS, "synjitsu_syns_held_total");
+    let held_before = metric(h.host.ns(), SYNJITSU_METRICS, "synjitsu_syns_held_total");
     // synjitsu's port shows its probe, the guest's first SYN-ACK (the moment it listens, on
     // the wire) and the held SYN re-sent.
-    let syj = Capture::start(h.host(), "syj-br0-p", &dir, "syj").unwrap();
+    let syj = Capture::start(h.host.ns(), "syj-br0-p", &dir, "syj").unwrap();
     let (with, page) = cold_start(&client, &dir, &masked, &masked_console);
     assert_eq!(page, format!("hello from {}\n", masked.name), "{with:?}");
     let syj = syj.finish().unwrap();
@@ -366,9 +342,9 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
         })
         .filter_map(at)
         .find(|t| probe_answered.is_some_and(|p| *t >= p));
-    let held = metric(h.host(), SYNJITSU_METRICS, "synjitsu_syns_held_total") - held_before;
+    let held = metric(h.host.ns(), SYNJITSU_METRICS, "synjitsu_syns_held_total") - held_before;
     let handed = metric(
-        h.host(),
+        h.host.ns(),
         SYNJITSU_METRICS,
         "synjitsu_syns_handed_over_total{via=\"wire\"}",
     );
@@ -487,7 +463,7 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
     let starts = h.stored(&saver.name, "starts");
     assert_eq!(h.stop().unwrap(), Some(0));
     h.start(&args, &[]).unwrap();
-    wait_for("the running VM adopted", LONG, || {
+    wait_until("the running VM adopted", LONG, || {
         store_log(&db)
             .iter()
             .any(|m| {
@@ -495,17 +471,15 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
                     && m.ends_with("running (adopted: already running)")
             })
             .then_some(())
-    });
+    })
+    .unwrap();
     assert_eq!(h.stored(&saver.name, "starts"), starts, "booted again");
 
     // The guest powers itself off: jitsu-dns hears it from libvirt, without polling.
     let asked = Instant::now();
-    let said = client
-        .ns
-        .sh(&format!(
-            "curl -s -m 5 http://{}/cgi-bin/poweroff",
-            saver.ip
-        ))
+    let said = Curl::get(format!("http://{}/cgi-bin/poweroff", saver.ip))
+        .max_time(Duration::from_secs(5))
+        .body(&client.ns)
         .unwrap();
     assert!(said.contains("powering off"), "{said}");
     h.wait_state(&saver.name, "off", LONG);
@@ -521,9 +495,9 @@ fn libvirt_guests_boot_on_dig_masked_by_synjitsu_and_stop_when_idle() {
         store_log(&db)
     );
     assert_eq!(lv.domstate(&saver.name).unwrap(), "shut off (shutdown)");
-    let events = metric(h.host(), JITSU_METRICS, "jitsu_dns_backend_events_total");
+    let events = metric(h.host.ns(), JITSU_METRICS, "jitsu_dns_backend_events_total");
     let polls = metric(
-        h.host(),
+        h.host.ns(),
         JITSU_METRICS,
         "jitsu_dns_backend_state_polls_total",
     );

@@ -4,23 +4,22 @@
 
 use std::time::{Duration, Instant};
 
+use jitsu_tests::curl::Curl;
 use jitsu_tests::libvirt::{GUEST_CMDLINE, GuestImage, Libvirtd, list_domains};
-use jitsu_tests::topo::Bridge;
-use jitsu_tests::{Scratch, require_root, require_tool, unique};
+use jitsu_tests::topo::Host;
+use jitsu_tests::{require_root, require_tool, unique, wait_until};
 
 #[test]
 fn a_hand_started_libvirtd_boots_the_guest_image_on_the_bridge() {
     require_root();
     require_tool("curl", "curl");
     let image = GuestImage::build().unwrap();
-    let scratch = Scratch::new("lvh").unwrap();
-    let dir = scratch.path();
-    let br = Bridge::new("lvh").unwrap();
-    br.address("10.77.3.1/24").unwrap();
+    let host = Host::new("lvh").unwrap();
+    host.address("10.77.3.1/24").unwrap();
     let name = unique("jt-lvh");
     {
-        let lv = Libvirtd::start(br.host(), dir).unwrap();
-        let console = dir.join("console.log");
+        let lv = Libvirtd::start(&host).unwrap();
+        let console = host.file("console.log");
         let xml = format!(
             "<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>\
              <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{}</kernel><initrd>{}</initrd>\
@@ -33,21 +32,23 @@ fn a_hand_started_libvirtd_boots_the_guest_image_on_the_bridge() {
             image.initrd.display(),
             console.display()
         );
-        let xml_path = dir.join("dom.xml");
+        let xml_path = host.file("dom.xml");
         std::fs::write(&xml_path, xml).unwrap();
         lv.virsh(&["define", xml_path.to_str().unwrap()]).unwrap();
         let started = Instant::now();
         lv.virsh(&["start", &name]).unwrap();
-        let page = loop {
-            if let Ok(p) = br.host().sh("curl -s -m 1 http://10.77.3.10/") {
-                break p;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "the guest never served; console:\n{}",
+        let page = wait_until("the guest to serve", Duration::from_secs(120), || {
+            Curl::get("http://10.77.3.10/")
+                .max_time(Duration::from_secs(1))
+                .body(host.ns())
+                .ok()
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}; console:\n{}",
                 std::fs::read_to_string(&console).unwrap_or_default()
-            );
-        };
+            )
+        });
         assert_eq!(page, format!("hello from {name}\n"));
         let console_text = std::fs::read_to_string(&console).unwrap_or_default();
         eprintln!(

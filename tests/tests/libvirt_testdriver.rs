@@ -7,9 +7,8 @@
 
 use std::time::Duration;
 
-use jitsu_tests::jitsu_dns::{DnsHarness, store_log, wait_for};
-use jitsu_tests::synjitsu::metric_in;
-use jitsu_tests::{require_root, require_tool};
+use jitsu_tests::jitsu_dns::{DnsHarness, assert_history, store_log};
+use jitsu_tests::{require_root, require_tool, wait_until};
 
 const LONG: Duration = Duration::from_secs(60);
 const METRICS: &str = "127.0.0.1:9154";
@@ -30,11 +29,7 @@ const NODE: &str = "<node>
 ";
 
 fn metric(h: &DnsHarness, name: &str) -> f64 {
-    let text = h
-        .host()
-        .sh(&format!("curl -s --max-time 5 http://{METRICS}/metrics"))
-        .unwrap_or_default();
-    metric_in(&text, name)
+    jitsu_tests::curl::metric(h.host.ns(), METRICS, name)
 }
 
 #[test]
@@ -44,52 +39,35 @@ fn the_test_driver_runs_vms_for_jitsu_dns() {
     require_tool("git", "git");
     require_tool("curl", "curl");
     let mut h = DnsHarness::new("lvt").unwrap();
-    let node = h.file("node.xml");
+    let node = h.host.file("node.xml");
     std::fs::write(&node, NODE).unwrap();
     let db = h.db();
-    let args: Vec<String> = [
-        "-b",
-        "127.0.0.1",
-        "-l",
-        "53",
-        "-f",
-        "0.0.0.0",
-        "--log-level",
-        "debug",
-        "-x",
-        "libvirt",
-        "-c",
+    let args = h.backend_args(
         &format!("test://{}", node.display()),
-        "--persistdb",
-        db.to_str().unwrap(),
-        "--metrics",
-        METRICS,
-        "-t",
-        "1",
-        "-d",
-        "0",
-        "name=pre,dns=pre.example.org,ip=10.77.0.20",
-        "name=fresh,dns=fresh.example.org,ip=10.77.0.21,kernel=/boot/fresh.vmlinux,memory=64",
-        "name=sleepy,dns=sleepy.example.org,ip=10.77.0.22,kernel=/boot/sleepy.vmlinux,\
-         stop_mode=suspend",
-        "name=nokeys,dns=nokeys.example.org,ip=10.77.0.23",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+        &[
+            "-x",
+            "libvirt",
+            "--metrics",
+            METRICS,
+            "-t",
+            "1",
+            "-d",
+            "0",
+            "name=pre,dns=pre.example.org,ip=10.77.0.20",
+            "name=fresh,dns=fresh.example.org,ip=10.77.0.21,kernel=/boot/fresh.vmlinux,memory=64",
+            "name=sleepy,dns=sleepy.example.org,ip=10.77.0.22,kernel=/boot/sleepy.vmlinux,\
+             stop_mode=suspend",
+            "name=nokeys,dns=nokeys.example.org,ip=10.77.0.23",
+        ],
+    );
     h.start(&args, &[]).unwrap();
 
     // The existing domain's MAC is the VM's now (no mac key: it was derived from the name).
-    wait_for("pre's MAC from its domain", LONG, || {
+    wait_until("pre's MAC from its domain", LONG, || {
         (h.stored("pre", "mac").as_deref() == Some("02:aa:00:00:00:77")).then_some(())
-    });
-    assert!(
-        store_log(&db)
-            .iter()
-            .any(|m| m == "pre: MAC 02:aa:00:00:00:77 from its domain"),
-        "{:?}",
-        store_log(&db)
-    );
+    })
+    .unwrap();
+    assert_history(&db, &["pre: MAC 02:aa:00:00:00:77 from its domain"]);
     let d = h.dig(&["pre.example.org", "A"]);
     assert_eq!(d.addresses(), vec!["10.77.0.20"], "{}", d.text);
     h.wait_state("pre", "running", LONG);
@@ -111,11 +89,7 @@ fn the_test_driver_runs_vms_for_jitsu_dns() {
             .any(|m| m.starts_with("fresh: running -> stopping (idle for 2 s")),
         "{log:?}"
     );
-    assert!(
-        log.iter()
-            .any(|m| m == "fresh: stopping -> off (stopped (destroy))"),
-        "{log:?}"
-    );
+    assert_history(&db, &["fresh: stopping -> off (stopped (destroy))"]);
 
     // Suspend mode: a managed save when idle, a resume on the next query.
     let d = h.dig(&["sleepy.example.org", "A"]);
@@ -129,14 +103,14 @@ fn the_test_driver_runs_vms_for_jitsu_dns() {
         Some("1"),
         "a resume is no boot"
     );
-    let log = store_log(&db);
-    for want in [
-        "sleepy: stopping -> suspended (stopped (suspend))",
-        "sleepy: suspended -> booting (resume, query from 127.0.0.1)",
-        "sleepy: booting -> running (resumed)",
-    ] {
-        assert!(log.iter().any(|m| m == want), "{want} not in {log:?}");
-    }
+    assert_history(
+        &db,
+        &[
+            "sleepy: stopping -> suspended (stopped (suspend))",
+            "sleepy: suspended -> booting (resume, query from 127.0.0.1)",
+            "sleepy: booting -> running (resumed)",
+        ],
+    );
 
     // Nothing to define a domain from: the boot fails saying why, the query gets SERVFAIL.
     let d = h.dig(&["nokeys.example.org", "A"]);

@@ -12,9 +12,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use jitsu_tests::curl::metric_in;
 use jitsu_tests::synjitsu::*;
 use jitsu_tests::topo::Member;
-use jitsu_tests::{repo_root, require_root, require_tool, run};
+use jitsu_tests::{repo_root, require_root, require_tool, run, wait_until};
 use shared_proto::{ClientMessage, Event, Handover};
 
 fn fixture(name: &str) -> PathBuf {
@@ -53,6 +54,11 @@ fn replay(member: &Member, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Lines of `lines` that contain `needle`.
+fn count(lines: &[String], needle: &str) -> usize {
+    lines.iter().filter(|l| l.contains(needle)).count()
+}
+
 /// Frames synjitsu received past its kernel filter, whatever became of them.
 fn frames_total(metrics: &str) -> f64 {
     metrics
@@ -63,13 +69,13 @@ fn frames_total(metrics: &str) -> f64 {
 }
 
 /// Waits until `metric` reaches `want` (the daemon takes frames asynchronously).
-fn reaches(host: &SynjitsuHost, metric: &str, want: f64) -> Result<()> {
+fn reaches(synjitsu: &SynjitsuHost, metric: &str, want: f64) -> Result<()> {
     let last = std::cell::Cell::new(0.0);
-    wait_for(
-        Duration::from_secs(10),
+    wait_until(
         &format!("{metric} = {want}"),
+        Duration::from_secs(10),
         || {
-            let v = host.metric(metric).ok()?;
+            let v = synjitsu.metric(metric).ok()?;
             last.set(v);
             (v == want).then_some(())
         },
@@ -86,48 +92,36 @@ fn scenario() -> Result<()> {
     ] {
         require_tool(t, p);
     }
-    let host = SynjitsuHost::start("syr", &[])?;
+    let synjitsu = SynjitsuHost::start("syr", &[])?;
     // The replay port plays the client (and, last, the guest's own announcements).
-    let rp = host.bridge.join("rpl", None, &[], true)?;
-    let mut ctl = ControlClient::connect(&host.control)?;
+    let rp = synjitsu.host.join("rpl", None, &[], true)?;
+    let mut ctl = ControlClient::connect(&synjitsu.control)?;
     ctl.sync(&[])?;
     ctl.ok(ClientMessage::Booting {
         vm: www(Handover::Wire),
     })?;
-    host.wait_steered(VM_MAC)?;
+    synjitsu.wait_steered(VM_MAC)?;
 
     // who-has: every ARP request and solicitation for the VM answered with its MAC.
     let who = listing("who-has.pcap")?;
-    let arp_q = who
-        .iter()
-        .filter(|l| l.contains("ARP, Request who-has 10.77.1.10"))
-        .count();
-    let ns_q = who
-        .iter()
-        .filter(|l| l.contains("neighbor solicitation, who has fd77:1::10"))
-        .count();
+    let arp_q = count(&who, "ARP, Request who-has 10.77.1.10");
+    let ns_q = count(&who, "neighbor solicitation, who has fd77:1::10");
     ensure!(arp_q > 0 && ns_q > 0, "who-has.pcap: {who:?}");
-    let cap = Capture::start(&rp.ns, "eth0", host.dir.path(), "rpl")?;
+    let cap = Capture::start(&rp.ns, "eth0", synjitsu.host.dir(), "rpl")?;
     replay(&rp, "who-has.pcap")?;
     reaches(
-        &host,
+        &synjitsu,
         "synjitsu_arp_sent_total{kind=\"reply\"}",
         arp_q as f64,
     )?;
     reaches(
-        &host,
+        &synjitsu,
         "synjitsu_na_sent_total{kind=\"solicited\"}",
         ns_q as f64,
     )?;
     let seen = cap.finish()?;
-    let replies = seen
-        .iter()
-        .filter(|l| l.contains("ARP, Reply 10.77.1.10 is-at 02:77:00:00:01:10"))
-        .count();
-    let nas = seen
-        .iter()
-        .filter(|l| l.contains("neighbor advertisement, tgt is fd77:1::10"))
-        .count();
+    let replies = count(&seen, "ARP, Reply 10.77.1.10 is-at 02:77:00:00:01:10");
+    let nas = count(&seen, "neighbor advertisement, tgt is fd77:1::10");
     ensure!(
         replies >= arp_q && nas >= ns_q,
         "answers on the wire: {replies} ARP, {nas} NA:\n{}",
@@ -135,26 +129,23 @@ fn scenario() -> Result<()> {
     );
 
     // curl's SYN and retransmits: held once.
-    let syns = listing("curl-syn-v4.pcap")?
-        .iter()
-        .filter(|l| l.contains("> 10.77.1.10.80: Flags [S],"))
-        .count();
+    let syns = count(&listing("curl-syn-v4.pcap")?, "> 10.77.1.10.80: Flags [S],");
     replay(&rp, "curl-syn-v4.pcap")?;
-    reaches(&host, "synjitsu_syns_held_total", 1.0)?;
+    reaches(&synjitsu, "synjitsu_syns_held_total", 1.0)?;
     reaches(
-        &host,
+        &synjitsu,
         "synjitsu_syn_retransmits_deduplicated_total",
         (syns - 1) as f64,
     )?;
 
     // The offload-on capture, replayed whole: really bad checksums, dropped and counted.
-    let partial = listing("curl-syn-v4-csum-partial.pcap")?
-        .iter()
-        .filter(|l| l.contains("> 10.77.1.10.80: Flags [S],"))
-        .count();
+    let partial = count(
+        &listing("curl-syn-v4-csum-partial.pcap")?,
+        "> 10.77.1.10.80: Flags [S],",
+    );
     replay(&rp, "curl-syn-v4-csum-partial.pcap")?;
     reaches(
-        &host,
+        &synjitsu,
         "synjitsu_dropped_total{reason=\"bad_checksum\"}",
         partial as f64,
     )?;
@@ -162,21 +153,21 @@ fn scenario() -> Result<()> {
     // Noise: nothing held, nothing answered. who-has.pcap replayed after it is a barrier:
     // synjitsu reads its socket in order, so once the barrier's answers are counted, every
     // noise frame that reached it has been judged.
-    let before = host.metrics()?;
+    let before = synjitsu.metrics()?;
     let noise_frames = listing("noise.pcap")?.len();
     replay(&rp, "noise.pcap")?;
     replay(&rp, "who-has.pcap")?;
     reaches(
-        &host,
+        &synjitsu,
         "synjitsu_arp_sent_total{kind=\"reply\"}",
         2.0 * arp_q as f64,
     )?;
     reaches(
-        &host,
+        &synjitsu,
         "synjitsu_na_sent_total{kind=\"solicited\"}",
         2.0 * ns_q as f64,
     )?;
-    let after = host.metrics()?;
+    let after = synjitsu.metrics()?;
     println!(
         "noise.pcap: {noise_frames} frames replayed, {} reached synjitsu past the bridge and \
          its kernel filter (with the barrier's {} questions)",
@@ -201,7 +192,7 @@ fn scenario() -> Result<()> {
     ctl.wait_event(Duration::from_secs(10), "guest_announced", |e| {
         *e == Event::GuestAnnounced { name: "www".into() }
     })?;
-    reaches(&host, "synjitsu_guests_announced_total", 1.0)?;
+    reaches(&synjitsu, "synjitsu_guests_announced_total", 1.0)?;
     Ok(())
 }
 

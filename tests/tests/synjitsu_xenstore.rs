@@ -9,9 +9,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+use jitsu_tests::curl::Curl;
 use jitsu_tests::synjitsu::*;
 use jitsu_tests::xenstored::TestXenstored;
-use jitsu_tests::{require_root, require_tool, run};
+use jitsu_tests::{Scratch, require_root, require_tool, run, wait_until};
 use shared_proto::{ClientMessage, Event, Handover, HandoverVia};
 use synjitsu::store::layout::{HeldSyn, SynKey, TX_ISN_BASE, TcpOption};
 use synjitsu::store::xs_wire::{Access, Perm};
@@ -74,7 +75,7 @@ fn scenario() -> Result<()> {
     ] {
         require_tool(t, p);
     }
-    let dir = TempDir::new("syx")?;
+    let dir = Scratch::new("syx")?;
     let xs = TestXenstored::start(&dir.join("xenstored.sock"))?;
     // What an earlier run (or the original Synjitsu's set-up) left behind.
     xs.write("/ip/10-77-1-99/80/10-77-1-2/1234/syn/tx_wnd", b"1");
@@ -84,8 +85,9 @@ fn scenario() -> Result<()> {
         .args(["/ip", "b0"]))?;
 
     let xs_path = xs.path().display().to_string();
-    let mut host = SynjitsuHost::start("syx", &["--xenstore", &xs_path, "--hold-timeout", "60s"])?;
-    wait_for(Duration::from_secs(10), "stale entries removed", || {
+    let mut synjitsu =
+        SynjitsuHost::start("syx", &["--xenstore", &xs_path, "--hold-timeout", "60s"])?;
+    wait_until("stale entries removed", Duration::from_secs(10), || {
         (xs.read("/ip/10-77-1-99").is_none() && xs.read("/ip/10-77-1-10").is_none()).then_some(())
     })?;
     ensure!(
@@ -95,32 +97,22 @@ fn scenario() -> Result<()> {
     );
 
     // Checksum offload stays on: the captured SYN's checksum is partial.
-    let client = host
-        .bridge
+    let client = synjitsu
+        .host
         .join("cli", Some(CLIENT_MAC), &["10.77.1.2/24"], true)?;
     client.ns.sh(&format!(
         "ip neigh replace 10.77.1.10 lladdr {VM_MAC} dev eth0 nud permanent"
     ))?;
-    let mut ctl = ControlClient::connect(&host.control)?;
+    let mut ctl = ControlClient::connect(&synjitsu.control)?;
     ctl.sync(&[])?;
     ctl.ok(ClientMessage::Booting {
         vm: www(Handover::Xenstore { domid: 7 }),
     })?;
-    host.wait_steered(VM_MAC)?;
+    synjitsu.wait_steered(VM_MAC)?;
     let capture = Capture::start(&client.ns, "eth0", dir.path(), "cli")?;
     // No guest comes up: curl gives up; its SYN stays in Xenstore for the guest.
-    let _ = client
-        .ns
-        .command("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "--connect-timeout",
-            "1",
-            "http://10.77.1.10/",
-        ])
-        .output()?;
+    let knock = Curl::get("http://10.77.1.10/").connect_timeout(Duration::from_secs(1));
+    let _ = knock.run(&client.ns)?;
     ctl.wait_event(Duration::from_secs(10), "xenstore handover", |e| {
         *e == Event::Handover {
             name: "www".into(),
@@ -201,27 +193,16 @@ fn scenario() -> Result<()> {
         syn.tx_isn
     );
     ensure!((syn.rx_wnd, syn.rx_wnd_scaleoffer) == (65535, 2));
-    ensure!(host.metric("synjitsu_checksums_completed_total")? >= 1.0);
+    ensure!(synjitsu.metric("synjitsu_checksums_completed_total")? >= 1.0);
 
     // The guest took over (as a MirageOS guest writes it): nothing more is written.
     xs.write("/ip/10-77-1-10", b"managed");
-    let _ = client
-        .ns
-        .command("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "--connect-timeout",
-            "1",
-            "http://10.77.1.10/",
-        ])
-        .output()?;
-    wait_for(
-        Duration::from_secs(10),
+    let _ = knock.run(&client.ns)?;
+    wait_until(
         "a write skipped for `managed`",
+        Duration::from_secs(10),
         || {
-            (host
+            (synjitsu
                 .metric("synjitsu_xenstore_skipped_managed_total")
                 .ok()?
                 >= 1.0)
@@ -233,10 +214,10 @@ fn scenario() -> Result<()> {
         after.keys().filter(|p| p.ends_with("/syn")).count() == 1,
         "a SYN was written after `managed`: {after:?}"
     );
-    ensure!(host.metric("synjitsu_xenstore_writes_total")? == 1.0);
-    let code = host.stop()?;
+    ensure!(synjitsu.metric("synjitsu_xenstore_writes_total")? == 1.0);
+    let code = synjitsu.stop()?;
     if code != Some(0) {
-        bail!("synjitsu exited with {code:?}:\n{}", host.daemon.log());
+        bail!("synjitsu exited with {code:?}:\n{}", synjitsu.daemon.log());
     }
     Ok(())
 }

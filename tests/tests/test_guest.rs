@@ -2,20 +2,19 @@
 //! boot time, then its gratuitous ARP, then it listens (HTTP and echo) and reports when.
 
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use jitsu_tests::topo::{Bridge, Daemon};
-use jitsu_tests::{Scratch, bin_path, require_root, require_tool};
+use jitsu_tests::curl::Curl;
+use jitsu_tests::topo::Host;
+use jitsu_tests::{bin_path, require_root, require_tool, wait_until};
 
 #[test]
 fn the_guest_boots_announces_and_serves() {
     require_root();
     require_tool("curl", "curl");
     require_tool("tcpdump", "tcpdump");
-    let scratch = Scratch::new("guest").unwrap();
-    let dir = scratch.path();
-    let br = Bridge::new("tg").unwrap();
-    let client = br
+    let host = Host::new("tg").unwrap();
+    let client = host
         .join(
             "tgc",
             Some("02:77:00:02:00:02"),
@@ -23,7 +22,7 @@ fn the_guest_boots_announces_and_serves() {
             true,
         )
         .unwrap();
-    let guest = br
+    let guest = host
         .join("tgg", Some("02:77:00:02:00:10"), &[], false)
         .unwrap();
     // As the process backend leaves it for a guest that configures itself: link up, no
@@ -33,61 +32,52 @@ fn the_guest_boots_announces_and_serves() {
         .sh("sysctl -qw net.ipv6.conf.eth0.disable_ipv6=1 && ip link set eth0 up")
         .unwrap();
 
-    let pcap = dir.join("br0.pcap");
+    let pcap = host.file("br0.pcap");
     let pcap_s = pcap.to_str().unwrap().to_string();
-    let mut dump = Daemon::spawn(
-        Some(br.host()),
-        std::path::Path::new("/usr/bin/tcpdump"),
-        &[
-            "-i",
-            "br0",
-            "-U",
-            "--immediate-mode",
-            "-n",
-            "-w",
-            &pcap_s,
-            "arp or icmp6",
-        ],
-        dir,
-    )
-    .unwrap();
+    let mut dump = host
+        .spawn(
+            "/usr/bin/tcpdump",
+            &[
+                "-i",
+                "br0",
+                "-U",
+                "--immediate-mode",
+                "-n",
+                "-w",
+                &pcap_s,
+                "arp or icmp6",
+            ],
+        )
+        .unwrap();
     // tcpdump is capturing once it says so.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !dump.log().contains("listening on") {
-        assert!(
-            Instant::now() < deadline,
-            "tcpdump did not start: {}",
-            dump.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("tcpdump to listen", Duration::from_secs(10), || {
+        dump.log().contains("listening on").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", dump.log()));
 
-    let report = dir.join("report");
+    let report = host.file("report");
     let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_nanos();
     let guest_bin = bin_path("jitsu-test-guest");
-    let mut g = guest.ns.command(guest_bin.to_str().unwrap());
+    let mut g = guest.ns.command(guest_bin);
     g.args(["--boot-ms", "200", "--report", report.to_str().unwrap()])
         .env("JITSU_NAME", "www")
         .env("JITSU_IP", "10.77.2.10")
         .env("JITSU_IP6", "fd77:2::10");
     let mut child = g.spawn().unwrap();
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let line = loop {
-        if let Ok(s) = std::fs::read_to_string(&report)
-            && !s.is_empty()
-        {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the guest never reported listening"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let line = wait_until(
+        "the guest to report listening",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(&report)
+                .ok()
+                .filter(|s| !s.is_empty())
+        },
+    )
+    .unwrap();
     let fields: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(&fields[..2], ["listening", "www"], "report line {line:?}");
     let listening: u128 = fields[2].parse().unwrap();
@@ -97,11 +87,13 @@ fn the_guest_boots_announces_and_serves() {
         (listening - started) / 1_000_000
     );
 
-    let page = client
-        .ns
-        .sh("curl -s -m 5 http://10.77.2.10/ && curl -s -m 5 -g 'http://[fd77:2::10]/'")
-        .unwrap();
-    assert_eq!(page, "hello from www\nhello from www\n");
+    for url in ["http://10.77.2.10/", "http://[fd77:2::10]/"] {
+        let page = Curl::get(url)
+            .max_time(Duration::from_secs(5))
+            .body(&client.ns)
+            .unwrap();
+        assert_eq!(page, "hello from www\n", "{url}");
+    }
     let echo = client
         .ns
         .sh("printf ping | timeout 5 busybox nc 10.77.2.10 7 || true")

@@ -1,7 +1,7 @@
 //! The harness itself: a bridge in its own namespace, two members that reach each other
 //! through it, a forwarding table that shows who is where, and nothing left behind.
 
-use jitsu_tests::topo::Bridge;
+use jitsu_tests::topo::Host;
 use jitsu_tests::{require_root, require_tool, sh};
 
 #[test]
@@ -10,8 +10,8 @@ fn members_talk_through_the_bridge_and_everything_is_removed() {
     require_tool("ip", "iproute2");
     let names;
     {
-        let br = Bridge::new("topo").unwrap();
-        let a = br
+        let host = Host::new("topo").unwrap();
+        let a = host
             .join(
                 "a",
                 Some("02:77:00:00:00:0a"),
@@ -19,7 +19,7 @@ fn members_talk_through_the_bridge_and_everything_is_removed() {
                 true,
             )
             .unwrap();
-        let b = br
+        let b = host
             .join(
                 "b",
                 Some("02:77:00:00:00:0b"),
@@ -29,7 +29,7 @@ fn members_talk_through_the_bridge_and_everything_is_removed() {
             .unwrap();
         a.ns.sh("ping -c1 -W2 10.77.0.11").unwrap();
         a.ns.sh("ping -c1 -W2 fd77::b").unwrap();
-        let fdb = br.fdb().unwrap();
+        let fdb = host.fdb().unwrap();
         for (mac, port) in [
             ("02:77:00:00:00:0a", &a.port),
             ("02:77:00:00:00:0b", &b.port),
@@ -41,7 +41,7 @@ fn members_talk_through_the_bridge_and_everything_is_removed() {
             );
         }
         names = [
-            br.host().name().to_string(),
+            host.ns().name().to_string(),
             a.ns.name().to_string(),
             b.ns.name().to_string(),
         ];

@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 
 use jitsu_tests::xenstored::TestXenstored;
-use jitsu_tests::{require_tool, run};
+use jitsu_tests::{Scratch, require_tool, run};
 use synjitsu::store::layout::{HeldSyn, SynKey, TcpOption, ip_path};
 use synjitsu::store::xs_wire::{Access, Perm, XsMsg, XsType};
 
@@ -28,7 +28,7 @@ fn xs_cmd(xs: &TestXenstored, tool: &str, args: &[&str]) -> String {
 #[test]
 fn debian_clients_read_the_original_layout() {
     require_tool("xenstore-ls", "xenstore-utils");
-    let dir = tempdir();
+    let dir = Scratch::new("xs").unwrap();
     let xs = TestXenstored::start(&dir.join("xenstored.sock")).unwrap();
     let mut c = UnixStream::connect(xs.path()).unwrap();
     c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
@@ -106,7 +106,7 @@ fn debian_clients_read_the_original_layout() {
 #[test]
 fn the_tests_xenstored_answers_what_xenstore_tools_ask() {
     require_tool("xenstore-write", "xenstore-utils");
-    let dir = tempdir();
+    let dir = Scratch::new("xs").unwrap();
     let xs = TestXenstored::start(&dir.join("xenstored.sock")).unwrap();
     xs_cmd(&xs, "xenstore-write", &["/ip/10-0-0-9", "managed"]);
     assert_eq!(xs.read("/ip/10-0-0-9"), Some(b"managed".to_vec()));
@@ -123,8 +123,4 @@ fn the_tests_xenstored_answers_what_xenstore_tools_ask() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "reading a removed node must fail");
-}
-
-fn tempdir() -> jitsu_tests::Scratch {
-    jitsu_tests::Scratch::new("xs").unwrap()
 }

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use jitsu_tests::e2e::{Backend, ColdStart, DNS_ADDR, Mask, Options, Stack, Vm, table};
-use jitsu_tests::jitsu_dns::dig;
 
 fn usage() -> ! {
     eprintln!(
@@ -121,10 +120,7 @@ fn demo(a: Args) -> Result<()> {
     );
     let stack = Stack::start("demo", vms.clone(), opts)?;
     let first = &vms[0];
-    let d = dig(
-        &stack.client.ns,
-        &[&format!("@{DNS_ADDR}"), "nosuchvm.example.org", "A"],
-    )?;
+    let d = stack.dig("nosuchvm.example.org")?;
     println!(
         "dig nosuchvm.example.org: {} (jitsu-dns answers for its zone; nothing boots)\n",
         d.status
@@ -164,6 +160,12 @@ fn demo(a: Args) -> Result<()> {
     drop(stack);
     println!("\nEverything the demo created (namespaces, VMs, files) is removed.");
     Ok(())
+}
+
+fn sorted(values: impl Iterator<Item = f64>) -> Vec<f64> {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    v
 }
 
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
@@ -265,24 +267,19 @@ fn bench(mut a: Args) -> Result<()> {
             let fails = rows.iter().filter(|c| !c.ok()).count();
             let one_syn = rows.iter().filter(|c| c.ok() && c.syns == 1).count();
             let rtx: u64 = rows.iter().map(|c| c.syn_retransmits).sum();
-            let mut after: Vec<f64> = rows
-                .iter()
-                .filter_map(|c| c.after_listening_us)
-                .map(|us| us as f64 / 1000.0)
-                .collect();
-            after.sort_by(f64::total_cmp);
-            let mut dns: Vec<f64> = rows
-                .iter()
-                .filter(|c| c.ok())
-                .map(|c| c.dns.as_secs_f64() * 1000.0)
-                .collect();
-            dns.sort_by(f64::total_cmp);
-            let mut conn: Vec<f64> = rows
-                .iter()
-                .filter(|c| c.ok())
-                .map(|c| c.connect.as_secs_f64() * 1000.0)
-                .collect();
-            conn.sort_by(f64::total_cmp);
+            let after = sorted(
+                rows.iter()
+                    .filter_map(|c| c.after_listening_us)
+                    .map(|us| us as f64 / 1000.0),
+            );
+            let ok_ms = |d: fn(&ColdStart) -> Duration| {
+                sorted(
+                    rows.iter()
+                        .filter(|c| c.ok())
+                        .map(|c| d(c).as_secs_f64() * 1000.0),
+                )
+            };
+            let (dns, conn) = (ok_ms(|c| c.dns), ok_ms(|c| c.connect));
             let f = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
             println!(
                 "{:>8} {:<12} {:>4} {:>9} {:>9} {:>12} {:>12} {:>9} {:>10} {:>8}",
