@@ -156,7 +156,10 @@ impl Drop for StoreWorker {
     }
 }
 
-fn run(store: &mut dyn SynStore, op: StoreOp) -> StoreReport {
+/// Carries out one operation on `store` and says how it went, as the worker's thread does
+/// with each: public so that a test wiring the core to an in-memory store (the tests crate's
+/// pipe) runs the same mapping, synchronously.
+pub fn run(store: &mut dyn SynStore, op: StoreOp) -> StoreReport {
     match op {
         StoreOp::Write {
             id,
