@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use shared_io::RateLimited;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -34,8 +35,7 @@ use crate::fleet::{
     VmView,
 };
 use crate::forward::{self, Forwarder, UpstreamError, parse_resolv_conf};
-use crate::metrics::{self, Metrics};
-use crate::ratelimit::RateLimited;
+use crate::metrics::Metrics;
 use crate::state::{self, Change, ConfigChange, StateError, Store, Tree, Wall};
 use crate::synjitsu::{self, Outgoing};
 use crate::xenstore::KeyWatcher;
@@ -642,16 +642,17 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(10), 32);
     if let Some(maddr) = shell.cfg.metrics {
-        let listener = metrics::bind(maddr)
+        let listener = tokio::net::TcpListener::bind(maddr)
             .await
             .map_err(|source| DaemonError::Bind {
                 addr: maddr,
                 what: "metrics",
                 source,
             })?;
-        tokio::spawn(metrics::serve(
+        tokio::spawn(shared_io::http::serve(
             listener,
             metrics.clone(),
+            shared_io::http::Limits::default(),
             ctl.shutdown.clone(),
         ));
         info!(addr = %maddr, "metrics at /metrics");

@@ -10,8 +10,7 @@
 //! - [`state`]: the state store with history (a git repository);
 //! - [`synjitsu`]: the client of synjitsu's control socket;
 //! - [`xenstore`]: waiting for a readiness key;
-//! - [`metrics`]: Prometheus counters and the `/metrics` endpoint;
-//! - [`ratelimit`]: one log line per period for repeated warnings;
+//! - [`metrics`]: the Prometheus metrics (served by `shared_io::http`);
 //! - [`daemon`]: the IO shell tying them together in one `select!` loop.
 
 pub mod backend;
@@ -21,7 +20,6 @@ pub mod dns;
 pub mod fleet;
 pub mod forward;
 pub mod metrics;
-pub mod ratelimit;
 pub mod state;
 pub mod synjitsu;
 mod sys;

@@ -1,18 +1,18 @@
-//! Counters a person would graph, and the tiny HTTP responder that serves them in the
-//! Prometheus text format at `GET /metrics`.
+//! Counters a person would graph, in a `prometheus-client` registry served at `GET /metrics`
+//! (through `shared_io::http`).
 //!
-//! Owns the metric set (atomics, cheap enough for the DNS fast path) and its rendering. It
-//! does not decide what to count: the DNS handler and the daemon call the `add_*` methods.
+//! Owns the metric set: names, help texts, labels and buckets. Every counter is an atomic
+//! held here directly (a labelled one is taken out of its family once, at start), so the DNS
+//! fast path costs one atomic add and takes no lock. It does not decide what to count: the
+//! DNS handler and the daemon call the `add_*` methods.
 
-use std::fmt::Write as _;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use shared_io::http::{Handler, Response};
 
 use crate::config::StopMode;
 use crate::fleet::Refusal;
@@ -63,81 +63,139 @@ const BOOT_BUCKETS: [f64; 12] = [
 const STOP_MODES: [StopMode; 3] = [StopMode::Destroy, StopMode::Suspend, StopMode::Shutdown];
 const LIMITS: [Refusal; 2] = [Refusal::MaxRunning, Refusal::BootRate];
 
-/// Every metric of jitsu-dns.
-#[derive(Debug, Default)]
+/// Every metric of jitsu-dns, and the registry that exposes them (each name prefixed
+/// `jitsu_dns_`).
+#[derive(Debug)]
 pub struct Metrics {
-    queries: [AtomicU64; OUTCOMES.len()],
-    boots: AtomicU64,
-    boot_failures: AtomicU64,
-    resumes: AtomicU64,
-    boot_buckets: [AtomicU64; BOOT_BUCKETS.len()],
-    boot_count: AtomicU64,
-    boot_sum_us: AtomicU64,
-    running: AtomicU64,
-    stops: [AtomicU64; STOP_MODES.len()],
-    limit_refusals: [AtomicU64; LIMITS.len()],
-    forward_failures: AtomicU64,
-    synjitsu_connected: AtomicU64,
-    store_dropped: AtomicU64,
-    backend_events: AtomicU64,
-    state_polls: AtomicU64,
+    registry: Registry,
+    /// In the order of [`OUTCOMES`].
+    queries: Vec<Counter>,
+    boots: Counter,
+    boot_failures: Counter,
+    resumes: Counter,
+    boot_to_ready: Histogram,
+    running: Gauge,
+    /// In the order of [`STOP_MODES`].
+    stops: Vec<Counter>,
+    /// In the order of [`LIMITS`].
+    limit_refusals: Vec<Counter>,
+    forward_failures: Counter,
+    synjitsu_connected: Gauge,
+    store_dropped: Counter,
+    backend_events: Counter,
+    state_polls: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
 }
 
 impl Metrics {
-    /// All zero.
+    /// All zero, every labelled sample present from the start.
     pub fn new() -> Metrics {
-        Metrics::default()
+        use shared_io::metrics::{counter, counters, gauge};
+        let mut r = Registry::with_prefix("jitsu_dns");
+        #[rustfmt::skip]
+        let [queries, stops, limit_refusals] = [
+            ("queries", "DNS queries by outcome", "outcome", &OUTCOMES.map(|(_, l)| l)[..]),
+            ("stops", "VM stops begun, by stop mode", "mode", &STOP_MODES.map(StopMode::as_str)[..]),
+            ("limit_refusals", "Queries refused (SERVFAIL) by a limit", "limit", &LIMITS.map(Refusal::as_str)[..]),
+        ]
+        .map(|(name, help, label, values)| counters(&mut r, name, help, label, values));
+        #[rustfmt::skip]
+        let [forward_failures, boots, boot_failures, resumes, store_dropped, backend_events, state_polls] = [
+            ("forward_failures", "Forwarded queries no forwarder answered"),
+            ("boots", "VM boots begun"),
+            ("boot_failures", "VM boots that failed"),
+            ("resumes", "Resumes and unpauses begun"),
+            ("state_changes_dropped", "State changes lost because the store's queue was full"),
+            ("backend_events", "Lifecycle changes the backend pushed (libvirt events)"),
+            ("backend_state_polls", "VM states polled from the backend (not done for backends that push events)"),
+        ]
+        .map(|(name, help)| counter(&mut r, name, help));
+        let running = gauge(&mut r, "vms_running", "VMs running now");
+        let synjitsu_connected = gauge(
+            &mut r,
+            "synjitsu_connected",
+            "1 while connected to synjitsu",
+        );
+        let forwarded = OUTCOMES
+            .iter()
+            .position(|(o, _)| *o == Outcome::Forwarded)
+            .expect("every outcome is listed");
+        // The same atomic under a second name: forwards are graphed on their own.
+        r.register(
+            "forwarded_queries",
+            "Queries relayed to a forwarder",
+            queries[forwarded].clone(),
+        );
+        let boot_to_ready = Histogram::new(BOOT_BUCKETS);
+        r.register(
+            "boot_to_ready_seconds",
+            "Time from a boot's start to the VM being ready (masking condition met)",
+            boot_to_ready.clone(),
+        );
+        Metrics {
+            registry: r,
+            queries,
+            boots,
+            boot_failures,
+            resumes,
+            boot_to_ready,
+            running,
+            stops,
+            limit_refusals,
+            forward_failures,
+            synjitsu_connected,
+            store_dropped,
+            backend_events,
+            state_polls,
+        }
+    }
+
+    fn query_counter(&self, o: Outcome) -> &Counter {
+        let i = OUTCOMES
+            .iter()
+            .position(|(x, _)| *x == o)
+            .expect("every outcome is listed");
+        &self.queries[i]
     }
 
     /// One query ended with `o`.
     pub fn add_query(&self, o: Outcome) {
-        let i = OUTCOMES
-            .iter()
-            .position(|(x, _)| *x == o)
-            .expect("every outcome is listed");
-        self.queries[i].fetch_add(1, Relaxed);
+        self.query_counter(o).inc();
     }
 
     /// Queries that ended with `o` so far.
     pub fn queries(&self, o: Outcome) -> u64 {
-        let i = OUTCOMES
-            .iter()
-            .position(|(x, _)| *x == o)
-            .expect("every outcome is listed");
-        self.queries[i].load(Relaxed)
+        self.query_counter(o).get()
     }
 
     /// A boot began.
     pub fn add_boot(&self) {
-        self.boots.fetch_add(1, Relaxed);
+        self.boots.inc();
     }
 
     /// A boot failed.
     pub fn add_boot_failure(&self) {
-        self.boot_failures.fetch_add(1, Relaxed);
+        self.boot_failures.inc();
     }
 
     /// A resume or unpause began.
     pub fn add_resume(&self) {
-        self.resumes.fetch_add(1, Relaxed);
+        self.resumes.inc();
     }
 
     /// A boot took `d` from its start to the VM being ready.
     pub fn observe_boot(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        for (i, le) in BOOT_BUCKETS.iter().enumerate() {
-            if s <= *le {
-                self.boot_buckets[i].fetch_add(1, Relaxed);
-            }
-        }
-        self.boot_count.fetch_add(1, Relaxed);
-        self.boot_sum_us
-            .fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Relaxed);
+        self.boot_to_ready.observe(d.as_secs_f64());
     }
 
     /// VMs running now.
     pub fn set_running(&self, n: usize) {
-        self.running.store(n as u64, Relaxed);
+        self.running.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// A stop in `mode` began.
@@ -146,250 +204,57 @@ impl Metrics {
             .iter()
             .position(|m| *m == mode)
             .expect("every mode is listed");
-        self.stops[i].fetch_add(1, Relaxed);
+        self.stops[i].inc();
     }
 
     /// A query was refused by a limit.
     pub fn add_limit_refusal(&self, r: Refusal) {
         if let Some(i) = LIMITS.iter().position(|l| *l == r) {
-            self.limit_refusals[i].fetch_add(1, Relaxed);
+            self.limit_refusals[i].inc();
         }
     }
 
     /// Limit refusals so far.
     pub fn limit_refusals(&self) -> u64 {
-        self.limit_refusals.iter().map(|a| a.load(Relaxed)).sum()
+        self.limit_refusals.iter().map(Counter::get).sum()
     }
 
     /// A forward found no answer.
     pub fn add_forward_failure(&self) {
-        self.forward_failures.fetch_add(1, Relaxed);
+        self.forward_failures.inc();
     }
 
     /// The synjitsu client connected or lost its connection.
     pub fn set_synjitsu_connected(&self, up: bool) {
-        self.synjitsu_connected.store(u64::from(up), Relaxed);
+        self.synjitsu_connected.set(i64::from(up));
     }
 
     /// A state change did not fit the store's queue.
     pub fn add_store_dropped(&self) {
-        self.store_dropped.fetch_add(1, Relaxed);
+        self.store_dropped.inc();
     }
 
     /// The backend pushed a lifecycle change (a libvirt event).
     pub fn add_backend_event(&self) {
-        self.backend_events.fetch_add(1, Relaxed);
+        self.backend_events.inc();
     }
 
     /// A VM's state was polled from the backend.
     pub fn add_state_poll(&self) {
-        self.state_polls.fetch_add(1, Relaxed);
+        self.state_polls.inc();
     }
 
     /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut o = String::with_capacity(4096);
-        family(
-            &mut o,
-            "jitsu_dns_queries_total",
-            "counter",
-            "DNS queries by outcome.",
-        );
-        for ((_, label), n) in OUTCOMES.iter().zip(&self.queries) {
-            let _ = writeln!(
-                o,
-                "jitsu_dns_queries_total{{outcome=\"{label}\"}} {}",
-                n.load(Relaxed)
-            );
-        }
-        counter(
-            &mut o,
-            "jitsu_dns_forwarded_queries_total",
-            "Queries relayed to a forwarder.",
-            self.queries(Outcome::Forwarded),
-        );
-        counter(
-            &mut o,
-            "jitsu_dns_forward_failures_total",
-            "Forwarded queries no forwarder answered.",
-            self.forward_failures.load(Relaxed),
-        );
-        counter(
-            &mut o,
-            "jitsu_dns_boots_total",
-            "VM boots begun.",
-            self.boots.load(Relaxed),
-        );
-        counter(
-            &mut o,
-            "jitsu_dns_boot_failures_total",
-            "VM boots that failed.",
-            self.boot_failures.load(Relaxed),
-        );
-        counter(
-            &mut o,
-            "jitsu_dns_resumes_total",
-            "Resumes and unpauses begun.",
-            self.resumes.load(Relaxed),
-        );
-        family(
-            &mut o,
-            "jitsu_dns_boot_to_ready_seconds",
-            "histogram",
-            "Time from a boot's start to the VM being ready (masking condition met).",
-        );
-        for (le, n) in BOOT_BUCKETS.iter().zip(&self.boot_buckets) {
-            let _ = writeln!(
-                o,
-                "jitsu_dns_boot_to_ready_seconds_bucket{{le=\"{le}\"}} {}",
-                n.load(Relaxed)
-            );
-        }
-        let count = self.boot_count.load(Relaxed);
-        let _ = writeln!(
-            o,
-            "jitsu_dns_boot_to_ready_seconds_bucket{{le=\"+Inf\"}} {count}\n\
-             jitsu_dns_boot_to_ready_seconds_sum {}\n\
-             jitsu_dns_boot_to_ready_seconds_count {count}",
-            self.boot_sum_us.load(Relaxed) as f64 / 1e6
-        );
-        gauge(
-            &mut o,
-            "jitsu_dns_vms_running",
-            "VMs running now.",
-            self.running.load(Relaxed),
-        );
-        family(
-            &mut o,
-            "jitsu_dns_stops_total",
-            "counter",
-            "VM stops begun, by stop mode.",
-        );
-        for (m, n) in STOP_MODES.iter().zip(&self.stops) {
-            let _ = writeln!(
-                o,
-                "jitsu_dns_stops_total{{mode=\"{m}\"}} {}",
-                n.load(Relaxed)
-            );
-        }
-        family(
-            &mut o,
-            "jitsu_dns_limit_refusals_total",
-            "counter",
-            "Queries refused (SERVFAIL) by a limit.",
-        );
-        for (l, n) in LIMITS.iter().zip(&self.limit_refusals) {
-            let _ = writeln!(
-                o,
-                "jitsu_dns_limit_refusals_total{{limit=\"{}\"}} {}",
-                l.as_str(),
-                n.load(Relaxed)
-            );
-        }
-        gauge(
-            &mut o,
-            "jitsu_dns_synjitsu_connected",
-            "1 while connected to synjitsu.",
-            self.synjitsu_connected.load(Relaxed),
-        );
-        counter(
-            &mut o,
-            "jitsu_dns_state_changes_dropped_total",
-            "State changes lost because the store's queue was full.",
-            self.store_dropped.load(Relaxed),
-        );
-        counter(
-            &mut o,
-            "jitsu_dns_backend_events_total",
-            "Lifecycle changes the backend pushed (libvirt events).",
-            self.backend_events.load(Relaxed),
-        );
-        counter(
-            &mut o,
-            "jitsu_dns_backend_state_polls_total",
-            "VM states polled from the backend (not done for backends that push events).",
-            self.state_polls.load(Relaxed),
-        );
-        o
+    pub fn render(&self) -> Result<String, std::fmt::Error> {
+        shared_io::metrics::text(&self.registry)
     }
 }
 
-/// The `# HELP` and `# TYPE` lines of the metric `name` of type `kind`.
-fn family(o: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-/// A counter without labels.
-fn counter(o: &mut String, name: &str, help: &str, value: u64) {
-    family(o, name, "counter", help);
-    let _ = writeln!(o, "{name} {value}");
-}
-
-/// A gauge without labels.
-fn gauge(o: &mut String, name: &str, help: &str, value: u64) {
-    family(o, name, "gauge", help);
-    let _ = writeln!(o, "{name} {value}");
-}
-
-/// Serves `GET /metrics` on `listener` until `stop` is cancelled. Anything else gets 404;
-/// a client that sends nothing for 5 s is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
-    loop {
-        let (mut conn, _) = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!(error = %e, "metrics accept");
-                    continue;
-                }
-            },
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(1024);
-            let mut chunk = [0u8; 1024];
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-                    match conn.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return false,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                true
-            })
-            .await;
-            if !matches!(read, Ok(true)) {
-                return;
-            }
-            let request_line = String::from_utf8_lossy(&buf);
-            let mut words = request_line.split_whitespace();
-            let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-            let response = if method == "GET"
-                && (path == "/metrics" || path.starts_with("/metrics?"))
-            {
-                let body = metrics.render();
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            } else {
-                let body = "not found: try GET /metrics\n";
-                format!(
-                    "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            };
-            let _ = conn.write_all(response.as_bytes()).await;
-            let _ = conn.shutdown().await;
-        });
+/// The metrics address serves `/metrics` and nothing else.
+impl Handler for Metrics {
+    async fn get(&self, path: &str) -> Option<Response> {
+        (path == shared_io::metrics::PATH).then(|| shared_io::metrics::response(&self.registry))
     }
-}
-
-/// Binds the metrics listener.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 #[cfg(test)]
@@ -412,7 +277,7 @@ mod tests {
         m.add_backend_event();
         m.add_state_poll();
         m.add_state_poll();
-        let t = m.render();
+        let t = m.render().unwrap();
         for want in [
             "jitsu_dns_queries_total{outcome=\"answer\"} 2",
             "jitsu_dns_queries_total{outcome=\"forwarded\"} 1",
@@ -444,12 +309,21 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn serves_get_metrics_and_404s_the_rest() {
-        let l = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio_util::sync::CancellationToken;
+
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let m = Arc::new(Metrics::new());
         m.add_boot();
         let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(l, m, stop.clone()));
+        let server = tokio::spawn(shared_io::http::serve(
+            l,
+            m,
+            shared_io::http::Limits::default(),
+            stop.clone(),
+        ));
         let get = |path: &'static str| async move {
             let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
             c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())

@@ -14,14 +14,15 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use shared_proto::codec::{self, CodecError};
+use futures_util::{SinkExt, StreamExt};
+use shared_proto::codec::CodecError;
 use shared_proto::{
-    ClientMessage, ErrorCode, Event as SynEvent, PROTOCOL_VERSION, Reply, Request, ServerMessage,
+    ClientCodec, ClientMessage, ErrorCode, Event as SynEvent, PROTOCOL_VERSION, Reply, Request,
+    ServerMessage, StreamError,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::Event;
@@ -51,7 +52,7 @@ enum SessionError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
-    Codec(#[from] CodecError),
+    Stream(#[from] StreamError),
     #[error("synjitsu closed the connection")]
     Closed,
     #[error("synjitsu refused the hello: {0}")]
@@ -118,21 +119,16 @@ async fn run(
     }
 }
 
+type Connection = Framed<UnixStream, ClientCodec>;
+
+/// The next message, or the payload error that cost one frame; the end of the stream and
+/// framing errors end the session.
 async fn read_message(
-    conn: &mut tokio::net::unix::OwnedReadHalf,
-    buf: &mut BytesMut,
+    conn: &mut Connection,
 ) -> Result<Result<ServerMessage, CodecError>, SessionError> {
-    loop {
-        match codec::decode::<ServerMessage>(buf) {
-            Ok(Some(m)) => return Ok(Ok(m)),
-            Ok(None) => {}
-            Err(e) if e.is_fatal() => return Err(e.into()),
-            Err(e) => return Ok(Err(e)),
-        }
-        if conn.read_buf(buf).await? == 0 {
-            codec::decode_eof(buf)?;
-            return Err(SessionError::Closed);
-        }
+    match conn.next().await {
+        Some(item) => Ok(item?),
+        None => Err(SessionError::Closed),
     }
 }
 
@@ -149,8 +145,7 @@ async fn session(
             c.map_err(|_| SessionError::HelloTimeout)??
         }
     };
-    let (mut rd, mut wr) = conn.into_split();
-    let mut out = BytesMut::new();
+    let mut conn = Framed::new(conn, ClientCodec::new());
     let hello = Request {
         id: 1,
         body: ClientMessage::Hello {
@@ -158,12 +153,10 @@ async fn session(
             client: format!("jitsu-dns {}", env!("CARGO_PKG_VERSION")),
         },
     };
-    codec::encode(&hello, &mut out)?;
-    wr.write_all(&out).await?;
-    let mut buf = BytesMut::with_capacity(4096);
+    conn.send(hello).await?;
     let answer = tokio::select! {
         _ = stop.cancelled() => return Err(SessionError::Cancelled),
-        a = tokio::time::timeout(HELLO_TIMEOUT, read_message(&mut rd, &mut buf)) => {
+        a = tokio::time::timeout(HELLO_TIMEOUT, read_message(&mut conn)) => {
             a.map_err(|_| SessionError::HelloTimeout)??
         }
     };
@@ -187,7 +180,7 @@ async fn session(
                 "unexpected answer {other:?}"
             )));
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(StreamError::Codec(e).into()),
     }
     *established = true;
     let _ = events.send(Event::SynjitsuUp).await;
@@ -198,7 +191,7 @@ async fn session(
         tokio::select! {
             biased;
             _ = stop.cancelled() => break Err(SessionError::Cancelled),
-            msg = read_message(&mut rd, &mut buf) => match msg {
+            msg = read_message(&mut conn) => match msg {
                 Err(e) => break Err(e),
                 Ok(Err(e)) => {
                     // One bad frame costs only itself.
@@ -235,18 +228,18 @@ async fn session(
             Some(o) = requests.recv() => {
                 let id = next_id;
                 next_id += 1;
-                out.clear();
-                match codec::encode(&Request { id, body: o.msg }, &mut out) {
-                    Ok(()) => {
-                        pending.insert(id, o.tag);
-                        if let Err(e) = wr.write_all(&out).await {
-                            break Err(e.into());
-                        }
-                    }
-                    Err(e) => {
+                // Pending before it is sent: a request lost with the connection is reported
+                // with the others.
+                pending.insert(id, o.tag);
+                match conn.send(Request { id, body: o.msg }).await {
+                    Ok(()) => {}
+                    // Not framed, so nothing was written: the session goes on.
+                    Err(StreamError::Codec(e)) => {
+                        pending.remove(&id);
                         tracing::warn!(error = %e, "cannot encode a request for synjitsu");
                         let _ = events.send(Event::SynjitsuReplied { tag: o.tag, ok: false }).await;
                     }
+                    Err(e) => break Err(e.into()),
                 }
             }
         }
@@ -266,8 +259,12 @@ async fn session(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared_proto::{Handover, Mac, VmIdentity};
+    use shared_proto::{Handover, Mac, ServerCodec, VmIdentity};
+    use tokio::io::AsyncWriteExt;
     use tokio::net::UnixListener;
+
+    /// The fake synjitsu's end of a connection.
+    type Server = Framed<UnixStream, ServerCodec>;
 
     fn vm() -> VmIdentity {
         VmIdentity {
@@ -279,21 +276,17 @@ mod tests {
         }
     }
 
-    async fn read_req(c: &mut UnixStream, buf: &mut BytesMut) -> Option<Request> {
-        loop {
-            if let Some(r) = codec::decode::<Request>(buf).unwrap() {
-                return Some(r);
-            }
-            if c.read_buf(buf).await.unwrap() == 0 {
-                return None;
-            }
-        }
+    async fn accept(listener: &UnixListener) -> Server {
+        let (c, _) = listener.accept().await.unwrap();
+        Framed::new(c, ServerCodec::new())
     }
 
-    async fn send(c: &mut UnixStream, m: &ServerMessage) {
-        let mut b = BytesMut::new();
-        codec::encode(m, &mut b).unwrap();
-        c.write_all(&b).await.unwrap();
+    async fn read_req(c: &mut Server) -> Option<Request> {
+        c.next().await.map(|item| item.unwrap().unwrap())
+    }
+
+    async fn send(c: &mut Server, m: &ServerMessage) {
+        c.send(m.clone()).await.unwrap();
     }
 
     async fn next_event(rx: &mut mpsc::Receiver<Event>) -> Event {
@@ -317,9 +310,8 @@ mod tests {
         let tx = spawn(path.clone(), ev_tx, stop.clone());
 
         for round in 0..2 {
-            let (mut c, _) = listener.accept().await.unwrap();
-            let mut buf = BytesMut::new();
-            let hello = read_req(&mut c, &mut buf).await.unwrap();
+            let mut c = accept(&listener).await;
+            let hello = read_req(&mut c).await.unwrap();
             assert!(matches!(
                 hello.body,
                 ClientMessage::Hello {
@@ -361,9 +353,9 @@ mod tests {
             })
             .await
             .unwrap();
-            let sync = read_req(&mut c, &mut buf).await.unwrap();
-            let booting = read_req(&mut c, &mut buf).await.unwrap();
-            let ready = read_req(&mut c, &mut buf).await.unwrap();
+            let sync = read_req(&mut c).await.unwrap();
+            let booting = read_req(&mut c).await.unwrap();
+            let ready = read_req(&mut c).await.unwrap();
             assert!(matches!(sync.body, ClientMessage::Sync { .. }));
             assert!(matches!(booting.body, ClientMessage::Booting { .. }));
             let ids = [sync.id, booting.id, ready.id];
@@ -377,7 +369,11 @@ mod tests {
                 },
             )
             .await;
-            c.write_all(&[0, 0, 0, 3, b'{', b'x', b'}']).await.unwrap();
+            // Raw bytes behind the codec's back: `send` flushed, so they follow in order.
+            c.get_mut()
+                .write_all(&[0, 0, 0, 3, b'{', b'x', b'}'])
+                .await
+                .unwrap();
             send(
                 &mut c,
                 &ServerMessage::Ok {
@@ -436,7 +432,7 @@ mod tests {
             })
             .await
             .unwrap();
-            let _ = read_req(&mut c, &mut buf).await.unwrap();
+            let _ = read_req(&mut c).await.unwrap();
             drop(c);
             assert_eq!(
                 next_event(&mut ev_rx).await,
@@ -471,9 +467,8 @@ mod tests {
         let (ev_tx, mut ev_rx) = mpsc::channel(64);
         let stop = CancellationToken::new();
         let _tx = spawn(path.clone(), ev_tx, stop.clone());
-        let (mut c, _) = listener.accept().await.unwrap();
-        let mut buf = BytesMut::new();
-        let hello = read_req(&mut c, &mut buf).await.unwrap();
+        let mut c = accept(&listener).await;
+        let hello = read_req(&mut c).await.unwrap();
         send(
             &mut c,
             &ServerMessage::Error {

@@ -20,12 +20,15 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
-use bytes::BytesMut;
-use shared_proto::codec::{self, CodecError};
-use shared_proto::{ClientMessage, ErrorCode, PROTOCOL_VERSION, Reply, Request, ServerMessage};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use futures_util::{SinkExt, StreamExt};
+use shared_proto::codec::CodecError;
+use shared_proto::{
+    ClientMessage, ErrorCode, PROTOCOL_VERSION, Reply, Request, ServerCodec, ServerMessage,
+    StreamError,
+};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
 /// Messages queued for one client at most; a client that reads slower is disconnected
@@ -281,17 +284,11 @@ impl Drop for ControlServer {
     }
 }
 
-async fn write_msg(w: &mut (impl AsyncWriteExt + Unpin), msg: &ServerMessage) -> bool {
-    let mut buf = BytesMut::new();
-    if codec::encode(msg, &mut buf).is_err() {
-        return false;
-    }
-    w.write_all(&buf).await.is_ok()
-}
-
-async fn refuse(mut stream: UnixStream, message: String) {
-    let _ = write_msg(&mut stream, &error(0, ErrorCode::Failed, message)).await;
-    let _ = stream.shutdown().await;
+async fn refuse(stream: UnixStream, message: String) {
+    let mut out = FramedWrite::new(stream, ServerCodec::new());
+    // The client may be gone already; a refusal needs no answer.
+    let _ = out.send(error(0, ErrorCode::Failed, message)).await;
+    let _ = out.close().await;
 }
 
 async fn serve(
@@ -302,94 +299,89 @@ async fn serve(
     shared: std::sync::Arc<Shared>,
 ) {
     let mut attached = false;
-    let (mut rd, mut wr) = stream.into_split();
+    let (rd, wr) = stream.into_split();
+    let mut frames = FramedRead::new(rd, ServerCodec::new());
     let (out_tx, mut out_rx) = mpsc::channel::<ServerMessage>(MAX_OUTGOING);
     let writer_close = close.clone();
     let writer = tokio::spawn(async move {
+        let mut out = FramedWrite::new(wr, ServerCodec::new());
         loop {
             let msg = tokio::select! {
                 m = out_rx.recv() => m,
                 _ = writer_close.cancelled() => None,
             };
             let Some(msg) = msg else { break };
-            if !write_msg(&mut wr, &msg).await {
+            if out.send(msg).await.is_err() {
                 break;
             }
         }
         // Whatever is still queued (a final error) goes out before the close.
         while let Ok(msg) = out_rx.try_recv() {
-            if !write_msg(&mut wr, &msg).await {
+            if out.send(msg).await.is_err() {
                 break;
             }
         }
-        let _ = wr.shutdown().await;
+        let _ = out.close().await;
     });
     let mut session = Session::default();
-    let mut buf = BytesMut::with_capacity(4096);
-    'conn: loop {
-        loop {
-            let action = match codec::split_frame(&mut buf) {
-                Ok(None) => break,
-                Ok(Some(payload)) => session.on_frame(codec::decode_payload::<Request>(&payload)),
-                Err(e) => session.on_frame(Err(e)),
-            };
-            let queued = match action {
-                Action::Reply(m) => out_tx.try_send(m).is_ok(),
-                Action::Attach(_)
-                    if shared
-                        .attached
-                        .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-                        .is_err() =>
-                {
-                    tracing::warn!(conn, "second control client refused: one at a time");
-                    let _ = out_tx.try_send(error(
-                        0,
-                        ErrorCode::Failed,
-                        "another client is connected; synjitsu serves one at a time",
-                    ));
-                    break 'conn;
-                }
-                Action::Attach(m) => {
-                    attached = true;
-                    out_tx.try_send(m).is_ok()
-                        && to_core
-                            .send(ControlIn::Attached {
-                                conn,
-                                tx: out_tx.clone(),
-                                close: close.clone(),
-                            })
-                            .await
-                            .is_ok()
-                }
-                Action::Forward(req) => {
-                    to_core.send(ControlIn::Request { conn, req }).await.is_ok()
-                }
-                Action::Close(m) => {
-                    if let Some(m) = m {
-                        let _ = out_tx.try_send(m);
-                    }
-                    break 'conn;
-                }
-            };
-            if !queued {
-                tracing::warn!(conn, "control client not keeping up; closing");
-                break 'conn;
-            }
-        }
-        let n = tokio::select! {
+    loop {
+        let next = tokio::select! {
+            biased;
             _ = close.cancelled() => break,
-            r = rd.read_buf(&mut buf) => match r {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::debug!(conn, error = %e, "control read failed");
-                    break;
-                }
-            },
+            next = frames.next() => next,
         };
-        if n == 0 {
-            if let Err(e) = codec::decode_eof(&buf) {
+        let decoded = match next {
+            None => break,
+            Some(Ok(item)) => item,
+            Some(Err(StreamError::Codec(e @ CodecError::Truncated { .. }))) => {
                 tracing::debug!(conn, error = %e, "control client left mid-frame");
+                break;
             }
+            // The framing is lost: the session answers with an error and closes.
+            Some(Err(StreamError::Codec(e))) => Err(e),
+            Some(Err(StreamError::Io(e))) => {
+                tracing::debug!(conn, error = %e, "control read failed");
+                break;
+            }
+        };
+        let queued = match session.on_frame(decoded) {
+            Action::Reply(m) => out_tx.try_send(m).is_ok(),
+            Action::Attach(_)
+                if shared
+                    .attached
+                    .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_err() =>
+            {
+                tracing::warn!(conn, "second control client refused: one at a time");
+                let _ = out_tx.try_send(error(
+                    0,
+                    ErrorCode::Failed,
+                    "another client is connected; synjitsu serves one at a time",
+                ));
+                break;
+            }
+            Action::Attach(m) => {
+                attached = true;
+                out_tx.try_send(m).is_ok()
+                    && to_core
+                        .send(ControlIn::Attached {
+                            conn,
+                            tx: out_tx.clone(),
+                            close: close.clone(),
+                        })
+                        .await
+                        .is_ok()
+            }
+            Action::Forward(req) => to_core.send(ControlIn::Request { conn, req }).await.is_ok(),
+            Action::Close(m) => {
+                if let Some(m) = m {
+                    let _ = out_tx.try_send(m);
+                }
+                break;
+            }
+        };
+        if !queued {
+            tracing::warn!(conn, "control client not keeping up; closing");
             break;
         }
     }
@@ -407,7 +399,11 @@ async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared_proto::Handover;
+    use bytes::BytesMut;
+    use shared_proto::codec;
+    use shared_proto::{ClientCodec, Handover};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
     fn req(id: u64, body: ClientMessage) -> Result<Request, CodecError> {
         Ok(Request { id, body })
@@ -493,22 +489,28 @@ mod tests {
         assert!(matches!(s.on_frame(req(10, booting)), Action::Forward(_)));
     }
 
-    async fn frame(s: &mut UnixStream, payload: &[u8]) {
-        let mut b = BytesMut::new();
-        codec::encode_payload(payload, &mut b).unwrap();
-        s.write_all(&b).await.unwrap();
+    /// A client's two halves: frames in, raw bytes out.
+    struct Client {
+        rd: FramedRead<OwnedReadHalf, ClientCodec>,
+        wr: OwnedWriteHalf,
     }
 
-    async fn read_msg(s: &mut UnixStream) -> Option<ServerMessage> {
-        let mut buf = BytesMut::new();
-        loop {
-            if let Some(m) = codec::decode::<ServerMessage>(&mut buf).unwrap() {
-                return Some(m);
-            }
-            if s.read_buf(&mut buf).await.unwrap() == 0 {
-                return None;
-            }
+    async fn connect(path: &Path) -> Client {
+        let (rd, wr) = UnixStream::connect(path).await.unwrap().into_split();
+        Client {
+            rd: FramedRead::new(rd, ClientCodec::new()),
+            wr,
         }
+    }
+
+    async fn frame(c: &mut Client, payload: &[u8]) {
+        let mut b = BytesMut::new();
+        codec::encode_payload(payload, &mut b).unwrap();
+        c.wr.write_all(&b).await.unwrap();
+    }
+
+    async fn read_msg(c: &mut Client) -> Option<ServerMessage> {
+        c.rd.next().await.map(|item| item.unwrap().unwrap())
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -529,7 +531,7 @@ mod tests {
             server.run(None, tx, c2).await;
             drop(server);
         });
-        let mut a = UnixStream::connect(&path).await.unwrap();
+        let mut a = connect(&path).await;
         frame(
             &mut a,
             br#"{"id":1,"type":"hello","version":1,"client":"t"}"#,
@@ -559,7 +561,7 @@ mod tests {
             Some(ServerMessage::Ok { id: 2, .. })
         ));
         // A second client's hello is refused while the first is attached.
-        let mut b = UnixStream::connect(&path).await.unwrap();
+        let mut b = connect(&path).await;
         frame(
             &mut b,
             br#"{"id":1,"type":"hello","version":1,"client":"t2"}"#,
@@ -572,7 +574,7 @@ mod tests {
         assert!(message.contains("another client"), "{message}");
         assert!(read_msg(&mut b).await.is_none(), "and closed");
         // A framing error: an error frame, then the connection closes.
-        a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        a.wr.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
         assert!(matches!(
             read_msg(&mut a).await,
             Some(ServerMessage::Error { id: 0, .. })

@@ -11,8 +11,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prometheus_client::registry::Registry;
 use shared_proto::ServerMessage;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -25,7 +27,7 @@ use crate::filter;
 use crate::hold::{
     Checksum, Config, FdbAction, FdbOp, FrameMeta, Hold, StoreDone, StoreOp, StoreOutcome,
 };
-use crate::metrics::{self, ShellStats};
+use crate::metrics::{self, Scrapes, ShellStats};
 use crate::port::{self, Port};
 use crate::store::xenstore::{self, XenstoreClient};
 use crate::store::{StoreReport, StoreWorker, SynStore as _};
@@ -208,7 +210,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
     let core = Hold::new(cfg);
 
     let (ctl_tx, ctl_rx) = mpsc::channel::<ControlIn>(256);
-    let (metrics_tx, metrics_rx) = mpsc::channel::<oneshot::Sender<String>>(16);
+    let (metrics_tx, metrics_rx) = mpsc::channel::<oneshot::Sender<Registry>>(16);
     let (fdb_tx, fdb_rx_ops) = mpsc::channel::<FdbOp>(FDB_QUEUE);
     let (fdb_done_tx, fdb_done_rx) = mpsc::channel::<(u64, bool)>(FDB_QUEUE);
     let tasks = CancellationToken::new();
@@ -226,7 +228,12 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
         })
     };
     if let Some(l) = metrics_listener {
-        tokio::spawn(metrics::serve(l, metrics_tx, tasks.clone()));
+        tokio::spawn(shared_io::http::serve(
+            l,
+            Arc::new(Scrapes::new(metrics_tx)),
+            shared_io::http::Limits::default(),
+            tasks.clone(),
+        ));
     }
     tracing::info!(
         bridge = %opts.bridge,
@@ -316,7 +323,7 @@ impl Shell {
         mut ctl_rx: mpsc::Receiver<ControlIn>,
         store_rx: &mut mpsc::Receiver<StoreReport>,
         mut fdb_rx: mpsc::Receiver<(u64, bool)>,
-        mut metrics_rx: mpsc::Receiver<oneshot::Sender<String>>,
+        mut metrics_rx: mpsc::Receiver<oneshot::Sender<Registry>>,
     ) -> Result<(), std::io::Error> {
         let mut rxbuf = vec![0u8; RX_BUF];
         let mut failed = None;

@@ -7,7 +7,7 @@
 //!   builds the neighbour frames synjitsu sends, [`refused`] remembers SYNs refused under a
 //!   flood, [`filter`] is the kernel filter program.
 //! - The IO shell: [`daemon`] (set-up and the one `select!` loop), [`control`] (the control
-//!   socket), [`metrics`] (Prometheus text over HTTP), [`port`] (the veth pair), [`fdb`] (the
+//!   socket), [`metrics`] (the Prometheus metrics, served by `shared_io::http`), [`port`] (the veth pair), [`fdb`] (the
 //!   bridge's forwarding entries, over netlink), [`store`] (the Xenstore hand-over on its own
 //!   thread), and [`sys`] (the packet socket: the only `unsafe`).
 

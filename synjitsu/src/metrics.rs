@@ -1,18 +1,16 @@
-//! Metrics in the Prometheus text format (version 0.0.4), and a tiny HTTP responder that
-//! serves them at `GET /metrics`.
+//! synjitsu's metrics, built from the core's [`Counters`] and the shell's [`ShellStats`] at
+//! each scrape, and the page that serves them at `GET /metrics` (through `shared_io::http`).
 //!
-//! Owns the metric names, help texts and labels, and rendering them from the core's
-//! [`Counters`] and the shell's [`ShellStats`]. The responder asks the daemon's loop for a
-//! fresh rendering per request (the core lives there); it serves nothing else, one request
-//! per connection, with bounded reads and a timeout.
+//! Owns the metric names, help texts and labels. The core lives in the daemon's loop, so a
+//! scrape asks the loop for a snapshot ([`Scrapes`]): the loop fills a fresh
+//! `prometheus-client` registry with the values of the moment ([`render`]), and the page is
+//! encoded off the loop. A VM that is gone is gone from the next scrape.
 
-use std::fmt::Write as _;
-use std::time::Duration;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use shared_io::http::{Handler, Response};
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
 use crate::hold::{Counters, DropReason, Hold, Verdict, VmPhase};
 
@@ -33,310 +31,121 @@ pub struct ShellStats {
     pub fdb_errors: u64,
     /// Xenstore resets and removals that failed.
     pub store_errors: u64,
-    /// Events produced while no client was attached.
+    /// Events produced while no control client was attached.
     pub events_undelivered: u64,
 }
 
-fn counter(out: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-    );
-}
+/// A counter family: its name, help, label, and each value of the label with its count.
+type Labelled<'a> = (&'a str, &'a str, &'static str, &'a [(&'static str, u64)]);
 
-fn family(out: &mut String, name: &str, help: &str, kind: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-/// Renders every metric; `client_attached` says whether a control client is attached.
-pub fn render(core: &Hold, shell: &ShellStats, client_attached: bool) -> String {
+/// Every metric's value now (each name prefixed `synjitsu_`); `client_attached` says
+/// whether a control client is attached.
+pub fn render(core: &Hold, shell: &ShellStats, client_attached: bool) -> Registry {
+    use shared_io::metrics::{counter, counters, gauge};
     let c: &Counters = core.counters();
-    let mut o = String::with_capacity(8192);
-    family(
-        &mut o,
-        "synjitsu_frames_total",
-        "Frames received on synjitsu's port, by what became of them.",
-        "counter",
-    );
-    for (label, v) in Verdict::LABELS.iter().zip(c.frames) {
-        let _ = writeln!(o, "synjitsu_frames_total{{verdict=\"{label}\"}} {v}");
-    }
-    family(
-        &mut o,
-        "synjitsu_dropped_total",
-        "Frames and held SYNs dropped, by reason.",
-        "counter",
-    );
-    for r in DropReason::all() {
-        let _ = writeln!(
-            o,
-            "synjitsu_dropped_total{{reason=\"{}\"}} {}",
-            r.as_str(),
-            c.drops_for(r)
-        );
-    }
-    counter(
-        &mut o,
-        "synjitsu_syns_held_total",
-        "Client SYNs held.",
-        c.syns_held,
-    );
-    family(
-        &mut o,
-        "synjitsu_syns_handed_over_total",
-        "Held SYNs handed over to their guest, by way.",
-        "counter",
-    );
-    let _ = writeln!(
-        o,
-        "synjitsu_syns_handed_over_total{{via=\"wire\"}} {}\nsynjitsu_syns_handed_over_total{{via=\"xenstore\"}} {}",
-        c.handed_over_wire, c.handed_over_xenstore
-    );
-    counter(
-        &mut o,
-        "synjitsu_syn_retransmits_deduplicated_total",
-        "Retransmitted SYNs (same 4-tuple and ISN) not held twice.",
-        c.retransmit_dedup,
-    );
-    counter(
-        &mut o,
-        "synjitsu_checksums_completed_total",
-        "Partial (offload-pending) TCP checksums completed before holding.",
-        c.checksums_completed,
-    );
-    family(
-        &mut o,
-        "synjitsu_rsts_sent_total",
-        "RSTs sent to clients for held SYNs, by reason.",
-        "counter",
-    );
-    let _ = writeln!(
-        o,
-        "synjitsu_rsts_sent_total{{reason=\"hold_timeout\"}} {}\nsynjitsu_rsts_sent_total{{reason=\"vm_forgotten\"}} {}",
-        c.rst_hold_timeout, c.rst_vm_forgotten
-    );
-    family(
-        &mut o,
-        "synjitsu_arp_sent_total",
-        "ARP frames sent, by kind.",
-        "counter",
-    );
-    let _ = writeln!(
-        o,
-        "synjitsu_arp_sent_total{{kind=\"gratuitous\"}} {}\nsynjitsu_arp_sent_total{{kind=\"reply\"}} {}",
-        c.garp_sent, c.arp_replies
-    );
-    family(
-        &mut o,
-        "synjitsu_na_sent_total",
-        "IPv6 neighbour advertisements sent, by kind.",
-        "counter",
-    );
-    let _ = writeln!(
-        o,
-        "synjitsu_na_sent_total{{kind=\"unsolicited\"}} {}\nsynjitsu_na_sent_total{{kind=\"solicited\"}} {}",
-        c.na_unsolicited, c.na_solicited
-    );
-    counter(
-        &mut o,
-        "synjitsu_probes_sent_total",
-        "Probe SYNs sent to guests.",
-        c.probes_sent,
-    );
-    counter(
-        &mut o,
-        "synjitsu_probe_resets_total",
-        "RSTs sent to close a probe the guest accepted.",
-        c.probe_resets,
-    );
-    counter(
-        &mut o,
-        "synjitsu_wake_requests_total",
-        "Wake requests sent for stopped VMs.",
-        c.wake_requests,
-    );
-    counter(
-        &mut o,
-        "synjitsu_guests_announced_total",
-        "Guests seen announcing themselves (gratuitous ARP or NA).",
-        c.guests_announced,
-    );
-    counter(
-        &mut o,
-        "synjitsu_xenstore_writes_total",
-        "Held SYNs written to Xenstore.",
-        c.xenstore_writes,
-    );
-    counter(
-        &mut o,
-        "synjitsu_xenstore_errors_total",
-        "Xenstore operations that failed.",
-        c.xenstore_errors + shell.store_errors,
-    );
-    counter(
-        &mut o,
-        "synjitsu_xenstore_skipped_managed_total",
-        "Xenstore writes skipped: the guest marked its address managed.",
-        c.xenstore_skipped_managed,
-    );
-    family(
-        &mut o,
-        "synjitsu_queue_overflows_total",
-        "Outputs not queued because their bounded queue was full, by queue.",
-        "counter",
-    );
-    for (q, v) in [
-        ("transmit", c.transmit_overflow),
-        ("events", c.events_overflow),
-        ("store", c.store_overflow),
-        ("fdb", c.fdb_overflow),
-    ] {
-        let _ = writeln!(o, "synjitsu_queue_overflows_total{{queue=\"{q}\"}} {v}");
-    }
-    counter(
-        &mut o,
-        "synjitsu_tx_frames_total",
-        "Frames sent.",
-        shell.tx_frames,
-    );
-    counter(
-        &mut o,
-        "synjitsu_tx_errors_total",
-        "Frame sends that failed.",
-        shell.tx_errors,
-    );
-    counter(
-        &mut o,
-        "synjitsu_rx_truncated_total",
-        "Frames longer than the receive buffer (dropped).",
-        shell.rx_truncated,
-    );
-    counter(
-        &mut o,
-        "synjitsu_rx_outgoing_total",
-        "This host's own transmissions seen on the socket (ignored).",
-        shell.rx_outgoing,
-    );
-    counter(
-        &mut o,
-        "synjitsu_kernel_drops_total",
-        "Frames the kernel dropped because synjitsu's socket buffer was full.",
-        shell.kernel_drops,
-    );
-    counter(
-        &mut o,
-        "synjitsu_fdb_errors_total",
-        "Bridge forwarding-table commands that failed.",
-        shell.fdb_errors,
-    );
-    counter(
-        &mut o,
-        "synjitsu_events_undelivered_total",
-        "Events produced while no control client was attached.",
-        shell.events_undelivered,
-    );
-    family(
-        &mut o,
-        "synjitsu_control_client_attached",
-        "1 while a control client is attached.",
-        "gauge",
-    );
-    let _ = writeln!(
-        o,
-        "synjitsu_control_client_attached {}",
-        u8::from(client_attached)
-    );
-    family(
-        &mut o,
-        "synjitsu_held_syns",
-        "SYNs held now, in total.",
-        "gauge",
-    );
-    let _ = writeln!(o, "synjitsu_held_syns {}", core.held_now());
-    family(
-        &mut o,
-        "synjitsu_vm_phase",
-        "1 for each known VM's current phase.",
-        "gauge",
-    );
-    for (name, phase, _) in core.vms() {
-        for p in VmPhase::ALL {
-            let _ = writeln!(
-                o,
-                "synjitsu_vm_phase{{vm=\"{name}\",phase=\"{}\"}} {}",
-                p.as_str(),
-                u8::from(p == phase)
-            );
+    let mut r = Registry::with_prefix("synjitsu");
+    let drops: Vec<_> = DropReason::all()
+        .map(|d| (d.as_str(), c.drops_for(d)))
+        .collect();
+    #[rustfmt::skip]
+    let labelled: [Labelled<'_>; 7] = [
+        ("frames", "Frames received on synjitsu's port, by what became of them", "verdict",
+            &Verdict::LABELS.into_iter().zip(c.frames).collect::<Vec<_>>()),
+        ("dropped", "Frames and held SYNs dropped, by reason", "reason", &drops),
+        ("syns_handed_over", "Held SYNs handed over to their guest, by way", "via",
+            &[("wire", c.handed_over_wire), ("xenstore", c.handed_over_xenstore)]),
+        ("rsts_sent", "RSTs sent to clients for held SYNs, by reason", "reason",
+            &[("hold_timeout", c.rst_hold_timeout), ("vm_forgotten", c.rst_vm_forgotten)]),
+        ("arp_sent", "ARP frames sent, by kind", "kind",
+            &[("gratuitous", c.garp_sent), ("reply", c.arp_replies)]),
+        ("na_sent", "IPv6 neighbour advertisements sent, by kind", "kind",
+            &[("unsolicited", c.na_unsolicited), ("solicited", c.na_solicited)]),
+        ("queue_overflows", "Outputs not queued because their bounded queue was full, by queue", "queue",
+            &[("transmit", c.transmit_overflow), ("events", c.events_overflow),
+              ("store", c.store_overflow), ("fdb", c.fdb_overflow)]),
+    ];
+    for (name, help, label, samples) in labelled {
+        let values: Vec<_> = samples.iter().map(|(v, _)| *v).collect();
+        for (counter, (_, n)) in counters(&mut r, name, help, label, &values)
+            .iter()
+            .zip(samples)
+        {
+            counter.inc_by(*n);
         }
     }
-    family(
-        &mut o,
-        "synjitsu_vm_held_syns",
-        "SYNs held now, per VM.",
-        "gauge",
-    );
-    for (name, _, held) in core.vms() {
-        let _ = writeln!(o, "synjitsu_vm_held_syns{{vm=\"{name}\"}} {held}");
+    #[rustfmt::skip]
+    let unlabelled = [
+        ("syns_held", "Client SYNs held", c.syns_held),
+        ("syn_retransmits_deduplicated", "Retransmitted SYNs (same 4-tuple and ISN) not held twice", c.retransmit_dedup),
+        ("checksums_completed", "Partial (offload-pending) TCP checksums completed before holding", c.checksums_completed),
+        ("probes_sent", "Probe SYNs sent to guests", c.probes_sent),
+        ("probe_resets", "RSTs sent to close a probe the guest accepted", c.probe_resets),
+        ("wake_requests", "Wake requests sent for stopped VMs", c.wake_requests),
+        ("guests_announced", "Guests seen announcing themselves (gratuitous ARP or NA)", c.guests_announced),
+        ("xenstore_writes", "Held SYNs written to Xenstore", c.xenstore_writes),
+        ("xenstore_errors", "Xenstore operations that failed", c.xenstore_errors + shell.store_errors),
+        ("xenstore_skipped_managed", "Xenstore writes skipped: the guest marked its address managed", c.xenstore_skipped_managed),
+        ("tx_frames", "Frames sent", shell.tx_frames),
+        ("tx_errors", "Frame sends that failed", shell.tx_errors),
+        ("rx_truncated", "Frames longer than the receive buffer (dropped)", shell.rx_truncated),
+        ("rx_outgoing", "This host's own transmissions seen on the socket (ignored)", shell.rx_outgoing),
+        ("kernel_drops", "Frames the kernel dropped because synjitsu's socket buffer was full", shell.kernel_drops),
+        ("fdb_errors", "Bridge forwarding-table commands that failed", shell.fdb_errors),
+        ("events_undelivered", "Events produced while no control client was attached", shell.events_undelivered),
+    ];
+    for (name, help, n) in unlabelled {
+        counter(&mut r, name, help).inc_by(n);
     }
-    o
+    #[rustfmt::skip]
+    let gauges = [
+        ("control_client_attached", "1 while a control client is attached", usize::from(client_attached)),
+        ("held_syns", "SYNs held now, in total", core.held_now()),
+    ];
+    for (name, help, n) in gauges {
+        gauge(&mut r, name, help).set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    let phases = Family::<[(&'static str, String); 2], Gauge>::default();
+    let held = Family::<[(&'static str, String); 1], Gauge>::default();
+    for (name, phase, n) in core.vms() {
+        for p in VmPhase::ALL {
+            let labels = [("vm", name.to_string()), ("phase", p.as_str().to_string())];
+            phases.get_or_create(&labels).set(i64::from(p == phase));
+        }
+        held.get_or_create(&[("vm", name.to_string())])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    r.register("vm_phase", "1 for each known VM's current phase", phases);
+    r.register("vm_held_syns", "SYNs held now, per VM", held);
+    r
 }
 
-/// Serves `GET /metrics` until `cancel`: each request asks the loop for a rendering through
-/// `ask`. VM names need no escaping: they are `[A-Za-z0-9._-]` (shared-proto checks).
-pub async fn serve(
-    listener: TcpListener,
-    ask: mpsc::Sender<oneshot::Sender<String>>,
-    cancel: CancellationToken,
-) {
-    loop {
-        let (mut stream, _) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    continue;
-                }
-            },
+/// The metrics page: each scrape asks the daemon's loop, where the core lives, for a
+/// [`render`]ing through `ask`.
+#[derive(Debug)]
+pub struct Scrapes {
+    ask: mpsc::Sender<oneshot::Sender<Registry>>,
+}
+
+impl Scrapes {
+    /// Scrapes through `ask`.
+    pub fn new(ask: mpsc::Sender<oneshot::Sender<Registry>>) -> Scrapes {
+        Scrapes { ask }
+    }
+}
+
+/// The metrics address serves `/metrics` and nothing else.
+impl Handler for Scrapes {
+    async fn get(&self, path: &str) -> Option<Response> {
+        if path != shared_io::metrics::PATH {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        // A loop that has stopped leaves an empty page rather than none.
+        let registry = match self.ask.send(tx).await {
+            Ok(()) => rx.await.unwrap_or_default(),
+            Err(_) => Registry::default(),
         };
-        let ask = ask.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                let mut req = Vec::with_capacity(1024);
-                let mut chunk = [0u8; 1024];
-                // Only the request line and headers matter; 8 KiB is plenty.
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => req.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let line = req.split(|b| *b == b'\n').next().unwrap_or_default();
-                let line = String::from_utf8_lossy(line);
-                let mut words = line.split_whitespace();
-                let (method, path) = (words.next(), words.next());
-                let (status, body) = match (method, path) {
-                    (Some("GET"), Some("/metrics")) => {
-                        let (tx, rx) = oneshot::channel();
-                        let body = match ask.send(tx).await {
-                            Ok(()) => rx.await.unwrap_or_default(),
-                            Err(_) => String::new(),
-                        };
-                        ("200 OK", body)
-                    }
-                    (Some("GET"), _) => ("404 Not Found", "try /metrics\n".to_string()),
-                    _ => ("405 Method Not Allowed", "GET /metrics only\n".to_string()),
-                };
-                let head = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = stream.write_all(head.as_bytes()).await;
-                let _ = stream.write_all(body.as_bytes()).await;
-                let _ = stream.shutdown().await;
-            })
-            .await;
-        });
+        Some(shared_io::metrics::response(&registry))
     }
 }
 
@@ -361,7 +170,7 @@ mod tests {
             },
         );
         h.on_frame(now, &[0u8; 3], FrameMeta::default());
-        let text = render(&h, &ShellStats::default(), false);
+        let text = shared_io::metrics::text(&render(&h, &ShellStats::default(), false)).unwrap();
         let mut families = 0;
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {

@@ -5,7 +5,7 @@
 //! drop the connection on demand. It does nothing on any bridge: the real synjitsu is
 //! issue 3's, and the two meet in issue 5's tests.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,8 +14,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use shared_proto::codec;
-use shared_proto::{ClientMessage, Event, PROTOCOL_VERSION, Reply, Request, ServerMessage};
+use shared_proto::{
+    ClientMessage, Event, FrameReader, PROTOCOL_VERSION, Reply, Request, ServerCodec, ServerMessage,
+};
 
 /// How the fake answers `booting`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -59,7 +60,9 @@ pub struct FakeSynjitsu {
 
 fn write_msg(conn: &Mutex<Option<UnixStream>>, msg: &ServerMessage) -> std::io::Result<()> {
     let mut buf = BytesMut::new();
-    codec::encode(msg, &mut buf).map_err(std::io::Error::other)?;
+    ServerCodec::new()
+        .encode_item(msg, &mut buf)
+        .map_err(std::io::Error::other)?;
     match conn.lock().expect("lock").as_mut() {
         Some(s) => s.write_all(&buf),
         None => Err(std::io::Error::new(
@@ -170,25 +173,14 @@ impl Drop for FakeSynjitsu {
 
 fn serve(
     conn: u32,
-    mut stream: UnixStream,
+    stream: UnixStream,
     policy: Policy,
     log: &Arc<Mutex<Log>>,
     current: &Arc<Mutex<Option<UnixStream>>>,
 ) {
-    let mut buf = BytesMut::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let req = loop {
-            match codec::decode::<Request>(&mut buf) {
-                Ok(Some(r)) => break r,
-                Ok(None) => {}
-                Err(_) => return,
-            }
-            match stream.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        };
+    let mut requests = FrameReader::<_, Request>::new(stream);
+    // The fake's clients speak correctly: anything else, or the end, ends the connection.
+    while let Ok(Some(Ok(req))) = requests.read() {
         log.lock().expect("lock").requests.push(Received {
             at: Instant::now(),
             conn,

@@ -1,7 +1,7 @@
 //! Support for synjitsu's end-to-end tests: a host namespace with `br0` and synjitsu on it,
 //! a control client that plays jitsu-dns over the real socket, metrics scraped with curl.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,8 +10,8 @@ use anyhow::{Context, Result, bail};
 use bytes::BytesMut;
 use shared_proto::codec;
 use shared_proto::{
-    ClientMessage, Event, Handover, PROTOCOL_VERSION, Phase, Request, ServerMessage, VmIdentity,
-    VmStatus,
+    ClientCodec, ClientMessage, Event, FrameReader, Handover, PROTOCOL_VERSION, Phase, Request,
+    ServerMessage, StreamError, VmIdentity, VmStatus,
 };
 
 use crate::curl::metric_in;
@@ -131,8 +131,8 @@ impl SynjitsuHost {
 /// A control-socket client playing jitsu-dns.
 #[derive(Debug)]
 pub struct ControlClient {
-    stream: UnixStream,
-    buf: BytesMut,
+    /// The connection, read through the codec's blocking reader.
+    conn: FrameReader<UnixStream, ServerMessage>,
     next_id: u64,
     /// Events received while waiting for answers.
     pub events: Vec<Event>,
@@ -148,8 +148,7 @@ impl ControlClient {
         )?;
         stream.set_read_timeout(Some(Duration::from_millis(100)))?;
         let mut c = ControlClient {
-            stream,
-            buf: BytesMut::new(),
+            conn: FrameReader::new(stream),
             next_id: 1,
             events: Vec::new(),
         };
@@ -164,7 +163,7 @@ impl ControlClient {
 
     /// Sends raw bytes (for malformed-frame tests).
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
-        self.stream.write_all(bytes)?;
+        self.conn.get_mut().write_all(bytes)?;
         Ok(())
     }
 
@@ -177,21 +176,13 @@ impl ControlClient {
 
     /// Reads the next message, up to `timeout`; `Ok(None)` if the server closed.
     pub fn next_message(&mut self, timeout: Duration) -> Result<Option<ServerMessage>> {
-        let mut chunk = [0u8; 4096];
-        // Each read blocks up to the socket's read timeout (100 ms).
+        // Each read blocks up to the socket's read timeout (100 ms); what it read is kept.
         wait_until("a message from synjitsu", timeout, || {
-            match codec::decode::<ServerMessage>(&mut self.buf) {
-                Ok(Some(m)) => return Some(Ok(Some(m))),
-                Ok(None) => {}
-                Err(e) => return Some(Err(e.into())),
-            }
-            match self.stream.read(&mut chunk) {
-                Ok(0) => Some(Ok(None)),
-                Ok(n) => {
-                    self.buf.extend_from_slice(&chunk[..n]);
-                    None
-                }
-                Err(e)
+            match self.conn.read() {
+                Ok(Some(Ok(m))) => Some(Ok(Some(m))),
+                Ok(Some(Err(e))) => Some(Err(e.into())),
+                Ok(None) => Some(Ok(None)),
+                Err(StreamError::Io(e))
                     if matches!(
                         e.kind(),
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
@@ -225,7 +216,7 @@ impl ControlClient {
         let id = self.next_id;
         self.next_id += 1;
         let mut b = BytesMut::new();
-        codec::encode(&Request { id, body }, &mut b)?;
+        ClientCodec::new().encode_item(&Request { id, body }, &mut b)?;
         self.send_raw(&b)?;
         self.answer(id)
     }

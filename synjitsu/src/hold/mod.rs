@@ -52,6 +52,7 @@ pub(crate) mod tests;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
+use shared_io::RateLimited;
 use shared_proto::Mac;
 
 pub use self::control::ControlError;
@@ -266,9 +267,9 @@ pub struct Hold {
     cfg: Config,
     vms: Vms,
     out: Outputs,
-    /// When a dropped frame was last logged, and how many were not logged since: a flood of
-    /// garbage must not become a flood of log lines.
-    drop_log: (Option<Instant>, u64),
+    /// One dropped frame logged a second: a flood of garbage must not become a flood of log
+    /// lines.
+    drop_log: RateLimited,
     /// SYNs recently refused for want of room, to recognise their retransmissions.
     refused: Refused,
 }
@@ -281,7 +282,7 @@ impl Hold {
             cfg,
             vms: Vms::default(),
             out: Outputs::new(seed),
-            drop_log: (None, 0),
+            drop_log: RateLimited::new(Duration::from_secs(1)),
             refused: Refused::new(Duration::from_secs(2), seed),
         }
     }
@@ -359,18 +360,13 @@ impl Hold {
         self.out.counters.frames[verdict.index()] += 1;
         if let Verdict::Drop(reason) = verdict {
             self.out.counters.count_drop(reason);
-            let (last, suppressed) = &mut self.drop_log;
-            if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            if let Some(suppressed) = self.drop_log.allow(now) {
                 tracing::trace!(
                     reason = reason.as_str(),
                     len = frame.len(),
-                    suppressed = *suppressed,
+                    suppressed,
                     "frame dropped"
                 );
-                *last = Some(now);
-                *suppressed = 0;
-            } else {
-                *suppressed += 1;
             }
         }
         verdict

@@ -3,7 +3,8 @@
 //! tells how big it was.
 //!
 //! Owns only that decision, as a pure function of `now`. It does not log, read the clock or
-//! know what it limits (the daemon limits its warnings about refused queries with it).
+//! know what it limits: jitsu-dns limits its warnings about refused queries with it, synjitsu
+//! its trace lines about dropped frames.
 
 use std::time::{Duration, Instant};
 
