@@ -51,8 +51,8 @@ fn xenstore_read(xs: &TestXenstored, path: &str) -> Option<String> {
     })
 }
 
-/// The client's SYN in a capture: (source port, ISN).
-fn client_syn(lines: &[String]) -> Option<(u16, u32)> {
+/// The client's SYN in a capture: (source port, ISN, tcpdump's text of its options).
+fn client_syn(lines: &[String]) -> Option<(u16, u32, String)> {
     lines.iter().find_map(|l| {
         let rest = l.split(" IP 10.77.1.2.").nth(1)?;
         if !rest.contains("> 10.77.1.10.80: Flags [S],") {
@@ -60,8 +60,42 @@ fn client_syn(lines: &[String]) -> Option<(u16, u32)> {
         }
         let port = rest.split_whitespace().next()?.parse().ok()?;
         let seq = rest.split("seq ").nth(1)?.split(',').next()?.parse().ok()?;
-        Some((port, seq))
+        let options = rest.split("options [").nth(1)?.split(']').next()?;
+        Some((port, seq, options.to_string()))
     })
+}
+
+/// The `options` leaf the original stack writes for options tcpdump printed in wire order
+/// (`mss 1460,sackOK,TS val 1 ecr 0,nop,wscale 7`), by the reference file's rules: one element
+/// per option and per NOP, the list reversed, int32 atoms signed, sexplib's machine form (a
+/// space only between two atoms).
+fn original_options_leaf(tcpdump: &str) -> Result<String> {
+    let mut elements = Vec::new();
+    for opt in tcpdump.split(',') {
+        let words: Vec<&str> = opt.split_whitespace().collect();
+        let int32 = |w: &str| -> Result<i32> { Ok(w.parse::<u32>()? as i32) };
+        elements.push(match words.as_slice() {
+            ["mss", n] => format!("(MSS {n})"),
+            ["sackOK"] => "SACK_ok".to_string(),
+            ["TS", "val", a, "ecr", b] => format!("(Timestamp {} {})", int32(a)?, int32(b)?),
+            ["nop"] => "Noop".to_string(),
+            ["wscale", n] => format!("(Window_size_shift {n})"),
+            _ => bail!("no rule for the option {opt:?}"),
+        });
+    }
+    elements.reverse();
+    let mut out = String::from("(");
+    let mut after_atom = false;
+    for e in elements {
+        let atom = !e.starts_with('(');
+        if atom && after_atom {
+            out.push(' ');
+        }
+        out.push_str(&e);
+        after_atom = atom;
+    }
+    out.push(')');
+    Ok(out)
 }
 
 fn scenario() -> Result<()> {
@@ -121,7 +155,7 @@ fn scenario() -> Result<()> {
         }
     })?;
     let lines = capture.finish()?;
-    let (port, isn) = client_syn(&lines).context("the client's SYN in the capture")?;
+    let (port, isn, options) = client_syn(&lines).context("the client's SYN in the capture")?;
 
     let key = SynKey {
         local_ip: "10.77.1.10".parse()?,
@@ -170,6 +204,12 @@ fn scenario() -> Result<()> {
         syn.sequence
     );
     ensure!(syn.tx_wnd == 64240, "window {}", syn.tx_wnd);
+    let leaf = xenstore_read(&xs, &key.leaf_path("options")).context("the options leaf")?;
+    let want = original_options_leaf(&options)?;
+    ensure!(
+        leaf == want,
+        "options leaf {leaf:?}, the original would write {want:?} for [{options}]"
+    );
     ensure!(
         syn.options.contains(&TcpOption::Mss(1460)),
         "{:?}",

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use jitsu_tests::xenstored::TestXenstored;
 use jitsu_tests::{Scratch, require_tool, run};
-use synjitsu::store::layout::{HeldSyn, SynKey, TcpOption, ip_path};
+use synjitsu::store::layout::{HeldSyn, SynKey, ip_path, options_from_wire};
 use synjitsu::store::xs_wire::{Access, Perm, XsMsg, XsType};
 
 fn call(s: &mut UnixStream, m: XsMsg) -> XsMsg {
@@ -41,15 +41,15 @@ fn debian_clients_read_the_original_layout() {
         dest_ip: "10.0.0.254".parse().unwrap(),
         dest_port: 41234,
     };
+    // A Linux SYN's options area: mss 1460, sackOK, TS val 736287380 ecr 0, nop, wscale 10.
+    let linux_syn = [
+        0x02, 0x04, 0x05, 0xb4, 0x04, 0x02, 0x08, 0x0a, 0x2b, 0xe2, 0xda, 0x94, 0x00, 0x00, 0x00,
+        0x00, 0x01, 0x03, 0x03, 0x0a,
+    ];
     let syn = HeldSyn::new(
         64240,
         0xF000_0001,
-        vec![
-            TcpOption::Mss(1460),
-            TcpOption::SackOk,
-            TcpOption::Timestamp(736_287_380, 0),
-            TcpOption::WindowSizeShift(10),
-        ],
+        options_from_wire(&linux_syn).unwrap(),
         0x1234,
     );
     // One transaction for the guest's subtree and one SYN, as synjitsu does.
@@ -75,9 +75,10 @@ fn debian_clients_read_the_original_layout() {
     let expected = [
         ("tx_wnd", "64240"),
         ("sequence", "-268435455"),
+        // As the reference file gives it for this SYN: what the original stack wrote.
         (
             "options",
-            "((MSS 1460)SACK_ok(Timestamp 736287380 0)(Window_size_shift 10))",
+            "((Window_size_shift 10)Noop(Timestamp 736287380 0)SACK_ok(MSS 1460))",
         ),
         ("tx_isn", "452858420"),
         ("rx_wnd", "65535"),
