@@ -125,3 +125,57 @@ fn the_tests_xenstored_answers_what_xenstore_tools_ask() {
         .unwrap();
     assert!(!out.status.success(), "reading a removed node must fail");
 }
+
+/// Debian's `tool args...` connected to `socket`: (success, stdout).
+fn xs_at(socket: &std::path::Path, tool: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(tool)
+        .env("XENSTORED_PATH", socket)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn debian_clients_act_as_the_domain_of_their_socket() {
+    for tool in [
+        "xenstore-write",
+        "xenstore-read",
+        "xenstore-rm",
+        "xenstore-list",
+    ] {
+        require_tool(tool, "xenstore-utils");
+    }
+    let dir = Scratch::new("xs").unwrap();
+    let xs = TestXenstored::start(&dir.join("xenstored.sock")).unwrap();
+    xs_cmd(&xs, "xenstore-write", &["/ip", "", "/ip/a", "x"]);
+    xs_cmd(&xs, "xenstore-chmod", &["/ip", "n0"]);
+    xs_cmd(&xs, "xenstore-chmod", &["/ip/a", "n0", "b5"]);
+    let (d5, d6) = (xs.domain_socket(5).unwrap(), xs.domain_socket(6).unwrap());
+    assert_eq!(
+        xs_at(&d5, "xenstore-read", &["/ip/a"]),
+        (true, "x\n".into())
+    );
+    assert!(xs_at(&d5, "xenstore-write", &["/ip/a", "managed"]).0);
+    assert_eq!(xs.read("/ip/a"), Some(b"managed".to_vec()));
+    // No node of its own, no write access on the parent: nothing is created.
+    assert!(!xs_at(&d5, "xenstore-write", &["/ip/b", "managed"]).0);
+    assert_eq!(xs.read("/ip/b"), None);
+    assert!(!xs_at(&d5, "xenstore-list", &["/ip"]).0, "/ip is dom0's");
+    // Under its own node it creates what it likes, and owns it.
+    assert!(xs_at(&d5, "xenstore-write", &["/ip/a/80/c", "1"]).0);
+    assert_eq!(
+        xs.perms("/ip/a/80/c").unwrap(),
+        vec![Perm::new(Access::None, 5), Perm::new(Access::Both, 5)]
+    );
+    // Another domain sees nothing and removes nothing.
+    assert!(!xs_at(&d6, "xenstore-read", &["/ip/a"]).0);
+    assert!(!xs_at(&d6, "xenstore-list", &["/ip/a"]).0);
+    assert!(!xs_at(&d6, "xenstore-rm", &["/ip/a"]).0);
+    assert_eq!(xs.read("/ip/a"), Some(b"managed".to_vec()));
+    assert!(xs_at(&d5, "xenstore-rm", &["/ip/a/80"]).0);
+    assert_eq!(xs.read("/ip/a/80"), None);
+}
