@@ -10,6 +10,7 @@
 //! - [`state`]: the state store with history (a git repository);
 //! - [`synjitsu`]: the client of synjitsu's control socket;
 //! - [`xenstore`]: waiting for a readiness key;
+//! - [`rumprun`]: a rumprun guest's configuration, written to Xenstore before it runs;
 //! - [`metrics`]: Prometheus counters and the `/metrics` endpoint;
 //! - [`ratelimit`]: one log line per period for repeated warnings;
 //! - [`daemon`]: the IO shell tying them together in one `select!` loop.
@@ -22,6 +23,7 @@ pub mod fleet;
 pub mod forward;
 pub mod metrics;
 pub mod ratelimit;
+pub mod rumprun;
 pub mod state;
 pub mod synjitsu;
 mod sys;
