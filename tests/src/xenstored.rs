@@ -675,6 +675,20 @@ pub fn call(stream: &mut UnixStream, msg: &XsMsg) -> std::io::Result<XsMsg> {
     }
 }
 
+/// Runs Debian's `tool` (`xenstore-read`, `xenstore-write`, `xenstore-list`...) with `args`
+/// against `socket` (`XENSTORED_PATH`: dom0's socket, or a domain's, which makes the tool that
+/// domain): its output as printed, or `None` if it failed (or could not be run).
+pub fn tool(socket: &Path, tool: &str, args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new(tool)
+        .env("XENSTORED_PATH", socket)
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn serve(conn: u64, mut stream: UnixStream, shared: &Shared) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use jitsu_tests::jitsu_dns::{DnsHarness, store_log};
 use jitsu_tests::libvirt::{GuestImage, GuestVm, Libvirtd, URI};
-use jitsu_tests::xenstored::{Change, TestXenstored};
+use jitsu_tests::xenstored::{self, Change, TestXenstored};
 use jitsu_tests::{bin_path, require_root, require_tool, unique, wait_until};
 use synjitsu::store::xs_wire::XsType;
 
@@ -39,16 +39,9 @@ fn tools() {
     require_tool("xenstore-read", "xenstore-utils");
 }
 
-/// `xenstore-read -R` (raw: the value's bytes, not escaped) at `socket`.
+/// `xenstore-read -R` (raw: the value's bytes, not escaped, no newline added) at `socket`.
 fn xenstore_read_raw(socket: &std::path::Path, path: &str) -> Option<String> {
-    let out = Command::new("xenstore-read")
-        .env("XENSTORED_PATH", socket)
-        .args(["-R", path])
-        .output()
-        .unwrap();
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    xenstored::tool(socket, "xenstore-read", &["-R", path])
 }
 
 /// jitsu-dns's lifecycle events for `vm` in its (debug) log, in order: `started`,

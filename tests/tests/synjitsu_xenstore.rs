@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use jitsu_tests::curl::Curl;
 use jitsu_tests::synjitsu::*;
-use jitsu_tests::xenstored::TestXenstored;
+use jitsu_tests::xenstored::{self, TestXenstored};
 use jitsu_tests::{Scratch, require_root, require_tool, run, wait_until};
 use shared_proto::{ClientMessage, Event, Handover, HandoverVia};
 use synjitsu::store::layout::{HeldSyn, SynKey, TX_ISN_BASE, TcpOption};
@@ -45,16 +45,7 @@ fn xenstore_ls(xs: &TestXenstored, path: &str) -> Result<BTreeMap<String, (Strin
 /// Debian's `tool args...` connected to `socket` (dom0's, or a domain's): its output, `None`
 /// if it failed.
 fn xs_at(socket: &Path, tool: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(tool)
-        .env("XENSTORED_PATH", socket)
-        .args(args)
-        .output()
-        .ok()?;
-    out.status.success().then(|| {
-        String::from_utf8_lossy(&out.stdout)
-            .trim_end_matches('\n')
-            .to_string()
-    })
+    xenstored::tool(socket, tool, args).map(|out| out.trim_end_matches('\n').to_string())
 }
 
 /// `xenstore-list` as the guest: the children, none if it failed.
@@ -333,19 +324,23 @@ fn scenario() -> Result<()> {
     ensure!(xs.read(&conn).is_none(), "the guest's rm left {conn}");
     ensure!(xs.read(ip_path).as_deref() == Some(&b"managed"[..]));
 
-    // The guest took over: nothing more is written.
-    let _ = knock.run(&client.ns)?;
-    wait_until(
-        "a write skipped for `managed`",
-        Duration::from_secs(10),
-        || {
-            (synjitsu
-                .metric("synjitsu_xenstore_skipped_managed_total")
-                .ok()?
-                >= 1.0)
-                .then_some(())
-        },
-    )?;
+    // The guest took over: nothing more is written. (Another knock, until the `n`th write
+    // skipped for `managed`.)
+    let knock_skipped = |n: f64| -> Result<()> {
+        let _ = knock.run(&client.ns)?;
+        wait_until(
+            &format!("write {n} skipped for `managed`"),
+            Duration::from_secs(10),
+            || {
+                (synjitsu
+                    .metric("synjitsu_xenstore_skipped_managed_total")
+                    .ok()?
+                    >= n)
+                    .then_some(())
+            },
+        )
+    };
+    knock_skipped(1.0)?;
     let after = xenstore_ls(&xs, "/ip")?;
     ensure!(
         !after.keys().any(|p| p.ends_with("/syn")),
@@ -384,18 +379,7 @@ fn scenario() -> Result<()> {
         "nothing was held, the guest found {taken:?}"
     );
     ensure!(xs.read(ip_path).as_deref() == Some(&b"managed"[..]));
-    let _ = knock.run(&client.ns)?;
-    wait_until(
-        "a second write skipped for `managed`",
-        Duration::from_secs(10),
-        || {
-            (synjitsu
-                .metric("synjitsu_xenstore_skipped_managed_total")
-                .ok()?
-                >= 2.0)
-                .then_some(())
-        },
-    )?;
+    knock_skipped(2.0)?;
     ensure!(synjitsu.metric("synjitsu_xenstore_writes_total")? == 1.0);
 
     // Forgotten (a sync without it): its node goes.

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 
-use jitsu_tests::xenstored::TestXenstored;
+use jitsu_tests::xenstored::{TestXenstored, tool as tool_at};
 use jitsu_tests::{Scratch, require_tool, run};
 use synjitsu::store::layout::{HeldSyn, SynKey, ip_path, options_from_wire};
 use synjitsu::store::xs_wire::{Access, Perm, XsMsg, XsType};
@@ -126,19 +126,6 @@ fn the_tests_xenstored_answers_what_xenstore_tools_ask() {
     assert!(!out.status.success(), "reading a removed node must fail");
 }
 
-/// Debian's `tool args...` connected to `socket`: (success, stdout).
-fn xs_at(socket: &std::path::Path, tool: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(tool)
-        .env("XENSTORED_PATH", socket)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
-
 #[test]
 fn debian_clients_act_as_the_domain_of_their_socket() {
     for tool in [
@@ -156,26 +143,29 @@ fn debian_clients_act_as_the_domain_of_their_socket() {
     xs_cmd(&xs, "xenstore-chmod", &["/ip/a", "n0", "b5"]);
     let (d5, d6) = (xs.domain_socket(5).unwrap(), xs.domain_socket(6).unwrap());
     assert_eq!(
-        xs_at(&d5, "xenstore-read", &["/ip/a"]),
-        (true, "x\n".into())
+        tool_at(&d5, "xenstore-read", &["/ip/a"]).as_deref(),
+        Some("x\n")
     );
-    assert!(xs_at(&d5, "xenstore-write", &["/ip/a", "managed"]).0);
+    assert!(tool_at(&d5, "xenstore-write", &["/ip/a", "managed"]).is_some());
     assert_eq!(xs.read("/ip/a"), Some(b"managed".to_vec()));
     // No node of its own, no write access on the parent: nothing is created.
-    assert!(!xs_at(&d5, "xenstore-write", &["/ip/b", "managed"]).0);
+    assert!(tool_at(&d5, "xenstore-write", &["/ip/b", "managed"]).is_none());
     assert_eq!(xs.read("/ip/b"), None);
-    assert!(!xs_at(&d5, "xenstore-list", &["/ip"]).0, "/ip is dom0's");
+    assert!(
+        tool_at(&d5, "xenstore-list", &["/ip"]).is_none(),
+        "/ip is dom0's"
+    );
     // Under its own node it creates what it likes, and owns it.
-    assert!(xs_at(&d5, "xenstore-write", &["/ip/a/80/c", "1"]).0);
+    assert!(tool_at(&d5, "xenstore-write", &["/ip/a/80/c", "1"]).is_some());
     assert_eq!(
         xs.perms("/ip/a/80/c").unwrap(),
         vec![Perm::new(Access::None, 5), Perm::new(Access::Both, 5)]
     );
     // Another domain sees nothing and removes nothing.
-    assert!(!xs_at(&d6, "xenstore-read", &["/ip/a"]).0);
-    assert!(!xs_at(&d6, "xenstore-list", &["/ip/a"]).0);
-    assert!(!xs_at(&d6, "xenstore-rm", &["/ip/a"]).0);
+    assert!(tool_at(&d6, "xenstore-read", &["/ip/a"]).is_none());
+    assert!(tool_at(&d6, "xenstore-list", &["/ip/a"]).is_none());
+    assert!(tool_at(&d6, "xenstore-rm", &["/ip/a"]).is_none());
     assert_eq!(xs.read("/ip/a"), Some(b"managed".to_vec()));
-    assert!(xs_at(&d5, "xenstore-rm", &["/ip/a/80"]).0);
+    assert!(tool_at(&d5, "xenstore-rm", &["/ip/a/80"]).is_some());
     assert_eq!(xs.read("/ip/a/80"), None);
 }
