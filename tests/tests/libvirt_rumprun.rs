@@ -69,7 +69,7 @@ fn the_test_drivers_domain_gets_its_rumprun_config_while_paused() {
     let spec = |name: &str, last: u8| {
         format!(
             "name={name},dns={name}.example.org,ip=10.77.0.{last},kernel=/boot/{name}.bin,\
-             memory=64,response_delay=0,rumprun_config={}",
+             response_delay=0,rumprun_config={}",
             cfg.display()
         )
     };
