@@ -10,6 +10,7 @@
 //! - [`state`]: the state store with history (a git repository);
 //! - [`synjitsu`]: the client of synjitsu's control socket;
 //! - [`xenstore`]: waiting for a readiness key;
+//! - [`rumprun`]: a rumprun guest's configuration, written to Xenstore before it runs;
 //! - [`metrics`]: the Prometheus metrics (served by `shared_io::http`);
 //! - [`daemon`]: the IO shell tying them together in one `select!` loop.
 
@@ -20,6 +21,7 @@ pub mod dns;
 pub mod fleet;
 pub mod forward;
 pub mod metrics;
+pub mod rumprun;
 pub mod state;
 pub mod synjitsu;
 mod sys;

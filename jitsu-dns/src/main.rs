@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 /// (keys: name, dns (repeatable), ip, ip6, mac, response_delay, wait_for_key, wait_for,
 /// wait_for_timeout, boot_timeout, use_synjitsu, stop_mode, handover, zone, nic; process
 /// backend: command, ifup, gateway; libvirt: uuid, kernel, initrd, cmdline, memory, disk
-/// (repeatable), console_log, domain_type), or `[[vm]]` tables in the --config file, whose
+/// (repeatable), console_log, domain_type, rumprun_config (a relative path is the working
+/// directory's)), or `[[vm]]` tables in the --config file, whose
 /// top-level keys are the long flags with `_`.
 #[derive(Debug, Parser)]
 #[command(version, about, args_conflicts_with_subcommands = true)]

@@ -1,6 +1,7 @@
 //! synjitsu's Xenstore client against the tests' small xenstored (`jitsu_tests::xenstored`),
-//! over the real wire protocol: start-up clean-up, one SYN written whole with the guest's
-//! permissions, `managed` respected, and a dead daemon an error, not a hang.
+//! over the real wire protocol: start-up clean-up, a guest's node opened empty for its domain at
+//! each boot and closed, one SYN written whole with the guest's permissions, `managed`
+//! respected, and a dead daemon an error, not a hang.
 //!
 //! An integration test rather than a unit test beside the client: the test daemon is built on
 //! `synjitsu::store::xs_wire`, and only here are its permission values and ours one type.
@@ -75,8 +76,38 @@ fn a_syn_is_written_whole_with_the_guests_permissions_unless_managed() {
     assert_eq!(xs.read(&other.conn_path()), None);
     c.remove(&key()).unwrap();
     assert_eq!(xs.read(&key().conn_path()), None);
-    c.reset(key().local_ip).unwrap();
+    c.close(key().local_ip).unwrap();
     assert_eq!(xs.read("/ip/10-77-1-10"), None);
+    drop(xs);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn opening_makes_an_empty_node_for_the_new_domain_alone() {
+    let (xs, dir) = daemon("open");
+    let mut c = XenstoreClient::connect(xs.path()).unwrap();
+    c.prepare().unwrap();
+    let ip = key().local_ip;
+    c.open(7, ip).unwrap();
+    assert_eq!(xs.read("/ip/10-77-1-10"), Some(vec![]));
+    assert_eq!(
+        xs.perms("/ip/10-77-1-10").unwrap(),
+        vec![Perm::new(Access::None, 0), Perm::new(Access::Both, 7)]
+    );
+    c.write_syn(7, &key(), &syn()).unwrap();
+    xs.write("/ip/10-77-1-10", b"managed");
+    // The next boot: the old `managed` and SYN are gone, the node is domain 9's.
+    c.open(9, ip).unwrap();
+    assert_eq!(xs.read("/ip/10-77-1-10"), Some(vec![]));
+    assert_eq!(xs.read(&key().conn_path()), None);
+    assert_eq!(
+        xs.perms("/ip/10-77-1-10").unwrap(),
+        vec![Perm::new(Access::None, 0), Perm::new(Access::Both, 9)]
+    );
+    c.close(ip).unwrap();
+    assert_eq!(xs.read("/ip/10-77-1-10"), None);
+    // Closing what is gone is no error.
+    c.close(ip).unwrap();
     drop(xs);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -203,6 +203,11 @@ impl Daemon {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }
 
+    /// Its log file (for a thread that reads it while the daemon runs).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     /// What the daemon has written so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -6,9 +6,9 @@ use std::net::IpAddr;
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 
-use jitsu_tests::xenstored::TestXenstored;
+use jitsu_tests::xenstored::{TestXenstored, tool as tool_at};
 use jitsu_tests::{Scratch, require_tool, run};
-use synjitsu::store::layout::{HeldSyn, SynKey, TcpOption, ip_path};
+use synjitsu::store::layout::{HeldSyn, SynKey, ip_path, options_from_wire};
 use synjitsu::store::xs_wire::{Access, Perm, XsMsg, XsType};
 
 fn call(s: &mut UnixStream, m: XsMsg) -> XsMsg {
@@ -41,15 +41,15 @@ fn debian_clients_read_the_original_layout() {
         dest_ip: "10.0.0.254".parse().unwrap(),
         dest_port: 41234,
     };
+    // A Linux SYN's options area: mss 1460, sackOK, TS val 736287380 ecr 0, nop, wscale 10.
+    let linux_syn = [
+        0x02, 0x04, 0x05, 0xb4, 0x04, 0x02, 0x08, 0x0a, 0x2b, 0xe2, 0xda, 0x94, 0x00, 0x00, 0x00,
+        0x00, 0x01, 0x03, 0x03, 0x0a,
+    ];
     let syn = HeldSyn::new(
         64240,
         0xF000_0001,
-        vec![
-            TcpOption::Mss(1460),
-            TcpOption::SackOk,
-            TcpOption::Timestamp(736_287_380, 0),
-            TcpOption::WindowSizeShift(10),
-        ],
+        options_from_wire(&linux_syn).unwrap(),
         0x1234,
     );
     // One transaction for the guest's subtree and one SYN, as synjitsu does.
@@ -75,9 +75,10 @@ fn debian_clients_read_the_original_layout() {
     let expected = [
         ("tx_wnd", "64240"),
         ("sequence", "-268435455"),
+        // As the reference file gives it for this SYN: what the original stack wrote.
         (
             "options",
-            "((MSS 1460)SACK_ok(Timestamp 736287380 0)(Window_size_shift 10))",
+            "((Window_size_shift 10)Noop(Timestamp 736287380 0)SACK_ok(MSS 1460))",
         ),
         ("tx_isn", "452858420"),
         ("rx_wnd", "65535"),
@@ -123,4 +124,48 @@ fn the_tests_xenstored_answers_what_xenstore_tools_ask() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "reading a removed node must fail");
+}
+
+#[test]
+fn debian_clients_act_as_the_domain_of_their_socket() {
+    for tool in [
+        "xenstore-write",
+        "xenstore-read",
+        "xenstore-rm",
+        "xenstore-list",
+    ] {
+        require_tool(tool, "xenstore-utils");
+    }
+    let dir = Scratch::new("xs").unwrap();
+    let xs = TestXenstored::start(&dir.join("xenstored.sock")).unwrap();
+    xs_cmd(&xs, "xenstore-write", &["/ip", "", "/ip/a", "x"]);
+    xs_cmd(&xs, "xenstore-chmod", &["/ip", "n0"]);
+    xs_cmd(&xs, "xenstore-chmod", &["/ip/a", "n0", "b5"]);
+    let (d5, d6) = (xs.domain_socket(5).unwrap(), xs.domain_socket(6).unwrap());
+    assert_eq!(
+        tool_at(&d5, "xenstore-read", &["/ip/a"]).as_deref(),
+        Some("x\n")
+    );
+    assert!(tool_at(&d5, "xenstore-write", &["/ip/a", "managed"]).is_some());
+    assert_eq!(xs.read("/ip/a"), Some(b"managed".to_vec()));
+    // No node of its own, no write access on the parent: nothing is created.
+    assert!(tool_at(&d5, "xenstore-write", &["/ip/b", "managed"]).is_none());
+    assert_eq!(xs.read("/ip/b"), None);
+    assert!(
+        tool_at(&d5, "xenstore-list", &["/ip"]).is_none(),
+        "/ip is dom0's"
+    );
+    // Under its own node it creates what it likes, and owns it.
+    assert!(tool_at(&d5, "xenstore-write", &["/ip/a/80/c", "1"]).is_some());
+    assert_eq!(
+        xs.perms("/ip/a/80/c").unwrap(),
+        vec![Perm::new(Access::None, 5), Perm::new(Access::Both, 5)]
+    );
+    // Another domain sees nothing and removes nothing.
+    assert!(tool_at(&d6, "xenstore-read", &["/ip/a"]).is_none());
+    assert!(tool_at(&d6, "xenstore-list", &["/ip/a"]).is_none());
+    assert!(tool_at(&d6, "xenstore-rm", &["/ip/a"]).is_none());
+    assert_eq!(xs.read("/ip/a"), Some(b"managed".to_vec()));
+    assert!(tool_at(&d5, "xenstore-rm", &["/ip/a/80"]).is_some());
+    assert_eq!(xs.read("/ip/a/80"), None);
 }

@@ -700,3 +700,43 @@ fn a_reload_keeps_the_settings_that_need_a_restart() {
     let (_, kept) = running.clone().for_reload(&running);
     assert!(kept.is_empty());
 }
+
+#[test]
+fn rumprun_config_is_a_file_that_must_be_there_at_start() {
+    let dir = std::env::temp_dir().join(format!("jitsu-cfg-rumprun-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("nginx.json");
+    std::fs::write(&json, "{\"cmdline\": \"nginx\"}").unwrap();
+    let spec = |path: &str| {
+        let mut f = flags(&[&format!(
+            "name=rump,dns=nginx.example.org,ip=10.0.0.3,kernel=/k/nginx.bin,\
+             rumprun_config={path}"
+        )]);
+        f.backend = Some("libvirt".into());
+        f
+    };
+    let c = ok(&spec(&json.display().to_string()));
+    assert_eq!(c.vms[0].rumprun_config.as_deref(), Some(json.as_path()));
+    // Jitsu ignored a missing file; here it is refused, naming the key and the file.
+    let missing = dir.join("missing.json").display().to_string();
+    let e = err(&spec(&missing));
+    assert!(
+        e.contains("rumprun_config = ") && e.contains(&missing) && e.contains("No such file"),
+        "{e}"
+    );
+    // A relative path is the working directory's, as Jitsu read it.
+    let cwd = std::env::current_dir().unwrap();
+    let e = err(&spec("no-such-rumprun.json"));
+    assert!(
+        e.contains(&cwd.join("no-such-rumprun.json").display().to_string()),
+        "{e}"
+    );
+    // It is the libvirt backend's.
+    let e = err(&flags(&[&format!(
+        "{},rumprun_config={}",
+        www(),
+        json.display()
+    )]));
+    assert!(e.contains("libvirt backend"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

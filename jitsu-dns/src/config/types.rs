@@ -251,6 +251,9 @@ pub struct VmConfig {
     /// The kind of domain defined for the VM when it has none (libvirt; default from the
     /// connection's hypervisor).
     pub domain_type: Option<DomainType>,
+    /// rumprun's JSON configuration (libvirt), written to Xenstore before the domain runs;
+    /// absolute (a relative one was taken from the working directory).
+    pub rumprun_config: Option<PathBuf>,
     /// The keys as given, for the state store's `config/` subtree.
     pub raw: Vec<(String, String)>,
 }

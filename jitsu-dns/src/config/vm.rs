@@ -52,6 +52,7 @@ const LIBVIRT_KEYS: &[&str] = &[
     "cmdline",
     "console_log",
     "domain_type",
+    "rumprun_config",
 ];
 /// Keys that may be given more than once.
 const REPEATABLE: &[&str] = &["dns", "disk"];
@@ -178,6 +179,7 @@ pub(super) fn build_vm(
     let domain_type = keys.parse("domain_type", parse_enum)?;
     let uuid = keys.parse("uuid", parse_uuid)?;
     let cmdline = keys.get("cmdline").map(|e| e.value.clone());
+    let rumprun_config = keys.parse("rumprun_config", parse_rumprun_config)?;
     Ok(VmConfig {
         name,
         dns,
@@ -207,6 +209,7 @@ pub(super) fn build_vm(
         cmdline,
         console_log,
         domain_type,
+        rumprun_config,
         raw: entries
             .iter()
             .map(|e| (e.key.clone(), e.value.clone()))
@@ -234,7 +237,8 @@ fn check_keys(entries: &[Entry], backend: BackendKind) -> Result<(), ConfigError
                 "unknown key; VMs take name, dns, ip, ip6, mac, response_delay, wait_for_key, \
                  wait_for, wait_for_timeout, boot_timeout, use_synjitsu, stop_mode, handover, \
                  zone, nic, and for the process backend command, ifup, gateway, for libvirt \
-                 kernel, initrd, memory, disk, uuid, cmdline, console_log, domain_type",
+                 kernel, initrd, memory, disk, uuid, cmdline, console_log, domain_type, \
+                 rumprun_config",
             ));
         }
         if wrong.contains(&key) {
@@ -384,6 +388,15 @@ fn parse_absolute(origin: &Origin, key: &str, v: &str) -> Result<PathBuf, Config
         ));
     }
     Ok(PathBuf::from(v))
+}
+
+/// rumprun's JSON configuration: jitsu-dns reads it itself, so a relative path is taken from
+/// its working directory, as Jitsu took it. Checked now (Jitsu ignored a missing file), and
+/// read again at each boot.
+fn parse_rumprun_config(origin: &Origin, key: &str, v: &str) -> Result<PathBuf, ConfigError> {
+    let path = std::path::absolute(v).map_err(|e| invalid(origin, key, v, e.to_string()))?;
+    crate::rumprun::read_cfg(&path).map_err(|e| invalid(origin, key, v, e.to_string()))?;
+    Ok(path)
 }
 
 /// Names, addresses and MACs identify a VM on the bridge and in DNS: no two may share one.

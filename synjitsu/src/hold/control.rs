@@ -69,13 +69,15 @@ impl Hold {
             vm.write_pending(&mut self.out);
             return Ok(());
         }
-        // A new boot: what Xenstore held for an earlier one is stale, the guest reads the
-        // writes below, and the domid may be new.
+        // A new boot: what Xenstore held for an earlier one is stale, the domid may be new,
+        // and the guest may mark its address `managed` before any SYN is written: its node
+        // must be there, and its domain's, from now on.
         let garps = self.cfg.garp_count;
         vm.restart(VmPhase::Booting, garps, (garps > 0).then_some(now));
-        if vm.xenstore_domid().is_some() {
-            self.out.queue_store(StoreOp::Reset {
+        if let Some(domid) = vm.xenstore_domid() {
+            self.out.queue_store(StoreOp::Open {
                 vm: id.name.clone(),
+                domid,
                 ips: vm.addrs(),
             });
         }
@@ -170,7 +172,8 @@ impl Hold {
         }
     }
 
-    /// Forgets a VM absent from a `Sync`: its clients get a RST, its MAC is released.
+    /// Forgets a VM absent from a `Sync`: its clients get a RST, its MAC is released, its
+    /// Xenstore nodes are removed.
     fn forget(&mut self, name: &str) {
         let Some(mut vm) = self.vms.remove(name) else {
             return;
@@ -178,6 +181,12 @@ impl Hold {
         vm.reset_all(&mut self.out, DropReason::VmForgotten);
         if vm.steered {
             self.out.queue_fdb(name, vm.id.mac, FdbAction::Release);
+        }
+        if vm.xenstore_domid().is_some() {
+            self.out.queue_store(StoreOp::Close {
+                vm: name.to_string(),
+                ips: vm.addrs(),
+            });
         }
         tracing::info!(vm = %name, "forgotten");
     }

@@ -29,8 +29,18 @@ pub const MAX_FDB_OPS: usize = 1024;
 /// Work for the Xenstore writer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreOp {
-    /// Remove `/ip/<ip>` for each address (a new boot: stale SYNs and a stale `managed`).
-    Reset {
+    /// A new boot: `/ip/<ip>` for each address emptied (stale SYNs and a stale `managed`
+    /// gone) and made the new domain's, so its guest can mark it `managed` at once.
+    Open {
+        /// The VM.
+        vm: String,
+        /// The guest's domain.
+        domid: u32,
+        /// Its addresses.
+        ips: Vec<IpAddr>,
+    },
+    /// The VM is no longer declared: `/ip/<ip>` removed for each address.
+    Close {
         /// The VM.
         vm: String,
         /// Its addresses.

@@ -603,8 +603,8 @@ fn xenstore_vms_write_each_syn_once_and_stop_when_managed() {
     let mut h = core();
     let t0 = Instant::now();
     booting(&mut h, t0, Handover::Xenstore { domid: 7 });
-    let reset = h.poll_store().unwrap();
-    assert!(matches!(reset, StoreOp::Reset { ref ips, .. } if ips.len() == 2));
+    let open = h.poll_store().unwrap();
+    assert!(matches!(open, StoreOp::Open { domid: 7, ref ips, .. } if ips.len() == 2));
     h.on_frame(t0, &SYN_V4, FrameMeta::default());
     h.on_frame(t0, &SYN_V4, FrameMeta::default());
     let Some(StoreOp::Write {
@@ -743,6 +743,59 @@ fn a_sync_saying_booting_does_not_hijack_a_guest_that_announced_itself() {
     booting(&mut h, t0, Handover::Wire);
     assert_eq!(fdb_ops(&mut h)[0].action, FdbAction::Steer);
     assert_eq!(h.on_frame(t0, &SYN_V4, FrameMeta::default()), Verdict::Held);
+}
+
+#[test]
+fn a_xenstore_vms_nodes_are_opened_at_each_boot_kept_while_declared_and_closed_when_forgotten() {
+    let mut h = core();
+    let t0 = Instant::now();
+    let ips: Vec<std::net::IpAddr> =
+        vec!["10.77.1.10".parse().unwrap(), "fd77:1::10".parse().unwrap()];
+    booting(&mut h, t0, Handover::Xenstore { domid: 7 });
+    assert_eq!(
+        h.poll_store(),
+        Some(StoreOp::Open {
+            vm: "www".into(),
+            domid: 7,
+            ips: ips.clone()
+        })
+    );
+    // The same boot told again (a sync after a reconnect) is not a new boot.
+    booting(&mut h, t0, Handover::Xenstore { domid: 7 });
+    assert_eq!(h.poll_store(), None);
+    // Stopped, it stays declared: its nodes stay.
+    h.on_control(
+        t0,
+        &ClientMessage::Stopped {
+            vm: www(Handover::Xenstore { domid: 7 }),
+        },
+    )
+    .unwrap();
+    assert_eq!(h.poll_store(), None);
+    // The next boot is another domain.
+    booting(&mut h, t0, Handover::Xenstore { domid: 9 });
+    assert_eq!(
+        h.poll_store(),
+        Some(StoreOp::Open {
+            vm: "www".into(),
+            domid: 9,
+            ips: ips.clone()
+        })
+    );
+    h.on_control(t0, &ClientMessage::Sync { vms: vec![] })
+        .unwrap();
+    assert_eq!(
+        h.poll_store(),
+        Some(StoreOp::Close {
+            vm: "www".into(),
+            ips
+        })
+    );
+    // A wire VM has no nodes to open or close.
+    booting(&mut h, t0, Handover::Wire);
+    h.on_control(t0, &ClientMessage::Sync { vms: vec![] })
+        .unwrap();
+    assert_eq!(h.poll_store(), None);
 }
 
 #[test]

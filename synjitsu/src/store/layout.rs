@@ -225,7 +225,7 @@ pub struct HeldSyn {
     pub tx_wnd: u16,
     /// The client's ISN.
     pub sequence: u32,
-    /// The SYN's TCP options (no NOP/EOL).
+    /// The SYN's TCP options, as the guest's stack lists them ([`options_from_wire`]).
     pub options: Vec<TcpOption>,
     /// The ISN the guest must use in its SYN-ACK.
     pub tx_isn: u32,
@@ -304,13 +304,15 @@ pub(super) fn parse_int32(s: &str) -> Option<u32> {
 /// A TCP option, as the MirageOS stack's `Options.t`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TcpOption {
+    /// Kind 1: one per NOP byte, as that stack keeps them.
+    Noop,
     /// Kind 2.
     Mss(u16),
     /// Kind 3.
     WindowSizeShift(u8),
     /// Kind 4.
     SackOk,
-    /// Kind 5: (left, right) edges.
+    /// Kind 5: (left, right) edges, in reverse wire order as that stack reads them.
     Sack(Vec<(u32, u32)>),
     /// Kind 8: (tsval, tsecr).
     Timestamp(u32, u32),
@@ -331,8 +333,16 @@ pub enum OptionsError {
     },
 }
 
-/// Reads the options area of a TCP header. NOP and EOL are not options in the result; a known
-/// kind with a length other than its own is kept as [`TcpOption::Unknown`], as MirageOS does.
+/// Reads the options area of a TCP header into the list the original stack makes of it
+/// (`Options.unmarshal`, `tcp/options.ml` of samoht/mirage-tcpip `synjistu`), which is what
+/// the `options` leaf must hold: walked in wire order up to EOL, one [`TcpOption::Noop`] per
+/// NOP byte, and each element put in front of those before it, so the list (and the blocks
+/// of a SACK) come out in reverse wire order.
+///
+/// Where that parser gives up on the whole SYN (a known kind with a length not its own, an
+/// MSS below 88), this one keeps the SYN, which a wire hand-over still delivers: such an
+/// option becomes [`TcpOption::Unknown`] (the MSS is kept as it is). Only a length that
+/// cannot be walked is an error.
 pub fn options_from_wire(bytes: &[u8]) -> Result<Vec<TcpOption>, OptionsError> {
     let mut out = Vec::new();
     let mut i = 0;
@@ -341,6 +351,7 @@ pub fn options_from_wire(bytes: &[u8]) -> Result<Vec<TcpOption>, OptionsError> {
         match kind {
             0 => break,
             1 => {
+                out.push(TcpOption::Noop);
                 i += 1;
                 continue;
             }
@@ -358,8 +369,10 @@ pub fn options_from_wire(bytes: &[u8]) -> Result<Vec<TcpOption>, OptionsError> {
             (2, 2) => TcpOption::Mss(u16::from_be_bytes([data[0], data[1]])),
             (3, 1) => TcpOption::WindowSizeShift(data[0]),
             (4, 0) => TcpOption::SackOk,
-            (5, n) if n % 8 == 0 && n > 0 => TcpOption::Sack(
+            // As many whole blocks as the length holds, as the original reads them.
+            (5, _) => TcpOption::Sack(
                 data.chunks_exact(8)
+                    .rev()
                     .map(|c| (be32(&c[..4]), be32(&c[4..])))
                     .collect(),
             ),
@@ -368,14 +381,17 @@ pub fn options_from_wire(bytes: &[u8]) -> Result<Vec<TcpOption>, OptionsError> {
         });
         i += len;
     }
+    out.reverse();
     Ok(out)
 }
 
-/// Writes options as TCP header bytes, NOP-padded to a multiple of 4.
+/// Writes a list as [`options_from_wire`] reads it back as TCP header bytes (in wire order,
+/// so reversed), padded with EOL to a multiple of 4.
 pub fn options_to_wire(options: &[TcpOption]) -> Vec<u8> {
     let mut out = Vec::new();
-    for opt in options {
+    for opt in options.iter().rev() {
         match opt {
+            TcpOption::Noop => out.push(1),
             TcpOption::Mss(m) => {
                 out.extend([2, 4]);
                 out.extend(m.to_be_bytes());
@@ -384,7 +400,7 @@ pub fn options_to_wire(options: &[TcpOption]) -> Vec<u8> {
             TcpOption::SackOk => out.extend([4, 2]),
             TcpOption::Sack(blocks) => {
                 out.extend([5, (2 + 8 * blocks.len()) as u8]);
-                for (l, r) in blocks {
+                for (l, r) in blocks.iter().rev() {
                     out.extend(l.to_be_bytes());
                     out.extend(r.to_be_bytes());
                 }
@@ -401,7 +417,7 @@ pub fn options_to_wire(options: &[TcpOption]) -> Vec<u8> {
         }
     }
     while out.len() % 4 != 0 {
-        out.push(1);
+        out.push(0);
     }
     out
 }
@@ -410,12 +426,14 @@ pub fn options_to_wire(options: &[TcpOption]) -> Vec<u8> {
 pub(super) mod tests {
     use super::*;
 
-    pub(in crate::store) fn linux_syn_options() -> Vec<TcpOption> {
+    /// [`LINUX_SYN_OPTIONS`] as the original stack lists them: reversed, with the NOP.
+    fn linux_syn_options() -> Vec<TcpOption> {
         vec![
-            TcpOption::Mss(1460),
-            TcpOption::SackOk,
-            TcpOption::Timestamp(736_287_380, 0),
             TcpOption::WindowSizeShift(10),
+            TcpOption::Noop,
+            TcpOption::Timestamp(736_287_380, 0),
+            TcpOption::SackOk,
+            TcpOption::Mss(1460),
         ]
     }
 
@@ -541,21 +559,47 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn wire_options_round_trip_and_tolerate_odd_lengths() {
+    fn wire_options_become_the_original_stacks_list_and_back() {
+        assert_eq!(
+            options_from_wire(&LINUX_SYN_OPTIONS).unwrap(),
+            linux_syn_options()
+        );
+        assert_eq!(options_to_wire(&linux_syn_options()), LINUX_SYN_OPTIONS);
+        // SACK blocks are consed too: the last block on the wire comes first.
+        let sack = [5, 18, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 4];
+        assert_eq!(
+            options_from_wire(&sack).unwrap(),
+            vec![TcpOption::Sack(vec![(3, 4), (1, 2)])]
+        );
         let opts = vec![
-            TcpOption::Mss(536),
-            TcpOption::WindowSizeShift(7),
-            TcpOption::SackOk,
-            TcpOption::Sack(vec![(10, 20)]),
             TcpOption::Timestamp(5, 6),
+            TcpOption::Sack(vec![(10, 20), (30, 40)]),
+            TcpOption::Noop,
+            TcpOption::SackOk,
+            TcpOption::Noop,
+            TcpOption::WindowSizeShift(7),
+            TcpOption::Mss(536),
         ];
         let wire = options_to_wire(&opts);
         assert_eq!(wire.len() % 4, 0);
         assert_eq!(options_from_wire(&wire).unwrap(), opts);
+    }
+
+    #[test]
+    fn odd_options_are_kept_where_the_original_would_drop_the_syn() {
         // MSS with a 3-byte length is not an MSS; it is kept, not guessed at.
         assert_eq!(
             options_from_wire(&[2, 3, 9, 0]).unwrap(),
             vec![TcpOption::Unknown(2, vec![9])]
+        );
+        // A SACK holds the whole blocks its length has room for, as the original reads it.
+        assert_eq!(
+            options_from_wire(&[5, 2, 0, 0]).unwrap(),
+            vec![TcpOption::Sack(vec![])]
+        );
+        assert_eq!(
+            options_from_wire(&[5, 11, 0, 0, 0, 1, 0, 0, 0, 2, 9]).unwrap(),
+            vec![TcpOption::Sack(vec![(1, 2)])]
         );
         // Everything after EOL is padding.
         assert_eq!(
@@ -610,6 +654,21 @@ pub(super) mod tests {
         let s = HeldSyn::new(1, 2, vec![], u16::MAX);
         assert!(s.tx_isn < TX_ISN_BASE + 65535);
         assert_eq!((s.rx_wnd, s.rx_wnd_scaleoffer), (65535, 2));
+    }
+
+    #[test]
+    fn the_isn_text_is_one_the_guests_signed_parser_takes() {
+        // The guest reads `tx_isn` with OCaml's `Int32.of_string`, which refuses decimal text
+        // above 2^31 - 1, though the original wrote it unsigned (`%lu`); `sequence` is
+        // written signed.
+        for random in 0..=u16::MAX {
+            let leaves = HeldSyn::new(1, u32::MAX, vec![], random).to_leaves();
+            let isn = &leaves[3];
+            assert_eq!(isn.0, "tx_isn");
+            assert!(isn.1.parse::<i32>().is_ok(), "tx_isn {}", isn.1);
+        }
+        let leaves = HeldSyn::new(1, u32::MAX, vec![], 0).to_leaves();
+        assert_eq!(leaves[1], ("sequence", "-1".to_string()));
     }
 
     #[test]

@@ -61,8 +61,18 @@ impl SynStore for MemoryStore {
         Ok(children.len())
     }
 
-    fn reset(&mut self, ip: IpAddr) -> Result<(), StoreError> {
-        self.check("reset", &ip_path(ip))?;
+    fn open(&mut self, domid: u32, ip: IpAddr) -> Result<(), StoreError> {
+        let path = ip_path(ip);
+        self.check("open", &path)?;
+        self.remove_tree(&path);
+        let mut nodes = self.nodes.lock().expect("test store lock");
+        nodes.insert(path.clone(), String::new());
+        nodes.insert(format!("{path}@perms"), format!("n0,b{domid}"));
+        Ok(())
+    }
+
+    fn close(&mut self, ip: IpAddr) -> Result<(), StoreError> {
+        self.check("close", &ip_path(ip))?;
         self.remove_tree(&ip_path(ip));
         Ok(())
     }

@@ -71,8 +71,13 @@ pub trait SynStore: Send {
     /// At start-up: remove every stale child of `/ip` and make `/ip` readable by dom0 only.
     /// Returns how many children were removed.
     fn prepare(&mut self) -> Result<usize, StoreError>;
-    /// Removes `/ip/<ip>` and everything under it.
-    fn reset(&mut self, ip: IpAddr) -> Result<(), StoreError>;
+    /// At a boot: `/ip/<ip>` made empty with nothing under it (a previous boot's `managed`
+    /// and SYNs are stale), readable and writable by `domid` and dom0 only, so that the guest
+    /// can mark it `managed` whether or not a SYN is ever written (under xenstored's rules it
+    /// could not create the node itself: `/ip` is dom0's).
+    fn open(&mut self, domid: u32, ip: IpAddr) -> Result<(), StoreError>;
+    /// Removes `/ip/<ip>` and everything under it (the VM is no longer declared).
+    fn close(&mut self, ip: IpAddr) -> Result<(), StoreError>;
     /// Writes one held SYN in one transaction, readable and writable by `domid` and dom0
     /// only; skipped if `/ip/<ip>` reads `managed`.
     fn write_syn(
@@ -93,7 +98,8 @@ pub struct StoreWorker {
     handle: Option<thread::JoinHandle<()>>,
 }
 
-/// A store operation that failed outside a write (resets and removals), for logs and metrics.
+/// A store operation that failed outside a write (opening, closing, removals), for logs and
+/// metrics.
 #[derive(Debug)]
 pub struct StoreFailure {
     /// What was tried.
@@ -107,7 +113,7 @@ pub struct StoreFailure {
 pub enum StoreReport {
     /// A write's result, for the core.
     Done(StoreDone),
-    /// Another operation (`reset`, `remove`) succeeded.
+    /// Another operation (`open`, `close`, `remove`) succeeded.
     Ok(&'static str),
     /// Another operation failed.
     Failed(StoreFailure),
@@ -180,15 +186,8 @@ pub fn run(store: &mut dyn SynStore, op: StoreOp) -> StoreReport {
                 outcome,
             })
         }
-        StoreOp::Reset { vm, ips } => {
-            for ip in ips {
-                if let Err(error) = store.reset(ip) {
-                    tracing::warn!(vm = %vm, ip = %ip, error = %error, "xenstore reset failed");
-                    return StoreReport::Failed(StoreFailure { op: "reset", error });
-                }
-            }
-            StoreReport::Ok("reset")
-        }
+        StoreOp::Open { vm, domid, ips } => each_ip(&vm, "open", ips, |ip| store.open(domid, ip)),
+        StoreOp::Close { vm, ips } => each_ip(&vm, "close", ips, |ip| store.close(ip)),
         StoreOp::Remove { key } => match store.remove(&key) {
             Ok(()) => StoreReport::Ok("remove"),
             Err(error) => StoreReport::Failed(StoreFailure {
@@ -197,4 +196,20 @@ pub fn run(store: &mut dyn SynStore, op: StoreOp) -> StoreReport {
             }),
         },
     }
+}
+
+/// Runs `op` for each address of `vm`, stopping at the first failure.
+fn each_ip(
+    vm: &str,
+    what: &'static str,
+    ips: Vec<IpAddr>,
+    mut op: impl FnMut(IpAddr) -> Result<(), StoreError>,
+) -> StoreReport {
+    for ip in ips {
+        if let Err(error) = op(ip) {
+            tracing::warn!(vm = %vm, ip = %ip, error = %error, "xenstore {what} failed");
+            return StoreReport::Failed(StoreFailure { op: what, error });
+        }
+    }
+    StoreReport::Ok(what)
 }

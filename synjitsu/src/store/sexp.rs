@@ -1,6 +1,7 @@
 //! The `options` leaf of a held SYN: an OCaml `Options.t list` in sexplib's machine form, as
 //! the original Synjitsu wrote it and the patched MirageOS TCP stack reads it, for example
-//! `((MSS 1460)SACK_ok(Timestamp 736287380 0)(Window_size_shift 10))`.
+//! `((Window_size_shift 10)Noop(Timestamp 736287380 0)SACK_ok(MSS 1460))` for a Linux SYN
+//! (the list in the stack's own order, reverse wire order: [`super::layout::options_from_wire`]).
 //!
 //! Owns the S-expression text both ways: sexplib's quoting and OCaml's escapes on the way out,
 //! any whitespace and a bounded nesting depth on the way in, and the mapping of each form onto
@@ -43,6 +44,7 @@ fn int32_atom(v: u32) -> Sexp {
 
 fn option_to_sexp(opt: &TcpOption) -> Sexp {
     match opt {
+        TcpOption::Noop => atom("Noop"),
         TcpOption::Mss(m) => Sexp::List(vec![atom("MSS"), atom(m.to_string())]),
         TcpOption::WindowSizeShift(s) => {
             Sexp::List(vec![atom("Window_size_shift"), atom(s.to_string())])
@@ -129,8 +131,8 @@ fn write_mach(out: &mut String, sexp: &Sexp, may_need_space: bool) -> bool {
     }
 }
 
-/// The `options` leaf: sexplib's machine form of an `Options.t list`, e.g.
-/// `((MSS 1460)SACK_ok(Timestamp 736287380 0)(Window_size_shift 10))`.
+/// The `options` leaf: sexplib's machine form of an `Options.t list`, in the list's order,
+/// e.g. `((Window_size_shift 10)Noop(Timestamp 736287380 0)SACK_ok(MSS 1460))`.
 pub fn options_to_sexp(options: &[TcpOption]) -> String {
     let mut out = String::new();
     write_mach(
@@ -264,6 +266,7 @@ fn option_from_sexp(s: &Sexp) -> Result<TcpOption, SexpError> {
     let bad = || SexpError::NotAnOption(format!("{s:?}"));
     match s {
         Sexp::Atom(a) if a.as_slice() == b"SACK_ok" => Ok(TcpOption::SackOk),
+        Sexp::Atom(a) if a.as_slice() == b"Noop" => Ok(TcpOption::Noop),
         Sexp::Atom(_) => Err(bad()),
         Sexp::List(items) => {
             let tag = items.first().and_then(atom_str).ok_or_else(bad)?;
@@ -296,7 +299,8 @@ fn option_from_sexp(s: &Sexp) -> Result<TcpOption, SexpError> {
     }
 }
 
-/// Reads the `options` leaf back; accepts any whitespace between elements.
+/// Reads the `options` leaf back, keeping the list's order (the original's or any other: a
+/// guest looks options up, it does not walk them); accepts any whitespace between elements.
 pub fn options_from_sexp(text: &str) -> Result<Vec<TcpOption>, SexpError> {
     let mut r = Reader {
         s: text.as_bytes(),
@@ -316,22 +320,33 @@ pub fn options_from_sexp(text: &str) -> Result<Vec<TcpOption>, SexpError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::layout::tests::{LINUX_SYN_OPTIONS, linux_syn_options};
+    use crate::store::layout::tests::LINUX_SYN_OPTIONS;
     use crate::store::layout::{options_from_wire, options_to_wire};
 
+    /// The reference (`xenstore-syn-layout.md`, from the original stack's `tcp/options.ml`):
+    /// a Linux SYN's options, `mss 1460, sackOK, TS val 736287380 ecr 0, nop, wscale 10` on
+    /// the wire, are written as this string: one `Noop` per NOP byte, the list in reverse
+    /// wire order, one space only where two atoms meet.
+    const ORIGINAL_LINUX_SYN: &str =
+        "((Window_size_shift 10)Noop(Timestamp 736287380 0)SACK_ok(MSS 1460))";
+
     #[test]
-    fn linux_syn_options_match_the_documented_string() {
+    fn a_linux_syn_is_written_as_the_original_stack_writes_it() {
         let opts = options_from_wire(&LINUX_SYN_OPTIONS).unwrap();
-        assert_eq!(opts, linux_syn_options());
-        assert_eq!(
-            options_to_sexp(&opts),
-            "((MSS 1460)SACK_ok(Timestamp 736287380 0)(Window_size_shift 10))"
-        );
-        assert_eq!(
-            options_from_sexp("((MSS 1460)SACK_ok(Timestamp 736287380 0)(Window_size_shift 10))")
-                .unwrap(),
-            opts
-        );
+        assert_eq!(options_to_sexp(&opts), ORIGINAL_LINUX_SYN);
+        assert_eq!(options_from_sexp(ORIGINAL_LINUX_SYN).unwrap(), opts);
+    }
+
+    #[test]
+    fn the_reader_takes_either_order_and_noop() {
+        let wire_order = "((MSS 1460)SACK_ok(Timestamp 736287380 0)(Window_size_shift 10))";
+        let read = options_from_sexp(wire_order).unwrap();
+        let original = options_from_sexp(ORIGINAL_LINUX_SYN).unwrap();
+        assert_eq!(read.len(), 4);
+        assert_eq!(original.len(), 5, "{original:?}");
+        for o in &read {
+            assert!(original.contains(o), "{o:?} not in {original:?}");
+        }
     }
 
     #[test]

@@ -236,11 +236,10 @@ impl XenstoreClient {
         if self.read(tx, &ip)?.as_deref() == Some(MANAGED.as_bytes()) {
             return Ok(WriteOutcome::Managed);
         }
+        // The node is opened at the boot; set again here, in case opening failed or the
+        // domain changed since (a new identity while booting).
         self.mkdir(tx, &ip)?;
-        // The guest must write `managed` and remove entries; nobody else may look. Set on
-        // every write: a rebooted guest has a new domid.
-        let perms = [Perm::new(Access::None, 0), Perm::new(Access::Both, domid)];
-        self.set_perms(tx, &ip, &perms)?;
+        self.set_perms(tx, &ip, &guest_perms(domid))?;
         for (leaf, value) in syn.to_leaves() {
             self.write(tx, &key.leaf_path(leaf), value.as_bytes())?;
         }
@@ -298,7 +297,16 @@ impl SynStore for XenstoreClient {
         })
     }
 
-    fn reset(&mut self, ip: IpAddr) -> Result<(), StoreError> {
+    fn open(&mut self, domid: u32, ip: IpAddr) -> Result<(), StoreError> {
+        let path = ip_path(ip);
+        self.in_transaction(&path, |c, tx| {
+            c.rm(tx, &path)?;
+            c.write(tx, &path, b"")?;
+            c.set_perms(tx, &path, &guest_perms(domid))
+        })
+    }
+
+    fn close(&mut self, ip: IpAddr) -> Result<(), StoreError> {
         let path = ip_path(ip);
         self.in_transaction(&path, |c, tx| c.rm(tx, &path))
     }
@@ -317,6 +325,13 @@ impl SynStore for XenstoreClient {
         let path = key.conn_path();
         self.in_transaction(&path, |c, tx| c.rm(tx, &path))
     }
+}
+
+/// A guest's `/ip/<ip>`: owned by dom0, nobody else may look (`n0`), but the guest's domain
+/// reads and writes it (`b<domid>`): it writes `managed` and removes what it took. Nodes
+/// synjitsu creates under it inherit this (dom0 creating keeps the owner).
+fn guest_perms(domid: u32) -> [Perm; 2] {
+    [Perm::new(Access::None, 0), Perm::new(Access::Both, domid)]
 }
 
 /// `r`, but `Ok(None)` if xenstored refused the request with `errno`, which the caller

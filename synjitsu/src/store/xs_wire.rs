@@ -65,7 +65,7 @@ pub enum XsType {
     ResetWatches,
     /// 22.
     DirectoryPart,
-    /// Anything else: a server answers it with `EINVAL`.
+    /// Anything else: a server answers it with `ENOSYS`.
     Other(u32),
 }
 

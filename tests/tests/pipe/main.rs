@@ -386,7 +386,11 @@ fn a_xenstore_guest_gets_the_held_syn_in_the_original_layout_and_nothing_on_the_
     // The held SYN is written for domain 7, with the client's window, ISN and options.
     let ops = p.take_store_ops();
     let [
-        StoreOp::Reset { ips, .. },
+        StoreOp::Open {
+            domid: opened_for,
+            ips,
+            ..
+        },
         StoreOp::Write {
             domid,
             key,
@@ -395,9 +399,10 @@ fn a_xenstore_guest_gets_the_held_syn_in_the_original_layout_and_nothing_on_the_
         },
     ] = ops.as_slice()
     else {
-        panic!("a reset, then one write: {ops:?}")
+        panic!("an open for the new boot, then one write: {ops:?}")
     };
     assert_eq!(ips, &[IpAddr::V4(VM_IP)]);
+    assert_eq!(*opened_for, 7, "/ip/<ip> is opened for the booting domain");
     assert_eq!(*domid, 7);
     assert_eq!(
         (key.local_ip, key.local_port, key.dest_ip, key.dest_port),
@@ -407,11 +412,13 @@ fn a_xenstore_guest_gets_the_held_syn_in_the_original_layout_and_nothing_on_the_
     assert_eq!(held.tx_wnd, frames::CLIENT_WINDOW);
     assert_eq!(
         held.options,
+        // The original stack's list: one Noop per NOP byte, in reverse wire order.
         [
-            TcpOption::Mss(1460),
-            TcpOption::SackOk,
-            TcpOption::Timestamp(frames::CLIENT_TSVAL, 0),
             TcpOption::WindowSizeShift(7),
+            TcpOption::Noop,
+            TcpOption::Timestamp(frames::CLIENT_TSVAL, 0),
+            TcpOption::SackOk,
+            TcpOption::Mss(1460),
         ]
     );
     // As the original Synjitsu wrote it and the patched MirageOS stack reads it.
@@ -420,7 +427,7 @@ fn a_xenstore_guest_gets_the_held_syn_in_the_original_layout_and_nothing_on_the_
     assert_eq!(leaf("tx_wnd").as_deref(), Some("64240"));
     assert_eq!(
         leaf("options").as_deref(),
-        Some("((MSS 1460)SACK_ok(Timestamp 123456 0)(Window_size_shift 7))")
+        Some("((Window_size_shift 7)Noop(Timestamp 123456 0)SACK_ok(MSS 1460))")
     );
     assert_eq!(
         p.take_heard(),

@@ -13,6 +13,10 @@
 //! `cmdline`, `memory`, `disk`, `nic`, `mac`, `uuid`, `console_log`, `domain_type`), as
 //! Jitsu's libxl backend built its domains: see [`domain_xml`].
 //!
+//! A VM with `rumprun_config` is started paused, given rumprun's configuration in Xenstore
+//! ([`crate::rumprun`]) at its domain id, and only then resumed, as Jitsu's libxl backend did;
+//! a domain that cannot be given it is destroyed, not left paused.
+//!
 //! Stop modes: `destroy` is `virDomainDestroy`; `shutdown` asks the guest (ACPI power button
 //! on QEMU, a PV shutdown on Xen) and destroys it after the grace period; `suspend` is a
 //! managed save (the guest's memory goes to a file under libvirt's save directory and QEMU
@@ -52,6 +56,7 @@ use super::{
 };
 use crate::config::{StopMode, VmConfig};
 use crate::fleet::{IfCounters, Observed};
+use crate::rumprun;
 use lifecycle::observed_of;
 use session::{Inner, OpError, Session, connection_lost, ensure_event_loop, no_domain};
 use xml::first_interface;
@@ -259,30 +264,94 @@ impl LibvirtBackend {
 
 /// Brings a domain to running from whatever state it is in: a paused one is resumed, a
 /// PM-suspended one woken, a shut-off one started (which restores a managed save), a crashed
-/// one destroyed and started again.
-fn bring_up(vm: &VmConfig, d: &VirDomain) -> Result<Started, OpError> {
+/// one destroyed and started again. A VM with `rumprun_config` is started paused, given its
+/// configuration in Xenstore, and only then resumed (a paused one gets it again before it is
+/// resumed: it may have been started paused by an attempt that lost its connection).
+fn bring_up(s: &Session, vm: &VmConfig, d: &VirDomain) -> Result<Started, OpError> {
+    // Read before anything starts: a file gone since start-up fails the boot with nothing
+    // to clean up.
+    let cfg = vm
+        .rumprun_config
+        .as_deref()
+        .map(rumprun::read_cfg)
+        .transpose()
+        .map_err(|e| OpError::Other(e.to_string()))?;
+    let paused = if cfg.is_some() {
+        sys::VIR_DOMAIN_START_PAUSED
+    } else {
+        0
+    };
     let (state, _) = raw_state(d)?;
     match state {
         sys::VIR_DOMAIN_RUNNING | sys::VIR_DOMAIN_BLOCKED => {}
-        sys::VIR_DOMAIN_PAUSED => d.resume()?,
+        sys::VIR_DOMAIN_PAUSED => {
+            if let Some(cfg) = &cfg {
+                give_rumprun_config(d, cfg)?;
+            }
+            d.resume()?;
+        }
         sys::VIR_DOMAIN_PMSUSPENDED => d.pm_wakeup(0)?,
         _ => {
             if state == sys::VIR_DOMAIN_CRASHED || d.is_active()? {
                 destroy(d)?;
             }
             let saved = d.has_managed_save(0)?;
-            if let Err(e) = d.create() {
+            if let Err(e) = create(s, d, paused) {
                 if !saved || connection_lost(&e) {
                     return Err(e.into());
                 }
                 // A save that cannot be restored (another kernel, a disk that was full when
                 // it was written) must not keep the VM down for ever: boot it afresh.
                 tracing::warn!(vm = %vm.name, error = %e.message(), "restoring the managed save failed: discarding it and booting");
-                d.create_with_flags(sys::VIR_DOMAIN_START_FORCE_BOOT)?;
+                create(s, d, paused | sys::VIR_DOMAIN_START_FORCE_BOOT)?;
+            }
+            if let Some(cfg) = &cfg {
+                if let Err(e) = give_rumprun_config(d, cfg) {
+                    // Jitsu left the paused domain behind; without its configuration it can
+                    // never run as meant, and the next boot starts it afresh.
+                    let destroyed = match destroy(d) {
+                        Ok(()) => "the paused domain was destroyed".to_string(),
+                        Err(de) => {
+                            format!("destroying the paused domain failed too: {}", de.detail())
+                        }
+                    };
+                    return Err(OpError::Other(format!("{}; {destroyed}", e.detail())));
+                }
+                d.resume()?;
             }
         }
     }
     Ok(Started { domid: d.id() })
+}
+
+/// Starts a domain with `flags` (`VIR_DOMAIN_START_*`). libvirt's test driver takes no start
+/// flag (libvirt 9.0 refuses any) and runs no guest: there, starting paused is starting, then
+/// pausing at once.
+fn create(s: &Session, d: &VirDomain, flags: u32) -> Result<(), virt::error::Error> {
+    let test_paused = s.hypervisor == Hypervisor::Test && flags & sys::VIR_DOMAIN_START_PAUSED != 0;
+    let flags = if test_paused {
+        flags & !sys::VIR_DOMAIN_START_PAUSED
+    } else {
+        flags
+    };
+    if flags == 0 {
+        d.create()?;
+    } else {
+        d.create_with_flags(flags)?;
+    }
+    if test_paused {
+        d.suspend()?;
+    }
+    Ok(())
+}
+
+/// Writes rumprun's configuration for the domain, which must have an id (it runs or is
+/// paused).
+fn give_rumprun_config(d: &VirDomain, cfg: &str) -> Result<(), OpError> {
+    let domid = d
+        .id()
+        .ok_or_else(|| OpError::Other("started, but libvirt gives the domain no id".into()))?;
+    rumprun::write_cfg(domid, cfg).map_err(|e| OpError::Other(e.to_string()))
 }
 
 /// Destroys a domain; one that stopped in the meantime is no error.
@@ -349,7 +418,7 @@ impl Backend for LibvirtBackend {
     fn start(&self, vm: &VmConfig) -> Result<Started, BackendError> {
         self.vm_op(vm, "start", |s| {
             let d = self.find_or_define(s, vm)?;
-            bring_up(vm, &d)
+            bring_up(s, vm, &d)
         })
     }
 
@@ -422,14 +491,14 @@ impl Backend for LibvirtBackend {
             if !d.has_managed_save(0)? && !d.is_active()? {
                 tracing::warn!(vm = %vm.name, "no managed save to resume from: booting afresh");
             }
-            bring_up(vm, &d)
+            bring_up(s, vm, &d)
         })
     }
 
     fn unpause(&self, vm: &VmConfig) -> Result<Started, BackendError> {
         self.vm_op(vm, "unpause", |s| {
             let d = self.find_existing(s, vm)?;
-            bring_up(vm, &d)
+            bring_up(s, vm, &d)
         })
     }
 
