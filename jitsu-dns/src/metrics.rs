@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -79,6 +79,10 @@ pub struct Metrics {
     forward_failures: AtomicU64,
     synjitsu_connected: AtomicU64,
     store_dropped: AtomicU64,
+    store_write_failures: AtomicU64,
+    store_healthy: AtomicU64,
+    /// Unix milliseconds of the oldest change the store has not committed; 0: none.
+    store_pending_since_ms: AtomicU64,
     backend_events: AtomicU64,
     state_polls: AtomicU64,
 }
@@ -171,9 +175,44 @@ impl Metrics {
         self.synjitsu_connected.store(u64::from(up), Relaxed);
     }
 
-    /// A state change did not fit the store's queue.
-    pub fn add_store_dropped(&self) {
-        self.store_dropped.fetch_add(1, Relaxed);
+    /// `n` state changes were not recorded (the store's queue was full, or git could not
+    /// write).
+    pub fn add_store_dropped(&self, n: u64) {
+        self.store_dropped.fetch_add(n, Relaxed);
+    }
+
+    /// An attempt to write the state store failed.
+    pub fn add_state_write_failure(&self) {
+        self.store_write_failures.fetch_add(1, Relaxed);
+    }
+
+    /// The state store records every change (true), or has lost some since its last
+    /// failure and not yet rewritten the whole state (false).
+    pub fn set_state_store_healthy(&self, healthy: bool) {
+        self.store_healthy.store(u64::from(healthy), Relaxed);
+    }
+
+    /// The oldest change the store has not committed was made at `since` (`None`: it is up
+    /// to date).
+    pub fn set_state_pending_since(&self, since: Option<SystemTime>) {
+        let ms = since
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| {
+                u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+            });
+        self.store_pending_since_ms.store(ms, Relaxed);
+    }
+
+    /// How far the store is behind at `now`, in seconds.
+    fn state_lag(&self, now: SystemTime) -> f64 {
+        let since = self.store_pending_since_ms.load(Relaxed);
+        let now_ms = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        if since == 0 {
+            return 0.0;
+        }
+        now_ms.saturating_sub(since) as f64 / 1e3
     }
 
     /// The backend pushed a lifecycle change (a libvirt event).
@@ -188,6 +227,11 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        self.render_at(SystemTime::now())
+    }
+
+    /// The exposition, with ages taken at `now`.
+    fn render_at(&self, now: SystemTime) -> String {
         let mut o = String::with_capacity(4096);
         family(
             &mut o,
@@ -295,8 +339,31 @@ impl Metrics {
         counter(
             &mut o,
             "jitsu_dns_state_changes_dropped_total",
-            "State changes lost because the store's queue was full.",
+            "State changes not recorded (the store's queue was full, or git could not write); the whole state is rewritten once it can.",
             self.store_dropped.load(Relaxed),
+        );
+        counter(
+            &mut o,
+            "jitsu_dns_state_write_failures_total",
+            "Attempts to write the state store that failed (each retried).",
+            self.store_write_failures.load(Relaxed),
+        );
+        gauge(
+            &mut o,
+            "jitsu_dns_state_store_healthy",
+            "1 while the state store records every change; 0 from a failed write until the whole state is rewritten.",
+            self.store_healthy.load(Relaxed),
+        );
+        family(
+            &mut o,
+            "jitsu_dns_state_store_lag_seconds",
+            "gauge",
+            "Age of the oldest change the state store has not committed (0: up to date).",
+        );
+        let _ = writeln!(
+            o,
+            "jitsu_dns_state_store_lag_seconds {}",
+            self.state_lag(now)
         );
         counter(
             &mut o,
@@ -412,7 +479,12 @@ mod tests {
         m.add_backend_event();
         m.add_state_poll();
         m.add_state_poll();
-        let t = m.render();
+        m.add_store_dropped(3);
+        m.add_state_write_failure();
+        m.set_state_store_healthy(true);
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        m.set_state_pending_since(Some(now - Duration::from_millis(1500)));
+        let t = m.render_at(now);
         for want in [
             "jitsu_dns_queries_total{outcome=\"answer\"} 2",
             "jitsu_dns_queries_total{outcome=\"forwarded\"} 1",
@@ -430,6 +502,10 @@ mod tests {
             "jitsu_dns_synjitsu_connected 1",
             "jitsu_dns_backend_events_total 1",
             "jitsu_dns_backend_state_polls_total 2",
+            "jitsu_dns_state_changes_dropped_total 3",
+            "jitsu_dns_state_write_failures_total 1",
+            "jitsu_dns_state_store_healthy 1",
+            "jitsu_dns_state_store_lag_seconds 1.5",
             "# TYPE jitsu_dns_boot_to_ready_seconds histogram",
         ] {
             assert!(t.lines().any(|l| l == want), "missing {want:?} in\n{t}");
