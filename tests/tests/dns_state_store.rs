@@ -287,10 +287,39 @@ fn locks_left_by_a_crashed_jitsu_dns_are_recovered_at_start() {
 /// How an object of the store is damaged.
 #[derive(Debug, Clone, Copy)]
 enum Damage {
-    /// Zero bytes, as a crash before the data reached the disk leaves it.
+    /// Zero bytes, as a crash before the data reached the disk leaves a loose object.
     Empty,
     /// Cut in half.
     Truncated,
+}
+
+/// The file holding object `sha` in the store at `db`, relative to it: its loose object, or
+/// the pack whose index lists it.
+fn file_holding(db: &Path, sha: &str) -> PathBuf {
+    let loose = Path::new(".git/objects").join(&sha[..2]).join(&sha[2..]);
+    if db.join(&loose).exists() {
+        return loose;
+    }
+    let packs = db.join(".git/objects/pack");
+    for e in std::fs::read_dir(&packs).unwrap().flatten() {
+        let idx = e.path();
+        if idx.extension().is_none_or(|x| x != "idx") {
+            continue;
+        }
+        let listed = Command::new("git")
+            .arg("show-index")
+            .stdin(std::fs::File::open(&idx).unwrap())
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&listed.stdout).contains(sha) {
+            return idx
+                .with_extension("pack")
+                .strip_prefix(db)
+                .unwrap()
+                .to_path_buf();
+        }
+    }
+    panic!("no file in {} holds {sha}", db.display());
 }
 
 /// The store's head commit damaged while jitsu-dns is stopped: at its next start the store is
@@ -300,13 +329,10 @@ fn a_damaged_store_is_moved_aside_and_started_afresh(damage: Damage, tag: &str) 
     let (mut h, args) = store_with_history(tag);
     let db = h.db();
     let head = git(&db, &["rev-parse", "HEAD"]);
-    let object = db.join(".git/objects").join(&head[..2]).join(&head[2..]);
-    let bytes = std::fs::read(&object).unwrap_or_else(|e| {
-        panic!(
-            "the head commit is a loose object {}: {e}",
-            object.display()
-        )
-    });
+    // Its loose object, or the pack holding it.
+    let holder = file_holding(&db, &head);
+    let object = db.join(&holder);
+    let bytes = std::fs::read(&object).unwrap();
     let keep = match damage {
         Damage::Empty => 0,
         Damage::Truncated => bytes.len() / 2,
@@ -350,10 +376,7 @@ fn a_damaged_store_is_moved_aside_and_started_afresh(damage: Damage, tag: &str) 
         })
         .collect();
     assert_eq!(kept.len(), 1, "{kept:?}");
-    let moved = kept[0]
-        .join(".git/objects")
-        .join(&head[..2])
-        .join(&head[2..]);
+    let moved = kept[0].join(&holder);
     assert_eq!(std::fs::read(&moved).unwrap().len(), keep);
     let daemon_log = h.log();
     assert!(

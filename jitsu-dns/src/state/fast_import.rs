@@ -112,7 +112,10 @@ impl FastImport {
         head: Option<&str>,
     ) -> Result<FastImport, String> {
         let mut child = git(dir)
-            .args(["fast-import", "--quiet"])
+            // A pack per checkpoint, never exploded into loose objects: measured, exploding
+            // (git's default under 100 objects) took the lag at 200 changes a second from
+            // about 25 ms to about 200 ms. The writer rolls the packs up (`repo::repack`).
+            .args(["-c", "fastimport.unpackLimit=0", "fast-import", "--quiet"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -11,7 +11,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -313,6 +313,17 @@ pub(crate) fn write_file(dir: &Path, path: &str, value: Option<&str>) -> Result<
         std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
     }
     std::fs::write(&full, format!("{value}\n")).map_err(|e| format!("{}: {e}", full.display()))
+}
+
+/// Starts rolling fast-import's small packs up (`git repack -d -l --geometric=2`: only the
+/// small ones are rewritten, so it stays cheap however large the history), in the background.
+pub(crate) fn repack(dir: &Path) -> Result<Child, String> {
+    git(dir)
+        .args(["repack", "-d", "-l", "-q", "--geometric=2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("git repack: {e}"))
 }
 
 /// git's housekeeping, as `git commit` did it for the store: the index made HEAD's (so `git

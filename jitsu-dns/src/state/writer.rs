@@ -16,6 +16,7 @@
 //! healthy again.
 
 use std::path::PathBuf;
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -37,6 +38,10 @@ pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Quiet for this long, the writer ends its fast-import and does git's housekeeping.
 const IDLE: Duration = Duration::from_secs(1);
+
+/// Checkpoints (each a small pack) between two background repacks, for a writer kept busy:
+/// git's lookups slow down with the number of packs.
+const REPACK_EVERY: u32 = 32;
 
 /// A lock file this old while jitsu-dns runs was left by a git that died: no git holds one
 /// for more than a moment.
@@ -149,6 +154,9 @@ pub(crate) struct Writer {
     /// The work tree may differ from HEAD: written whole after the next commit.
     work_tree_stale: bool,
     housekeeping_due: bool,
+    /// Packs written since the last repack, and the repack running, if any.
+    packs: u32,
+    repack: Option<Child>,
 }
 
 impl Writer {
@@ -175,6 +183,8 @@ impl Writer {
             note: None,
             work_tree_stale: false,
             housekeeping_due: false,
+            packs: 0,
+            repack: None,
         };
         match prepared {
             Ok(ready) => {
@@ -252,8 +262,35 @@ impl Writer {
         if let Some(fi) = self.fast_import.take() {
             fi.close();
         }
+        self.wait_repack();
         if self.housekeeping_due && !self.health.is_broken() {
             let _ = repo::housekeeping(&self.dir);
+        }
+    }
+
+    /// Waits for a background repack: two at once could remove the packs the other reads.
+    fn wait_repack(&mut self) {
+        if let Some(mut r) = self.repack.take() {
+            let _ = r.wait();
+        }
+    }
+
+    /// A pack was written: starts a repack every [`REPACK_EVERY`], unless one still runs.
+    fn count_pack(&mut self) {
+        self.packs += 1;
+        let running = self
+            .repack
+            .as_mut()
+            .is_some_and(|r| matches!(r.try_wait(), Ok(None)));
+        if self.packs < REPACK_EVERY || running {
+            return;
+        }
+        match repo::repack(&self.dir) {
+            Ok(child) => {
+                self.repack = Some(child);
+                self.packs = 0;
+            }
+            Err(e) => debug!(error = %e, "state store repack"),
         }
     }
 
@@ -270,6 +307,7 @@ impl Writer {
             fi.close();
         }
         if self.housekeeping_due {
+            self.wait_repack();
             match repo::housekeeping(&self.dir) {
                 Ok(()) => self.housekeeping_due = false,
                 // Cosmetic (the index) or deferred (packing): tried again when quiet.
@@ -392,6 +430,7 @@ impl Writer {
             self.fast_import = Some(fi);
         }
         self.housekeeping_due = true;
+        self.count_pack();
         let changed = self.journal.checkpointed();
         if self.work_tree_stale {
             self.work_tree_stale =
