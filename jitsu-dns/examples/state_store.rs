@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use jitsu_dns::config::{Flags, merge};
-use jitsu_dns::fleet::{Lifecycle, VmView};
+use jitsu_dns::fleet::{COUNTERS_FLUSH_EVERY, Fleet, Lifecycle, Settings, VmView};
 use jitsu_dns::metrics::Metrics;
 use jitsu_dns::state::{self, Change, Hooks, Store, Tree, Wall};
 
@@ -139,19 +139,15 @@ fn views(n: usize) -> anyhow::Result<Vec<VmView>> {
         },
         None,
     )?;
-    Ok(cfg
-        .vms
-        .into_iter()
-        .map(|c| VmView {
-            cfg: Arc::new(c),
-            state: Lifecycle::Off,
-            domid: None,
-            starts: 0,
-            requests: 0,
-            last_request: None,
-            last_start: None,
-        })
-        .collect())
+    // Each VM as the fleet holds one before it is reconciled: off.
+    let settings = Settings {
+        ttl: Duration::from_secs(60),
+        max_running: None,
+        max_boots_per_second: None,
+        flush_every: COUNTERS_FLUSH_EVERY,
+    };
+    let fleet = Fleet::new(Instant::now(), settings, cfg.vms.into_iter().map(Arc::new));
+    Ok(fleet.views())
 }
 
 /// The `changes` lifecycle changes: each VM booting, then each running, in turn.
