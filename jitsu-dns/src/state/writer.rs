@@ -231,6 +231,11 @@ impl Writer {
     /// Runs until the queue's sender is gone.
     pub(crate) fn run(mut self, rx: Receiver<Msg>) {
         loop {
+            // Checked whether or not changes keep coming: they are dropped meanwhile.
+            if self.health.retry_due(Instant::now()) {
+                debug!("state store: asking for the whole state to write again");
+                (self.hooks.want_rewrite)();
+            }
             let wait = match self.health.retry_at() {
                 Some(at) => Some(at.saturating_duration_since(Instant::now())),
                 None if self.fast_import.is_some() || self.housekeeping_due => Some(IDLE),
@@ -244,7 +249,9 @@ impl Writer {
                 Some(d) => match rx.recv_timeout(d) {
                     Ok(m) => m,
                     Err(RecvTimeoutError::Timeout) => {
-                        self.on_quiet(Instant::now());
+                        if !self.health.is_broken() {
+                            self.on_idle();
+                        }
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
@@ -294,15 +301,8 @@ impl Writer {
         }
     }
 
-    /// Nothing came for a while: a retry if one is due, else end fast-import and tidy up.
-    fn on_quiet(&mut self, now: Instant) {
-        if self.health.is_broken() {
-            if self.health.retry_due(now) {
-                debug!("state store: asking for the whole state to write again");
-                (self.hooks.want_rewrite)();
-            }
-            return;
-        }
+    /// Nothing came for a while: ends fast-import and tidies up.
+    fn on_idle(&mut self) {
         if let Some(fi) = self.fast_import.take() {
             fi.close();
         }
@@ -319,8 +319,10 @@ impl Writer {
     fn run_batch(&mut self, batch: Vec<Msg>) {
         let mut flushes = Vec::new();
         let mut commits = Vec::new();
-        // Changes taken into this batch's commits (not those dropped while broken).
+        // Changes taken into this batch's commits (not those dropped while broken), and
+        // those the daemon dropped that a rewrite in it supersedes.
         let mut taken = 0u64;
+        let mut carried = 0u64;
         let mut accepting = !self.health.is_broken();
         if accepting {
             let oldest = batch
@@ -355,7 +357,7 @@ impl Writer {
                     if !accepting {
                         // The repository may have changed under us: start from what it holds.
                         if let Err(e) = self.reopen() {
-                            self.failed(&e, 0);
+                            self.failed(&e, 0, dropped);
                             continue;
                         }
                         accepting = true;
@@ -366,15 +368,16 @@ impl Writer {
                         rewrite_message(&before, self.journal.tree(), self.health.lost() + dropped);
                     let edits = self.journal.take_commit();
                     commits.push(Pending { at, message, edits });
+                    carried += dropped;
                 }
             }
         }
-        if accepting && let Some(note) = self.note.take() {
+        if accepting && let Some(note) = &self.note {
             commits.insert(
                 0,
                 Pending {
                     at: SystemTime::now(),
-                    message: note,
+                    message: note.clone(),
                     edits: Edits::default(),
                 },
             );
@@ -382,6 +385,7 @@ impl Writer {
         if !commits.is_empty() {
             match self.write(&commits) {
                 Ok(()) => {
+                    self.note = None;
                     if self.health.is_broken() {
                         info!(
                             lost = self.health.lost(),
@@ -391,7 +395,10 @@ impl Writer {
                         self.hooks.metrics.set_state_store_healthy(true);
                     }
                 }
-                Err(e) => self.failed(&e, taken),
+                Err(e) => {
+                    self.journal.rollback();
+                    self.failed(&e, taken, carried);
+                }
             }
         }
         if !self.health.is_broken() {
@@ -419,7 +426,6 @@ impl Writer {
             Ok(sha) => sha,
             Err(e) => {
                 fi.kill();
-                self.journal.rollback();
                 return Err(e);
             }
         };
@@ -458,13 +464,15 @@ impl Writer {
         Ok(())
     }
 
-    fn failed(&mut self, error: &str, lost: u64) {
+    /// A write failed, losing `lost` changes (counted here) and `carried` ones the daemon
+    /// dropped and counted already.
+    fn failed(&mut self, error: &str, lost: u64, carried: u64) {
         let now = Instant::now();
         let m = &self.hooks.metrics;
         m.add_state_write_failure();
         m.add_store_dropped(lost);
         m.set_state_store_healthy(false);
-        self.health.failed(now, SystemTime::now(), lost);
+        self.health.failed(now, SystemTime::now(), lost + carried);
         m.set_state_pending_since(self.health.since());
         if let Some(suppressed) = self.warn.allow(now) {
             warn!(
