@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use shared_io::RateLimited;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -155,13 +155,48 @@ struct Shell {
     push_lost: Arc<AtomicBool>,
     limit_log: RateLimited,
     persisted_requests: HashMap<VmName, u64>,
+    /// Changes that did not fit the store's queue since the whole state was last sent: the
+    /// whole state is due.
+    store_dropped: u64,
+    /// The store's writer asked for the whole state, or changes were dropped: send it.
+    rewrite_due: bool,
+    store_log: RateLimited,
 }
 
 impl Shell {
     fn commit(&mut self, change: Change) {
+        // What is due first: the change then lands on the whole state it belongs to.
+        if self.rewrite_due {
+            self.send_rewrite();
+        }
         if let Err(e) = self.store.apply(change) {
-            self.metrics.add_store_dropped();
-            warn!(error = %e, "state change not recorded");
+            self.metrics.add_store_dropped(1);
+            self.store_dropped += 1;
+            self.rewrite_due = true;
+            if let Some(suppressed) = self.store_log.allow(Instant::now()) {
+                warn!(error = %e, suppressed, "state change not recorded: the whole state will be written instead");
+            }
+        }
+    }
+
+    /// Sends the store the whole state as the fleet has it now, superseding every change it
+    /// did not record; if that does not fit either, it stays due (the next tick).
+    fn send_rewrite(&mut self) {
+        let views = self.fleet.views();
+        let tree = state::snapshot(&views, self.cfg.ttl, &self.wall);
+        match self.store.rewrite(tree, self.store_dropped) {
+            Ok(()) => {
+                self.rewrite_due = false;
+                self.store_dropped = 0;
+                for v in views {
+                    self.persisted_requests
+                        .insert(v.cfg.name.clone(), v.requests);
+                }
+            }
+            Err(e) => {
+                self.rewrite_due = true;
+                debug!(error = %e, "the whole state waits for room in the store's queue");
+            }
         }
     }
 
@@ -543,10 +578,18 @@ impl Shell {
 /// Runs jitsu-dns until `ctl.shutdown` is cancelled.
 pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), DaemonError> {
     let backend = backend::open(cfg.backend, cfg.connect.as_deref())?;
-    let (store, tree) = Store::open(cfg.persistdb.as_deref())?;
+    let metrics = Arc::new(Metrics::new());
+    let rewrite_wanted = Arc::new(Notify::new());
+    let wanted = rewrite_wanted.clone();
+    let (store, tree) = Store::open(
+        cfg.persistdb.as_deref(),
+        state::Hooks {
+            metrics: metrics.clone(),
+            want_rewrite: Box::new(move || wanted.notify_one()),
+        },
+    )?;
     info!(store = %store.dir().display(), temporary = cfg.persistdb.is_none(), "state store");
     let forwarder = forwarder_for(&cfg)?;
-    let metrics = Arc::new(Metrics::new());
     let clock = Clock::new();
     let (events_tx, mut events_rx) = mpsc::channel(EVENT_QUEUE);
     let synjitsu = cfg
@@ -579,6 +622,9 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
         // One warning a second about refused queries, however many there are.
         limit_log: RateLimited::new(Duration::from_secs(1)),
         persisted_requests: HashMap::new(),
+        store_dropped: 0,
+        rewrite_due: false,
+        store_log: RateLimited::new(Duration::from_secs(10)),
     };
     shell.commit_config(&tree, "loaded");
     // Backends that push lifecycle changes (libvirt) report them as current observations;
@@ -682,8 +728,12 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
                 }
                 let activity = shell.take_activity();
                 shell.process(now, Event::Tick { activity });
+                if shell.rewrite_due {
+                    shell.send_rewrite();
+                }
             }
             Some(ev) = events_rx.recv() => shell.process(Instant::now(), ev),
+            () = rewrite_wanted.notified() => shell.send_rewrite(),
             Some(q) = slow_rx.recv() => shell.query(q),
             Some(()) = ctl.reload.recv() => shell.reload().await,
             _ = ctl.shutdown.cancelled() => break,

@@ -6,7 +6,8 @@
 //! fast path costs one atomic add and takes no lock. It does not decide what to count: the
 //! DNS handler and the daemon call the `add_*` methods.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -82,6 +83,12 @@ pub struct Metrics {
     forward_failures: Counter,
     synjitsu_connected: Gauge,
     store_dropped: Counter,
+    store_write_failures: Counter,
+    store_healthy: Gauge,
+    /// Set from `store_pending_since_ms` when scraped.
+    store_lag: Gauge<f64, AtomicU64>,
+    /// Unix milliseconds of the oldest change the store has not committed; 0: none.
+    store_pending_since_ms: AtomicU64,
     backend_events: Counter,
     state_polls: Counter,
 }
@@ -105,17 +112,29 @@ impl Metrics {
         ]
         .map(|(name, help, label, values)| counters(&mut r, name, help, label, values));
         #[rustfmt::skip]
-        let [forward_failures, boots, boot_failures, resumes, store_dropped, backend_events, state_polls] = [
+        let [forward_failures, boots, boot_failures, resumes, store_dropped, store_write_failures, backend_events, state_polls] = [
             ("forward_failures", "Forwarded queries no forwarder answered"),
             ("boots", "VM boots begun"),
             ("boot_failures", "VM boots that failed"),
             ("resumes", "Resumes and unpauses begun"),
-            ("state_changes_dropped", "State changes lost because the store's queue was full"),
+            ("state_changes_dropped", "State changes not recorded: the store's queue was full or git could not write"),
+            ("state_write_failures", "Attempts to write the state store that failed"),
             ("backend_events", "Lifecycle changes the backend pushed (libvirt events)"),
             ("backend_state_polls", "VM states polled from the backend (not done for backends that push events)"),
         ]
         .map(|(name, help)| counter(&mut r, name, help));
         let running = gauge(&mut r, "vms_running", "VMs running now");
+        let store_healthy = gauge(
+            &mut r,
+            "state_store_healthy",
+            "0 from a failed state store write until the whole state is rewritten",
+        );
+        let store_lag = Gauge::<f64, AtomicU64>::default();
+        r.register(
+            "state_store_lag_seconds",
+            "Age of the oldest state change not yet committed",
+            store_lag.clone(),
+        );
         let synjitsu_connected = gauge(
             &mut r,
             "synjitsu_connected",
@@ -150,6 +169,10 @@ impl Metrics {
             forward_failures,
             synjitsu_connected,
             store_dropped,
+            store_write_failures,
+            store_healthy,
+            store_lag,
+            store_pending_since_ms: AtomicU64::new(0),
             backend_events,
             state_polls,
         }
@@ -229,9 +252,36 @@ impl Metrics {
         self.synjitsu_connected.set(i64::from(up));
     }
 
-    /// A state change did not fit the store's queue.
-    pub fn add_store_dropped(&self) {
-        self.store_dropped.inc();
+    /// `n` state changes were not recorded (the store's queue was full, or git could not
+    /// write).
+    pub fn add_store_dropped(&self, n: u64) {
+        self.store_dropped.inc_by(n);
+    }
+
+    /// An attempt to write the state store failed.
+    pub fn add_state_write_failure(&self) {
+        self.store_write_failures.inc();
+    }
+
+    /// The state store records every change (true), or has lost some since its last
+    /// failure and not yet rewritten the whole state (false).
+    pub fn set_state_store_healthy(&self, healthy: bool) {
+        self.store_healthy.set(i64::from(healthy));
+    }
+
+    /// The oldest change the store has not committed was made at `since` (`None`: it is up
+    /// to date).
+    pub fn set_state_pending_since(&self, since: Option<SystemTime>) {
+        let ms = since.map_or(0, |t| unix_ms(t).max(1));
+        self.store_pending_since_ms.store(ms, Relaxed);
+    }
+
+    /// How far the store is behind at `now`, in seconds.
+    fn state_lag(&self, now: SystemTime) -> f64 {
+        match self.store_pending_since_ms.load(Relaxed) {
+            0 => 0.0,
+            since => unix_ms(now).saturating_sub(since) as f64 / 1e3,
+        }
     }
 
     /// The backend pushed a lifecycle change (a libvirt event).
@@ -246,14 +296,29 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> Result<String, std::fmt::Error> {
+        self.render_at(SystemTime::now())
+    }
+
+    /// The exposition with the store's lag as of `now`.
+    fn render_at(&self, now: SystemTime) -> Result<String, std::fmt::Error> {
+        self.store_lag.set(self.state_lag(now));
         shared_io::metrics::text(&self.registry)
     }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The metrics address serves `/metrics` and nothing else.
 impl Handler for Metrics {
     async fn get(&self, path: &str) -> Option<Response> {
-        (path == shared_io::metrics::PATH).then(|| shared_io::metrics::response(&self.registry))
+        if path != shared_io::metrics::PATH {
+            return None;
+        }
+        self.store_lag.set(self.state_lag(SystemTime::now()));
+        Some(shared_io::metrics::response(&self.registry))
     }
 }
 
@@ -277,7 +342,12 @@ mod tests {
         m.add_backend_event();
         m.add_state_poll();
         m.add_state_poll();
-        let t = m.render().unwrap();
+        m.add_store_dropped(3);
+        m.add_state_write_failure();
+        m.set_state_store_healthy(true);
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        m.set_state_pending_since(Some(now - Duration::from_millis(1500)));
+        let t = m.render_at(now).unwrap();
         for want in [
             "jitsu_dns_queries_total{outcome=\"answer\"} 2",
             "jitsu_dns_queries_total{outcome=\"forwarded\"} 1",
@@ -295,6 +365,10 @@ mod tests {
             "jitsu_dns_synjitsu_connected 1",
             "jitsu_dns_backend_events_total 1",
             "jitsu_dns_backend_state_polls_total 2",
+            "jitsu_dns_state_changes_dropped_total 3",
+            "jitsu_dns_state_write_failures_total 1",
+            "jitsu_dns_state_store_healthy 1",
+            "jitsu_dns_state_store_lag_seconds 1.5",
             "# TYPE jitsu_dns_boot_to_ready_seconds histogram",
         ] {
             assert!(t.lines().any(|l| l == want), "missing {want:?} in\n{t}");

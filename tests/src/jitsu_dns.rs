@@ -357,6 +357,12 @@ pub fn start(
 ) -> Result<Daemon> {
     let mut cmd = host.ns().command(bin_path("jitsu-dns"));
     cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
+    start_command(host, cmd, probe, needle)
+}
+
+/// Starts `cmd` (jitsu-dns in `host`'s namespace, as [`start`] builds it, possibly wrapped)
+/// and waits as [`start`] does.
+pub fn start_command(host: &Host, cmd: Command, probe: &[&str], needle: &str) -> Result<Daemon> {
     let mut daemon = Daemon::start(cmd, "jitsu-dns", host.dir())?;
     let answered = wait_until("jitsu-dns to answer DNS", Duration::from_secs(30), || {
         if daemon.check_running().is_err() {
@@ -445,8 +451,23 @@ impl DnsHarness {
     /// Starts jitsu-dns with `args` (and `env`), and waits until it answers DNS.
     pub fn start(&mut self, args: &[String], env: &[(&str, String)]) -> Result<()> {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let probe = ["@127.0.0.1", "jitsu-test-probe.invalid"];
-        self.daemon = Some(start(&self.host, &args, env, &probe, "status: ")?);
+        self.daemon = Some(start(&self.host, &args, env, &Self::PROBE, "status: ")?);
+        Ok(())
+    }
+
+    const PROBE: [&str; 2] = ["@127.0.0.1", "jitsu-test-probe.invalid"];
+
+    /// jitsu-dns with `args` in the host's namespace, not started: to wrap, then give to
+    /// [`DnsHarness::start_command`].
+    pub fn command(&self, args: &[String]) -> Command {
+        let mut cmd = self.host.ns().command(bin_path("jitsu-dns"));
+        cmd.args(args);
+        cmd
+    }
+
+    /// Starts `cmd` (from [`DnsHarness::command`]) and waits until it answers DNS.
+    pub fn start_command(&mut self, cmd: Command) -> Result<()> {
+        self.daemon = Some(start_command(&self.host, cmd, &Self::PROBE, "status: ")?);
         Ok(())
     }
 
@@ -478,6 +499,43 @@ impl DnsHarness {
         wait_vm_state(&self.db(), vm, state, timeout)
             .unwrap_or_else(|e| panic!("{e}\njitsu-dns log:\n{}", self.log()));
     }
+}
+
+/// `cmd` run in a mount namespace of its own where `dir` is a tmpfs of `size` (`2m`): a disk
+/// the test can fill or make read-only ([`in_mounts_of`]) without touching the host's. The
+/// mount goes with the namespace, when the last process in it exits.
+pub fn on_own_tmpfs(cmd: &Command, dir: &Path, size: &str) -> Command {
+    let mut wrapped = Command::new("unshare");
+    wrapped
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs -o size={size} jitsu-test \"$0\" && exec \"$@\""
+        ))
+        .arg(dir)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => wrapped.env(k, v),
+            None => wrapped.env_remove(k),
+        };
+    }
+    wrapped
+}
+
+/// Runs `sh -c script` in the mount namespace of process `pid` (one started through
+/// [`on_own_tmpfs`]); returns its stdout. A failing script is an error.
+pub fn in_mounts_of(pid: u32, script: &str) -> Result<String> {
+    let out = crate::run(Command::new("nsenter").args([
+        "-t",
+        &pid.to_string(),
+        "-m",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]

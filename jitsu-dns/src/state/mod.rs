@@ -25,21 +25,40 @@
 //! ([`lifecycle_change`]), its state files, a MAC taken from its domain. What changed is not
 //! decided here: the fleet says what happened to a VM, the configuration what is configured.
 //!
-//! A dedicated thread runs the `git` CLI, so the DNS loop never waits for a commit; its queue
-//! is bounded ([`QUEUE`]) and a change that does not fit is dropped, logged and counted.
+//! The writing ([`Store`], a thread of its own, `writer`) goes through one long-running
+//! `git fast-import` (`fast_import`): measured (`bench/state-store`), it records thousands of
+//! changes a second where `git add -A` + `git commit` per change recorded about ten, and it
+//! needs no index, so no `index.lock`. The DNS loop never waits for it: its queue is bounded
+//! ([`QUEUE`]); a change that does not fit is dropped and counted, and the daemon then sends
+//! the whole state ([`Store::rewrite`]), which supersedes what was lost. The same happens when
+//! git cannot write (a full or read-only disk): the writer counts what it cannot record, asks
+//! for the whole state at each retry, and commits it once it can (`writer`). At start a
+//! repository that cannot be read is moved aside and kept, and a fresh one started; locks a
+//! crashed jitsu-dns left are removed (`repo`). A jitsu-dns killed outright loses at most the
+//! changes of the batch being written; its next start reconciles every VM with the backend
+//! and commits what runs.
+
+mod fast_import;
+mod journal;
+mod repo;
+mod writer;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use shared_proto::Mac;
 
 use crate::config::VmConfig;
 use crate::fleet::{Lifecycle, Stored, VmView};
+use crate::metrics::Metrics;
+use repo::run_git;
 
 /// Changes that can wait for the writer thread; past this the daemon drops and counts them.
 pub const QUEUE: usize = 4096;
@@ -50,13 +69,19 @@ pub enum StateError {
     /// git is not installed.
     #[error("the state store needs git (Debian package git): {0}")]
     NoGit(std::io::Error),
-    /// The directory could not be made a repository.
+    /// The directory could not be made a repository, or read.
     #[error("state store {}: {detail}", path.display())]
     Repo {
         /// The repository.
         path: PathBuf,
         /// What failed.
         detail: String,
+    },
+    /// Another jitsu-dns writes this store.
+    #[error("state store {}: another jitsu-dns uses it (its .git is locked)", path.display())]
+    Busy {
+        /// The repository.
+        path: PathBuf,
     },
     /// The writer thread is gone or its queue is full.
     #[error("state store writer: {0}")]
@@ -78,9 +103,32 @@ pub struct Change {
 }
 
 enum Msg {
-    Change(Change),
+    /// A change, made at `at` (the commit's time).
+    Change { change: Change, at: SystemTime },
+    /// The whole state as the fleet has it, superseding changes not recorded (`dropped` of
+    /// them never reached the writer).
+    Rewrite {
+        tree: Tree,
+        dropped: u64,
+        at: SystemTime,
+    },
     /// Answered with the tree as of the last commit once everything before it is done.
     Flush(mpsc::Sender<Tree>),
+}
+
+/// What the writer reports to, and asks of, the daemon.
+pub struct Hooks {
+    /// Where failures, drops, health and lag are counted.
+    pub metrics: Arc<Metrics>,
+    /// Called (from the writer thread) when the writer wants the whole state to write:
+    /// answer with [`Store::rewrite`].
+    pub want_rewrite: Box<dyn Fn() + Send>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks").finish_non_exhaustive()
+    }
 }
 
 /// The repository and its writer thread.
@@ -90,112 +138,24 @@ pub struct Store {
     temporary: bool,
     tx: Option<mpsc::SyncSender<Msg>>,
     thread: Option<thread::JoinHandle<()>>,
+    processed: Arc<AtomicU64>,
 }
 
 /// What the repository held at start-up: path -> value (without the final newline).
 pub type Tree = BTreeMap<String, String>;
 
-fn git(dir: &Path) -> Command {
-    let mut c = Command::new("git");
-    c.arg("-C")
-        .arg(dir)
-        .args([
-            "-c",
-            "user.name=jitsu-dns",
-            "-c",
-            "user.email=jitsu-dns@localhost",
-            "-c",
-            "commit.gpgsign=false",
-        ])
-        .stdin(Stdio::null());
-    c
-}
-
-fn run_git(dir: &Path, args: &[&str]) -> Result<String, String> {
-    let out = git(dir)
-        .args(args)
-        .output()
-        .map_err(|e| format!("git {}: {e}", args.join(" ")))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "git {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 /// Reads the tree at HEAD (empty for a repository without commits).
 pub fn read_head(dir: &Path) -> Result<Tree, StateError> {
-    let repo_err = |detail: String| StateError::Repo {
-        path: dir.to_path_buf(),
-        detail,
-    };
-    if run_git(dir, &["rev-parse", "--verify", "-q", "HEAD"]).is_err() {
-        return Ok(Tree::new());
-    }
-    let listing =
-        run_git(dir, &["ls-tree", "-r", "-z", "--full-tree", "HEAD"]).map_err(repo_err)?;
-    let mut objects = Vec::new();
-    for entry in listing.split('\0').filter(|e| !e.is_empty()) {
-        // "<mode> blob <sha>\t<path>"
-        let Some((meta, path)) = entry.split_once('\t') else {
-            continue;
-        };
-        let Some(sha) = meta.split(' ').nth(2) else {
-            continue;
-        };
-        objects.push((path.to_string(), sha.to_string()));
-    }
-    if objects.is_empty() {
-        return Ok(Tree::new());
-    }
-    let mut child = git(dir)
-        .args(["cat-file", "--batch"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| repo_err(format!("git cat-file: {e}")))?;
-    let input: String = objects.iter().map(|(_, sha)| format!("{sha}\n")).collect();
-    let mut stdin = child.stdin.take().expect("stdin was piped");
-    let writer = thread::spawn(move || {
-        use std::io::Write as _;
-        let _ = stdin.write_all(input.as_bytes());
-    });
-    let out = child
-        .wait_with_output()
-        .map_err(|e| repo_err(format!("git cat-file: {e}")))?;
-    let _ = writer.join();
-    // "<sha> blob <size>\n<content>\n", repeated.
-    let mut tree = Tree::new();
-    let mut rest = &out.stdout[..];
-    for (path, _) in objects {
-        let nl = rest
-            .iter()
-            .position(|b| *b == b'\n')
-            .ok_or_else(|| repo_err("short git cat-file output".into()))?;
-        let header = String::from_utf8_lossy(&rest[..nl]).into_owned();
-        let size: usize = header
-            .rsplit(' ')
-            .next()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| repo_err(format!("unexpected git cat-file header {header:?}")))?;
-        let body = rest
-            .get(nl + 1..nl + 1 + size)
-            .ok_or_else(|| repo_err("short git cat-file output".into()))?;
-        let value = String::from_utf8_lossy(body);
-        tree.insert(path, value.strip_suffix('\n').unwrap_or(&value).to_string());
-        rest = rest.get(nl + 2 + size..).unwrap_or_default();
-    }
-    Ok(tree)
+    Ok(repo::read_head(dir)?.map(|h| h.tree).unwrap_or_default())
 }
 
 impl Store {
     /// Opens (creating if needed) the repository at `path`, or a temporary one, and starts
-    /// the writer. Returns the tree found at HEAD.
-    pub fn open(path: Option<&Path>) -> Result<(Store, Tree), StateError> {
+    /// the writer. Returns the tree found at HEAD. A repository that cannot be read is moved
+    /// aside and a fresh one started; one that cannot be written (a full or read-only disk)
+    /// starts the writer broken, retrying, so that DNS is served all the same. Fails only
+    /// without git or when another jitsu-dns writes the store.
+    pub fn open(path: Option<&Path>, hooks: Hooks) -> Result<(Store, Tree), StateError> {
         Command::new("git")
             .arg("--version")
             .output()
@@ -206,44 +166,43 @@ impl Store {
                 let d = std::env::temp_dir().join(format!(
                     "jitsu-dns-state-{}-{}",
                     std::process::id(),
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
+                    SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
                         .map(|d| d.as_nanos())
                         .unwrap_or_default()
                 ));
                 (d, true)
             }
         };
-        let repo_err = |detail: String| StateError::Repo {
-            path: dir.clone(),
-            detail,
+        let mut owner = None;
+        // Nothing else writes this store: any lock file in it is a crashed writer's.
+        let prepared = match repo::prepare(&dir, &mut owner, Duration::ZERO) {
+            Err(e @ StateError::Busy { .. }) => return Err(e),
+            other => other,
         };
-        std::fs::create_dir_all(&dir).map_err(|e| repo_err(e.to_string()))?;
-        if !dir.join(".git").exists() {
-            run_git(&dir, &["init", "-q"]).map_err(repo_err)?;
-        }
-        let tree = read_head(&dir)?;
-        // The work tree is ours: make it what HEAD says (a crash may have left it ahead).
-        let jitsu = dir.join("jitsu");
-        if jitsu.exists() {
-            std::fs::remove_dir_all(&jitsu).map_err(|e| repo_err(e.to_string()))?;
-        }
-        for (p, v) in &tree {
-            write_file(&dir, p, v).map_err(repo_err)?;
-        }
+        let tree = prepared
+            .as_ref()
+            .ok()
+            .and_then(|r| r.head.as_ref())
+            .map(|h| h.tree.clone())
+            .unwrap_or_default();
         let (tx, rx) = mpsc::sync_channel(QUEUE);
-        let writer_dir = dir.clone();
-        let committed = tree.clone();
+        let processed = Arc::new(AtomicU64::new(0));
+        let writer = writer::Writer::new(dir.clone(), hooks, owner, prepared, processed.clone());
         let thread = thread::Builder::new()
             .name("state-store".into())
-            .spawn(move || writer(writer_dir, committed, rx))
-            .map_err(|e| repo_err(format!("cannot start the writer thread: {e}")))?;
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StateError::Repo {
+                path: dir.clone(),
+                detail: format!("cannot start the writer thread: {e}"),
+            })?;
         Ok((
             Store {
                 dir,
                 temporary,
                 tx: Some(tx),
                 thread: Some(thread),
+                processed,
             },
             tree,
         ))
@@ -254,13 +213,37 @@ impl Store {
         &self.dir
     }
 
-    /// Queues a change; never blocks. Fails if the queue is full (the change is lost).
-    pub fn apply(&self, change: Change) -> Result<(), StateError> {
+    fn send(&self, msg: Msg) -> Result<(), StateError> {
         let tx = self.tx.as_ref().ok_or(StateError::Writer("closed"))?;
-        tx.try_send(Msg::Change(change)).map_err(|e| match e {
+        tx.try_send(msg).map_err(|e| match e {
             mpsc::TrySendError::Full(_) => StateError::Writer("queue full"),
             mpsc::TrySendError::Disconnected(_) => StateError::Writer("thread gone"),
         })
+    }
+
+    /// Queues a change, made now; never blocks. Fails if the queue is full (the change is
+    /// lost: send the whole state with [`Store::rewrite`] soon).
+    pub fn apply(&self, change: Change) -> Result<(), StateError> {
+        self.send(Msg::Change {
+            change,
+            at: SystemTime::now(),
+        })
+    }
+
+    /// Queues the whole state (every file of the tree, as [`snapshot`] builds it), which
+    /// supersedes every change not recorded; `dropped` changes did not fit the queue. Never
+    /// blocks; fails if the queue is full.
+    pub fn rewrite(&self, tree: Tree, dropped: u64) -> Result<(), StateError> {
+        self.send(Msg::Rewrite {
+            tree,
+            dropped,
+            at: SystemTime::now(),
+        })
+    }
+
+    /// Changes the writer is done with, recorded or lost: for benchmarks.
+    pub fn processed(&self) -> u64 {
+        self.processed.load(Ordering::Acquire)
     }
 
     /// Waits until everything queued is written and committed. Returns the tree as of the
@@ -295,72 +278,49 @@ impl Drop for Store {
     }
 }
 
-fn write_file(dir: &Path, path: &str, value: &str) -> Result<(), String> {
-    let full = dir.join(path);
-    if let Some(parent) = full.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-    }
-    std::fs::write(&full, format!("{value}\n")).map_err(|e| format!("{}: {e}", full.display()))
+/// The whole state: every VM's configuration and state files, as the configuration and the
+/// state commits write them, for [`Store::rewrite`].
+pub fn snapshot(vms: &[VmView], ttl: u32, wall: &Wall) -> Tree {
+    vms.iter()
+        .flat_map(|v| {
+            config_files(&v.cfg, ttl)
+                .into_iter()
+                .chain(state_files(v, wall))
+        })
+        .collect()
 }
 
-fn writer(dir: PathBuf, mut committed: Tree, rx: mpsc::Receiver<Msg>) {
-    let mut tree = committed.clone();
-    while let Ok(msg) = rx.recv() {
-        match msg {
-            Msg::Flush(done) => {
-                let _ = done.send(committed.clone());
-            }
-            Msg::Change(c) => {
-                for prefix in &c.remove {
-                    let gone: Vec<String> = tree
-                        .keys()
-                        .filter(|k| k.starts_with(prefix.as_str()))
-                        .cloned()
-                        .collect();
-                    for k in gone {
-                        tree.remove(&k);
-                        let _ = std::fs::remove_file(dir.join(&k));
-                    }
-                    let d = dir.join(prefix);
-                    if d.is_dir() {
-                        let _ = std::fs::remove_dir_all(&d);
-                    }
-                }
-                for (p, v) in c.files {
-                    if tree.get(&p) != Some(&v) {
-                        if let Err(e) = write_file(&dir, &p, &v) {
-                            tracing::warn!(error = %e, "state store: cannot write");
-                        }
-                        tree.insert(p, v);
-                    }
-                }
-                if let Some(message) = c.message
-                    && (tree != committed || c.always)
-                {
-                    let result = run_git(&dir, &["add", "-A", "jitsu"]).and_then(|_| {
-                        run_git(
-                            &dir,
-                            &[
-                                "commit",
-                                "-q",
-                                "--no-verify",
-                                "--allow-empty",
-                                "-m",
-                                &message,
-                            ],
-                        )
-                    });
-                    match result {
-                        Ok(_) => {
-                            committed = tree.clone();
-                            tracing::debug!(%message, "state committed");
-                        }
-                        Err(e) => tracing::warn!(error = %e, "state store: commit failed"),
-                    }
-                }
-            }
-        }
-    }
+/// The message of a rewrite: how many changes it supersedes, and each VM whose state it
+/// changes (`state rewritten from the fleet (3 changes not recorded): a off -> running`).
+fn rewrite_message(before: &Tree, after: &Tree, lost: u64) -> String {
+    const SHOWN: usize = 8;
+    let states = |t: &Tree| -> BTreeMap<String, String> {
+        t.iter()
+            .filter_map(|(k, v)| {
+                let name = k.strip_prefix("jitsu/vm/")?.strip_suffix("/state")?;
+                (!name.contains('/')).then(|| (name.to_string(), v.clone()))
+            })
+            .collect()
+    };
+    let (was, is) = (states(before), states(after));
+    let names: BTreeSet<&String> = was.keys().chain(is.keys()).collect();
+    let moved: Vec<String> = names
+        .into_iter()
+        .filter(|n| was.get(*n) != is.get(*n))
+        .map(|n| {
+            let s = |m: &BTreeMap<String, String>, none: &str| {
+                m.get(n).cloned().unwrap_or_else(|| none.to_string())
+            };
+            format!("{n} {} -> {}", s(&was, "absent"), s(&is, "removed"))
+        })
+        .collect();
+    let what = match moved.len() {
+        0 => "no VM's state differed".to_string(),
+        n if n <= SHOWN => moved.join(", "),
+        n => format!("{}, and {} more", moved[..SHOWN].join(", "), n - SHOWN),
+    };
+    let changes = if lost == 1 { "change" } else { "changes" };
+    format!("state rewritten from the fleet ({lost} {changes} not recorded): {what}")
 }
 
 /// The store path of a VM's subtree.
@@ -614,6 +574,13 @@ mod tests {
         }
     }
 
+    fn hooks() -> Hooks {
+        Hooks {
+            metrics: Arc::new(Metrics::new()),
+            want_rewrite: Box::new(|| {}),
+        }
+    }
+
     fn log(dir: &Path) -> Vec<String> {
         run_git(dir, &["log", "--format=%s"])
             .unwrap()
@@ -626,7 +593,7 @@ mod tests {
     fn commits_only_when_asked_and_only_what_changed_then_reads_back() {
         let dir = tmp("a");
         {
-            let (store, tree) = Store::open(Some(&dir)).unwrap();
+            let (store, tree) = Store::open(Some(&dir), hooks()).unwrap();
             assert!(tree.is_empty());
             store
                 .apply(change(
@@ -666,7 +633,7 @@ mod tests {
                 "configuration: added www"
             ]
         );
-        let (store, tree) = Store::open(Some(&dir)).unwrap();
+        let (store, tree) = Store::open(Some(&dir), hooks()).unwrap();
         assert_eq!(
             tree.get("jitsu/vm/www/state").map(String::as_str),
             Some("booting")
@@ -700,7 +667,7 @@ mod tests {
 
     #[test]
     fn temporary_stores_vanish_and_logs_render() {
-        let (store, _) = Store::open(None).unwrap();
+        let (store, _) = Store::open(None, hooks()).unwrap();
         let dir = store.dir().to_path_buf();
         store
             .apply(change(
@@ -718,7 +685,7 @@ mod tests {
 
     #[test]
     fn flush_returns_the_tree_head_holds() {
-        let (store, tree) = Store::open(None).unwrap();
+        let (store, tree) = Store::open(None, hooks()).unwrap();
         assert_eq!(store.flush(), Some(tree));
         store
             .apply(change(
@@ -865,6 +832,134 @@ mod tests {
         assert_eq!(
             c.message.as_deref(),
             Some("a: MAC 02:aa:00:00:00:77 from its domain")
+        );
+    }
+
+    #[test]
+    fn a_store_that_cannot_write_counts_drops_and_converges_on_the_whole_state() {
+        let dir = tmp("broken");
+        let metrics = Arc::new(Metrics::new());
+        let (asked_tx, asked) = mpsc::channel();
+        let asked_tx = std::sync::Mutex::new(asked_tx);
+        let (store, _) = Store::open(
+            Some(&dir),
+            Hooks {
+                metrics: metrics.clone(),
+                want_rewrite: Box::new(move || {
+                    let _ = asked_tx.lock().unwrap().send(());
+                }),
+            },
+        )
+        .unwrap();
+        let text = || metrics.render().expect("renders");
+        let has = |line: &str| text().lines().any(|l| l == line);
+        let lag = || -> f64 {
+            let t = text();
+            let v = t
+                .lines()
+                .find_map(|l| l.strip_prefix("jitsu_dns_state_store_lag_seconds "))
+                .expect("the lag is exposed");
+            v.parse().expect("the lag is a number")
+        };
+        store
+            .apply(change(
+                &[("jitsu/vm/a/state", "off")],
+                Some("configuration: added a"),
+            ))
+            .unwrap();
+        store.flush();
+        assert!(has("jitsu_dns_state_store_healthy 1"), "{}", text());
+        // A git that holds the branch's lock (fresh, so not taken for stale) refuses.
+        let branch = run_git(&dir, &["symbolic-ref", "HEAD"]).unwrap();
+        let lock = dir.join(".git").join(format!("{}.lock", branch.trim()));
+        std::fs::write(&lock, "").unwrap();
+        store
+            .apply(change(
+                &[("jitsu/vm/a/state", "booting")],
+                Some("a: off -> booting"),
+            ))
+            .unwrap();
+        store
+            .apply(change(
+                &[("jitsu/vm/a/state", "running")],
+                Some("a: booting -> running"),
+            ))
+            .unwrap();
+        let head = store.flush().unwrap();
+        assert_eq!(
+            head.get("jitsu/vm/a/state").map(String::as_str),
+            Some("off")
+        );
+        assert_eq!(log(&dir), ["configuration: added a"]);
+        assert!(has("jitsu_dns_state_store_healthy 0"), "{}", text());
+        assert!(has("jitsu_dns_state_write_failures_total 1"), "{}", text());
+        assert!(has("jitsu_dns_state_changes_dropped_total 2"), "{}", text());
+        assert!(lag() > 0.0, "behind: {}", text());
+
+        std::fs::remove_file(&lock).unwrap();
+        asked
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the writer asks for the whole state");
+        let mut whole = Tree::new();
+        whole.insert("jitsu/vm/a/state".into(), "running".into());
+        store.rewrite(whole.clone(), 1).unwrap();
+        assert_eq!(store.flush(), Some(whole));
+        assert_eq!(
+            log(&dir),
+            [
+                "state rewritten from the fleet (3 changes not recorded): a off -> running",
+                "configuration: added a"
+            ]
+        );
+        assert!(has("jitsu_dns_state_store_healthy 1"), "{}", text());
+        assert_eq!(lag(), 0.0, "{}", text());
+        assert_eq!(
+            std::fs::read_to_string(dir.join("jitsu/vm/a/state")).unwrap(),
+            "running\n",
+            "the work tree follows"
+        );
+        store.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_whole_state_is_what_the_configuration_and_state_commits_write() {
+        let wall = Wall::now();
+        let mut vms = views(&[A, B]);
+        vms[0].state = Lifecycle::Running;
+        vms[0].starts = 1;
+        let loaded = config_change(&Tree::new(), &vms, 60, &wall, "loaded").change;
+        let mut tree = applied(Tree::new(), &loaded);
+        for v in &vms {
+            tree = applied(tree, &lifecycle_change(v, Lifecycle::Off, "x", &wall));
+        }
+        assert_eq!(snapshot(&vms, 60, &wall), tree);
+    }
+
+    #[test]
+    fn a_rewrite_says_what_it_supersedes_and_which_states_it_changes() {
+        let t = |pairs: &[(&str, &str)]| -> Tree {
+            pairs
+                .iter()
+                .map(|(n, s)| (format!("jitsu/vm/{n}/state"), s.to_string()))
+                .collect()
+        };
+        let before = t(&[("a", "off"), ("b", "running"), ("gone", "off")]);
+        let after = t(&[("a", "running"), ("b", "running"), ("new", "off")]);
+        assert_eq!(
+            rewrite_message(&before, &after, 1),
+            "state rewritten from the fleet (1 change not recorded): \
+             a off -> running, gone off -> removed, new absent -> off"
+        );
+        assert_eq!(
+            rewrite_message(&after, &after, 0),
+            "state rewritten from the fleet (0 changes not recorded): no VM's state differed"
+        );
+        let many: Tree = (0..10)
+            .map(|i| (format!("jitsu/vm/v{i}/state"), "running".to_string()))
+            .collect();
+        assert!(
+            rewrite_message(&Tree::new(), &many, 20).ends_with("v7 absent -> running, and 2 more")
         );
     }
 
