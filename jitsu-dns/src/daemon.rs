@@ -12,6 +12,8 @@
 //! SIGHUP (a reload) re-reads the file and the specs: VMs added are reconciled and served,
 //! VMs removed are forgotten and left as they are (a running one keeps running, unmanaged;
 //! stop it by hand if it should go), changed VMs take their new settings at their next boot.
+//! A reload that would remove more than `max_removed_share` of the VMs is refused (an emptied
+//! file must not drop the fleet).
 //! Settings that need new sockets or another backend (bind, listen, backend, connect,
 //! synjitsu, persistdb, metrics) need a restart and are ignored with a warning.
 //! SIGTERM/SIGINT stop jitsu-dns and leave every VM as it is; the store is flushed.
@@ -485,6 +487,10 @@ impl Shell {
                 return;
             }
         };
+        if let Err(e) = new.check_removals(&self.cfg) {
+            error!(error = %e, "configuration not reloaded: keeping the current one");
+            return;
+        }
         let (new, kept) = new.for_reload(&self.cfg);
         for setting in kept {
             warn!(setting, "this setting changes only with a restart: ignored");

@@ -120,3 +120,38 @@ fn state_views_refuse_a_directory_that_is_no_store() {
         assert!(err.contains("no state store at"), "{err}");
     }
 }
+
+/// `a.<63 b>.<63 b>.<63 b>.<59 c>`: 253 characters, the longest valid name (issue 15).
+fn longest_name() -> String {
+    let b63 = "b".repeat(63);
+    format!("a.{b63}.{b63}.{b63}.{}", "c".repeat(59))
+}
+
+#[test]
+fn a_valid_name_too_long_for_its_zones_ns_is_refused_at_start_not_a_panic() {
+    let name = longest_name();
+    let (code, err) = run(&[
+        "-l",
+        "5399",
+        "-f",
+        "0.0.0.0",
+        &format!("name=x,dns={name},ip=10.91.0.1,command=true"),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains(&format!("VM spec 1 (x): dns = \"{name}\": ")) && err.contains("no room"),
+        "{err}"
+    );
+    // The same zone as a [[zone]] table without `ns`.
+    let dir = Scratch::new("clilong").unwrap();
+    let file = dir.path().join("jitsu.toml");
+    std::fs::write(&file, format!("[[zone]]\nname = \"{}\"\n", &name[2..])).unwrap();
+    let (code, err) = run(&["-l", "5399", "--config", file.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("jitsu.toml line 2: name = ") && err.contains("no room"),
+        "{err}"
+    );
+}

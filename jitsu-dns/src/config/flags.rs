@@ -74,6 +74,10 @@ pub struct Flags {
     /// At most this many boots per second; past it, queries get SERVFAIL.
     #[arg(long, value_name = "M")]
     pub max_boots_per_second: Option<Given>,
+    /// A reload (SIGHUP) that would remove more than this share of the VMs is refused; 1.0
+    /// allows removing them all [default: 0.5].
+    #[arg(long, value_name = "SHARE")]
+    pub max_removed_share: Option<Given>,
     /// VM specs: name=www,dns=www.example.org,ip=10.0.0.1,...
     #[arg(value_name = "VM")]
     #[serde(skip)]
@@ -166,7 +170,7 @@ mod tests {
                 assert_eq!(long, key.replace('_', "-"), "the flag is the key");
             }
         }
-        assert_eq!(n, 15, "the settings");
+        assert_eq!(n, 16, "the settings");
     }
 
     #[test]

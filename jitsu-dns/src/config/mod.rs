@@ -121,6 +121,8 @@ pub fn merge(flags: &Flags, file: Option<&FileSettings>) -> Result<Config, Confi
         1 << 20
     ))?
     .map(|n| n as u32);
+    let max_removed_share =
+        setting!(s, max_removed_share, parse_share)?.unwrap_or(DEFAULT_MAX_REMOVED_SHARE);
 
     let defaults = VmDefaults {
         delay,
@@ -143,11 +145,7 @@ pub fn merge(flags: &Flags, file: Option<&FileSettings>) -> Result<Config, Confi
         ));
     }
     check_distinct(&vms)?;
-    let zones = zones_for(
-        explicit_zones(zone_tables, bind)?,
-        vms.iter().map(|(v, _)| v),
-        bind,
-    );
+    let zones = zones_for(explicit_zones(zone_tables, bind)?, &vms, bind)?;
 
     Ok(Config {
         bind,
@@ -165,6 +163,7 @@ pub fn merge(flags: &Flags, file: Option<&FileSettings>) -> Result<Config, Confi
         log_level,
         max_running,
         max_boots_per_second,
+        max_removed_share,
         zones,
         vms: vms.into_iter().map(|(v, _)| v).collect(),
         file: file.map(|f| f.path.clone()),
@@ -202,6 +201,21 @@ fn parse_forwarders(origin: &Origin, key: &str, v: &str) -> Result<Forwarders, C
     } else {
         Ok(Forwarders::List(list))
     }
+}
+
+/// A share, from 0 to 1 (`max_removed_share`).
+fn parse_share(origin: &Origin, key: &str, v: &str) -> Result<f64, ConfigError> {
+    v.parse::<f64>()
+        .ok()
+        .filter(|x| (0.0..=1.0).contains(x))
+        .ok_or_else(|| {
+            invalid(
+                origin,
+                key,
+                v,
+                "expected a share from 0 to 1, like 0.5 (1.0: any)",
+            )
+        })
 }
 
 /// A path that must not be empty (`why` says what it should name).

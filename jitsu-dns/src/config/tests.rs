@@ -77,6 +77,7 @@ fn every_flag_is_parsed() {
         log_level: Some("debug".into()),
         max_running: Some("4".into()),
         max_boots_per_second: Some("2".into()),
+        max_removed_share: Some("0.25".into()),
         specs: vec![www().into()],
         config: None,
     };
@@ -103,6 +104,7 @@ fn every_flag_is_parsed() {
     assert_eq!(c.log_level, "debug");
     assert_eq!(c.max_running, Some(4));
     assert_eq!(c.max_boots_per_second, Some(2));
+    assert_eq!(c.max_removed_share, 0.25);
     assert_eq!(
         c.zones[0].ns_addresses,
         vec!["10.9.0.1".parse::<IpAddr>().unwrap()]
@@ -699,4 +701,122 @@ fn a_reload_keeps_the_settings_that_need_a_restart() {
     assert_eq!(c.ttl, 5, "the rest is the new configuration's");
     let (_, kept) = running.clone().for_reload(&running);
     assert!(kept.is_empty());
+}
+
+/// A name of `len` characters (without the final dot) ending in `.example.org`... made of
+/// labels of at most 63: `a.<63 b>.<63 b>.<63 b>.<c..>` as in issue 15, for `len` 193 to 253.
+fn long_name(len: usize) -> String {
+    let b63 = "b".repeat(63);
+    let head = format!("a.{b63}.{b63}.{b63}.");
+    assert!(len > head.len() && len - head.len() <= 63);
+    let name = format!("{head}{}", "c".repeat(len - head.len()));
+    assert_eq!(name.len(), len);
+    name
+}
+
+#[test]
+fn a_name_whose_zone_has_no_room_for_its_ns_is_refused_not_a_panic() {
+    // 253 characters is the longest valid name (255 octets on the wire); its zone (the name
+    // minus `a.`) has 251, and `ns.<zone>` would have 254: one too many.
+    let spec = |n: &str| format!("name=x,dns={n},ip=10.91.0.1,command=true");
+    let e = err(&flags(&[&spec(&long_name(253))]));
+    assert!(
+        e.starts_with(&format!("VM spec 1 (x): dns = \"{}\": ", long_name(253))),
+        "{e}"
+    );
+    assert!(
+        e.contains("no room for its NS name ns.") && e.contains("give the zone a [[zone]] table"),
+        "{e}"
+    );
+    // One shorter: ns.<zone> has 253 characters, which is valid.
+    let c = ok(&flags(&[&spec(&long_name(252))]));
+    assert_eq!(
+        c.zones[0].ns.to_ascii().len(),
+        254,
+        "253 and the root's dot"
+    );
+    // The same zone through `zone=`.
+    let zone = &long_name(253)[2..];
+    let e = err(&flags(&[&format!("{},zone={zone}", spec(&long_name(253)))]));
+    assert!(
+        e.starts_with(&format!("VM spec 1 (x): zone = \"{zone}\": ")),
+        "{e}"
+    );
+    // A [[zone]] of that length: refused without `ns`, served with one.
+    let path = Path::new("dom0.toml");
+    let file = |ns: &str| {
+        from_toml(
+            &format!("[[zone]]\nname = \"{zone}\"\n{ns}\n[[vm]]\nname = \"x\"\ndns = \"{}\"\nip = \"10.91.0.1\"\ncommand = \"true\"\n", long_name(253)),
+            path,
+        )
+        .and_then(|f| merge(&Flags::default(), Some(&f)))
+    };
+    let e = file("").unwrap_err().to_string();
+    assert!(
+        e.starts_with(&format!("dom0.toml line 2: name = \"{zone}\": ")),
+        "{e}"
+    );
+    assert!(e.contains("no room for its NS name"), "{e}");
+    let c = file("ns = \"ns.example.org\"").unwrap();
+    assert_eq!(c.zones[0].ns.to_string(), "ns.example.org.");
+    // Longer than 253 is no name at all.
+    let e = err(&flags(&[&spec(&format!("{}.org", long_name(250)))]));
+    assert!(e.contains("not a domain name"), "{e}");
+}
+
+#[test]
+fn a_reload_may_remove_at_most_its_share_of_the_vms() {
+    let vm = |n: u8| format!("name=v{n},dns=v{n}.example.org,ip=10.0.0.{n},command=x");
+    let with = |specs: &[String], share: Option<&str>| {
+        ok(&Flags {
+            max_removed_share: share.map(Into::into),
+            ..flags(&specs.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+    };
+    let four: Vec<String> = (1..=4).map(vm).collect();
+    let running = with(&four, None);
+    assert_eq!(running.max_removed_share, DEFAULT_MAX_REMOVED_SHARE);
+    // Half may go by default; more may not, nor all of them.
+    assert!(with(&four[2..], None).check_removals(&running).is_ok());
+    let e = with(&four[3..], None).check_removals(&running).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "it would remove 3 of 4 VMs (v1, v2, v3), more than max_removed_share = 0.5 allows; \
+         to remove them set max_removed_share = 1.0 in the file, then reload"
+    );
+    let e = with(&[], None).check_removals(&running).unwrap_err();
+    assert!(
+        e.to_string().starts_with("it would remove 4 of 4 VMs"),
+        "{e}"
+    );
+    // Unless the new configuration says so.
+    assert!(with(&[], Some("1.0")).check_removals(&running).is_ok());
+    assert!(
+        with(&four[3..], Some("0.75"))
+            .check_removals(&running)
+            .is_ok()
+    );
+    // Adding and changing VMs removes nothing; nor does a first configuration of none.
+    let more: Vec<String> = (1..=9).map(vm).collect();
+    assert!(with(&more, Some("0")).check_removals(&running).is_ok());
+    let none = with(&[], None);
+    assert!(with(&[], None).check_removals(&none).is_ok());
+    // A long list is cut short.
+    let many: Vec<String> = (1..=20).map(vm).collect();
+    let e = with(&[], None)
+        .check_removals(&with(&many, None))
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("(v1, v2, v3, v4, v5, v6, v7, v8, v9, v10 and 10 more)"),
+        "{e}"
+    );
+    // The share is a share.
+    for bad in ["1.5", "-0.1", "half"] {
+        let e = err(&Flags {
+            max_removed_share: Some(bad.into()),
+            ..flags(&[www()])
+        });
+        assert!(e.contains("expected a share from 0 to 1"), "{bad}: {e}");
+    }
 }

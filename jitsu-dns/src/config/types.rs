@@ -14,6 +14,8 @@ use std::time::Duration;
 use hickory_proto::rr::Name;
 use shared_proto::Mac;
 
+use super::ConfigError;
+
 /// Default address the DNS server binds (Jitsu's default).
 pub const DEFAULT_BIND: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 /// Default DNS port.
@@ -30,6 +32,8 @@ pub const DEFAULT_WAIT_FOR_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default bridge a process-backend VM joins.
 pub const DEFAULT_NIC: &str = "br0";
+/// Default share of the VMs a reload may remove (more is refused unless the file allows it).
+pub const DEFAULT_MAX_REMOVED_SHARE: f64 = 0.5;
 /// Default log filter.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
@@ -296,6 +300,8 @@ pub struct Config {
     pub max_running: Option<usize>,
     /// At most this many boots per second.
     pub max_boots_per_second: Option<u32>,
+    /// A reload may remove at most this share of the running configuration's VMs.
+    pub max_removed_share: f64,
     /// Zones, explicit and implicit.
     pub zones: Vec<ZoneConfig>,
     /// The VMs.
@@ -333,5 +339,32 @@ impl Config {
         }
         restart_only!(bind, listen, backend, connect, synjitsu, persistdb, metrics);
         (self, kept)
+    }
+
+    /// Refuses this configuration (just read) as a reload of `running` if it would remove
+    /// more than its `max_removed_share` of the running VMs: an emptied or truncated file
+    /// must not leave the fleet unmanaged. Setting the share to 1.0 says so explicitly.
+    pub fn check_removals(&self, running: &Config) -> Result<(), ConfigError> {
+        let removed: Vec<&str> = running
+            .vms
+            .iter()
+            .filter(|v| !self.vms.iter().any(|n| n.name == v.name))
+            .map(|v| &*v.name)
+            .collect();
+        let total = running.vms.len();
+        if removed.is_empty() || removed.len() as f64 <= self.max_removed_share * total as f64 {
+            return Ok(());
+        }
+        const SHOWN: usize = 10;
+        let mut names = removed[..removed.len().min(SHOWN)].join(", ");
+        if removed.len() > SHOWN {
+            names.push_str(&format!(" and {} more", removed.len() - SHOWN));
+        }
+        Err(ConfigError::TooManyRemoved {
+            removed: removed.len(),
+            total,
+            names,
+            share: self.max_removed_share,
+        })
     }
 }
