@@ -548,6 +548,9 @@ impl Shell {
 
 /// Runs jitsu-dns until `ctl.shutdown` is cancelled.
 pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), DaemonError> {
+    if let Some(why) = &cfg.backend_why {
+        info!(backend = cfg.backend.as_str(), "backend: {why}");
+    }
     let backend = backend::open(cfg.backend, cfg.connect.as_deref())?;
     let (store, tree) = Store::open(cfg.persistdb.as_deref())?;
     info!(store = %store.dir().display(), temporary = cfg.persistdb.is_none(), "state store");

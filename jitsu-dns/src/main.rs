@@ -21,7 +21,13 @@ use tokio_util::sync::CancellationToken;
 /// (repeatable), console_log, domain_type), or `[[vm]]` tables in the --config file, whose
 /// top-level keys are the long flags with `_`.
 #[derive(Debug, Parser)]
-#[command(version, about, args_conflicts_with_subcommands = true)]
+// Long flags may be cut to any unambiguous prefix, as Jitsu's cmdliner allowed (`--pers`).
+#[command(
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    infer_long_args = true
+)]
 struct Cli {
     #[command(flatten)]
     flags: Flags,

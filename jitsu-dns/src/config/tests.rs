@@ -475,7 +475,7 @@ fn bad_flags_name_the_flag() {
                 backend: Some("xen".into()),
                 ..flags(&[www()])
             },
-            "libvirt or process",
+            "flag --backend: backend = \"xen\": expected process, libvirt or libxl",
         ),
         (
             Flags {
@@ -819,4 +819,129 @@ fn a_reload_may_remove_at_most_its_share_of_the_vms() {
         });
         assert!(e.contains("expected a share from 0 to 1"), "{bad}: {e}");
     }
+}
+
+#[test]
+fn the_backend_follows_the_uri_scheme_unless_x_names_it() {
+    let with = |x: Option<&str>, c: Option<&str>| {
+        merge(
+            &Flags {
+                backend: x.map(Into::into),
+                connect: c.map(Into::into),
+                ..flags(&["name=www,dns=www.example.org,ip=10.0.0.1"])
+            },
+            None,
+        )
+    };
+    // Jitsu's own first example: -c xen:/// alone is libvirt.
+    for uri in [
+        "xen:///",
+        "xen:///system",
+        "qemu:///system",
+        "test:///default",
+        "vbox:///session",
+        "qemu+ssh://root@h/system?keyfile=/k",
+    ] {
+        let c = with(None, Some(uri)).unwrap();
+        assert_eq!(c.backend, BackendKind::Libvirt, "{uri}");
+        assert_eq!(c.connect.as_deref(), Some(uri));
+        let scheme = uri.split(':').next().unwrap();
+        assert_eq!(
+            c.backend_why,
+            Some(format!("libvirt, from the scheme {scheme}: of --connect"))
+        );
+    }
+    let process = |c: Option<&str>| {
+        merge(
+            &Flags {
+                connect: c.map(Into::into),
+                ..flags(&[www()])
+            },
+            None,
+        )
+        .unwrap()
+    };
+    let c = process(Some("process:///tmp/p?netns_prefix=t-"));
+    assert_eq!((c.backend, c.backend_why), (BackendKind::Process, None));
+    let c = process(None);
+    assert_eq!((c.backend, c.connect), (BackendKind::Process, None));
+    // -x libxl is libvirt's libxl driver.
+    let c = with(Some("libxl"), None).unwrap();
+    assert_eq!(c.backend, BackendKind::Libvirt);
+    assert_eq!(c.connect.as_deref(), Some("xen:///system"));
+    assert_eq!(
+        c.backend_why.as_deref(),
+        Some("-x libxl: libvirt's libxl driver at xen:///system")
+    );
+    let c = with(Some("libxl"), Some("xen+ssh://dom0/system")).unwrap();
+    assert_eq!(c.connect.as_deref(), Some("xen+ssh://dom0/system"));
+    let e = with(Some("libxl"), Some("qemu:///system"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(
+            "flag --connect: connect = \"qemu:///system\": -x libxl is libvirt's libxl driver"
+        ),
+        "{e}"
+    );
+    // -x wins over the scheme (and the backend refuses a URI that is not its own).
+    let c = with(Some("libvirt"), Some("process:///x")).unwrap();
+    assert_eq!((c.backend, c.backend_why), (BackendKind::Libvirt, None));
+    // XAPI is refused saying what to use.
+    let e = with(Some("xapi"), None).unwrap_err().to_string();
+    assert!(
+        e.starts_with(
+            "flag --backend: backend = \"xapi\": XAPI (XenServer, XCP-ng) is not supported"
+        ) && e.contains("-x libxl"),
+        "{e}"
+    );
+    // Not a URI at all.
+    let e = with(None, Some("/run/jitsu")).unwrap_err().to_string();
+    assert!(e.contains("connect = \"/run/jitsu\": not a URI"), "{e}");
+    // In the file too.
+    let f = from_toml("connect = \"xen:///\"\n", Path::new("j.toml")).unwrap();
+    let c = merge(
+        &flags(&["name=www,dns=www.example.org,ip=10.0.0.1"]),
+        Some(&f),
+    )
+    .unwrap();
+    assert_eq!(c.backend, BackendKind::Libvirt);
+}
+
+#[test]
+fn synjitsu_takes_a_socket_path_not_a_uuid() {
+    let with = |v: &str| {
+        merge(
+            &Flags {
+                synjitsu: Some(v.into()),
+                ..flags(&[www()])
+            },
+            None,
+        )
+    };
+    let e = with("4dea22b3-1d52-d8f3-2516-782e98ab3fa0")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("flag --synjitsu: synjitsu = \"4dea22b3-1d52-d8f3-2516-782e98ab3fa0\": a UUID is how Jitsu 0.2")
+            && e.contains("control socket"),
+        "{e}"
+    );
+    // A file or directory that is there and is no socket.
+    let e = with("/").unwrap_err().to_string();
+    assert!(e.contains("exists and is not a socket"), "{e}");
+    let e = with("").unwrap_err().to_string();
+    assert!(e.contains("control socket"), "{e}");
+    // A socket that is not there yet is fine: synjitsu may start later.
+    let c = with("/run/jitsu/no-synjitsu-yet.sock").unwrap();
+    assert_eq!(
+        c.synjitsu.as_deref(),
+        Some(Path::new("/run/jitsu/no-synjitsu-yet.sock"))
+    );
+    let dir = std::env::temp_dir().join(format!("jitsu-sock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("s.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    assert!(with(sock.to_str().unwrap()).is_ok());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

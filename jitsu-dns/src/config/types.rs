@@ -288,6 +288,9 @@ pub struct Config {
     pub backend: BackendKind,
     /// The backend's URI.
     pub connect: Option<String>,
+    /// How the backend was chosen when `-x` did not name it outright (`-x libxl`, or the
+    /// scheme of `-c`), for the log.
+    pub backend_why: Option<String>,
     /// synjitsu's control socket.
     pub synjitsu: Option<PathBuf>,
     /// The state store's git repository.
