@@ -446,12 +446,14 @@ impl Shell {
         .unwrap_or_default();
         // The fleet takes each domain's own MAC before it hears of the VM's state.
         for (vm, found) in &looked {
-            if let Some(mac) = found.as_ref().ok().and_then(|d| d.mac) {
+            if let Ok(d) = found
+                && !d.macs.is_empty()
+            {
                 self.process(
                     Instant::now(),
                     Event::MacFound {
                         vm: vm.clone(),
-                        mac,
+                        macs: d.macs.clone(),
                     },
                 );
             }

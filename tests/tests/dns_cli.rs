@@ -81,7 +81,7 @@ fn an_unreachable_libvirt_is_refused_at_start() {
         "5399",
         "--persistdb",
         db.to_str().unwrap(),
-        "name=www,dns=www.example.org,ip=10.0.0.1,kernel=/boot/mirage.xen,memory=64",
+        "name=www,dns=www.example.org,ip=10.0.0.1,kernel=/boot/mirage.xen,memory=64M",
     ]);
     assert_eq!(code, Some(1), "{err}");
     assert!(

@@ -128,10 +128,16 @@ pub fn merge(flags: &Flags, file: Option<&FileSettings>) -> Result<Config, Confi
         mode,
         backend,
     };
+    // Relative paths of a spec are read from the working directory, as Jitsu read them; those
+    // of the file from the file's directory, so that it means the same from anywhere.
+    let cwd = std::env::current_dir().ok();
+    let file_dir = file
+        .and_then(|f| std::path::absolute(&f.path).ok())
+        .and_then(|p| p.parent().map(PathBuf::from));
     let mut vms = Vec::new();
     for (i, spec) in flags.specs.iter().enumerate() {
         let entries = parse_spec(spec, i + 1)?;
-        vms.push((build_vm(&entries, None, defaults)?, entries));
+        vms.push((build_vm(&entries, None, cwd.as_deref(), defaults)?, entries));
     }
     let (vm_tables, zone_tables) = match file {
         Some(f) => (&f.vms[..], &f.zones[..]),
@@ -139,7 +145,7 @@ pub fn merge(flags: &Flags, file: Option<&FileSettings>) -> Result<Config, Confi
     };
     for t in vm_tables {
         vms.push((
-            build_vm(&t.entries, Some(&t.at), defaults)?,
+            build_vm(&t.entries, Some(&t.at), file_dir.as_deref(), defaults)?,
             t.entries.clone(),
         ));
     }

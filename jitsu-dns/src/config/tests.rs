@@ -44,12 +44,14 @@ fn defaults_are_jitsus() {
     assert_eq!(&*vm.name, "www");
     assert_eq!(vm.dns, vec![Name::from_ascii("www.example.org.").unwrap()]);
     assert_eq!((vm.ip, vm.ip_prefix), ("10.0.0.1".parse().unwrap(), 24));
-    assert_eq!(vm.mac, Mac::derived_from(b"www"));
+    assert_eq!(vm.mac(), Mac::derived_from(b"www"));
     assert_eq!(vm.response_delay, Duration::from_millis(100));
     assert_eq!(vm.stop_mode, StopMode::Destroy);
     assert_eq!(vm.handover, HandoverKind::Wire);
     assert_eq!(vm.ifup, Ifup::Jitsu);
-    assert_eq!(vm.nic, "br0");
+    assert_eq!(vm.nic(), "br0");
+    assert_eq!(vm.nics.len(), 1);
+    assert_eq!(vm.nics[0].script, None);
     assert_eq!(vm.wait_for_timeout, DEFAULT_WAIT_FOR_TIMEOUT);
     assert_eq!(vm.boot_timeout, DEFAULT_BOOT_TIMEOUT);
     assert!(!vm.use_synjitsu && vm.wait_for.is_none() && vm.wait_for_key.is_none());
@@ -134,7 +136,7 @@ fn every_vm_key_is_parsed() {
     assert_eq!((vm.ip.to_string().as_str(), vm.ip_prefix), ("10.0.0.2", 16));
     assert_eq!(vm.ip6, Some("fd00::2".parse().unwrap()));
     assert_eq!(vm.ip6_prefix, 80);
-    assert_eq!(vm.mac.to_string(), "00:16:3e:00:00:02");
+    assert_eq!(vm.mac().to_string(), "00:16:3e:00:00:02");
     assert_eq!(vm.response_delay, Duration::from_millis(500));
     assert_eq!(
         vm.wait_for_key.as_deref(),
@@ -147,7 +149,7 @@ fn every_vm_key_is_parsed() {
     assert_eq!(vm.stop_mode, StopMode::Shutdown);
     assert_eq!(vm.ifup, Ifup::Guest);
     assert_eq!(vm.gateway, Some("10.0.0.254".parse().unwrap()));
-    assert_eq!(vm.nic, "br1");
+    assert_eq!(vm.nic(), "br1");
     assert_eq!(vm.command.as_deref(), Some("sh -c \"a, b\""));
     assert_eq!(vm.zone, Some(Name::from_ascii("example.org.").unwrap()));
 }
@@ -155,7 +157,7 @@ fn every_vm_key_is_parsed() {
 #[test]
 fn libvirt_keys_are_parsed_for_libvirt() {
     let mut f = flags(&[
-        "name=rump,dns=nginx.example.org,ip=10.0.0.3,kernel=/k/nginx.bin,memory=64,\
+        "name=rump,dns=nginx.example.org,ip=10.0.0.3,kernel=/k/nginx.bin,memory=64000,\
          disk=/d/a.img,disk=/d/b.img,uuid=4DEA22B3-1D52-D8F3-2516-782E98AB3FA0,\
          cmdline=console=hvc0,handover=xenstore,wait_for_key=data/ready,initrd=/k/initrd,\
          console_log=/var/log/jitsu/rump.console,domain_type=xenpv",
@@ -170,10 +172,16 @@ fn libvirt_keys_are_parsed_for_libvirt() {
         Some(PathBuf::from("/var/log/jitsu/rump.console"))
     );
     assert_eq!(vm.domain_type, Some(DomainType::XenPv));
-    assert_eq!(vm.memory, Some(64));
+    assert_eq!(vm.memory_kib, Some(64000), "KiB, as in Jitsu");
     assert_eq!(
         vm.disks,
-        vec![PathBuf::from("/d/a.img"), PathBuf::from("/d/b.img")]
+        ["/d/a.img", "/d/b.img"]
+            .map(|p| Disk {
+                source: PathBuf::from(p),
+                vdev: None,
+                kind: DiskKind::File
+            })
+            .to_vec()
     );
     assert_eq!(
         vm.uuid.as_deref(),
@@ -362,18 +370,6 @@ fn bad_specs_name_the_key_the_value_and_why() {
     lv.backend = Some("libvirt".into());
     assert!(err(&lv).contains("process backend"));
     for (spec, what) in [
-        (
-            "kernel=vmlinux",
-            "kernel = \"vmlinux\": must be an absolute path",
-        ),
-        (
-            "initrd=./i.gz",
-            "initrd = \"./i.gz\": must be an absolute path",
-        ),
-        (
-            "disk=/ok.img,disk=d.img",
-            "disk = \"d.img\": must be an absolute path",
-        ),
         (
             "console_log=c.log",
             "console_log = \"c.log\": must be an absolute path",
@@ -944,4 +940,253 @@ fn synjitsu_takes_a_socket_path_not_a_uuid() {
     let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     assert!(with(sock.to_str().unwrap()).is_ok());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn memory_is_kib_as_in_jitsu_with_units_and_no_silent_change() {
+    let lv = |mem: &str| {
+        merge(
+            &Flags {
+                backend: Some("libvirt".into()),
+                ..flags(&[&format!(
+                    "name=m,dns=m.example.org,ip=10.0.0.1,memory={mem}"
+                )])
+            },
+            None,
+        )
+        .map(|c| c.vms[0].memory_kib.unwrap())
+        .map_err(|e| e.to_string())
+    };
+    // Jitsu's README: memory=64000 is "64MB".
+    assert_eq!(lv("64000"), Ok(64000));
+    for (given, kib) in [
+        ("65536K", 65536),
+        ("65536k", 65536),
+        ("65536KiB", 65536),
+        ("64M", 65536),
+        ("64MiB", 65536),
+        ("1G", 1 << 20),
+        ("1gib", 1 << 20),
+        ("4M", 4096),
+        ("1024G", 1 << 30),
+        ("16384", 16384),
+    ] {
+        assert_eq!(lv(given), Ok(kib), "{given}");
+    }
+    // A bare number that was MiB here before and is no size in KiB is refused, saying how to
+    // write it now.
+    let e = lv("128").unwrap_err();
+    assert!(
+        e.starts_with("VM spec 1 (m): memory = \"128\": a bare number is KiB, as in Jitsu")
+            && e.contains("write 128M for 128 MiB"),
+        "{e}"
+    );
+    assert!(lv("16383").is_err());
+    // Absurd sizes and units.
+    for (given, why) in [
+        ("3M", "between 4 MiB (4M) and 1 TiB"),
+        ("2048G", "between 4 MiB"),
+        ("1073741825", "between 4 MiB"),
+        ("99999999999999999999G", "expected a size"),
+        ("18446744073709551615G", "between 4 MiB"),
+        ("64MB", "unknown unit"),
+        ("64 M", "unknown unit"),
+        ("lots", "expected a size"),
+        ("-64M", "expected a size"),
+        ("", "expected a size"),
+    ] {
+        let e = lv(given).unwrap_err();
+        assert!(e.contains(why), "{given}: {e}");
+    }
+    // In the file, a unit is required: `memory = 64` meant 64 MiB there, and is refused
+    // rather than read as 64 KiB.
+    let file = |mem: &str| {
+        let text = format!(
+            "backend = \"libvirt\"\n[[vm]]\nname = \"m\"\ndns = \"m.example.org\"\nip = \"10.0.0.1\"\nmemory = {mem}\n"
+        );
+        from_toml(&text, Path::new("dom0.toml"))
+            .and_then(|f| merge(&Flags::default(), Some(&f)))
+            .map(|c| c.vms[0].memory_kib.unwrap())
+            .map_err(|e| e.to_string())
+    };
+    let e = file("64").unwrap_err();
+    assert!(
+        e.starts_with("dom0.toml line 6 (vm m): memory = \"64\": give a unit: memory = \"64M\""),
+        "{e}"
+    );
+    assert!(file("64000").is_err() && file("\"64000\"").is_err());
+    assert_eq!(file("\"64M\""), Ok(65536));
+    assert_eq!(file("\"64000K\""), Ok(64000));
+}
+
+/// The working directory of this test process, where a spec's relative paths lead.
+fn cwd() -> PathBuf {
+    std::env::current_dir().unwrap()
+}
+
+#[test]
+fn relative_paths_are_read_from_the_working_directory_or_the_files_directory() {
+    let lv = |keys: &str| {
+        let mut f = flags(&[&format!("name=k,dns=k.example.org,ip=10.0.0.1,{keys}")]);
+        f.backend = Some("libvirt".into());
+        merge(&f, None).map(|c| c.vms[0].clone())
+    };
+    // On the command line: the working directory, as Jitsu read `kernel=mirage-www.xen`.
+    let vm = lv("kernel=mirage-www.xen,initrd=./boot/i.gz,disk=images/data.iso@xvdb").unwrap();
+    assert_eq!(vm.kernel, Some(cwd().join("mirage-www.xen")));
+    assert_eq!(vm.initrd, Some(cwd().join("boot/i.gz")));
+    assert_eq!(vm.disks[0].source, cwd().join("images/data.iso"));
+    // Absolute paths are kept; a console log must be absolute as before (libvirt writes it).
+    let vm = lv("kernel=/k/vmlinux").unwrap();
+    assert_eq!(vm.kernel, Some(PathBuf::from("/k/vmlinux")));
+    let e = lv("console_log=c.log").unwrap_err().to_string();
+    assert!(e.contains("must be an absolute path"), "{e}");
+    // In a file: the file's directory, wherever jitsu-dns runs from.
+    let text = "backend = \"libvirt\"\n[[vm]]\nname = \"k\"\ndns = \"k.example.org\"\n\
+                ip = \"10.0.0.1\"\nkernel = \"unikernels/www.xen\"\ndisk = [\"../data.img@xvdb\", \"/dev/loop5@xvda\"]\n";
+    for (path, dir) in [
+        (
+            PathBuf::from("/etc/jitsu/jitsu.toml"),
+            PathBuf::from("/etc/jitsu"),
+        ),
+        (PathBuf::from("conf/jitsu.toml"), cwd().join("conf")),
+    ] {
+        let f = from_toml(text, &path).unwrap();
+        let vm = merge(&Flags::default(), Some(&f)).unwrap().vms[0].clone();
+        assert_eq!(vm.kernel, Some(dir.join("unikernels/www.xen")), "{path:?}");
+        assert_eq!(vm.disks[0].source, dir.join("../data.img"), "{path:?}");
+        assert_eq!(vm.disks[1].source, PathBuf::from("/dev/loop5"), "{path:?}");
+    }
+}
+
+#[test]
+fn disks_are_jitsus_device_or_file_at_guest_device() {
+    let disks = |d: &str| {
+        let mut f = flags(&[&format!(
+            "name=d,dns=d.example.org,ip=10.0.0.1,kernel=/k,{d}"
+        )]);
+        f.backend = Some("libvirt".into());
+        merge(&f, None)
+            .map(|c| c.vms[0].disks.clone())
+            .map_err(|e| e.to_string())
+    };
+    let got =
+        disks("disk=/dev/loop5@xvda,disk=images/data.iso@xvdb,disk=/d/root.qcow2,disk=/d/x.img@")
+            .unwrap();
+    assert_eq!(
+        got,
+        vec![
+            Disk {
+                source: "/dev/loop5".into(),
+                vdev: Some("xvda".into()),
+                kind: DiskKind::Block
+            },
+            Disk {
+                source: cwd().join("images/data.iso"),
+                vdev: Some("xvdb".into()),
+                kind: DiskKind::File
+            },
+            Disk {
+                source: "/d/root.qcow2".into(),
+                vdev: None,
+                kind: DiskKind::File
+            },
+            Disk {
+                source: "/d/x.img".into(),
+                vdev: None,
+                kind: DiskKind::File
+            },
+        ]
+    );
+    assert_eq!(
+        got.iter().map(Disk::format).collect::<Vec<_>>(),
+        ["raw", "raw", "qcow2", "raw"]
+    );
+    for ok in ["vda", "sdb", "hdc", "xvdaa", "xvda1"] {
+        assert!(disks(&format!("disk=/d/a.img@{ok}")).is_ok(), "{ok}");
+    }
+    for (d, why) in [
+        (
+            "disk=@xvda",
+            "expected <image file or /dev/ device>[@<guest device>]",
+        ),
+        ("disk=", "expected <image file or /dev/ device>"),
+        ("disk=/d/a.img@eth0", "eth0 is not a guest disk device"),
+        ("disk=/d/a.img@xvd", "xvd is not a guest disk device"),
+        ("disk=/d/a.img@xvda@b", "is not a guest disk device"),
+        (
+            "disk=/d/a.img@xvda,disk=/d/b.img@xvda",
+            "disk = \"/d/b.img@xvda\": another disk is xvda",
+        ),
+    ] {
+        let e = disks(d).unwrap_err();
+        assert!(
+            e.starts_with("VM spec 1 (d): disk = ") && e.contains(why),
+            "{d}: {e}"
+        );
+    }
+}
+
+#[test]
+fn nics_repeat_with_a_script_each_as_jitsu_gave_them() {
+    let lv = |keys: &str| {
+        let mut f = flags(&[&format!(
+            "name=n,dns=n.example.org,ip=10.0.0.1,kernel=/k,{keys}"
+        )]);
+        f.backend = Some("libvirt".into());
+        merge(&f, None)
+            .map(|c| c.vms[0].clone())
+            .map_err(|e| e.to_string())
+    };
+    let vm = lv("nic=br0,nic=br1,nic=br2,script=vif-a,script=vif-b,mac=02:00:00:00:00:01").unwrap();
+    let bridges: Vec<&str> = vm.nics.iter().map(|n| n.bridge.as_str()).collect();
+    assert_eq!(bridges, ["br0", "br1", "br2"]);
+    // NIC i takes script[i mod #scripts].
+    let scripts: Vec<Option<&str>> = vm.nics.iter().map(|n| n.script.as_deref()).collect();
+    assert_eq!(scripts, [Some("vif-a"), Some("vif-b"), Some("vif-a")]);
+    // The first NIC's MAC is `mac`, the one synjitsu steers; the others are the name's.
+    assert_eq!(vm.mac(), "02:00:00:00:00:01".parse().unwrap());
+    assert_eq!(vm.nics[1].mac, Mac::derived_from(b"n/nic1"));
+    assert_eq!(vm.nics[2].mac, Mac::derived_from(b"n/nic2"));
+    let macs: BTreeSet<Mac> = vm.nics.iter().map(|n| n.mac).collect();
+    assert_eq!(macs.len(), 3);
+    // One script for every NIC.
+    let vm = lv("nic=br0,nic=br1,script=/etc/xen/scripts/vif-bridge").unwrap();
+    assert!(
+        vm.nics
+            .iter()
+            .all(|n| n.script.as_deref() == Some("/etc/xen/scripts/vif-bridge"))
+    );
+    // A domain's MACs replace the keys', place by place.
+    let domain: Vec<Mac> = vec!["02:aa:00:00:00:01".parse().unwrap()];
+    let v = vm.with_macs(&domain);
+    assert_eq!(v.mac(), domain[0]);
+    assert_eq!(v.nics[1].mac, vm.nics[1].mac);
+    // The process backend has one interface: a second nic and a script are refused.
+    let e = err(&flags(&[
+        "name=p,dns=p.example.org,ip=10.0.0.1,command=x,nic=br0,nic=br1",
+    ]));
+    assert!(
+        e.starts_with("VM spec 1 (p): nic = \"br1\": the process backend gives a VM one interface"),
+        "{e}"
+    );
+    let e = err(&flags(&[
+        "name=p,dns=p.example.org,ip=10.0.0.1,command=x,script=vif-bridge",
+    ]));
+    assert!(
+        e.contains("script = \"vif-bridge\": this key is for the libvirt backend"),
+        "{e}"
+    );
+    let e = lv("script=").unwrap_err();
+    assert!(e.contains("expected a vif script"), "{e}");
+    // Another VM's NIC MAC clashes like its first one.
+    let mut f = flags(&[
+        "name=n,dns=n.example.org,ip=10.0.0.1,kernel=/k,nic=br0,nic=br1",
+        &format!(
+            "name=m,dns=m.example.org,ip=10.0.0.2,kernel=/k,mac={}",
+            Mac::derived_from(b"n/nic1")
+        ),
+    ]);
+    f.backend = Some("libvirt".into());
+    assert!(err(&f).contains("VM n has this MAC"), "{}", err(&f));
 }

@@ -163,6 +163,51 @@ impl FromStr for DomainType {
     }
 }
 
+/// One of a VM's network interfaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    /// The bridge it joins.
+    pub bridge: String,
+    /// The vif hotplug script (Xen), if not the default.
+    pub script: Option<String>,
+    /// Its MAC: the `mac` key's (or one derived from the VM's name) for the first, one
+    /// derived from the name and the place for the others, or the domain's own once read.
+    pub mac: Mac,
+}
+
+/// What backs a guest's disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskKind {
+    /// An image file (libvirt `type='file'`).
+    File,
+    /// A block device of the host, a path under `/dev/` (libvirt `type='block'`), such as the
+    /// loop devices Jitsu's README suggests.
+    Block,
+}
+
+/// One `disk`: Jitsu's `<dev-or-file>@<vdev>`, attached raw (or qcow2 for a `.qcow2` file)
+/// and read-write, as Jitsu's libxl backend attached it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// The image or device, an absolute path (a relative one was resolved when read).
+    pub source: PathBuf,
+    /// The guest's device (`xvda`, `vdb`, `sda`, `hdc`); `None`: the next free one.
+    pub vdev: Option<String>,
+    /// File or block device.
+    pub kind: DiskKind,
+}
+
+impl Disk {
+    /// The disk's format: qcow2 for a `.qcow2` file, raw for anything else (Jitsu's only).
+    pub fn format(&self) -> &'static str {
+        if self.kind == DiskKind::File && self.source.extension().is_some_and(|e| e == "qcow2") {
+            "qcow2"
+        } else {
+            "raw"
+        }
+    }
+}
+
 /// Extra masking conditions beyond the fixed delay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitFor {
@@ -209,8 +254,6 @@ pub struct VmConfig {
     pub ip6: Option<Ipv6Addr>,
     /// Prefix length of `ip6`.
     pub ip6_prefix: u8,
-    /// The guest's MAC (default derived from the name).
-    pub mac: Mac,
     /// Masking by a fixed delay after the backend started the VM.
     pub response_delay: Duration,
     /// Xenstore key whose appearance means the guest is ready (relative keys live under
@@ -234,18 +277,19 @@ pub struct VmConfig {
     pub ifup: Ifup,
     /// Default route of the guest (process backend with `ifup=jitsu`).
     pub gateway: Option<IpAddr>,
-    /// The bridge the VM joins.
-    pub nic: String,
+    /// Its NICs, at least one, in order. The first is the one whose `ip` is served, whose
+    /// MAC synjitsu steers and idle detection counts.
+    pub nics: Vec<Nic>,
     /// The command that is the VM (process backend).
     pub command: Option<String>,
-    /// Kernel image (libvirt), an absolute path.
+    /// Kernel image (libvirt), an absolute path (a relative one was resolved when read).
     pub kernel: Option<PathBuf>,
-    /// Initial ramdisk (libvirt), an absolute path.
+    /// Initial ramdisk (libvirt), an absolute path (a relative one was resolved when read).
     pub initrd: Option<PathBuf>,
-    /// Memory in MiB (libvirt).
-    pub memory: Option<u64>,
-    /// Disk images (libvirt), absolute paths.
-    pub disks: Vec<PathBuf>,
+    /// Memory in KiB (libvirt), as Jitsu's `memory` (libxl's `max_memkb`).
+    pub memory_kib: Option<u64>,
+    /// Disks (libvirt), in the order given.
+    pub disks: Vec<Disk>,
     /// Domain UUID (libvirt).
     pub uuid: Option<String>,
     /// Kernel command line (libvirt).
@@ -264,6 +308,28 @@ impl VmConfig {
     /// announcement).
     pub fn synjitsu_tracked(&self) -> bool {
         self.use_synjitsu || self.wait_for == Some(WaitFor::Announce)
+    }
+
+    /// The MAC of the first NIC, the guest's on the bridge where its `ip` is served: the one
+    /// synjitsu steers.
+    pub fn mac(&self) -> Mac {
+        self.nics[0].mac
+    }
+
+    /// The bridge of the first NIC.
+    pub fn nic(&self) -> &str {
+        &self.nics[0].bridge
+    }
+
+    /// This VM with the MACs its domain gives its NICs, in order (a domain with fewer
+    /// interfaces leaves the rest as they were; one with more says nothing of NICs the keys
+    /// do not declare).
+    pub fn with_macs(&self, macs: &[Mac]) -> VmConfig {
+        let mut v = self.clone();
+        for (nic, mac) in v.nics.iter_mut().zip(macs) {
+            nic.mac = *mac;
+        }
+        v
     }
 }
 

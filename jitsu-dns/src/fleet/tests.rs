@@ -968,13 +968,13 @@ fn the_domains_mac_wins_over_the_keys_and_outlives_a_reload() {
     ];
     let (mut f, t) = fleet(&specs, settings());
     f.handle(t, Event::SynjitsuUp);
-    let derived = f.view("www").unwrap().cfg.mac;
+    let derived = f.view("www").unwrap().cfg.mac();
     let domain: Mac = "02:aa:00:00:00:77".parse().unwrap();
     let out = f.handle(
         t,
         Event::MacFound {
             vm: name("www"),
-            mac: domain,
+            macs: vec![domain],
         },
     );
     assert!(out.contains(&Command::Persist(Persist::Mac {
@@ -988,12 +988,12 @@ fn the_domains_mac_wins_over_the_keys_and_outlives_a_reload() {
         panic!("synjitsu is told at once: {told:?}")
     };
     assert_eq!(synced[0].vm.mac, domain);
-    assert_eq!(f.view("www").unwrap().cfg.mac, domain);
+    assert_eq!(f.view("www").unwrap().cfg.mac(), domain);
     let same = f.handle(
         t,
         Event::MacFound {
             vm: name("www"),
-            mac: domain,
+            macs: vec![domain],
         },
     );
     assert!(same.is_empty(), "{same:?}");
@@ -1001,7 +1001,7 @@ fn the_domains_mac_wins_over_the_keys_and_outlives_a_reload() {
         t,
         Event::MacFound {
             vm: name("m"),
-            mac: domain,
+            macs: vec![domain],
         },
     );
     assert!(matches!(
@@ -1012,11 +1012,36 @@ fn the_domains_mac_wins_over_the_keys_and_outlives_a_reload() {
     // A reload gives the keys' MAC again; the domain's stays.
     let refs: Vec<&str> = specs.iter().map(String::as_str).collect();
     f.reconfigure(t, vms(&refs));
-    assert_eq!(f.view("www").unwrap().cfg.mac, domain);
+    assert_eq!(f.view("www").unwrap().cfg.mac(), domain);
     // Removed, the VM is forgotten with its MAC.
     f.reconfigure(t, vms(&refs[1..]));
     f.reconfigure(t, vms(&refs));
-    assert_eq!(f.view("www").unwrap().cfg.mac, derived);
+    assert_eq!(f.view("www").unwrap().cfg.mac(), derived);
+}
+
+#[test]
+fn a_domains_other_nics_macs_are_taken_and_only_the_first_is_steered() {
+    let lv = "name=x,dns=x.example.org,ip=10.0.0.9,kernel=/k,nic=br0,nic=br1,mac=02:00:00:00:00:09";
+    let t = Instant::now();
+    let mut fl = Fleet::new(t, settings(), vms_with("libvirt", &[lv]));
+    fl.handle(t, Event::SynjitsuUp);
+    let first: Mac = "02:00:00:00:00:09".parse().unwrap();
+    let second: Mac = "02:bb:00:00:00:02".parse().unwrap();
+    // The first is the keys' own: only the second NIC's MAC changes, and nothing follows.
+    let out = fl.handle(
+        t,
+        Event::MacFound {
+            vm: name("x"),
+            macs: vec![first, second],
+        },
+    );
+    assert!(out.is_empty(), "{out:?}");
+    let cfg = &fl.view("x").unwrap().cfg;
+    assert_eq!((cfg.mac(), cfg.nics[1].mac), (first, second));
+    // A reload keeps them.
+    fl.reconfigure(t, vms_with("libvirt", &[lv]));
+    let cfg = &fl.view("x").unwrap().cfg;
+    assert_eq!((cfg.mac(), cfg.nics[1].mac), (first, second));
 }
 
 #[test]

@@ -93,8 +93,9 @@ pub(super) struct Vm {
     /// While a synjitsu-tracked guest runs without having announced itself: when its boot
     /// is failed. Cleared by its announcement and by every change of `life`.
     pub(super) unconfirmed_until: Option<Instant>,
-    /// The MAC taken from the VM's domain ([`super::Event::MacFound`]), kept across reloads.
-    pub(super) adopted_mac: Option<Mac>,
+    /// The MACs taken from the VM's domain ([`super::Event::MacFound`]), kept across
+    /// reloads; empty until then.
+    pub(super) adopted_macs: Vec<Mac>,
 }
 
 impl Vm {
@@ -112,7 +113,7 @@ impl Vm {
             starts: 0,
             last_start: None,
             unconfirmed_until: None,
-            adopted_mac: None,
+            adopted_macs: Vec::new(),
         }
     }
 
