@@ -26,8 +26,10 @@ pub const DEFAULT_FORWARDER_PORT: u16 = 53;
 pub const DEFAULT_DELAY: Duration = Duration::from_millis(100);
 /// Default TTL of answers, in seconds; VMs idle for twice this are stopped.
 pub const DEFAULT_TTL: u32 = 60;
-/// Default wait for a readiness key or a guest's announcement before answering anyway.
+/// Default wait for a guest's announcement (or synjitsu) before answering anyway.
 pub const DEFAULT_WAIT_FOR_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default wait for a readiness key before answering anyway: Jitsu's, hard-coded there.
+pub const DEFAULT_KEY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default time a synjitsu-tracked guest has to announce itself before its boot is failed.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default bridge a process-backend VM joins.
@@ -261,7 +263,8 @@ pub struct VmConfig {
     pub wait_for_key: Option<String>,
     /// Masking by synjitsu's report of the guest's gratuitous ARP.
     pub wait_for: Option<WaitFor>,
-    /// How long `wait_for_key` / `wait_for` wait before answering anyway.
+    /// How long `wait_for_key` / `wait_for` wait before answering anyway (for a key, the
+    /// response delay follows, as in Jitsu).
     pub wait_for_timeout: Duration,
     /// Masking by synjitsu holding the SYNs.
     pub use_synjitsu: bool,

@@ -14,8 +14,8 @@ use shared_proto::Mac;
 use super::error::{ConfigError, Origin, invalid};
 use super::spec::Entry;
 use super::types::{
-    BackendKind, DEFAULT_BOOT_TIMEOUT, DEFAULT_NIC, DEFAULT_WAIT_FOR_TIMEOUT, Disk, DiskKind,
-    HandoverKind, Ifup, Nic, StopMode, VmConfig, WaitFor,
+    BackendKind, DEFAULT_BOOT_TIMEOUT, DEFAULT_KEY_TIMEOUT, DEFAULT_NIC, DEFAULT_WAIT_FOR_TIMEOUT,
+    Disk, DiskKind, HandoverKind, Ifup, Nic, StopMode, VmConfig, WaitFor,
 };
 use super::values::{
     is_xenstore_path, parse_bool, parse_dns_name, parse_enum, parse_ifname, parse_ip, parse_ipv4,
@@ -164,7 +164,14 @@ pub(super) fn build_vm(
     let response_delay = keys.parse("response_delay", parse_seconds)?;
     let wait_for_key = keys.parse("wait_for_key", |o, k, v| parse_wait_for_key(o, k, v, d))?;
     let wait_for = keys.parse("wait_for", parse_wait_for)?;
-    let wait_for_timeout = keys.parse("wait_for_timeout", parse_positive_seconds)?;
+    // Jitsu waited 2 s for a key; the other conditions are ours.
+    let wait_for_timeout = keys
+        .parse("wait_for_timeout", parse_positive_seconds)?
+        .unwrap_or(if wait_for_key.is_some() && wait_for.is_none() {
+            DEFAULT_KEY_TIMEOUT
+        } else {
+            DEFAULT_WAIT_FOR_TIMEOUT
+        });
     let boot_timeout = keys.parse("boot_timeout", parse_positive_seconds)?;
     let use_synjitsu = keys.parse("use_synjitsu", parse_bool)?;
     let stop_mode = keys.parse("stop_mode", parse_enum)?;
@@ -199,7 +206,7 @@ pub(super) fn build_vm(
         response_delay: response_delay.unwrap_or(d.delay),
         wait_for_key,
         wait_for,
-        wait_for_timeout: wait_for_timeout.unwrap_or(DEFAULT_WAIT_FOR_TIMEOUT),
+        wait_for_timeout,
         boot_timeout: boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT),
         use_synjitsu: use_synjitsu.unwrap_or(false),
         stop_mode: stop_mode.unwrap_or(d.mode),

@@ -230,7 +230,8 @@ fn wait_for_key_answers_when_the_key_appears_or_at_the_timeout() {
     assert!(out.contains(&Command::UnwatchKey { vm: name("www") }));
     assert_eq!(lifecycle(&out)[0].2, "readiness key appeared");
 
-    // A key that never comes: answered at the timeout anyway.
+    // A key that never comes: answered at the timeout anyway, after the response delay
+    // (here -d's 0.1 s), as Jitsu slept it after its wait.
     let (mut f, t0) = fleet(
         &[spec(
             "b",
@@ -241,9 +242,48 @@ fn wait_for_key_answers_when_the_key_appears_or_at_the_timeout() {
     );
     query(&mut f, t0, "b", 2);
     started(&mut f, t0 + MS, "b", None);
-    assert_eq!(f.poll_at(), Some(t0 + MS + Duration::from_secs(5)));
-    assert!(answers(&tick(&mut f, t0 + Duration::from_secs(5))).is_empty());
-    let out = tick(&mut f, t0 + MS + Duration::from_secs(5));
+    let at = t0 + MS + Duration::from_secs(5) + MS * 100;
+    assert_eq!(f.poll_at(), Some(at));
+    assert!(answers(&tick(&mut f, at - MS)).is_empty());
+    let out = tick(&mut f, at);
+    assert_eq!(answers(&out), vec![(2, Answer::Ready)]);
+    assert_eq!(lifecycle(&out)[0].2, "readiness key did not appear in time");
+}
+
+#[test]
+fn wait_for_key_waits_two_seconds_then_the_response_delay_as_jitsu() {
+    let (mut f, t0) = fleet(
+        &[
+            spec("a", 1, ",wait_for_key=/jitsu/a/ready,response_delay=0.5"),
+            spec("b", 2, ",wait_for_key=/jitsu/b/ready"),
+            spec("c", 3, ",wait_for=announce"),
+        ],
+        settings(),
+    );
+    let cfg = |n: &str| f.view(n).unwrap().cfg.clone();
+    assert_eq!(cfg("a").wait_for_timeout, Duration::from_secs(2));
+    assert_eq!(
+        cfg("c").wait_for_timeout,
+        Duration::from_secs(10),
+        "not a key"
+    );
+    // The key appears: answered once the response delay has passed after it.
+    query(&mut f, t0, "a", 1);
+    started(&mut f, t0 + MS, "a", None);
+    let seen = t0 + MS * 300;
+    let out = f.handle(seen, Event::KeyAppeared { vm: name("a") });
+    assert!(answers(&out).is_empty(), "{out:?}");
+    assert_eq!(f.poll_at(), Some(seen + MS * 500));
+    assert!(answers(&tick(&mut f, seen + MS * 499)).is_empty());
+    let out = tick(&mut f, seen + MS * 500);
+    assert_eq!(answers(&out), vec![(1, Answer::Ready)]);
+    assert_eq!(lifecycle(&out)[0].2, "readiness key appeared");
+    // It never appears: 2 s, then -d's 0.1 s.
+    query(&mut f, t0, "b", 2);
+    started(&mut f, t0 + MS, "b", None);
+    let at = t0 + MS + Duration::from_millis(2100);
+    assert!(answers(&tick(&mut f, at - MS)).is_empty());
+    let out = tick(&mut f, at);
     assert_eq!(answers(&out), vec![(2, Answer::Ready)]);
     assert_eq!(lifecycle(&out)[0].2, "readiness key did not appear in time");
 }
@@ -271,7 +311,10 @@ fn relative_keys_are_watched_under_the_domain_once_its_id_is_known() {
         vm: name("m"),
         path: "/local/domain/7/data/ready".into()
     }));
+    // Answered -d's 0.1 s after the key.
     let out = f.handle(t0 + MS * 2, Event::KeyAppeared { vm: name("m") });
+    assert!(answers(&out).is_empty(), "{out:?}");
+    let out = tick(&mut f, t0 + MS * 102);
     assert_eq!(answers(&out), vec![(1, Answer::Ready)]);
     assert_eq!(f.view("m").unwrap().domid, Some(7));
 }

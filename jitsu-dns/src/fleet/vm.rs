@@ -38,7 +38,8 @@ pub(super) struct Boot {
     /// synjitsu could not take the VM (down, refused): fall back to the delay.
     pub(super) syn_unavailable: bool,
     pub(super) announced: bool,
-    pub(super) key_seen: bool,
+    /// When the readiness key appeared.
+    pub(super) key_seen: Option<Instant>,
     pub(super) key_watched: bool,
 }
 
