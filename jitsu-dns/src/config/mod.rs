@@ -127,6 +127,9 @@ pub fn merge(flags: &Flags, file: Option<&FileSettings>) -> Result<Config, Confi
         delay,
         mode,
         backend,
+        // Jitsu's libxl backend built PV domains (its unikernels, MirageOS 2 and Rumprun, are
+        // PV guests); libvirt's Xen default here is PVH.
+        domain_type: (named == Some(BackendName::Libxl)).then_some(DomainType::XenPv),
     };
     // Relative paths of a spec are read from the working directory, as Jitsu read them; those
     // of the file from the file's directory, so that it means the same from anywhere.

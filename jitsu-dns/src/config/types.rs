@@ -302,6 +302,10 @@ pub struct VmConfig {
     /// The kind of domain defined for the VM when it has none (libvirt; default from the
     /// connection's hypervisor).
     pub domain_type: Option<DomainType>,
+    /// Rumprun's JSON configuration (libvirt, Xen), a path resolved like `kernel`'s: its
+    /// content goes to the domain's Xenstore at `rumprun/cfg` before the guest runs, as in
+    /// Jitsu (issue 11 item 4).
+    pub rumprun_config: Option<PathBuf>,
     /// The keys as given, for the state store's `config/` subtree.
     pub raw: Vec<(String, String)>,
 }

@@ -15,7 +15,7 @@ use super::error::{ConfigError, Origin, invalid};
 use super::spec::Entry;
 use super::types::{
     BackendKind, DEFAULT_BOOT_TIMEOUT, DEFAULT_KEY_TIMEOUT, DEFAULT_NIC, DEFAULT_WAIT_FOR_TIMEOUT,
-    Disk, DiskKind, HandoverKind, Ifup, Nic, StopMode, VmConfig, WaitFor,
+    Disk, DiskKind, DomainType, HandoverKind, Ifup, Nic, StopMode, VmConfig, WaitFor,
 };
 use super::values::{
     is_xenstore_path, parse_bool, parse_dns_name, parse_enum, parse_ifname, parse_ip, parse_ipv4,
@@ -53,6 +53,7 @@ const LIBVIRT_KEYS: &[&str] = &[
     "console_log",
     "domain_type",
     "script",
+    "rumprun_config",
 ];
 /// Keys that may be given more than once.
 const REPEATABLE: &[&str] = &["dns", "disk", "nic", "script"];
@@ -66,6 +67,8 @@ pub(super) struct VmDefaults {
     pub(super) mode: StopMode,
     /// `-x`: which keys apply.
     pub(super) backend: BackendKind,
+    /// `domain_type` when a VM has none (`-x libxl`: PV, as Jitsu's libxl built them).
+    pub(super) domain_type: Option<DomainType>,
 }
 
 /// A VM's entries, by key.
@@ -192,7 +195,8 @@ pub(super) fn build_vm(
     let memory_kib = keys.parse("memory", parse_memory)?;
     let disks = keys.all("disk", |o, k, v| parse_disk(o, k, v, base))?;
     check_vdevs(&keys, &disks)?;
-    let domain_type = keys.parse("domain_type", parse_enum)?;
+    let domain_type = keys.parse("domain_type", parse_enum)?.or(d.domain_type);
+    let rumprun_config = keys.parse("rumprun_config", |o, k, v| parse_input_path(o, k, v, base))?;
     let uuid = keys.parse("uuid", parse_uuid)?;
     let cmdline = keys.get("cmdline").map(|e| e.value.clone());
     Ok(VmConfig {
@@ -223,6 +227,7 @@ pub(super) fn build_vm(
         cmdline,
         console_log,
         domain_type,
+        rumprun_config,
         raw: entries
             .iter()
             .map(|e| (e.key.clone(), e.value.clone()))
@@ -250,7 +255,8 @@ fn check_keys(entries: &[Entry], backend: BackendKind) -> Result<(), ConfigError
                 "unknown key; VMs take name, dns, ip, ip6, mac, response_delay, wait_for_key, \
                  wait_for, wait_for_timeout, boot_timeout, use_synjitsu, stop_mode, handover, \
                  zone, nic, and for the process backend command, ifup, gateway, for libvirt \
-                 kernel, initrd, memory, disk, script, uuid, cmdline, console_log, domain_type",
+                 kernel, initrd, memory, disk, script, uuid, cmdline, console_log, domain_type, \
+                 rumprun_config",
             ));
         }
         if wrong.contains(&key) {
