@@ -315,15 +315,21 @@ fn toml_vm(name: &str, n: u8, boots: &Path) -> String {
     )
 }
 
+/// Starts jitsu-dns with `text` as its `--config` file; returns the file.
+fn start_with_file(h: &mut DnsHarness, text: &str) -> std::path::PathBuf {
+    let file = h.host.file("jitsu.toml");
+    std::fs::write(&file, text).unwrap();
+    let args = h.args(None, &["--config", file.to_str().unwrap()]);
+    h.start(&args, &[]).unwrap();
+    file
+}
+
 #[test]
 fn sighup_adds_and_removes_vms_without_a_restart() {
     prerequisites();
     let mut h = DnsHarness::new("dhup").unwrap();
-    let file = h.host.file("jitsu.toml");
     let (ba, bb) = (h.host.file("boots-a"), h.host.file("boots-b"));
-    std::fs::write(&file, format!("ttl = 60\n\n{}", toml_vm("a", 1, &ba))).unwrap();
-    let args = h.args(None, &["--config", file.to_str().unwrap()]);
-    h.start(&args, &[]).unwrap();
+    let file = start_with_file(&mut h, &format!("ttl = 60\n\n{}", toml_vm("a", 1, &ba)));
     assert_eq!(
         h.dig(&["a.example.org", "A"]).addresses(),
         vec!["10.77.0.1"]
@@ -385,8 +391,8 @@ fn sighup_adds_and_removes_vms_without_a_restart() {
     );
 }
 
-/// Sends SIGHUP and waits until jitsu-dns has logged one more reload outcome (reloaded or
-/// refused) than `before`; fails at once, with its log, if it exits.
+/// Sends SIGHUP and waits until jitsu-dns has logged one more reload outcome than `before`
+/// (see [`outcomes`]); fails at once, with its log, if it exits.
 fn hup_and_wait(h: &mut DnsHarness, before: usize) -> String {
     let daemon = h.daemon.as_mut().unwrap();
     daemon.signal("HUP").unwrap();
@@ -395,32 +401,40 @@ fn hup_and_wait(h: &mut DnsHarness, before: usize) -> String {
             return Some(Err(e));
         }
         let log = daemon.log();
-        let outcomes = count_lines(&log, "configuration reloaded")
-            + count_lines(&log, "configuration not reloaded");
-        (outcomes > before).then_some(Ok(log))
+        (count_outcomes(&log) > before).then_some(Ok(log))
     })
     .unwrap()
     .unwrap()
 }
 
-fn count_lines(log: &str, what: &str) -> usize {
-    log.lines().filter(|l| l.contains(what)).count()
+/// The last reload refusal in `log` (empty if none).
+fn last_refusal(log: &str) -> &str {
+    log.lines()
+        .rfind(|l| l.contains("configuration not reloaded"))
+        .unwrap_or("")
 }
 
+/// Reloads that ended in `log`: refused, or done (its last line, which counts the VMs; the
+/// store's line of changes comes before it).
+fn count_outcomes(log: &str) -> usize {
+    log.lines()
+        .filter(|l| {
+            l.contains("configuration not reloaded") || l.contains("configuration reloaded vms=")
+        })
+        .count()
+}
+
+/// Reloads that have ended so far.
 fn outcomes(h: &DnsHarness) -> usize {
-    let log = h.log();
-    count_lines(&log, "configuration reloaded") + count_lines(&log, "configuration not reloaded")
+    count_outcomes(&h.log())
 }
 
 #[test]
 fn a_reload_with_a_name_too_long_for_its_zone_is_refused_and_the_old_configuration_kept() {
     prerequisites();
     let mut h = DnsHarness::new("dhlong").unwrap();
-    let file = h.host.file("jitsu.toml");
     let ba = h.host.file("boots-a");
-    std::fs::write(&file, format!("ttl = 60\n\n{}", toml_vm("a", 1, &ba))).unwrap();
-    let args = h.args(None, &["--config", file.to_str().unwrap()]);
-    h.start(&args, &[]).unwrap();
+    let file = start_with_file(&mut h, &format!("ttl = 60\n\n{}", toml_vm("a", 1, &ba)));
     assert_eq!(
         h.dig(&["a.example.org", "A"]).addresses(),
         vec!["10.77.0.1"]
@@ -441,10 +455,7 @@ fn a_reload_with_a_name_too_long_for_its_zone_is_refused_and_the_old_configurati
         .unwrap();
         let log = hup_and_wait(&mut h, before);
         assert!(!log.contains("panicked"), "{log}");
-        let last = log
-            .lines()
-            .rfind(|l| l.contains("configuration not reloaded"))
-            .unwrap_or("");
+        let last = last_refusal(&log);
         assert!(last.contains("no room for its NS name"), "{log}");
         assert_eq!(
             h.dig(&["a.example.org", "A"]).addresses(),
@@ -457,7 +468,6 @@ fn a_reload_with_a_name_too_long_for_its_zone_is_refused_and_the_old_configurati
 fn a_reload_that_would_remove_too_many_vms_is_refused_unless_the_file_allows_it() {
     prerequisites();
     let mut h = DnsHarness::new("dhempty").unwrap();
-    let file = h.host.file("jitsu.toml");
     let boots: Vec<_> = (1..=3)
         .map(|i| h.host.file(&format!("boots-{i}")))
         .collect();
@@ -468,9 +478,7 @@ fn a_reload_that_would_remove_too_many_vms_is_refused_unless_the_file_allows_it(
             .collect()
     };
     let all = [("a", 1), ("b", 2), ("c", 3)];
-    std::fs::write(&file, format!("ttl = 60\n\n{}", vms(&all))).unwrap();
-    let args = h.args(None, &["--config", file.to_str().unwrap()]);
-    h.start(&args, &[]).unwrap();
+    let file = start_with_file(&mut h, &format!("ttl = 60\n\n{}", vms(&all)));
     for (n, i) in all {
         assert_eq!(
             h.dig(&[&format!("{n}.example.org"), "A"]).addresses(),
@@ -483,10 +491,7 @@ fn a_reload_that_would_remove_too_many_vms_is_refused_unless_the_file_allows_it(
     let before = outcomes(&h);
     std::fs::write(&file, "").unwrap();
     let log = hup_and_wait(&mut h, before);
-    let last = log
-        .lines()
-        .rfind(|l| l.contains("configuration not reloaded"))
-        .unwrap_or("");
+    let last = last_refusal(&log);
     assert!(
         last.contains("would remove 3 of 3 VMs") && last.contains("max_removed_share"),
         "{log}"
@@ -508,10 +513,7 @@ fn a_reload_that_would_remove_too_many_vms_is_refused_unless_the_file_allows_it(
     let before = outcomes(&h);
     std::fs::write(&file, format!("ttl = 60\n\n{}", vms(&[("a", 1)]))).unwrap();
     let log = hup_and_wait(&mut h, before);
-    let last = log
-        .lines()
-        .rfind(|l| l.contains("configuration not reloaded"))
-        .unwrap_or("");
+    let last = last_refusal(&log);
     assert!(last.contains("would remove 2 of 3 VMs"), "{log}");
     assert_eq!(
         h.dig(&["c.example.org", "A"]).addresses(),

@@ -41,6 +41,12 @@ fn has(text: &str, lines: &[&str]) {
     }
 }
 
+fn contains_all(text: &str, wants: &[&str]) {
+    for want in wants {
+        assert!(text.contains(want), "{want} missing from\n{text}");
+    }
+}
+
 /// The domain XML in a `--check` output, checked against libvirt's schema.
 fn valid_domain_xml(text: &str, dir: &Path) -> String {
     require_tool("virt-xml-validate", "libvirt-clients");
@@ -109,15 +115,16 @@ fn libxl_is_a_pv_domain_of_64000_kib_from_a_kernel_in_the_working_directory() {
         "{out}"
     );
     let xml = valid_domain_xml(&out, dir.path());
-    for want in [
-        "<domain type='xen'>",
-        "<memory unit='KiB'>64000</memory>",
-        "machine='xenpv'>xen</type>",
-        &format!("<kernel>{}</kernel>", kernel.display()),
-        "<source bridge='br0'/>",
-    ] {
-        assert!(xml.contains(want), "{want} missing from\n{xml}");
-    }
+    contains_all(
+        &xml,
+        &[
+            "<domain type='xen'>",
+            "<memory unit='KiB'>64000</memory>",
+            "machine='xenpv'>xen</type>",
+            &format!("<kernel>{}</kernel>", kernel.display()),
+            "<source bridge='br0'/>",
+        ],
+    );
     assert_eq!(xml.matches("<interface ").count(), 1, "{xml}");
 }
 
@@ -144,19 +151,20 @@ fn rumprun_gets_two_raw_read_write_disks_as_xvda_and_xvdb() {
         ],
     );
     let xml = valid_domain_xml(&out, dir.path());
-    for want in [
-        format!(
-            "<disk type='file' device='disk'>\n      <driver name='qemu' type='raw'/>\n      \
-             <source file='{}'/>\n      <target dev='xvda' bus='xen'/>",
-            p("images/stubetc.iso")
-        ),
-        format!(
-            "<source file='{}'/>\n      <target dev='xvdb' bus='xen'/>",
-            p("images/data.iso")
-        ),
-    ] {
-        assert!(xml.contains(&want), "{want} missing from\n{xml}");
-    }
+    contains_all(
+        &xml,
+        &[
+            &format!(
+                "<disk type='file' device='disk'>\n      <driver name='qemu' type='raw'/>\n      \
+                 <source file='{}'/>\n      <target dev='xvda' bus='xen'/>",
+                p("images/stubetc.iso")
+            ),
+            &format!(
+                "<source file='{}'/>\n      <target dev='xvdb' bus='xen'/>",
+                p("images/data.iso")
+            ),
+        ],
+    );
     assert!(!xml.contains("<readonly/>"), "{xml}");
 }
 

@@ -389,6 +389,20 @@ mod tests {
                          kernel=/g/vmlinux,initrd=/g/initramfs.cpio.gz,memory=96M,\
                          cmdline=console=ttyS0 jitsu.ip=10.77.0.10/24 jitsu.name=<www&co>";
 
+    /// The domain XML of the VM `spec` on `hv`, which libvirt's schema accepts.
+    fn valid_xml(spec: &str, hv: &Hypervisor) -> String {
+        let x = domain_xml(&vm(spec), hv).unwrap();
+        validate(&x);
+        x
+    }
+
+    /// Fails unless `text` holds every one of `wants`.
+    fn has_all(text: &str, wants: &[&str]) {
+        for want in wants {
+            assert!(text.contains(want), "{want} missing from\n{text}");
+        }
+    }
+
     /// Runs libvirt's schema check (virt-xml-validate) on `xml`.
     fn validate(xml: &str) {
         let dir = std::env::temp_dir().join(unique("jitsu-xml"));
@@ -416,24 +430,25 @@ mod tests {
     fn qemu_domains_are_pcs_with_direct_kernel_boot_on_the_bridge() {
         let x = domain_xml(&vm(GUEST), &Hypervisor::Qemu).unwrap();
         validate(&x);
-        for want in [
-            "<domain type='qemu'>",
-            "<name>www</name>",
-            "<memory unit='KiB'>98304</memory>",
-            "machine='pc'>hvm</type>",
-            "<kernel>/g/vmlinux</kernel>",
-            "<initrd>/g/initramfs.cpio.gz</initrd>",
-            "<cmdline>console=ttyS0 jitsu.ip=10.77.0.10/24 jitsu.name=&lt;www&amp;co&gt;</cmdline>",
-            "<acpi/>",
-            "<controller type='usb' model='none'/>",
-            "<memballoon model='none'/>",
-            "<mac address='02:77:00:00:00:10'/>",
-            "<source bridge='br0'/>",
-            "<model type='virtio'/>",
-            "<serial type='pty'>",
-        ] {
-            assert!(x.contains(want), "{want} missing from\n{x}");
-        }
+        has_all(
+            &x,
+            &[
+                "<domain type='qemu'>",
+                "<name>www</name>",
+                "<memory unit='KiB'>98304</memory>",
+                "machine='pc'>hvm</type>",
+                "<kernel>/g/vmlinux</kernel>",
+                "<initrd>/g/initramfs.cpio.gz</initrd>",
+                "<cmdline>console=ttyS0 jitsu.ip=10.77.0.10/24 jitsu.name=&lt;www&amp;co&gt;</cmdline>",
+                "<acpi/>",
+                "<controller type='usb' model='none'/>",
+                "<memballoon model='none'/>",
+                "<mac address='02:77:00:00:00:10'/>",
+                "<source bridge='br0'/>",
+                "<model type='virtio'/>",
+                "<serial type='pty'>",
+            ],
+        );
         assert!(!x.contains("<uuid>") && !x.contains("<disk"), "{x}");
         // KVM only when asked, a UUID when given, disks, a console file.
         let x = domain_xml(
@@ -445,16 +460,17 @@ mod tests {
         )
         .unwrap();
         validate(&x);
-        for want in [
-            "<domain type='kvm'>",
-            "<uuid>4dea22b3-1d52-d8f3-2516-782e98ab3fa0</uuid>",
-            "<driver name='qemu' type='qcow2'/>\n      <source file='/d/root.qcow2'/>\n      <target dev='vda' bus='virtio'/>",
-            "<driver name='qemu' type='raw'/>\n      <source file='/d/data.img'/>\n      <target dev='vdb' bus='virtio'/>",
-            "<serial type='file'>\n      <source path='/var/log/www.console'/>",
-            "<source bridge='xenbr1'/>",
-        ] {
-            assert!(x.contains(want), "{want} missing from\n{x}");
-        }
+        has_all(
+            &x,
+            &[
+                "<domain type='kvm'>",
+                "<uuid>4dea22b3-1d52-d8f3-2516-782e98ab3fa0</uuid>",
+                "<driver name='qemu' type='qcow2'/>\n      <source file='/d/root.qcow2'/>\n      <target dev='vda' bus='virtio'/>",
+                "<driver name='qemu' type='raw'/>\n      <source file='/d/data.img'/>\n      <target dev='vdb' bus='virtio'/>",
+                "<serial type='file'>\n      <source path='/var/log/www.console'/>",
+                "<source bridge='xenbr1'/>",
+            ],
+        );
         // A disk alone boots through the BIOS.
         let x = domain_xml(
             &vm("name=d,dns=d.example.org,ip=10.0.0.2,disk=/d/disk.img"),
@@ -476,16 +492,17 @@ mod tests {
         // for the shape libxl needs.
         let pvh = domain_xml(&vm(&format!("{GUEST},disk=/d/a.img")), &Hypervisor::Xen).unwrap();
         validate(&pvh);
-        for want in [
-            "<domain type='xen'>",
-            "machine='xenpvh'>xenpvh</type>",
-            "<kernel>/g/vmlinux</kernel>",
-            "<target dev='xvda' bus='xen'/>",
-            "<source bridge='br0'/>",
-            "<console type='pty'>\n      <target type='xen' port='0'/>",
-        ] {
-            assert!(pvh.contains(want), "{want} missing from\n{pvh}");
-        }
+        has_all(
+            &pvh,
+            &[
+                "<domain type='xen'>",
+                "machine='xenpvh'>xenpvh</type>",
+                "<kernel>/g/vmlinux</kernel>",
+                "<target dev='xvda' bus='xen'/>",
+                "<source bridge='br0'/>",
+                "<console type='pty'>\n      <target type='xen' port='0'/>",
+            ],
+        );
         for absent in ["<acpi/>", "usb", "memballoon", "virtio", "<serial"] {
             assert!(!pvh.contains(absent), "{absent} in\n{pvh}");
         }
@@ -501,19 +518,19 @@ mod tests {
         let spec = format!(
             "{GUEST},disk=/dev/loop5@xvdb,disk=/i/stubetc.iso,disk=/i/data.iso@xvda,disk=/i/c.qcow2"
         );
-        let xen = domain_xml(&vm(&spec), &Hypervisor::Xen).unwrap();
-        validate(&xen);
-        for want in [
-            "<disk type='block' device='disk'>\n      <driver name='phy' type='raw'/>\n      \
-             <source dev='/dev/loop5'/>\n      <target dev='xvdb' bus='xen'/>",
-            "<disk type='file' device='disk'>\n      <driver name='qemu' type='raw'/>\n      \
-             <source file='/i/stubetc.iso'/>\n      <target dev='xvdc' bus='xen'/>",
-            "<source file='/i/data.iso'/>\n      <target dev='xvda' bus='xen'/>",
-            "<driver name='qemu' type='qcow2'/>\n      <source file='/i/c.qcow2'/>\n      \
-             <target dev='xvdd' bus='xen'/>",
-        ] {
-            assert!(xen.contains(want), "{want} missing from\n{xen}");
-        }
+        let xen = valid_xml(&spec, &Hypervisor::Xen);
+        has_all(
+            &xen,
+            &[
+                "<disk type='block' device='disk'>\n      <driver name='phy' type='raw'/>\n      \
+                 <source dev='/dev/loop5'/>\n      <target dev='xvdb' bus='xen'/>",
+                "<disk type='file' device='disk'>\n      <driver name='qemu' type='raw'/>\n      \
+                 <source file='/i/stubetc.iso'/>\n      <target dev='xvdc' bus='xen'/>",
+                "<source file='/i/data.iso'/>\n      <target dev='xvda' bus='xen'/>",
+                "<driver name='qemu' type='qcow2'/>\n      <source file='/i/c.qcow2'/>\n      \
+                 <target dev='xvdd' bus='xen'/>",
+            ],
+        );
         // Read-write: nothing says otherwise.
         assert!(
             !xen.contains("<readonly/>") && !xen.contains("<shareable/>"),
@@ -523,17 +540,17 @@ mod tests {
         let spec = format!(
             "{GUEST},disk=/dev/vg/www@vda,disk=/i/a.img@sdb,disk=/i/b.img@hdc,disk=/i/c.img"
         );
-        let q = domain_xml(&vm(&spec), &Hypervisor::Qemu).unwrap();
-        validate(&q);
-        for want in [
-            "<disk type='block' device='disk'>\n      <driver name='qemu' type='raw'/>\n      \
-             <source dev='/dev/vg/www'/>\n      <target dev='vda' bus='virtio'/>",
-            "<target dev='sdb' bus='scsi'/>",
-            "<target dev='hdc' bus='ide'/>",
-            "<source file='/i/c.img'/>\n      <target dev='vdb' bus='virtio'/>",
-        ] {
-            assert!(q.contains(want), "{want} missing from\n{q}");
-        }
+        let q = valid_xml(&spec, &Hypervisor::Qemu);
+        has_all(
+            &q,
+            &[
+                "<disk type='block' device='disk'>\n      <driver name='qemu' type='raw'/>\n      \
+                 <source dev='/dev/vg/www'/>\n      <target dev='vda' bus='virtio'/>",
+                "<target dev='sdb' bus='scsi'/>",
+                "<target dev='hdc' bus='ide'/>",
+                "<source file='/i/c.img'/>\n      <target dev='vdb' bus='virtio'/>",
+            ],
+        );
         let e = domain_xml(
             &vm(&format!("{GUEST},disk=/i/a.img@xvda")),
             &Hypervisor::Qemu,
