@@ -12,6 +12,8 @@
 //! SIGHUP (a reload) re-reads the file and the specs: VMs added are reconciled and served,
 //! VMs removed are forgotten and left as they are (a running one keeps running, unmanaged;
 //! stop it by hand if it should go), changed VMs take their new settings at their next boot.
+//! A reload that would remove more than `max_removed_share` of the VMs is refused (an emptied
+//! file must not drop the fleet).
 //! Settings that need new sockets or another backend (bind, listen, backend, connect,
 //! synjitsu, persistdb, metrics) need a restart and are ignored with a warning.
 //! SIGTERM/SIGINT stop jitsu-dns and leave every VM as it is; the store is flushed.
@@ -479,12 +481,14 @@ impl Shell {
         .unwrap_or_default();
         // The fleet takes each domain's own MAC before it hears of the VM's state.
         for (vm, found) in &looked {
-            if let Some(mac) = found.as_ref().ok().and_then(|d| d.mac) {
+            if let Ok(d) = found
+                && !d.macs.is_empty()
+            {
                 self.process(
                     Instant::now(),
                     Event::MacFound {
                         vm: vm.clone(),
-                        mac,
+                        macs: d.macs.clone(),
                     },
                 );
             }
@@ -520,6 +524,10 @@ impl Shell {
                 return;
             }
         };
+        if let Err(e) = new.check_removals(&self.cfg) {
+            error!(error = %e, "configuration not reloaded: keeping the current one");
+            return;
+        }
         let (new, kept) = new.for_reload(&self.cfg);
         for setting in kept {
             warn!(setting, "this setting changes only with a restart: ignored");
@@ -577,6 +585,9 @@ impl Shell {
 
 /// Runs jitsu-dns until `ctl.shutdown` is cancelled.
 pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), DaemonError> {
+    if let Some(why) = &cfg.backend_why {
+        info!(backend = cfg.backend.as_str(), "backend: {why}");
+    }
     let backend = backend::open(cfg.backend, cfg.connect.as_deref())?;
     let metrics = Arc::new(Metrics::new());
     let rewrite_wanted = Arc::new(Notify::new());

@@ -3,6 +3,7 @@
 //! The library holds everything; `main.rs` only parses flags, installs logging, builds the
 //! runtime and calls [`daemon::run`]. Module map:
 //! - [`config`]: flags, VM specs and the TOML file, validated into typed values;
+//! - [`check`]: what a configuration means, as `--check` prints it;
 //! - [`fleet`]: the pure core deciding, per VM, what each query, tick and result leads to;
 //! - [`dns`]: the hickory-server request handler (answers from a table, asks the fleet on
 //!   the slow path) and [`forward`], the relay to the forwarders;
@@ -15,6 +16,7 @@
 //! - [`daemon`]: the IO shell tying them together in one `select!` loop.
 
 pub mod backend;
+pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod dns;

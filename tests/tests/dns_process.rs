@@ -315,15 +315,21 @@ fn toml_vm(name: &str, n: u8, boots: &Path) -> String {
     )
 }
 
+/// Starts jitsu-dns with `text` as its `--config` file; returns the file.
+fn start_with_file(h: &mut DnsHarness, text: &str) -> std::path::PathBuf {
+    let file = h.host.file("jitsu.toml");
+    std::fs::write(&file, text).unwrap();
+    let args = h.args(None, &["--config", file.to_str().unwrap()]);
+    h.start(&args, &[]).unwrap();
+    file
+}
+
 #[test]
 fn sighup_adds_and_removes_vms_without_a_restart() {
     prerequisites();
     let mut h = DnsHarness::new("dhup").unwrap();
-    let file = h.host.file("jitsu.toml");
     let (ba, bb) = (h.host.file("boots-a"), h.host.file("boots-b"));
-    std::fs::write(&file, format!("ttl = 60\n\n{}", toml_vm("a", 1, &ba))).unwrap();
-    let args = h.args(None, &["--config", file.to_str().unwrap()]);
-    h.start(&args, &[]).unwrap();
+    let file = start_with_file(&mut h, &format!("ttl = 60\n\n{}", toml_vm("a", 1, &ba)));
     assert_eq!(
         h.dig(&["a.example.org", "A"]).addresses(),
         vec!["10.77.0.1"]
@@ -383,6 +389,157 @@ fn sighup_adds_and_removes_vms_without_a_restart() {
         "{}",
         h.log()
     );
+}
+
+/// Sends SIGHUP and waits until jitsu-dns has logged one more reload outcome than `before`
+/// (see [`outcomes`]); fails at once, with its log, if it exits.
+fn hup_and_wait(h: &mut DnsHarness, before: usize) -> String {
+    let daemon = h.daemon.as_mut().unwrap();
+    daemon.signal("HUP").unwrap();
+    wait_until("the reload's outcome in the log", LONG, || {
+        if let Err(e) = daemon.check_running() {
+            return Some(Err(e));
+        }
+        let log = daemon.log();
+        (count_outcomes(&log) > before).then_some(Ok(log))
+    })
+    .unwrap()
+    .unwrap()
+}
+
+/// The last reload refusal in `log` (empty if none).
+fn last_refusal(log: &str) -> &str {
+    log.lines()
+        .rfind(|l| l.contains("configuration not reloaded"))
+        .unwrap_or("")
+}
+
+/// Reloads that ended in `log`: refused, or done (its last line, which counts the VMs; the
+/// store's line of changes comes before it).
+fn count_outcomes(log: &str) -> usize {
+    log.lines()
+        .filter(|l| {
+            l.contains("configuration not reloaded") || l.contains("configuration reloaded vms=")
+        })
+        .count()
+}
+
+/// Reloads that have ended so far.
+fn outcomes(h: &DnsHarness) -> usize {
+    count_outcomes(&h.log())
+}
+
+#[test]
+fn a_reload_with_a_name_too_long_for_its_zone_is_refused_and_the_old_configuration_kept() {
+    prerequisites();
+    let mut h = DnsHarness::new("dhlong").unwrap();
+    let ba = h.host.file("boots-a");
+    let file = start_with_file(&mut h, &format!("ttl = 60\n\n{}", toml_vm("a", 1, &ba)));
+    assert_eq!(
+        h.dig(&["a.example.org", "A"]).addresses(),
+        vec!["10.77.0.1"]
+    );
+    let b63 = "b".repeat(63);
+    let long = format!("a.{b63}.{b63}.{b63}.{}", "c".repeat(59));
+    for extra in [
+        // A VM whose implicit zone has no room for ns.<zone>.
+        format!("[[vm]]\nname = \"x\"\ndns = \"{long}\"\nip = \"10.77.0.9\"\ncommand = \"true\"\n"),
+        // A [[zone]] of that length without `ns`.
+        format!("[[zone]]\nname = \"{}\"\n", &long[2..]),
+    ] {
+        let before = outcomes(&h);
+        std::fs::write(
+            &file,
+            format!("ttl = 60\n\n{}{extra}", toml_vm("a", 1, &ba)),
+        )
+        .unwrap();
+        let log = hup_and_wait(&mut h, before);
+        assert!(!log.contains("panicked"), "{log}");
+        let last = last_refusal(&log);
+        assert!(last.contains("no room for its NS name"), "{log}");
+        assert_eq!(
+            h.dig(&["a.example.org", "A"]).addresses(),
+            vec!["10.77.0.1"]
+        );
+    }
+}
+
+#[test]
+fn a_reload_that_would_remove_too_many_vms_is_refused_unless_the_file_allows_it() {
+    prerequisites();
+    let mut h = DnsHarness::new("dhempty").unwrap();
+    let boots: Vec<_> = (1..=3)
+        .map(|i| h.host.file(&format!("boots-{i}")))
+        .collect();
+    let vms = |names: &[(&str, u8)]| -> String {
+        names
+            .iter()
+            .map(|(n, i)| toml_vm(n, *i, &boots[*i as usize - 1]))
+            .collect()
+    };
+    let all = [("a", 1), ("b", 2), ("c", 3)];
+    let file = start_with_file(&mut h, &format!("ttl = 60\n\n{}", vms(&all)));
+    for (n, i) in all {
+        assert_eq!(
+            h.dig(&[&format!("{n}.example.org"), "A"]).addresses(),
+            vec![format!("10.77.0.{i}")]
+        );
+    }
+    h.wait_state("a", "running", LONG);
+
+    // An emptied file: every VM would go. Refused, and every name still answered.
+    let before = outcomes(&h);
+    std::fs::write(&file, "").unwrap();
+    let log = hup_and_wait(&mut h, before);
+    let last = last_refusal(&log);
+    assert!(
+        last.contains("would remove 3 of 3 VMs") && last.contains("max_removed_share"),
+        "{log}"
+    );
+    assert!(!log.contains("configuration reloaded vms=0"), "{log}");
+    for (n, i) in all {
+        assert_eq!(
+            h.dig(&[&format!("{n}.example.org"), "A"]).addresses(),
+            vec![format!("10.77.0.{i}")]
+        );
+    }
+    assert_eq!(
+        h.stored("a", "state").as_deref(),
+        Some("running"),
+        "a is still managed"
+    );
+
+    // Two of three is more than the default share (half): refused too.
+    let before = outcomes(&h);
+    std::fs::write(&file, format!("ttl = 60\n\n{}", vms(&[("a", 1)]))).unwrap();
+    let log = hup_and_wait(&mut h, before);
+    let last = last_refusal(&log);
+    assert!(last.contains("would remove 2 of 3 VMs"), "{log}");
+    assert_eq!(
+        h.dig(&["c.example.org", "A"]).addresses(),
+        vec!["10.77.0.3"]
+    );
+
+    // One of three is within it.
+    let before = outcomes(&h);
+    std::fs::write(&file, format!("ttl = 60\n\n{}", vms(&[("a", 1), ("b", 2)]))).unwrap();
+    let log = hup_and_wait(&mut h, before);
+    assert!(log.contains("configuration reloaded vms=2"), "{log}");
+    wait_until("c to be gone from DNS", LONG, || {
+        (h.dig(&["c.example.org", "A"]).status == "NXDOMAIN").then_some(())
+    })
+    .unwrap();
+
+    // The file says so explicitly: everything may go.
+    let before = outcomes(&h);
+    std::fs::write(&file, "max_removed_share = 1.0\n").unwrap();
+    let log = hup_and_wait(&mut h, before);
+    assert!(log.contains("configuration reloaded vms=0"), "{log}");
+    // No VM left, no zone left: the name is not ours, and forwarding is off.
+    wait_until("a to be gone from DNS", LONG, || {
+        (h.dig(&["a.example.org", "A"]).status == "REFUSED").then_some(())
+    })
+    .unwrap();
 }
 
 #[test]

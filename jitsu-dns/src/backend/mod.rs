@@ -32,14 +32,22 @@ pub struct Started {
 }
 
 /// A VM as the backend sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Domain {
     /// Running, suspended, paused or off.
     pub state: Observed,
     /// The domain id, if running and the backend has them.
     pub domid: Option<u32>,
-    /// The MAC of its interface, from the backend's definition.
-    pub mac: Option<Mac>,
+    /// The MACs of its interfaces, in order, from the backend's definition (none if it has
+    /// no definition yet).
+    pub macs: Vec<Mac>,
+}
+
+impl Domain {
+    /// The first interface's MAC, the one the VM's `ip` is served on.
+    pub fn mac(&self) -> Option<Mac> {
+        self.macs.first().copied()
+    }
 }
 
 /// A VM found by [`Backend::list`].

@@ -732,7 +732,7 @@ fn guest_env(vm: &VmConfig) -> Vec<(&'static str, String)> {
                 .map(|_| vm.ip6_prefix.to_string())
                 .unwrap_or_default(),
         ),
-        ("JITSU_MAC", vm.mac.to_string()),
+        ("JITSU_MAC", vm.mac().to_string()),
         ("JITSU_IFACE", GUEST_IFACE.to_string()),
         (
             "JITSU_GATEWAY",
@@ -791,7 +791,7 @@ impl Backend for ProcessBackend {
         Ok(Domain {
             state: self.observe(self.record(&vm.name)),
             domid: None,
-            mac: Some(vm.mac),
+            macs: vec![vm.mac()],
         })
     }
 
@@ -799,12 +799,12 @@ impl Backend for ProcessBackend {
         let n = self.names(&vm.name);
         let err = |what, detail| BackendError::vm(vm, what, detail);
         self.teardown(vm)?;
-        run(Command::new("ip").args(["link", "show", "dev", &vm.nic])).map_err(|_| {
+        run(Command::new("ip").args(["link", "show", "dev", vm.nic()])).map_err(|_| {
             err(
                 "start",
                 format!(
                     "there is no bridge {} in jitsu-dns's network namespace (the VM's nic)",
-                    vm.nic
+                    vm.nic()
                 ),
             )
         })?;
@@ -823,7 +823,7 @@ impl Backend for ProcessBackend {
                     "link add {port} address {PORT_MAC} type veth peer name {GUEST_IFACE} netns {ns}\nlink set {port} master {nic}\n",
                     port = n.port,
                     ns = n.netns,
-                    nic = vm.nic
+                    nic = vm.nic()
                 ),
             )
             .map_err(|d| err("create veth pair", d))?;

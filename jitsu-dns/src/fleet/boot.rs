@@ -135,7 +135,7 @@ impl Fleet {
             acked: false,
             syn_unavailable: !syn_up,
             announced: false,
-            key_seen: false,
+            key_seen: None,
             key_watched: false,
         };
         let cfg = vm.cfg.clone();
@@ -325,14 +325,15 @@ impl Fleet {
         vm.begin_stop(name, StopMode::Destroy, true, cause, out);
     }
 
-    /// The VM's readiness key appeared: the guest listens.
+    /// The VM's readiness key appeared: the guest listens (answered after its response
+    /// delay, as Jitsu slept `response_delay` after the key).
     pub(super) fn on_key_appeared(&mut self, now: Instant, name: &VmName, out: &mut Vec<Command>) {
         let tracked = self.synjitsu_up;
         if let Some(v) = self.vms.get_mut(name)
             && let Life::Booting(b) = &mut v.life
-            && !b.key_seen
+            && b.key_seen.is_none()
         {
-            b.key_seen = true;
+            b.key_seen = Some(now);
             if tracked && v.cfg.synjitsu_tracked() {
                 // The guest listens: synjitsu may hand over what it holds.
                 let name = name.to_string();

@@ -224,12 +224,10 @@ impl Fleet {
         for (name, cfg) in new {
             match self.vms.get_mut(&name) {
                 Some(vm) => {
-                    vm.cfg = match vm.adopted_mac {
-                        Some(mac) if mac != cfg.mac => Arc::new(VmConfig {
-                            mac,
-                            ..(*cfg).clone()
-                        }),
-                        _ => cfg,
+                    vm.cfg = if vm.adopted_macs.is_empty() {
+                        cfg
+                    } else {
+                        Arc::new(cfg.with_macs(&vm.adopted_macs))
                     }
                 }
                 None => {
@@ -274,7 +272,7 @@ impl Fleet {
                 self.on_synjitsu_replied(now, tag, ok, &mut out);
             }
             Event::GuestAnnounced { vm } => self.on_guest_announced(now, &vm, &mut out),
-            Event::MacFound { vm, mac } => self.on_mac_found(&vm, mac, &mut out),
+            Event::MacFound { vm, macs } => self.on_mac_found(&vm, &macs, &mut out),
             Event::KeyAppeared { vm } => self.on_key_appeared(now, &vm, &mut out),
         }
         out

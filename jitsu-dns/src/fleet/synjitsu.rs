@@ -141,7 +141,7 @@ pub fn identity(cfg: &VmConfig, domid: Option<u32>) -> VmIdentity {
     };
     VmIdentity {
         name: cfg.name.to_string(),
-        mac: cfg.mac,
+        mac: cfg.mac(),
         ipv4: cfg.ip,
         ipv6: cfg.ip6,
         handover,

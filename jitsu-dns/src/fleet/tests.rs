@@ -230,7 +230,8 @@ fn wait_for_key_answers_when_the_key_appears_or_at_the_timeout() {
     assert!(out.contains(&Command::UnwatchKey { vm: name("www") }));
     assert_eq!(lifecycle(&out)[0].2, "readiness key appeared");
 
-    // A key that never comes: answered at the timeout anyway.
+    // A key that never comes: answered at the timeout anyway, after the response delay
+    // (here -d's 0.1 s), as Jitsu slept it after its wait.
     let (mut f, t0) = fleet(
         &[spec(
             "b",
@@ -241,9 +242,48 @@ fn wait_for_key_answers_when_the_key_appears_or_at_the_timeout() {
     );
     query(&mut f, t0, "b", 2);
     started(&mut f, t0 + MS, "b", None);
-    assert_eq!(f.poll_at(), Some(t0 + MS + Duration::from_secs(5)));
-    assert!(answers(&tick(&mut f, t0 + Duration::from_secs(5))).is_empty());
-    let out = tick(&mut f, t0 + MS + Duration::from_secs(5));
+    let at = t0 + MS + Duration::from_secs(5) + MS * 100;
+    assert_eq!(f.poll_at(), Some(at));
+    assert!(answers(&tick(&mut f, at - MS)).is_empty());
+    let out = tick(&mut f, at);
+    assert_eq!(answers(&out), vec![(2, Answer::Ready)]);
+    assert_eq!(lifecycle(&out)[0].2, "readiness key did not appear in time");
+}
+
+#[test]
+fn wait_for_key_waits_two_seconds_then_the_response_delay_as_jitsu() {
+    let (mut f, t0) = fleet(
+        &[
+            spec("a", 1, ",wait_for_key=/jitsu/a/ready,response_delay=0.5"),
+            spec("b", 2, ",wait_for_key=/jitsu/b/ready"),
+            spec("c", 3, ",wait_for=announce"),
+        ],
+        settings(),
+    );
+    let cfg = |n: &str| f.view(n).unwrap().cfg.clone();
+    assert_eq!(cfg("a").wait_for_timeout, Duration::from_secs(2));
+    assert_eq!(
+        cfg("c").wait_for_timeout,
+        Duration::from_secs(10),
+        "not a key"
+    );
+    // The key appears: answered once the response delay has passed after it.
+    query(&mut f, t0, "a", 1);
+    started(&mut f, t0 + MS, "a", None);
+    let seen = t0 + MS * 300;
+    let out = f.handle(seen, Event::KeyAppeared { vm: name("a") });
+    assert!(answers(&out).is_empty(), "{out:?}");
+    assert_eq!(f.poll_at(), Some(seen + MS * 500));
+    assert!(answers(&tick(&mut f, seen + MS * 499)).is_empty());
+    let out = tick(&mut f, seen + MS * 500);
+    assert_eq!(answers(&out), vec![(1, Answer::Ready)]);
+    assert_eq!(lifecycle(&out)[0].2, "readiness key appeared");
+    // It never appears: 2 s, then -d's 0.1 s.
+    query(&mut f, t0, "b", 2);
+    started(&mut f, t0 + MS, "b", None);
+    let at = t0 + MS + Duration::from_millis(2100);
+    assert!(answers(&tick(&mut f, at - MS)).is_empty());
+    let out = tick(&mut f, at);
     assert_eq!(answers(&out), vec![(2, Answer::Ready)]);
     assert_eq!(lifecycle(&out)[0].2, "readiness key did not appear in time");
 }
@@ -271,7 +311,10 @@ fn relative_keys_are_watched_under_the_domain_once_its_id_is_known() {
         vm: name("m"),
         path: "/local/domain/7/data/ready".into()
     }));
+    // Answered -d's 0.1 s after the key.
     let out = f.handle(t0 + MS * 2, Event::KeyAppeared { vm: name("m") });
+    assert!(answers(&out).is_empty(), "{out:?}");
+    let out = tick(&mut f, t0 + MS * 102);
     assert_eq!(answers(&out), vec![(1, Answer::Ready)]);
     assert_eq!(f.view("m").unwrap().domid, Some(7));
 }
@@ -968,13 +1011,13 @@ fn the_domains_mac_wins_over_the_keys_and_outlives_a_reload() {
     ];
     let (mut f, t) = fleet(&specs, settings());
     f.handle(t, Event::SynjitsuUp);
-    let derived = f.view("www").unwrap().cfg.mac;
+    let derived = f.view("www").unwrap().cfg.mac();
     let domain: Mac = "02:aa:00:00:00:77".parse().unwrap();
     let out = f.handle(
         t,
         Event::MacFound {
             vm: name("www"),
-            mac: domain,
+            macs: vec![domain],
         },
     );
     assert!(out.contains(&Command::Persist(Persist::Mac {
@@ -988,12 +1031,12 @@ fn the_domains_mac_wins_over_the_keys_and_outlives_a_reload() {
         panic!("synjitsu is told at once: {told:?}")
     };
     assert_eq!(synced[0].vm.mac, domain);
-    assert_eq!(f.view("www").unwrap().cfg.mac, domain);
+    assert_eq!(f.view("www").unwrap().cfg.mac(), domain);
     let same = f.handle(
         t,
         Event::MacFound {
             vm: name("www"),
-            mac: domain,
+            macs: vec![domain],
         },
     );
     assert!(same.is_empty(), "{same:?}");
@@ -1001,7 +1044,7 @@ fn the_domains_mac_wins_over_the_keys_and_outlives_a_reload() {
         t,
         Event::MacFound {
             vm: name("m"),
-            mac: domain,
+            macs: vec![domain],
         },
     );
     assert!(matches!(
@@ -1012,11 +1055,36 @@ fn the_domains_mac_wins_over_the_keys_and_outlives_a_reload() {
     // A reload gives the keys' MAC again; the domain's stays.
     let refs: Vec<&str> = specs.iter().map(String::as_str).collect();
     f.reconfigure(t, vms(&refs));
-    assert_eq!(f.view("www").unwrap().cfg.mac, domain);
+    assert_eq!(f.view("www").unwrap().cfg.mac(), domain);
     // Removed, the VM is forgotten with its MAC.
     f.reconfigure(t, vms(&refs[1..]));
     f.reconfigure(t, vms(&refs));
-    assert_eq!(f.view("www").unwrap().cfg.mac, derived);
+    assert_eq!(f.view("www").unwrap().cfg.mac(), derived);
+}
+
+#[test]
+fn a_domains_other_nics_macs_are_taken_and_only_the_first_is_steered() {
+    let lv = "name=x,dns=x.example.org,ip=10.0.0.9,kernel=/k,nic=br0,nic=br1,mac=02:00:00:00:00:09";
+    let t = Instant::now();
+    let mut fl = Fleet::new(t, settings(), vms_with("libvirt", &[lv]));
+    fl.handle(t, Event::SynjitsuUp);
+    let first: Mac = "02:00:00:00:00:09".parse().unwrap();
+    let second: Mac = "02:bb:00:00:00:02".parse().unwrap();
+    // The first is the keys' own: only the second NIC's MAC changes, and nothing follows.
+    let out = fl.handle(
+        t,
+        Event::MacFound {
+            vm: name("x"),
+            macs: vec![first, second],
+        },
+    );
+    assert!(out.is_empty(), "{out:?}");
+    let cfg = &fl.view("x").unwrap().cfg;
+    assert_eq!((cfg.mac(), cfg.nics[1].mac), (first, second));
+    // A reload keeps them.
+    fl.reconfigure(t, vms_with("libvirt", &[lv]));
+    let cfg = &fl.view("x").unwrap().cfg;
+    assert_eq!((cfg.mac(), cfg.nics[1].mac), (first, second));
 }
 
 #[test]

@@ -227,13 +227,13 @@ pub enum Event {
         /// The VM.
         vm: VmName,
     },
-    /// The backend's definition of the VM (a libvirt domain's XML) gives its interface this
-    /// MAC. Reported before [`Event::Reconciled`].
+    /// The backend's definition of the VM (a libvirt domain's XML) gives its interfaces
+    /// these MACs, in order (at least one). Reported before [`Event::Reconciled`].
     MacFound {
         /// The VM.
         vm: VmName,
-        /// The MAC.
-        mac: Mac,
+        /// The MACs; the first is the interface its `ip` is served on.
+        macs: Vec<Mac>,
     },
 }
 

@@ -38,7 +38,8 @@ pub(super) struct Boot {
     /// synjitsu could not take the VM (down, refused): fall back to the delay.
     pub(super) syn_unavailable: bool,
     pub(super) announced: bool,
-    pub(super) key_seen: bool,
+    /// When the readiness key appeared.
+    pub(super) key_seen: Option<Instant>,
     pub(super) key_watched: bool,
 }
 
@@ -93,8 +94,9 @@ pub(super) struct Vm {
     /// While a synjitsu-tracked guest runs without having announced itself: when its boot
     /// is failed. Cleared by its announcement and by every change of `life`.
     pub(super) unconfirmed_until: Option<Instant>,
-    /// The MAC taken from the VM's domain ([`super::Event::MacFound`]), kept across reloads.
-    pub(super) adopted_mac: Option<Mac>,
+    /// The MACs taken from the VM's domain ([`super::Event::MacFound`]), kept across
+    /// reloads; empty until then.
+    pub(super) adopted_macs: Vec<Mac>,
 }
 
 impl Vm {
@@ -112,7 +114,7 @@ impl Vm {
             starts: 0,
             last_start: None,
             unconfirmed_until: None,
-            adopted_mac: None,
+            adopted_macs: Vec::new(),
         }
     }
 
