@@ -131,6 +131,9 @@ fn libxl_is_a_pv_domain_of_64000_kib_from_a_kernel_in_the_working_directory() {
 #[test]
 fn rumprun_gets_two_raw_read_write_disks_as_xvda_and_xvdb() {
     let dir = Scratch::new("j02c").unwrap();
+    // What `rumprun -T tmp` left for the example (rumprun_config must exist at start).
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    std::fs::write(dir.join("tmp/json.cfg"), "{\"cmdline\": \"nginx.bin\"}\n").unwrap();
     let out = checked(3, dir.path());
     let p = |rel: &str| dir.path().join(rel).display().to_string();
     has(
