@@ -1,0 +1,203 @@
+// SPDX-License-Identifier: GPL-3.0-only
+//! jitsu's unikernel: boots with PVH on QEMU microvm, drives virtio-net, and serves HTTP on
+//! port 80 with smoltcp. See README.md.
+//!
+//! `main` runs once, in order: boot information, heap, command line, the network device,
+//! the clock's calibration, smoltcp, listening, the gratuitous ARP, one line on the console;
+//! then the loop: poll the device and the sockets, and sleep in `hlt` until a frame or the
+//! next TCP timer.
+
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+#[allow(unsafe_code)]
+mod sys;
+
+use core::fmt::Write;
+
+use jitsu_unikernel::clock::{MIN_CALIBRATION_NS, TscClock};
+use jitsu_unikernel::cmdline::{Config, MmioDevice};
+use jitsu_unikernel::garp::{GARP_LEN, gratuitous_arp};
+use jitsu_unikernel::nic::Nic;
+use jitsu_unikernel::pvh::{MemoryRegion, StartInfo, heap_range};
+use jitsu_unikernel::server::Server;
+use smoltcp::iface::{Config as IfaceConfig, Interface};
+use smoltcp::time::Duration;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
+use virtio_drivers::transport::mmio::MmioTransport;
+use virtio_drivers::transport::{DeviceType, Transport};
+
+use sys::cpu::{self, Serial};
+use sys::heap::IdentityHal;
+
+/// The HTTP port.
+const PORT: u16 = 80;
+/// The longest sleep when the device's interrupt could not be routed: the kernel then polls.
+const POLL_WITHOUT_INTERRUPT: Duration = Duration::from_millis(1);
+
+type NetDevice = Nic<IdentityHal, MmioTransport<'static>>;
+
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(Serial, "jitsu-unikernel: {}", format_args!($($arg)*));
+    }};
+}
+
+/// Stops the kernel after saying why.
+fn fail(why: core::fmt::Arguments<'_>) -> ! {
+    say!("fatal: {why}");
+    cpu::halt_forever()
+}
+
+/// Milliseconds with three decimals, from microseconds.
+struct Ms(u64);
+
+impl core::fmt::Display for Ms {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}.{:03}", self.0 / 1000, self.0 % 1000)
+    }
+}
+
+/// The first virtio-net device among `devices`, and its GSI.
+fn find_net(devices: &[MmioDevice]) -> Option<(NetDevice, u32)> {
+    devices.iter().find_map(|dev| {
+        let transport = sys::virtio::transport(dev).ok()?;
+        if transport.device_type() != DeviceType::Network {
+            return None;
+        }
+        match Nic::new(transport) {
+            Ok(nic) => Some((nic, dev.irq)),
+            Err(e) => {
+                say!("virtio-net at {:#x}: {e}", dev.base);
+                None
+            }
+        }
+    })
+}
+
+/// The TSC's rate, from the local APIC timer started when the TSC read `tsc_at_start`;
+/// waits until the interval is long enough to be exact (boot work usually covers it).
+fn calibrate(tsc_at_start: u64) -> TscClock {
+    loop {
+        let ns = cpu::lapic_elapsed_ns();
+        let tsc = cpu::rdtsc();
+        if ns >= MIN_CALIBRATION_NS {
+            let hz = TscClock::rate(tsc_at_start, tsc, ns)
+                .unwrap_or_else(|| fail(format_args!("the TSC does not count")));
+            return TscClock::new(cpu::entry_tsc(), hz);
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// The kernel, from the boot code's hand-over.
+fn main(start_info_paddr: u64) -> ! {
+    let tsc_main = cpu::rdtsc();
+    cpu::lapic_start();
+    let tsc_lapic = cpu::rdtsc();
+    cpu::load_idt();
+
+    let info = StartInfo::parse(sys::pvh::start_info(start_info_paddr))
+        .unwrap_or_else(|e| fail(format_args!("{e}")));
+    let memmap = sys::pvh::memmap(info.memmap_paddr, info.memmap_entries);
+    let Some((heap_start, heap_end)) =
+        heap_range(MemoryRegion::parse_all(memmap), sys::heap::kernel_end())
+    else {
+        fail(format_args!("no RAM after the kernel's image"));
+    };
+    sys::heap::init(heap_start, heap_end);
+    let cmdline = core::str::from_utf8(sys::pvh::cmdline(info.cmdline_paddr))
+        .unwrap_or_else(|_| fail(format_args!("the command line is not UTF-8")));
+    let config = Config::parse(cmdline).unwrap_or_else(|e| fail(format_args!("{e}")));
+
+    let tsc_virtio = cpu::rdtsc();
+    let devices = if config.devices.is_empty() {
+        sys::virtio::probe_microvm()
+    } else {
+        config.devices.clone()
+    };
+    let Some((mut nic, gsi)) = find_net(&devices) else {
+        fail(format_args!(
+            "no virtio-net device (looked at {devices:x?})"
+        ));
+    };
+    let interrupts = cpu::ioapic_route(gsi, cpu::NET_VECTOR);
+    if !interrupts {
+        say!("GSI {gsi} is not on an IOAPIC: polling every {POLL_WITHOUT_INTERRUPT}");
+    }
+    let tsc_smoltcp = cpu::rdtsc();
+
+    let clock = calibrate(tsc_lapic);
+    let mac = config.mac.unwrap_or_else(|| nic.mac());
+    let mut iface_config = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+    iface_config.random_seed = cpu::rdtsc();
+    let mut iface = Interface::new(iface_config, &mut nic, clock.instant(cpu::rdtsc()));
+    iface.update_ip_addrs(|addrs| {
+        // The list holds IFACE_MAX_ADDR_COUNT (2) addresses and is empty.
+        let _ = addrs.push(IpCidr::new(config.ip.into(), config.prefix));
+    });
+    if let Some(gw) = config.gateway {
+        // Cannot fail: the route table is empty.
+        let _ = iface.routes_mut().add_default_ipv4_route(gw);
+    }
+    let mut server = Server::new(PORT);
+    server.listen();
+    let tsc_listening = cpu::rdtsc();
+    let listening = clock.micros_since_entry(tsc_listening);
+    server.set_listening_micros(listening);
+    nic.send_raw(GARP_LEN, |frame| gratuitous_arp(frame, mac, config.ip));
+
+    let us = |from: u64, to: u64| Ms(clock.micros_since_entry(to) - clock.micros_since_entry(from));
+    say!(
+        "listening on {}:{PORT} mac {} after {} ms (firmware {} ms before entry; entry to main {} ms, \
+         virtio {} ms, smoltcp {} ms; TSC {} MHz)",
+        config.ip,
+        EthernetAddress(mac),
+        Ms(listening),
+        // Under TCG the TSC counts from 0 when the virtual machine starts running.
+        Ms(clock.micros(cpu::entry_tsc())),
+        us(cpu::entry_tsc(), tsc_main),
+        us(tsc_virtio, tsc_smoltcp),
+        us(tsc_smoltcp, tsc_listening),
+        clock.hz() / 1_000_000,
+    );
+    run(&clock, &mut iface, &mut nic, &mut server, interrupts)
+}
+
+/// The event loop: never returns.
+fn run(
+    clock: &TscClock,
+    iface: &mut Interface,
+    nic: &mut NetDevice,
+    server: &mut Server,
+    interrupts: bool,
+) -> ! {
+    let mut reported_first = false;
+    loop {
+        // Acknowledge first, drain after: a frame arriving in between raises a new edge.
+        nic.ack_interrupt();
+        let now = clock.instant(cpu::rdtsc());
+        let progress = server.poll(now, iface, nic);
+        if !reported_first && let Some(at) = server.first_request() {
+            reported_first = true;
+            say!(
+                "first request answered {} ms after entry",
+                Ms(at.total_micros() as u64)
+            );
+        }
+        if progress || nic.can_recv() {
+            continue;
+        }
+        let mut delay = iface.poll_delay(now, server.sockets());
+        if !interrupts {
+            delay = Some(delay.map_or(POLL_WITHOUT_INTERRUPT, |d| d.min(POLL_WITHOUT_INTERRUPT)));
+        }
+        if delay == Some(Duration::ZERO) {
+            continue;
+        }
+        cpu::lapic_oneshot(delay.map(|d| d.total_micros().saturating_mul(1000)));
+        cpu::wait_for_interrupt();
+    }
+}
