@@ -6,11 +6,40 @@
 //! the guest is not told: no CPUID leaf 0x15/0x16 and no kvmclock without KVM. QEMU does
 //! promise one rate: its local APIC timer counts at 1 GHz of the virtual clock (the host's
 //! monotonic clock under TCG). The kernel starts that timer at once, lets virtio set-up run,
-//! and divides the TSC ticks by the APIC nanoseconds that passed: no time spent waiting, and
-//! the error of reading each clock once (well under a microsecond) is small against the
-//! milliseconds between the two readings.
+//! and divides the TSC ticks by the APIC nanoseconds that passed: no time spent waiting.
+//!
+//! Each APIC reading is bracketed by two TSC readings, and the narrowest of a few brackets
+//! is kept: the host may deschedule the virtual CPU for milliseconds at any instruction, and
+//! a pause between the two clocks' readings would skew the rate by as much; a pause anywhere
+//! else does not matter, since both clocks run on the host's time.
 
 use smoltcp::time::Instant;
+
+/// One reading of the reference clock (nanoseconds) between two TSC readings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    /// The TSC just before.
+    pub tsc_before: u64,
+    /// The reference clock, in nanoseconds.
+    pub ns: u64,
+    /// The TSC just after.
+    pub tsc_after: u64,
+}
+
+impl Sample {
+    fn width(&self) -> u64 {
+        self.tsc_after.saturating_sub(self.tsc_before)
+    }
+
+    fn tsc_mid(&self) -> u64 {
+        self.tsc_before + self.width() / 2
+    }
+
+    /// The sample taken with the least time between its TSC readings.
+    pub fn narrowest(samples: impl IntoIterator<Item = Sample>) -> Option<Sample> {
+        samples.into_iter().min_by_key(Sample::width)
+    }
+}
 
 /// Converts TSC readings to time since the kernel's entry point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,13 +61,14 @@ impl TscClock {
         }
     }
 
-    /// The TSC's rate from two readings `ns` nanoseconds apart, or `None` if no time passed.
-    pub fn rate(tsc_before: u64, tsc_after: u64, ns: u64) -> Option<u64> {
-        if ns == 0 || tsc_after <= tsc_before {
-            return None;
-        }
-        let hz = u128::from(tsc_after - tsc_before) * 1_000_000_000 / u128::from(ns);
-        u64::try_from(hz).ok()
+    /// The TSC's rate between two samples, or `None` if either clock stood still.
+    pub fn rate(start: Sample, end: Sample) -> Option<u64> {
+        let ns = end.ns.checked_sub(start.ns).filter(|ns| *ns > 0)?;
+        let ticks = end
+            .tsc_mid()
+            .checked_sub(start.tsc_mid())
+            .filter(|t| *t > 0)?;
+        u64::try_from(u128::from(ticks) * 1_000_000_000 / u128::from(ns)).ok()
     }
 
     /// Ticks per second.
@@ -66,15 +96,31 @@ impl TscClock {
 mod tests {
     use super::*;
 
+    fn sample(tsc_before: u64, ns: u64, tsc_after: u64) -> Sample {
+        Sample {
+            tsc_before,
+            ns,
+            tsc_after,
+        }
+    }
+
     #[test]
-    fn the_rate_is_tsc_ticks_per_apic_second() {
+    fn the_rate_is_tsc_ticks_per_reference_second_between_bracket_middles() {
         // 2.1 GHz: 4.2 million ticks in 2 ms.
-        assert_eq!(
-            TscClock::rate(1000, 4_201_000, 2_000_000),
-            Some(2_100_000_000)
-        );
-        assert_eq!(TscClock::rate(1000, 1000, 2_000_000), None);
-        assert_eq!(TscClock::rate(1000, 2000, 0), None);
+        let start = sample(1000, 500, 1200);
+        let end = sample(4_201_000, 2_000_500, 4_201_200);
+        assert_eq!(TscClock::rate(start, end), Some(2_100_000_000));
+        assert_eq!(TscClock::rate(start, start), None);
+        assert_eq!(TscClock::rate(end, start), None);
+    }
+
+    #[test]
+    fn a_sample_the_host_paused_in_is_not_the_one_kept() {
+        // The first reading waited 3 ms for a host CPU between the TSC and the APIC.
+        let paused = sample(0, 3_000_000, 6_300_000);
+        let quick = sample(6_300_100, 3_000_050, 6_300_300);
+        assert_eq!(Sample::narrowest([paused, quick]), Some(quick));
+        assert_eq!(Sample::narrowest([]), None);
     }
 
     #[test]

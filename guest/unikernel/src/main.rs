@@ -17,7 +17,7 @@ mod sys;
 
 use core::fmt::Write;
 
-use jitsu_unikernel::clock::{MIN_CALIBRATION_NS, TscClock};
+use jitsu_unikernel::clock::{MIN_CALIBRATION_NS, Sample, TscClock};
 use jitsu_unikernel::cmdline::{Config, MmioDevice};
 use jitsu_unikernel::garp::{GARP_LEN, gratuitous_arp};
 use jitsu_unikernel::nic::Nic;
@@ -60,6 +60,16 @@ impl core::fmt::Display for Ms {
     }
 }
 
+/// A MAC as `xx:xx:xx:xx:xx:xx`.
+struct Mac([u8; 6]);
+
+impl core::fmt::Display for Mac {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
 /// The first virtio-net device among `devices`, and its GSI.
 fn find_net(devices: &[MmioDevice]) -> Option<(NetDevice, u32)> {
     devices.iter().find_map(|dev| {
@@ -77,26 +87,35 @@ fn find_net(devices: &[MmioDevice]) -> Option<(NetDevice, u32)> {
     })
 }
 
-/// The TSC's rate, from the local APIC timer started when the TSC read `tsc_at_start`;
-/// waits until the interval is long enough to be exact (boot work usually covers it).
-fn calibrate(tsc_at_start: u64) -> TscClock {
-    loop {
-        let ns = cpu::lapic_elapsed_ns();
-        let tsc = cpu::rdtsc();
-        if ns >= MIN_CALIBRATION_NS {
-            let hz = TscClock::rate(tsc_at_start, tsc, ns)
-                .unwrap_or_else(|| fail(format_args!("the TSC does not count")));
-            return TscClock::new(cpu::entry_tsc(), hz);
-        }
+/// The local APIC clock read between two TSC readings, the narrowest of three.
+fn sample() -> Sample {
+    let read = || Sample {
+        tsc_before: cpu::rdtsc(),
+        ns: cpu::lapic_elapsed_ns(),
+        tsc_after: cpu::rdtsc(),
+    };
+    Sample::narrowest([read(), read(), read()]).expect("three samples")
+}
+
+/// The TSC's rate, from `start` to now on the local APIC clock; waits until the interval is
+/// long enough to be exact (boot work usually covers it).
+fn calibrate(start: Sample) -> TscClock {
+    while cpu::lapic_elapsed_ns() < start.ns + MIN_CALIBRATION_NS {
         core::hint::spin_loop();
     }
+    let hz = TscClock::rate(start, sample()).unwrap_or_else(|| {
+        fail(format_args!(
+            "the TSC or the local APIC timer does not count"
+        ))
+    });
+    TscClock::new(cpu::entry_tsc(), hz)
 }
 
 /// The kernel, from the boot code's hand-over.
 fn main(start_info_paddr: u64) -> ! {
     let tsc_main = cpu::rdtsc();
     cpu::lapic_start();
-    let tsc_lapic = cpu::rdtsc();
+    let calibration_start = sample();
     cpu::load_idt();
 
     let info = StartInfo::parse(sys::pvh::start_info(start_info_paddr))
@@ -129,7 +148,7 @@ fn main(start_info_paddr: u64) -> ! {
     }
     let tsc_smoltcp = cpu::rdtsc();
 
-    let clock = calibrate(tsc_lapic);
+    let clock = calibrate(calibration_start);
     let mac = config.mac.unwrap_or_else(|| nic.mac());
     let mut iface_config = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
     iface_config.random_seed = cpu::rdtsc();
@@ -154,7 +173,7 @@ fn main(start_info_paddr: u64) -> ! {
         "listening on {}:{PORT} mac {} after {} ms (firmware {} ms before entry; entry to main {} ms, \
          virtio {} ms, smoltcp {} ms; TSC {} MHz)",
         config.ip,
-        EthernetAddress(mac),
+        Mac(mac),
         Ms(listening),
         // Under TCG the TSC counts from 0 when the virtual machine starts running.
         Ms(clock.micros(cpu::entry_tsc())),

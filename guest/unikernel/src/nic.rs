@@ -31,10 +31,18 @@ pub struct NicCounters {
     pub errors: u64,
 }
 
+/// A device that shows the next received frame before smoltcp takes it.
+pub trait PeekDevice: Device {
+    /// The frame the next `receive` returns, if one waits.
+    fn peek(&mut self) -> Option<&[u8]>;
+}
+
 /// A virtio-net device as a smoltcp `Device`.
 pub struct Nic<H: Hal, T: Transport> {
     net: RefCell<VirtIONet<H, T, QUEUE_SIZE>>,
     counters: RefCell<NicCounters>,
+    /// A frame taken from the device by `peek`, returned by the next `receive`.
+    peeked: Option<RxBuffer>,
 }
 
 impl<H: Hal, T: Transport> core::fmt::Debug for Nic<H, T> {
@@ -51,6 +59,7 @@ impl<H: Hal, T: Transport> Nic<H, T> {
         Ok(Nic {
             net: RefCell::new(VirtIONet::new(transport, RX_BUFFER_LEN)?),
             counters: RefCell::new(NicCounters::default()),
+            peeked: None,
         })
     }
 
@@ -68,7 +77,23 @@ impl<H: Hal, T: Transport> Nic<H, T> {
 
     /// True when a received frame waits.
     pub fn can_recv(&self) -> bool {
-        self.net.borrow().can_recv()
+        self.peeked.is_some() || self.net.borrow().can_recv()
+    }
+
+    /// The next frame from the device, counted (errors too).
+    fn take(&mut self) -> Option<RxBuffer> {
+        let counters = self.counters.get_mut();
+        match self.net.get_mut().receive() {
+            Ok(buf) => {
+                counters.rx += 1;
+                Some(buf)
+            }
+            Err(virtio_drivers::Error::NotReady) => None,
+            Err(_) => {
+                counters.errors += 1;
+                None
+            }
+        }
     }
 
     /// The counters so far.
@@ -153,15 +178,10 @@ impl<H: Hal, T: Transport> Device for Nic<H, T> {
         Self: 'a;
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
-        let buf = match self.net.get_mut().receive() {
-            Ok(buf) => buf,
-            Err(virtio_drivers::Error::NotReady) => return None,
-            Err(_) => {
-                self.counters.get_mut().errors += 1;
-                return None;
-            }
+        let buf = match self.peeked.take() {
+            Some(buf) => buf,
+            None => self.take()?,
         };
-        self.counters.get_mut().rx += 1;
         Some((
             NicRx {
                 net: &self.net,
@@ -188,5 +208,14 @@ impl<H: Hal, T: Transport> Device for Nic<H, T> {
         caps.max_transmission_unit = MTU;
         caps.max_burst_size = Some(1);
         caps
+    }
+}
+
+impl<H: Hal, T: Transport> PeekDevice for Nic<H, T> {
+    fn peek(&mut self) -> Option<&[u8]> {
+        if self.peeked.is_none() {
+            self.peeked = self.take();
+        }
+        self.peeked.as_ref().map(RxBuffer::packet)
     }
 }

@@ -9,6 +9,13 @@
 //! A socket whose connection ended listens again. Sockets are created lazily so that boot
 //! allocates (and zeroes) only a few buffers.
 //!
+//! smoltcp offers a segment to the sockets in their order and the first that accepts it takes
+//! it, and a listening socket accepts any SYN. A client's retransmitted SYN (its SYN-ACK was
+//! slow) or one synjitsu re-sends must reach the connection it belongs to, not a listener
+//! ahead of it, which would open a second connection on the same addresses and reset the
+//! client when its ACK reaches that one. So the server looks at each frame before smoltcp
+//! does, and for the SYN of a connection it has, closes its listeners for that frame.
+//!
 //! It owns the sockets and the request count; it does not read the clock (`now` comes in)
 //! or know the hardware.
 
@@ -16,11 +23,14 @@ use alloc::vec::Vec;
 use core::fmt::Write;
 
 use smoltcp::iface::{Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet};
-use smoltcp::phy::Device;
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
+use smoltcp::wire::{
+    EthernetFrame, EthernetProtocol, IpEndpoint, IpProtocol, Ipv4Packet, TcpPacket,
+};
 
 use crate::http::HttpConn;
+use crate::nic::PeekDevice;
 
 /// The most TCP sockets (connections plus listeners).
 pub const MAX_SOCKETS: usize = 256;
@@ -106,9 +116,39 @@ impl Server {
         &self.sockets
     }
 
+    /// True if a socket has (or is opening) a connection from `remote` to `port`.
+    fn has_connection(&self, remote: IpEndpoint, port: u16) -> bool {
+        self.conns.iter().any(|(h, _)| {
+            let s = self.sockets.get::<tcp::Socket>(*h);
+            s.remote_endpoint() == Some(remote) && s.local_endpoint().map(|l| l.port) == Some(port)
+        })
+    }
+
+    /// Closes every listening socket (`relisten` opens them again).
+    fn close_listeners(&mut self) {
+        for (h, _) in &self.conns {
+            let s = self.sockets.get_mut::<tcp::Socket>(*h);
+            if s.is_listening() {
+                s.close();
+            }
+        }
+    }
+
+    /// Makes every closed socket listen again, with a fresh HTTP state.
+    fn relisten(&mut self) {
+        for (h, conn) in &mut self.conns {
+            let s = self.sockets.get_mut::<tcp::Socket>(*h);
+            if s.state() == tcp::State::Closed {
+                *conn = HttpConn::new();
+                // Cannot fail: the port is not 0 and the socket is closed.
+                let _ = s.listen(self.port);
+            }
+        }
+    }
+
     /// Receives what the device has, answers requests, and sends what is due. Returns true
     /// if anything moved, so the caller polls again before it sleeps.
-    pub fn poll<D: Device + ?Sized>(
+    pub fn poll<D: PeekDevice + ?Sized>(
         &mut self,
         now: Instant,
         iface: &mut Interface,
@@ -116,9 +156,21 @@ impl Server {
     ) -> bool {
         let mut progress = false;
         for _ in 0..INGRESS_BATCH {
-            // A listener for every SYN this frame might be.
+            // A listener for every SYN this frame might be, unless it is the SYN of a
+            // connection the server has.
             self.listen();
-            match iface.poll_ingress_single(now, device, &mut self.sockets) {
+            let repeated_syn = device
+                .peek()
+                .and_then(syn_source)
+                .is_some_and(|(remote, port)| self.has_connection(remote, port));
+            if repeated_syn {
+                self.close_listeners();
+            }
+            let result = iface.poll_ingress_single(now, device, &mut self.sockets);
+            if repeated_syn {
+                self.relisten();
+            }
+            match result {
                 PollIngressSingleResult::None => break,
                 _ => progress = true,
             }
@@ -163,14 +215,30 @@ impl Server {
                 socket.close();
                 progress = true;
             }
-            if socket.state() == tcp::State::Closed {
-                *conn = HttpConn::new();
-                // Cannot fail: the port is not 0 and the socket is closed.
-                let _ = socket.listen(self.port);
-            }
         }
+        self.relisten();
         progress
     }
+}
+
+/// The client endpoint and the local port of a TCP SYN (without ACK) in an Ethernet frame
+/// carrying IPv4; `None` for anything else, malformed frames included.
+fn syn_source(frame: &[u8]) -> Option<(IpEndpoint, u16)> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return None;
+    }
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    if ip.next_header() != IpProtocol::Tcp {
+        return None;
+    }
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    (tcp.syn() && !tcp.ack()).then(|| {
+        (
+            IpEndpoint::new(ip.src_addr().into(), tcp.src_port()),
+            tcp.dst_port(),
+        )
+    })
 }
 
 /// The page: when the kernel listened, and which request this is.
@@ -188,11 +256,68 @@ fn page(listening_micros: u64, request: u64) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::collections::VecDeque;
+    use alloc::string::String;
     use smoltcp::iface::Config;
-    use smoltcp::phy::{Loopback, Medium};
+    use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
     use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr};
 
-    fn iface(dev: &mut Loopback) -> Interface {
+    /// An Ethernet loopback that keeps a copy of every frame and can be peeked at: what the
+    /// clients send the server receives, and the other way round (one interface, one
+    /// address, two socket sets).
+    #[derive(Default)]
+    struct Wire {
+        queue: VecDeque<Vec<u8>>,
+        sent: Vec<Vec<u8>>,
+    }
+
+    struct WireRx(Vec<u8>);
+    struct WireTx<'a>(&'a mut Wire);
+
+    impl phy::RxToken for WireRx {
+        fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+            f(&self.0)
+        }
+    }
+
+    impl phy::TxToken for WireTx<'_> {
+        fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+            let mut frame = alloc::vec![0; len];
+            let r = f(&mut frame);
+            self.0.sent.push(frame.clone());
+            self.0.queue.push_back(frame);
+            r
+        }
+    }
+
+    impl Device for Wire {
+        type RxToken<'a> = WireRx;
+        type TxToken<'a> = WireTx<'a>;
+
+        fn receive(&mut self, _: Instant) -> Option<(WireRx, WireTx<'_>)> {
+            let frame = self.queue.pop_front()?;
+            Some((WireRx(frame), WireTx(self)))
+        }
+
+        fn transmit(&mut self, _: Instant) -> Option<WireTx<'_>> {
+            Some(WireTx(self))
+        }
+
+        fn capabilities(&self) -> DeviceCapabilities {
+            let mut caps = DeviceCapabilities::default();
+            caps.medium = Medium::Ethernet;
+            caps.max_transmission_unit = 1514;
+            caps
+        }
+    }
+
+    impl PeekDevice for Wire {
+        fn peek(&mut self) -> Option<&[u8]> {
+            self.queue.front().map(Vec::as_slice)
+        }
+    }
+
+    fn iface(dev: &mut Wire) -> Interface {
         let mut iface = Interface::new(
             Config::new(EthernetAddress([2, 0, 0, 0, 0, 1]).into()),
             dev,
@@ -204,14 +329,14 @@ mod tests {
         iface
     }
 
-    /// Clients on the same interface (smoltcp's loopback), with their own socket set.
+    /// Clients on the same interface, with their own socket set.
     struct Clients {
         sockets: SocketSet<'static>,
         handles: Vec<SocketHandle>,
     }
 
     impl Clients {
-        fn connect(iface: &mut Interface, n: usize) -> Clients {
+        fn connect(iface: &mut Interface, n: usize, first_port: u16) -> Clients {
             let mut sockets = SocketSet::new(Vec::new());
             let handles = (0..n)
                 .map(|i| {
@@ -222,7 +347,7 @@ mod tests {
                     s.connect(
                         iface.context(),
                         (IpAddress::v4(127, 0, 0, 1), 80),
-                        40000 + i as u16,
+                        first_port + i as u16,
                     )
                     .unwrap();
                     sockets.add(s)
@@ -236,22 +361,38 @@ mod tests {
         }
     }
 
-    /// Runs server and clients until neither moves, with time standing still.
-    fn settle(
-        server: &mut Server,
-        clients: &mut Clients,
-        iface: &mut Interface,
-        dev: &mut Loopback,
-    ) {
+    /// Runs server and clients until neither moves. Each frame goes to the side it is for:
+    /// a segment for the other side's socket set would be answered with a reset.
+    fn settle(server: &mut Server, clients: &mut Clients, iface: &mut Interface, dev: &mut Wire) {
         let now = Instant::from_millis(1);
-        for _ in 0..1000 {
-            let c = iface.poll(now, dev, &mut clients.sockets) != PollResult::None;
-            let s = server.poll(now, iface, dev);
-            if !c && !s {
-                return;
+        for _ in 0..10_000 {
+            match dev.peek().map(tcp_ports) {
+                None => {
+                    // Nothing queued: let both sides send what they have.
+                    let c = iface.poll_egress(now, dev, &mut clients.sockets);
+                    let s = server.poll(now, iface, dev);
+                    if c == PollResult::None && !s && dev.queue.is_empty() {
+                        return;
+                    }
+                }
+                Some(Some((_, dst))) if dst != 80 => {
+                    iface.poll_ingress_single(now, dev, &mut clients.sockets);
+                }
+                // To port 80, or not TCP (the interface answers it whichever set is passed).
+                Some(_) => {
+                    server.poll(now, iface, dev);
+                }
             }
         }
         panic!("never settled");
+    }
+
+    /// Source and destination ports of a TCP segment in a frame.
+    fn tcp_ports(frame: &[u8]) -> Option<(u16, u16)> {
+        let eth = EthernetFrame::new_checked(frame).ok()?;
+        let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+        let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+        Some((tcp.src_port(), tcp.dst_port()))
     }
 
     fn read_all(s: &mut tcp::Socket<'_>) -> String {
@@ -266,17 +407,40 @@ mod tests {
         String::from_utf8(out).unwrap()
     }
 
-    use alloc::string::String;
+    fn resets(dev: &Wire) -> usize {
+        dev.sent
+            .iter()
+            .filter(|f| {
+                EthernetFrame::new_checked(f.as_slice())
+                    .ok()
+                    .and_then(|e| {
+                        Ipv4Packet::new_checked(e.payload())
+                            .ok()
+                            .map(|ip| ip.payload().to_vec())
+                    })
+                    .and_then(|p| TcpPacket::new_checked(p).ok().map(|t| t.rst()))
+                    .unwrap_or(false)
+            })
+            .count()
+    }
+
+    fn listening(server: &Server) -> usize {
+        server
+            .conns
+            .iter()
+            .filter(|(h, _)| server.sockets.get::<tcp::Socket>(*h).is_listening())
+            .count()
+    }
 
     #[test]
     fn many_clients_at_once_each_get_the_page_and_requests_are_counted() {
-        let mut dev = Loopback::new(Medium::Ethernet);
+        let mut dev = Wire::default();
         let mut iface = iface(&mut dev);
         let mut server = Server::new(80);
         server.set_listening_micros(12_345);
         server.listen();
         let n = 50;
-        let mut clients = Clients::connect(&mut iface, n);
+        let mut clients = Clients::connect(&mut iface, n, 40000);
         settle(&mut server, &mut clients, &mut iface, &mut dev);
         for i in 0..n {
             assert_eq!(
@@ -308,15 +472,16 @@ mod tests {
         assert_eq!(seen, (1..=n as u64).collect::<Vec<_>>());
         assert_eq!(server.requests(), n as u64);
         assert_eq!(server.connections(), n);
+        assert_eq!(resets(&dev), 0);
     }
 
     #[test]
     fn a_kept_alive_connection_serves_several_requests_then_its_socket_listens_again() {
-        let mut dev = Loopback::new(Medium::Ethernet);
+        let mut dev = Wire::default();
         let mut iface = iface(&mut dev);
         let mut server = Server::new(80);
         server.listen();
-        let mut clients = Clients::connect(&mut iface, 1);
+        let mut clients = Clients::connect(&mut iface, 1, 40000);
         settle(&mut server, &mut clients, &mut iface, &mut dev);
         for want in 1..=3 {
             clients
@@ -333,11 +498,66 @@ mod tests {
         clients.socket(0).close();
         settle(&mut server, &mut clients, &mut iface, &mut dev);
         assert_eq!(server.connections(), 0);
-        let listening = server
-            .conns
+        assert_eq!(
+            listening(&server),
+            server.conns.len(),
+            "every socket listens again"
+        );
+    }
+
+    #[test]
+    fn a_repeated_syn_reaches_its_connection_not_a_listener_ahead_of_it() {
+        let mut dev = Wire::default();
+        let mut iface = iface(&mut dev);
+        let mut server = Server::new(80);
+        server.listen();
+        // Two connections; the first goes, so that its socket listens again ahead of the
+        // second's.
+        let mut clients = Clients::connect(&mut iface, 2, 40000);
+        settle(&mut server, &mut clients, &mut iface, &mut dev);
+        clients.socket(0).close();
+        settle(&mut server, &mut clients, &mut iface, &mut dev);
+        assert_eq!(server.connections(), 1);
+        let second = IpEndpoint::new(IpAddress::v4(127, 0, 0, 1), 40001);
+        let syn = dev
+            .sent
             .iter()
-            .filter(|(h, _)| server.sockets.get::<tcp::Socket>(*h).is_listening())
-            .count();
-        assert_eq!(listening, server.conns.len(), "every socket listens again");
+            .find(|f| syn_source(f) == Some((second, 80)))
+            .expect("the second client sent a SYN")
+            .clone();
+        // Its SYN again, as a retransmission or synjitsu would send it.
+        dev.queue.push_back(syn);
+        settle(&mut server, &mut clients, &mut iface, &mut dev);
+        assert_eq!(
+            server.connections(),
+            1,
+            "no second connection from the same port"
+        );
+        assert!(listening(&server) >= SPARE_LISTENERS);
+        clients
+            .socket(1)
+            .send_slice(b"GET / HTTP/1.1\r\n\r\n")
+            .unwrap();
+        settle(&mut server, &mut clients, &mut iface, &mut dev);
+        assert!(read_all(clients.socket(1)).starts_with("HTTP/1.1 200 OK"));
+        assert_eq!(resets(&dev), 0);
+    }
+
+    #[test]
+    fn only_a_tcp_syn_without_ack_names_its_client() {
+        let mut dev = Wire::default();
+        let mut iface = iface(&mut dev);
+        let mut server = Server::new(80);
+        server.listen();
+        let mut clients = Clients::connect(&mut iface, 1, 40000);
+        settle(&mut server, &mut clients, &mut iface, &mut dev);
+        let syns: Vec<_> = dev.sent.iter().filter_map(|f| syn_source(f)).collect();
+        assert_eq!(
+            syns,
+            [(IpEndpoint::new(IpAddress::v4(127, 0, 0, 1), 40000), 80)],
+            "the SYN, not the SYN-ACK or the ACK"
+        );
+        assert_eq!(syn_source(&[0; 10]), None);
+        assert_eq!(syn_source(&dev.sent[0][..30]), None, "a cut frame");
     }
 }
