@@ -1,7 +1,6 @@
 // SPDX-License-Identifier: GPL-3.0-only
 //! The unikernel's machine-independent parts: boot information and command line parsing,
-//! the clock's arithmetic, the smoltcp device over virtio-net, the gratuitous ARP and the HTTP
-//! server. No instruction here touches the hardware (that is the binary's `sys` module), so
+//! the clock's arithmetic, the gratuitous ARP and the HTTP server over smoltcp. No instruction here touches the hardware (that is the binary's `sys` module), so
 //! all of it is unit-tested on the host with `cargo test --lib`.
 
 #![cfg_attr(not(test), no_std)]
@@ -12,6 +11,5 @@ pub mod clock;
 pub mod cmdline;
 pub mod garp;
 pub mod http;
-pub mod nic;
 pub mod pvh;
 pub mod server;

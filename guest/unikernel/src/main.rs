@@ -15,29 +15,29 @@ extern crate alloc;
 #[allow(unsafe_code)]
 mod sys;
 
+use alloc::collections::VecDeque;
+use alloc::string::String;
 use core::fmt::Write;
+use core::net::Ipv4Addr;
+use core::sync::atomic::{Ordering, fence};
 
 use jitsu_unikernel::clock::{MIN_CALIBRATION_NS, Sample, TscClock};
 use jitsu_unikernel::cmdline::{Config, MmioDevice};
 use jitsu_unikernel::garp::{GARP_LEN, gratuitous_arp};
-use jitsu_unikernel::nic::Nic;
 use jitsu_unikernel::pvh::{MemoryRegion, StartInfo, heap_range};
 use jitsu_unikernel::server::Server;
 use smoltcp::iface::{Config as IfaceConfig, Interface};
 use smoltcp::time::Duration;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
-use virtio_drivers::transport::mmio::MmioTransport;
 use virtio_drivers::transport::{DeviceType, Transport};
 
 use sys::cpu::{self, Serial};
-use sys::heap::IdentityHal;
+use sys::net::Nic;
 
 /// The HTTP port.
 const PORT: u16 = 80;
 /// The longest sleep when the device's interrupt could not be routed: the kernel then polls.
 const POLL_WITHOUT_INTERRUPT: Duration = Duration::from_millis(1);
-
-type NetDevice = Nic<IdentityHal, MmioTransport<'static>>;
 
 macro_rules! say {
     ($($arg:tt)*) => {{
@@ -71,7 +71,7 @@ impl core::fmt::Display for Mac {
 }
 
 /// The first virtio-net device among `devices`, and its GSI.
-fn find_net(devices: &[MmioDevice]) -> Option<(NetDevice, u32)> {
+fn find_net(devices: &[MmioDevice]) -> Option<(Nic, u32)> {
     devices.iter().find_map(|dev| {
         let transport = sys::virtio::transport(dev).ok()?;
         if transport.device_type() != DeviceType::Network {
@@ -168,31 +168,104 @@ fn main(start_info_paddr: u64) -> ! {
     server.set_listening_micros(listening);
     nic.send_raw(GARP_LEN, |frame| gratuitous_arp(frame, mac, config.ip));
 
-    let us = |from: u64, to: u64| Ms(clock.micros_since_entry(to) - clock.micros_since_entry(from));
-    say!(
-        "listening on {}:{PORT} mac {} after {} ms (firmware {} ms before entry; entry to main {} ms, \
-         virtio {} ms, smoltcp {} ms; TSC {} MHz)",
-        config.ip,
-        Mac(mac),
-        Ms(listening),
+    let us = |from: u64, to: u64| clock.micros_since_entry(to) - clock.micros_since_entry(from);
+    let report = Listening {
+        ip: config.ip,
+        mac,
+        after: listening,
         // Under TCG the TSC counts from 0 when the virtual machine starts running.
-        Ms(clock.micros(cpu::entry_tsc())),
-        us(cpu::entry_tsc(), tsc_main),
-        us(tsc_virtio, tsc_smoltcp),
-        us(tsc_smoltcp, tsc_listening),
-        clock.hz() / 1_000_000,
-    );
-    run(&clock, &mut iface, &mut nic, &mut server, interrupts)
+        firmware: clock.micros(cpu::entry_tsc()),
+        to_main: us(cpu::entry_tsc(), tsc_main),
+        virtio: us(tsc_virtio, tsc_smoltcp),
+        smoltcp: us(tsc_smoltcp, tsc_listening),
+        tsc_mhz: clock.hz() / 1_000_000,
+    };
+    run(
+        &clock,
+        &mut iface,
+        &mut nic,
+        &mut server,
+        interrupts,
+        report,
+    )
+}
+
+/// The line the kernel prints once it listens: where, and how long each stage took
+/// (microseconds).
+struct Listening {
+    ip: Ipv4Addr,
+    mac: [u8; 6],
+    after: u64,
+    firmware: u64,
+    to_main: u64,
+    virtio: u64,
+    smoltcp: u64,
+    tsc_mhz: u64,
+}
+
+impl core::fmt::Display for Listening {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "listening on {}:{PORT} mac {} after {} ms (firmware {} ms before entry; entry to main \
+             {} ms, virtio {} ms, smoltcp {} ms; TSC {} MHz)",
+            self.ip,
+            Mac(self.mac),
+            Ms(self.after),
+            Ms(self.firmware),
+            Ms(self.to_main),
+            Ms(self.virtio),
+            Ms(self.smoltcp),
+            self.tsc_mhz,
+        )
+    }
+}
+
+/// Console output written in idle moments, a few bytes at a time: QEMU's UART costs an exit
+/// per byte (over a millisecond for the first line, formatting included), which must not hold
+/// up the first SYN after the gratuitous ARP. At most [`Console::MAX`] bytes wait; more are
+/// dropped.
+#[derive(Default)]
+struct Console {
+    queue: VecDeque<u8>,
+}
+
+impl Console {
+    const MAX: usize = 4096;
+    const CHUNK: usize = 32;
+
+    /// Queues one line.
+    fn line(&mut self, args: core::fmt::Arguments<'_>) {
+        let mut text = String::new();
+        let _ = writeln!(text, "jitsu-unikernel: {args}");
+        if self.queue.len() + text.len() <= Self::MAX {
+            self.queue.extend(text.bytes());
+        }
+    }
+
+    /// Writes the next few bytes; true if more wait.
+    fn write_some(&mut self) -> bool {
+        let n = self.queue.len().min(Self::CHUNK);
+        let mut chunk = [0u8; Self::CHUNK];
+        for (slot, byte) in chunk.iter_mut().zip(self.queue.drain(..n)) {
+            *slot = byte;
+        }
+        cpu::serial_write(&chunk[..n]);
+        !self.queue.is_empty()
+    }
 }
 
 /// The event loop: never returns.
 fn run(
     clock: &TscClock,
     iface: &mut Interface,
-    nic: &mut NetDevice,
+    nic: &mut Nic,
     server: &mut Server,
     interrupts: bool,
+    report: Listening,
 ) -> ! {
+    let mut report = Some(report);
+    let mut console = Console::default();
     let mut reported_first = false;
     loop {
         // Acknowledge first, drain after: a frame arriving in between raises a new edge.
@@ -201,12 +274,29 @@ fn run(
         let progress = server.poll(now, iface, nic);
         if !reported_first && let Some(at) = server.first_request() {
             reported_first = true;
-            say!(
+            console.line(format_args!(
                 "first request answered {} ms after entry",
                 Ms(at.total_micros() as u64)
-            );
+            ));
         }
-        if progress || nic.can_recv() {
+        if progress {
+            continue;
+        }
+        // The last look at the receive ring before sleeping. The driver stored `used_event`
+        // (interrupt me after this entry) when it took the last frame; the device stores the
+        // ring's index, then reads `used_event` to decide on an interrupt. Without a full
+        // fence the CPU may read the index before its own store is visible: both sides miss
+        // the new frame, and it waits for the next one to wake the CPU (a ping answered one
+        // interval late, about 1 in 20 boots).
+        fence(Ordering::SeqCst);
+        if nic.can_recv() {
+            continue;
+        }
+        // Idle: the console's turn, a chunk at a time.
+        if let Some(r) = report.take() {
+            console.line(format_args!("{r}"));
+        }
+        if console.write_some() {
             continue;
         }
         let mut delay = iface.poll_delay(now, server.sockets());

@@ -23,6 +23,7 @@ use alloc::vec::Vec;
 use core::fmt::Write;
 
 use smoltcp::iface::{Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet};
+use smoltcp::phy::Device;
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{
@@ -30,7 +31,12 @@ use smoltcp::wire::{
 };
 
 use crate::http::HttpConn;
-use crate::nic::PeekDevice;
+
+/// A device that shows the next received frame before smoltcp takes it.
+pub trait PeekDevice: Device {
+    /// The frame the next `receive` returns, if one waits.
+    fn peek(&mut self) -> Option<&[u8]>;
+}
 
 /// The most TCP sockets (connections plus listeners).
 pub const MAX_SOCKETS: usize = 256;
@@ -259,7 +265,7 @@ mod tests {
     use alloc::collections::VecDeque;
     use alloc::string::String;
     use smoltcp::iface::Config;
-    use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+    use smoltcp::phy::{self, DeviceCapabilities, Medium};
     use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr};
 
     /// An Ethernet loopback that keeps a copy of every frame and can be peeked at: what the

@@ -53,15 +53,20 @@ pub(crate) struct Serial;
 
 const COM1: u16 = 0x3f8;
 
+/// Writes bytes to COM1, each once the transmit holding register is empty (QEMU's is unless
+/// its output backs up).
+pub(crate) fn serial_write(bytes: &[u8]) {
+    for &b in bytes {
+        while inb(COM1 + 5) & 0x20 == 0 {
+            core::hint::spin_loop();
+        }
+        outb(COM1, b);
+    }
+}
+
 impl core::fmt::Write for Serial {
     fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        for b in s.bytes() {
-            // Transmit holding register empty: QEMU's is always, a real UART's soon.
-            while inb(COM1 + 5) & 0x20 == 0 {
-                core::hint::spin_loop();
-            }
-            outb(COM1, b);
-        }
+        serial_write(s.as_bytes());
         Ok(())
     }
 }
