@@ -21,9 +21,9 @@ use core::fmt::Write;
 use core::net::Ipv4Addr;
 use core::sync::atomic::{Ordering, fence};
 
+use jitsu_unikernel::arp::{GARP_LEN, gratuitous_arp};
 use jitsu_unikernel::clock::{MIN_CALIBRATION_NS, Sample, TscClock};
 use jitsu_unikernel::cmdline::{Config, MmioDevice};
-use jitsu_unikernel::garp::{GARP_LEN, gratuitous_arp};
 use jitsu_unikernel::pvh::{MemoryRegion, StartInfo, heap_range};
 use jitsu_unikernel::server::Server;
 use smoltcp::iface::{Config as IfaceConfig, Interface};

@@ -16,26 +16,37 @@
 //! client when its ACK reaches that one. So the server looks at each frame before smoltcp
 //! does, and for the SYN of a connection it has, closes its listeners for that frame.
 //!
+//! smoltcp learns neighbours from ARP only, so its SYN-ACK to a client it has not heard an
+//! ARP from waits for an ARP round trip: on a cold start, one for synjitsu's probe and one
+//! for the client whose SYN synjitsu re-sends. The server hands smoltcp an ARP reply made from
+//! each SYN's Ethernet and IP source first (lwIP's `ETHARP_TRUST_IP_MAC`); smoltcp ignores it
+//! for a source off its network.
+//!
 //! It owns the sockets and the request count; it does not read the clock (`now` comes in)
 //! or know the hardware.
 
 use alloc::vec::Vec;
 use core::fmt::Write;
+use core::net::Ipv4Addr;
 
 use smoltcp::iface::{Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::Device;
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{
-    EthernetFrame, EthernetProtocol, IpEndpoint, IpProtocol, Ipv4Packet, TcpPacket,
+    EthernetFrame, EthernetProtocol, HardwareAddress, IpEndpoint, IpProtocol, Ipv4Packet, TcpPacket,
 };
 
+use crate::arp::{ARP_REPLY_LEN, arp_reply};
 use crate::http::HttpConn;
 
-/// A device that shows the next received frame before smoltcp takes it.
+/// A device that shows the next received frame before smoltcp takes it, and takes a frame
+/// to hand smoltcp before that one.
 pub trait PeekDevice: Device {
     /// The frame the next `receive` returns, if one waits.
     fn peek(&mut self) -> Option<&[u8]>;
+    /// Makes `frame` the next one `receive` returns.
+    fn inject(&mut self, frame: Vec<u8>);
 }
 
 /// The most TCP sockets (connections plus listeners).
@@ -165,10 +176,17 @@ impl Server {
             // A listener for every SYN this frame might be, unless it is the SYN of a
             // connection the server has.
             self.listen();
-            let repeated_syn = device
-                .peek()
-                .and_then(syn_source)
-                .is_some_and(|(remote, port)| self.has_connection(remote, port));
+            let syn = device.peek().and_then(Syn::parse);
+            if let Some(syn) = &syn
+                && let (HardwareAddress::Ethernet(mac), Some(ip)) =
+                    (iface.hardware_addr(), iface.ipv4_addr())
+            {
+                let mut hint = alloc::vec![0; ARP_REPLY_LEN];
+                arp_reply(&mut hint, (syn.mac, syn.ip), (mac.0, ip));
+                device.inject(hint);
+                let _ = iface.poll_ingress_single(now, device, &mut self.sockets);
+            }
+            let repeated_syn = syn.is_some_and(|syn| self.has_connection(syn.remote(), syn.port));
             if repeated_syn {
                 self.close_listeners();
             }
@@ -227,24 +245,43 @@ impl Server {
     }
 }
 
-/// The client endpoint and the local port of a TCP SYN (without ACK) in an Ethernet frame
-/// carrying IPv4; `None` for anything else, malformed frames included.
-fn syn_source(frame: &[u8]) -> Option<(IpEndpoint, u16)> {
-    let eth = EthernetFrame::new_checked(frame).ok()?;
-    if eth.ethertype() != EthernetProtocol::Ipv4 {
-        return None;
+/// Where a TCP SYN (without ACK) in an Ethernet frame carrying IPv4 comes from and goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Syn {
+    /// The Ethernet source.
+    mac: [u8; 6],
+    /// The IP source.
+    ip: Ipv4Addr,
+    /// The TCP source port.
+    src_port: u16,
+    /// The TCP destination port.
+    port: u16,
+}
+
+impl Syn {
+    /// `None` for any other frame, malformed ones included.
+    fn parse(frame: &[u8]) -> Option<Syn> {
+        let eth = EthernetFrame::new_checked(frame).ok()?;
+        if eth.ethertype() != EthernetProtocol::Ipv4 {
+            return None;
+        }
+        let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+        if ip.next_header() != IpProtocol::Tcp {
+            return None;
+        }
+        let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+        (tcp.syn() && !tcp.ack()).then(|| Syn {
+            mac: eth.src_addr().0,
+            ip: ip.src_addr(),
+            src_port: tcp.src_port(),
+            port: tcp.dst_port(),
+        })
     }
-    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-    if ip.next_header() != IpProtocol::Tcp {
-        return None;
+
+    /// The client's endpoint.
+    fn remote(&self) -> IpEndpoint {
+        IpEndpoint::new(self.ip.into(), self.src_port)
     }
-    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
-    (tcp.syn() && !tcp.ack()).then(|| {
-        (
-            IpEndpoint::new(ip.src_addr().into(), tcp.src_port()),
-            tcp.dst_port(),
-        )
-    })
 }
 
 /// The page: when the kernel listened, and which request this is.
@@ -320,6 +357,10 @@ mod tests {
     impl PeekDevice for Wire {
         fn peek(&mut self) -> Option<&[u8]> {
             self.queue.front().map(Vec::as_slice)
+        }
+
+        fn inject(&mut self, frame: Vec<u8>) {
+            self.queue.push_front(frame);
         }
     }
 
@@ -528,7 +569,7 @@ mod tests {
         let syn = dev
             .sent
             .iter()
-            .find(|f| syn_source(f) == Some((second, 80)))
+            .find(|f| Syn::parse(f).is_some_and(|s| s.remote() == second && s.port == 80))
             .expect("the second client sent a SYN")
             .clone();
         // Its SYN again, as a retransmission or synjitsu would send it.
@@ -557,13 +598,129 @@ mod tests {
         server.listen();
         let mut clients = Clients::connect(&mut iface, 1, 40000);
         settle(&mut server, &mut clients, &mut iface, &mut dev);
-        let syns: Vec<_> = dev.sent.iter().filter_map(|f| syn_source(f)).collect();
+        let syns: Vec<_> = dev.sent.iter().filter_map(|f| Syn::parse(f)).collect();
         assert_eq!(
             syns,
-            [(IpEndpoint::new(IpAddress::v4(127, 0, 0, 1), 40000), 80)],
+            [Syn {
+                mac: [2, 0, 0, 0, 0, 1],
+                ip: Ipv4Addr::new(127, 0, 0, 1),
+                src_port: 40000,
+                port: 80
+            }],
             "the SYN, not the SYN-ACK or the ACK"
         );
-        assert_eq!(syn_source(&[0; 10]), None);
-        assert_eq!(syn_source(&dev.sent[0][..30]), None, "a cut frame");
+        assert_eq!(Syn::parse(&[0; 10]), None);
+        assert_eq!(Syn::parse(&dev.sent[0][..30]), None, "a cut frame");
+    }
+
+    /// One end of a link between two interfaces: frames it sends wait in `outbox` until the
+    /// test moves them to the other end's `inbox`.
+    #[derive(Default)]
+    struct End {
+        inbox: VecDeque<Vec<u8>>,
+        outbox: Vec<Vec<u8>>,
+    }
+
+    struct EndTx<'a>(&'a mut Vec<Vec<u8>>);
+
+    impl phy::TxToken for EndTx<'_> {
+        fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+            let mut frame = alloc::vec![0; len];
+            let r = f(&mut frame);
+            self.0.push(frame);
+            r
+        }
+    }
+
+    impl Device for End {
+        type RxToken<'a> = WireRx;
+        type TxToken<'a> = EndTx<'a>;
+
+        fn receive(&mut self, _: Instant) -> Option<(WireRx, EndTx<'_>)> {
+            let frame = self.inbox.pop_front()?;
+            Some((WireRx(frame), EndTx(&mut self.outbox)))
+        }
+
+        fn transmit(&mut self, _: Instant) -> Option<EndTx<'_>> {
+            Some(EndTx(&mut self.outbox))
+        }
+
+        fn capabilities(&self) -> DeviceCapabilities {
+            let mut caps = DeviceCapabilities::default();
+            caps.medium = Medium::Ethernet;
+            caps.max_transmission_unit = 1514;
+            caps
+        }
+    }
+
+    impl PeekDevice for End {
+        fn peek(&mut self) -> Option<&[u8]> {
+            self.inbox.front().map(Vec::as_slice)
+        }
+
+        fn inject(&mut self, frame: Vec<u8>) {
+            self.inbox.push_front(frame);
+        }
+    }
+
+    const CLIENT: ([u8; 6], Ipv4Addr) = ([2, 0, 0, 0, 0, 2], Ipv4Addr::new(10, 0, 0, 2));
+    const SERVER: ([u8; 6], Ipv4Addr) = ([2, 0, 0, 0, 0, 10], Ipv4Addr::new(10, 0, 0, 10));
+
+    fn iface_at(dev: &mut End, (mac, ip): ([u8; 6], Ipv4Addr)) -> Interface {
+        let mut iface =
+            Interface::new(Config::new(EthernetAddress(mac).into()), dev, Instant::ZERO);
+        iface.update_ip_addrs(|a| a.push(IpCidr::new(ip.into(), 24)).unwrap());
+        iface
+    }
+
+    fn is_arp_request_from(frame: &[u8], mac: [u8; 6]) -> bool {
+        EthernetFrame::new_checked(frame).is_ok_and(|e| {
+            e.src_addr().0 == mac
+                && e.ethertype() == EthernetProtocol::Arp
+                && smoltcp::wire::ArpPacket::new_checked(e.payload())
+                    .is_ok_and(|a| a.operation() == smoltcp::wire::ArpOperation::Request)
+        })
+    }
+
+    #[test]
+    fn a_client_known_only_from_its_syn_gets_the_syn_ack_without_an_arp_round_trip() {
+        let (mut c_dev, mut s_dev) = (End::default(), End::default());
+        let mut c_iface = iface_at(&mut c_dev, CLIENT);
+        let mut s_iface = iface_at(&mut s_dev, SERVER);
+        let mut server = Server::new(80);
+        server.listen();
+        // The client knows the server's MAC already (synjitsu answered its ARP while the
+        // server booted): the server has heard nothing from it before its SYN.
+        let mut hello = alloc::vec![0; ARP_REPLY_LEN];
+        arp_reply(&mut hello, SERVER, CLIENT);
+        c_dev.inbox.push_back(hello);
+        let mut c_sockets = SocketSet::new(Vec::new());
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(alloc::vec![0; 1024]),
+            tcp::SocketBuffer::new(alloc::vec![0; 1024]),
+        );
+        socket
+            .connect(c_iface.context(), (IpAddress::from(SERVER.1), 80), 40000)
+            .unwrap();
+        let handle = c_sockets.add(socket);
+        let now = Instant::from_millis(1);
+        let mut sent = Vec::new();
+        for _ in 0..20 {
+            c_iface.poll(now, &mut c_dev, &mut c_sockets);
+            server.poll(now, &mut s_iface, &mut s_dev);
+            let c_out: Vec<_> = c_dev.outbox.drain(..).collect();
+            let s_out: Vec<_> = s_dev.outbox.drain(..).collect();
+            sent.extend(s_out.iter().cloned());
+            s_dev.inbox.extend(c_out);
+            c_dev.inbox.extend(s_out);
+        }
+        assert_eq!(
+            c_sockets.get::<tcp::Socket>(handle).state(),
+            tcp::State::Established
+        );
+        assert!(
+            !sent.iter().any(|f| is_arp_request_from(f, SERVER.0)),
+            "the server asked for the client's MAC"
+        );
     }
 }

@@ -10,7 +10,9 @@
 //! It owns the device, its buffers and its counters; it knows nothing of sockets or time.
 
 use alloc::boxed::Box;
+use alloc::collections::VecDeque;
 use alloc::vec;
+use alloc::vec::Vec;
 use core::cell::RefCell;
 
 use jitsu_unikernel::server::PeekDevice;
@@ -50,6 +52,9 @@ struct Frame {
     buf: Box<[u8]>,
     start: usize,
     len: usize,
+    /// A receive buffer of the device's (posted again once used), or a frame the server
+    /// made (`inject`).
+    posted: bool,
 }
 
 impl Frame {
@@ -98,7 +103,12 @@ impl Inner {
         match unsafe { self.raw.receive_complete(token, &mut buf) } {
             Ok((start, len)) if start + len <= buf.len() => {
                 self.counters.rx += 1;
-                Some(Frame { buf, start, len })
+                Some(Frame {
+                    buf,
+                    start,
+                    len,
+                    posted: true,
+                })
             }
             _ => {
                 self.counters.errors += 1;
@@ -158,7 +168,9 @@ impl Inner {
 /// A virtio-net device as a smoltcp `Device`.
 pub(crate) struct Nic {
     inner: RefCell<Inner>,
-    /// A frame taken from the device by `peek`, returned by the next `receive`.
+    /// Frames the server made, returned by the next `receive`s before any other.
+    injected: VecDeque<Frame>,
+    /// A frame taken from the device by `peek`, returned by the next `receive` after them.
     peeked: Option<Frame>,
 }
 
@@ -184,6 +196,7 @@ impl Nic {
         }
         Ok(Nic {
             inner: RefCell::new(inner),
+            injected: VecDeque::new(),
             peeked: None,
         })
     }
@@ -202,7 +215,9 @@ impl Nic {
 
     /// True when a received frame waits.
     pub(crate) fn can_recv(&self) -> bool {
-        self.peeked.is_some() || self.inner.borrow().raw.poll_receive().is_some()
+        !self.injected.is_empty()
+            || self.peeked.is_some()
+            || self.inner.borrow().raw.poll_receive().is_some()
     }
 
     /// Sends one frame built by `f` into `len` bytes, outside smoltcp (the gratuitous ARP).
@@ -241,7 +256,9 @@ impl phy::RxToken for NicRx<'_> {
         // smoltcp sends its reply from inside `f` (through the paired NicTx): the device is
         // not borrowed while `f` runs.
         let r = f(self.frame.bytes());
-        self.inner.borrow_mut().post(self.frame.buf);
+        if self.frame.posted {
+            self.inner.borrow_mut().post(self.frame.buf);
+        }
         r
     }
 }
@@ -257,7 +274,7 @@ impl Device for Nic {
     type TxToken<'a> = NicTx<'a>;
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(NicRx<'_>, NicTx<'_>)> {
-        let frame = match self.peeked.take() {
+        let frame = match self.injected.pop_front().or_else(|| self.peeked.take()) {
             Some(frame) => frame,
             None => self.inner.get_mut().take()?,
         };
@@ -286,9 +303,22 @@ impl Device for Nic {
 
 impl PeekDevice for Nic {
     fn peek(&mut self) -> Option<&[u8]> {
+        if let Some(frame) = self.injected.front() {
+            return Some(frame.bytes());
+        }
         if self.peeked.is_none() {
             self.peeked = self.inner.get_mut().take();
         }
         self.peeked.as_ref().map(Frame::bytes)
+    }
+
+    fn inject(&mut self, frame: Vec<u8>) {
+        let len = frame.len();
+        self.injected.push_front(Frame {
+            buf: frame.into_boxed_slice(),
+            start: 0,
+            len,
+            posted: false,
+        });
     }
 }

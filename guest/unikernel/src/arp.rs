@@ -1,0 +1,103 @@
+// SPDX-License-Identifier: GPL-3.0-only
+//! ARP frames the kernel makes itself: its announcement, one gratuitous ARP sent once it
+//! listens, in the request form `arping -U` uses (sender and target address both the
+//! guest's, to broadcast), which tells the bridge where the guest's MAC is and ends synjitsu's
+//! standing in for the guest; and the ARP reply the server hands smoltcp for a client whose
+//! addresses a SYN just showed (it never goes on the wire).
+
+use core::net::Ipv4Addr;
+
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr,
+};
+
+/// Bytes of the gratuitous ARP: the Ethernet minimum (42 bytes of header and ARP,
+/// zero-padded).
+pub const GARP_LEN: usize = 60;
+/// Bytes of an ARP reply that stays inside the kernel (no padding).
+pub const ARP_REPLY_LEN: usize = 42;
+
+/// Writes an Ethernet frame to `dst` carrying `arp` into `out`, zero-padded.
+fn emit(out: &mut [u8], src: [u8; 6], dst: EthernetAddress, arp: ArpRepr) {
+    out.fill(0);
+    let eth = EthernetRepr {
+        src_addr: EthernetAddress(src),
+        dst_addr: dst,
+        ethertype: EthernetProtocol::Arp,
+    };
+    let mut frame = EthernetFrame::new_unchecked(out);
+    eth.emit(&mut frame);
+    arp.emit(&mut ArpPacket::new_unchecked(frame.payload_mut()));
+}
+
+/// Writes the gratuitous ARP for `ip` at `mac` into `out` (at least [`GARP_LEN`] bytes).
+pub fn gratuitous_arp(out: &mut [u8], mac: [u8; 6], ip: Ipv4Addr) {
+    let arp = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: EthernetAddress(mac),
+        source_protocol_addr: ip,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: ip,
+    };
+    emit(&mut out[..GARP_LEN], mac, EthernetAddress::BROADCAST, arp);
+}
+
+/// Writes into `out` (at least [`ARP_REPLY_LEN`] bytes) the ARP reply `peer` would send
+/// `us`: `(MAC, address)` of each.
+pub fn arp_reply(out: &mut [u8], peer: ([u8; 6], Ipv4Addr), us: ([u8; 6], Ipv4Addr)) {
+    let arp = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Reply,
+        source_hardware_addr: EthernetAddress(peer.0),
+        source_protocol_addr: peer.1,
+        target_hardware_addr: EthernetAddress(us.0),
+        target_protocol_addr: us.1,
+    };
+    emit(
+        &mut out[..ARP_REPLY_LEN],
+        peer.0,
+        EthernetAddress(us.0),
+        arp,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_announcement_is_an_arp_request_for_the_guest_s_own_address_to_broadcast() {
+        let mut out = [0xaa; 64];
+        gratuitous_arp(
+            &mut out,
+            [2, 0x77, 0, 9, 0, 0x10],
+            Ipv4Addr::new(10, 77, 9, 10),
+        );
+        #[rustfmt::skip]
+        let want: [u8; GARP_LEN] = [
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 0x77, 0, 9, 0, 0x10, 0x08, 0x06,
+            0, 1, 0x08, 0, 6, 4, 0, 1,
+            2, 0x77, 0, 9, 0, 0x10, 10, 77, 9, 10,
+            0, 0, 0, 0, 0, 0, 10, 77, 9, 10,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        assert_eq!(out[..GARP_LEN], want);
+        assert_eq!(out[GARP_LEN..], [0xaa; 4], "nothing written past the frame");
+    }
+
+    #[test]
+    fn the_reply_a_client_would_send_is_addressed_to_the_guest() {
+        let mut out = [0xaa; ARP_REPLY_LEN];
+        let client = ([2, 0x77, 0, 9, 0, 2], Ipv4Addr::new(10, 77, 9, 2));
+        let guest = ([2, 0x77, 0, 9, 0, 0x10], Ipv4Addr::new(10, 77, 9, 10));
+        arp_reply(&mut out, client, guest);
+        #[rustfmt::skip]
+        let want: [u8; ARP_REPLY_LEN] = [
+            2, 0x77, 0, 9, 0, 0x10, 2, 0x77, 0, 9, 0, 2, 0x08, 0x06,
+            0, 1, 0x08, 0, 6, 4, 0, 2,
+            2, 0x77, 0, 9, 0, 2, 10, 77, 9, 2,
+            2, 0x77, 0, 9, 0, 0x10, 10, 77, 9, 10,
+        ];
+        assert_eq!(out, want);
+    }
+}
