@@ -18,11 +18,25 @@ pub const GARP_LEN: usize = 60;
 /// Bytes of an ARP reply that stays inside the kernel (no padding).
 pub const ARP_REPLY_LEN: usize = 42;
 
-/// Writes an Ethernet frame to `dst` carrying `arp` into `out`, zero-padded.
-fn emit(out: &mut [u8], src: [u8; 6], dst: EthernetAddress, arp: ArpRepr) {
+/// Writes into `out`, zero-padded, an Ethernet frame from `sender` to `dst` carrying the ARP
+/// `operation` from `sender` to `target` (each a MAC and an address).
+fn emit(
+    out: &mut [u8],
+    dst: EthernetAddress,
+    operation: ArpOperation,
+    sender: ([u8; 6], Ipv4Addr),
+    target: ([u8; 6], Ipv4Addr),
+) {
     out.fill(0);
+    let arp = ArpRepr::EthernetIpv4 {
+        operation,
+        source_hardware_addr: EthernetAddress(sender.0),
+        source_protocol_addr: sender.1,
+        target_hardware_addr: EthernetAddress(target.0),
+        target_protocol_addr: target.1,
+    };
     let eth = EthernetRepr {
-        src_addr: EthernetAddress(src),
+        src_addr: EthernetAddress(sender.0),
         dst_addr: dst,
         ethertype: EthernetProtocol::Arp,
     };
@@ -33,32 +47,20 @@ fn emit(out: &mut [u8], src: [u8; 6], dst: EthernetAddress, arp: ArpRepr) {
 
 /// Writes the gratuitous ARP for `ip` at `mac` into `out` (at least [`GARP_LEN`] bytes).
 pub fn gratuitous_arp(out: &mut [u8], mac: [u8; 6], ip: Ipv4Addr) {
-    let arp = ArpRepr::EthernetIpv4 {
-        operation: ArpOperation::Request,
-        source_hardware_addr: EthernetAddress(mac),
-        source_protocol_addr: ip,
-        target_hardware_addr: EthernetAddress([0; 6]),
-        target_protocol_addr: ip,
-    };
-    emit(&mut out[..GARP_LEN], mac, EthernetAddress::BROADCAST, arp);
+    emit(
+        &mut out[..GARP_LEN],
+        EthernetAddress::BROADCAST,
+        ArpOperation::Request,
+        (mac, ip),
+        ([0; 6], ip),
+    );
 }
 
 /// Writes into `out` (at least [`ARP_REPLY_LEN`] bytes) the ARP reply `peer` would send
 /// `us`: `(MAC, address)` of each.
 pub fn arp_reply(out: &mut [u8], peer: ([u8; 6], Ipv4Addr), us: ([u8; 6], Ipv4Addr)) {
-    let arp = ArpRepr::EthernetIpv4 {
-        operation: ArpOperation::Reply,
-        source_hardware_addr: EthernetAddress(peer.0),
-        source_protocol_addr: peer.1,
-        target_hardware_addr: EthernetAddress(us.0),
-        target_protocol_addr: us.1,
-    };
-    emit(
-        &mut out[..ARP_REPLY_LEN],
-        peer.0,
-        EthernetAddress(us.0),
-        arp,
-    );
+    let to = EthernetAddress(us.0);
+    emit(&mut out[..ARP_REPLY_LEN], to, ArpOperation::Reply, peer, us);
 }
 
 #[cfg(test)]

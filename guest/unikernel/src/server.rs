@@ -305,45 +305,56 @@ mod tests {
     use smoltcp::phy::{self, DeviceCapabilities, Medium};
     use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr};
 
-    /// An Ethernet loopback that keeps a copy of every frame and can be peeked at: what the
-    /// clients send the server receives, and the other way round (one interface, one
-    /// address, two socket sets).
+    /// A device for tests: frames it sends wait in `outbox` until the test delivers them,
+    /// to another interface's `inbox` or (`loop_back`) to its own.
     #[derive(Default)]
-    struct Wire {
-        queue: VecDeque<Vec<u8>>,
+    struct End {
+        inbox: VecDeque<Vec<u8>>,
+        outbox: Vec<Vec<u8>>,
+        /// What `loop_back` delivered.
         sent: Vec<Vec<u8>>,
     }
 
-    struct WireRx(Vec<u8>);
-    struct WireTx<'a>(&'a mut Wire);
+    impl End {
+        /// Delivers what it sent to itself: one interface, one address, clients and server
+        /// in two socket sets.
+        fn loop_back(&mut self) {
+            for frame in self.outbox.drain(..) {
+                self.sent.push(frame.clone());
+                self.inbox.push_back(frame);
+            }
+        }
+    }
 
-    impl phy::RxToken for WireRx {
+    struct EndRx(Vec<u8>);
+    struct EndTx<'a>(&'a mut Vec<Vec<u8>>);
+
+    impl phy::RxToken for EndRx {
         fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
             f(&self.0)
         }
     }
 
-    impl phy::TxToken for WireTx<'_> {
+    impl phy::TxToken for EndTx<'_> {
         fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
             let mut frame = alloc::vec![0; len];
             let r = f(&mut frame);
-            self.0.sent.push(frame.clone());
-            self.0.queue.push_back(frame);
+            self.0.push(frame);
             r
         }
     }
 
-    impl Device for Wire {
-        type RxToken<'a> = WireRx;
-        type TxToken<'a> = WireTx<'a>;
+    impl Device for End {
+        type RxToken<'a> = EndRx;
+        type TxToken<'a> = EndTx<'a>;
 
-        fn receive(&mut self, _: Instant) -> Option<(WireRx, WireTx<'_>)> {
-            let frame = self.queue.pop_front()?;
-            Some((WireRx(frame), WireTx(self)))
+        fn receive(&mut self, _: Instant) -> Option<(EndRx, EndTx<'_>)> {
+            let frame = self.inbox.pop_front()?;
+            Some((EndRx(frame), EndTx(&mut self.outbox)))
         }
 
-        fn transmit(&mut self, _: Instant) -> Option<WireTx<'_>> {
-            Some(WireTx(self))
+        fn transmit(&mut self, _: Instant) -> Option<EndTx<'_>> {
+            Some(EndTx(&mut self.outbox))
         }
 
         fn capabilities(&self) -> DeviceCapabilities {
@@ -354,17 +365,17 @@ mod tests {
         }
     }
 
-    impl PeekDevice for Wire {
+    impl PeekDevice for End {
         fn peek(&mut self) -> Option<&[u8]> {
-            self.queue.front().map(Vec::as_slice)
+            self.inbox.front().map(Vec::as_slice)
         }
 
         fn inject(&mut self, frame: Vec<u8>) {
-            self.queue.push_front(frame);
+            self.inbox.push_front(frame);
         }
     }
 
-    fn iface(dev: &mut Wire) -> Interface {
+    fn iface(dev: &mut End) -> Interface {
         let mut iface = Interface::new(
             Config::new(EthernetAddress([2, 0, 0, 0, 0, 1]).into()),
             dev,
@@ -408,17 +419,29 @@ mod tests {
         }
     }
 
+    /// A server on one interface, listening, and `n` clients connected to it.
+    fn connected(n: usize) -> (End, Interface, Server, Clients) {
+        let mut dev = End::default();
+        let mut iface = iface(&mut dev);
+        let mut server = Server::new(80);
+        server.listen();
+        let mut clients = Clients::connect(&mut iface, n, 40000);
+        settle(&mut server, &mut clients, &mut iface, &mut dev);
+        (dev, iface, server, clients)
+    }
+
     /// Runs server and clients until neither moves. Each frame goes to the side it is for:
     /// a segment for the other side's socket set would be answered with a reset.
-    fn settle(server: &mut Server, clients: &mut Clients, iface: &mut Interface, dev: &mut Wire) {
+    fn settle(server: &mut Server, clients: &mut Clients, iface: &mut Interface, dev: &mut End) {
         let now = Instant::from_millis(1);
         for _ in 0..10_000 {
+            dev.loop_back();
             match dev.peek().map(tcp_ports) {
                 None => {
                     // Nothing queued: let both sides send what they have.
                     let c = iface.poll_egress(now, dev, &mut clients.sockets);
                     let s = server.poll(now, iface, dev);
-                    if c == PollResult::None && !s && dev.queue.is_empty() {
+                    if c == PollResult::None && !s && dev.outbox.is_empty() {
                         return;
                     }
                 }
@@ -454,7 +477,7 @@ mod tests {
         String::from_utf8(out).unwrap()
     }
 
-    fn resets(dev: &Wire) -> usize {
+    fn resets(dev: &End) -> usize {
         dev.sent
             .iter()
             .filter(|f| {
@@ -481,14 +504,9 @@ mod tests {
 
     #[test]
     fn many_clients_at_once_each_get_the_page_and_requests_are_counted() {
-        let mut dev = Wire::default();
-        let mut iface = iface(&mut dev);
-        let mut server = Server::new(80);
-        server.set_listening_micros(12_345);
-        server.listen();
         let n = 50;
-        let mut clients = Clients::connect(&mut iface, n, 40000);
-        settle(&mut server, &mut clients, &mut iface, &mut dev);
+        let (mut dev, mut iface, mut server, mut clients) = connected(n);
+        server.set_listening_micros(12_345);
         for i in 0..n {
             assert_eq!(
                 clients.socket(i).state(),
@@ -524,12 +542,7 @@ mod tests {
 
     #[test]
     fn a_kept_alive_connection_serves_several_requests_then_its_socket_listens_again() {
-        let mut dev = Wire::default();
-        let mut iface = iface(&mut dev);
-        let mut server = Server::new(80);
-        server.listen();
-        let mut clients = Clients::connect(&mut iface, 1, 40000);
-        settle(&mut server, &mut clients, &mut iface, &mut dev);
+        let (mut dev, mut iface, mut server, mut clients) = connected(1);
         for want in 1..=3 {
             clients
                 .socket(0)
@@ -554,14 +567,9 @@ mod tests {
 
     #[test]
     fn a_repeated_syn_reaches_its_connection_not_a_listener_ahead_of_it() {
-        let mut dev = Wire::default();
-        let mut iface = iface(&mut dev);
-        let mut server = Server::new(80);
-        server.listen();
         // Two connections; the first goes, so that its socket listens again ahead of the
         // second's.
-        let mut clients = Clients::connect(&mut iface, 2, 40000);
-        settle(&mut server, &mut clients, &mut iface, &mut dev);
+        let (mut dev, mut iface, mut server, mut clients) = connected(2);
         clients.socket(0).close();
         settle(&mut server, &mut clients, &mut iface, &mut dev);
         assert_eq!(server.connections(), 1);
@@ -573,7 +581,7 @@ mod tests {
             .expect("the second client sent a SYN")
             .clone();
         // Its SYN again, as a retransmission or synjitsu would send it.
-        dev.queue.push_back(syn);
+        dev.inbox.push_back(syn);
         settle(&mut server, &mut clients, &mut iface, &mut dev);
         assert_eq!(
             server.connections(),
@@ -592,12 +600,7 @@ mod tests {
 
     #[test]
     fn only_a_tcp_syn_without_ack_names_its_client() {
-        let mut dev = Wire::default();
-        let mut iface = iface(&mut dev);
-        let mut server = Server::new(80);
-        server.listen();
-        let mut clients = Clients::connect(&mut iface, 1, 40000);
-        settle(&mut server, &mut clients, &mut iface, &mut dev);
+        let (dev, _iface, _server, _clients) = connected(1);
         let syns: Vec<_> = dev.sent.iter().filter_map(|f| Syn::parse(f)).collect();
         assert_eq!(
             syns,
@@ -611,56 +614,6 @@ mod tests {
         );
         assert_eq!(Syn::parse(&[0; 10]), None);
         assert_eq!(Syn::parse(&dev.sent[0][..30]), None, "a cut frame");
-    }
-
-    /// One end of a link between two interfaces: frames it sends wait in `outbox` until the
-    /// test moves them to the other end's `inbox`.
-    #[derive(Default)]
-    struct End {
-        inbox: VecDeque<Vec<u8>>,
-        outbox: Vec<Vec<u8>>,
-    }
-
-    struct EndTx<'a>(&'a mut Vec<Vec<u8>>);
-
-    impl phy::TxToken for EndTx<'_> {
-        fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-            let mut frame = alloc::vec![0; len];
-            let r = f(&mut frame);
-            self.0.push(frame);
-            r
-        }
-    }
-
-    impl Device for End {
-        type RxToken<'a> = WireRx;
-        type TxToken<'a> = EndTx<'a>;
-
-        fn receive(&mut self, _: Instant) -> Option<(WireRx, EndTx<'_>)> {
-            let frame = self.inbox.pop_front()?;
-            Some((WireRx(frame), EndTx(&mut self.outbox)))
-        }
-
-        fn transmit(&mut self, _: Instant) -> Option<EndTx<'_>> {
-            Some(EndTx(&mut self.outbox))
-        }
-
-        fn capabilities(&self) -> DeviceCapabilities {
-            let mut caps = DeviceCapabilities::default();
-            caps.medium = Medium::Ethernet;
-            caps.max_transmission_unit = 1514;
-            caps
-        }
-    }
-
-    impl PeekDevice for End {
-        fn peek(&mut self) -> Option<&[u8]> {
-            self.inbox.front().map(Vec::as_slice)
-        }
-
-        fn inject(&mut self, frame: Vec<u8>) {
-            self.inbox.push_front(frame);
-        }
     }
 
     const CLIENT: ([u8; 6], Ipv4Addr) = ([2, 0, 0, 0, 0, 2], Ipv4Addr::new(10, 0, 0, 2));
