@@ -74,6 +74,31 @@ pub fn qemu_args(elf: &Path, tap: &str, mac: &str, append: &str, serial: &Path) 
     .to_vec()
 }
 
+/// The tap devices in `ns` (`ip -o link show type tun`), by name.
+pub fn taps(ns: &crate::Netns) -> Result<Vec<String>> {
+    let out = ns.sh("ip -o link show type tun")?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let name = l.split(": ").nth(1)?;
+            Some(name.split('@').next().unwrap_or(name).to_string())
+        })
+        .collect())
+}
+
+/// The QEMU processes running in `ns`, by pid.
+pub fn qemus(ns: &crate::Netns) -> Result<Vec<u32>> {
+    let out = crate::run(Command::new("ip").args(["netns", "pids", ns.name()]))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.trim_end() == "qemu-system-x86")
+        })
+        .collect())
+}
+
 /// The unikernel's listening line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Listening {
@@ -83,6 +108,9 @@ pub struct Listening {
     pub mac: String,
     /// Milliseconds from its entry point to listening, by its own clock.
     pub after_ms: f64,
+    /// Milliseconds the firmware ran before the entry point (`firmware X ms before entry`):
+    /// under TCG the TSC counts from when the virtual machine started running.
+    pub firmware_ms: Option<f64>,
     /// The whole line.
     pub line: String,
 }
@@ -97,10 +125,14 @@ pub fn parse_listening(console: &str) -> Option<Listening> {
     let mac = words.next()?.to_string();
     (words.next()? == "after").then_some(())?;
     let after_ms = words.next()?.parse().ok()?;
+    let firmware_ms = line
+        .split_once("(firmware ")
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok());
     Some(Listening {
         endpoint,
         mac,
         after_ms,
+        firmware_ms,
         line: line.to_string(),
     })
 }
@@ -198,6 +230,7 @@ mod tests {
         assert_eq!(l.endpoint, "10.77.13.10:80");
         assert_eq!(l.mac, "02:77:00:0d:00:10");
         assert_eq!(l.after_ms, 3.728);
+        assert_eq!(l.firmware_ms, Some(1.7));
         assert!(l.line.ends_with("entry to main 0.161 ms)"));
         assert_eq!(parse_listening("jitsu-unikernel: fatal: no ip=\n"), None);
     }

@@ -205,6 +205,7 @@ fn bench(mut a: Args) -> Result<()> {
                  as fast as they can (boot ms: qemu); listening = the guest's console line, \
                  which trails its listen by about 10-20 ms under TCG"
             }
+            Backend::Qemu => "QEMU backend: the unikernel under QEMU microvm (TCG)",
         },
         if a.arp {
             "The client starts without the VMs' MACs: it ARPs for each, and sends its SYN \
