@@ -187,6 +187,7 @@ fn render_qemu(o: &mut String, cfg: &Config, vm: &VmConfig) {
         tap_fd: 3,
         qmp_fd: 4,
         pidfile: &pidfile,
+        standby: false,
     };
     if let Some(args) = qemu_args(vm, &plan) {
         let line: Vec<String> = args

@@ -3,7 +3,8 @@
 //! stop leaves no QEMU, no tap and no files; a suspend keeps the guest in memory and the
 //! resumed guest its request counter; a restarted jitsu-dns adopts the running QEMU, and a
 //! QEMU killed from outside is seen as stopped at once (QMP, not polling); a shutdown ends in
-//! a destroy; a kernel QEMU cannot load is a failed boot that leaves nothing behind; the
+//! a destroy; a standby QEMU (`standby=on`) waits paused off the bridge and a boot wakes it;
+//! a kernel QEMU cannot load is a failed boot that leaves nothing behind; the
 //! whole chain with synjitsu and with `wait_for=announce` gets the page with one SYN; and the
 //! `qemu:` URI is libvirt's unless `-x qemu` says otherwise.
 
@@ -216,6 +217,53 @@ fn a_restarted_jitsu_dns_adopts_its_qemu_and_sees_it_killed_from_outside() {
             .any(|l| l == "jitsu_dns_backend_state_polls_total 0"),
         "{m}"
     );
+}
+
+#[test]
+fn a_standby_qemu_waits_paused_off_the_bridge_and_a_boot_wakes_it() {
+    let mut q = Qemu::start("qmsby", "", &["-t", "1"], "?standby=on");
+    let ns = q.h.host.ns();
+    // Looked up at start: the VM is off, its QEMU paused before the guest's first
+    // instruction, its tap on no bridge.
+    let standby = wait_until("a standby QEMU", LONG, || q.record().filter(|r| r.standby))
+        .unwrap_or_else(|e| panic!("{e}\n{}", q.h.log()));
+    assert_eq!(q.h.stored("uk", "state").as_deref(), Some("off"));
+    assert_eq!(qemus(ns).unwrap(), vec![standby.pid]);
+    assert_eq!(taps(ns).unwrap(), vec![standby.tap.clone()]);
+    let port = |tap: &str| {
+        let ports = ns.sh("ip -o link show master br0 type tun").unwrap();
+        ports.contains(&format!(": {tap}:"))
+    };
+    assert!(!port(&standby.tap), "a standby's tap is a bridge port");
+
+    // A boot wakes it: the same QEMU, now running, its tap on the bridge.
+    q.dig();
+    assert_eq!(q.page(), 1);
+    let woken = q.record().unwrap();
+    assert_eq!((woken.pid, woken.standby), (standby.pid, false));
+    assert!(port(&woken.tap));
+
+    // Stopped when idle: gone, and a new standby waits.
+    q.h.wait_state("uk", "off", LONG);
+    let next = wait_until("the next standby QEMU", LONG, || {
+        q.record().filter(|r| r.standby && r.pid != standby.pid)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", q.h.log()));
+    assert_eq!(qemus(ns).unwrap(), vec![next.pid]);
+    assert_eq!(taps(ns).unwrap(), vec![next.tap.clone()]);
+
+    // A restarted jitsu-dns adopts the standby and boots the VM from it.
+    assert_eq!(q.h.stop().unwrap(), Some(0));
+    let args = q.args.clone();
+    q.h.start(&args, &[]).unwrap();
+    assert!(
+        q.h.log().contains("adopted a standby QEMU"),
+        "{}",
+        q.h.log()
+    );
+    q.dig();
+    assert_eq!(q.page(), 1, "not a fresh guest");
+    assert_eq!(q.record().unwrap().pid, next.pid);
 }
 
 #[test]

@@ -44,12 +44,15 @@ pub struct Plan<'a> {
     pub qmp_fd: RawFd,
     /// Where QEMU writes (and locks) its pid.
     pub pidfile: &'a Path,
+    /// Started paused before the guest's first instruction (`-S`), to be woken by `cont`.
+    pub standby: bool,
 }
 
 /// QEMU's arguments for `vm` (the program itself not included): microvm, the kernel booted
 /// directly (PVH) with its command line, one virtio-net device on the tap, QMP on the
 /// inherited socket, the serial console to `console_log` (or nowhere), no reboot (a guest
-/// that resets has stopped). `None` if the VM has no kernel.
+/// that resets has stopped); paused before the first instruction for a standby. `None` if the
+/// VM has no kernel.
 pub fn qemu_args(vm: &VmConfig, p: &Plan<'_>) -> Option<Vec<OsString>> {
     let kernel = vm.kernel.as_deref()?;
     let mut a: Vec<OsString> = Vec::with_capacity(40);
@@ -74,6 +77,9 @@ pub fn qemu_args(vm: &VmConfig, p: &Plan<'_>) -> Option<Vec<OsString>> {
         "-no-reboot",
     ] {
         push(s);
+    }
+    if p.standby {
+        push("-S");
     }
     push("-netdev");
     push(&format!("tap,id=net0,fd={}", p.tap_fd));
@@ -108,8 +114,31 @@ pub fn qemu_args(vm: &VmConfig, p: &Plan<'_>) -> Option<Vec<OsString>> {
     Some(a)
 }
 
+/// The fingerprint of what `vm`'s QEMU is started with (its command line, descriptors
+/// aside): a standby QEMU started for other keys is not the VM any more.
+pub fn fingerprint(vm: &VmConfig, accel: Accel, pidfile: &Path) -> u64 {
+    let plan = Plan {
+        accel,
+        tap_fd: -1,
+        qmp_fd: -1,
+        pidfile,
+        standby: false,
+    };
+    // 64-bit FNV-1a: stable across versions, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for arg in qemu_args(vm, &plan).unwrap_or_default() {
+        for b in arg.as_encoded_bytes().iter().chain([&0u8]) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
 /// A running QEMU as recorded at its start: its pid and that pid's start time (a reused pid
-/// is not the VM), its tap, its accelerator, and when it was started (Unix nanoseconds).
+/// is not the VM), its tap, its accelerator, when its guest started running (Unix
+/// nanoseconds: its spawn, or its wake-up for a standby), whether it is a standby not woken
+/// yet, and the fingerprint of its command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     /// The QEMU process.
@@ -120,20 +149,27 @@ pub struct Record {
     pub tap: String,
     /// The accelerator it runs with.
     pub accel: Accel,
-    /// When jitsu-dns started it, in nanoseconds since the Unix epoch.
+    /// When jitsu-dns started it (or woke it, for a standby), in nanoseconds since the Unix
+    /// epoch.
     pub spawned_ns: u128,
+    /// Paused before its first instruction, waiting to be woken (not running, to the fleet).
+    pub standby: bool,
+    /// [`fingerprint`] of the keys it was started with.
+    pub config: u64,
 }
 
 impl Record {
     /// The record as its file holds it: `key=value` lines.
     pub fn to_text(&self) -> String {
         format!(
-            "pid={}\nstart={}\ntap={}\naccel={}\nspawned_ns={}\n",
+            "pid={}\nstart={}\ntap={}\naccel={}\nspawned_ns={}\nstandby={}\nconfig={:016x}\n",
             self.pid,
             self.start,
             self.tap,
             self.accel.as_str(),
-            self.spawned_ns
+            self.spawned_ns,
+            u8::from(self.standby),
+            self.config
         )
     }
 
@@ -153,6 +189,12 @@ impl Record {
                 _ => return None,
             },
             spawned_ns: get("spawned_ns")?.parse().ok()?,
+            standby: match get("standby")? {
+                "0" => false,
+                "1" => true,
+                _ => return None,
+            },
+            config: u64::from_str_radix(get("config")?, 16).ok()?,
         })
     }
 }
@@ -180,6 +222,7 @@ mod tests {
             tap_fd: 7,
             qmp_fd: 9,
             pidfile: &pidfile,
+            standby: false,
         };
         let args = qemu_args(vm, &plan).unwrap();
         args.iter()
@@ -213,6 +256,7 @@ mod tests {
                 tap_fd: 7,
                 qmp_fd: 9,
                 pidfile: &pidfile,
+                standby: false,
             },
         )
         .unwrap();
@@ -230,6 +274,32 @@ mod tests {
     }
 
     #[test]
+    fn a_standby_is_paused_at_birth_and_the_fingerprint_follows_the_keys() {
+        let v = vm("kernel=/k/uk.elf");
+        let pidfile = PathBuf::from("/p");
+        let plan = Plan {
+            accel: Accel::Tcg,
+            tap_fd: 7,
+            qmp_fd: 9,
+            pidfile: &pidfile,
+            standby: true,
+        };
+        let args = qemu_args(&v, &plan).unwrap();
+        assert!(args.iter().any(|a| a == "-S"));
+        let f = fingerprint(&v, Accel::Tcg, &pidfile);
+        assert_eq!(f, fingerprint(&v, Accel::Tcg, &pidfile));
+        assert_ne!(f, fingerprint(&v, Accel::Kvm, &pidfile));
+        assert_ne!(
+            f,
+            fingerprint(&vm("kernel=/k/uk.elf,memory=64M"), Accel::Tcg, &pidfile)
+        );
+        assert_ne!(
+            f,
+            fingerprint(&vm("kernel=/k/uk.elf,cmdline=x"), Accel::Tcg, &pidfile)
+        );
+    }
+
+    #[test]
     fn records_round_trip_and_bad_ones_are_none() {
         let r = Record {
             pid: 42,
@@ -237,6 +307,8 @@ mod tests {
             tap: "jq0".into(),
             accel: Accel::Kvm,
             spawned_ns: 1_796_546_390_720_403_000,
+            standby: true,
+            config: 0x0123_4567_89ab_cdef,
         };
         assert_eq!(Record::parse(&r.to_text()), Some(r.clone()));
         assert_eq!(Record::parse("pid=1\n"), None);

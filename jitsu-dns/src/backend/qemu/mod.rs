@@ -2,7 +2,8 @@
 //! itself, as Jitsu's libxl backend went around libvirt (whose domain start alone takes
 //! about 0.4 s here, ten times a unikernel's whole boot).
 //!
-//! URI (`-x qemu -c ...`): `qemu:///run/jitsu/qemu?shutdown_grace=10&qemu=qemu-system-x86_64&tap_prefix=jq`.
+//! URI (`-x qemu -c ...`):
+//! `qemu:///run/jitsu/qemu?shutdown_grace=10&qemu=qemu-system-x86_64&tap_prefix=jq&standby=off`.
 //! The path is the run directory; `qemu:///system` and `qemu:///session` are libvirt's and
 //! refused here. Per VM it holds `<vm>.state` (the record: pid and its start time, tap,
 //! accelerator, start instant), `<vm>.pid` (QEMU's own pidfile, which QEMU keeps locked: a
@@ -29,6 +30,13 @@
 //! fastest resume there is; a snapshot to a file frees the memory but restores in a new QEMU,
 //! see the README); `shutdown` is `system_powerdown`, then `destroy` after the grace.
 //!
+//! `standby=on` trades memory for latency: each VM that is off keeps a QEMU started paused
+//! before the guest's first instruction (`-S`), its tap down and off the bridge; a boot
+//! attaches the tap and sends `cont`, skipping QEMU's own start (most of a cold start under
+//! TCG). A standby is started when the VM is first looked up and after each stop; one whose
+//! command line no longer matches the VM's keys (a reload changed them) is replaced at the
+//! boot; one of a VM no longer configured is destroyed at jitsu-dns's next start.
+//!
 //! A restarted jitsu-dns adopts the QEMUs its records name (pid and start time match, so a
 //! reused pid is never taken for a VM), connects to their QMP sockets again and asks whether
 //! each runs or is paused; records of QEMUs that are gone are removed at start, and a QEMU
@@ -43,7 +51,7 @@ mod launch;
 mod qmp;
 mod tap;
 
-pub use launch::{Accel, MACHINE, Plan, Record, qemu_args};
+pub use launch::{Accel, MACHINE, Plan, Record, fingerprint, qemu_args};
 
 use std::collections::HashMap;
 use std::fs;
@@ -94,9 +102,11 @@ pub struct QemuUri {
     pub tap_prefix: String,
     /// Grace period of `shutdown`.
     pub shutdown_grace: Duration,
+    /// Keep a paused QEMU ready for each VM that is off.
+    pub standby: bool,
 }
 
-/// Parses `qemu://<absolute run dir>?shutdown_grace=..&qemu=..&tap_prefix=..`.
+/// Parses `qemu://<absolute run dir>?shutdown_grace=..&qemu=..&tap_prefix=..&standby=..`.
 pub fn parse_uri(uri: &str) -> Result<QemuUri, BackendError> {
     let rest = uri.strip_prefix("qemu://").ok_or_else(|| {
         uri_err(
@@ -128,6 +138,7 @@ pub fn parse_uri(uri: &str) -> Result<QemuUri, BackendError> {
         qemu: PathBuf::from(DEFAULT_QEMU),
         tap_prefix: DEFAULT_TAP_PREFIX.to_string(),
         shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        standby: false,
     };
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair
@@ -135,6 +146,13 @@ pub fn parse_uri(uri: &str) -> Result<QemuUri, BackendError> {
             .ok_or_else(|| uri_err(uri, format!("query parameter {pair:?} is not key=value")))?;
         match k {
             "shutdown_grace" => out.shutdown_grace = parse_shutdown_grace(uri, v)?,
+            "standby" => {
+                out.standby = match v {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(uri_err(uri, "standby: on or off")),
+                }
+            }
             "qemu" if !v.is_empty() => out.qemu = PathBuf::from(v),
             "tap_prefix" => {
                 // With the kernel's number after it, a name fits IFNAMSIZ.
@@ -149,7 +167,10 @@ pub fn parse_uri(uri: &str) -> Result<QemuUri, BackendError> {
             other => {
                 return Err(uri_err(
                     uri,
-                    format!("unknown parameter {other:?}; known: shutdown_grace, qemu, tap_prefix"),
+                    format!(
+                        "unknown parameter {other:?}; known: shutdown_grace, qemu, tap_prefix, \
+                         standby"
+                    ),
                 ));
             }
         }
@@ -261,6 +282,14 @@ fn wait_exit(pid: u32, start: u64, limit: Duration) -> bool {
             Err(_) => return !alive(pid, start),
         }
     }
+}
+
+/// Writes `rec` to `path` whole (a reader never sees half a record).
+fn write_record(path: &Path, rec: &Record) -> Result<(), String> {
+    let tmp = path.with_extension("state.tmp");
+    fs::write(&tmp, rec.to_text())
+        .and_then(|()| fs::rename(&tmp, path))
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Finds `program` as `Command` would: a path as it is, a name on `PATH`.
@@ -493,7 +522,8 @@ impl QemuBackend {
                     return;
                 }
                 s.exited = true;
-                if s.expect.exit || s.starting {
+                // A standby is off to the fleet already.
+                if s.expect.exit || s.starting || s.rec.standby {
                     return;
                 }
                 drop(vms);
@@ -505,12 +535,13 @@ impl QemuBackend {
     }
 
     /// The VM's QEMU as this jitsu-dns knows it, adopting it from its record if it runs and
-    /// is not known yet; `None` if none runs.
+    /// is not known yet; `None` if none runs (a standby does not run).
     fn observe(&self, vm: &VmConfig) -> Option<Observed> {
         {
             let vms = self.vms();
             if let Some(s) = vms.get(&vm.name) {
-                return (!s.exited && alive(s.rec.pid, s.rec.start)).then_some(if s.paused {
+                let runs = !s.exited && !s.rec.standby && alive(s.rec.pid, s.rec.start);
+                return runs.then_some(if s.paused {
                     Observed::Suspended
                 } else {
                     Observed::Running { domid: None }
@@ -518,7 +549,7 @@ impl QemuBackend {
             }
         }
         match self.record(&vm.name) {
-            Some(rec) if alive(rec.pid, rec.start) => Some(self.adopt(vm, rec)),
+            Some(rec) if alive(rec.pid, rec.start) => self.adopt(vm, rec),
             _ => {
                 self.destroy_orphan(&vm.name);
                 self.remove_files(&vm.name);
@@ -528,10 +559,12 @@ impl QemuBackend {
     }
 
     /// Takes over the running QEMU `rec` of `vm`: connects to its QMP socket and asks
-    /// whether it runs or is paused (paused only ever by a suspend).
-    fn adopt(&self, vm: &VmConfig, rec: Record) -> Observed {
+    /// whether it runs or is paused (paused only ever by a suspend); a standby is kept as one
+    /// (`None`: the VM is off).
+    fn adopt(&self, vm: &VmConfig, rec: Record) -> Option<Observed> {
         let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
         let pid = rec.pid;
+        let standby = rec.standby;
         self.vms().insert(
             vm.name.clone(),
             Slot {
@@ -551,26 +584,85 @@ impl QemuBackend {
             Ok((q, status["running"].as_bool() == Some(false)))
         });
         let mut vms = self.vms();
-        let Some(s) = vms.get_mut(&vm.name).filter(|s| s.conn == conn) else {
-            return Observed::Off;
-        };
+        let s = vms.get_mut(&vm.name).filter(|s| s.conn == conn)?;
         match connected {
+            Ok((q, _)) if standby => {
+                tracing::info!(vm = %vm.name, pid, "adopted a standby QEMU");
+                s.qmp = Some(q);
+                return None;
+            }
             Ok((q, paused)) => {
                 tracing::info!(vm = %vm.name, pid, paused, qemu = q.version().as_deref().unwrap_or("?"), "adopted a running QEMU");
                 s.qmp = Some(q);
                 s.paused = paused;
             }
             Err(e) => {
-                tracing::warn!(vm = %vm.name, pid, error = %e, "adopted a running QEMU without QMP: it is managed by signals");
+                tracing::warn!(vm = %vm.name, pid, standby, error = %e, "adopted a QEMU without QMP: it is managed by signals");
             }
         }
-        if s.exited {
-            Observed::Off
+        if s.exited || standby {
+            None
         } else if s.paused {
-            Observed::Suspended
+            Some(Observed::Suspended)
         } else {
-            Observed::Running { domid: None }
+            Some(Observed::Running { domid: None })
         }
+    }
+
+    /// Starts a standby QEMU for `vm` if the URI asks for them and it has none; a failure is
+    /// logged (the boot then starts QEMU the usual way, and says what is wrong).
+    fn prepare(&self, vm: &VmConfig) {
+        if !self.inner.uri.standby {
+            return;
+        }
+        let live = self
+            .vms()
+            .get(&vm.name)
+            .is_some_and(|s| !s.exited && alive(s.rec.pid, s.rec.start));
+        if live {
+            return;
+        }
+        if let Err(e) = self.launch(vm, true) {
+            tracing::warn!(vm = %vm.name, error = %e, "no standby QEMU");
+            let _ = self.destroy(vm);
+        }
+    }
+
+    /// Boots `vm` from its standby QEMU, if it has one started with its current keys:
+    /// attaches the tap and sends `cont`. `Ok(false)` if there is none to wake.
+    fn wake(&self, vm: &VmConfig) -> Result<bool, BackendError> {
+        let err = |detail: String| BackendError::vm(vm, "wake standby", detail);
+        let f = self.files(&vm.name);
+        let want = fingerprint(vm, self.accel(vm), &f.pid);
+        let found = {
+            let vms = self.vms();
+            vms.get(&vm.name)
+                .filter(|s| {
+                    s.rec.standby
+                        && !s.exited
+                        && s.rec.config == want
+                        && alive(s.rec.pid, s.rec.start)
+                })
+                .and_then(|s| Some((s.rec.clone(), s.qmp.clone()?)))
+        };
+        let Some((mut rec, q)) = found else {
+            return Ok(false);
+        };
+        tap::attach(&rec.tap, vm.nic()).map_err(|e| err(e.to_string()))?;
+        if let Some(s) = self.vms().get_mut(&vm.name) {
+            s.expect.resume = true;
+        }
+        let woken_ns = now_ns();
+        q.execute("cont", None, QMP_TIMEOUT)
+            .map_err(|e| err(e.to_string()))?;
+        rec.standby = false;
+        rec.spawned_ns = woken_ns;
+        if let Some(s) = self.vms().get_mut(&vm.name) {
+            s.rec = rec.clone();
+        }
+        write_record(&f.record, &rec).map_err(err)?;
+        tracing::debug!(vm = %vm.name, pid = rec.pid, tap = %rec.tap, "standby QEMU woken");
+        Ok(true)
     }
 
     /// Stops the VM's QEMU (`quit`, SIGKILL if it lingers) and removes its files. Nothing
@@ -667,8 +759,9 @@ impl QemuBackend {
         }
     }
 
-    /// Starts QEMU for `vm`; the caller holds its op lock and cleared what was left.
-    fn launch(&self, vm: &VmConfig) -> Result<(), BackendError> {
+    /// Starts QEMU for `vm` (a standby: paused, its tap down and off the bridge); the caller
+    /// holds its op lock and cleared what was left.
+    fn launch(&self, vm: &VmConfig, standby: bool) -> Result<(), BackendError> {
         let err = |what, detail: String| BackendError::vm(vm, what, detail);
         let f = self.files(&vm.name);
         if f.qmp.as_os_str().len() > MAX_SOCKET_PATH {
@@ -682,8 +775,13 @@ impl QemuBackend {
             ));
         }
         let accel = self.accel(vm);
-        let tap = tap::create(&format!("{}%d", self.inner.uri.tap_prefix), vm.nic())
-            .map_err(|e| err("start", e.to_string()))?;
+        let pattern = format!("{}%d", self.inner.uri.tap_prefix);
+        let tap = if standby {
+            tap::open(&pattern)
+        } else {
+            tap::create(&pattern, vm.nic())
+        }
+        .map_err(|e| err("start", e.to_string()))?;
         let listener = UnixListener::bind(&f.qmp)
             .map_err(|e| err("bind QMP socket", format!("{}: {e}", f.qmp.display())))?;
         // Connected before QEMU runs: its greeting waits in the socket until it accepts.
@@ -694,6 +792,7 @@ impl QemuBackend {
             tap_fd: tap.fd.as_raw_fd(),
             qmp_fd: listener.as_raw_fd(),
             pidfile: &f.pid,
+            standby,
         };
         let args = qemu_args(vm, &plan).ok_or_else(|| {
             err(
@@ -737,15 +836,16 @@ impl QemuBackend {
             tap: tap_name,
             accel,
             spawned_ns,
+            standby,
+            config: fingerprint(vm, accel, &f.pid),
         };
-        let tmp = f.record.with_extension("state.tmp");
-        if let Err(e) = fs::write(&tmp, rec.to_text()).and_then(|()| fs::rename(&tmp, &f.record)) {
+        if let Err(e) = write_record(&f.record, &rec) {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(err("write record", format!("{}: {e}", f.record.display())));
+            return Err(err("write record", e));
         }
         let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(vm = %vm.name, pid, tap = %rec.tap, accel = accel.as_str(), "QEMU started");
+        tracing::debug!(vm = %vm.name, pid, tap = %rec.tap, accel = accel.as_str(), standby, "QEMU started");
         // In the table before its reader runs, so that no notice of it is missed.
         self.vms().insert(
             vm.name.clone(),
@@ -790,8 +890,12 @@ impl Backend for QemuBackend {
     fn lookup(&self, vm: &VmConfig) -> Result<Domain, BackendError> {
         let lock = self.op_lock(&vm.name);
         let _g = lock.lock().expect("op lock poisoned");
+        let state = self.observe(vm);
+        if state.is_none() {
+            self.prepare(vm);
+        }
         Ok(Domain {
-            state: self.observe(vm).unwrap_or(Observed::Off),
+            state: state.unwrap_or(Observed::Off),
             domid: None,
             macs: vec![vm.mac()],
         })
@@ -800,8 +904,15 @@ impl Backend for QemuBackend {
     fn start(&self, vm: &VmConfig) -> Result<Started, BackendError> {
         let lock = self.op_lock(&vm.name);
         let _g = lock.lock().expect("op lock poisoned");
+        if self.inner.uri.standby {
+            match self.wake(vm) {
+                Ok(true) => return Ok(Started { domid: None }),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(vm = %vm.name, error = %e, "starting a new QEMU instead"),
+            }
+        }
         self.destroy(vm)?;
-        match self.launch(vm) {
+        match self.launch(vm, false) {
             Ok(()) => Ok(Started { domid: None }),
             Err(e) => {
                 // Leave nothing half-made behind.
@@ -817,7 +928,11 @@ impl Backend for QemuBackend {
         let lock = self.op_lock(&vm.name);
         let _g = lock.lock().expect("op lock poisoned");
         match mode {
-            StopMode::Destroy => self.destroy(vm),
+            StopMode::Destroy => {
+                self.destroy(vm)?;
+                self.prepare(vm);
+                Ok(())
+            }
             StopMode::Suspend => self.command(vm, "suspend", "stop", |e| &mut e.stop),
             StopMode::Shutdown => {
                 if let Some(state) = self.observe(vm) {
@@ -832,7 +947,9 @@ impl Backend for QemuBackend {
                         tracing::info!(vm = %vm.name, grace = ?self.inner.uri.shutdown_grace, "still running after the power button: destroying");
                     }
                 }
-                self.destroy(vm)
+                self.destroy(vm)?;
+                self.prepare(vm);
+                Ok(())
             }
         }
     }
@@ -876,15 +993,31 @@ impl Backend for QemuBackend {
             let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
                 continue;
             };
-            let running = self.record(name).is_some_and(|r| alive(r.pid, r.start));
-            let paused = self.vms().get(name).is_some_and(|s| s.paused);
+            let known = self.vms().get(name).map(|s| s.paused);
+            let state = match self.record(name).filter(|r| alive(r.pid, r.start)) {
+                None => Observed::Off,
+                Some(rec) if rec.standby => {
+                    // Every configured VM has been looked up (its standby adopted) before the
+                    // daemon lists: this one's VM is no longer configured.
+                    if known.is_none() {
+                        tracing::info!(
+                            vm = name,
+                            pid = rec.pid,
+                            "a standby QEMU of a VM that is not configured: destroying it"
+                        );
+                        if kill(rec.pid, Signal::KILL).is_ok() {
+                            wait_exit(rec.pid, rec.start, EXIT_WAIT);
+                        }
+                        self.remove_files(name);
+                    }
+                    Observed::Off
+                }
+                Some(_) if known == Some(true) => Observed::Suspended,
+                Some(_) => Observed::Running { domid: None },
+            };
             out.push(Listed {
                 name: name.to_string(),
-                state: match (running, paused) {
-                    (false, _) => Observed::Off,
-                    (true, true) => Observed::Suspended,
-                    (true, false) => Observed::Running { domid: None },
-                },
+                state,
             });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -916,6 +1049,8 @@ mod tests {
         assert_eq!(u.qemu, PathBuf::from("/opt/qemu/bin/qemu-system-x86_64"));
         assert_eq!(u.tap_prefix, "t1");
         assert_eq!(u.shutdown_grace, Duration::from_millis(500));
+        assert!(!u.standby);
+        assert!(parse_uri("qemu:///q?standby=on").unwrap().standby);
         assert_eq!(
             parse_uri("qemu://").unwrap().dir,
             PathBuf::from(DEFAULT_RUN_DIR)
@@ -931,6 +1066,7 @@ mod tests {
             "qemu:///x?tap_prefix=TAP",
             "qemu:///x?tap_prefix=waytoolongname",
             "qemu:///x?shutdown_grace=-1",
+            "qemu:///x?standby=yes",
             "qemu:///x?colour=blue",
             "qemu:///x?flag",
         ] {

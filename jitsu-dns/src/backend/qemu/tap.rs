@@ -1,7 +1,8 @@
 //! A VM's tap device: opened by jitsu-dns (not persistent, so it lives exactly as long as
 //! the QEMU that inherits its descriptor), then made a port of the VM's bridge and brought up
-//! with one netlink request, before QEMU starts: the guest's first frame (its gratuitous ARP,
-//! a few milliseconds after QEMU's start) reaches a forwarding port.
+//! with one netlink request, before the guest runs: its first frame (its gratuitous ARP, a few
+//! milliseconds after QEMU's start) reaches a forwarding port. A standby QEMU's tap stays down
+//! and off the bridge until the guest is woken.
 //!
 //! Owns the netlink request (pure: [`enslave_request`]) and the one round trip it takes. The
 //! `TUNSETIFF` itself is [`crate::sys::qemu::open_tap`]; when QEMU runs is the backend's.
@@ -73,29 +74,49 @@ fn ifindex(name: &str) -> Option<u32> {
 /// A new tap named after `pattern` (`jq%d`), a port of `bridge`, up, with the bridge-port MAC
 /// of the process backend's ports and no IPv6 of its own (so the host sends nothing into it).
 pub(crate) fn create(pattern: &str, bridge: &str) -> Result<Tap, TapError> {
-    let bridge_index = fs::metadata(format!("/sys/class/net/{bridge}/bridge"))
-        .ok()
-        .and_then(|_| ifindex(bridge))
-        .ok_or_else(|| TapError::NoBridge(bridge.to_string()))?;
+    let bridge_index = bridge_index(bridge)?;
+    let tap = open(pattern)?;
+    attach_to(&tap.name, bridge, bridge_index)?;
+    Ok(tap)
+}
+
+/// A new tap named after `pattern`, down and on no bridge (a standby QEMU's: nothing queues
+/// for a guest that does not run yet), with no IPv6 of its own.
+pub(crate) fn open(pattern: &str) -> Result<Tap, TapError> {
     let (fd, name) = crate::sys::qemu::open_tap(pattern).map_err(|source| TapError::Open {
         pattern: pattern.to_string(),
         source,
     })?;
+    // Before it is up: addrconf would otherwise start (router solicitations, MLD) at once.
+    let _ = fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+    Ok(Tap { fd, name })
+}
+
+/// Makes the existing tap `name` a port of `bridge`, up.
+pub(crate) fn attach(name: &str, bridge: &str) -> Result<(), TapError> {
+    attach_to(name, bridge, bridge_index(bridge)?)
+}
+
+fn bridge_index(bridge: &str) -> Result<u32, TapError> {
+    fs::metadata(format!("/sys/class/net/{bridge}/bridge"))
+        .ok()
+        .and_then(|_| ifindex(bridge))
+        .ok_or_else(|| TapError::NoBridge(bridge.to_string()))
+}
+
+fn attach_to(name: &str, bridge: &str, bridge_index: u32) -> Result<(), TapError> {
     let enslave = |source| TapError::Enslave {
-        tap: name.clone(),
+        tap: name.to_string(),
         bridge: bridge.to_string(),
         source,
     };
-    // Before it is up: addrconf would otherwise start (router solicitations, MLD) at once.
-    let _ = fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
-    let index = ifindex(&name).ok_or_else(|| enslave(io::Error::other("no ifindex")))?;
+    let index = ifindex(name).ok_or_else(|| enslave(io::Error::other("no ifindex")))?;
     let mac: Mac = PORT_MAC.parse().map_err(|_| {
         enslave(io::Error::other(
             "the bridge-port MAC constant does not parse",
         ))
     })?;
-    request(&enslave_request(1, index, bridge_index, mac), 1).map_err(enslave)?;
-    Ok(Tap { fd, name })
+    request(&enslave_request(1, index, bridge_index, mac), 1).map_err(enslave)
 }
 
 /// `RTM_NEWLINK` on link `index`: up, a port of `bridge`, with `mac`, acknowledged.
