@@ -166,6 +166,9 @@ pub struct Options {
     pub synjitsu: bool,
     /// jitsu-dns's and synjitsu's `--log-level`.
     pub log_level: String,
+    /// With the QEMU backend: keep a paused QEMU ready for each VM that is off
+    /// (`standby=on`).
+    pub qemu_standby: bool,
 }
 
 impl Default for Options {
@@ -178,6 +181,7 @@ impl Default for Options {
             synjitsu: true,
             // JITSU_E2E_LOG=debug shows every decision of both daemons in failure messages.
             log_level: std::env::var("JITSU_E2E_LOG").unwrap_or_else(|_| "info".into()),
+            qemu_standby: false,
         }
     }
 }
@@ -382,7 +386,8 @@ impl Stack {
         self.host.file("qemu")
     }
 
-    /// When jitsu-dns started `vm`'s QEMU, in ns since the epoch (its record), while it runs.
+    /// When jitsu-dns started `vm`'s QEMU (or woke its standby), in ns since the epoch (its
+    /// record), while it runs.
     pub fn qemu_spawned_ns(&self, vm: &Vm) -> Option<u128> {
         let text =
             std::fs::read_to_string(self.qemu_dir().join(format!("{}.state", vm.name))).ok()?;
@@ -460,7 +465,11 @@ impl Stack {
         let uri = match self.opts.backend {
             Backend::Process => self.process_vms.uri(None),
             Backend::Libvirt => crate::libvirt::URI.to_string(),
-            Backend::Qemu => format!("qemu://{}", self.qemu_dir().display()),
+            Backend::Qemu => format!(
+                "qemu://{}?standby={}",
+                self.qemu_dir().display(),
+                if self.opts.qemu_standby { "on" } else { "off" }
+            ),
         };
         let backend = self.opts.backend.as_str();
         let (config_s, db_s, control_s) = (

@@ -406,6 +406,7 @@ fn run_series(
     runs: usize,
     modes: &[Mask],
     arp: bool,
+    qemu_standby: bool,
 ) -> Result<Series> {
     let mut vms = Vec::new();
     for _ in 0..runs {
@@ -420,9 +421,25 @@ fn run_series(
         // The idle clock starts when the backend's start returns; a TCG Linux guest sends its
         // first packet seconds later, so a 1 s TTL would stop it as idle before it is up.
         ttl_secs: if backend == Backend::Libvirt { 5 } else { 1 },
+        qemu_standby,
         ..Options::default()
     };
     let stack = Stack::start("bench", vms.clone(), opts)?;
+    if qemu_standby {
+        // Every VM's standby QEMU is started when jitsu-dns looks it up, and then initializes
+        // in the background: let them finish, as they would long before a query on a real
+        // host.
+        let dir = stack.qemu_dir();
+        jitsu_tests::wait_until("every VM's standby QEMU", Duration::from_secs(120), || {
+            vms.iter()
+                .all(|vm| {
+                    std::fs::read_to_string(dir.join(format!("{}.state", vm.name)))
+                        .is_ok_and(|t| t.contains("\nstandby=1\n"))
+                })
+                .then_some(())
+        })?;
+        std::thread::sleep(Duration::from_secs(1));
+    }
     let mut results = Vec::new();
     let started = Instant::now();
     for (i, vm) in vms.iter().enumerate() {
@@ -455,7 +472,8 @@ fn bench_unikernel(a: Args) -> Result<()> {
     let process_boot = Duration::from_millis(if a.boots_given { a.boots[0] } else { 30 });
     println!(
         "bench/cold-start --backend qemu: {} cold starts per mode of the Rust unikernel under QEMU\n\
-         microvm (TCG), started by jitsu-dns itself (-x qemu), and {} per mode of the Linux guest\n\
+         microvm (TCG), started by jitsu-dns itself (-x qemu), as is and with standby=on (a QEMU\n\
+         started paused ahead, woken by the query), and {} per mode of the Linux guest\n\
          under libvirt (TCG) and of the test guest under the process backend (booting {} ms), in\n\
          this run; both daemons on one bridge, each cold start on a VM of its own; the client {}.\n\
          Times are from the client's capture: its DNS query leaving, the page's first byte\n\
@@ -477,7 +495,17 @@ fn bench_unikernel(a: Args) -> Result<()> {
         a.runs,
         &a.modes,
         a.arp,
+        false,
     )?];
+    let standby = run_series(
+        "qemu+standby/uk",
+        Backend::Qemu,
+        Duration::ZERO,
+        a.runs,
+        &a.modes,
+        a.arp,
+        true,
+    )?;
     if baseline > 0 {
         all.push(run_series(
             "libvirt/linux",
@@ -486,6 +514,7 @@ fn bench_unikernel(a: Args) -> Result<()> {
             baseline,
             &a.modes,
             a.arp,
+            false,
         )?);
         all.push(run_series(
             &format!("process/{}ms", process_boot.as_millis()),
@@ -494,8 +523,10 @@ fn bench_unikernel(a: Args) -> Result<()> {
             baseline,
             &a.modes,
             a.arp,
+            false,
         )?);
     }
+    all.insert(1, standby);
     let f = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
     println!(
         "\n{:<16} {:<12} {:>4} {:>5} {:>6} {:>4} {:>17} {:>19}",
@@ -553,11 +584,13 @@ fn bench_unikernel(a: Args) -> Result<()> {
     // Where the unikernel's time goes, per mode (medians).
     println!(
         "\nWhere the unikernel's time goes (medians, ms): DNS query leaving the client -> jitsu-dns\n\
-         starts QEMU -> the guest listens (QEMU's own start, the firmware, the guest from its entry\n\
-         point) -> the page's first byte at the client."
+         starts QEMU (with standby=on: wakes the paused QEMU) -> the guest listens (QEMU's own\n\
+         start, the firmware, the guest from its entry point) -> the page's first byte at the\n\
+         client."
     );
     println!(
-        "{:<12} {:>11} {:>13} {:>11} {:>9} {:>11} {:>15}",
+        "{:<16} {:<12} {:>11} {:>13} {:>11} {:>9} {:>11} {:>15}",
+        "",
         "mode",
         "query->exec",
         "exec->listen",
@@ -566,8 +599,11 @@ fn bench_unikernel(a: Args) -> Result<()> {
         "guest boot",
         "listen->1st byte"
     );
-    for m in &a.modes {
-        let rows: Vec<&ColdStart> = all[0]
+    for (series, m) in all[..2]
+        .iter()
+        .flat_map(|s| a.modes.iter().map(move |m| (s, m)))
+    {
+        let rows: Vec<&ColdStart> = series
             .results
             .iter()
             .filter(|(rm, c)| rm == m && c.ok())
@@ -605,7 +641,8 @@ fn bench_unikernel(a: Args) -> Result<()> {
             .map(|u| u as f64 / 1000.0)
             .collect());
         println!(
-            "{:<12} {:>11} {:>13} {:>11} {:>9} {:>11} {:>15}",
+            "{:<16} {:<12} {:>11} {:>13} {:>11} {:>9} {:>11} {:>15}",
+            series.label,
             m.label(),
             f(exec),
             f(listen),
