@@ -18,7 +18,7 @@
 //! waits in the socket); QEMU is started with both descriptors inherited, in a session of its
 //! own; the record is written. Keys: `kernel` (booted with PVH), `initrd`, `cmdline`,
 //! `memory` (default 128 MiB), `mac`, `nic`, `console_log` (the serial console, else
-//! nowhere), `domain_type` (`kvm` runs on KVM with the host's CPU when `/dev/kvm` opens,
+//! nowhere), `domain_type` (`kvm` runs on KVM when `/dev/kvm` opens,
 //! otherwise, and by default, TCG).
 //!
 //! Lifecycle comes from QMP, not from polling: one connection per VM, read by a thread of its
