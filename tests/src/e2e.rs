@@ -137,6 +137,10 @@ pub enum Backend {
     /// The Rust unikernel (`guest/unikernel`) under QEMU microvm (TCG), started by jitsu-dns
     /// itself (`-x qemu`); it boots as fast as it can.
     Qemu,
+    /// The same unikernel under libvirtd: a microvm domain defined beforehand (libvirt 9
+    /// starts microvm only without PCI devices, which jitsu-dns's definitions have), which
+    /// jitsu-dns's libvirt backend uses as it is.
+    LibvirtUnikernel,
 }
 
 impl Backend {
@@ -144,7 +148,7 @@ impl Backend {
     pub fn as_str(self) -> &'static str {
         match self {
             Backend::Process => "process",
-            Backend::Libvirt => "libvirt",
+            Backend::Libvirt | Backend::LibvirtUnikernel => "libvirt",
             Backend::Qemu => "qemu",
         }
     }
@@ -306,11 +310,31 @@ impl Stack {
                 let image = GuestImage::build()?;
                 (Some(Libvirtd::start(&host)?), Some(image))
             }
+            Backend::LibvirtUnikernel => (Some(Libvirtd::start(&host)?), None),
         };
         let unikernel = match opts.backend {
-            Backend::Qemu => Some(unikernel::elf()?),
+            Backend::Qemu | Backend::LibvirtUnikernel => Some(unikernel::elf()?),
             _ => None,
         };
+        if let (Some(libvirtd), Some(elf), Backend::LibvirtUnikernel) =
+            (&libvirt, &unikernel, opts.backend)
+        {
+            for vm in &vms {
+                let xml = host.file(&format!("{}.xml", vm.name));
+                let console = host.file(&format!("console-{}.log", vm.name));
+                std::fs::write(
+                    &xml,
+                    unikernel::libvirt_domain_xml(
+                        &vm.name,
+                        &vm.mac().to_string(),
+                        elf,
+                        &format!("ip={}/{PREFIX} gw={DNS_ADDR}", vm.ip),
+                        &console,
+                    ),
+                )?;
+                libvirtd.virsh(&["define", &xml.display().to_string()])?;
+            }
+        }
         let mut stack = Stack {
             jitsu: None,
             synjitsu: None,
@@ -401,6 +425,21 @@ impl Stack {
     fn config_toml(&self) -> String {
         let guest = bin_path("jitsu-test-guest");
         let mut t = String::new();
+        if self.opts.backend == Backend::LibvirtUnikernel {
+            // Their domains are defined: jitsu-dns uses them as they are.
+            for vm in &self.vms {
+                let _ = write!(
+                    t,
+                    "[[vm]]\nname = \"{}\"\ndns = [\"{}\"]\nip = \"{}/{PREFIX}\"\n{}\n{}\n\n",
+                    vm.name,
+                    vm.dns(),
+                    vm.ip,
+                    vm.mask.keys(),
+                    vm.extra,
+                );
+            }
+            return t;
+        }
         if let Some(elf) = &self.unikernel {
             for vm in &self.vms {
                 let _ = write!(
@@ -464,7 +503,7 @@ impl Stack {
         let ttl = self.opts.ttl_secs.to_string();
         let uri = match self.opts.backend {
             Backend::Process => self.process_vms.uri(None),
-            Backend::Libvirt => crate::libvirt::URI.to_string(),
+            Backend::Libvirt | Backend::LibvirtUnikernel => crate::libvirt::URI.to_string(),
             Backend::Qemu => format!(
                 "qemu://{}?standby={}",
                 self.qemu_dir().display(),
@@ -641,7 +680,7 @@ impl Stack {
                     .expect("clock after 1970")
                     .as_nanos()
             }),
-            (None, Backend::Qemu) => garp_from(&frames, &ip),
+            (None, Backend::Qemu | Backend::LibvirtUnikernel) => garp_from(&frames, &ip),
             (None, _) => self.listening_since(&vm.name, started_ns),
         };
         let first_data = first_data_from(&frames, &ip).filter(|_| error.is_none());
@@ -654,7 +693,7 @@ impl Stack {
             .then(|| self.qemu_spawned_ns(vm))
             .flatten()
             .filter(|t| *t >= started_ns);
-        let guest = (self.opts.backend == Backend::Qemu)
+        let guest = matches!(self.opts.backend, Backend::Qemu | Backend::LibvirtUnikernel)
             .then(|| {
                 let text = std::fs::read_to_string(self.console(vm)).unwrap_or_default();
                 unikernel::parse_listening(&text)

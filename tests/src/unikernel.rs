@@ -74,6 +74,30 @@ pub fn qemu_args(elf: &Path, tap: &str, mac: &str, append: &str, serial: &Path) 
     .to_vec()
 }
 
+/// A libvirt domain of the unikernel on QEMU microvm: no PCI device at all (no memballoon,
+/// no USB controller, the NIC on virtio-mmio), which libvirt 9 needs to start microvm; the
+/// NIC on `br0` with `mac`, the console into the file `console`.
+pub fn libvirt_domain_xml(
+    name: &str,
+    mac: &str,
+    elf: &Path,
+    cmdline: &str,
+    console: &Path,
+) -> String {
+    format!(
+        "<domain type='qemu'>\n  <name>{name}</name>\n  <memory unit='MiB'>128</memory>\n  \
+         <os><type arch='x86_64' machine='microvm'>hvm</type><kernel>{}</kernel>\
+         <cmdline>{cmdline}</cmdline></os>\n  <devices>\n    \
+         <interface type='bridge'><source bridge='br0'/><mac address='{mac}'/>\
+         <model type='virtio'/><address type='virtio-mmio'/></interface>\n    \
+         <serial type='file'><source path='{}'/></serial>\n    \
+         <memballoon model='none'/>\n    <controller type='usb' model='none'/>\n  \
+         </devices>\n</domain>\n",
+        elf.display(),
+        console.display()
+    )
+}
+
 /// The tap devices in `ns` (`ip -o link show type tun`), by name.
 pub fn taps(ns: &crate::Netns) -> Result<Vec<String>> {
     let out = ns.sh("ip -o link show type tun")?;
