@@ -128,6 +128,22 @@ fn parse_shutdown_grace(uri: &str, value: &str) -> Result<Duration, BackendError
         .ok_or_else(|| uri_err(uri, "shutdown_grace: seconds, 0 to 3600"))
 }
 
+/// The value of `key` in the `key=value` lines of a backend's record of a running VM.
+fn record_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+/// Creates a backend's runtime directory (`dir` of its URI), saying which if it cannot.
+fn create_runtime_dir(dir: &std::path::Path) -> Result<(), BackendError> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        BackendError::Host(format!(
+            "cannot create runtime directory {}: {e}",
+            dir.display()
+        ))
+    })
+}
+
 /// A way of running VMs. Every method blocks; none is called on the async runtime.
 pub trait Backend: Send + Sync + fmt::Debug {
     /// `process`, `libvirt` or `qemu`, for logs.

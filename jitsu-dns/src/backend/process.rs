@@ -36,7 +36,10 @@ use std::time::{Duration, Instant};
 use rustix::io::Errno;
 use rustix::process::{Pid, Signal, kill_process};
 
-use super::{Backend, BackendError, Domain, Listed, Started, parse_shutdown_grace, uri_err};
+use super::{
+    Backend, BackendError, Domain, Listed, Started, create_runtime_dir, parse_shutdown_grace,
+    record_value, uri_err,
+};
 use crate::config::{Ifup, StopMode, VmConfig};
 use crate::fleet::{IfCounters, Observed};
 
@@ -180,10 +183,7 @@ impl Record {
     }
 
     fn parse(text: &str) -> Option<Record> {
-        let get = |k: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix('=')))
-        };
+        let get = |k: &str| record_value(text, k);
         Some(Record {
             pid: get("pid")?.parse().ok()?,
             start: get("start")?.parse().ok()?,
@@ -550,12 +550,7 @@ impl ProcessBackend {
     pub fn open(uri: Option<&str>) -> Result<ProcessBackend, BackendError> {
         let default = format!("process://{DEFAULT_RUNTIME_DIR}");
         let uri = parse_uri(uri.unwrap_or(&default))?;
-        fs::create_dir_all(&uri.dir).map_err(|e| {
-            BackendError::Host(format!(
-                "cannot create runtime directory {}: {e}",
-                uri.dir.display()
-            ))
-        })?;
+        create_runtime_dir(&uri.dir)?;
         for (tool, package) in [("ip", "iproute2"), ("setsid", "util-linux")] {
             if Command::new(tool).arg("-V").output().is_err() {
                 return Err(BackendError::Host(format!(

@@ -514,33 +514,20 @@ fn bench_unikernel(a: Args) -> Result<()> {
         true,
     )?;
     if baseline > 0 {
-        all.push(run_series(
-            "libvirt/unikernel",
-            Backend::LibvirtUnikernel,
-            Duration::ZERO,
-            baseline,
-            &a.modes,
-            a.arp,
-            false,
-        )?);
-        all.push(run_series(
-            "libvirt/linux",
-            Backend::Libvirt,
-            Duration::ZERO,
-            baseline,
-            &a.modes,
-            a.arp,
-            false,
-        )?);
-        all.push(run_series(
-            &format!("process/{}ms", process_boot.as_millis()),
-            Backend::Process,
-            process_boot,
-            baseline,
-            &a.modes,
-            a.arp,
-            false,
-        )?);
+        let process = format!("process/{}ms", process_boot.as_millis());
+        for (label, backend, boot) in [
+            (
+                "libvirt/unikernel",
+                Backend::LibvirtUnikernel,
+                Duration::ZERO,
+            ),
+            ("libvirt/linux", Backend::Libvirt, Duration::ZERO),
+            (process.as_str(), Backend::Process, process_boot),
+        ] {
+            all.push(run_series(
+                label, backend, boot, baseline, &a.modes, a.arp, false,
+            )?);
+        }
     }
     all.insert(1, standby);
     let f = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());

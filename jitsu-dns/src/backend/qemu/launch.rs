@@ -8,6 +8,7 @@ use std::os::fd::RawFd;
 use std::path::Path;
 
 use crate::backend::libvirt::DEFAULT_MEMORY_KIB;
+use crate::backend::record_value;
 use crate::config::VmConfig;
 
 /// QEMU's seccomp filter, as libvirt sets it: no obsolete system calls, no privilege changes,
@@ -180,10 +181,7 @@ impl Record {
 
     /// Reads a record's text; `None` if anything is missing or malformed.
     pub fn parse(text: &str) -> Option<Record> {
-        let get = |k: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix('=')))
-        };
+        let get = |k: &str| record_value(text, k);
         Some(Record {
             pid: get("pid")?.parse().ok()?,
             start: get("start")?.parse().ok()?,

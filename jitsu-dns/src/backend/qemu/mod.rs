@@ -69,7 +69,7 @@ use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open};
 
 use super::process::{kill, parse_net_dev, proc_stat, tail};
 use super::{
-    Backend, BackendError, Domain, EventSink, LifecycleEvent, Listed, Started,
+    Backend, BackendError, Domain, EventSink, LifecycleEvent, Listed, Started, create_runtime_dir,
     parse_shutdown_grace, uri_err,
 };
 use crate::config::{DomainType, StopMode, VmConfig};
@@ -212,6 +212,22 @@ struct Slot {
     exited: bool,
 }
 
+impl Slot {
+    /// A QEMU known from now on through connection `conn`, running, with no QMP yet.
+    fn new(rec: Record, conn: u64, child: Option<Child>) -> Slot {
+        Slot {
+            rec,
+            conn,
+            qmp: None,
+            child,
+            paused: false,
+            expect: Expect::default(),
+            starting: false,
+            exited: false,
+        }
+    }
+}
+
 /// Everything the backend's threads share.
 struct Inner {
     uri: QemuUri,
@@ -311,12 +327,7 @@ impl QemuBackend {
     pub fn open(uri: Option<&str>) -> Result<QemuBackend, BackendError> {
         let default = format!("qemu://{DEFAULT_RUN_DIR}");
         let uri = parse_uri(uri.unwrap_or(&default))?;
-        fs::create_dir_all(&uri.dir).map_err(|e| {
-            BackendError::Host(format!(
-                "cannot create run directory {}: {e}",
-                uri.dir.display()
-            ))
-        })?;
+        create_runtime_dir(&uri.dir)?;
         let missing = || {
             BackendError::Host(format!(
                 "the qemu backend needs {} (Debian package qemu-system-x86)",
@@ -565,19 +576,8 @@ impl QemuBackend {
         let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
         let pid = rec.pid;
         let standby = rec.standby;
-        self.vms().insert(
-            vm.name.clone(),
-            Slot {
-                rec,
-                conn,
-                qmp: None,
-                child: None,
-                paused: false,
-                expect: Expect::default(),
-                starting: false,
-                exited: false,
-            },
-        );
+        self.vms()
+            .insert(vm.name.clone(), Slot::new(rec, conn, None));
         let path = self.files(&vm.name).qmp;
         let connected = Qmp::connect(&path, self.notices(vm.name.clone(), conn)).and_then(|q| {
             let status = q.execute("query-status", None, QMP_TIMEOUT)?;
@@ -847,19 +847,9 @@ impl QemuBackend {
         let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(vm = %vm.name, pid, tap = %rec.tap, accel = accel.as_str(), standby, "QEMU started");
         // In the table before its reader runs, so that no notice of it is missed.
-        self.vms().insert(
-            vm.name.clone(),
-            Slot {
-                rec,
-                conn,
-                qmp: None,
-                child: Some(child),
-                paused: false,
-                expect: Expect::default(),
-                starting: true,
-                exited: false,
-            },
-        );
+        let mut slot = Slot::new(rec, conn, Some(child));
+        slot.starting = true;
+        self.vms().insert(vm.name.clone(), slot);
         let qmp = Qmp::over(client, self.notices(vm.name.clone(), conn));
         let mut vms = self.vms();
         let s = vms
