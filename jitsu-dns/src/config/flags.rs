@@ -74,6 +74,19 @@ pub struct Flags {
     /// At most this many boots per second; past it, queries get SERVFAIL.
     #[arg(long, value_name = "M")]
     pub max_boots_per_second: Option<Given>,
+    /// Clients that may use the forwarders: networks, comma-separated (default: loopback and
+    /// the networks of the bind address); others get REFUSED for names outside the zones.
+    #[arg(long, value_name = "CIDR")]
+    pub forward_clients: Option<Given>,
+    /// At most this many forwarded queries in flight; past it, SERVFAIL at once.
+    #[arg(long, value_name = "N")]
+    pub forward_max: Option<Given>,
+    /// At most this many DNS-over-TCP connections at once; past it, new ones are closed.
+    #[arg(long, value_name = "N")]
+    pub tcp_max_clients: Option<Given>,
+    /// At most this many DNS-over-TCP connections from one client (an IPv6 client: its /64).
+    #[arg(long, value_name = "N")]
+    pub tcp_max_per_client: Option<Given>,
     /// VM specs: name=www,dns=www.example.org,ip=10.0.0.1,...
     #[arg(value_name = "VM")]
     #[serde(skip)]
@@ -166,7 +179,7 @@ mod tests {
                 assert_eq!(long, key.replace('_', "-"), "the flag is the key");
             }
         }
-        assert_eq!(n, 15, "the settings");
+        assert_eq!(n, 19, "the settings");
     }
 
     #[test]
