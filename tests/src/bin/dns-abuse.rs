@@ -17,9 +17,10 @@
 //!   also=RCODE|none`.
 //! - `sink <addr:port>`: a UDP socket that reads every datagram and answers none (a
 //!   forwarder that never answers); prints `sink ready` once bound.
-//! - `watch <pid> <seconds>`: samples the process's resident memory and open file
-//!   descriptors every 50 ms; prints `peak_rss_kib=.. peak_fds=.. rss_kib=.. fds=..` (the
-//!   peaks over the window, then the last sample).
+//! - `watch <pid> <seconds> [--until PATH]`: samples the process's resident memory and open
+//!   file descriptors every 50 ms, for `seconds` or until `PATH` exists; prints
+//!   `peak_rss_kib=.. peak_fds=.. rss_kib=.. fds=..` (the peaks over the window, then the
+//!   last sample).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
@@ -339,9 +340,10 @@ fn sample(pid: u32) -> Option<(u64, u64)> {
 fn watch(o: &Opts) -> Result<()> {
     let pid: u32 = o.pos(0, "the pid")?.parse()?;
     let secs: f64 = o.pos(1, "the seconds")?.parse()?;
+    let until: String = o.get("until", String::new())?;
     let end = Instant::now() + Duration::from_secs_f64(secs);
     let (mut peak_rss, mut peak_fds, mut last) = (0, 0, (0, 0));
-    while Instant::now() < end {
+    while Instant::now() < end && (until.is_empty() || !std::path::Path::new(&until).exists()) {
         let Some((rss, fds)) = sample(pid) else {
             bail!("process {pid} is gone");
         };
