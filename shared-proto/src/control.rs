@@ -163,6 +163,9 @@ pub enum ErrorCode {
     UnknownMessage,
     /// The server could not do what was asked (detail in the message).
     Failed,
+    /// Another client said hello and took this connection's place (the server serves one
+    /// client at a time); the connection is closed after this error. Sent with id 0.
+    Replaced,
 }
 
 /// What synjitsu reports without being asked.
