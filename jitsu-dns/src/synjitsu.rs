@@ -304,6 +304,7 @@ mod tests {
             ipv4: "10.0.0.1".parse().unwrap(),
             ipv6: None,
             handover: Handover::Wire,
+            port: None,
         }
     }
 

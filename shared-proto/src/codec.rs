@@ -216,6 +216,7 @@ mod tests {
             ipv4: "10.0.0.1".parse().unwrap(),
             ipv6: Some("fd00::1".parse().unwrap()),
             handover,
+            port: Some("vnet0".into()),
         }
     }
 

@@ -20,6 +20,20 @@
 //! {"type":"ok","id":2,"reply":{"type":"ack"}}
 //! {"type":"event","event":{"type":"syn_held","name":"www","held":1}}
 //! ```
+//!
+//! A `Booting` for a VM already booting updates its identity and keeps what is held: that is
+//! how jitsu-dns adds the guest's bridge port ([`crate::VmIdentity::port`]) once the backend
+//! has started it (libvirt names the port only then):
+//! ```text
+//! {"id":3,"type":"booting","vm":{"name":"www","mac":"00:16:3e:00:00:01","ipv4":"10.0.0.1","handover":{"via":"wire"},"port":"vnet3"}}
+//! ```
+//! `port` is optional and left out when unknown, so a client that never knows it sends what
+//! it sent before the field existed. A server from before it refuses a `vm` that has one
+//! (every object refuses unknown fields): upgrade synjitsu before jitsu-dns.
+//!
+//! The server serves one client at a time, the newest: a hello while another client is
+//! attached takes over, and the old connection gets an [`ErrorCode::Replaced`] error (id 0)
+//! before it is closed. A connection that has said no hello within a short time is closed.
 
 use serde::{Deserialize, Serialize};
 

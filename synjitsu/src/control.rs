@@ -638,6 +638,7 @@ mod tests {
                 ipv4: "10.0.0.1".parse().unwrap(),
                 ipv6: None,
                 handover: Handover::Wire,
+                port: None,
             },
         };
         assert!(matches!(s.on_frame(req(10, booting)), Action::Forward(_)));

@@ -53,6 +53,7 @@ pub fn www(handover: Handover) -> VmIdentity {
         ipv4: "10.77.1.10".parse().expect("a valid address"),
         ipv6: Some("fd77:1::10".parse().expect("a valid address")),
         handover,
+        port: None,
     }
 }
 

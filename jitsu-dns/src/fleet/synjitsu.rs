@@ -145,6 +145,7 @@ pub fn identity(cfg: &VmConfig, domid: Option<u32>) -> VmIdentity {
         ipv4: cfg.ip,
         ipv6: cfg.ip6,
         handover,
+        port: None,
     }
 }
 

@@ -86,6 +86,7 @@ fn identity(handover: Handover) -> VmIdentity {
         ipv4: VM_IP,
         ipv6: None,
         handover,
+        port: None,
     }
 }
 
