@@ -117,6 +117,18 @@ pub fn is_valid_port(port: &str) -> bool {
             .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
 }
 
+/// [`is_valid_port`] for VM `name`'s port, refusing with [`VmError::BadPort`].
+pub(crate) fn check_port(name: &str, port: &str) -> Result<(), VmError> {
+    if is_valid_port(port) {
+        Ok(())
+    } else {
+        Err(VmError::BadPort {
+            name: name.to_string(),
+            port: port.to_string(),
+        })
+    }
+}
+
 /// [`is_valid_name`], refusing with [`VmError::BadName`].
 pub(crate) fn check_name(name: &str) -> Result<(), VmError> {
     if is_valid_name(name) {
@@ -154,13 +166,8 @@ impl VmIdentity {
                 addr: v6.to_string(),
             });
         }
-        if let Some(port) = &self.port
-            && !is_valid_port(port)
-        {
-            return Err(VmError::BadPort {
-                name: name(),
-                port: port.clone(),
-            });
+        if let Some(port) = &self.port {
+            check_port(&self.name, port)?;
         }
         if self.handover == (Handover::Xenstore { domid: 0 }) {
             return Err(VmError::Dom0 { name: name() });

@@ -178,7 +178,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
         None => None,
     };
     let mut port = Port::create(&opts.bridge)?;
-    let prog = filter::program(opts.probe_v4, opts.probe_v6);
+    let prog = filter::program(opts.probe_v4, opts.probe_v6, &[]);
     let filter = if opts.no_bpf_filter {
         tracing::warn!("no kernel filter: every frame on the bridge reaches user space");
         None
@@ -207,6 +207,8 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
         )),
     };
     cfg.seed = seed();
+    // No announcement watcher yet: announcements are taken from any port.
+    cfg.ports_watched = false;
     let core = Hold::new(cfg);
 
     let (ctl_tx, ctl_rx) = mpsc::channel::<ControlIn>(256);

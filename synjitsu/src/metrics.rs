@@ -49,7 +49,7 @@ pub fn render(core: &Hold, shell: &ShellStats, client_attached: bool) -> Registr
         .collect();
     #[rustfmt::skip]
     let labelled: [Labelled<'_>; 7] = [
-        ("frames", "Frames received on synjitsu's port, by what became of them", "verdict",
+        ("frames", "Frames received on synjitsu's port (and announcements judged by the watcher), by what became of them", "verdict",
             &Verdict::LABELS.into_iter().zip(c.frames).collect::<Vec<_>>()),
         ("dropped", "Frames and held SYNs dropped, by reason", "reason", &drops),
         ("syns_handed_over", "Held SYNs handed over to their guest, by way", "via",
@@ -62,7 +62,8 @@ pub fn render(core: &Hold, shell: &ShellStats, client_attached: bool) -> Registr
             &[("unsolicited", c.na_unsolicited), ("solicited", c.na_solicited)]),
         ("queue_overflows", "Outputs not queued because their bounded queue was full, by queue", "queue",
             &[("transmit", c.transmit_overflow), ("events", c.events_overflow),
-              ("store", c.store_overflow), ("fdb", c.fdb_overflow)]),
+              ("store", c.store_overflow), ("fdb", c.fdb_overflow),
+              ("to_guest", c.to_guest_overflow)]),
     ];
     for (name, help, label, samples) in labelled {
         let values: Vec<_> = samples.iter().map(|(v, _)| *v).collect();
@@ -77,7 +78,8 @@ pub fn render(core: &Hold, shell: &ShellStats, client_attached: bool) -> Registr
     let unlabelled = [
         ("syns_held", "Client SYNs held", c.syns_held),
         ("syn_retransmits_deduplicated", "Retransmitted SYNs (same 4-tuple and ISN) not held twice", c.retransmit_dedup),
-        ("checksums_completed", "Partial (offload-pending) TCP checksums completed before holding", c.checksums_completed),
+        ("checksums_completed", "Partial (offload-pending) checksums completed before holding a SYN or passing a frame to its guest", c.checksums_completed),
+        ("announcement_watcher_frames", "Gratuitous ARPs and unsolicited NAs seen arriving on any bridge port (the watcher that checks a guest announces from its own)", c.ingress_frames),
         ("probes_sent", "Probe SYNs sent to guests", c.probes_sent),
         ("probe_resets", "RSTs sent to close a probe the guest accepted", c.probe_resets),
         ("wake_requests", "Wake requests sent for stopped VMs", c.wake_requests),
