@@ -46,8 +46,9 @@ const SOCKET_RCVBUF: usize = 8 << 20;
 const STORE_QUEUE: usize = 4096;
 /// Forwarding-table changes waiting for the fdb task at most.
 const FDB_QUEUE: usize = 1024;
-/// The announcement watcher's kernel receive buffer: announcements are few.
-const WATCHER_RCVBUF: usize = 1 << 20;
+/// The announcement watcher's kernel receive buffer: announcements are few, but a storm of
+/// spoofed ones must not crowd out the guest's own (about 5000 minimal frames).
+const WATCHER_RCVBUF: usize = 4 << 20;
 
 /// Where Xenstore is, as `--xenstore` says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -447,7 +448,7 @@ impl Shell {
                     self.core.on_fdb_done(Instant::now(), id);
                 }
                 Some(reply) = metrics_rx.recv() => {
-                    self.read_kernel_stats(sock);
+                    self.read_kernel_stats(sock, watcher);
                     let _ = reply.send(metrics::render(
                         &self.core,
                         &self.stats,
@@ -455,7 +456,7 @@ impl Shell {
                     ));
                 }
                 _ = housekeeping.tick() => {
-                    self.read_kernel_stats(sock);
+                    self.read_kernel_stats(sock, watcher);
                     if !port::exists(&self.port) {
                         failed = Some(std::io::Error::new(
                             std::io::ErrorKind::NotFound,
@@ -502,10 +503,16 @@ impl Shell {
         }
     }
 
-    fn read_kernel_stats(&mut self, sock: &AsyncFd<PacketSocket>) {
-        // PACKET_STATISTICS resets on read: accumulate.
-        if let Ok((_, drops)) = sock.get_ref().stats() {
-            self.stats.kernel_drops += u64::from(drops);
+    fn read_kernel_stats(
+        &mut self,
+        sock: &AsyncFd<PacketSocket>,
+        watcher: Option<&AsyncFd<PacketSocket>>,
+    ) {
+        // PACKET_STATISTICS resets on read: accumulate, both sockets.
+        for s in std::iter::once(sock).chain(watcher) {
+            if let Ok((_, drops)) = s.get_ref().stats() {
+                self.stats.kernel_drops += u64::from(drops);
+            }
         }
     }
 

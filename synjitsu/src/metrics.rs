@@ -25,7 +25,8 @@ pub struct ShellStats {
     pub rx_truncated: u64,
     /// Frames this host sent, seen on the socket (ignored).
     pub rx_outgoing: u64,
-    /// Frames the kernel dropped because synjitsu's socket buffer was full.
+    /// Frames the kernel dropped because a socket buffer of synjitsu's was full (its port's
+    /// or the announcement watcher's).
     pub kernel_drops: u64,
     /// Forwarding-table commands that failed.
     pub fdb_errors: u64,
@@ -91,7 +92,7 @@ pub fn render(core: &Hold, shell: &ShellStats, client_attached: bool) -> Registr
         ("tx_errors", "Frame sends that failed", shell.tx_errors),
         ("rx_truncated", "Frames longer than the receive buffer (dropped)", shell.rx_truncated),
         ("rx_outgoing", "This host's own transmissions seen on the socket (ignored)", shell.rx_outgoing),
-        ("kernel_drops", "Frames the kernel dropped because synjitsu's socket buffer was full", shell.kernel_drops),
+        ("kernel_drops", "Frames the kernel dropped because a socket buffer of synjitsu's (its port's, the announcement watcher's) was full", shell.kernel_drops),
         ("fdb_errors", "Bridge forwarding-table commands that failed", shell.fdb_errors),
         ("events_undelivered", "Events produced while no control client was attached", shell.events_undelivered),
     ];
