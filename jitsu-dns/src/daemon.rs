@@ -199,6 +199,7 @@ impl Shell {
                         Ok(s) => Event::Started {
                             vm: name,
                             domid: s.domid,
+                            port: s.port,
                         },
                         Err(e) => Event::StartFailed {
                             vm: name,
@@ -442,14 +443,25 @@ impl Shell {
         })
         .await
         .unwrap_or_default();
-        // The fleet takes each domain's own MAC before it hears of the VM's state.
+        // The fleet takes each domain's own MAC (and the port the backend always gives it)
+        // before it hears of the VM's state.
         for (vm, found) in &looked {
-            if let Some(mac) = found.as_ref().ok().and_then(|d| d.mac) {
+            let Ok(found) = found else { continue };
+            if let Some(mac) = found.mac {
                 self.process(
                     Instant::now(),
                     Event::MacFound {
                         vm: vm.clone(),
                         mac,
+                    },
+                );
+            }
+            if let Some(port) = &found.fixed_port {
+                self.process(
+                    Instant::now(),
+                    Event::PortFound {
+                        vm: vm.clone(),
+                        port: port.clone(),
                     },
                 );
             }

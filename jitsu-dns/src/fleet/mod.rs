@@ -253,7 +253,7 @@ impl Fleet {
             Event::WakeRequest { vm } => self.on_wake_request(now, &vm, &mut out),
             Event::Tick { activity } => self.on_tick(now, activity, &mut out),
             Event::Counters { vm, counters } => self.on_counters(now, &vm, counters),
-            Event::Started { vm, domid } => self.on_started(now, &vm, domid, &mut out),
+            Event::Started { vm, domid, port } => self.on_started(now, &vm, domid, port, &mut out),
             Event::StartFailed { vm, error } => self.on_start_failed(&vm, &error, &mut out),
             Event::Stopped { vm } => self.on_stopped(now, &vm, &mut out),
             Event::StopFailed { vm, error } => self.on_stop_failed(now, &vm, &error, &mut out),
@@ -275,6 +275,11 @@ impl Fleet {
             }
             Event::GuestAnnounced { vm } => self.on_guest_announced(now, &vm, &mut out),
             Event::MacFound { vm, mac } => self.on_mac_found(&vm, mac, &mut out),
+            Event::PortFound { vm, port } => {
+                if let Some(v) = self.vms.get_mut(&vm) {
+                    v.fixed_port = Some(port);
+                }
+            }
             Event::KeyAppeared { vm } => self.on_key_appeared(now, &vm, &mut out),
         }
         out

@@ -282,7 +282,12 @@ fn bring_up(vm: &VmConfig, d: &VirDomain) -> Result<Started, OpError> {
             }
         }
     }
-    Ok(Started { domid: d.id() })
+    // The port exists only now (libvirt names it vnetN at each start, Xen vif<domid>.<n>).
+    let (_, port) = first_interface(&d.xml_desc(0)?);
+    Ok(Started {
+        domid: d.id(),
+        port,
+    })
 }
 
 /// Destroys a domain; one that stopped in the meantime is no error.
@@ -327,6 +332,7 @@ impl Backend for LibvirtBackend {
                     state: Observed::Off,
                     domid: None,
                     mac: None,
+                    fixed_port: None,
                 });
             };
             let state = state_of(&d)?;
@@ -335,6 +341,7 @@ impl Backend for LibvirtBackend {
                 state,
                 domid: d.id(),
                 mac,
+                fixed_port: None,
             })
         })
     }
