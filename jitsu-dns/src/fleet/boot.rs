@@ -292,11 +292,12 @@ impl Fleet {
         }
         let took = (b.kind == BootKind::Fresh).then(|| now.duration_since(b.since));
         let key_watched = b.key_watched;
-        // Only synjitsu can tell that the guest came up; while it can, a guest that never
-        // announces itself is a boot that failed.
+        // Only synjitsu can tell that the guest came up, unless its readiness key did; while
+        // it can, a guest that never announces itself is a boot that failed.
         let unconfirmed = (b.kind == BootKind::Fresh
             && vm.cfg.synjitsu_tracked()
             && !b.announced
+            && !b.key_seen
             && !b.syn_unavailable
             && syn_up)
             .then(|| b.started.map(|s| s + vm.cfg.boot_timeout))

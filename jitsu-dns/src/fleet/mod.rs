@@ -22,8 +22,8 @@
 //! - at most `max_running` VMs booting, running or stopping, and at most
 //!   `max_boots_per_second` boots: past either, the query gets SERVFAIL;
 //! - a failed boot answers its waiting queries SERVFAIL and the next query retries; a guest
-//!   tracked by synjitsu that has not announced itself `boot_timeout` after the backend
-//!   started it never came up: it is destroyed and marked failed (synjitsu answers the SYNs
+//!   tracked by synjitsu that has not announced itself (nor shown its readiness key)
+//!   `boot_timeout` after the backend started it never came up: it is destroyed and marked failed (synjitsu answers the SYNs
 //!   it held with RSTs at its own limit), and the next query boots it again;
 //! - a VM the backend reports running is adopted, never booted twice;
 //! - a VM whose backend definition has a MAC of its own (a libvirt domain's) takes it, since

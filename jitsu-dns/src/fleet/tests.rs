@@ -742,6 +742,28 @@ fn a_synjitsu_guest_that_never_announces_itself_is_failed_and_retried() {
     boot(&mut f, t0, 1);
     f.handle(t0 + MS * 300, Event::SynjitsuDown);
     assert!(stops(&tick(&mut f, t0 + MS * 1600)).is_empty());
+
+    // Nor when its readiness key appeared: it listens, synjitsu was told `ready`, whether
+    // or not the guest ever announces itself (many unmodified guests do not).
+    let (mut f, t0) = fleet(
+        &[spec(
+            "www",
+            1,
+            ",use_synjitsu=true,boot_timeout=1.5,wait_for_key=/jitsu/www/ready,wait_for_timeout=5",
+        )],
+        settings(),
+    );
+    f.handle(t0, Event::SynjitsuUp);
+    boot(&mut f, t0, 1);
+    let out = f.handle(t0 + MS * 300, Event::KeyAppeared { vm: name("www") });
+    assert!(
+        synjitsu(&out)
+            .iter()
+            .any(|(_, m)| matches!(m, ClientMessage::Ready { .. }))
+    );
+    assert_eq!(f.state("www"), Some(Lifecycle::Running));
+    assert!(stops(&tick(&mut f, t0 + MS * 1600)).is_empty());
+    assert_eq!(f.state("www"), Some(Lifecycle::Running));
 }
 
 #[test]
