@@ -83,7 +83,7 @@ impl Hold {
             });
         }
         vm.steer(&mut self.out);
-        tracing::info!(vm = %id.name, mac = %id.mac, ip = %id.ipv4, "booting: standing in");
+        tracing::info!(vm = %id.name, mac = %id.mac, ip = %id.ipv4, port = ?id.port, "booting: standing in");
         // The first gratuitous ARP is due now; and every VM's timers run, as at any timeout.
         self.handle_timeout(now);
         if let Some(vm) = self.vms.get_mut(&id.name) {
