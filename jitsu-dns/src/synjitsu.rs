@@ -328,40 +328,52 @@ mod tests {
             .expect("client alive")
     }
 
-    /// A fake synjitsu on a real socket with the real codec: hello, acks, an error, events,
-    /// a dropped connection, a reconnect, and a garbage frame in between.
-    #[tokio::test(flavor = "current_thread")]
-    async fn talks_reconnects_and_matches_answers_to_requests() {
-        let dir = std::env::temp_dir().join(format!("jitsu-syn-client-{}", std::process::id()));
+    /// A fake synjitsu's listening socket in a directory of its own, and the client under
+    /// test started on it: where its requests go and where its events come out.
+    struct Setup {
+        dir: std::path::PathBuf,
+        path: std::path::PathBuf,
+        listener: UnixListener,
+        tx: mpsc::Sender<Outgoing>,
+        events: mpsc::Receiver<Event>,
+        stop: CancellationToken,
+    }
+
+    fn setup(tag: &str) -> Setup {
+        let dir =
+            std::env::temp_dir().join(format!("jitsu-syn-client-{tag}{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         let path = dir.join("ctl.sock");
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).unwrap();
-        let (ev_tx, mut ev_rx) = mpsc::channel(64);
+        let (ev_tx, events) = mpsc::channel(64);
         let stop = CancellationToken::new();
         let tx = spawn(path.clone(), ev_tx, stop.clone());
+        Setup {
+            dir,
+            path,
+            listener,
+            tx,
+            events,
+            stop,
+        }
+    }
+
+    /// A fake synjitsu on a real socket with the real codec: hello, acks, an error, events,
+    /// a dropped connection, a reconnect, and a garbage frame in between.
+    #[tokio::test(flavor = "current_thread")]
+    async fn talks_reconnects_and_matches_answers_to_requests() {
+        let Setup {
+            dir,
+            path,
+            listener,
+            tx,
+            events: mut ev_rx,
+            stop,
+        } = setup("");
 
         for round in 0..2 {
-            let mut c = accept(&listener).await;
-            let hello = read_req(&mut c).await.unwrap();
-            assert!(matches!(
-                hello.body,
-                ClientMessage::Hello {
-                    version: PROTOCOL_VERSION,
-                    ..
-                }
-            ));
-            send(
-                &mut c,
-                &ServerMessage::Ok {
-                    id: hello.id,
-                    reply: Reply::Hello {
-                        version: PROTOCOL_VERSION,
-                        server: "fake".into(),
-                    },
-                },
-            )
-            .await;
+            let mut c = accept_hello(&listener).await;
             assert_eq!(
                 next_event(&mut ev_rx).await,
                 Event::SynjitsuUp,
@@ -491,14 +503,14 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_version_mismatch_is_not_a_connection() {
-        let dir = std::env::temp_dir().join(format!("jitsu-syn-client-v-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("ctl.sock");
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).unwrap();
-        let (ev_tx, mut ev_rx) = mpsc::channel(64);
-        let stop = CancellationToken::new();
-        let _tx = spawn(path.clone(), ev_tx, stop.clone());
+        let Setup {
+            dir,
+            listener,
+            tx: _tx,
+            events: mut ev_rx,
+            stop,
+            ..
+        } = setup("v-");
         let mut c = accept(&listener).await;
         let hello = read_req(&mut c).await.unwrap();
         send(
@@ -517,10 +529,17 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// Accepts one connection and answers its hello.
+    /// Accepts one connection, checks its hello and answers it.
     async fn accept_hello(listener: &UnixListener) -> Server {
         let mut c = accept(listener).await;
         let hello = read_req(&mut c).await.unwrap();
+        assert!(matches!(
+            hello.body,
+            ClientMessage::Hello {
+                version: PROTOCOL_VERSION,
+                ..
+            }
+        ));
         send(
             &mut c,
             &ServerMessage::Ok {
@@ -540,14 +559,14 @@ mod tests {
     /// is tokio's paused clock: it advances only while every task waits.)
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn a_replaced_client_backs_off_before_taking_the_connection_back() {
-        let dir = std::env::temp_dir().join(format!("jitsu-syn-client-r-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("ctl.sock");
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).unwrap();
-        let (ev_tx, mut ev_rx) = mpsc::channel(64);
-        let stop = CancellationToken::new();
-        let _tx = spawn(path.clone(), ev_tx, stop.clone());
+        let Setup {
+            dir,
+            listener,
+            tx: _tx,
+            events: mut ev_rx,
+            stop,
+            ..
+        } = setup("r-");
         let replaced = ServerMessage::Error {
             id: 0,
             code: ErrorCode::Replaced,

@@ -53,9 +53,7 @@ impl Scene {
             .host
             .join("cli", Some(CLIENT_MAC), &["10.77.1.2/24"], true)?;
         let guest = synjitsu.host.join("gst", Some(VM_MAC), &[], false)?;
-        let www_dir = synjitsu.host.file("www");
-        std::fs::create_dir_all(&www_dir)?;
-        std::fs::write(www_dir.join("index.html"), "hello from the guest\n")?;
+        let www_dir = guest_page(&synjitsu.host, "hello from the guest\n")?;
         let mut ctl = ControlClient::connect(&synjitsu.control)?;
         ctl.sync(&[])?;
         ctl.ok(ClientMessage::Booting { vm: vm_on(&guest) })?;
