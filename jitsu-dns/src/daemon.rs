@@ -274,6 +274,7 @@ impl Shell {
                         Ok(s) => Event::Started {
                             vm: name,
                             domid: s.domid,
+                            port: s.port,
                         },
                         Err(e) => Event::StartFailed {
                             vm: name,
@@ -517,16 +518,25 @@ impl Shell {
         })
         .await
         .unwrap_or_default();
-        // The fleet takes each domain's own MAC before it hears of the VM's state.
+        // The fleet takes each domain's own MAC (and the port the backend always gives it)
+        // before it hears of the VM's state.
         for (vm, found) in &looked {
-            if let Ok(d) = found
-                && !d.macs.is_empty()
-            {
+            let Ok(found) = found else { continue };
+            if !found.macs.is_empty() {
                 self.process(
                     Instant::now(),
                     Event::MacFound {
                         vm: vm.clone(),
-                        macs: d.macs.clone(),
+                        macs: found.macs.clone(),
+                    },
+                );
+            }
+            if let Some(port) = &found.fixed_port {
+                self.process(
+                    Instant::now(),
+                    Event::PortFound {
+                        vm: vm.clone(),
+                        port: port.clone(),
                     },
                 );
             }

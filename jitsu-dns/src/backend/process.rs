@@ -868,6 +868,7 @@ impl Backend for ProcessBackend {
             state: self.observe(self.record(&vm.name)),
             domid: None,
             macs: vec![vm.mac()],
+            fixed_port: Some(self.names(&vm.name).port),
         })
     }
 
@@ -943,7 +944,10 @@ impl Backend for ProcessBackend {
         match result {
             Ok(rec) => {
                 tracing::debug!(vm = %vm.name, pid = rec.pid, netns = %rec.netns, port = %rec.port, "process started");
-                Ok(Started { domid: None })
+                Ok(Started {
+                    domid: None,
+                    port: Some(rec.port),
+                })
             }
             Err(e) => {
                 // Leave nothing half-made behind.
@@ -994,7 +998,10 @@ impl Backend for ProcessBackend {
             .filter(alive)
             .ok_or_else(|| err("not running (nothing to resume)".into()))?;
         self.cgroups.set_frozen(&r.cgroup, false).map_err(err)?;
-        Ok(Started { domid: None })
+        Ok(Started {
+            domid: None,
+            port: Some(r.port),
+        })
     }
 
     fn unpause(&self, vm: &VmConfig) -> Result<Started, BackendError> {
