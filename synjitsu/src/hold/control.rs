@@ -97,8 +97,15 @@ impl Hold {
     fn on_stopped(&mut self, _now: Instant, id: &VmIdentity) -> Result<(), ControlError> {
         self.vms.check_conflicts(id)?;
         let vm = self.vms.upsert(&mut self.out, id, VmPhase::Stopped);
-        // The domain is gone; its Xenstore entries with it.
+        // The domain is gone: nothing of its boot stays readable, by it or by whichever guest
+        // gets its id next.
         vm.restart(VmPhase::Stopped, 0, None);
+        if vm.xenstore_domid().is_some() {
+            self.out.queue_store(StoreOp::Seal {
+                vm: id.name.clone(),
+                ips: vm.addrs(),
+            });
+        }
         vm.steer(&mut self.out);
         tracing::info!(vm = %id.name, "stopped: holding for a wake-up");
         Ok(())

@@ -41,6 +41,14 @@ pub enum StoreOp {
         /// Its addresses.
         ips: Vec<IpAddr>,
     },
+    /// The VM stopped: `/ip/<ip>` for each address emptied and closed to every domain but
+    /// dom0 until its next boot opens it for that boot's domain.
+    Seal {
+        /// The VM.
+        vm: String,
+        /// Its addresses.
+        ips: Vec<IpAddr>,
+    },
     /// The VM is no longer declared: `/ip/<ip>` removed for each address.
     Close {
         /// The VM.
