@@ -6,7 +6,8 @@
 //! - [`check`]: what a configuration means, as `--check` prints it;
 //! - [`fleet`]: the pure core deciding, per VM, what each query, tick and result leads to;
 //! - [`dns`]: the hickory-server request handler (answers from a table, asks the fleet on
-//!   the slow path) and [`forward`], the relay to the forwarders;
+//!   the slow path), [`forward`], the relay to the forwarders, and [`transport`], the UDP
+//!   and TCP sockets in front of the handler with their bounds;
 //! - [`backend`]: the trait the VMs are run through, the process backend and the libvirt one;
 //! - [`state`]: the state store with history (a git repository);
 //! - [`synjitsu`]: the client of synjitsu's control socket;
@@ -27,4 +28,5 @@ pub mod rumprun;
 pub mod state;
 pub mod synjitsu;
 mod sys;
+pub mod transport;
 pub mod xenstore;

@@ -682,3 +682,137 @@ fn vms_coming_and_going_never_change_the_bridges_own_mac() {
     h.wait_state("www", "off", LONG);
     assert_eq!(mac(&h), before, "a VM's stop changed the bridge's MAC");
 }
+
+#[test]
+fn a_restart_after_kill_9_during_boots_sweeps_the_half_built_vms_and_adopts_the_running_ones() {
+    prerequisites();
+    let mut h = DnsHarness::new("dkill").unwrap();
+    // Ports on br1 take 8 s to forward (STP, a 4 s forward delay), so each boot there waits
+    // 3 s (the backend's wait for a forwarding port) with its namespace, port and cgroup
+    // made and no command yet: a kill -9 then lands in the middle of every one.
+    h.host
+        .ns()
+        .sh("ip link add br1 type bridge stp_state 1 forward_delay 400 && ip link set br1 up")
+        .unwrap();
+    let spec = |name: &str, ip: &str, nic: &str| {
+        format!(
+            "name={name},dns={name}.example.org,ip={ip},nic={nic},response_delay=0,\
+             command='echo $$ >> {}; exec sleep 600'",
+            h.host.file(&format!("boots-{name}")).display()
+        )
+    };
+    let running: Vec<String> = (0..3).map(|i| format!("r{i}")).collect();
+    let booting: Vec<String> = (0..12).map(|i| format!("s{i}")).collect();
+    let mut specs: Vec<String> = running
+        .iter()
+        .enumerate()
+        .map(|(i, n)| spec(n, &format!("10.77.0.{}", 10 + i), "br0"))
+        .collect();
+    specs.extend(
+        booting
+            .iter()
+            .enumerate()
+            .map(|(i, n)| spec(n, &format!("10.77.0.{}", 100 + i), "br1")),
+    );
+    let mut extra = vec!["-t", "600"];
+    extra.extend(specs.iter().map(String::as_str));
+    let args = h.args(None, &extra);
+    h.start(&args, &[]).unwrap();
+    for (i, n) in running.iter().enumerate() {
+        let d = h.dig(&[&format!("{n}.example.org")]);
+        assert_eq!(
+            d.addresses(),
+            vec![format!("10.77.0.{}", 10 + i)],
+            "{}",
+            d.text
+        );
+    }
+    let pids: Vec<Vec<u32>> = running
+        .iter()
+        .map(|n| boots(&h.host.file(&format!("boots-{n}"))))
+        .collect();
+
+    // Every slow VM booting at once, then jitsu-dns killed once all their namespaces exist.
+    let mut digs: Vec<std::process::Child> = booting
+        .iter()
+        .map(|n| {
+            h.host
+                .ns()
+                .command("dig")
+                .args([
+                    "+time=30",
+                    "+tries=1",
+                    "@127.0.0.1",
+                    &format!("{n}.example.org"),
+                ])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let netns_exists =
+        |h: &DnsHarness, vm: &str| Path::new("/run/netns").join(h.vms.netns(vm)).exists();
+    wait_until("every booting VM's namespace", LONG, || {
+        booting.iter().all(|n| netns_exists(&h, n)).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", h.log()));
+    let mut daemon = h.daemon.take().unwrap();
+    daemon.signal("KILL").unwrap();
+    daemon.wait_exit(Duration::from_secs(10)).unwrap();
+    for d in &mut digs {
+        let _ = d.kill();
+        let _ = d.wait();
+    }
+    let launched = |h: &DnsHarness, n: &str| {
+        boots(&h.host.file(&format!("boots-{n}")))
+            .first()
+            .is_some_and(|p| alive(*p))
+    };
+    let half_built: Vec<&String> = booting.iter().filter(|n| !launched(&h, n)).collect();
+    assert!(
+        !half_built.is_empty(),
+        "the kill landed after every boot: nothing was left half-built"
+    );
+
+    h.start(&args, &[]).unwrap();
+    // The VMs that ran are adopted: the same process, recorded as running, never booted again.
+    for (n, before) in running.iter().zip(&pids) {
+        assert_eq!(&boots(&h.host.file(&format!("boots-{n}"))), before, "{n}");
+        assert!(alive(before[0]), "{n} was not killed");
+        h.wait_state(n, "running", LONG);
+    }
+    // A slow VM whose command had started and been recorded runs on and is adopted too
+    // (one started but not yet recorded is swept with the rest); every other one has nothing
+    // left: no namespace, no cgroup, no record, no port on the bridge.
+    let mut ran = 0;
+    for n in &booting {
+        if launched(&h, n) {
+            ran += 1;
+            h.wait_state(n, "running", LONG);
+            continue;
+        }
+        assert!(
+            !netns_exists(&h, n),
+            "{n}'s namespace is left:\n{}",
+            h.log()
+        );
+        let cg = h.vms.cgroup("v2", n);
+        assert!(!cg.exists(), "{} is left", cg.display());
+        let record = h.host.file(&format!("run/{n}.state"));
+        assert!(!record.exists(), "{} is left", record.display());
+    }
+    let ports = h
+        .host
+        .ns()
+        .sh("ip -o link show master br1")
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(ports, ran, "only the ports of running VMs stay on br1");
+    let swept = count(
+        &h.log().lines().map(str::to_string).collect::<Vec<_>>(),
+        "removed what an earlier run left of a VM that does not run",
+    );
+    assert!(swept >= half_built.len(), "{}", h.log());
+    assert_eq!(swept, booting.len() - ran, "{}", h.log());
+}

@@ -89,6 +89,22 @@ pub struct Flags {
     /// allows removing them all [default: 0.5].
     #[arg(long, value_name = "SHARE")]
     pub max_removed_share: Option<Given>,
+    /// Clients that may use the forwarders: networks, comma-separated; others get REFUSED for
+    /// names outside the zones [default: loopback and the networks of the bind address].
+    #[arg(long, value_name = "CIDR")]
+    pub forward_clients: Option<Given>,
+    /// At most this many forwarded queries in flight; past it, SERVFAIL at once [default:
+    /// 150].
+    #[arg(long, value_name = "N")]
+    pub forward_max: Option<Given>,
+    /// At most this many DNS-over-TCP connections at once; past it, new ones are closed
+    /// [default: 150].
+    #[arg(long, value_name = "N")]
+    pub tcp_max_clients: Option<Given>,
+    /// At most this many DNS-over-TCP connections from one client (an IPv6 client: its /64)
+    /// [default: 16].
+    #[arg(long, value_name = "N")]
+    pub tcp_max_per_client: Option<Given>,
     /// VM specs: name=www,dns=www.example.org,ip=10.0.0.1,...
     #[arg(value_name = "VM")]
     #[serde(skip)]
@@ -181,7 +197,7 @@ mod tests {
                 assert_eq!(long, key.replace('_', "-"), "the flag is the key");
             }
         }
-        assert_eq!(n, 16, "the settings");
+        assert_eq!(n, 20, "the settings");
     }
 
     #[test]

@@ -34,6 +34,7 @@ use std::path::PathBuf;
 
 use error::invalid;
 use flags::Given;
+use ipnet::IpNet;
 use values::{parse_enum, parse_ip, parse_seconds, parse_u64, parse_uuid};
 use vm::{VmDefaults, build_vm, check_distinct};
 use zone::{explicit_zones, zones_for};
@@ -122,6 +123,12 @@ pub fn merge(flags: &Flags, file: Option<&FileSettings>) -> Result<Config, Confi
     .map(|n| n as u32);
     let max_removed_share =
         setting!(s, max_removed_share, parse_share)?.unwrap_or(DEFAULT_MAX_REMOVED_SHARE);
+    let count = |o: &Origin, k: &str, v: &str| parse_u64(o, k, v, 1, 1 << 20).map(|n| n as usize);
+    let forward_clients = setting!(s, forward_clients, parse_networks)?;
+    let forward_max = setting!(s, forward_max, count)?.unwrap_or(DEFAULT_FORWARD_MAX);
+    let tcp_max_clients = setting!(s, tcp_max_clients, count)?.unwrap_or(DEFAULT_TCP_MAX_CLIENTS);
+    let tcp_max_per_client =
+        setting!(s, tcp_max_per_client, count)?.unwrap_or(DEFAULT_TCP_MAX_PER_CLIENT);
 
     let defaults = VmDefaults {
         delay,
@@ -176,6 +183,10 @@ pub fn merge(flags: &Flags, file: Option<&FileSettings>) -> Result<Config, Confi
         zones,
         vms: vms.into_iter().map(|(v, _)| v).collect(),
         file: file.map(|f| f.path.clone()),
+        forward_clients,
+        forward_max,
+        tcp_max_clients,
+        tcp_max_per_client,
     })
 }
 
@@ -280,6 +291,28 @@ fn is_libvirt_qemu_uri(uri: &str) -> bool {
     let (host_path, _query) = rest.split_once('?').unwrap_or((rest, ""));
     let (host, path) = host_path.split_once('/').unwrap_or((host_path, ""));
     !host.is_empty() || matches!(path, "system" | "session" | "embed")
+}
+
+/// `--forward-clients`: networks (`10.0.0.0/24`; an address alone is its own network),
+/// comma-separated.
+fn parse_networks(origin: &Origin, key: &str, v: &str) -> Result<Vec<IpNet>, ConfigError> {
+    v.split(',')
+        .map(|s| {
+            let s = s.trim();
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map(|n| n.trunc())
+                .map_err(|_| {
+                    invalid(
+                        origin,
+                        key,
+                        v,
+                        "expected networks like 10.0.0.0/24 or fd00::/64, comma-separated \
+                         (0.0.0.0/0,::/0: every client)",
+                    )
+                })
+        })
+        .collect()
 }
 
 /// `-f`: a comma-separated list of servers; empty: the system's; `0.0.0.0`: none.

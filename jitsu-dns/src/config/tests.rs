@@ -80,6 +80,10 @@ fn every_flag_is_parsed() {
         max_running: Some("4".into()),
         max_boots_per_second: Some("2".into()),
         max_removed_share: Some("0.25".into()),
+        forward_clients: Some("10.9.0.0/24, fd00::1".into()),
+        forward_max: Some("8".into()),
+        tcp_max_clients: Some("30".into()),
+        tcp_max_per_client: Some("3".into()),
         specs: vec![www().into()],
         config: None,
     };
@@ -108,6 +112,17 @@ fn every_flag_is_parsed() {
     assert_eq!(c.max_boots_per_second, Some(2));
     assert_eq!(c.max_removed_share, 0.25);
     assert_eq!(
+        c.forward_clients,
+        Some(vec![
+            "10.9.0.0/24".parse().unwrap(),
+            "fd00::1/128".parse().unwrap()
+        ])
+    );
+    assert_eq!(
+        (c.forward_max, c.tcp_max_clients, c.tcp_max_per_client),
+        (8, 30, 3)
+    );
+    assert_eq!(
         c.zones[0].ns_addresses,
         vec!["10.9.0.1".parse::<IpAddr>().unwrap()]
     );
@@ -117,6 +132,35 @@ fn every_flag_is_parsed() {
     assert_eq!(ok(&off).forwarders, Forwarders::Off);
     off.forwarder = Some("".into());
     assert_eq!(ok(&off).forwarders, Forwarders::System);
+    let d = ok(&off);
+    assert_eq!(
+        (
+            d.forward_clients,
+            d.forward_max,
+            d.tcp_max_clients,
+            d.tcp_max_per_client
+        ),
+        (
+            None,
+            DEFAULT_FORWARD_MAX,
+            DEFAULT_TCP_MAX_CLIENTS,
+            DEFAULT_TCP_MAX_PER_CLIENT
+        )
+    );
+    // A host bit set is the network it is in; anything else is refused.
+    off.forward_clients = Some("10.9.0.7/24".into());
+    assert_eq!(
+        ok(&off).forward_clients,
+        Some(vec!["10.9.0.0/24".parse().unwrap()])
+    );
+    off.forward_clients = Some("10.9.0.0/24,everyone".into());
+    let e = merge(&off, None).unwrap_err().to_string();
+    assert!(
+        e.starts_with(
+            "flag --forward-clients: forward_clients = \"10.9.0.0/24,everyone\": expected networks"
+        ),
+        "{e}"
+    );
 }
 
 #[test]

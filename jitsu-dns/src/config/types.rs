@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::rr::Name;
+use ipnet::IpNet;
 use shared_proto::Mac;
 
 use super::ConfigError;
@@ -38,6 +39,12 @@ pub const DEFAULT_NIC: &str = "br0";
 pub const DEFAULT_MAX_REMOVED_SHARE: f64 = 0.5;
 /// Default log filter.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Default bound on forwarded queries in flight (dnsmasq's `dns-forward-max` is 150).
+pub const DEFAULT_FORWARD_MAX: usize = 150;
+/// Default bound on DNS-over-TCP connections at once (BIND's `tcp-clients` is 150).
+pub const DEFAULT_TCP_MAX_CLIENTS: usize = 150;
+/// Default bound on DNS-over-TCP connections from one client: a resolver needs one or two.
+pub const DEFAULT_TCP_MAX_PER_CLIENT: usize = 16;
 
 /// How a VM is stopped when idle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -390,6 +397,15 @@ pub struct Config {
     pub vms: Vec<VmConfig>,
     /// The file read, if any (re-read on SIGHUP).
     pub file: Option<PathBuf>,
+    /// Clients that may use the forwarders; `None`: loopback and the networks of `bind`
+    /// (which only the daemon can look up).
+    pub forward_clients: Option<Vec<IpNet>>,
+    /// At most this many forwarded queries in flight.
+    pub forward_max: usize,
+    /// At most this many DNS-over-TCP connections at once.
+    pub tcp_max_clients: usize,
+    /// At most this many DNS-over-TCP connections from one client.
+    pub tcp_max_per_client: usize,
 }
 
 impl Config {
@@ -419,7 +435,17 @@ impl Config {
                 }
             )*};
         }
-        restart_only!(bind, listen, backend, connect, synjitsu, persistdb, metrics);
+        restart_only!(
+            bind,
+            listen,
+            backend,
+            connect,
+            synjitsu,
+            persistdb,
+            metrics,
+            tcp_max_clients,
+            tcp_max_per_client
+        );
         (self, kept)
     }
 

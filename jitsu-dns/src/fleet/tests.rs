@@ -82,6 +82,7 @@ fn started(f: &mut Fleet, t: Instant, vm: &str, domid: Option<u32>) -> Vec<Comma
         Event::Started {
             vm: name(vm),
             domid,
+            port: None,
         },
     )
 }
@@ -784,6 +785,30 @@ fn a_synjitsu_guest_that_never_announces_itself_is_failed_and_retried() {
     boot(&mut f, t0, 1);
     f.handle(t0 + MS * 300, Event::SynjitsuDown);
     assert!(stops(&tick(&mut f, t0 + MS * 1600)).is_empty());
+
+    // Nor when its readiness key appeared: it listens, synjitsu was told `ready`, whether
+    // or not the guest ever announces itself (many unmodified guests do not).
+    let (mut f, t0) = fleet(
+        &[spec(
+            "www",
+            1,
+            ",use_synjitsu=true,boot_timeout=1.5,wait_for_key=/jitsu/www/ready,wait_for_timeout=5",
+        )],
+        settings(),
+    );
+    f.handle(t0, Event::SynjitsuUp);
+    boot(&mut f, t0, 1);
+    let out = f.handle(t0 + MS * 300, Event::KeyAppeared { vm: name("www") });
+    assert!(
+        synjitsu(&out)
+            .iter()
+            .any(|(_, m)| matches!(m, ClientMessage::Ready { .. }))
+    );
+    // Running once the response delay after the key has passed, as in Jitsu.
+    tick(&mut f, t0 + MS * 1000);
+    assert_eq!(f.state("www"), Some(Lifecycle::Running));
+    assert!(stops(&tick(&mut f, t0 + MS * 1600)).is_empty());
+    assert_eq!(f.state("www"), Some(Lifecycle::Running));
 }
 
 #[test]
@@ -1205,4 +1230,95 @@ fn durations_read_well() {
     assert_eq!(fmt_duration(Duration::from_secs(2)), "2 s");
     assert_eq!(fmt_duration(Duration::from_millis(1500)), "1.5 s");
     assert_eq!(fmt_duration(Duration::from_secs(120)), "120 s");
+}
+
+/// The guest's bridge port reaches synjitsu: from the first `booting` where the backend names
+/// it before the start (the process backend), else in a `port` once it has started it
+/// (libvirt), never an old run's, and never for a stopped VM.
+#[test]
+fn synjitsu_learns_the_guests_bridge_port_as_soon_as_the_backend_names_it() {
+    let booting_port = |out: &[Command]| {
+        synjitsu(out).into_iter().find_map(|(_, m)| match m {
+            ClientMessage::Booting { vm } => Some(vm.port),
+            _ => None,
+        })
+    };
+    let port_msgs = |out: &[Command]| -> Vec<ClientMessage> {
+        synjitsu(out)
+            .into_iter()
+            .map(|(_, m)| m)
+            .filter(|m| matches!(m, ClientMessage::Port { .. }))
+            .collect()
+    };
+    let start = |f: &mut Fleet, t: Instant, port: Option<&str>| {
+        f.handle(
+            t,
+            Event::Started {
+                vm: name("www"),
+                domid: None,
+                port: port.map(str::to_string),
+            },
+        )
+    };
+    let www = [spec("www", 1, ",use_synjitsu=true,response_delay=0")];
+
+    // Named before the start: in the first booting, and not again.
+    let (mut f, t0) = fleet(&www, settings());
+    f.handle(
+        t0,
+        Event::PortFound {
+            vm: name("www"),
+            port: "jwww0123456".into(),
+        },
+    );
+    f.handle(t0, Event::SynjitsuUp);
+    let out = query(&mut f, t0, "www", 1);
+    assert_eq!(booting_port(&out), Some(Some("jwww0123456".into())));
+    assert!(port_msgs(&start(&mut f, t0 + MS, Some("jwww0123456"))).is_empty());
+
+    // Named only once it runs: a port message then, and a new one at the next boot.
+    let (mut f, t0) = fleet(&www, settings());
+    f.handle(t0, Event::SynjitsuUp);
+    let out = query(&mut f, t0, "www", 1);
+    assert_eq!(booting_port(&out), Some(None));
+    let out = start(&mut f, t0 + MS, Some("vnet3"));
+    assert_eq!(
+        port_msgs(&out),
+        vec![ClientMessage::Port {
+            name: "www".into(),
+            port: "vnet3".into()
+        }]
+    );
+    // A reconnect while it runs tells the port with the VM.
+    let out = f.handle(t0 + MS * 2, Event::SynjitsuUp);
+    let Some((_, ClientMessage::Sync { vms })) = synjitsu(&out).pop() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(vms[0].vm.port.as_deref(), Some("vnet3"));
+    // Stopped: no port (it may be another guest's by now); booted again: not the old one.
+    let out = f.handle(
+        t0 + MS * 3,
+        Event::Observed {
+            vm: name("www"),
+            state: Observed::Off,
+            epoch: None,
+        },
+    );
+    for (_, m) in synjitsu(&out) {
+        if let ClientMessage::Stopped { vm } = m {
+            assert_eq!(vm.port, None);
+        }
+    }
+    let out = f.handle(t0 + MS * 4, Event::SynjitsuUp);
+    let Some((_, ClientMessage::Sync { vms })) = synjitsu(&out).pop() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        (vms[0].phase, vms[0].vm.port.as_deref()),
+        (Phase::Stopped, None)
+    );
+    let out = query(&mut f, t0 + Duration::from_secs(10), "www", 2);
+    assert_eq!(booting_port(&out), Some(None), "not the old run's vnet3");
+    let out = start(&mut f, t0 + Duration::from_secs(10) + MS, Some("vnet7"));
+    assert_eq!(port_msgs(&out).len(), 1);
 }

@@ -161,6 +161,8 @@ pub enum Event {
         vm: VmName,
         /// Its domain id, if the backend has them.
         domid: Option<u32>,
+        /// The host-side bridge port of its interface, if the backend names it.
+        port: Option<String>,
     },
     /// A start, resume or unpause failed.
     StartFailed {
@@ -226,6 +228,15 @@ pub enum Event {
     KeyAppeared {
         /// The VM.
         vm: VmName,
+    },
+    /// The backend names the bridge port the VM's interface will have before it starts it
+    /// (the process backend's veth), so synjitsu can know it from the first `booting`.
+    /// Reported before [`Event::Reconciled`].
+    PortFound {
+        /// The VM.
+        vm: VmName,
+        /// The port.
+        port: String,
     },
     /// The backend's definition of the VM (a libvirt domain's XML) gives its interfaces
     /// these MACs, in order (at least one). Reported before [`Event::Reconciled`].

@@ -97,6 +97,11 @@ pub(super) struct Vm {
     /// The MACs taken from the VM's domain ([`super::Event::MacFound`]), kept across
     /// reloads; empty until then.
     pub(super) adopted_macs: Vec<Mac>,
+    /// The bridge port of the guest's interface in its current run ([`super::Event::Started`]);
+    /// forgotten at each fresh boot (libvirt names a new one).
+    pub(super) port: Option<String>,
+    /// The port the backend gives it at every start ([`super::Event::PortFound`]).
+    pub(super) fixed_port: Option<String>,
 }
 
 impl Vm {
@@ -115,7 +120,14 @@ impl Vm {
             last_start: None,
             unconfirmed_until: None,
             adopted_macs: Vec::new(),
+            port: None,
+            fixed_port: None,
         }
+    }
+
+    /// The guest's bridge port as far as it is known: this run's, else the one it always has.
+    pub(super) fn bridge_port(&self) -> Option<String> {
+        self.port.clone().or_else(|| self.fixed_port.clone())
     }
 
     pub(super) fn set_life(&mut self, life: Life) {

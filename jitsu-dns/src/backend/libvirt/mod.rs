@@ -321,7 +321,12 @@ fn bring_up(s: &Session, vm: &VmConfig, d: &VirDomain) -> Result<Started, OpErro
             }
         }
     }
-    Ok(Started { domid: d.id() })
+    // The port exists only now (libvirt names it vnetN at each start, Xen vif<domid>.<n>).
+    let (_, port) = first_interface(&d.xml_desc(0)?);
+    Ok(Started {
+        domid: d.id(),
+        port,
+    })
 }
 
 /// Starts a domain with `flags` (`VIR_DOMAIN_START_*`). libvirt's test driver takes no start
@@ -396,6 +401,7 @@ impl Backend for LibvirtBackend {
                     state: Observed::Off,
                     domid: None,
                     macs: Vec::new(),
+                    fixed_port: None,
                 });
             };
             let state = state_of(&d)?;
@@ -404,6 +410,7 @@ impl Backend for LibvirtBackend {
                 state,
                 domid: d.id(),
                 macs,
+                fixed_port: None,
             })
         })
     }

@@ -378,6 +378,23 @@ impl QemuBackend {
         Record::parse(&text)
     }
 
+    /// The tap of `vm`'s QEMU, from the table or else its record.
+    fn tap(&self, vm: &VmConfig) -> Option<String> {
+        self.vms()
+            .get(&vm.name)
+            .map(|s| s.rec.tap.clone())
+            .or_else(|| self.record(&vm.name).map(|r| r.tap))
+    }
+
+    /// What a start or resume of `vm` reports: its tap is its bridge port, the only one
+    /// synjitsu then takes its announcement from.
+    fn started(&self, vm: &VmConfig) -> Started {
+        Started {
+            domid: None,
+            port: self.tap(vm),
+        }
+    }
+
     fn files(&self, vm: &str) -> Files {
         let f = |ext: &str| self.inner.uri.dir.join(format!("{vm}.{ext}"));
         Files {
@@ -888,6 +905,9 @@ impl Backend for QemuBackend {
             state: state.unwrap_or(Observed::Off),
             domid: None,
             macs: vec![vm.mac()],
+            // The kernel numbers each QEMU's tap as it is made: its name is known at the
+            // start (Started::port), not before.
+            fixed_port: None,
         })
     }
 
@@ -896,14 +916,14 @@ impl Backend for QemuBackend {
         let _g = lock.lock().expect("op lock poisoned");
         if self.inner.uri.standby {
             match self.wake(vm) {
-                Ok(true) => return Ok(Started { domid: None }),
+                Ok(true) => return Ok(self.started(vm)),
                 Ok(false) => {}
                 Err(e) => tracing::warn!(vm = %vm.name, error = %e, "starting a new QEMU instead"),
             }
         }
         self.destroy(vm)?;
         match self.launch(vm, false) {
-            Ok(()) => Ok(Started { domid: None }),
+            Ok(()) => Ok(self.started(vm)),
             Err(e) => {
                 // Leave nothing half-made behind.
                 if let Err(t) = self.destroy(vm) {
@@ -948,7 +968,7 @@ impl Backend for QemuBackend {
         let lock = self.op_lock(&vm.name);
         let _g = lock.lock().expect("op lock poisoned");
         self.command(vm, "resume", "cont", |e| &mut e.resume)?;
-        Ok(Started { domid: None })
+        Ok(self.started(vm))
     }
 
     fn unpause(&self, vm: &VmConfig) -> Result<Started, BackendError> {
@@ -957,12 +977,7 @@ impl Backend for QemuBackend {
     }
 
     fn counters(&self, vm: &VmConfig) -> Result<Option<IfCounters>, BackendError> {
-        let tap = self
-            .vms()
-            .get(&vm.name)
-            .map(|s| s.rec.tap.clone())
-            .or_else(|| self.record(&vm.name).map(|r| r.tap));
-        let Some(tap) = tap else {
+        let Some(tap) = self.tap(vm) else {
             return Ok(None);
         };
         let text = fs::read_to_string("/proc/net/dev")
