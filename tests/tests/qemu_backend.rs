@@ -350,6 +350,16 @@ fn the_whole_chain_gets_the_unikernels_page_with_one_syn_with_synjitsu_and_with_
         assert_eq!(guest.endpoint, format!("{}:80", vm.ip));
     }
     assert!(stack.synjitsu_metric("synjitsu_syns_handed_over_total{via=\"wire\"}") >= 1.0);
+    // jitsu-dns named the synjitsu VM's tap as its bridge port once QEMU had it, so synjitsu
+    // took the guest's announcement from there alone.
+    let log = stack.synjitsu_log();
+    assert!(
+        log.lines().any(|l| l.contains("guest's bridge port")
+            && l.contains(&format!("vm={}", vms[0].name))
+            && l.contains("port=\"jq")),
+        "{}",
+        stack.logs()
+    );
     stack.wait_all_off(LONG).unwrap();
     let ns = stack.host.ns();
     assert_eq!(qemus(ns).unwrap(), Vec::<u32>::new(), "{}", stack.logs());
