@@ -135,6 +135,8 @@ pub struct Listening {
     /// Milliseconds the firmware ran before the entry point (`firmware X ms before entry`):
     /// under TCG the TSC counts from when the virtual machine started running.
     pub firmware_ms: Option<f64>,
+    /// Milliseconds of its entry-to-listening spent setting up virtio-net (`virtio X ms`).
+    pub virtio_ms: Option<f64>,
     /// The whole line.
     pub line: String,
 }
@@ -149,14 +151,16 @@ pub fn parse_listening(console: &str) -> Option<Listening> {
     let mac = words.next()?.to_string();
     (words.next()? == "after").then_some(())?;
     let after_ms = words.next()?.parse().ok()?;
-    let firmware_ms = line
-        .split_once("(firmware ")
-        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok());
+    let ms_after = |label: &str| {
+        line.split_once(label)
+            .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+    };
     Some(Listening {
         endpoint,
         mac,
         after_ms,
-        firmware_ms,
+        firmware_ms: ms_after("(firmware "),
+        virtio_ms: ms_after(", virtio "),
         line: line.to_string(),
     })
 }
@@ -249,13 +253,15 @@ mod tests {
     fn the_listening_line_gives_address_mac_and_time() {
         let console = "jitsu-unikernel: GSI 12 is not on an IOAPIC: polling every 1ms\n\
              jitsu-unikernel: listening on 10.77.13.10:80 mac 02:77:00:0d:00:10 after 3.728 ms \
-             (firmware 1.7 ms before entry; entry to main 0.161 ms)\n";
+             (firmware 1.7 ms before entry; entry to main 0.161 ms, virtio 1.52 ms, smoltcp \
+             0.02 ms; TSC 2995 MHz)\n";
         let l = parse_listening(console).unwrap();
         assert_eq!(l.endpoint, "10.77.13.10:80");
         assert_eq!(l.mac, "02:77:00:0d:00:10");
         assert_eq!(l.after_ms, 3.728);
         assert_eq!(l.firmware_ms, Some(1.7));
-        assert!(l.line.ends_with("entry to main 0.161 ms)"));
+        assert_eq!(l.virtio_ms, Some(1.52));
+        assert!(l.line.ends_with("TSC 2995 MHz)"));
         assert_eq!(parse_listening("jitsu-unikernel: fatal: no ip=\n"), None);
     }
 

@@ -588,11 +588,11 @@ fn bench_unikernel(a: Args) -> Result<()> {
     println!(
         "\nWhere the unikernel's time goes (medians, ms): DNS query leaving the client -> jitsu-dns\n\
          starts QEMU (with standby=on: wakes the paused QEMU) -> the guest listens (QEMU's own\n\
-         start, the firmware, the guest from its entry point) -> the page's first byte at the\n\
-         client."
+         start, the firmware, the guest from its entry point, of which virtio-net's set-up) -> the\n\
+         page's first byte at the client."
     );
     println!(
-        "{:<16} {:<12} {:>11} {:>13} {:>11} {:>9} {:>11} {:>15}",
+        "{:<16} {:<12} {:>11} {:>13} {:>11} {:>9} {:>11} {:>7} {:>15}",
         "",
         "mode",
         "query->exec",
@@ -600,6 +600,7 @@ fn bench_unikernel(a: Args) -> Result<()> {
         "QEMU start",
         "firmware",
         "guest boot",
+        "virtio",
         "listen->1st byte"
     );
     for (series, m) in all[..2]
@@ -638,13 +639,17 @@ fn bench_unikernel(a: Args) -> Result<()> {
             .iter()
             .filter_map(|c| Some(c.guest.as_ref()?.after_ms))
             .collect());
+        let virtio = med(rows
+            .iter()
+            .filter_map(|c| c.guest.as_ref()?.virtio_ms)
+            .collect());
         let after = med(rows
             .iter()
             .filter_map(|c| c.after_listening_us)
             .map(|u| u as f64 / 1000.0)
             .collect());
         println!(
-            "{:<16} {:<12} {:>11} {:>13} {:>11} {:>9} {:>11} {:>15}",
+            "{:<16} {:<12} {:>11} {:>13} {:>11} {:>9} {:>11} {:>7} {:>15}",
             series.label,
             m.label(),
             f(exec),
@@ -652,6 +657,7 @@ fn bench_unikernel(a: Args) -> Result<()> {
             f(qemu),
             f(firmware),
             f(guest),
+            f(virtio),
             f(after)
         );
     }
