@@ -13,7 +13,7 @@
 //!   lets them (`--boot-ms` does not apply). `--backend qemu [--guest unikernel]`: the
 //!   unikernel under jitsu-dns's QEMU backend, then, in the same run, the Linux guest under
 //!   libvirt and the test guest under the process backend (`--baseline-runs N` each, `0` for
-//!   none), with where the unikernel's time goes.
+//!   none), with where the unikernel's time goes; `--series` runs some of these only.
 //!
 //! Run as root, from a build that has `synjitsu`, `jitsu-dns` and `jitsu-test-guest` beside
 //! it (`cargo build --release --workspace --bins`).
@@ -26,7 +26,7 @@ use jitsu_tests::e2e::{Backend, ColdStart, DNS_ADDR, Mask, Options, Stack, Vm, t
 fn usage() -> ! {
     eprintln!(
         "usage: jitsu-e2e demo [--boot-ms N]\n       \
-         jitsu-e2e bench [--runs N] [--boot-ms A,B,...] [--modes none,delay,announce,synjitsu] [--arp] [--backend process|libvirt|qemu] [--guest unikernel] [--baseline-runs N]"
+         jitsu-e2e bench [--runs N] [--boot-ms A,B,...] [--modes none,delay,announce,synjitsu] [--arp] [--backend process|libvirt|qemu] [--guest unikernel] [--baseline-runs N]\n                [--series qemu,standby,libvirt-unikernel,libvirt-linux,process]"
     );
     std::process::exit(2)
 }
@@ -43,6 +43,50 @@ struct Args {
     backend: Backend,
     /// With `--backend qemu`: cold starts per mode of each baseline (libvirt, process).
     baseline_runs: Option<usize>,
+    /// With `--backend qemu`: the series to run (all by default).
+    series: Vec<SeriesName>,
+}
+
+/// One backend and guest that `bench --backend qemu` runs cold starts of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SeriesName {
+    /// The unikernel under jitsu-dns's QEMU backend.
+    Qemu,
+    /// The same with `standby=on`.
+    Standby,
+    /// The unikernel under libvirt (a baseline).
+    LibvirtUnikernel,
+    /// The Linux guest under libvirt (a baseline).
+    LibvirtLinux,
+    /// The test guest under the process backend (a baseline).
+    Process,
+}
+
+impl SeriesName {
+    const ALL: [SeriesName; 5] = [
+        SeriesName::Qemu,
+        SeriesName::Standby,
+        SeriesName::LibvirtUnikernel,
+        SeriesName::LibvirtLinux,
+        SeriesName::Process,
+    ];
+
+    fn parse(s: &str) -> Result<SeriesName> {
+        Ok(match s {
+            "qemu" => SeriesName::Qemu,
+            "standby" => SeriesName::Standby,
+            "libvirt-unikernel" => SeriesName::LibvirtUnikernel,
+            "libvirt-linux" => SeriesName::LibvirtLinux,
+            "process" => SeriesName::Process,
+            other => bail!(
+                "unknown series {other:?}: qemu, standby, libvirt-unikernel, libvirt-linux, process"
+            ),
+        })
+    }
+
+    fn baseline(self) -> bool {
+        !matches!(self, SeriesName::Qemu | SeriesName::Standby)
+    }
 }
 
 fn parse(args: &[String], default_boots: &[u64], default_runs: usize) -> Result<Args> {
@@ -54,6 +98,7 @@ fn parse(args: &[String], default_boots: &[u64], default_runs: usize) -> Result<
         arp: false,
         backend: Backend::Process,
         baseline_runs: None,
+        series: SeriesName::ALL.to_vec(),
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -96,6 +141,12 @@ fn parse(args: &[String], default_boots: &[u64], default_runs: usize) -> Result<
             }
             "--baseline-runs" => {
                 a.baseline_runs = Some(value()?.parse().context("--baseline-runs")?);
+            }
+            "--series" => {
+                a.series = value()?
+                    .split(',')
+                    .map(|v| SeriesName::parse(v.trim()))
+                    .collect::<Result<_>>()?;
             }
             "-h" | "--help" => usage(),
             other => bail!("unknown argument {other:?} (try --help)"),
@@ -396,6 +447,7 @@ fn bench(mut a: Args) -> Result<()> {
 /// The cold starts of one backend and guest, per mode.
 struct Series {
     label: String,
+    backend: Backend,
     results: Vec<(Mask, ColdStart)>,
 }
 
@@ -466,6 +518,7 @@ fn run_series(
     }
     Ok(Series {
         label: label.to_string(),
+        backend,
         results,
     })
 }
@@ -495,41 +548,28 @@ fn bench_unikernel(a: Args) -> Result<()> {
             "has each VM's MAC cached"
         }
     );
-    let mut all = vec![run_series(
-        "qemu/unikernel",
-        Backend::Qemu,
-        Duration::ZERO,
-        a.runs,
-        &a.modes,
-        a.arp,
-        false,
-    )?];
-    let standby = run_series(
-        "qemu+standby/uk",
-        Backend::Qemu,
-        Duration::ZERO,
-        a.runs,
-        &a.modes,
-        a.arp,
-        true,
-    )?;
-    if baseline > 0 {
-        let process = format!("process/{}ms", process_boot.as_millis());
-        for (label, backend, boot) in [
-            (
+    let process = format!("process/{}ms", process_boot.as_millis());
+    let mut all = Vec::new();
+    for which in &a.series {
+        let (label, backend, boot, standby) = match which {
+            SeriesName::Qemu => ("qemu/unikernel", Backend::Qemu, Duration::ZERO, false),
+            SeriesName::Standby => ("qemu+standby/uk", Backend::Qemu, Duration::ZERO, true),
+            SeriesName::LibvirtUnikernel => (
                 "libvirt/unikernel",
                 Backend::LibvirtUnikernel,
                 Duration::ZERO,
+                false,
             ),
-            ("libvirt/linux", Backend::Libvirt, Duration::ZERO),
-            (process.as_str(), Backend::Process, process_boot),
-        ] {
+            SeriesName::LibvirtLinux => ("libvirt/linux", Backend::Libvirt, Duration::ZERO, false),
+            SeriesName::Process => (process.as_str(), Backend::Process, process_boot, false),
+        };
+        let runs = if which.baseline() { baseline } else { a.runs };
+        if runs > 0 {
             all.push(run_series(
-                label, backend, boot, baseline, &a.modes, a.arp, false,
+                label, backend, boot, runs, &a.modes, a.arp, standby,
             )?);
         }
     }
-    all.insert(1, standby);
     let f = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
     println!(
         "\n{:<16} {:<12} {:>4} {:>5} {:>6} {:>4} {:>17} {:>19}",
@@ -603,8 +643,9 @@ fn bench_unikernel(a: Args) -> Result<()> {
         "virtio",
         "listen->1st byte"
     );
-    for (series, m) in all[..2]
+    for (series, m) in all
         .iter()
+        .filter(|s| s.backend == Backend::Qemu)
         .flat_map(|s| a.modes.iter().map(move |m| (s, m)))
     {
         let rows: Vec<&ColdStart> = series
