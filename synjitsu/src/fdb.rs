@@ -6,7 +6,8 @@
 //! over. Messages are `netlink-packet-route`'s (`NeighbourMessage`: any state and flags an
 //! entry may need, and the table's dump), the socket `netlink-sys`'s; both are safe Rust, so
 //! nothing here is in [`crate::sys`]. It does not decide which MAC to steer ([`crate::hold`])
-//! or create the port ([`crate::port`]).
+//! or keep the table as synjitsu wants it ([`crate::steering`]), nor create the port
+//! ([`crate::port`]).
 //!
 //! Why sticky: on Linux a static entry that is not sticky moves to the port its MAC sends
 //! from, and a booting guest's kernel sends (a router solicitation, an MLD report) as soon as
@@ -183,7 +184,8 @@ enum Answer {
 }
 
 /// The bridge's forwarding table, seen from synjitsu's port. Every call blocks for one
-/// netlink round trip (or a dump); the daemon makes them from its fdb task, one at a time.
+/// netlink round trip (or a dump); [`crate::steering`] makes them from its own thread, one at
+/// a time.
 #[derive(Debug)]
 pub struct Fdb {
     sock: Socket,

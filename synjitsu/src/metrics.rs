@@ -29,8 +29,20 @@ pub struct ShellStats {
     pub rx_outgoing: u64,
     /// Frames the kernel dropped because synjitsu's socket buffer was full.
     pub kernel_drops: u64,
-    /// Forwarding-table commands that failed.
+    /// Forwarding-table commands (and writes of their record) that failed.
     pub fdb_errors: u64,
+    /// Forwarding entries added or removed as the core asked.
+    pub fdb_changes: u64,
+    /// Forwarding-table changes tried again after a failure.
+    pub fdb_retries: u64,
+    /// Reconciles of the forwarding table with what synjitsu wants.
+    pub fdb_reconciles: u64,
+    /// Forwarding entries a reconcile added, moved back or removed.
+    pub fdb_reconcile_fixes: u64,
+    /// MACs whose wanted forwarding entry is not known to be on the bridge yet.
+    pub fdb_pending: u64,
+    /// Whether steering entries are sticky (the kernel keeps `NTF_STICKY`).
+    pub fdb_sticky: bool,
     /// Xenstore resets and removals that failed.
     pub store_errors: u64,
     /// Events produced while no client was attached.
@@ -189,7 +201,6 @@ pub fn render(core: &Hold, shell: &ShellStats, client_attached: bool) -> String 
         ("transmit", c.transmit_overflow),
         ("events", c.events_overflow),
         ("store", c.store_overflow),
-        ("fdb", c.fdb_overflow),
     ] {
         let _ = writeln!(o, "synjitsu_queue_overflows_total{{queue=\"{q}\"}} {v}");
     }
@@ -226,9 +237,47 @@ pub fn render(core: &Hold, shell: &ShellStats, client_attached: bool) -> String 
     counter(
         &mut o,
         "synjitsu_fdb_errors_total",
-        "Bridge forwarding-table commands that failed.",
+        "Bridge forwarding-table commands that failed (each is retried).",
         shell.fdb_errors,
     );
+    counter(
+        &mut o,
+        "synjitsu_fdb_changes_total",
+        "Bridge forwarding entries added or removed as VMs were steered and released.",
+        shell.fdb_changes,
+    );
+    counter(
+        &mut o,
+        "synjitsu_fdb_retries_total",
+        "Bridge forwarding-table changes tried again after a failure.",
+        shell.fdb_retries,
+    );
+    counter(
+        &mut o,
+        "synjitsu_fdb_reconciles_total",
+        "Comparisons of the bridge's forwarding table (a dump) with what synjitsu wants.",
+        shell.fdb_reconciles,
+    );
+    counter(
+        &mut o,
+        "synjitsu_fdb_reconcile_fixes_total",
+        "Bridge forwarding entries a reconcile added, moved back or removed.",
+        shell.fdb_reconcile_fixes,
+    );
+    family(
+        &mut o,
+        "synjitsu_fdb_pending",
+        "MACs whose wanted forwarding entry is not known to be on the bridge yet.",
+        "gauge",
+    );
+    let _ = writeln!(o, "synjitsu_fdb_pending {}", shell.fdb_pending);
+    family(
+        &mut o,
+        "synjitsu_fdb_sticky",
+        "1 if steering entries are sticky (kept on synjitsu's port whatever port the MAC sends from).",
+        "gauge",
+    );
+    let _ = writeln!(o, "synjitsu_fdb_sticky {}", u8::from(shell.fdb_sticky));
     counter(
         &mut o,
         "synjitsu_events_undelivered_total",
