@@ -2,15 +2,24 @@
 //! the forwarding-table thread and metrics, then runs one `select!` loop around the core until
 //! cancelled, and takes everything down again.
 //!
-//! The loop, `biased` in this order: the core's timer ([`Hold::poll_at`]), frames from the
-//! packet socket (at most [`BATCH`] per turn, so the rest is never starved), control
-//! requests, Xenstore results, forwarding-table results, metrics requests, and cancellation.
-//! After each turn it drains the core's outputs: frames to the socket, events to the attached
-//! control client, Xenstore work to the store thread, forwarding-table wishes to
-//! [`Steering`]. Nothing here decides anything; the core does.
+//! The loop, each turn: cancellation first (a stop is never delayed), then the core's timer
+//! ([`Hold::poll_at`]: what is due, probes every 5 ms, hold timeouts, is never late behind a
+//! flood; it cannot starve the rest, since [`Hold::handle_timeout`] moves every deadline it
+//! serves past now), then one of the other sources in turn ([`Turns`]): frames from the packet
+//! socket (at most [`BATCH`]), a control request, Xenstore results (at most [`BATCH`]), the
+//! forwarding-table changes done, a metrics request, housekeeping. Whichever source an
+//! outsider keeps ready (the socket under a flood, the metrics port) gets one turn in a round
+//! like the others, so a control request waits at most one batch of each. After each turn the
+//! shell drains the core's outputs: frames to the socket, events to the attached control
+//! client, Xenstore work to the store thread, forwarding-table wishes to [`Steering`]; then it
+//! yields to the runtime, so that the tasks of the control connections, which read requests
+//! and write answers, run between two turns however busy the socket is. Nothing here decides
+//! anything; the core does.
 
+use std::future::Future as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use shared_proto::{ClientMessage, ServerMessage};
@@ -29,6 +38,7 @@ use crate::steering::{self, Steering, record::Record, record::RecordError};
 use crate::store::xenstore::{self, XenstoreClient};
 use crate::store::{StoreReport, StoreWorker, SynStore as _};
 use crate::sys::packet::{self, PacketSocket};
+use crate::turns::Turns;
 
 /// Frames read per loop turn at most.
 pub const BATCH: usize = 256;
@@ -300,6 +310,29 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
+/// What one of the loop's sources, served in turn, brought.
+enum Input<'a> {
+    /// The packet socket is readable (or failed).
+    Frames(std::io::Result<AsyncFdReadyGuard<'a, PacketSocket>>),
+    Control(ControlIn),
+    Store(StoreReport),
+    /// The forwarding-table thread tried changes ([`Steering::done`]).
+    FdbDone,
+    Metrics(oneshot::Sender<String>),
+    Housekeeping,
+}
+
+/// The sources [`Input`] comes from, in their order in [`Turns`].
+const SOURCES: usize = 6;
+
+/// A message from `rx` if one is there; a closed channel is never ready.
+fn poll_some<T>(rx: &mut mpsc::Receiver<T>, cx: &mut std::task::Context<'_>) -> Poll<T> {
+    match rx.poll_recv(cx) {
+        Poll::Ready(Some(v)) => Poll::Ready(v),
+        _ => Poll::Pending,
+    }
+}
+
 impl Shell {
     async fn run(
         &mut self,
@@ -317,46 +350,76 @@ impl Shell {
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let fdb_done = self.steering.done_ready();
+        let mut turns = Turns::<SOURCES>::default();
         loop {
+            let mut readable = std::pin::pin!(sock.ready(Interest::READABLE | Interest::ERROR));
+            let mut fdb_notified = std::pin::pin!(fdb_done.notified());
+            let next = std::future::poll_fn(|cx| {
+                for i in turns.order() {
+                    let input = match i {
+                        0 => readable.as_mut().poll(cx).map(Input::Frames),
+                        1 => poll_some(&mut ctl_rx, cx).map(Input::Control),
+                        2 => poll_some(store_rx, cx).map(Input::Store),
+                        3 => fdb_notified.as_mut().poll(cx).map(|()| Input::FdbDone),
+                        4 => poll_some(&mut metrics_rx, cx).map(Input::Metrics),
+                        _ => housekeeping.poll_tick(cx).map(|_| Input::Housekeeping),
+                    };
+                    if input.is_ready() {
+                        turns.served(i);
+                        return input;
+                    }
+                }
+                Poll::Pending
+            });
             tokio::select! {
                 biased;
+                () = cancel.cancelled() => break,
                 () = sleep_until(self.core.poll_at()) => {
                     self.core.handle_timeout(Instant::now());
                 }
-                r = sock.ready(Interest::READABLE | Interest::ERROR) => {
-                    failed = self.on_readable(r, &mut rxbuf);
-                }
-                Some(msg) = ctl_rx.recv() => self.on_control(msg),
-                Some(report) = store_rx.recv() => self.on_store(report),
-                () = fdb_done.notified() => {
-                    for id in self.steering.done() {
-                        self.core.on_fdb_done(Instant::now(), id);
+                input = next => match input {
+                    Input::Frames(r) => failed = self.on_readable(r, &mut rxbuf),
+                    Input::Control(msg) => self.on_control(msg),
+                    Input::Store(report) => {
+                        self.on_store(report);
+                        for _ in 1..BATCH {
+                            let Ok(report) = store_rx.try_recv() else { break };
+                            self.on_store(report);
+                        }
                     }
-                }
-                Some(reply) = metrics_rx.recv() => {
-                    self.read_kernel_stats(sock);
-                    self.read_steering_stats();
-                    let _ = reply.send(metrics::render(
-                        &self.core,
-                        &self.stats,
-                        self.attached.is_some(),
-                    ));
-                }
-                _ = housekeeping.tick() => {
-                    self.read_kernel_stats(sock);
-                    if !port::exists(&self.port) {
-                        failed = Some(std::io::Error::new(
-                            std::io::ErrorKind::NotFound,
-                            format!("interface {} is gone", self.port),
+                    Input::FdbDone => {
+                        for id in self.steering.done() {
+                            self.core.on_fdb_done(Instant::now(), id);
+                        }
+                    }
+                    Input::Metrics(reply) => {
+                        self.read_kernel_stats(sock);
+                        self.read_steering_stats();
+                        let _ = reply.send(metrics::render(
+                            &self.core,
+                            &self.stats,
+                            self.attached.is_some(),
                         ));
                     }
-                }
-                () = cancel.cancelled() => break,
+                    Input::Housekeeping => {
+                        self.read_kernel_stats(sock);
+                        if !port::exists(&self.port) {
+                            failed = Some(std::io::Error::new(
+                                std::io::ErrorKind::NotFound,
+                                format!("interface {} is gone", self.port),
+                            ));
+                        }
+                    }
+                },
             }
             self.flush(sock);
             if failed.is_some() {
                 break;
             }
+            // The control connections' tasks (which read requests and write answers) and
+            // the IO driver (which sees their sockets readable) run only when this task
+            // yields: under a flood it would not, for as long as the socket stays readable.
+            tokio::task::yield_now().await;
         }
         if let Some(a) = self.attached.take() {
             a.close.cancel();

@@ -6,7 +6,8 @@
 //! - The pure core, no IO: [`hold`] decides; [`wire`] reads and writes frames, [`garp`]
 //!   builds the neighbour frames synjitsu sends, [`refused`] remembers SYNs refused under a
 //!   flood, [`filter`] is the kernel filter program.
-//! - The IO shell: [`daemon`] (set-up and the one `select!` loop), [`control`] (the control socket), [`metrics`] (Prometheus text over HTTP),
+//! - The IO shell: [`daemon`] (set-up and the one `select!` loop, its sources served in
+//!   [`turns`]), [`control`] (the control socket), [`metrics`] (Prometheus text over HTTP),
 //!   [`port`] (the veth pair), [`fdb`] (the bridge's forwarding entries, over netlink),
 //!   [`steering`] (keeping them as the core wants, on their own thread), [`store`] (the
 //!   Xenstore hand-over on its own thread), and [`sys`] (the packet socket: the only
@@ -24,4 +25,5 @@ pub mod refused;
 pub mod steering;
 pub mod store;
 pub mod sys;
+pub mod turns;
 pub mod wire;
