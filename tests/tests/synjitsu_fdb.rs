@@ -96,6 +96,16 @@ fn all_acked(answers: &[ServerMessage]) -> Result<()> {
     Ok(())
 }
 
+/// Sends `booting` for the fleet VMs in `range` at once (pipelined); each must be acked.
+fn boot_unpaced(ctl: &mut ControlClient, range: std::ops::Range<usize>) -> Result<()> {
+    let answers = ctl.pipeline(
+        range
+            .map(|i| ClientMessage::Booting { vm: fleet_vm(i) })
+            .collect(),
+    )?;
+    all_acked(&answers)
+}
+
 fn fleet(n: usize, phase: impl Fn(usize) -> Phase) -> Vec<(shared_proto::VmIdentity, Phase)> {
     (0..n).map(|i| (fleet_vm(i), phase(i))).collect()
 }
@@ -124,14 +134,7 @@ fn a_sync_that_forgets_10000_booting_vms_removes_every_entry() {
     let synjitsu = SynjitsuHost::start("syg", &["--log-level", "info"]).unwrap();
     let mut ctl = ControlClient::connect(&synjitsu.control).unwrap();
     for chunk in 0..20 {
-        let answers = ctl
-            .pipeline(
-                (chunk * 500..(chunk + 1) * 500)
-                    .map(|i| ClientMessage::Booting { vm: fleet_vm(i) })
-                    .collect(),
-            )
-            .unwrap();
-        all_acked(&answers).unwrap();
+        boot_unpaced(&mut ctl, chunk * 500..(chunk + 1) * 500).unwrap();
         converge(
             &synjitsu,
             (chunk + 1) * 500,
@@ -155,14 +158,7 @@ fn ten_thousand_unpaced_booting_requests_steer_every_vm() {
     let synjitsu = SynjitsuHost::start("syu", &["--log-level", "info"]).unwrap();
     let mut ctl = ControlClient::connect(&synjitsu.control).unwrap();
     for burst in 0..4 {
-        let answers = ctl
-            .pipeline(
-                (burst * 2500..(burst + 1) * 2500)
-                    .map(|i| ClientMessage::Booting { vm: fleet_vm(i) })
-                    .collect(),
-            )
-            .unwrap();
-        all_acked(&answers).unwrap();
+        boot_unpaced(&mut ctl, burst * 2500..(burst + 1) * 2500).unwrap();
     }
     let took = converge(&synjitsu, 10_000, &|_| true, Duration::from_secs(60)).unwrap();
     println!("10,000 unpaced booting requests: every VM steered after {took:?}");
@@ -233,13 +229,7 @@ fn the_periodic_reconcile_puts_right_what_changed_behind_synjitsus_back() {
     tools();
     let synjitsu = SynjitsuHost::start("syp", &["--fdb-reconcile-interval", "300ms"]).unwrap();
     let mut ctl = ControlClient::connect(&synjitsu.control).unwrap();
-    ctl.pipeline(
-        (0..3)
-            .map(|i| ClientMessage::Booting { vm: fleet_vm(i) })
-            .collect(),
-    )
-    .and_then(|a| all_acked(&a))
-    .unwrap();
+    boot_unpaced(&mut ctl, 0..3).unwrap();
     converge(&synjitsu, 3, &|_| true, Duration::from_secs(10)).unwrap();
     let before = synjitsu
         .metric("synjitsu_fdb_reconcile_fixes_total")
