@@ -26,7 +26,7 @@ use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::neighbour::{
-    NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+    NeighbourAttribute, NeighbourFlags, NeighbourHeader, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
@@ -125,14 +125,25 @@ pub fn delete_request(seq: u32, entry: &FdbEntry) -> Vec<u8> {
     )
 }
 
-/// `RTM_GETNEIGH` dump of every bridge forwarding entry.
-pub fn dump_request(seq: u32) -> Vec<u8> {
-    let m = neighbour(0, 0, NeighbourFlags::empty());
+/// `RTM_GETNEIGH` dump of every bridge forwarding entry, or only those of bridge `master`'s
+/// port `port` (a socket with strict checking: the kernel then formats no other entry).
+pub fn dump_request(seq: u32, only: Option<(u32, u32)>) -> Vec<u8> {
+    let mut m = neighbour(0, 0, NeighbourFlags::empty());
+    if let Some((master, port)) = only {
+        m.header.ifindex = port;
+        m.attributes.push(NeighbourAttribute::Controller(master));
+    }
     request(
         RouteNetlinkMessage::GetNeighbour(m),
         NLM_F_REQUEST | NLM_F_DUMP,
         seq,
     )
+}
+
+/// Whether an entry in `state` was added by hand and not learnt (`static`: NOARP without
+/// PERMANENT).
+fn is_static(state: u16) -> bool {
+    state & NUD_NOARP != 0 && state & NUD_PERMANENT == 0
 }
 
 /// Reads one dumped bridge entry; `None` for anything else (another family, no MAC).
@@ -151,13 +162,12 @@ fn entry_of(m: &NeighbourMessage) -> Option<FdbEntry> {
             _ => {}
         }
     }
-    let state = u16::from(m.header.state);
     Some(FdbEntry {
         ifindex: m.header.ifindex,
         mac: mac?,
         vlan,
         master,
-        is_static: state & NUD_NOARP != 0 && state & NUD_PERMANENT == 0,
+        is_static: is_static(u16::from(m.header.state)),
         sticky: m.header.flags.contains(NeighbourFlags::Sticky),
     })
 }
@@ -194,6 +204,8 @@ pub struct Fdb {
     port_ifindex: u32,
     /// Whether steering entries are added sticky: until the kernel refuses it.
     sticky: bool,
+    /// The kernel checks dump requests strictly, so a dump can ask for one port's entries.
+    strict: bool,
     /// Where answers are received, reused by every request.
     rx: Vec<u8>,
 }
@@ -216,12 +228,15 @@ impl Fdb {
         let mut sock = Socket::new(NETLINK_ROUTE).map_err(open)?;
         // Port id 0: the kernel assigns one.
         sock.bind(&SocketAddr::new(0, 0)).map_err(open)?;
+        // Linux 4.20 on; before, every dump is of the whole table.
+        let strict = sock.set_netlink_get_strict_chk(true).is_ok();
         Ok(Fdb {
             sock,
             seq: 0,
             bridge_ifindex,
             port_ifindex,
             sticky: true,
+            strict,
             rx: Vec::with_capacity(RECV_BUF),
         })
     }
@@ -249,8 +264,8 @@ impl Fdb {
     }
 
     /// Sends one request (sequence number `seq`) and returns the entries that answer it: for
-    /// a dump, every one up to `NLMSG_DONE` (a message that does not parse is skipped, not
-    /// trusted); for a change, none once acknowledged. A negative error in the answer becomes
+    /// a dump, every static one up to `NLMSG_DONE` (a message that does not parse is skipped,
+    /// not trusted); for a change, none once acknowledged. A negative error in the answer becomes
     /// the `io::Error` of that errno.
     fn transact(&mut self, msg: &[u8], seq: u32, answer: Answer) -> io::Result<Vec<FdbEntry>> {
         let sent = self.sock.send(msg, 0)?;
@@ -276,6 +291,16 @@ impl Fdb {
                 rest = &rest[((len + 3) & !3).min(rest.len())..];
                 if mseq != seq {
                     // Not ours (a stale answer): skip it.
+                    continue;
+                }
+                // Only static entries matter, and the bridge may have learnt hundreds of
+                // thousands (a flood from random source MACs): those are skipped on their
+                // header alone, not parsed.
+                if dump
+                    && buf.message_type() == RTM_NEWNEIGH
+                    && NeighbourHeader::parse(buf.payload())
+                        .is_ok_and(|h| !is_static(u16::from(h.state)))
+                {
                     continue;
                 }
                 // Parsing every entry of a large table to find one MAC's would double the
@@ -356,16 +381,27 @@ impl Fdb {
         })
     }
 
-    /// Every entry of this bridge's ports (not the bridge device's own), from one dump.
+    /// Every static entry of this bridge's ports (not the bridge device's own), from one dump.
     pub fn dump(&mut self) -> Result<Vec<FdbEntry>, FdbError> {
-        self.dump_of(None)
+        self.dump_of(None, false)
     }
 
-    fn dump_of(&mut self, mac: Option<Mac>) -> Result<Vec<FdbEntry>, FdbError> {
+    /// The static entries on synjitsu's port, from a dump the kernel limits to it where it
+    /// can: the cost of the bridge's whole table, learnt entries included (a flood from
+    /// random source MACs makes hundreds of thousands), is then the kernel's walk alone.
+    pub fn dump_port(&mut self) -> Result<Vec<FdbEntry>, FdbError> {
+        let port = self.port_ifindex;
+        let mut t = self.dump_of(None, self.strict)?;
+        t.retain(|e| e.ifindex == port);
+        Ok(t)
+    }
+
+    fn dump_of(&mut self, mac: Option<Mac>, port_only: bool) -> Result<Vec<FdbEntry>, FdbError> {
         let seq = self.next_seq();
         let bridge = self.bridge_ifindex;
+        let only = port_only.then_some((bridge, self.port_ifindex));
         let mut all = self
-            .transact(&dump_request(seq), seq, Answer::Dump(mac))
+            .transact(&dump_request(seq, only), seq, Answer::Dump(mac))
             .map_err(|source| FdbError {
                 what: "dump",
                 source,
@@ -382,7 +418,7 @@ impl Fdb {
         if self.unsteer(mac)? {
             return Ok(());
         }
-        for e in self.dump_of(Some(mac))?.iter().filter(|e| e.is_static) {
+        for e in &self.dump_of(Some(mac), false)? {
             self.delete(e)?;
         }
         Ok(())
@@ -490,7 +526,7 @@ mod tests {
         let mut no_mac = DUMPED[..28].to_vec();
         no_mac[0..4].copy_from_slice(&28u32.to_ne_bytes());
         assert_eq!(parse_entry(&no_mac), None);
-        let d = dump_request(1);
+        let d = dump_request(1, None);
         assert_eq!(d.len(), 28);
         assert_eq!(u16::from_ne_bytes([d[4], d[5]]), RTM_GETNEIGH);
         assert_eq!(u16::from_ne_bytes([d[6], d[7]]), 0x301, "REQUEST|DUMP");

@@ -138,6 +138,7 @@ impl Steering {
             releasing: HashSet::new(),
             failed: HashSet::new(),
             interval: reconcile_interval,
+            sticky_unknown: true,
             backoff: FIRST_RETRY,
             retry_at: None,
             next_reconcile: Instant::now(),
@@ -233,6 +234,8 @@ struct Worker {
     /// Whose last change failed: a reconcile retries them.
     failed: HashSet<Mac>,
     interval: Duration,
+    /// Whether the kernel keeps entries sticky is known after the first whole dump.
+    sticky_unknown: bool,
     backoff: Duration,
     retry_at: Option<Instant>,
     next_reconcile: Instant,
@@ -458,7 +461,23 @@ impl Worker {
     fn reconcile(&mut self) -> u64 {
         let now = Instant::now();
         self.next_reconcile = now + self.interval;
-        let table = match self.fdb.dump() {
+        let released: HashSet<Mac> = self
+            .record
+            .macs()
+            .iter()
+            .chain(&self.releasing)
+            .filter(|m| !self.steered.contains(m))
+            .copied()
+            .collect();
+        // Synjitsu's port alone says everything when entries are sticky (none of them moves
+        // by itself; one moved by hand is missing there, and steered back) and nothing
+        // released may have an entry elsewhere; else the whole table.
+        let whole = !self.fdb.sticky() || !released.is_empty() || self.sticky_unknown;
+        let table = match if whole {
+            self.fdb.dump()
+        } else {
+            self.fdb.dump_port()
+        } {
             Ok(t) => t,
             Err(e) => {
                 self.count(&self.shared.counters.errors, 1);
@@ -481,18 +500,11 @@ impl Worker {
             );
             self.fdb.set_sticky(false);
         }
+        self.sticky_unknown = false;
         self.shared
             .counters
             .sticky
             .store(self.fdb.sticky(), Ordering::Relaxed);
-        let released: HashSet<Mac> = self
-            .record
-            .macs()
-            .iter()
-            .chain(&self.releasing)
-            .filter(|m| !self.steered.contains(m))
-            .copied()
-            .collect();
         let fixes = plan(
             &table,
             &Wanted {
