@@ -138,7 +138,6 @@ impl Steering {
             releasing: HashSet::new(),
             failed: HashSet::new(),
             interval: reconcile_interval,
-            sticky_unknown: true,
             backoff: FIRST_RETRY,
             retry_at: None,
             next_reconcile: Instant::now(),
@@ -234,8 +233,6 @@ struct Worker {
     /// Whose last change failed: a reconcile retries them.
     failed: HashSet<Mac>,
     interval: Duration,
-    /// Whether the kernel keeps entries sticky is known after the first whole dump.
-    sticky_unknown: bool,
     backoff: Duration,
     retry_at: Option<Instant>,
     next_reconcile: Instant,
@@ -471,8 +468,10 @@ impl Worker {
             .collect();
         // Synjitsu's port alone says everything when entries are sticky (none of them moves
         // by itself; one moved by hand is missing there, and steered back) and nothing
-        // released may have an entry elsewhere; else the whole table.
-        let whole = !self.fdb.sticky() || !released.is_empty() || self.sticky_unknown;
+        // released may have an entry elsewhere; else the whole table. (Whether the kernel
+        // keeps them sticky, synjitsu's own entry on its port says.) A start with nothing
+        // recorded reads no more than its port, however many entries the bridge learnt.
+        let whole = !self.fdb.sticky() || !released.is_empty();
         let table = match if whole {
             self.fdb.dump()
         } else {
@@ -500,7 +499,6 @@ impl Worker {
             );
             self.fdb.set_sticky(false);
         }
-        self.sticky_unknown = false;
         self.shared
             .counters
             .sticky
