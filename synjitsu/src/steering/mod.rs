@@ -12,9 +12,10 @@
 //!   (removing what an earlier run left: the record), after every `sync` (the shell asks),
 //!   after a failure (retried at 50 ms, doubling up to the interval), and every
 //!   `reconcile_interval` (10 s by default) for what changed behind synjitsu's back: an admin's
-//!   `bridge fdb del`, a flushed table. A dump of 10,000 entries takes a few milliseconds on
-//!   this thread, so every 10 s is noise, and 10 s is the hold timeout: a wrong entry is put
-//!   right before a client held meanwhile would have been given up;
+//!   `bridge fdb del`, a flushed table. With sticky entries the dump is of synjitsu's port
+//!   alone (the kernel filters it), so it costs little however much the bridge learnt; every
+//!   10 s is noise, and 10 s is the hold timeout: a wrong entry is put right before a client
+//!   held meanwhile would have been given up;
 //! - at exit, releases everything and removes the record.
 //!
 //! It tells the shell each change once it was tried, never waiting for it (the core waits for a release
