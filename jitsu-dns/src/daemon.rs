@@ -403,6 +403,15 @@ impl Shell {
                 self.commit(state::mac_change(&vm, mac));
             }
             Command::Persist(Persist::Counters) => self.flush_counters(None),
+            Command::Persist(Persist::Policy {
+                vm,
+                what,
+                cause,
+                view,
+            }) => {
+                info!(vm = %vm, %cause, "{what}");
+                self.commit(state::policy_change(&view, what, &cause));
+            }
         }
     }
 
