@@ -39,6 +39,8 @@ pub const DEFAULT_MAX_BOOT_ATTEMPTS: u32 = 3;
 pub const DEFAULT_BOOT_BACKOFF: Duration = Duration::from_secs(10);
 /// The longest back-off: the wait doubles with each further failure up to this.
 pub const MAX_BOOT_BACKOFF: Duration = Duration::from_secs(600);
+/// Default control socket.
+pub const DEFAULT_CONTROL: &str = "/run/jitsu/control.sock";
 /// Default bridge a process-backend VM joins.
 pub const DEFAULT_NIC: &str = "br0";
 /// Default share of the VMs a reload may remove (more is refused unless the file allows it).
@@ -429,8 +431,14 @@ pub struct Config {
     pub synjitsu: Option<PathBuf>,
     /// The state store's git repository.
     pub persistdb: Option<PathBuf>,
-    /// Address of the metrics endpoint.
+    /// Address of the metrics endpoint (and the status page).
     pub metrics: Option<SocketAddr>,
+    /// The control socket `jitsu-dns ctl` talks to.
+    pub control: PathBuf,
+    /// `control` was given, so failing to bind it is fatal (the default is not).
+    pub control_given: bool,
+    /// The non-root uid allowed on the control socket.
+    pub control_allow_uid: Option<u32>,
     /// Log filter (`info`, `debug`, or an `EnvFilter` directive).
     pub log_level: String,
     /// At most this many VMs booting or running.
@@ -491,6 +499,8 @@ impl Config {
             synjitsu,
             persistdb,
             metrics,
+            control,
+            control_allow_uid,
             tcp_max_clients,
             tcp_max_per_client
         );

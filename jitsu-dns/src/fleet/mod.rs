@@ -214,6 +214,11 @@ impl Fleet {
         at
     }
 
+    /// How long a VM without an `idle_timeout` may idle: twice the TTL.
+    pub fn default_idle(&self) -> Duration {
+        self.idle_limit()
+    }
+
     fn idle_limit(&self) -> Duration {
         self.settings.ttl * 2
     }
