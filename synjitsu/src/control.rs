@@ -168,26 +168,6 @@ pub enum ControlIn {
     },
 }
 
-/// Why the control socket could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    /// Another process answers on the socket.
-    #[error("control socket {0} is in use by another process (another synjitsu?)")]
-    InUse(String),
-    /// The path exists and is not a socket.
-    #[error("control socket path {0} exists and is not a socket")]
-    NotASocket(String),
-    /// A filesystem or socket call failed.
-    #[error("control socket {path}: {source}")]
-    Io {
-        /// The path.
-        path: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
 /// What a session does with one incoming frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -278,13 +258,10 @@ pub struct ControlServer {
 impl ControlServer {
     /// Binds `path` with mode 0600 (parent directories created as needed), owned by root,
     /// or by `owner` (the `--allow-uid`) so that this one user can connect at all.
-    pub fn bind(path: &Path, owner: Option<u32>) -> Result<ControlServer, ControlError> {
-        let socket = PrivateSocket::bind(path, owner).map_err(|e| match e {
-            SocketError::InUse(p) => ControlError::InUse(p),
-            SocketError::NotASocket(p) => ControlError::NotASocket(p),
-            SocketError::Io { path, source } => ControlError::Io { path, source },
-        })?;
-        Ok(ControlServer { socket })
+    pub fn bind(path: &Path, owner: Option<u32>) -> Result<ControlServer, SocketError> {
+        Ok(ControlServer {
+            socket: PrivateSocket::bind(path, owner)?,
+        })
     }
 
     /// Accepts clients until `cancel`; requests and attachments go to `to_core`.
@@ -661,7 +638,7 @@ mod tests {
         assert_eq!(mode, 0o600);
         assert!(matches!(
             ControlServer::bind(&path, None),
-            Err(ControlError::InUse(_))
+            Err(SocketError::InUse(_))
         ));
         let (tx, mut rx) = mpsc::channel(16);
         let cancel = CancellationToken::new();

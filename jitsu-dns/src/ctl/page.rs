@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use super::proto::{Body, Request, Response as CtlResponse};
 use super::server::{Call, ask};
 use super::view::{ColdStartRow, DaemonStatus, VmRow, human, table};
+use crate::backend::libvirt::xml::xml_escape as esc;
 use crate::metrics::Metrics;
 
 /// The browser reloads the page this often.
@@ -53,21 +54,6 @@ impl Handler for Pages {
             ),
         })
     }
-}
-
-fn esc(s: &str) -> String {
-    let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => o.push_str("&amp;"),
-            '<' => o.push_str("&lt;"),
-            '>' => o.push_str("&gt;"),
-            '"' => o.push_str("&quot;"),
-            '\'' => o.push_str("&#39;"),
-            c => o.push(c),
-        }
-    }
-    o
 }
 
 /// The three timings of a cold start, with their colours, in the order drawn.

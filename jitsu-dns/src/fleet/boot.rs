@@ -90,18 +90,8 @@ impl Fleet {
             });
             return;
         }
-        let kind = match &mut vm.life {
-            Life::Booting(_) => None,
-            Life::Stopping { pending_wake, .. } => {
-                *pending_wake = true;
-                None
-            }
-            Life::Off | Life::Failed => Some(BootKind::Fresh),
-            Life::Suspended => Some(BootKind::Resume),
-            Life::Paused => Some(BootKind::Unpause),
-            Life::Running { .. } => unreachable!("answered above"),
-        };
-        if let Some(kind) = kind {
+        // Running was answered above.
+        if let Some(kind) = vm.life.wake() {
             if let Some(refusal) = self.refuse_boot(now, kind) {
                 if let Some(id) = id {
                     out.push(Command::Answer {

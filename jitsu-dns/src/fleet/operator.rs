@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use super::Fleet;
 use super::types::{Command, Lifecycle, Persist, QueryId, VmName};
-use super::vm::{BootKind, Cause, Life, Vm};
+use super::vm::{Cause, Life, Vm};
 use crate::config::StopMode;
 
 /// What an operator asks.
@@ -219,21 +219,15 @@ impl Fleet {
                 "{name} is drained: undrain it first"
             )));
         }
-        let kind = match &mut v.life {
-            Life::Running { .. } => return Ok(Reply::Done(format!("{name} is running"))),
-            Life::Booting(b) if b.answered => {
-                return Ok(Reply::Done(format!("{name} is running")));
-            }
-            Life::Booting(_) => None,
-            Life::Stopping { pending_wake, .. } => {
-                *pending_wake = true;
-                None
-            }
-            Life::Off | Life::Failed => Some(BootKind::Fresh),
-            Life::Suspended => Some(BootKind::Resume),
-            Life::Paused => Some(BootKind::Unpause),
+        let up = match &v.life {
+            Life::Running { .. } => true,
+            Life::Booting(b) => b.answered,
+            _ => false,
         };
-        if let Some(kind) = kind {
+        if up {
+            return Ok(Reply::Done(format!("{name} is running")));
+        }
+        if let Some(kind) = v.life.wake() {
             if let Some(refusal) = self.refuse_boot(now, kind) {
                 return Err(ActError::Refused(format!(
                     "{name} not started: limit {} reached",

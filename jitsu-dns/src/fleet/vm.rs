@@ -63,6 +63,21 @@ pub(super) enum Life {
 }
 
 impl Life {
+    /// What bringing the VM up takes from here: a fresh boot, a resume or an unpause;
+    /// `None` when it is up or a boot is under way (a stopping VM remembers to come back).
+    pub(super) fn wake(&mut self) -> Option<BootKind> {
+        match self {
+            Life::Running { .. } | Life::Booting(_) => None,
+            Life::Stopping { pending_wake, .. } => {
+                *pending_wake = true;
+                None
+            }
+            Life::Off | Life::Failed => Some(BootKind::Fresh),
+            Life::Suspended => Some(BootKind::Resume),
+            Life::Paused => Some(BootKind::Unpause),
+        }
+    }
+
     pub(super) fn state(&self) -> Lifecycle {
         match self {
             Life::Off => Lifecycle::Off,
