@@ -242,11 +242,13 @@ impl Fleet {
             .collect();
         for name in removed {
             let mut vm = self.vms.remove(&name).expect("listed above");
-            answer_waiting(
-                &mut vm.waiting,
-                Answer::ServFail(Refusal::Unknown),
-                &mut out,
-            );
+            let mut restart = vm.restart.take().map(|(_, ids)| ids);
+            for waiting in [&mut vm.waiting, &mut vm.stop_waiting]
+                .into_iter()
+                .chain(restart.as_mut())
+            {
+                answer_waiting(waiting, Answer::ServFail(Refusal::Unknown), &mut out);
+            }
             out.push(Command::Serve {
                 vm: name.clone(),
                 direct: false,

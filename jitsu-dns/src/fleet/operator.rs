@@ -122,8 +122,7 @@ impl Fleet {
                             "{name} is drained: undrain it first, or stop it"
                         )));
                     }
-                    v.restart_by = Some(uid);
-                    v.waiting.push(id);
+                    v.restart = Some((uid, vec![id]));
                     v.begin_stop(&name, mode, false, cause.to_string(), &mut out);
                     Reply::Wait
                 }

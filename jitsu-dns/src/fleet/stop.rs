@@ -82,11 +82,15 @@ impl Fleet {
         let cfg = vm.cfg.clone();
         let domid = vm.domid;
         let wake = pending_wake || !vm.waiting.is_empty();
-        let restart_by = vm.restart_by.take();
+        let restart = vm.restart.take();
+        if let Some((_, ids)) = &restart {
+            // Its requests wait for the new boot as queries do.
+            vm.waiting.extend(ids);
+        }
         answer_waiting(&mut vm.stop_waiting, Answer::Ready, out);
         out.push(vm.persist(Lifecycle::Stopping, format!("stopped ({mode})"), None));
         self.notify_stopped(&cfg, domid, out);
-        if let Some(uid) = restart_by {
+        if let Some((uid, _)) = restart {
             self.restart_for_waiting(now, name, Cause::Operator("restart", uid), out);
         } else if wake {
             // Queries came while it stopped: bring it back for them.
@@ -118,7 +122,9 @@ impl Fleet {
                 Answer::ServFail(Refusal::StopFailed),
                 out,
             );
-            v.restart_by = None;
+            if let Some((_, mut ids)) = v.restart.take() {
+                answer_waiting(&mut ids, Answer::ServFail(Refusal::StopFailed), out);
+            }
             v.last_error = Some(format!("stop failed: {error}"));
             out.push(v.persist(Lifecycle::Stopping, format!("stop failed: {error}"), None));
         }

@@ -1567,6 +1567,30 @@ fn ctl_start_stop_and_restart_wait_for_the_vm_and_refuse_what_cannot_be_done() {
         act(&mut f, t0, "www", Action::Stop(None), 7).map(|a| a.reply),
         Ok(Reply::Wait)
     );
+    f.handle(t0, Event::Stopped { vm: name("www") });
+    // A restart whose stop fails is answered so, not as restarted.
+    act(&mut f, t0, "www", Action::Start, 8).unwrap();
+    started(&mut f, t0, "www", None);
+    tick(&mut f, t0 + MS * 100);
+    act(&mut f, t0 + MS * 100, "www", Action::Restart, 9).unwrap();
+    let out = f.handle(
+        t0 + MS * 100,
+        Event::StopFailed {
+            vm: name("www"),
+            error: "busy".into(),
+        },
+    );
+    assert_eq!(
+        answers(&out),
+        vec![(9, Answer::ServFail(Refusal::StopFailed))]
+    );
+    // Requests waiting on a VM that a reload removes are answered, not left hanging.
+    act(&mut f, t0 + MS * 100, "www", Action::Stop(None), 10).unwrap();
+    let out = f.reconfigure(t0 + MS * 100, vms(&[&spec("other", 2, "")]));
+    assert_eq!(
+        answers(&out),
+        vec![(10, Answer::ServFail(Refusal::Unknown))]
+    );
 }
 
 #[test]

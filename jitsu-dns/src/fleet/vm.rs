@@ -129,8 +129,9 @@ pub(super) struct Vm {
     pub(super) last_boot_took: Option<Duration>,
     /// `ctl stop` requests waiting for the stop to finish.
     pub(super) stop_waiting: Vec<QueryId>,
-    /// Who asked for the restart whose stop is under way: it boots again when stopped.
-    pub(super) restart_by: Option<u32>,
+    /// The restart whose stop is under way: who asked, and the `ctl` requests answered once
+    /// it is up again (or when its stop fails).
+    pub(super) restart: Option<(u32, Vec<QueryId>)>,
 }
 
 impl Vm {
@@ -158,7 +159,7 @@ impl Vm {
             last_error: None,
             last_boot_took: None,
             stop_waiting: Vec::new(),
-            restart_by: None,
+            restart: None,
         }
     }
 
