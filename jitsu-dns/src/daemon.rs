@@ -18,6 +18,12 @@
 //! synjitsu, persistdb, metrics, the TCP bounds) need a restart and are ignored with a
 //! warning.
 //! SIGTERM/SIGINT stop jitsu-dns and leave every VM as it is; the store is flushed.
+//!
+//! The control socket (`jitsu-dns ctl`, [`crate::ctl`]) and the status page reach the loop
+//! through one bounded queue of calls: reads are answered from the fleet's views at once;
+//! actions go through [`Fleet::act`] and are answered at once, or once their VM is up or
+//! stopped (their waiter sits beside the DNS queries'); `reload` is the SIGHUP path, which
+//! then says what it did.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
