@@ -20,6 +20,8 @@ JITSU_PACKAGES=(
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
   # libvirt's schema check of the domain XML jitsu-dns generates (virt-xml-validate)
   libxml2-utils
+  # a real browser renders jitsu-dns's status page (headless; fonts for its screenshot)
+  chromium fonts-dejavu-core
 )
 
 jitsu_log() { printf '==> %s\n' "$*" >&2; }

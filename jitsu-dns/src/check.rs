@@ -80,6 +80,30 @@ fn render_vm(o: &mut String, cfg: &Config, vm: &VmConfig) {
     }
     let _ = writeln!(o, "  stop_mode {}", vm.stop_mode);
     let _ = writeln!(o, "  response_delay {}", fmt_duration(vm.response_delay));
+    match vm.idle_timeout {
+        Some(t) => _ = writeln!(o, "  idle_timeout {}", fmt_duration(t)),
+        None => {
+            _ = writeln!(
+                o,
+                "  idle_timeout {} (2 x ttl)",
+                fmt_duration(std::time::Duration::from_secs(u64::from(cfg.ttl) * 2))
+            )
+        }
+    }
+    if vm.pin {
+        let _ = writeln!(o, "  pin true");
+    }
+    let _ = writeln!(o, "  drained {}", vm.drained);
+    match vm.max_boot_attempts {
+        Some(n) => {
+            _ = writeln!(
+                o,
+                "  max_boot_attempts {n}, then boot_backoff {} doubling",
+                fmt_duration(vm.boot_backoff)
+            )
+        }
+        None => _ = writeln!(o, "  max_boot_attempts unlimited"),
+    }
     if let Some(k) = &vm.wait_for_key {
         let _ = writeln!(
             o,

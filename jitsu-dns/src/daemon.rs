@@ -18,6 +18,12 @@
 //! synjitsu, persistdb, metrics, the TCP bounds) need a restart and are ignored with a
 //! warning.
 //! SIGTERM/SIGINT stop jitsu-dns and leave every VM as it is; the store is flushed.
+//!
+//! The control socket (`jitsu-dns ctl`, [`crate::ctl`]) and the status page reach the loop
+//! through one bounded queue of calls: reads are answered from the fleet's views at once;
+//! actions go through [`Fleet::act`] and are answered at once, or once their VM is up or
+//! stopped (their waiter sits beside the DNS queries'); `reload` is the SIGHUP path, which
+//! then says what it did.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -32,10 +38,14 @@ use tracing::{debug, error, info, warn};
 
 use crate::backend::{self, Backend, BackendError};
 use crate::config::{self, Config, Flags, Forwarders, StopMode, VmConfig};
+use crate::ctl::page::Pages;
+use crate::ctl::proto::{Body, ErrorKind, Request, Response};
+use crate::ctl::server::{self as ctl_server, Call};
+use crate::ctl::view::{self, History};
 use crate::dns::{self, Clock, Handler, SlowQuery, Table, Tables, VmSlot};
 use crate::fleet::{
-    self, Answer, Command, Event, Fleet, Lifecycle, Observed, Persist, QueryId, Settings, VmName,
-    VmView,
+    self, ActError, Acted, Action, Answer, Command, Event, Fleet, Lifecycle, Observed, Persist,
+    QueryId, Refusal, Reply, Settings, VmName, VmView,
 };
 use crate::forward::{self, Forwarder, UpstreamError, parse_resolv_conf};
 use crate::metrics::Metrics;
@@ -65,6 +75,9 @@ pub enum DaemonError {
     /// The store could not be opened.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The control socket given with `--control` could not be set up.
+    #[error("{0}")]
+    Control(#[from] shared_io::unix::SocketError),
     /// A socket could not be bound.
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
@@ -172,7 +185,25 @@ enum Op {
     Cleanup,
 }
 
+/// Who waits for a [`Command::Answer`].
+enum Waiter {
+    /// A DNS query for a booting VM.
+    Dns(oneshot::Sender<Answer>),
+    /// A `ctl` request that waits for its VM (start, stop, restart).
+    Ctl {
+        reply: oneshot::Sender<Response>,
+        vm: VmName,
+        action: Action,
+    },
+}
+
 struct Shell {
+    /// When jitsu-dns started.
+    started: Instant,
+    /// Each VM's last changes of state, for `ctl show`.
+    history: History,
+    /// The control socket, if it is served.
+    control: Option<std::path::PathBuf>,
     flags: Flags,
     cfg: Config,
     fleet: Fleet,
@@ -183,7 +214,7 @@ struct Shell {
     slots: HashMap<VmName, Arc<VmSlot>>,
     clock: Clock,
     wall: Wall,
-    pending: HashMap<QueryId, oneshot::Sender<Answer>>,
+    pending: HashMap<QueryId, Waiter>,
     next_query: u64,
     events: mpsc::Sender<Event>,
     synjitsu: Option<mpsc::Sender<Outgoing>>,
@@ -241,7 +272,7 @@ impl Shell {
     }
 
     /// Commits the configuration over `old` (the store's last committed tree).
-    fn commit_config(&mut self, old: &Tree, verb: &str) {
+    fn commit_config(&mut self, old: &Tree, verb: &str) -> Option<String> {
         // Each VM as the fleet runs it (with a MAC taken from its domain), in the
         // configuration's order.
         let vms: Vec<VmView> = self
@@ -252,10 +283,11 @@ impl Shell {
             .collect();
         let ConfigChange { change, summary } =
             state::config_change(old, &vms, self.cfg.ttl, &self.wall, verb);
-        if let Some(changes) = summary {
+        if let Some(changes) = &summary {
             info!(%changes, "configuration {verb}");
         }
         self.commit(change);
+        summary
     }
 
     fn run_blocking(&self, vm: Arc<VmConfig>, op: Op) {
@@ -350,9 +382,13 @@ impl Shell {
                         );
                     }
                 }
-                if let Some(tx) = self.pending.remove(&id) {
+                match self.pending.remove(&id) {
                     // The client may have given up; nothing to do then.
-                    let _ = tx.send(answer);
+                    Some(Waiter::Dns(tx)) => _ = tx.send(answer),
+                    Some(Waiter::Ctl { reply, vm, action }) => {
+                        _ = reply.send(self.ctl_outcome(&vm, action, answer));
+                    }
+                    None => {}
                 }
             }
             Command::Serve { vm, direct } => {
@@ -386,6 +422,7 @@ impl Shell {
                     self.metrics.add_boot_failure();
                 }
                 info!(vm = %vm, from = %from, to = %to, %cause, "lifecycle");
+                self.history.record(&vm, now, from, to, &cause);
                 self.persisted_requests.insert(vm, view.requests);
                 self.commit(state::lifecycle_change(&view, from, &cause, &self.wall));
             }
@@ -403,6 +440,15 @@ impl Shell {
                 self.commit(state::mac_change(&vm, mac));
             }
             Command::Persist(Persist::Counters) => self.flush_counters(None),
+            Command::Persist(Persist::Policy {
+                vm,
+                what,
+                cause,
+                view,
+            }) => {
+                info!(vm = %vm, %cause, "{what}");
+                self.commit(state::policy_change(&view, what, &cause));
+            }
         }
     }
 
@@ -449,7 +495,7 @@ impl Shell {
     fn query(&mut self, q: SlowQuery) {
         self.next_query += 1;
         let id = QueryId(self.next_query);
-        self.pending.insert(id, q.reply);
+        self.pending.insert(id, Waiter::Dns(q.reply));
         self.process(
             Instant::now(),
             Event::Query {
@@ -564,30 +610,21 @@ impl Shell {
         }
     }
 
-    async fn reload(&mut self) {
-        let new = match config::load(&self.flags) {
-            Ok(c) => c,
-            Err(e) => {
-                error!(error = %e, "configuration not reloaded: keeping the current one");
-                return;
-            }
-        };
-        if let Err(e) = new.check_removals(&self.cfg) {
+    /// Re-reads the configuration (SIGHUP, or `ctl reload` by `by`); what changed, or why
+    /// it was refused (the running configuration is kept then).
+    async fn reload(&mut self, by: Option<u32>) -> Result<String, String> {
+        let refused = |e: &dyn std::fmt::Display| {
             error!(error = %e, "configuration not reloaded: keeping the current one");
-            return;
-        }
+            format!("configuration not reloaded (the running one is kept): {e}")
+        };
+        let new = config::load(&self.flags).map_err(|e| refused(&e))?;
+        new.check_removals(&self.cfg).map_err(|e| refused(&e))?;
         let (new, kept) = new.for_reload(&self.cfg);
-        for setting in kept {
+        for setting in &kept {
             warn!(setting, "this setting changes only with a restart: ignored");
         }
         // Checked against the address served, which a reload does not change.
-        let forwarder = match forwarder_for(&new) {
-            Ok(f) => f,
-            Err(e) => {
-                error!(error = %e, "configuration not reloaded: keeping the current one");
-                return;
-            }
-        };
+        let forwarder = forwarder_for(&new).map_err(|e| refused(&e))?;
         let added: Vec<Arc<VmConfig>> = new
             .vms
             .iter()
@@ -608,7 +645,13 @@ impl Shell {
             .reconfigure(now, new.vms.iter().cloned().map(Arc::new));
         self.slots = dns::slots_for(&new.vms, &self.slots);
         self.cfg = new;
-        self.commit_config(&old_tree, "reloaded");
+        let fleet = &self.fleet;
+        self.history.retain(|vm| fleet.state(vm).is_some());
+        let verb = match by {
+            Some(uid) => format!("reloaded (ctl reload by uid {uid})"),
+            None => "reloaded".to_string(),
+        };
+        let summary = self.commit_config(&old_tree, &verb);
         self.execute_all(now, cmds);
         // New VMs are looked up before their names are served, so one that already runs is
         // adopted rather than booted again.
@@ -620,6 +663,224 @@ impl Shell {
             serial_now(),
         ));
         info!(vms = self.cfg.vms.len(), "configuration reloaded");
+        let mut msg = format!(
+            "configuration reloaded: {} ({} VMs)",
+            summary.as_deref().unwrap_or("unchanged"),
+            self.cfg.vms.len()
+        );
+        if !kept.is_empty() {
+            msg.push_str(&format!("; ignored until a restart: {}", kept.join(", ")));
+        }
+        Ok(msg)
+    }
+
+    /// Answers one control request (a read now; an action now, or once its VM is up or
+    /// stopped).
+    async fn on_ctl(&mut self, call: Call) {
+        let Call {
+            request,
+            uid,
+            reply,
+        } = call;
+        let now = Instant::now();
+        let unknown =
+            |vm: &str| Response::error(ErrorKind::UnknownVm, format!("no VM named {vm:?}"));
+        let action = match &request {
+            Request::List => {
+                let rows = self
+                    .fleet
+                    .views()
+                    .iter()
+                    .map(|v| view::row(v, now))
+                    .collect();
+                _ = reply.send(Response::Ok(Body::List(rows)));
+                return;
+            }
+            Request::Show { vm } => {
+                let r = match self.fleet.view(vm) {
+                    Some(v) => {
+                        let d = view::detail(
+                            &v,
+                            now,
+                            self.fleet.default_idle(),
+                            self.history.of(vm, now),
+                        );
+                        Response::Ok(Body::Show(Box::new(d)))
+                    }
+                    None => unknown(vm),
+                };
+                _ = reply.send(r);
+                return;
+            }
+            Request::Status => {
+                _ = reply.send(Response::Ok(Body::Status(Box::new(self.status(now)))));
+                return;
+            }
+            Request::Page => {
+                let mut cold: Vec<_> = self
+                    .fleet
+                    .cold_starts()
+                    .iter()
+                    .map(|c| view::cold_start_row(c, now))
+                    .collect();
+                cold.reverse();
+                _ = reply.send(Response::Ok(Body::Page {
+                    status: Box::new(self.status(now)),
+                    vms: self
+                        .fleet
+                        .views()
+                        .iter()
+                        .map(|v| view::row(v, now))
+                        .collect(),
+                    cold_starts: cold,
+                }));
+                return;
+            }
+            Request::Reload => {
+                let Some(uid) = uid else {
+                    _ = reply.send(Response::error(ErrorKind::PermissionDenied, "read only"));
+                    return;
+                };
+                let r = match self.reload(Some(uid)).await {
+                    Ok(message) => Response::Ok(Body::Done { message }),
+                    Err(message) => Response::error(ErrorKind::Failed, message),
+                };
+                _ = reply.send(r);
+                return;
+            }
+            Request::Start { .. } => Action::Start,
+            Request::Stop { mode, .. } => match mode.as_deref().map(str::parse::<StopMode>) {
+                None => Action::Stop(None),
+                Some(Ok(m)) => Action::Stop(Some(m)),
+                Some(Err(e)) => {
+                    _ = reply.send(Response::error(
+                        ErrorKind::BadRequest,
+                        format!("--mode: {e}"),
+                    ));
+                    return;
+                }
+            },
+            Request::Restart { .. } => Action::Restart,
+            Request::Pin { .. } => Action::Pin,
+            Request::Unpin { .. } => Action::Unpin,
+            Request::Drain { .. } => Action::Drain,
+            Request::Undrain { .. } => Action::Undrain,
+        };
+        let (Some(uid), Some(vm)) = (uid, request.vm()) else {
+            _ = reply.send(Response::error(ErrorKind::PermissionDenied, "read only"));
+            return;
+        };
+        self.next_query += 1;
+        let id = QueryId(self.next_query);
+        match self.fleet.act(now, vm, action, uid, id) {
+            Ok(Acted {
+                reply: Reply::Done(message),
+                commands,
+            }) => {
+                info!(vm, uid, action = action.as_str(), "ctl: {message}");
+                self.execute_all(now, commands);
+                _ = reply.send(Response::Ok(Body::Done { message }));
+            }
+            Ok(Acted {
+                reply: Reply::Wait,
+                commands,
+            }) => {
+                info!(vm, uid, action = action.as_str(), "ctl");
+                // Waiting before the commands run: an answer may follow from them at once.
+                self.pending.insert(
+                    id,
+                    Waiter::Ctl {
+                        reply,
+                        vm: vm.into(),
+                        action,
+                    },
+                );
+                self.execute_all(now, commands);
+            }
+            Err(e @ ActError::UnknownVm(_)) => {
+                _ = reply.send(Response::error(ErrorKind::UnknownVm, e.to_string()));
+            }
+            Err(e @ ActError::Refused(_)) => {
+                info!(vm, uid, action = action.as_str(), error = %e, "ctl: refused");
+                _ = reply.send(Response::error(ErrorKind::Failed, e.to_string()));
+            }
+        }
+        self.metrics
+            .set_running(self.fleet.count_in(Lifecycle::Running));
+    }
+
+    /// What a `ctl` request that waited is told once its VM is up or stopped (or not).
+    fn ctl_outcome(&self, vm: &str, action: Action, answer: Answer) -> Response {
+        let view = self.fleet.view(vm);
+        let error = view
+            .as_ref()
+            .and_then(|v| v.last_error.clone())
+            .unwrap_or_else(|| "see the log".into());
+        match answer {
+            Answer::Ready => {
+                let message = match (action, &view) {
+                    (Action::Stop(_), Some(v)) => format!("{vm} is {}", v.state),
+                    (Action::Restart, _) => format!("{vm} restarted and running"),
+                    _ => format!("{vm} is running"),
+                };
+                Response::Ok(Body::Done { message })
+            }
+            Answer::ServFail(Refusal::BootFailed) => {
+                Response::error(ErrorKind::Failed, format!("{vm}: boot failed: {error}"))
+            }
+            Answer::ServFail(Refusal::StopFailed) => {
+                Response::error(ErrorKind::Failed, format!("{vm}: {error}"))
+            }
+            Answer::ServFail(Refusal::Unknown) => Response::error(
+                ErrorKind::UnknownVm,
+                format!("{vm} was removed from the configuration meanwhile"),
+            ),
+            Answer::ServFail(r) => Response::error(
+                ErrorKind::Failed,
+                format!("{vm} not started: {}", r.as_str()),
+            ),
+            Answer::NxDomain => Response::error(ErrorKind::Failed, format!("{vm} is drained")),
+        }
+    }
+
+    /// The daemon, for `ctl status` and the page.
+    fn status(&self, now: Instant) -> view::DaemonStatus {
+        let (store_healthy, store_lag_s) = self.metrics.store_health();
+        let mut vms = std::collections::BTreeMap::new();
+        for v in self.fleet.views() {
+            *vms.entry(v.state.as_str().to_string()).or_insert(0) += 1;
+        }
+        let c = &self.cfg;
+        view::DaemonStatus {
+            version: format!("jitsu-dns {}", env!("CARGO_PKG_VERSION")),
+            pid: std::process::id(),
+            uptime_s: now.duration_since(self.started).as_secs_f64().floor(),
+            dns: c.dns_addr().to_string(),
+            backend: self.backend.kind().to_string(),
+            connect: c.connect.clone(),
+            control: self
+                .control
+                .as_ref()
+                .map_or_else(|| "none".into(), |p| p.display().to_string()),
+            metrics: c.metrics.map(|m| m.to_string()),
+            config_file: c.file.as_ref().map(|f| f.display().to_string()),
+            synjitsu: c.synjitsu.as_ref().map(|p| p.display().to_string()),
+            synjitsu_connected: self.fleet.synjitsu_up(),
+            store: self.store.dir().display().to_string(),
+            store_temporary: c.persistdb.is_none(),
+            store_healthy,
+            store_lag_s,
+            limits: view::Limits {
+                ttl_s: c.ttl,
+                max_running: c.max_running,
+                max_boots_per_second: c.max_boots_per_second,
+                forward_max: c.forward_max,
+                tcp_max_clients: c.tcp_max_clients,
+                tcp_max_per_client: c.tcp_max_per_client,
+                max_removed_share: c.max_removed_share,
+            },
+            vms,
+        }
     }
 
     /// The store's view as of the last commit (from its writer; read back from the
@@ -660,6 +921,9 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
     let slots = dns::slots_for(&cfg.vms, &HashMap::new());
     let tables = Tables::new(Table::build(&cfg, &slots, forwarder, serial_now()));
     let mut shell = Shell {
+        started: now,
+        history: History::default(),
+        control: None,
         flags,
         fleet: Fleet::new(now, settings(&cfg), vms.clone()),
         cfg,
@@ -757,6 +1021,24 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
         limits,
         serving.clone(),
     ));
+    let (ctl_tx, mut ctl_rx) = mpsc::channel(ctl_server::CALL_QUEUE);
+    match shared_io::unix::PrivateSocket::bind(&shell.cfg.control, shell.cfg.control_allow_uid) {
+        Ok(socket) => {
+            info!(socket = %shell.cfg.control.display(), allow_uid = ?shell.cfg.control_allow_uid, "control socket (jitsu-dns ctl)");
+            shell.control = Some(shell.cfg.control.clone());
+            tokio::spawn(ctl_server::serve(
+                socket,
+                shell.cfg.control_allow_uid,
+                ctl_tx.clone(),
+                ctl.shutdown.clone(),
+            ));
+        }
+        Err(e) if shell.cfg.control_given => return Err(e.into()),
+        // The default path: a second jitsu-dns on the host (tests, a trial run) goes without.
+        Err(e) => {
+            warn!(error = %e, "no control socket: jitsu-dns ctl cannot reach this daemon (give --control to choose another path)")
+        }
+    }
     if let Some(maddr) = shell.cfg.metrics {
         let listener = tokio::net::TcpListener::bind(maddr)
             .await
@@ -765,13 +1047,17 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
                 what: "metrics",
                 source,
             })?;
+        let pages = Arc::new(Pages {
+            metrics: metrics.clone(),
+            calls: ctl_tx.clone(),
+        });
         tokio::spawn(shared_io::http::serve(
             listener,
-            metrics.clone(),
+            pages,
             shared_io::http::Limits::default(),
             ctl.shutdown.clone(),
         ));
-        info!(addr = %maddr, "metrics at /metrics");
+        info!(addr = %maddr, "metrics at /metrics, status page at /");
     }
     info!(
         dns = %addr,
@@ -807,7 +1093,10 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
             Some(ev) = events_rx.recv() => shell.process(Instant::now(), ev),
             () = rewrite_wanted.notified() => shell.send_rewrite(),
             Some(q) = slow_rx.recv() => shell.query(q),
-            Some(()) = ctl.reload.recv() => shell.reload().await,
+            Some(()) = ctl.reload.recv() => {
+                let _ = shell.reload(None).await;
+            }
+            Some(call) = ctl_rx.recv() => shell.on_ctl(call).await,
             _ = ctl.shutdown.cancelled() => break,
         }
     }

@@ -471,6 +471,13 @@ impl RequestHandler for Handler {
                         let m = fail(ResponseCode::ServFail, Outcome::ServFail);
                         send(request, handle, m, edns, &[], &[], &[]).await
                     }
+                    // A drained VM whose policy is NXDOMAIN: as for a name the zone lacks.
+                    Answer::NxDomain => {
+                        self.metrics.add_query(Outcome::NxDomain);
+                        let z = &table.zones[entry.zone];
+                        let m = meta(request, ResponseCode::NXDomain, true);
+                        send(request, handle, m, edns, &[], &z.soa, &[]).await
+                    }
                 }
             }
             Found::Records(records, extra) => {

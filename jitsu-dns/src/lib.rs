@@ -4,6 +4,7 @@
 //! runtime and calls [`daemon::run`]. Module map:
 //! - [`config`]: flags, VM specs and the TOML file, validated into typed values;
 //! - [`check`]: what a configuration means, as `--check` prints it;
+//! - [`ctl`]: the control socket, `jitsu-dns ctl` and the status page;
 //! - [`fleet`]: the pure core deciding, per VM, what each query, tick and result leads to;
 //! - [`dns`]: the hickory-server request handler (answers from a table, asks the fleet on
 //!   the slow path), [`forward`], the relay to the forwarders, and [`transport`], the UDP
@@ -19,6 +20,7 @@
 pub mod backend;
 pub mod check;
 pub mod config;
+pub mod ctl;
 pub mod daemon;
 pub mod dns;
 pub mod fleet;

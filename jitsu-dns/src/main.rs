@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 /// VMs are positional specs, e.g.
 /// `name=www,dns=www.example.org,ip=10.0.0.1,command='busybox httpd -f -p 80'`
 /// (keys: name, dns (repeatable), ip, ip6, mac, response_delay, wait_for_key, wait_for,
-/// wait_for_timeout, boot_timeout, use_synjitsu, stop_mode, handover, zone, nic (repeatable);
+/// wait_for_timeout, boot_timeout, use_synjitsu, stop_mode, handover, zone, nic (repeatable),
+/// idle_timeout, pin, drained (servfail|nxdomain), max_boot_attempts, boot_backoff;
 /// process backend: command, ifup, gateway; libvirt: uuid, kernel, initrd, cmdline, memory,
 /// disk (repeatable), script (repeatable), console_log, domain_type, rumprun_config), or
 /// `[[vm]]` tables in the --config file, whose top-level keys are the long flags with `_`.
@@ -53,6 +54,86 @@ enum Cmd {
         #[command(subcommand)]
         what: StateCmd,
     },
+    /// Act on the running jitsu-dns through its control socket (root, or the uid it allows).
+    ///
+    /// Exit codes: 0 done; 1 refused or failed; 2 bad arguments; 3 no such VM; 4 jitsu-dns
+    /// not reachable (not running, or no answer in time); 5 permission denied.
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CtlArgs {
+    /// The daemon's control socket (its --control).
+    #[arg(
+        long = "control",
+        id = "ctl_control",
+        value_name = "SOCKET",
+        default_value = config::DEFAULT_CONTROL,
+        global = true
+    )]
+    control: PathBuf,
+    /// Print JSON (errors too, on stdout) for scripts.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Seconds to wait for the answer (start and restart wait for the boot, stop for the
+    /// stop).
+    #[arg(long, value_name = "SECONDS", default_value_t = 120, global = true)]
+    timeout: u64,
+    #[command(subcommand)]
+    what: CtlCmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlCmd {
+    /// Every VM: state, addresses, masking, uptime, idle time, boots, queries, last cold
+    /// start, flags (pinned, drained, back-off).
+    List,
+    /// Everything known of one VM, with its last transitions.
+    Show { name: String },
+    /// Boot it now (pre-warm), masked as for a query; returns once it is answered.
+    Start { name: String },
+    /// Stop it (a query boots it again, unless it is drained).
+    Stop {
+        name: String,
+        /// How [default: its stop_mode].
+        #[arg(long, value_parser = ["destroy", "suspend", "shutdown"])]
+        mode: Option<String>,
+    },
+    /// Stop it and boot it again.
+    Restart { name: String },
+    /// Never stop it for idleness; kept across restarts.
+    Pin { name: String },
+    /// Stop it for idleness again (outranks a pin = true key); kept across restarts.
+    Unpin { name: String },
+    /// Queries no longer boot it (they get its drained answer, SERVFAIL or NXDOMAIN); it
+    /// is stopped when idle; kept across restarts.
+    Drain { name: String },
+    /// Undo drain.
+    Undrain { name: String },
+    /// Re-read the configuration, as SIGHUP, and say what changed or why it was refused.
+    Reload,
+    /// The daemon: uptime, backend, synjitsu link, store health, limits in force.
+    Status,
+}
+
+fn ctl_command(args: CtlArgs) -> ExitCode {
+    use jitsu_dns::ctl::{client, proto::Request};
+    let request = match args.what {
+        CtlCmd::List => Request::List,
+        CtlCmd::Show { name } => Request::Show { vm: name },
+        CtlCmd::Start { name } => Request::Start { vm: name },
+        CtlCmd::Stop { name, mode } => Request::Stop { vm: name, mode },
+        CtlCmd::Restart { name } => Request::Restart { vm: name },
+        CtlCmd::Pin { name } => Request::Pin { vm: name },
+        CtlCmd::Unpin { name } => Request::Unpin { vm: name },
+        CtlCmd::Drain { name } => Request::Drain { vm: name },
+        CtlCmd::Undrain { name } => Request::Undrain { vm: name },
+        CtlCmd::Reload => Request::Reload,
+        CtlCmd::Status => Request::Status,
+    };
+    let timeout = std::time::Duration::from_secs(args.timeout.max(1));
+    let response = client::call(&args.control, &request, timeout);
+    ExitCode::from(client::print(&response, args.json))
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,8 +197,10 @@ fn state_command(what: StateCmd) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Cmd::State { what }) = cli.command {
-        return state_command(what);
+    match cli.command {
+        Some(Cmd::State { what }) => return state_command(what),
+        Some(Cmd::Ctl(args)) => return ctl_command(args),
+        None => {}
     }
     let flags = cli.flags;
     let cfg = match config::load(&flags) {

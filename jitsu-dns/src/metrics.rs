@@ -339,6 +339,14 @@ impl Metrics {
         }
     }
 
+    /// The store's health and how far it is behind now, in seconds (for `ctl status`).
+    pub fn store_health(&self) -> (bool, f64) {
+        (
+            self.store_healthy.get() != 0,
+            self.state_lag(SystemTime::now()),
+        )
+    }
+
     /// The backend pushed a lifecycle change (a libvirt event).
     pub fn add_backend_event(&self) {
         self.backend_events.inc();

@@ -1,7 +1,7 @@
 //! The control socket: a Unix-socket server speaking `shared_proto` to jitsu-dns.
 //!
-//! Owns the socket file (created race-free with mode 0600, a stale one removed, a live one
-//! refused), peer credentials (`SO_PEERCRED`: root, or the one uid allowed), who is connected
+//! Owns the socket (its file and the peer check are `shared_io::unix`'s: mode 0600, a stale
+//! one removed, a live one refused, `SO_PEERCRED`: root or the one uid allowed), who is connected
 //! ([`Connections`]), and each session's rules ([`Session`]): hello first with a version
 //! check, every request answered by exactly one ok or error, events pushed only after the
 //! hello. A payload error gets an error reply and the session goes on; a framing error gets
@@ -24,18 +24,18 @@
 //! What requests do is the core's ([`crate::hold`]); the daemon's loop passes them on.
 
 use std::collections::{HashMap, VecDeque};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use shared_io::unix::{Peer, PeerError, PrivateSocket, SocketError, check_peer};
 use shared_proto::codec::CodecError;
 use shared_proto::{
     ClientMessage, ErrorCode, PROTOCOL_VERSION, Reply, Request, ServerCodec, ServerMessage,
     StreamError,
 };
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
@@ -168,26 +168,6 @@ pub enum ControlIn {
     },
 }
 
-/// Why the control socket could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    /// Another process answers on the socket.
-    #[error("control socket {0} is in use by another process (another synjitsu?)")]
-    InUse(String),
-    /// The path exists and is not a socket.
-    #[error("control socket path {0} exists and is not a socket")]
-    NotASocket(String),
-    /// A filesystem or socket call failed.
-    #[error("control socket {path}: {source}")]
-    Io {
-        /// The path.
-        path: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
 /// What a session does with one incoming frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -269,62 +249,18 @@ impl Session {
     }
 }
 
-/// The bound control socket; its file is removed on drop.
+/// The bound control socket (`shared_io::unix`: mode 0600, removed on drop).
 #[derive(Debug)]
 pub struct ControlServer {
-    listener: UnixListener,
-    path: PathBuf,
+    socket: PrivateSocket,
 }
 
 impl ControlServer {
     /// Binds `path` with mode 0600 (parent directories created as needed), owned by root,
     /// or by `owner` (the `--allow-uid`) so that this one user can connect at all.
-    pub fn bind(path: &Path, owner: Option<u32>) -> Result<ControlServer, ControlError> {
-        let io = |source| ControlError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) => {
-                use std::os::unix::fs::FileTypeExt;
-                if !meta.file_type().is_socket() {
-                    return Err(ControlError::NotASocket(path.display().to_string()));
-                }
-                if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(ControlError::InUse(path.display().to_string()));
-                }
-                std::fs::remove_file(path).map_err(io)?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(e)),
-        }
-        // Bound under a temporary name, restricted, then renamed into place: no moment at
-        // which the socket is reachable with wider permissions.
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "control".into());
-        let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        let std_listener = std::os::unix::net::UnixListener::bind(&tmp).map_err(io)?;
-        let done = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-            .and_then(|()| match owner {
-                Some(uid) => std::os::unix::fs::chown(&tmp, Some(uid), None),
-                None => Ok(()),
-            })
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .and_then(|()| std_listener.set_nonblocking(true));
-        if let Err(e) = done {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io(e));
-        }
-        let listener = UnixListener::from_std(std_listener).map_err(io)?;
+    pub fn bind(path: &Path, owner: Option<u32>) -> Result<ControlServer, SocketError> {
         Ok(ControlServer {
-            listener,
-            path: path.to_path_buf(),
+            socket: PrivateSocket::bind(path, owner)?,
         })
     }
 
@@ -340,7 +276,7 @@ impl ControlServer {
         loop {
             let stream = tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = self.listener.accept() => match r {
+                r = self.socket.listener().accept() => match r {
                     Ok((s, _)) => s,
                     Err(e) => {
                         tracing::warn!(error = %e, "control socket accept failed");
@@ -350,18 +286,18 @@ impl ControlServer {
             };
             next_conn += 1;
             let conn = next_conn;
-            let (uid, pid) = match stream.peer_cred() {
-                Ok(c) => (c.uid(), c.pid()),
-                Err(e) => {
+            let Peer { uid, pid } = match check_peer(&stream, allow_uid) {
+                Ok(p) => p,
+                Err(PeerError::NoCredentials(e)) => {
                     tracing::warn!(error = %e, "no peer credentials; refusing");
                     continue;
                 }
+                Err(e @ PeerError::Refused { uid, .. }) => {
+                    tracing::warn!(uid, "control client refused: not root nor the allowed uid");
+                    refuse(stream, e.to_string()).await;
+                    continue;
+                }
             };
-            if uid != 0 && Some(uid) != allow_uid {
-                tracing::warn!(uid, "control client refused: not root nor the allowed uid");
-                refuse(stream, format!("permission denied for uid {uid}")).await;
-                continue;
-            }
             let (out_tx, out_rx) = mpsc::channel::<ServerMessage>(MAX_OUTGOING);
             let close = cancel.child_token();
             {
@@ -395,12 +331,6 @@ impl ControlServer {
             };
             tokio::spawn(serve(conn_io, to_core.clone(), shared.clone()));
         }
-    }
-}
-
-impl Drop for ControlServer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -703,11 +633,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("syj-ctl-{}", std::process::id()));
         let path = dir.join("sub").join("synjitsu.sock");
         let server = ControlServer::bind(&path, None).unwrap();
+        use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert!(matches!(
             ControlServer::bind(&path, None),
-            Err(ControlError::InUse(_))
+            Err(SocketError::InUse(_))
         ));
         let (tx, mut rx) = mpsc::channel(16);
         let cancel = CancellationToken::new();

@@ -126,7 +126,7 @@ pub enum DaemonError {
     },
     /// The control socket.
     #[error(transparent)]
-    Control(#[from] crate::control::ControlError),
+    Control(#[from] shared_io::unix::SocketError),
     /// Xenstore.
     #[error("xenstore at {socket}: {source}")]
     Xenstore {

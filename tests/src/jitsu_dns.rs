@@ -424,11 +424,18 @@ impl DnsHarness {
         self.backend_args(&self.vms.uri(cgroup), extra)
     }
 
+    /// The control socket: in the host's directory, so tests never share the host's.
+    pub fn control(&self) -> PathBuf {
+        self.host.file("control.sock")
+    }
+
     /// The usual flags: DNS on 127.0.0.1:53 in the host namespace (unless `extra` has `-b`),
     /// forwarding off (unless `extra` has `-f`), the backend at `uri` (`-x` in `extra` says
-    /// which, the process backend otherwise), the store, debug logs; then `extra`.
+    /// which, the process backend otherwise), the store, the control socket (unless `extra`
+    /// has `--control`), debug logs; then `extra`.
     pub fn backend_args(&self, uri: &str, extra: &[&str]) -> Vec<String> {
         let db = self.db().display().to_string();
+        let control = self.control().display().to_string();
         let mut a = vec![
             "-l",
             "53",
@@ -439,7 +446,11 @@ impl DnsHarness {
             "--persistdb",
             &db,
         ];
-        for (flag, default) in [("-b", "127.0.0.1"), ("-f", "0.0.0.0")] {
+        for (flag, default) in [
+            ("-b", "127.0.0.1"),
+            ("-f", "0.0.0.0"),
+            ("--control", control.as_str()),
+        ] {
             if !extra.contains(&flag) {
                 a.extend([flag, default]);
             }

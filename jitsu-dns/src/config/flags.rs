@@ -73,6 +73,15 @@ pub struct Flags {
     /// Serve Prometheus metrics at http://ADDR/metrics [default: none].
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<Given>,
+    /// Control socket for `jitsu-dns ctl` (mode 0600; root and --control-allow-uid may
+    /// use it) [default: /run/jitsu/control.sock; if that one is taken, none, with a
+    /// warning].
+    #[arg(long, value_name = "SOCKET")]
+    pub control: Option<Given>,
+    /// A non-root uid allowed on the control socket (root always is); the socket is then
+    /// owned by that uid, still mode 0600 [default: none].
+    #[arg(long, value_name = "UID")]
+    pub control_allow_uid: Option<Given>,
     /// Log level or filter (error, warn, info, debug, trace, or an EnvFilter directive)
     /// [default: info].
     #[arg(long, value_name = "LEVEL")]
@@ -197,7 +206,7 @@ mod tests {
                 assert_eq!(long, key.replace('_', "-"), "the flag is the key");
             }
         }
-        assert_eq!(n, 20, "the settings");
+        assert_eq!(n, 22, "the settings");
     }
 
     #[test]

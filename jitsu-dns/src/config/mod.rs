@@ -109,6 +109,19 @@ pub fn merge(flags: &Flags, file: Option<&FileSettings>) -> Result<Config, Confi
         parse_path(o, k, v, "expected a directory")
     })?;
     let metrics = setting!(s, metrics, parse_socket_addr)?;
+    let control = setting!(s, control, |o, k, v| {
+        parse_path(o, k, v, "expected the path of a socket")
+    })?;
+    let control_given = control.is_some();
+    let control = control.unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL));
+    let control_allow_uid = setting!(s, control_allow_uid, |o, k, v| parse_u64(
+        o,
+        k,
+        v,
+        1,
+        u64::from(u32::MAX - 1)
+    ))?
+    .map(|n| n as u32);
     let log_level =
         setting!(s, log_level, as_text)?.unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_string());
     let max_running =
@@ -176,6 +189,9 @@ pub fn merge(flags: &Flags, file: Option<&FileSettings>) -> Result<Config, Confi
         synjitsu,
         persistdb,
         metrics,
+        control,
+        control_given,
+        control_allow_uid,
         log_level,
         max_running,
         max_boots_per_second,

@@ -76,6 +76,8 @@ fn every_flag_is_parsed() {
         synjitsu: Some("/run/synjitsu.sock".into()),
         persistdb: Some("/var/lib/jitsu".into()),
         metrics: Some("127.0.0.1:9153".into()),
+        control: Some("/run/j/ctl.sock".into()),
+        control_allow_uid: Some("1000".into()),
         log_level: Some("debug".into()),
         max_running: Some("4".into()),
         max_boots_per_second: Some("2".into()),
@@ -107,6 +109,9 @@ fn every_flag_is_parsed() {
     assert_eq!(c.synjitsu, Some(PathBuf::from("/run/synjitsu.sock")));
     assert_eq!(c.persistdb, Some(PathBuf::from("/var/lib/jitsu")));
     assert_eq!(c.metrics, Some("127.0.0.1:9153".parse().unwrap()));
+    assert_eq!(c.control, std::path::PathBuf::from("/run/j/ctl.sock"));
+    assert!(c.control_given);
+    assert_eq!(c.control_allow_uid, Some(1000));
     assert_eq!(c.log_level, "debug");
     assert_eq!(c.max_running, Some(4));
     assert_eq!(c.max_boots_per_second, Some(2));

@@ -33,6 +33,14 @@ pub const DEFAULT_WAIT_FOR_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_KEY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default time a synjitsu-tracked guest has to announce itself before its boot is failed.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `max_boot_attempts`: failed boots in a row before the VM is held back.
+pub const DEFAULT_MAX_BOOT_ATTEMPTS: u32 = 3;
+/// Default `boot_backoff`: the first wait once `max_boot_attempts` boots failed in a row.
+pub const DEFAULT_BOOT_BACKOFF: Duration = Duration::from_secs(10);
+/// The longest back-off: the wait doubles with each further failure up to this.
+pub const MAX_BOOT_BACKOFF: Duration = Duration::from_secs(600);
+/// Default control socket.
+pub const DEFAULT_CONTROL: &str = "/run/jitsu/control.sock";
 /// Default bridge a process-backend VM joins.
 pub const DEFAULT_NIC: &str = "br0";
 /// Default share of the VMs a reload may remove (more is refused unless the file allows it).
@@ -82,6 +90,43 @@ impl FromStr for StopMode {
             "suspend" => Ok(StopMode::Suspend),
             "shutdown" => Ok(StopMode::Shutdown),
             _ => Err("expected destroy, suspend or shutdown".into()),
+        }
+    }
+}
+
+/// What a drained VM's names get while it is not running (`drained=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DrainedAnswer {
+    /// SERVFAIL: resolvers try again later (the VM is out for a while).
+    #[default]
+    ServFail,
+    /// NXDOMAIN with the zone's SOA: the name is gone (cached for the SOA's minimum).
+    NxDomain,
+}
+
+impl DrainedAnswer {
+    /// The word used in keys, the store and `ctl`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrainedAnswer::ServFail => "servfail",
+            DrainedAnswer::NxDomain => "nxdomain",
+        }
+    }
+}
+
+impl fmt::Display for DrainedAnswer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for DrainedAnswer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "servfail" => Ok(DrainedAnswer::ServFail),
+            "nxdomain" => Ok(DrainedAnswer::NxDomain),
+            _ => Err("expected servfail or nxdomain".into()),
         }
     }
 }
@@ -287,6 +332,17 @@ pub struct VmConfig {
     pub boot_timeout: Duration,
     /// How the VM is stopped when idle.
     pub stop_mode: StopMode,
+    /// Stopped after this long without queries or traffic; `None`: twice the TTL.
+    pub idle_timeout: Option<Duration>,
+    /// Never stopped for idleness (`ctl pin`/`unpin` override it, kept in the store).
+    pub pin: bool,
+    /// What its names get while it is drained and not running.
+    pub drained: DrainedAnswer,
+    /// Failed boots in a row after which queries no longer boot it until a back-off
+    /// passed; `None`: every query retries (`max_boot_attempts=0`).
+    pub max_boot_attempts: Option<u32>,
+    /// The first back-off, doubled with each further failure up to [`MAX_BOOT_BACKOFF`].
+    pub boot_backoff: Duration,
     /// How synjitsu hands over held SYNs.
     pub handover: HandoverKind,
     /// Who brings the interface up (process backend).
@@ -381,8 +437,14 @@ pub struct Config {
     pub synjitsu: Option<PathBuf>,
     /// The state store's git repository.
     pub persistdb: Option<PathBuf>,
-    /// Address of the metrics endpoint.
+    /// Address of the metrics endpoint (and the status page).
     pub metrics: Option<SocketAddr>,
+    /// The control socket `jitsu-dns ctl` talks to.
+    pub control: PathBuf,
+    /// `control` was given, so failing to bind it is fatal (the default is not).
+    pub control_given: bool,
+    /// The non-root uid allowed on the control socket.
+    pub control_allow_uid: Option<u32>,
     /// Log filter (`info`, `debug`, or an `EnvFilter` directive).
     pub log_level: String,
     /// At most this many VMs booting or running.
@@ -443,6 +505,8 @@ impl Config {
             synjitsu,
             persistdb,
             metrics,
+            control,
+            control_allow_uid,
             tcp_max_clients,
             tcp_max_per_client
         );

@@ -14,12 +14,14 @@ use shared_proto::Mac;
 use super::error::{ConfigError, Origin, invalid};
 use super::spec::Entry;
 use super::types::{
-    BackendKind, DEFAULT_BOOT_TIMEOUT, DEFAULT_KEY_TIMEOUT, DEFAULT_NIC, DEFAULT_WAIT_FOR_TIMEOUT,
-    Disk, DiskKind, DomainType, HandoverKind, Ifup, Nic, StopMode, VmConfig, WaitFor,
+    BackendKind, DEFAULT_BOOT_BACKOFF, DEFAULT_BOOT_TIMEOUT, DEFAULT_KEY_TIMEOUT,
+    DEFAULT_MAX_BOOT_ATTEMPTS, DEFAULT_NIC, DEFAULT_WAIT_FOR_TIMEOUT, Disk, DiskKind, DomainType,
+    HandoverKind, Ifup, Nic, StopMode, VmConfig, WaitFor,
 };
 use super::values::{
     is_xenstore_path, parse_bool, parse_dns_name, parse_enum, parse_ifname, parse_ip, parse_ipv4,
-    parse_ipv6, parse_memory, parse_positive_seconds, parse_seconds, parse_uuid, parse_vm_dns_name,
+    parse_ipv6, parse_memory, parse_positive_seconds, parse_seconds, parse_u64, parse_uuid,
+    parse_vm_dns_name,
 };
 
 /// Keys every VM accepts.
@@ -39,6 +41,11 @@ const COMMON_KEYS: &[&str] = &[
     "stop_mode",
     "handover",
     "nic",
+    "idle_timeout",
+    "pin",
+    "drained",
+    "max_boot_attempts",
+    "boot_backoff",
 ];
 /// Keys only the process backend uses.
 const PROCESS_KEYS: &[&str] = &["command", "ifup", "gateway"];
@@ -187,6 +194,13 @@ pub(super) fn build_vm(
     let boot_timeout = keys.parse("boot_timeout", parse_positive_seconds)?;
     let use_synjitsu = keys.parse("use_synjitsu", parse_bool)?;
     let stop_mode = keys.parse("stop_mode", parse_enum)?;
+    let idle_timeout = keys.parse("idle_timeout", parse_positive_seconds)?;
+    let pin = keys.parse("pin", parse_bool)?;
+    let drained = keys.parse("drained", parse_enum)?;
+    // 0 turns the back-off off: every query retries, as before.
+    let max_boot_attempts =
+        keys.parse("max_boot_attempts", |o, k, v| parse_u64(o, k, v, 0, 1000))?;
+    let boot_backoff = keys.parse("boot_backoff", parse_positive_seconds)?;
     let handover = keys.parse("handover", |o, k, v| parse_handover(o, k, v, d))?;
     let ifup = keys.parse("ifup", parse_ifup)?;
     let gateway = keys.parse("gateway", parse_ip)?;
@@ -230,6 +244,15 @@ pub(super) fn build_vm(
         boot_timeout: boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT),
         use_synjitsu: use_synjitsu.unwrap_or(false),
         stop_mode: stop_mode.unwrap_or(d.mode),
+        idle_timeout,
+        pin: pin.unwrap_or(false),
+        drained: drained.unwrap_or_default(),
+        max_boot_attempts: match max_boot_attempts {
+            Some(0) => None,
+            Some(n) => Some(n as u32),
+            None => Some(DEFAULT_MAX_BOOT_ATTEMPTS),
+        },
+        boot_backoff: boot_backoff.unwrap_or(DEFAULT_BOOT_BACKOFF),
         handover: handover.unwrap_or(HandoverKind::Wire),
         ifup: ifup.unwrap_or(Ifup::Jitsu),
         gateway,
@@ -275,7 +298,7 @@ fn check_keys(entries: &[Entry], backend: BackendKind) -> Result<(), ConfigError
                 &e.value,
                 "unknown key; VMs take name, dns, ip, ip6, mac, response_delay, wait_for_key, \
                  wait_for, wait_for_timeout, boot_timeout, use_synjitsu, stop_mode, handover, \
-                 zone, nic, and for the process backend command, ifup, gateway, for libvirt \
+                 zone, nic, idle_timeout, pin, drained, max_boot_attempts, boot_backoff, and for the process backend command, ifup, gateway, for libvirt \
                  kernel, initrd, memory, disk, script, uuid, cmdline, console_log, domain_type, \
                  rumprun_config, for qemu kernel, initrd, memory, cmdline, console_log, \
                  domain_type",

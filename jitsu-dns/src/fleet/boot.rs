@@ -12,10 +12,21 @@ use shared_proto::ClientMessage;
 
 use super::mask::answer_reason;
 use super::synjitsu::{identity, send};
-use super::types::{Answer, Command, Lifecycle, MAX_WAITING_PER_VM, QueryId, Refusal, VmName};
+use super::types::{
+    Answer, COLD_STARTS_KEPT, ColdStart, Command, Lifecycle, MAX_WAITING_PER_VM, QueryId, Refusal,
+    VmName,
+};
 use super::vm::{Boot, BootKind, Cause, Life, answer_waiting};
-use super::{Fleet, fmt_duration};
-use crate::config::{HandoverKind, StopMode};
+use super::{Fleet, cold_start, fmt_duration};
+use crate::config::{DrainedAnswer, HandoverKind, StopMode};
+
+/// What a drained VM's queries get while it does not run.
+pub(super) fn drained_answer(policy: DrainedAnswer) -> Answer {
+    match policy {
+        DrainedAnswer::ServFail => Answer::ServFail(Refusal::Drained),
+        DrainedAnswer::NxDomain => Answer::NxDomain,
+    }
+}
 
 impl Fleet {
     pub(super) fn on_query(
@@ -54,6 +65,22 @@ impl Fleet {
             }
             return;
         }
+        // Drained, or failing and waiting out its back-off: nothing boots it.
+        let held_back = if vm.drained {
+            Some(drained_answer(vm.cfg.drained))
+        } else if matches!(vm.life, Life::Off | Life::Failed)
+            && vm.backoff_until.is_some_and(|t| now < t)
+        {
+            Some(Answer::ServFail(Refusal::BackOff))
+        } else {
+            None
+        };
+        if let Some(answer) = held_back {
+            if let Some(id) = id {
+                out.push(Command::Answer { id, answer });
+            }
+            return;
+        }
         if let Some(id) = id
             && vm.waiting.len() >= MAX_WAITING_PER_VM
         {
@@ -63,18 +90,8 @@ impl Fleet {
             });
             return;
         }
-        let kind = match &mut vm.life {
-            Life::Booting(_) => None,
-            Life::Stopping { pending_wake, .. } => {
-                *pending_wake = true;
-                None
-            }
-            Life::Off | Life::Failed => Some(BootKind::Fresh),
-            Life::Suspended => Some(BootKind::Resume),
-            Life::Paused => Some(BootKind::Unpause),
-            Life::Running { .. } => unreachable!("answered above"),
-        };
-        if let Some(kind) = kind {
+        // Running was answered above.
+        if let Some(kind) = vm.life.wake() {
             if let Some(refusal) = self.refuse_boot(now, kind) {
                 if let Some(id) = id {
                     out.push(Command::Answer {
@@ -147,6 +164,17 @@ impl Fleet {
                 vm.domid = None;
                 vm.port = None;
                 self.boots.push_back(now);
+                if self.cold_starts.len() >= COLD_STARTS_KEPT {
+                    self.cold_starts.pop_front();
+                }
+                self.cold_starts.push_back(ColdStart {
+                    vm: name.clone(),
+                    at: now,
+                    answered: None,
+                    handed_over: None,
+                    first_packet: None,
+                    failed: false,
+                });
                 out.push(Command::Start { vm: cfg.clone() });
             }
             BootKind::Resume => out.push(Command::Resume { vm: cfg.clone() }),
@@ -232,13 +260,25 @@ impl Fleet {
         self.settle(now, name, out);
     }
 
-    pub(super) fn on_start_failed(&mut self, name: &VmName, error: &str, out: &mut Vec<Command>) {
+    pub(super) fn on_start_failed(
+        &mut self,
+        now: Instant,
+        name: &VmName,
+        error: &str,
+        out: &mut Vec<Command>,
+    ) {
         let Some(vm) = self.vms.get_mut(name) else {
             return;
         };
-        if !matches!(vm.life, Life::Booting(_)) {
+        let Life::Booting(b) = &vm.life else {
             return;
+        };
+        if b.kind == BootKind::Fresh
+            && let Some(c) = cold_start(&mut self.cold_starts, name, vm.last_start)
+        {
+            c.failed = true;
         }
+        vm.record_failure(now, error);
         vm.set_life(Life::Failed);
         let cfg = vm.cfg.clone();
         let domid = vm.domid;
@@ -256,7 +296,14 @@ impl Fleet {
         cause: Cause,
         out: &mut Vec<Command>,
     ) {
-        let Some(vm) = self.vms.get(name) else { return };
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        if vm.drained {
+            let answer = drained_answer(vm.cfg.drained);
+            answer_waiting(&mut vm.waiting, answer, out);
+            return;
+        }
         let kind = match vm.life {
             Life::Off | Life::Failed => BootKind::Fresh,
             Life::Suspended => BootKind::Resume,
@@ -286,6 +333,12 @@ impl Fleet {
         if !b.answered {
             b.answered = true;
             answer_waiting(&mut vm.waiting, Answer::Ready, out);
+            if b.kind == BootKind::Fresh {
+                let last = vm.last_start;
+                if let Some(c) = cold_start(&mut self.cold_starts, name, last) {
+                    c.answered = Some(now);
+                }
+            }
         }
         if b.started.is_none() {
             return;
@@ -302,6 +355,10 @@ impl Fleet {
             && syn_up)
             .then(|| b.started.map(|s| s + vm.cfg.boot_timeout))
             .flatten();
+        if let Some(took) = took {
+            vm.record_success();
+            vm.last_boot_took = Some(took);
+        }
         vm.set_life(Life::Running { since: now });
         vm.unconfirmed_until = unconfirmed;
         vm.last_traffic = None;
@@ -347,6 +404,11 @@ impl Fleet {
         {
             b.key_seen = Some(now);
             if tracked && v.cfg.synjitsu_tracked() {
+                if let Some(c) = cold_start(&mut self.cold_starts, name, v.last_start)
+                    && c.handed_over.is_none()
+                {
+                    c.handed_over = Some(now);
+                }
                 // The guest listens: synjitsu may hand over what it holds.
                 let name = name.to_string();
                 send(&mut self.next_tag, ClientMessage::Ready { name }, out);

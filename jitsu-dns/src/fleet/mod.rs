@@ -17,8 +17,14 @@
 //!   synjitsu is not connected or refused the VM, the synjitsu-based modes fall back to
 //!   `response_delay`: a synjitsu that is down never blocks an answer;
 //! - a suspended VM is resumed and a paused one unpaused instead of booted;
-//! - a running VM with no query and no packet sent by its interface for 2 x TTL is stopped
-//!   in its `stop_mode` (packets only sent to it, like the bridge's floods, do not count);
+//! - a running VM with no query and no packet sent by its interface for its `idle_timeout`
+//!   (2 x TTL by default) is stopped in its `stop_mode` (packets only sent to it, like the
+//!   bridge's floods, do not count), unless it is pinned (`pin`, `ctl pin`) and not drained;
+//! - a drained VM (`ctl drain`) is not booted by queries, which get its `drained` answer
+//!   (SERVFAIL or NXDOMAIN) while it is not running, and is stopped when idle;
+//! - after `max_boot_attempts` failed boots in a row, queries do not boot the VM until a
+//!   back-off passes (`boot_backoff`, doubled with each further failure, at most 10 min);
+//!   they get SERVFAIL meanwhile; `ctl start` goes past it;
 //! - at most `max_running` VMs booting, running or stopping, and at most
 //!   `max_boots_per_second` boots: past either, the query gets SERVFAIL;
 //! - a failed boot answers its waiting queries SERVFAIL and the next query retries; a guest
@@ -34,20 +40,24 @@
 //!
 //! Layout: `types` holds the vocabulary shared with the shell and the other modules;
 //! `vm` one VM's record and transitions; `mask` when a boot may be answered; the handlers
-//! by concept: `boot`, `stop`, `observe` (what the backend reports) and `synjitsu`.
+//! by concept: `boot`, `stop`, `observe` (what the backend reports), `synjitsu` and
+//! `operator` (what `jitsu-dns ctl` asks of a VM).
 
 mod boot;
 mod mask;
 mod observe;
+mod operator;
 mod stop;
 mod synjitsu;
 mod types;
 mod vm;
 
+pub use operator::{ActError, Acted, Action, Reply};
 pub use synjitsu::identity;
 pub use types::{
-    Activity, Answer, COUNTERS_FLUSH_EVERY, Command, Event, IfCounters, Lifecycle,
-    MAX_WAITING_PER_VM, Observed, Persist, QueryId, Refusal, Settings, Stored, VmName, VmView,
+    Activity, Answer, COLD_STARTS_KEPT, COUNTERS_FLUSH_EVERY, ColdStart, Command, Event,
+    IfCounters, Lifecycle, MAX_WAITING_PER_VM, Observed, Persist, QueryId, Refusal, Settings,
+    Stored, VmName, VmView,
 };
 
 use std::collections::{BTreeMap, VecDeque};
@@ -68,6 +78,8 @@ pub struct Fleet {
     next_tag: u64,
     counters_dirty: bool,
     last_flush: Instant,
+    /// The last [`COLD_STARTS_KEPT`] fresh boots, oldest first.
+    cold_starts: VecDeque<ColdStart>,
 }
 
 impl Fleet {
@@ -85,6 +97,7 @@ impl Fleet {
             next_tag: 1,
             counters_dirty: false,
             last_flush: now,
+            cold_starts: VecDeque::new(),
         };
         for cfg in vms {
             fleet.vms.insert(cfg.name.clone(), Vm::new(cfg));
@@ -99,12 +112,24 @@ impl Fleet {
 
     /// A view of `vm`.
     pub fn view(&self, vm: &str) -> Option<VmView> {
-        self.vms.get(vm).map(Vm::view)
+        self.vms.get(vm).map(|v| self.view_of(v))
     }
 
     /// Every VM's view, by name.
     pub fn views(&self) -> Vec<VmView> {
-        self.vms.values().map(Vm::view).collect()
+        self.vms.values().map(|v| self.view_of(v)).collect()
+    }
+
+    fn view_of(&self, vm: &Vm) -> VmView {
+        VmView {
+            idle_deadline: vm.idle_deadline(self.idle_limit()),
+            ..vm.view()
+        }
+    }
+
+    /// The last [`COLD_STARTS_KEPT`] fresh boots, oldest first.
+    pub fn cold_starts(&self) -> Vec<ColdStart> {
+        self.cold_starts.iter().cloned().collect()
     }
 
     /// Running VMs, whose backend state and counters are worth polling, each with the epoch
@@ -172,8 +197,10 @@ impl Fleet {
                         consider(t);
                     }
                 }
-                Life::Running { since } => {
-                    consider(vm.idle_since(*since) + self.idle_limit());
+                Life::Running { .. } => {
+                    if let Some(t) = vm.idle_deadline(self.idle_limit()) {
+                        consider(t);
+                    }
                     if let Some(t) = vm.unconfirmed_until {
                         consider(t);
                     }
@@ -185,6 +212,11 @@ impl Fleet {
             consider(self.last_flush + self.settings.flush_every);
         }
         at
+    }
+
+    /// How long a VM without an `idle_timeout` may idle: twice the TTL.
+    pub fn default_idle(&self) -> Duration {
+        self.idle_limit()
     }
 
     fn idle_limit(&self) -> Duration {
@@ -210,11 +242,13 @@ impl Fleet {
             .collect();
         for name in removed {
             let mut vm = self.vms.remove(&name).expect("listed above");
-            answer_waiting(
-                &mut vm.waiting,
-                Answer::ServFail(Refusal::Unknown),
-                &mut out,
-            );
+            let mut restart = vm.restart.take().map(|(_, ids)| ids);
+            for waiting in [&mut vm.waiting, &mut vm.stop_waiting]
+                .into_iter()
+                .chain(restart.as_mut())
+            {
+                answer_waiting(waiting, Answer::ServFail(Refusal::Unknown), &mut out);
+            }
             out.push(Command::Serve {
                 vm: name.clone(),
                 direct: false,
@@ -252,7 +286,9 @@ impl Fleet {
             Event::Tick { activity } => self.on_tick(now, activity, &mut out),
             Event::Counters { vm, counters } => self.on_counters(now, &vm, counters),
             Event::Started { vm, domid, port } => self.on_started(now, &vm, domid, port, &mut out),
-            Event::StartFailed { vm, error } => self.on_start_failed(&vm, &error, &mut out),
+            Event::StartFailed { vm, error } => {
+                self.on_start_failed(now, &vm, &error, &mut out);
+            }
             Event::Stopped { vm } => self.on_stopped(now, &vm, &mut out),
             Event::StopFailed { vm, error } => self.on_stop_failed(now, &vm, &error, &mut out),
             Event::Observed { vm, state, epoch } => {
@@ -298,6 +334,16 @@ impl Fleet {
             out.push(Command::Persist(Persist::Counters));
         }
     }
+}
+
+/// The cold start of `vm` that began at `at` (its last boot), if it is still kept.
+fn cold_start<'c>(
+    kept: &'c mut VecDeque<ColdStart>,
+    vm: &str,
+    at: Option<Instant>,
+) -> Option<&'c mut ColdStart> {
+    let at = at?;
+    kept.iter_mut().rev().find(|c| &*c.vm == vm && c.at == at)
 }
 
 /// `2 s`, `1.5 s`, `120 s`.

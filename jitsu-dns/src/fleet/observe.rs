@@ -44,7 +44,7 @@ impl Fleet {
             (Observed::Off, Life::Booting(b)) if b.started.is_some() => {
                 // It died before it was ready: a failed boot.
                 out.push(Command::Cleanup { vm: cfg });
-                self.on_start_failed(name, "exited while booting", out);
+                self.on_start_failed(now, name, "exited while booting", out);
             }
             (
                 Observed::Running { domid },
@@ -102,6 +102,9 @@ impl Fleet {
         if let Some(s) = &stored {
             vm.starts = s.starts;
             vm.requests = s.requests;
+            // What operators said outlives jitsu-dns.
+            vm.pin_override = s.pin;
+            vm.drained = s.drained;
         }
         let (life, cause) = match observed {
             Observed::Running { domid } => {

@@ -6,24 +6,29 @@
 
 use std::time::Instant;
 
-use super::types::{Answer, Command, IfCounters, Lifecycle, VmName};
+use super::types::{Answer, Command, IfCounters, Lifecycle, Refusal, VmName};
 use super::vm::{Cause, Life, answer_waiting};
 use super::{Fleet, fmt_duration};
 use crate::config::StopMode;
 
 impl Fleet {
     pub(super) fn check_idle(&mut self, now: Instant, name: &VmName, out: &mut Vec<Command>) {
-        let limit = self.idle_limit();
+        let default_limit = self.idle_limit();
         let Some(vm) = self.vms.get_mut(name) else {
             return;
         };
-        let Life::Running { since } = vm.life else {
+        let Some(deadline) = vm.idle_deadline(default_limit) else {
             return;
         };
-        if now < vm.idle_since(since) + limit {
+        if now < deadline {
             return;
         }
-        let cause = format!("idle for {}", fmt_duration(limit));
+        let limit = vm.cfg.idle_timeout.unwrap_or(default_limit);
+        let cause = if vm.drained {
+            format!("drained, idle for {}", fmt_duration(limit))
+        } else {
+            format!("idle for {}", fmt_duration(limit))
+        };
         vm.begin_stop(name, vm.cfg.stop_mode, false, cause, out);
     }
 
@@ -42,6 +47,11 @@ impl Fleet {
             // real conversation makes the guest send too.
             if v.counters.is_some_and(|old| old.rx_packets != c.rx_packets) {
                 v.last_traffic = Some(now);
+                if let Some(cs) = super::cold_start(&mut self.cold_starts, name, v.last_start)
+                    && cs.first_packet.is_none()
+                {
+                    cs.first_packet = Some(now);
+                }
             }
             v.counters = Some(c);
         }
@@ -60,6 +70,7 @@ impl Fleet {
             return;
         };
         let to = if failed {
+            vm.record_failure(now, "the guest did not announce itself");
             Life::Failed
         } else if mode == StopMode::Suspend {
             Life::Suspended
@@ -71,9 +82,17 @@ impl Fleet {
         let cfg = vm.cfg.clone();
         let domid = vm.domid;
         let wake = pending_wake || !vm.waiting.is_empty();
+        let restart = vm.restart.take();
+        if let Some((_, ids)) = &restart {
+            // Its requests wait for the new boot as queries do.
+            vm.waiting.extend(ids);
+        }
+        answer_waiting(&mut vm.stop_waiting, Answer::Ready, out);
         out.push(vm.persist(Lifecycle::Stopping, format!("stopped ({mode})"), None));
         self.notify_stopped(&cfg, domid, out);
-        if wake {
+        if let Some((uid, _)) = restart {
+            self.restart_for_waiting(now, name, Cause::Operator("restart", uid), out);
+        } else if wake {
             // Queries came while it stopped: bring it back for them.
             self.restart_for_waiting(now, name, Cause::Waiting, out);
         }
@@ -98,6 +117,15 @@ impl Fleet {
                 direct: true,
             });
             answer_waiting(&mut v.waiting, Answer::Ready, out);
+            answer_waiting(
+                &mut v.stop_waiting,
+                Answer::ServFail(Refusal::StopFailed),
+                out,
+            );
+            if let Some((_, mut ids)) = v.restart.take() {
+                answer_waiting(&mut ids, Answer::ServFail(Refusal::StopFailed), out);
+            }
+            v.last_error = Some(format!("stop failed: {error}"));
             out.push(v.persist(Lifecycle::Stopping, format!("stop failed: {error}"), None));
         }
     }

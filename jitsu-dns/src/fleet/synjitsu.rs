@@ -76,6 +76,12 @@ impl Fleet {
         if let Some(v) = self.vms.get_mut(name) {
             // Answered early (synjitsu held its SYNs), it is confirmed now.
             v.unconfirmed_until = None;
+            // The announcement ends synjitsu's hold: its SYNs go to the guest now.
+            if let Some(c) = super::cold_start(&mut self.cold_starts, name, v.last_start)
+                && c.handed_over.is_none()
+            {
+                c.handed_over = Some(now);
+            }
             if let Life::Booting(b) = &mut v.life {
                 b.announced = true;
                 self.settle(now, name, out);

@@ -828,6 +828,7 @@ fn a_running_vm_is_adopted_never_booted_twice() {
                 state: Some(Lifecycle::Running),
                 starts: 4,
                 requests: 90,
+                ..Stored::default()
             }),
             observed: Observed::Running { domid: None },
         },
@@ -859,6 +860,7 @@ fn a_running_vm_is_adopted_never_booted_twice() {
                 state: Some(Lifecycle::Running),
                 starts: 1,
                 requests: 1,
+                ..Stored::default()
             }),
             observed: Observed::Off,
         },
@@ -1321,4 +1323,313 @@ fn synjitsu_learns_the_guests_bridge_port_as_soon_as_the_backend_names_it() {
     assert_eq!(booting_port(&out), Some(None), "not the old run's vnet3");
     let out = start(&mut f, t0 + Duration::from_secs(10) + MS, Some("vnet7"));
     assert_eq!(port_msgs(&out).len(), 1);
+}
+
+// ---- per-VM policies and operator actions (issue 14) ----
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn act(f: &mut Fleet, t: Instant, vm: &str, action: Action, id: u64) -> Result<Acted, ActError> {
+    f.act(t, vm, action, 1000, QueryId(id))
+}
+
+fn failed(f: &mut Fleet, t: Instant, vm: &str) -> Vec<Command> {
+    f.handle(
+        t,
+        Event::StartFailed {
+            vm: name(vm),
+            error: "no such bridge".into(),
+        },
+    )
+}
+
+fn policies(out: &[Command]) -> Vec<(&'static str, String)> {
+    out.iter()
+        .filter_map(|c| match c {
+            Command::Persist(Persist::Policy { what, cause, .. }) => Some((*what, cause.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_pinned_vm_is_never_stopped_for_idleness_until_unpinned() {
+    let (mut f, t) = running(&[spec("www", 1, ",pin=true")], settings());
+    // The query's counter is flushed; then nothing is due for a pinned VM.
+    assert!(stops(&tick(&mut f, t + COUNTERS_FLUSH_EVERY)).is_empty());
+    assert_eq!(f.poll_at(), None, "nothing due for a pinned VM");
+    assert!(stops(&tick(&mut f, t + TTL * 100)).is_empty());
+    assert!(f.view("www").unwrap().pinned);
+    // ctl unpin outranks the key; the idle period already passed.
+    let acted = act(&mut f, t + TTL * 100, "www", Action::Unpin, 1).unwrap();
+    assert_eq!(acted.reply, Reply::Done("www unpinned".into()));
+    assert_eq!(
+        policies(&acted.commands),
+        vec![("unpinned", "ctl unpin by uid 1000".into())]
+    );
+    assert_eq!(stops(&tick(&mut f, t + TTL * 100)), vec![StopMode::Destroy]);
+}
+
+#[test]
+fn ctl_pin_is_kept_by_the_store_and_taken_back_at_reconciliation() {
+    let (mut f, t) = running(&[spec("www", 1, "")], settings());
+    let acted = act(&mut f, t, "www", Action::Pin, 1).unwrap();
+    let Some(Command::Persist(Persist::Policy { view, .. })) = acted.commands.first() else {
+        panic!("{acted:?}");
+    };
+    assert_eq!(view.pin_override, Some(true));
+    assert_eq!(
+        act(&mut f, t, "www", Action::Pin, 2).unwrap().reply,
+        Reply::Done("www is already pinned".into())
+    );
+    // A new jitsu-dns: the store says pinned, the backend says running.
+    let mut g = Fleet::new(t, settings(), vms(&[&spec("www", 1, "")]));
+    g.handle(
+        t,
+        Event::Reconciled {
+            vm: name("www"),
+            stored: Some(Stored {
+                state: Some(Lifecycle::Running),
+                pin: Some(true),
+                ..Stored::default()
+            }),
+            observed: Observed::Running { domid: None },
+        },
+    );
+    assert!(g.view("www").unwrap().pinned);
+    assert!(stops(&tick(&mut g, t + TTL * 10)).is_empty());
+}
+
+#[test]
+fn idle_timeout_is_per_vm_and_twice_the_ttl_by_default() {
+    let (mut f, t) = running(
+        &[spec("a", 1, ",idle_timeout=5"), spec("b", 2, "")],
+        settings(),
+    );
+    assert_eq!(f.view("a").unwrap().idle_deadline, Some(t + SEC * 5));
+    assert_eq!(f.view("b").unwrap().idle_deadline, Some(t + TTL * 2));
+    assert_eq!(stops(&tick(&mut f, t + TTL * 2)).len(), 1, "b only");
+    assert_eq!(f.state("a"), Some(Lifecycle::Running));
+    let out = tick(&mut f, t + SEC * 5);
+    assert_eq!(
+        lifecycle(&out),
+        vec![(
+            Lifecycle::Running,
+            Lifecycle::Stopping,
+            "idle for 5 s".into()
+        )]
+    );
+}
+
+#[test]
+fn a_drained_vm_answers_by_its_policy_boots_for_nothing_and_stops_when_idle_even_pinned() {
+    let (mut f, t) = running(
+        &[spec("a", 1, ",pin=true"), spec("b", 2, ",drained=nxdomain")],
+        settings(),
+    );
+    for vm in ["a", "b"] {
+        let acted = act(&mut f, t, vm, Action::Drain, 1).unwrap();
+        assert_eq!(policies(&acted.commands)[0].0, "drained");
+    }
+    // Running: still answered (by the shell's table) until idle; then stopped, pin or not.
+    let out = tick(&mut f, t + TTL * 2);
+    assert_eq!(stops(&out).len(), 2, "{out:?}");
+    assert!(
+        lifecycle(&out)
+            .iter()
+            .all(|l| l.2 == "drained, idle for 2 s")
+    );
+    f.handle(t + TTL * 2, Event::Stopped { vm: name("a") });
+    f.handle(t + TTL * 2, Event::Stopped { vm: name("b") });
+    let out = query(&mut f, t + TTL * 3, "a", 7);
+    assert_eq!(answers(&out), vec![(7, Answer::ServFail(Refusal::Drained))]);
+    let out = query(&mut f, t + TTL * 3, "b", 8);
+    assert_eq!(answers(&out), vec![(8, Answer::NxDomain)]);
+    assert_eq!(starts(&out), 0);
+    // Nor does ctl start or a wake request boot it.
+    assert!(matches!(
+        act(&mut f, t + TTL * 3, "a", Action::Start, 9),
+        Err(ActError::Refused(_))
+    ));
+    assert_eq!(
+        starts(&f.handle(t + TTL * 3, Event::WakeRequest { vm: name("a") })),
+        0
+    );
+    act(&mut f, t + TTL * 3, "a", Action::Undrain, 10).unwrap();
+    assert_eq!(starts(&query(&mut f, t + TTL * 4, "a", 11)), 1);
+}
+
+#[test]
+fn after_max_boot_attempts_failures_queries_wait_a_doubling_back_off() {
+    let (mut f, t0) = fleet(
+        &[spec("www", 1, ",max_boot_attempts=2,boot_backoff=10")],
+        settings(),
+    );
+    query(&mut f, t0, "www", 1);
+    failed(&mut f, t0, "www");
+    assert_eq!(
+        starts(&query(&mut f, t0 + SEC, "www", 2)),
+        1,
+        "one failure: retried"
+    );
+    failed(&mut f, t0 + SEC, "www");
+    let v = f.view("www").unwrap();
+    assert_eq!(v.failures, 2);
+    assert_eq!(v.backoff_until, Some(t0 + SEC * 11));
+    let out = query(&mut f, t0 + SEC * 10, "www", 3);
+    assert_eq!(answers(&out), vec![(3, Answer::ServFail(Refusal::BackOff))]);
+    assert_eq!(starts(&out), 0);
+    assert_eq!(starts(&query(&mut f, t0 + SEC * 11, "www", 4)), 1);
+    failed(&mut f, t0 + SEC * 11, "www");
+    assert_eq!(
+        f.view("www").unwrap().backoff_until,
+        Some(t0 + SEC * 31),
+        "doubled"
+    );
+    // ctl start goes past the back-off; a boot that comes up resets the count.
+    let acted = act(&mut f, t0 + SEC * 12, "www", Action::Start, 5).unwrap();
+    assert_eq!(acted.reply, Reply::Wait);
+    assert_eq!(starts(&acted.commands), 1);
+    assert_eq!(
+        lifecycle(&acted.commands)[0].2,
+        "ctl start by uid 1000".to_string()
+    );
+    let out = started(&mut f, t0 + SEC * 12, "www", None);
+    let out = [out, tick(&mut f, t0 + SEC * 13)].concat();
+    assert_eq!(answers(&out), vec![(5, Answer::Ready)]);
+    let v = f.view("www").unwrap();
+    assert_eq!((v.failures, v.backoff_until), (0, None));
+}
+
+#[test]
+fn ctl_start_stop_and_restart_wait_for_the_vm_and_refuse_what_cannot_be_done() {
+    let (mut f, t0) = fleet(&[spec("www", 1, ",response_delay=0.1")], settings());
+    assert_eq!(
+        act(&mut f, t0, "nope", Action::Start, 1).unwrap_err(),
+        ActError::UnknownVm("nope".into())
+    );
+    let acted = act(&mut f, t0, "www", Action::Start, 1).unwrap();
+    assert_eq!(acted.reply, Reply::Wait);
+    assert_eq!(f.view("www").unwrap().requests, 0, "not a query");
+    assert!(matches!(
+        act(&mut f, t0, "www", Action::Stop(None), 2),
+        Err(ActError::Refused(m)) if m.contains("booting")
+    ));
+    started(&mut f, t0, "www", None);
+    assert_eq!(
+        answers(&tick(&mut f, t0 + MS * 100)),
+        vec![(1, Answer::Ready)]
+    );
+    let t = t0 + MS * 100;
+    assert_eq!(
+        act(&mut f, t, "www", Action::Start, 3).unwrap().reply,
+        Reply::Done("www is running".into())
+    );
+    // Stop in the mode asked, answered when the backend stopped it.
+    let acted = act(&mut f, t, "www", Action::Stop(Some(StopMode::Suspend)), 4).unwrap();
+    assert_eq!(stops(&acted.commands), vec![StopMode::Suspend]);
+    assert!(answers(&acted.commands).is_empty());
+    let out = f.handle(t, Event::Stopped { vm: name("www") });
+    assert_eq!(answers(&out), vec![(4, Answer::Ready)]);
+    assert_eq!(f.state("www"), Some(Lifecycle::Suspended));
+    // Restart a suspended VM: destroyed (a suspend would only freeze it), booted afresh.
+    let acted = act(&mut f, t, "www", Action::Restart, 5).unwrap();
+    assert_eq!(stops(&acted.commands), vec![StopMode::Destroy]);
+    let out = f.handle(t, Event::Stopped { vm: name("www") });
+    assert_eq!(starts(&out), 1);
+    assert_eq!(
+        lifecycle(&out).last().unwrap().2,
+        "ctl restart by uid 1000".to_string()
+    );
+    started(&mut f, t, "www", None);
+    assert_eq!(
+        answers(&tick(&mut f, t + MS * 100)),
+        vec![(5, Answer::Ready)]
+    );
+    // A stop that fails is answered so.
+    act(&mut f, t + MS * 100, "www", Action::Stop(None), 6).unwrap();
+    let out = f.handle(
+        t + MS * 100,
+        Event::StopFailed {
+            vm: name("www"),
+            error: "busy".into(),
+        },
+    );
+    assert_eq!(
+        answers(&out),
+        vec![(6, Answer::ServFail(Refusal::StopFailed))]
+    );
+    assert_eq!(
+        f.view("www").unwrap().last_error.as_deref(),
+        Some("stop failed: busy")
+    );
+    assert_eq!(
+        act(&mut f, t0, "www", Action::Stop(None), 7).map(|a| a.reply),
+        Ok(Reply::Wait)
+    );
+    f.handle(t0, Event::Stopped { vm: name("www") });
+    // A restart whose stop fails is answered so, not as restarted.
+    act(&mut f, t0, "www", Action::Start, 8).unwrap();
+    started(&mut f, t0, "www", None);
+    tick(&mut f, t0 + MS * 100);
+    act(&mut f, t0 + MS * 100, "www", Action::Restart, 9).unwrap();
+    let out = f.handle(
+        t0 + MS * 100,
+        Event::StopFailed {
+            vm: name("www"),
+            error: "busy".into(),
+        },
+    );
+    assert_eq!(
+        answers(&out),
+        vec![(9, Answer::ServFail(Refusal::StopFailed))]
+    );
+    // Requests waiting on a VM that a reload removes are answered, not left hanging.
+    act(&mut f, t0 + MS * 100, "www", Action::Stop(None), 10).unwrap();
+    let out = f.reconfigure(t0 + MS * 100, vms(&[&spec("other", 2, "")]));
+    assert_eq!(
+        answers(&out),
+        vec![(10, Answer::ServFail(Refusal::Unknown))]
+    );
+}
+
+#[test]
+fn cold_starts_keep_when_each_boot_was_answered_handed_over_and_first_heard() {
+    let (mut f, t0) = fleet(&[spec("www", 1, ",use_synjitsu=true")], settings());
+    f.handle(t0, Event::SynjitsuUp);
+    let out = query(&mut f, t0, "www", 1);
+    let (tag, _) = synjitsu(&out)[0].clone();
+    f.handle(t0 + MS * 5, Event::SynjitsuReplied { tag, ok: true });
+    started(&mut f, t0 + MS * 50, "www", None);
+    f.handle(t0 + MS * 80, Event::GuestAnnounced { vm: name("www") });
+    let c = |rx| Event::Counters {
+        vm: name("www"),
+        counters: Some(IfCounters {
+            rx_packets: rx,
+            tx_packets: 0,
+        }),
+    };
+    f.handle(t0 + MS * 100, c(1));
+    f.handle(t0 + MS * 300, c(4));
+    let cs = f.cold_starts();
+    assert_eq!(cs.len(), 1);
+    assert_eq!(cs[0].answered, Some(t0 + MS * 5));
+    assert_eq!(cs[0].handed_over, Some(t0 + MS * 80));
+    assert_eq!(cs[0].first_packet, Some(t0 + MS * 300));
+    assert!(!cs[0].failed);
+    f.handle(t0 + MS * 300, Event::SynjitsuDown);
+    for i in 0..(COLD_STARTS_KEPT as u64 + 5) {
+        let t = t0 + SEC * (i as u32 + 1);
+        f.act(t, "www", Action::Stop(None), 0, QueryId(100 + i))
+            .unwrap();
+        f.handle(t, Event::Stopped { vm: name("www") });
+        query(&mut f, t, "www", 200 + i);
+        failed(&mut f, t, "www");
+        f.act(t, "www", Action::Start, 0, QueryId(300 + i)).unwrap();
+        started(&mut f, t, "www", None);
+        tick(&mut f, t + SEC / 2);
+        assert_eq!(f.state("www"), Some(Lifecycle::Running));
+    }
+    assert_eq!(f.cold_starts().len(), COLD_STARTS_KEPT, "bounded");
+    assert!(f.cold_starts().iter().any(|c| c.failed));
 }

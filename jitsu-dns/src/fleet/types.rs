@@ -129,6 +129,10 @@ pub struct Stored {
     pub starts: u64,
     /// Queries so far.
     pub requests: u64,
+    /// `ctl pin` (true) or `ctl unpin` (false) said last; `None`: the `pin` key decides.
+    pub pin: Option<bool>,
+    /// `ctl drain` was said and not undone.
+    pub drained: bool,
 }
 
 /// Something that happened.
@@ -261,6 +265,12 @@ pub enum Refusal {
     Overloaded,
     /// The VM was removed from the configuration.
     Unknown,
+    /// The VM is drained (`drained=servfail`).
+    Drained,
+    /// The VM's last `max_boot_attempts` boots failed: it waits for its back-off.
+    BackOff,
+    /// A stop asked for by `ctl` failed.
+    StopFailed,
 }
 
 impl Refusal {
@@ -272,6 +282,9 @@ impl Refusal {
             Refusal::BootFailed => "boot_failed",
             Refusal::Overloaded => "overloaded",
             Refusal::Unknown => "unknown_vm",
+            Refusal::Drained => "drained",
+            Refusal::BackOff => "back_off",
+            Refusal::StopFailed => "stop_failed",
         }
     }
 
@@ -288,6 +301,8 @@ pub enum Answer {
     Ready,
     /// SERVFAIL.
     ServFail(Refusal),
+    /// NXDOMAIN with the zone's SOA (a drained VM with `drained=nxdomain`).
+    NxDomain,
 }
 
 /// A change worth a commit in the state store.
@@ -321,6 +336,17 @@ pub enum Persist {
     },
     /// Request counters changed and are due for a batch commit.
     Counters,
+    /// An operator pinned, unpinned, drained or undrained the VM.
+    Policy {
+        /// The VM.
+        vm: VmName,
+        /// What changed, for the commit message (`pinned`, `drained`).
+        what: &'static str,
+        /// Who asked (`ctl pin by uid 0`).
+        cause: String,
+        /// The VM after the change.
+        view: VmView,
+    },
 }
 
 /// What the shell must do.
@@ -420,4 +446,45 @@ pub struct VmView {
     pub last_request: Option<Instant>,
     /// Last boot.
     pub last_start: Option<Instant>,
+    /// Running since (the end of its boot, or its adoption).
+    pub running_since: Option<Instant>,
+    /// The start of its current idle period, while it runs.
+    pub idle_since: Option<Instant>,
+    /// When it is stopped for idleness, if it is (not while pinned).
+    pub idle_deadline: Option<Instant>,
+    /// Never stopped for idleness now (the `pin` key, or `ctl pin`/`unpin`).
+    pub pinned: bool,
+    /// What `ctl pin`/`unpin` said last, if anything (it outranks the key).
+    pub pin_override: Option<bool>,
+    /// Drained: queries do not boot it; it is stopped when idle.
+    pub drained: bool,
+    /// Boots that failed in a row.
+    pub failures: u32,
+    /// Queries do not boot it before this (its back-off).
+    pub backoff_until: Option<Instant>,
+    /// Why the last boot or stop failed.
+    pub last_error: Option<String>,
+    /// How long its last fresh boot took to be ready.
+    pub last_boot_took: Option<Duration>,
 }
+
+/// One fresh boot and when it reached each point, for the status page: the fleet keeps the
+/// last [`COLD_STARTS_KEPT`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColdStart {
+    /// The VM.
+    pub vm: VmName,
+    /// When the boot began (the query, or `ctl start`).
+    pub at: Instant,
+    /// When its waiting queries were answered (the masking condition was met).
+    pub answered: Option<Instant>,
+    /// When synjitsu was told to hand the held SYNs over (synjitsu-tracked VMs only).
+    pub handed_over: Option<Instant>,
+    /// When the host first saw a packet from the guest (at the poll's granularity).
+    pub first_packet: Option<Instant>,
+    /// The boot failed.
+    pub failed: bool,
+}
+
+/// How many recent cold starts the fleet keeps.
+pub const COLD_STARTS_KEPT: usize = 20;

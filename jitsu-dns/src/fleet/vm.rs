@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use shared_proto::Mac;
 
 use super::types::{Answer, Command, IfCounters, Lifecycle, Persist, QueryId, VmName, VmView};
-use crate::config::{StopMode, VmConfig};
+use crate::config::{MAX_BOOT_BACKOFF, StopMode, VmConfig};
 
 /// How a boot brings the VM up: a fresh start, or a resume or unpause.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +63,21 @@ pub(super) enum Life {
 }
 
 impl Life {
+    /// What bringing the VM up takes from here: a fresh boot, a resume or an unpause;
+    /// `None` when it is up or a boot is under way (a stopping VM remembers to come back).
+    pub(super) fn wake(&mut self) -> Option<BootKind> {
+        match self {
+            Life::Running { .. } | Life::Booting(_) => None,
+            Life::Stopping { pending_wake, .. } => {
+                *pending_wake = true;
+                None
+            }
+            Life::Off | Life::Failed => Some(BootKind::Fresh),
+            Life::Suspended => Some(BootKind::Resume),
+            Life::Paused => Some(BootKind::Unpause),
+        }
+    }
+
     pub(super) fn state(&self) -> Lifecycle {
         match self {
             Life::Off => Lifecycle::Off,
@@ -102,6 +117,21 @@ pub(super) struct Vm {
     pub(super) port: Option<String>,
     /// The port the backend gives it at every start ([`super::Event::PortFound`]).
     pub(super) fixed_port: Option<String>,
+    /// What `ctl pin`/`unpin` said last; `None`: the `pin` key decides. Kept in the store.
+    pub(super) pin_override: Option<bool>,
+    /// `ctl drain`: queries do not boot it, and it is stopped when idle. Kept in the store.
+    pub(super) drained: bool,
+    /// Boots that failed in a row (reset by one that comes up, or by `ctl start`).
+    pub(super) failures: u32,
+    /// Queries do not boot it before this.
+    pub(super) backoff_until: Option<Instant>,
+    pub(super) last_error: Option<String>,
+    pub(super) last_boot_took: Option<Duration>,
+    /// `ctl stop` requests waiting for the stop to finish.
+    pub(super) stop_waiting: Vec<QueryId>,
+    /// The restart whose stop is under way: who asked, and the `ctl` requests answered once
+    /// it is up again (or when its stop fails).
+    pub(super) restart: Option<(u32, Vec<QueryId>)>,
 }
 
 impl Vm {
@@ -122,7 +152,56 @@ impl Vm {
             adopted_macs: Vec::new(),
             port: None,
             fixed_port: None,
+            pin_override: None,
+            drained: false,
+            failures: 0,
+            backoff_until: None,
+            last_error: None,
+            last_boot_took: None,
+            stop_waiting: Vec::new(),
+            restart: None,
         }
+    }
+
+    /// Never stopped for idleness now: pinned (by `ctl`, else by its key) and not drained.
+    pub(super) fn pinned(&self) -> bool {
+        self.pin_override.unwrap_or(self.cfg.pin)
+    }
+
+    /// When the running VM is stopped for idleness (`None` while it is pinned and not
+    /// drained: a drain is the operator taking it out, so it outranks the pin).
+    pub(super) fn idle_deadline(&self, default_limit: Duration) -> Option<Instant> {
+        let Life::Running { since } = self.life else {
+            return None;
+        };
+        if self.pinned() && !self.drained {
+            return None;
+        }
+        Some(self.idle_since(since) + self.cfg.idle_timeout.unwrap_or(default_limit))
+    }
+
+    /// A boot failed: counted, and from `max_boot_attempts` failures in a row on, queries
+    /// wait for a back-off that doubles with each further failure (up to 10 minutes).
+    pub(super) fn record_failure(&mut self, now: Instant, error: &str) {
+        self.failures = self.failures.saturating_add(1);
+        self.last_error = Some(error.to_string());
+        if let Some(max) = self.cfg.max_boot_attempts
+            && self.failures >= max
+        {
+            let doublings = (self.failures - max).min(16);
+            let wait = self
+                .cfg
+                .boot_backoff
+                .saturating_mul(1 << doublings)
+                .min(MAX_BOOT_BACKOFF);
+            self.backoff_until = Some(now + wait);
+        }
+    }
+
+    /// A boot came up: the count of failures starts again.
+    pub(super) fn record_success(&mut self) {
+        self.failures = 0;
+        self.backoff_until = None;
     }
 
     /// The guest's bridge port as far as it is known: this run's, else the one it always has.
@@ -145,6 +224,7 @@ impl Vm {
         cause: String,
         out: &mut Vec<Command>,
     ) {
+        let from = self.life.state();
         self.set_life(Life::Stopping {
             mode,
             pending_wake: false,
@@ -158,7 +238,7 @@ impl Vm {
             vm: self.cfg.clone(),
             mode,
         });
-        out.push(self.persist(Lifecycle::Running, cause, None));
+        out.push(self.persist(from, cause, None));
     }
 
     /// The store's record of this VM's change from `from` to the state it is in now, with
@@ -179,8 +259,23 @@ impl Vm {
         })
     }
 
+    /// Its view; `idle_deadline` is the fleet's to fill in (it knows the default limit).
     pub(super) fn view(&self) -> VmView {
+        let running_since = match self.life {
+            Life::Running { since } => Some(since),
+            _ => None,
+        };
         VmView {
+            running_since,
+            idle_since: running_since.map(|s| self.idle_since(s)),
+            idle_deadline: None,
+            pinned: self.pinned(),
+            pin_override: self.pin_override,
+            drained: self.drained,
+            failures: self.failures,
+            backoff_until: self.backoff_until,
+            last_error: self.last_error.clone(),
+            last_boot_took: self.last_boot_took,
             cfg: self.cfg.clone(),
             state: self.life.state(),
             domid: self.domid,
@@ -216,6 +311,8 @@ pub(super) enum Cause {
     Wake,
     /// Queries arrived while the VM stopped.
     Waiting,
+    /// An operator's `ctl` command, by this uid.
+    Operator(&'static str, u32),
 }
 
 impl fmt::Display for Cause {
@@ -225,6 +322,7 @@ impl fmt::Display for Cause {
             Cause::Query(None) => f.write_str("query"),
             Cause::Wake => f.write_str("wake request from synjitsu"),
             Cause::Waiting => f.write_str("queries arrived while it stopped"),
+            Cause::Operator(action, uid) => write!(f, "ctl {action} by uid {uid}"),
         }
     }
 }

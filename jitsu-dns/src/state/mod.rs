@@ -403,7 +403,33 @@ pub fn state_files(v: &VmView, wall: &Wall) -> Vec<(String, String)> {
     if let Some(t) = v.last_start {
         files.push((format!("{p}last_start"), wall.stamp(t)));
     }
+    files.extend(ctl_files(v));
     files
+}
+
+/// The files of what operators said of a VM (`ctl/pin`, `ctl/drain`), present only when
+/// they said it: `ctl pin`/`unpin` (true/false) and `ctl drain` outlive restarts.
+fn ctl_files(v: &VmView) -> Vec<(String, String)> {
+    let p = vm_prefix(&v.cfg.name);
+    let mut files = Vec::new();
+    if let Some(pin) = v.pin_override {
+        files.push((format!("{p}ctl/pin"), pin.to_string()));
+    }
+    if v.drained {
+        files.push((format!("{p}ctl/drain"), "true".into()));
+    }
+    files
+}
+
+/// The commit of an operator's pin or drain: `www: pinned (ctl pin by uid 0)`.
+pub fn policy_change(view: &VmView, what: &str, cause: &str) -> Change {
+    let p = vm_prefix(&view.cfg.name);
+    Change {
+        remove: vec![format!("{p}ctl/")],
+        files: ctl_files(view),
+        message: Some(format!("{}: {what} ({cause})", view.cfg.name)),
+        always: true,
+    }
 }
 
 /// A configuration to commit, and what it changes.
@@ -517,6 +543,8 @@ pub fn stored(tree: &Tree, name: &str) -> Option<Stored> {
         state: state.parse::<Lifecycle>().ok(),
         starts: get("starts").and_then(|s| s.parse().ok()).unwrap_or(0),
         requests: get("requests").and_then(|s| s.parse().ok()).unwrap_or(0),
+        pin: get("ctl/pin").and_then(|s| s.parse().ok()),
+        drained: get("ctl/drain").is_some_and(|s| s == "true"),
     })
 }
 
@@ -724,6 +752,16 @@ mod tests {
                 requests: 0,
                 last_request: None,
                 last_start: None,
+                running_since: None,
+                idle_since: None,
+                idle_deadline: None,
+                pinned: false,
+                pin_override: None,
+                drained: false,
+                failures: 0,
+                backoff_until: None,
+                last_error: None,
+                last_boot_took: None,
             })
             .collect()
     }

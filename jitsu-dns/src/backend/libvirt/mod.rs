@@ -39,7 +39,7 @@
 
 mod lifecycle;
 mod session;
-mod xml;
+pub(crate) mod xml;
 
 pub use xml::{DEFAULT_MEMORY_KIB, Hypervisor, domain_xml};
 

@@ -40,8 +40,8 @@ impl Hypervisor {
     }
 }
 
-/// Escapes text for an XML attribute or element.
-fn xml_escape(s: &str) -> String {
+/// Escapes text for an XML (or HTML) attribute or element.
+pub(crate) fn xml_escape(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
