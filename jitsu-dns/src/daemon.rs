@@ -7,7 +7,8 @@
 //! `poll_at`, and the periodic poll of running VMs' state and counters), then events
 //! (backend results, synjitsu, Xenstore), slow-path queries, a reload, and shutdown.
 //! Every fleet command is carried out here: backend calls on the blocking pool, answers to
-//! waiting queries, table flags, synjitsu requests, key watches and store commits.
+//! waiting queries, table flags, synjitsu requests, key watches, port probes and store
+//! commits.
 //!
 //! SIGHUP (a reload) re-reads the file and the specs: VMs added are reconciled and served,
 //! VMs removed are forgotten and left as they are (a running one keeps running, unmanaged;
@@ -39,6 +40,7 @@ use crate::fleet::{
 };
 use crate::forward::{self, Forwarder, UpstreamError, parse_resolv_conf};
 use crate::metrics::Metrics;
+use crate::probe::Prober;
 use crate::state::{self, Change, ConfigChange, StateError, Store, Tree, Wall};
 use crate::synjitsu::{self, Outgoing};
 use crate::transport;
@@ -188,6 +190,7 @@ struct Shell {
     events: mpsc::Sender<Event>,
     synjitsu: Option<mpsc::Sender<Outgoing>>,
     keys: KeyWatcher,
+    probes: Prober,
     poll_busy: Arc<AtomicBool>,
     /// The backend pushes lifecycle changes: states are not polled, only counters.
     pushes_states: bool,
@@ -371,6 +374,8 @@ impl Shell {
             }
             Command::WatchKey { vm, path } => self.keys.watch(vm, path),
             Command::UnwatchKey { vm } => self.keys.unwatch(&vm),
+            Command::ProbeTcp { vm, addr, until } => self.probes.probe(vm, addr, until),
+            Command::StopProbe { vm } => self.probes.stop(&vm),
             Command::Persist(Persist::Lifecycle {
                 vm,
                 from,
@@ -675,6 +680,7 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
         events: events_tx.clone(),
         synjitsu,
         keys: KeyWatcher::new(events_tx.clone()),
+        probes: Prober::new(events_tx.clone()),
         poll_busy: Arc::new(AtomicBool::new(false)),
         pushes_states: false,
         push_lost: Arc::new(AtomicBool::new(false)),

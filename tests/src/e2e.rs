@@ -51,11 +51,20 @@ pub enum Mask {
     Announce,
     /// `use_synjitsu`: answered at once, synjitsu holds the client's SYNs.
     Synjitsu,
+    /// `wait_for=tcp:80`: answered when the guest accepts a connection on its HTTP port,
+    /// probed from the host (no synjitsu, no guest change).
+    Tcp,
 }
 
 impl Mask {
     /// Every mode, in the order tables show them.
-    pub const ALL: [Mask; 4] = [Mask::None, Mask::Delay(100), Mask::Announce, Mask::Synjitsu];
+    pub const ALL: [Mask; 5] = [
+        Mask::None,
+        Mask::Delay(100),
+        Mask::Announce,
+        Mask::Synjitsu,
+        Mask::Tcp,
+    ];
 
     /// A short name for tables and VM names.
     pub fn label(self) -> String {
@@ -64,6 +73,7 @@ impl Mask {
             Mask::Delay(ms) => format!("delay {ms}ms"),
             Mask::Announce => "announce".into(),
             Mask::Synjitsu => "synjitsu".into(),
+            Mask::Tcp => "tcp:80".into(),
         }
     }
 
@@ -73,6 +83,7 @@ impl Mask {
             Mask::Delay(_) => "delay",
             Mask::Announce => "announce",
             Mask::Synjitsu => "synjitsu",
+            Mask::Tcp => "tcp",
         }
     }
 
@@ -82,6 +93,7 @@ impl Mask {
             Mask::Delay(ms) => format!("response_delay = {}", ms as f64 / 1000.0),
             Mask::Announce => "wait_for = \"announce\"\nresponse_delay = 0".into(),
             Mask::Synjitsu => "use_synjitsu = true\nresponse_delay = 0".into(),
+            Mask::Tcp => "wait_for = \"tcp:80\"\nresponse_delay = 0".into(),
         }
     }
 }

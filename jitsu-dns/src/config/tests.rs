@@ -199,6 +199,17 @@ fn every_vm_key_is_parsed() {
 }
 
 #[test]
+fn wait_for_tcp_takes_a_port_and_is_not_tracked_by_synjitsu() {
+    let c = ok(&flags(&[
+        "name=www,dns=www.example.org,ip=10.0.0.1,wait_for=tcp:8080,command=x",
+    ]));
+    let vm = &c.vms[0];
+    assert_eq!(vm.wait_for, Some(WaitFor::Tcp(8080)));
+    assert_eq!(vm.wait_for_timeout, DEFAULT_WAIT_FOR_TIMEOUT);
+    assert!(!vm.synjitsu_tracked());
+}
+
+#[test]
 fn libvirt_keys_are_parsed_for_libvirt() {
     let mut f = flags(&[
         "name=rump,dns=nginx.example.org,ip=10.0.0.3,kernel=/k/nginx.bin,memory=64000,\
@@ -314,6 +325,16 @@ fn bad_specs_name_the_key_the_value_and_why() {
             "name=www,dns=www.example.org,ip=10.0.0.1,wait_for=key,command=x",
             "wait_for = \"key\"",
             "announce",
+        ),
+        (
+            "name=www,dns=www.example.org,ip=10.0.0.1,wait_for=tcp:0,command=x",
+            "wait_for = \"tcp:0\"",
+            "tcp:PORT",
+        ),
+        (
+            "name=www,dns=www.example.org,ip=10.0.0.1,wait_for=tcp:http,command=x",
+            "wait_for = \"tcp:http\"",
+            "1-65535",
         ),
         (
             "name=www,dns=www.example.org,ip=10.0.0.1,wait_for_timeout=0,command=x",
