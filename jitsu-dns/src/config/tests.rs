@@ -1295,3 +1295,80 @@ fn nics_repeat_with_a_script_each_as_jitsu_gave_them() {
     f.backend = Some("libvirt".into());
     assert!(err(&f).contains("VM n has this MAC"), "{}", err(&f));
 }
+
+#[test]
+fn an_overlay_replaces_adds_and_removes_vms_and_its_errors_name_the_change() {
+    let f = flags(&[
+        "name=a,dns=a.example.org,ip=10.0.0.1,command=x",
+        "name=b,dns=b.example.org,ip=10.0.0.2,command=x",
+    ]);
+    let keys = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+    };
+    let edited = |pairs: &[(&str, &str)]| {
+        Some(EditedVm {
+            change: "1a2b3c4".into(),
+            keys: keys(pairs),
+        })
+    };
+    let mut overlay = Overlay::new();
+    overlay.insert(
+        "a".into(),
+        edited(&[
+            ("name", "a"),
+            ("dns", "a.example.org"),
+            ("dns", "a2.example.org"),
+            ("ip", "10.0.0.1"),
+            ("response_delay", "0.5"),
+            ("command", "x"),
+        ]),
+    );
+    overlay.insert("b".into(), None);
+    overlay.insert(
+        "c".into(),
+        edited(&[
+            ("name", "c"),
+            ("dns", "c.example.net"),
+            ("ip", "10.0.0.3"),
+            ("command", "y"),
+        ]),
+    );
+    let c = merge_over(&f, None, &overlay).unwrap();
+    let names: Vec<&str> = c.vms.iter().map(|v| &*v.name).collect();
+    assert_eq!(names, vec!["a", "c"]);
+    assert_eq!(c.vms[0].response_delay, Duration::from_millis(500));
+    assert_eq!(c.vms[0].dns.len(), 2);
+    assert!(
+        c.zones.iter().any(|z| z.name.to_string() == "example.net."),
+        "the added VM's zone is served"
+    );
+
+    overlay.insert(
+        "c".into(),
+        edited(&[
+            ("name", "c"),
+            ("dns", "c.example.net"),
+            ("ip", "10.0.0.1"),
+            ("command", "y"),
+        ]),
+    );
+    let e = merge_over(&f, None, &overlay).unwrap_err().to_string();
+    assert!(
+        e.contains("change 1a2b3c4 (vm c)") && e.contains("10.0.0.1"),
+        "{e}"
+    );
+    overlay.insert(
+        "c".into(),
+        edited(&[
+            ("name", "d"),
+            ("dns", "c.example.net"),
+            ("ip", "10.0.0.3"),
+            ("command", "y"),
+        ]),
+    );
+    let e = merge_over(&f, None, &overlay).unwrap_err().to_string();
+    assert!(e.contains("its name must be c"), "{e}");
+}
