@@ -81,15 +81,19 @@ impl Prober {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_port_that_opens_late_is_reported_once_it_listens() {
-        let (tx, mut rx) = mpsc::channel(4);
-        let mut p = Prober::new(tx);
-        // A port nobody listens on yet: take one, then free it.
+    /// A prober, its events, and a local port nobody listens on (taken, then freed).
+    fn setup() -> (Prober, mpsc::Receiver<Event>, SocketAddr) {
+        let (tx, rx) = mpsc::channel(4);
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap();
+        (Prober::new(tx), rx, addr)
+    }
+
+    #[tokio::test]
+    async fn a_port_that_opens_late_is_reported_once_it_listens() {
+        let (mut p, mut rx, addr) = setup();
         p.probe("www".into(), addr, Instant::now() + Duration::from_secs(10));
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(rx.try_recv().is_err(), "reported before anything listened");
@@ -105,12 +109,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_probe_ends_at_its_deadline_without_a_report() {
-        let (tx, mut rx) = mpsc::channel(4);
-        let mut p = Prober::new(tx);
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let (mut p, mut rx, addr) = setup();
         p.probe(
             "www".into(),
             addr,

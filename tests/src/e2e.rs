@@ -40,6 +40,21 @@ pub const SYNJITSU_METRICS: &str = "127.0.0.1:9477";
 /// Where jitsu-dns's metrics are served inside the host namespace.
 pub const JITSU_METRICS: &str = "127.0.0.1:9153";
 
+/// What the stack needs: root, and the clients and tools it runs (`curl`, `dig`, `tcpdump`,
+/// `nstat`, `arping`); fails saying which package is missing.
+pub fn require_stack_tools() {
+    crate::require_root();
+    for (tool, package) in [
+        ("curl", "curl"),
+        ("dig", "dnsutils"),
+        ("tcpdump", "tcpdump"),
+        ("nstat", "iproute2"),
+        ("arping", "iputils-arping"),
+    ] {
+        crate::require_tool(tool, package);
+    }
+}
+
 /// How a VM's boot is masked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mask {

@@ -7,16 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use jitsu_tests::jitsu_dns::{DnsHarness, store_log, wait_history};
-use jitsu_tests::{require_root, require_tool, wait_until};
+use jitsu_tests::jitsu_dns::{DnsHarness, require_dns_tools, store_log, wait_history};
+use jitsu_tests::wait_until;
 
 const LONG: Duration = Duration::from_secs(60);
 
 fn prerequisites() {
-    require_root();
-    require_tool("dig", "dnsutils");
-    require_tool("git", "git");
-    require_tool("setsid", "util-linux");
+    require_dns_tools();
 }
 
 /// Runs git in `dir` (with a person's identity and, if given, a commit date); its stdout.
@@ -51,19 +48,19 @@ fn git(dir: &Path, args: &[&str]) -> String {
 /// A clone of the store at `db`, in the test's directory.
 fn clone(h: &DnsHarness, db: &Path, name: &str) -> PathBuf {
     let dir = h.host.file(name);
-    let out = Command::new("git")
-        .arg("clone")
-        .arg("-q")
-        .arg(db)
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    git(
+        h.host.dir(),
+        &["clone", "-q", db.to_str().unwrap(), dir.to_str().unwrap()],
     );
     dir
+}
+
+/// The message of the last refusal recorded in the store at `db`, once there is one.
+fn wait_refusal(h: &DnsHarness, db: &Path) -> String {
+    wait_until("a refusal to be recorded", LONG, || {
+        has_ref(db, "refs/heads/refused").then(|| git(db, &["log", "-1", "--format=%B", "refused"]))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", h.log()))
 }
 
 /// Writes `jitsu/vm/<vm>/config/<key>` files in the clone `dir`.
@@ -167,11 +164,7 @@ fn a_pushed_change_is_applied_and_merged_and_a_bad_one_is_refused_with_the_fleet
     std::fs::write(work.join("jitsu/vm/www/config/ip"), "10.77.0.300/24\n").unwrap();
     let bad = commit(&work, "move www", None);
     push(&work, "incoming");
-    let refused = wait_until("the refusal to be recorded", LONG, || {
-        has_ref(&db, "refs/heads/refused")
-            .then(|| git(&db, &["log", "-1", "--format=%B", "refused"]))
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", h.log()));
+    let refused = wait_refusal(&h, &db);
     assert!(
         refused.starts_with(&format!(
             "refused {} from incoming (\"move www\"): ",
@@ -238,11 +231,7 @@ fn of_two_concurrent_changes_the_second_is_validated_against_the_first() {
     );
     wait_history(&db, &applied_a, LONG).unwrap_or_else(|e| panic!("{e}\n{}", h.log()));
     wait_history(&db, &applied_c, LONG).unwrap_or_else(|e| panic!("{e}\n{}", h.log()));
-    let refused = wait_until("Bob's refusal to be recorded", LONG, || {
-        has_ref(&db, "refs/heads/refused")
-            .then(|| git(&db, &["log", "-1", "--format=%B", "refused"]))
-    })
-    .unwrap();
+    let refused = wait_refusal(&h, &db);
     assert!(
         refused.starts_with(&format!(
             "refused {} from incoming/bob (\"add b\"): ",

@@ -5,16 +5,13 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use jitsu_tests::jitsu_dns::{DnsHarness, wait_history};
-use jitsu_tests::{bin_path, require_root, require_tool};
+use jitsu_tests::jitsu_dns::{DnsHarness, require_dns_tools, wait_history};
+use jitsu_tests::{bin_path, require_tool};
 
 const LONG: Duration = Duration::from_secs(60);
 
 fn prerequisites() {
-    require_root();
-    require_tool("dig", "dnsutils");
-    require_tool("git", "git");
-    require_tool("setsid", "util-linux");
+    require_dns_tools();
     require_tool("arping", "iputils-arping");
     require_tool("curl", "curl");
 }

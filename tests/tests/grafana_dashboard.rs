@@ -8,8 +8,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use jitsu_tests::curl::metrics;
-use jitsu_tests::e2e::{JITSU_METRICS, Mask, Options, SYNJITSU_METRICS, Stack, Vm};
-use jitsu_tests::{repo_root, require_root, require_tool};
+use jitsu_tests::e2e::{
+    JITSU_METRICS, Mask, Options, SYNJITSU_METRICS, Stack, Vm, require_stack_tools,
+};
+use jitsu_tests::repo_root;
 use serde_json::Value;
 
 fn dashboard() -> Value {
@@ -115,16 +117,7 @@ fn the_dashboard_is_grafana_json_with_a_query_in_every_panel() {
 
 #[test]
 fn every_metric_the_dashboard_queries_is_served_by_its_daemon() {
-    require_root();
-    for (tool, package) in [
-        ("curl", "curl"),
-        ("dig", "dnsutils"),
-        ("tcpdump", "tcpdump"),
-        ("nstat", "iproute2"),
-        ("arping", "iputils-arping"),
-    ] {
-        require_tool(tool, package);
-    }
+    require_stack_tools();
     let vm = Vm::new(0, Mask::Synjitsu, Duration::from_millis(200));
     let stack = Stack::start("graf", vec![vm.clone()], Options::default()).unwrap();
     let got = stack.cached_start(&vm).unwrap();
