@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 
 use crate::backend::libvirt::{Hypervisor, domain_xml};
 use crate::backend::qemu::{self, Accel, Plan, qemu_args};
-use crate::config::{BackendKind, Config, DiskKind, Forwarders, VmConfig};
+use crate::config::{BackendKind, Config, DiskKind, Forwarders, VmConfig, WaitFor};
 use crate::fleet::fmt_duration;
 
 /// The hypervisor a libvirt URI's scheme names (`xen:`, `xen+ssh:` -> Xen; `qemu:`,
@@ -110,6 +110,17 @@ fn render_vm(o: &mut String, cfg: &Config, vm: &VmConfig) {
             "  wait_for_key {k} (at most {})",
             fmt_duration(vm.wait_for_timeout)
         );
+    }
+    match vm.wait_for {
+        Some(WaitFor::Announce) => {
+            let at_most = fmt_duration(vm.wait_for_timeout);
+            let _ = writeln!(o, "  wait_for announce (at most {at_most})");
+        }
+        Some(WaitFor::Tcp(port)) => {
+            let at_most = fmt_duration(vm.wait_for_timeout);
+            let _ = writeln!(o, "  wait_for tcp:{port} (at most {at_most})");
+        }
+        None => {}
     }
     if vm.use_synjitsu {
         let _ = writeln!(o, "  use_synjitsu true");

@@ -7,7 +7,8 @@
 //! `poll_at`, and the periodic poll of running VMs' state and counters), then events
 //! (backend results, synjitsu, Xenstore), slow-path queries, a reload, and shutdown.
 //! Every fleet command is carried out here: backend calls on the blocking pool, answers to
-//! waiting queries, table flags, synjitsu requests, key watches and store commits.
+//! waiting queries, table flags, synjitsu requests, key watches, port probes and store
+//! commits.
 //!
 //! SIGHUP (a reload) re-reads the file and the specs: VMs added are reconciled and served,
 //! VMs removed are forgotten and left as they are (a running one keeps running, unmanaged;
@@ -17,6 +18,11 @@
 //! Settings that need new sockets or another backend (bind, listen, backend, connect,
 //! synjitsu, persistdb, metrics, the TCP bounds) need a restart and are ignored with a
 //! warning.
+//! Changes pushed to the store's incoming branches (`state::changes`) are looked for every
+//! second and taken as a reload would be, over the file as last read and the flags: applied
+//! and merged into the store's branch, or refused and recorded on its `refused` branch with
+//! the fleet untouched. They last until the next reload or restart, which read the file and
+//! the flags again (the file is the configuration that persists).
 //! SIGTERM/SIGINT stop jitsu-dns and leave every VM as it is; the store is flushed.
 //!
 //! The control socket (`jitsu-dns ctl`, [`crate::ctl`]) and the status page reach the loop
@@ -37,7 +43,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backend::{self, Backend, BackendError};
-use crate::config::{self, Config, Flags, Forwarders, StopMode, VmConfig};
+use crate::config::{
+    self, Config, ConfigError, EditedVm, FileSettings, Flags, Forwarders, Overlay, StopMode,
+    VmConfig,
+};
 use crate::ctl::page::Pages;
 use crate::ctl::proto::{Body, ErrorKind, Request, Response};
 use crate::ctl::server::{self as ctl_server, Call};
@@ -49,6 +58,8 @@ use crate::fleet::{
 };
 use crate::forward::{self, Forwarder, UpstreamError, parse_resolv_conf};
 use crate::metrics::Metrics;
+use crate::probe::Prober;
+use crate::state::changes::{self, ChangeError, Edit, Waiting};
 use crate::state::{self, Change, ConfigChange, StateError, Store, Tree, Wall};
 use crate::synjitsu::{self, Outgoing};
 use crate::transport;
@@ -56,6 +67,10 @@ use crate::xenstore::KeyWatcher;
 
 /// Events from backend calls, synjitsu and Xenstore waiting for the loop.
 const EVENT_QUEUE: usize = 4096;
+
+/// How often the store is looked at for changes pushed to it: one `git for-each-ref` a
+/// second costs nothing, and a person pushing waits at most this long.
+const CHANGES_EVERY: Duration = Duration::from_secs(1);
 
 /// How the daemon is told to stop or reload.
 #[derive(Debug)]
@@ -92,6 +107,24 @@ pub enum DaemonError {
     /// Forwarding is misconfigured.
     #[error("forwarding: {0}")]
     Forward(#[from] UpstreamError),
+    /// The configuration file could not be read again.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// Why a new configuration (a reload, a change pushed to the store) was not installed; the
+/// running one is kept.
+#[derive(Debug, thiserror::Error)]
+enum InstallError {
+    /// The configuration is wrong, or removes too many VMs.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Its forwarding cannot be set up.
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    /// A pushed change cannot be applied over the running configuration.
+    #[error(transparent)]
+    Change(#[from] ChangeError),
 }
 
 /// The forwarder for `cfg`, `None` when forwarding is off (or nothing to forward to).
@@ -205,6 +238,12 @@ struct Shell {
     /// The control socket, if it is served.
     control: Option<std::path::PathBuf>,
     flags: Flags,
+    /// The configuration file as last read (at start or reload), for changes pushed to the
+    /// store, which apply over it and the flags rather than over a file that may have been
+    /// edited since.
+    file: Option<FileSettings>,
+    /// VMs changed through the store since the file was last read.
+    overlay: Overlay,
     cfg: Config,
     fleet: Fleet,
     backend: Arc<dyn Backend>,
@@ -219,6 +258,7 @@ struct Shell {
     events: mpsc::Sender<Event>,
     synjitsu: Option<mpsc::Sender<Outgoing>>,
     keys: KeyWatcher,
+    probes: Prober,
     poll_busy: Arc<AtomicBool>,
     /// The backend pushes lifecycle changes: states are not polled, only counters.
     pushes_states: bool,
@@ -236,11 +276,20 @@ struct Shell {
 
 impl Shell {
     fn commit(&mut self, change: Change) {
+        self.commit_merging(change, None);
+    }
+
+    /// Commits `change`, as a merge of commit `merge` if given.
+    fn commit_merging(&mut self, change: Change, merge: Option<String>) {
         // What is due first: the change then lands on the whole state it belongs to.
         if self.rewrite_due {
             self.send_rewrite();
         }
-        if let Err(e) = self.store.apply(change) {
+        let queued = match merge {
+            Some(m) => self.store.apply_merging(change, m),
+            None => self.store.apply(change),
+        };
+        if let Err(e) = queued {
             self.metrics.add_store_dropped(1);
             self.store_dropped += 1;
             self.rewrite_due = true;
@@ -271,8 +320,9 @@ impl Shell {
         }
     }
 
-    /// Commits the configuration over `old` (the store's last committed tree).
-    fn commit_config(&mut self, old: &Tree, verb: &str) -> Option<String> {
+    /// Commits the configuration over `old` (the store's last committed tree), merging commit
+    /// `merge` if given; what changed, if anything.
+    fn commit_config(&mut self, old: &Tree, verb: &str, merge: Option<String>) -> Option<String> {
         // Each VM as the fleet runs it (with a MAC taken from its domain), in the
         // configuration's order.
         let vms: Vec<VmView> = self
@@ -286,7 +336,7 @@ impl Shell {
         if let Some(changes) = &summary {
             info!(%changes, "configuration {verb}");
         }
-        self.commit(change);
+        self.commit_merging(change, merge);
         summary
     }
 
@@ -407,6 +457,8 @@ impl Shell {
             }
             Command::WatchKey { vm, path } => self.keys.watch(vm, path),
             Command::UnwatchKey { vm } => self.keys.unwatch(&vm),
+            Command::ProbeTcp { vm, addr, until } => self.probes.probe(vm, addr, until),
+            Command::StopProbe { vm } => self.probes.stop(&vm),
             Command::Persist(Persist::Lifecycle {
                 vm,
                 from,
@@ -610,21 +662,64 @@ impl Shell {
         }
     }
 
-    /// Re-reads the configuration (SIGHUP, or `ctl reload` by `by`); what changed, or why
-    /// it was refused (the running configuration is kept then).
+    /// Re-reads the configuration (SIGHUP, or `ctl reload` by `by`): the file and the flags
+    /// again, replacing the changes pushed to the store since they were last read; what
+    /// changed, or why it was refused (the running configuration is kept then).
     async fn reload(&mut self, by: Option<u32>) -> Result<String, String> {
         let refused = |e: &dyn std::fmt::Display| {
             error!(error = %e, "configuration not reloaded: keeping the current one");
             format!("configuration not reloaded (the running one is kept): {e}")
         };
-        let new = config::load(&self.flags).map_err(|e| refused(&e))?;
-        new.check_removals(&self.cfg).map_err(|e| refused(&e))?;
+        let file = self
+            .flags
+            .config
+            .as_deref()
+            .map(config::read)
+            .transpose()
+            .map_err(|e| refused(&e))?;
+        let new = config::merge(&self.flags, file.as_ref()).map_err(|e| refused(&e))?;
+        let verb = match by {
+            Some(uid) => format!("reloaded (ctl reload by uid {uid})"),
+            None => "reloaded".to_string(),
+        };
+        let (summary, kept) = self
+            .install(new, &verb, None)
+            .await
+            .map_err(|e| refused(&e))?;
+        if !self.overlay.is_empty() {
+            let vms: Vec<&str> = self.overlay.keys().map(String::as_str).collect();
+            warn!(vms = %vms.join(", "), "the reload replaced what changes pushed to the store had made of these VMs with the file and the flags: put a change in the file to keep it across reloads and restarts");
+        }
+        self.file = file;
+        self.overlay.clear();
+        let mut msg = format!(
+            "configuration reloaded: {} ({} VMs)",
+            summary.as_deref().unwrap_or("unchanged"),
+            self.cfg.vms.len()
+        );
+        if !kept.is_empty() {
+            msg.push_str(&format!("; ignored until a restart: {}", kept.join(", ")));
+        }
+        Ok(msg)
+    }
+
+    /// Validates `new` as the successor of the running configuration (the share of VMs it
+    /// removes, its forwarding) and installs it: settings, fleet, DNS tables, and a commit
+    /// saying what changed (`configuration <verb>: ...`, merging commit `merge` if given).
+    /// What changed, and the settings left as they were until a restart.
+    async fn install(
+        &mut self,
+        new: Config,
+        verb: &str,
+        merge: Option<String>,
+    ) -> Result<(Option<String>, Vec<&'static str>), InstallError> {
+        new.check_removals(&self.cfg)?;
         let (new, kept) = new.for_reload(&self.cfg);
         for setting in &kept {
             warn!(setting, "this setting changes only with a restart: ignored");
         }
         // Checked against the address served, which a reload does not change.
-        let forwarder = forwarder_for(&new).map_err(|e| refused(&e))?;
+        let forwarder = forwarder_for(&new)?;
         let added: Vec<Arc<VmConfig>> = new
             .vms
             .iter()
@@ -647,11 +742,7 @@ impl Shell {
         self.cfg = new;
         let fleet = &self.fleet;
         self.history.retain(|vm| fleet.state(vm).is_some());
-        let verb = match by {
-            Some(uid) => format!("reloaded (ctl reload by uid {uid})"),
-            None => "reloaded".to_string(),
-        };
-        let summary = self.commit_config(&old_tree, &verb);
+        let summary = self.commit_config(&old_tree, verb, merge);
         self.execute_all(now, cmds);
         // New VMs are looked up before their names are served, so one that already runs is
         // adopted rather than booted again.
@@ -662,16 +753,8 @@ impl Shell {
             forwarder,
             serial_now(),
         ));
-        info!(vms = self.cfg.vms.len(), "configuration reloaded");
-        let mut msg = format!(
-            "configuration reloaded: {} ({} VMs)",
-            summary.as_deref().unwrap_or("unchanged"),
-            self.cfg.vms.len()
-        );
-        if !kept.is_empty() {
-            msg.push_str(&format!("; ignored until a restart: {}", kept.join(", ")));
-        }
-        Ok(msg)
+        info!(vms = self.cfg.vms.len(), "configuration {verb}");
+        Ok((summary, kept))
     }
 
     /// Answers one control request (a read now; an action now, or once its VM is up or
@@ -883,6 +966,123 @@ impl Shell {
         }
     }
 
+    /// Takes the changes pushed to the store's incoming branches, oldest first, each checked
+    /// against the configuration the ones before it left.
+    async fn take_changes(&mut self) {
+        let dir = self.store.dir().to_path_buf();
+        let listed = tokio::task::spawn_blocking(move || state::incoming(&dir)).await;
+        let waiting = match listed {
+            Ok(Ok(w)) => changes::pending(w),
+            Ok(Err(e)) => {
+                debug!(error = %e, "cannot list the store's incoming branches");
+                return;
+            }
+            Err(_) => return,
+        };
+        for w in waiting {
+            self.take_change(w).await;
+        }
+    }
+
+    /// Applies and merges one pushed change, or records why it was refused; then deletes its
+    /// branch. Anything that cannot be written leaves the branch, to be taken again.
+    async fn take_change(&mut self, w: Waiting) {
+        // Read against the branch once everything queued is committed.
+        let current = self.store_tree();
+        let dir = self.store.dir().to_path_buf();
+        let sha = w.sha.clone();
+        let read = tokio::task::spawn_blocking(move || state::read_change(&dir, &sha)).await;
+        let read = match read {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                warn!(branch = %w.refname, error = %e, "cannot read a change pushed to the store");
+                return;
+            }
+            Err(_) => return,
+        };
+        let described = changes::describe(&w.refname, &w.sha, &read.subject);
+        let dir = self.store.dir().to_path_buf();
+        let (refname, sha) = (w.refname.clone(), w.sha.clone());
+        if read.handled {
+            let _ = tokio::task::spawn_blocking(move || state::close_change(&dir, &refname, &sha))
+                .await;
+            return;
+        }
+        let applied = match read.base {
+            None => Err(InstallError::Change(ChangeError::Unrelated)),
+            Some(base) => {
+                self.apply_change(&w.sha, &described, &base, &read.tip, &current)
+                    .await
+            }
+        };
+        let done = match applied {
+            Ok(()) => {
+                info!(change = %described, "change pushed to the store applied and merged");
+                self.metrics.add_change(true);
+                // Deleted only once the merge is written, so a change is never lost.
+                self.store_tree();
+                tokio::task::spawn_blocking(move || {
+                    if state::is_merged(&dir, &sha) {
+                        state::close_change(&dir, &refname, &sha)
+                    } else {
+                        Err(StateError::Writer("the merge was not written"))
+                    }
+                })
+                .await
+            }
+            Err(why) => {
+                error!(change = %described, error = %why, "change pushed to the store refused: the fleet is left as it was");
+                self.metrics.add_change(false);
+                let message = changes::refused_message(&described, &why.to_string());
+                tokio::task::spawn_blocking(move || {
+                    state::refuse_change(&dir, &refname, &sha, &message).map(|_| ())
+                })
+                .await
+            }
+        };
+        if let Ok(Err(e)) = done {
+            warn!(change = %described, error = %e, "the change's branch is kept: it will be taken again");
+        }
+    }
+
+    /// What the change from `base` to `tip` does over `current` (the store's tree now),
+    /// validated as a reload and installed, as a commit merging `sha`.
+    async fn apply_change(
+        &mut self,
+        sha: &str,
+        described: &str,
+        base: &Tree,
+        tip: &Tree,
+        current: &Tree,
+    ) -> Result<(), InstallError> {
+        let edits = changes::rebase(
+            &changes::configs(base),
+            &changes::configs(tip),
+            &changes::configs(current),
+        )?;
+        let mut overlay = self.overlay.clone();
+        let short = &sha[..sha.len().min(7)];
+        for (vm, edit) in edits {
+            let edited = match edit {
+                Edit::Set(keys) => Some(EditedVm {
+                    change: short.to_string(),
+                    keys: changes::key_pairs(&keys),
+                }),
+                Edit::Remove => None,
+            };
+            overlay.insert(vm, edited);
+        }
+        let new = config::merge_over(&self.flags, self.file.as_ref(), &overlay)?;
+        self.install(
+            new,
+            &format!("changed by {described}"),
+            Some(sha.to_string()),
+        )
+        .await?;
+        self.overlay = overlay;
+        Ok(())
+    }
+
     /// The store's view as of the last commit (from its writer; read back from the
     /// repository if the writer is gone).
     fn store_tree(&self) -> Tree {
@@ -920,11 +1120,14 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
     let vms: Vec<Arc<VmConfig>> = cfg.vms.iter().cloned().map(Arc::new).collect();
     let slots = dns::slots_for(&cfg.vms, &HashMap::new());
     let tables = Tables::new(Table::build(&cfg, &slots, forwarder, serial_now()));
+    let file = flags.config.as_deref().map(config::read).transpose()?;
     let mut shell = Shell {
         started: now,
         history: History::default(),
         control: None,
         flags,
+        file,
+        overlay: Overlay::new(),
         fleet: Fleet::new(now, settings(&cfg), vms.clone()),
         cfg,
         backend,
@@ -939,6 +1142,7 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
         events: events_tx.clone(),
         synjitsu,
         keys: KeyWatcher::new(events_tx.clone()),
+        probes: Prober::new(events_tx.clone()),
         poll_busy: Arc::new(AtomicBool::new(false)),
         pushes_states: false,
         push_lost: Arc::new(AtomicBool::new(false)),
@@ -949,7 +1153,7 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
         rewrite_due: false,
         store_log: RateLimited::new(Duration::from_secs(10)),
     };
-    shell.commit_config(&tree, "loaded");
+    shell.commit_config(&tree, "loaded", None);
     // Backends that push lifecycle changes (libvirt) report them as current observations;
     // the others are polled. Subscribed before reconciling: a change after a VM's lookup is
     // then queued and handled after it, so the fleet ends with the latest state.
@@ -1071,6 +1275,8 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
 
     let poll_every = poll_interval(shell.cfg.ttl);
     let mut next_poll = Instant::now() + poll_every;
+    let mut changes_due = tokio::time::interval(CHANGES_EVERY);
+    changes_due.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let wake = shell
             .fleet
@@ -1097,6 +1303,7 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
                 let _ = shell.reload(None).await;
             }
             Some(call) = ctl_rx.recv() => shell.on_ctl(call).await,
+            _ = changes_due.tick() => shell.take_changes().await,
             _ = ctl.shutdown.cancelled() => break,
         }
     }

@@ -12,7 +12,7 @@
 //! - [`backend`]: the trait the VMs are run through, the process backend and the libvirt one;
 //! - [`state`]: the state store with history (a git repository);
 //! - [`synjitsu`]: the client of synjitsu's control socket;
-//! - [`xenstore`]: waiting for a readiness key;
+//! - [`xenstore`]: waiting for a readiness key; [`probe`], for a guest's TCP port;
 //! - [`rumprun`]: a rumprun guest's configuration, written to Xenstore before it runs;
 //! - [`metrics`]: the Prometheus metrics (served by `shared_io::http`);
 //! - [`daemon`]: the IO shell tying them together in one `select!` loop.
@@ -26,6 +26,7 @@ pub mod dns;
 pub mod fleet;
 pub mod forward;
 pub mod metrics;
+pub mod probe;
 pub mod rumprun;
 pub mod state;
 pub mod synjitsu;

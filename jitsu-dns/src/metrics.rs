@@ -95,6 +95,9 @@ const BOOT_BUCKETS: [f64; 12] = [
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// What became of a configuration change pushed to the store.
+const CHANGE_OUTCOMES: [&str; 2] = ["applied", "refused"];
+
 const STOP_MODES: [StopMode; 3] = [StopMode::Destroy, StopMode::Suspend, StopMode::Shutdown];
 const LIMITS: [Refusal; 2] = [Refusal::MaxRunning, Refusal::BootRate];
 
@@ -132,6 +135,8 @@ pub struct Metrics {
     tcp_connections: Gauge,
     forward_busy: Counter,
     forward_refused: Counter,
+    /// In the order of [`CHANGE_OUTCOMES`].
+    changes: Vec<Counter>,
 }
 
 impl Default for Metrics {
@@ -146,12 +151,13 @@ impl Metrics {
         use shared_io::metrics::{counter, counters, gauge};
         let mut r = Registry::with_prefix("jitsu_dns");
         #[rustfmt::skip]
-        let [queries, stops, limit_refusals, dropped, tcp_refused] = [
+        let [queries, stops, limit_refusals, dropped, tcp_refused, changes] = [
             ("queries", "DNS queries by outcome", "outcome", &OUTCOMES.map(|(_, l)| l)[..]),
             ("stops", "VM stops begun, by stop mode", "mode", &STOP_MODES.map(StopMode::as_str)[..]),
             ("limit_refusals", "Queries refused (SERVFAIL) by a limit", "limit", &LIMITS.map(Refusal::as_str)[..]),
             ("dropped", "Messages given no answer at all, by reason", "reason", &DROPPED.map(|(_, l)| l)[..]),
             ("tcp_refused", "DNS-over-TCP connections closed at once, by the bound reached", "limit", &TCP_LIMITS.map(|(_, l)| l)[..]),
+            ("changes", "Configuration changes pushed to the state store, applied or refused", "outcome", &CHANGE_OUTCOMES[..]),
         ]
         .map(|(name, help, label, values)| counters(&mut r, name, help, label, values));
         #[rustfmt::skip]
@@ -230,7 +236,13 @@ impl Metrics {
             tcp_connections,
             forward_busy,
             forward_refused,
+            changes,
         }
+    }
+
+    /// A change pushed to the store was applied (true) or refused (false).
+    pub fn add_change(&self, applied: bool) {
+        self.changes[usize::from(!applied)].inc();
     }
 
     fn query_counter(&self, o: Outcome) -> &Counter {

@@ -42,6 +42,21 @@ pub const SYNJITSU_METRICS: &str = "127.0.0.1:9477";
 /// Where jitsu-dns's metrics are served inside the host namespace.
 pub const JITSU_METRICS: &str = "127.0.0.1:9153";
 
+/// What the stack needs: root, and the clients and tools it runs (`curl`, `dig`, `tcpdump`,
+/// `nstat`, `arping`); fails saying which package is missing.
+pub fn require_stack_tools() {
+    crate::require_root();
+    for (tool, package) in [
+        ("curl", "curl"),
+        ("dig", "dnsutils"),
+        ("tcpdump", "tcpdump"),
+        ("nstat", "iproute2"),
+        ("arping", "iputils-arping"),
+    ] {
+        crate::require_tool(tool, package);
+    }
+}
+
 /// How a VM's boot is masked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mask {
@@ -53,11 +68,20 @@ pub enum Mask {
     Announce,
     /// `use_synjitsu`: answered at once, synjitsu holds the client's SYNs.
     Synjitsu,
+    /// `wait_for=tcp:80`: answered when the guest accepts a connection on its HTTP port,
+    /// probed from the host (no synjitsu, no guest change).
+    Tcp,
 }
 
 impl Mask {
     /// Every mode, in the order tables show them.
-    pub const ALL: [Mask; 4] = [Mask::None, Mask::Delay(100), Mask::Announce, Mask::Synjitsu];
+    pub const ALL: [Mask; 5] = [
+        Mask::None,
+        Mask::Delay(100),
+        Mask::Announce,
+        Mask::Synjitsu,
+        Mask::Tcp,
+    ];
 
     /// A short name for tables and VM names.
     pub fn label(self) -> String {
@@ -66,6 +90,7 @@ impl Mask {
             Mask::Delay(ms) => format!("delay {ms}ms"),
             Mask::Announce => "announce".into(),
             Mask::Synjitsu => "synjitsu".into(),
+            Mask::Tcp => "tcp:80".into(),
         }
     }
 
@@ -75,6 +100,7 @@ impl Mask {
             Mask::Delay(_) => "delay",
             Mask::Announce => "announce",
             Mask::Synjitsu => "synjitsu",
+            Mask::Tcp => "tcp",
         }
     }
 
@@ -84,6 +110,7 @@ impl Mask {
             Mask::Delay(ms) => format!("response_delay = {}", ms as f64 / 1000.0),
             Mask::Announce => "wait_for = \"announce\"\nresponse_delay = 0".into(),
             Mask::Synjitsu => "use_synjitsu = true\nresponse_delay = 0".into(),
+            Mask::Tcp => "wait_for = \"tcp:80\"\nresponse_delay = 0".into(),
         }
     }
 }

@@ -38,6 +38,15 @@ pub fn freezer_mount() -> Option<PathBuf> {
     })
 }
 
+/// What every test of jitsu-dns with the process backend needs: root, `dig`, `git` (the
+/// store) and `setsid` (the VMs' sessions); fails saying which package is missing.
+pub fn require_dns_tools() {
+    crate::require_root();
+    crate::require_tool("dig", "dnsutils");
+    crate::require_tool("git", "git");
+    crate::require_tool("setsid", "util-linux");
+}
+
 /// The process-backend VMs of one test: a unique namespace prefix and runtime directory, and
 /// on drop every process, cgroup and namespace with that prefix killed and removed.
 #[derive(Debug)]

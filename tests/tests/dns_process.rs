@@ -8,16 +8,15 @@ use std::thread;
 use std::time::Duration;
 
 use jitsu_tests::curl::metrics;
-use jitsu_tests::jitsu_dns::{DnsHarness, assert_history, parse_dig, store_log, wait_history};
-use jitsu_tests::{bin_path, require_root, require_tool, wait_until};
+use jitsu_tests::jitsu_dns::{
+    DnsHarness, assert_history, parse_dig, require_dns_tools, store_log, wait_history,
+};
+use jitsu_tests::{bin_path, require_tool, wait_until};
 
 const LONG: Duration = Duration::from_secs(60);
 
 fn prerequisites() {
-    require_root();
-    require_tool("dig", "dnsutils");
-    require_tool("git", "git");
-    require_tool("setsid", "util-linux");
+    require_dns_tools();
 }
 
 /// Lines of the file the VM command appends its pid to at every boot.

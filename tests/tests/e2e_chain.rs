@@ -6,22 +6,13 @@
 
 use std::time::{Duration, Instant};
 
-use jitsu_tests::e2e::{Mask, Options, Stack, Vm};
-use jitsu_tests::{require_root, require_tool, wait_until};
+use jitsu_tests::e2e::{Mask, Options, Stack, Vm, require_stack_tools};
+use jitsu_tests::wait_until;
 
 const LONG: Duration = Duration::from_secs(60);
 
 fn prerequisites() {
-    require_root();
-    for (tool, package) in [
-        ("curl", "curl"),
-        ("dig", "dnsutils"),
-        ("tcpdump", "tcpdump"),
-        ("nstat", "iproute2"),
-        ("arping", "iputils-arping"),
-    ] {
-        require_tool(tool, package);
-    }
+    require_stack_tools();
 }
 
 #[test]

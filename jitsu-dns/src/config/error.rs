@@ -16,6 +16,13 @@ pub enum Origin {
         /// The VM's name, if the spec has one.
         vm: Option<String>,
     },
+    /// A change committed to the state store (its short commit id), for one VM.
+    Change {
+        /// The commit, abbreviated.
+        change: String,
+        /// The VM whose `config/` it changed.
+        vm: String,
+    },
     /// A line of the configuration file, with the VM's name if inside a `[[vm]]`.
     File {
         /// The file.
@@ -36,6 +43,7 @@ impl fmt::Display for Origin {
                 index,
                 vm: Some(vm),
             } => write!(f, "VM spec {index} ({vm})"),
+            Origin::Change { change, vm } => write!(f, "change {change} (vm {vm})"),
             Origin::File { path, line, vm } => {
                 write!(f, "{} line {line}", path.display())?;
                 if let Some(vm) = vm {

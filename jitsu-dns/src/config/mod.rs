@@ -88,8 +88,41 @@ macro_rules! setting {
     };
 }
 
+/// A VM as a change committed to the state store gives it: its keys (a repeated key once per
+/// value, in order), and the change, for the errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EditedVm {
+    /// The commit that made this version (abbreviated).
+    pub change: String,
+    /// Its keys.
+    pub keys: Vec<(String, String)>,
+}
+
+/// VMs changed at run time through the state store, over the specs' and the file's, by name:
+/// `Some` replaces (or adds) the VM, `None` removes it.
+pub type Overlay = std::collections::BTreeMap<String, Option<EditedVm>>;
+
 /// Merges a parsed file (if any) under `flags` and validates everything.
 pub fn merge(flags: &Flags, file: Option<&FileSettings>) -> Result<Config, ConfigError> {
+    merge_over(flags, file, &Overlay::new())
+}
+
+/// The name a VM's entries give it, if any.
+fn entries_name(entries: &[Entry]) -> Option<&str> {
+    entries
+        .iter()
+        .find(|e| e.key == "name")
+        .map(|e| e.value.as_str())
+}
+
+/// As [`merge`], with the VMs of `overlay` replacing, adding or removing those of the specs
+/// and the file. An overlay VM's relative paths are read from the working directory, as a
+/// spec's.
+pub fn merge_over(
+    flags: &Flags,
+    file: Option<&FileSettings>,
+    overlay: &Overlay,
+) -> Result<Config, ConfigError> {
     let s = Sources { flags, file };
     let port = |o: &Origin, k: &str, v: &str| parse_u64(o, k, v, 1, 65535).map(|p| p as u16);
     let bind = setting!(s, bind, parse_ip)?.unwrap_or(DEFAULT_BIND);
@@ -158,8 +191,13 @@ pub fn merge(flags: &Flags, file: Option<&FileSettings>) -> Result<Config, Confi
         .and_then(|f| std::path::absolute(&f.path).ok())
         .and_then(|p| p.parent().map(PathBuf::from));
     let mut vms = Vec::new();
+    let overlaid =
+        |entries: &[Entry]| entries_name(entries).is_some_and(|n| overlay.contains_key(n));
     for (i, spec) in flags.specs.iter().enumerate() {
         let entries = parse_spec(spec, i + 1)?;
+        if overlaid(&entries) {
+            continue;
+        }
         vms.push((build_vm(&entries, None, cwd.as_deref(), defaults)?, entries));
     }
     let (vm_tables, zone_tables) = match file {
@@ -167,10 +205,39 @@ pub fn merge(flags: &Flags, file: Option<&FileSettings>) -> Result<Config, Confi
         None => (&[][..], &[][..]),
     };
     for t in vm_tables {
+        if overlaid(&t.entries) {
+            continue;
+        }
         vms.push((
             build_vm(&t.entries, Some(&t.at), file_dir.as_deref(), defaults)?,
             t.entries.clone(),
         ));
+    }
+    for (name, edited) in overlay {
+        let Some(edited) = edited else { continue };
+        let origin = Origin::Change {
+            change: edited.change.clone(),
+            vm: name.clone(),
+        };
+        let entries: Vec<Entry> = edited
+            .keys
+            .iter()
+            .map(|(key, value)| Entry {
+                key: key.clone(),
+                value: value.clone(),
+                origin: origin.clone(),
+            })
+            .collect();
+        let vm = build_vm(&entries, Some(&origin), cwd.as_deref(), defaults)?;
+        if &*vm.name != name {
+            return Err(invalid(
+                &origin,
+                "name",
+                &vm.name,
+                format!("the VM is jitsu/vm/{name}/: its name must be {name}"),
+            ));
+        }
+        vms.push((vm, entries));
     }
     check_distinct(&vms)?;
     let zones = zones_for(explicit_zones(zone_tables, bind)?, &vms, bind)?;

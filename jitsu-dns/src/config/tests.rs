@@ -204,6 +204,17 @@ fn every_vm_key_is_parsed() {
 }
 
 #[test]
+fn wait_for_tcp_takes_a_port_and_is_not_tracked_by_synjitsu() {
+    let c = ok(&flags(&[
+        "name=www,dns=www.example.org,ip=10.0.0.1,wait_for=tcp:8080,command=x",
+    ]));
+    let vm = &c.vms[0];
+    assert_eq!(vm.wait_for, Some(WaitFor::Tcp(8080)));
+    assert_eq!(vm.wait_for_timeout, DEFAULT_WAIT_FOR_TIMEOUT);
+    assert!(!vm.synjitsu_tracked());
+}
+
+#[test]
 fn libvirt_keys_are_parsed_for_libvirt() {
     let mut f = flags(&[
         "name=rump,dns=nginx.example.org,ip=10.0.0.3,kernel=/k/nginx.bin,memory=64000,\
@@ -319,6 +330,16 @@ fn bad_specs_name_the_key_the_value_and_why() {
             "name=www,dns=www.example.org,ip=10.0.0.1,wait_for=key,command=x",
             "wait_for = \"key\"",
             "announce",
+        ),
+        (
+            "name=www,dns=www.example.org,ip=10.0.0.1,wait_for=tcp:0,command=x",
+            "wait_for = \"tcp:0\"",
+            "tcp:PORT",
+        ),
+        (
+            "name=www,dns=www.example.org,ip=10.0.0.1,wait_for=tcp:http,command=x",
+            "wait_for = \"tcp:http\"",
+            "1-65535",
         ),
         (
             "name=www,dns=www.example.org,ip=10.0.0.1,wait_for_timeout=0,command=x",
@@ -1281,6 +1302,83 @@ fn nics_repeat_with_a_script_each_as_jitsu_gave_them() {
     ]);
     f.backend = Some("libvirt".into());
     assert!(err(&f).contains("VM n has this MAC"), "{}", err(&f));
+}
+
+#[test]
+fn an_overlay_replaces_adds_and_removes_vms_and_its_errors_name_the_change() {
+    let f = flags(&[
+        "name=a,dns=a.example.org,ip=10.0.0.1,command=x",
+        "name=b,dns=b.example.org,ip=10.0.0.2,command=x",
+    ]);
+    let keys = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+    };
+    let edited = |pairs: &[(&str, &str)]| {
+        Some(EditedVm {
+            change: "1a2b3c4".into(),
+            keys: keys(pairs),
+        })
+    };
+    let mut overlay = Overlay::new();
+    overlay.insert(
+        "a".into(),
+        edited(&[
+            ("name", "a"),
+            ("dns", "a.example.org"),
+            ("dns", "a2.example.org"),
+            ("ip", "10.0.0.1"),
+            ("response_delay", "0.5"),
+            ("command", "x"),
+        ]),
+    );
+    overlay.insert("b".into(), None);
+    overlay.insert(
+        "c".into(),
+        edited(&[
+            ("name", "c"),
+            ("dns", "c.example.net"),
+            ("ip", "10.0.0.3"),
+            ("command", "y"),
+        ]),
+    );
+    let c = merge_over(&f, None, &overlay).unwrap();
+    let names: Vec<&str> = c.vms.iter().map(|v| &*v.name).collect();
+    assert_eq!(names, vec!["a", "c"]);
+    assert_eq!(c.vms[0].response_delay, Duration::from_millis(500));
+    assert_eq!(c.vms[0].dns.len(), 2);
+    assert!(
+        c.zones.iter().any(|z| z.name.to_string() == "example.net."),
+        "the added VM's zone is served"
+    );
+
+    overlay.insert(
+        "c".into(),
+        edited(&[
+            ("name", "c"),
+            ("dns", "c.example.net"),
+            ("ip", "10.0.0.1"),
+            ("command", "y"),
+        ]),
+    );
+    let e = merge_over(&f, None, &overlay).unwrap_err().to_string();
+    assert!(
+        e.contains("change 1a2b3c4 (vm c)") && e.contains("10.0.0.1"),
+        "{e}"
+    );
+    overlay.insert(
+        "c".into(),
+        edited(&[
+            ("name", "d"),
+            ("dns", "c.example.net"),
+            ("ip", "10.0.0.3"),
+            ("command", "y"),
+        ]),
+    );
+    let e = merge_over(&f, None, &overlay).unwrap_err().to_string();
+    assert!(e.contains("its name must be c"), "{e}");
 }
 
 #[test]

@@ -273,6 +273,9 @@ impl Disk {
 pub enum WaitFor {
     /// Answer when synjitsu reports the guest's own gratuitous ARP.
     Announce,
+    /// Answer when the guest accepts a TCP connection on this port, probed from the host
+    /// (`tcp:PORT`): for unmodified guests, without synjitsu.
+    Tcp(u16),
 }
 
 /// Where queries for names outside the owned zones go.

@@ -454,14 +454,18 @@ fn parse_wait_for_key(
 }
 
 fn parse_wait_for(origin: &Origin, key: &str, v: &str) -> Result<WaitFor, ConfigError> {
-    match v {
-        "announce" => Ok(WaitFor::Announce),
+    if v == "announce" {
+        return Ok(WaitFor::Announce);
+    }
+    let port = v.strip_prefix("tcp:").and_then(|p| p.parse::<u16>().ok());
+    match port {
+        Some(p) if p > 0 => Ok(WaitFor::Tcp(p)),
         _ => Err(invalid(
             origin,
             key,
             v,
-            "the only value is announce (answer when synjitsu sees the guest's own \
-             gratuitous ARP)",
+            "expected announce (answer when synjitsu sees the guest's own gratuitous ARP) \
+             or tcp:PORT (answer when the guest accepts a TCP connection on PORT, 1-65535)",
         )),
     }
 }

@@ -6,11 +6,12 @@
 //! Stopping and what the backend reports on its own are elsewhere ([`super::stop`],
 //! [`super::observe`]).
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use shared_proto::ClientMessage;
 
-use super::mask::answer_reason;
+use super::mask::{answer_reason, tcp_probe};
 use super::synjitsu::{identity, send};
 use super::types::{
     Answer, COLD_STARTS_KEPT, ColdStart, Command, Lifecycle, MAX_WAITING_PER_VM, QueryId, Refusal,
@@ -154,6 +155,8 @@ impl Fleet {
             announced: false,
             key_seen: None,
             key_watched: false,
+            port_open: false,
+            probing: false,
         };
         let cfg = vm.cfg.clone();
         match kind {
@@ -239,6 +242,17 @@ impl Fleet {
                 path: format!("/local/domain/{domid}/{key}"),
             });
         }
+        if b.kind == BootKind::Fresh
+            && !b.probing
+            && let Some((port, until)) = tcp_probe(&cfg, now)
+        {
+            b.probing = true;
+            out.push(Command::ProbeTcp {
+                vm: name.clone(),
+                addr: SocketAddr::from((cfg.ip, port)),
+                until,
+            });
+        }
         if cfg.synjitsu_tracked() && syn_up {
             if cfg.handover == HandoverKind::Xenstore && b.syn_tag.is_none() {
                 let msg = ClientMessage::Booting {
@@ -278,12 +292,16 @@ impl Fleet {
         {
             c.failed = true;
         }
+        let probing = matches!(&vm.life, Life::Booting(b) if b.probing);
         vm.record_failure(now, error);
         vm.set_life(Life::Failed);
         let cfg = vm.cfg.clone();
         let domid = vm.domid;
         answer_waiting(&mut vm.waiting, Answer::ServFail(Refusal::BootFailed), out);
         out.push(Command::UnwatchKey { vm: name.clone() });
+        if probing {
+            out.push(Command::StopProbe { vm: name.clone() });
+        }
         out.push(vm.persist(Lifecycle::Booting, format!("boot failed: {error}"), None));
         self.notify_stopped(&cfg, domid, out);
     }
@@ -344,13 +362,14 @@ impl Fleet {
             return;
         }
         let took = (b.kind == BootKind::Fresh).then(|| now.duration_since(b.since));
-        let key_watched = b.key_watched;
+        let (key_watched, probing) = (b.key_watched, b.probing);
         // Only synjitsu can tell that the guest came up, unless its readiness key did; while
         // it can, a guest that never announces itself is a boot that failed.
         let unconfirmed = (b.kind == BootKind::Fresh
             && vm.cfg.synjitsu_tracked()
             && !b.announced
             && b.key_seen.is_none()
+            && !b.port_open
             && !b.syn_unavailable
             && syn_up)
             .then(|| b.started.map(|s| s + vm.cfg.boot_timeout))
@@ -364,6 +383,9 @@ impl Fleet {
         vm.last_traffic = None;
         if key_watched {
             out.push(Command::UnwatchKey { vm: name.clone() });
+        }
+        if probing {
+            out.push(Command::StopProbe { vm: name.clone() });
         }
         out.push(Command::Serve {
             vm: name.clone(),
@@ -410,6 +432,22 @@ impl Fleet {
                     c.handed_over = Some(now);
                 }
                 // The guest listens: synjitsu may hand over what it holds.
+                let name = name.to_string();
+                send(&mut self.next_tag, ClientMessage::Ready { name }, out);
+            }
+            self.settle(now, name, out);
+        }
+    }
+
+    /// The guest accepted a connection on its `wait_for=tcp:PORT` port: it is ready.
+    pub(super) fn on_port_opened(&mut self, now: Instant, name: &VmName, out: &mut Vec<Command>) {
+        if let Some(v) = self.vms.get_mut(name)
+            && let Life::Booting(b) = &mut v.life
+            && b.probing
+        {
+            b.port_open = true;
+            if self.synjitsu_up && v.cfg.synjitsu_tracked() {
+                // As for a readiness key: the guest listens, synjitsu may hand over.
                 let name = name.to_string();
                 send(&mut self.next_tag, ClientMessage::Ready { name }, out);
             }

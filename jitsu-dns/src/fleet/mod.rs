@@ -12,8 +12,10 @@
 //! - one boot per VM however many queries arrive while it boots; every waiting query is
 //!   answered when that boot's masking condition is met;
 //! - masking, by precedence: `wait_for=announce` (synjitsu's report of the guest's gratuitous
-//!   ARP, else at `wait_for_timeout`) > `wait_for_key` (the key appeared, else at the
-//!   timeout) > `use_synjitsu` (synjitsu acknowledged `Booting`) > `response_delay`. Whenever
+//!   ARP, else at `wait_for_timeout`) or `wait_for=tcp:PORT` (the guest accepted a
+//!   connection on PORT, probed by the shell once the backend started it, else at the
+//!   timeout) > `wait_for_key` (the key appeared, else at the timeout) > `use_synjitsu`
+//!   (synjitsu acknowledged `Booting`) > `response_delay`. Whenever
 //!   synjitsu is not connected or refused the VM, the synjitsu-based modes fall back to
 //!   `response_delay`: a synjitsu that is down never blocks an answer;
 //! - a suspended VM is resumed and a paused one unpaused instead of booted;
@@ -253,7 +255,8 @@ impl Fleet {
                 vm: name.clone(),
                 direct: false,
             });
-            out.push(Command::UnwatchKey { vm: name });
+            out.push(Command::UnwatchKey { vm: name.clone() });
+            out.push(Command::StopProbe { vm: name });
         }
         for (name, cfg) in new {
             match self.vms.get_mut(&name) {
@@ -315,6 +318,7 @@ impl Fleet {
                 }
             }
             Event::KeyAppeared { vm } => self.on_key_appeared(now, &vm, &mut out),
+            Event::PortOpened { vm } => self.on_port_opened(now, &vm, &mut out),
         }
         out
     }

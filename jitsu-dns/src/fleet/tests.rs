@@ -252,6 +252,74 @@ fn wait_for_key_answers_when_the_key_appears_or_at_the_timeout() {
 }
 
 #[test]
+fn wait_for_tcp_probes_once_started_and_answers_when_the_port_opens_or_at_the_timeout() {
+    let (mut f, t0) = fleet(
+        &[
+            spec("www", 1, ",wait_for=tcp:8080,wait_for_timeout=5"),
+            spec("b", 2, ",wait_for=tcp:80,wait_for_timeout=2"),
+        ],
+        settings(),
+    );
+    let out = query(&mut f, t0, "www", 1);
+    assert!(
+        !out.iter().any(|c| matches!(c, Command::ProbeTcp { .. })),
+        "nothing to probe before the backend started it: {out:?}"
+    );
+    let out = started(&mut f, t0 + MS, "www", None);
+    assert!(out.contains(&Command::ProbeTcp {
+        vm: name("www"),
+        addr: "10.0.0.1:8080".parse().unwrap(),
+        until: t0 + MS + Duration::from_secs(5),
+    }));
+    assert!(
+        answers(&out).is_empty(),
+        "neither -d's delay nor the start answers: the port does"
+    );
+    assert!(answers(&tick(&mut f, t0 + MS * 900)).is_empty());
+    let out = f.handle(t0 + MS * 900, Event::PortOpened { vm: name("www") });
+    assert_eq!(answers(&out), vec![(1, Answer::Ready)]);
+    assert!(out.contains(&Command::StopProbe { vm: name("www") }));
+    assert_eq!(
+        lifecycle(&out)[0].2,
+        "guest accepted a connection on its port"
+    );
+    assert_eq!(f.state("www"), Some(Lifecycle::Running));
+    // A port that never opens: answered at the timeout, with nothing slept after it.
+    query(&mut f, t0, "b", 2);
+    started(&mut f, t0 + MS, "b", None);
+    let at = t0 + MS + Duration::from_secs(2);
+    assert!(f.poll_at().is_some_and(|p| p <= at));
+    assert!(answers(&tick(&mut f, at - MS)).is_empty());
+    let out = tick(&mut f, at);
+    assert_eq!(answers(&out), vec![(2, Answer::Ready)]);
+    assert!(out.contains(&Command::StopProbe { vm: name("b") }));
+    assert_eq!(lifecycle(&out)[0].2, "port did not open in time");
+    // A late report of the port changes nothing.
+    let out = f.handle(at + MS, Event::PortOpened { vm: name("b") });
+    assert!(out.is_empty(), "{out:?}");
+}
+
+#[test]
+fn a_failed_boot_stops_its_probe() {
+    let (mut f, t0) = fleet(&[spec("www", 1, ",wait_for=tcp:80")], settings());
+    query(&mut f, t0, "www", 1);
+    started(&mut f, t0 + MS, "www", None);
+    let out = f.handle(
+        t0 + MS * 2,
+        Event::Observed {
+            vm: name("www"),
+            state: Observed::Off,
+            epoch: None,
+        },
+    );
+    assert!(out.contains(&Command::StopProbe { vm: name("www") }));
+    assert_eq!(
+        answers(&out),
+        vec![(1, Answer::ServFail(Refusal::BootFailed))]
+    );
+}
+
+#[test]
 fn wait_for_key_waits_two_seconds_then_the_response_delay_as_jitsu() {
     let (mut f, t0) = fleet(
         &[

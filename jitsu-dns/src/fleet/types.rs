@@ -6,7 +6,7 @@
 //! Plain data only: every decision over it is the fleet's ([`super::Fleet`]).
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -233,6 +233,11 @@ pub enum Event {
         /// The VM.
         vm: VmName,
     },
+    /// The guest accepted a TCP connection on its `wait_for=tcp:PORT` port.
+    PortOpened {
+        /// The VM.
+        vm: VmName,
+    },
     /// The backend names the bridge port the VM's interface will have before it starts it
     /// (the process backend's veth), so synjitsu can know it from the first `booting`.
     /// Reported before [`Event::Reconciled`].
@@ -409,6 +414,21 @@ pub enum Command {
     },
     /// Stop watching the VM's key.
     UnwatchKey {
+        /// The VM.
+        vm: VmName,
+    },
+    /// Try to connect to `addr` from the host every few milliseconds until a connection is
+    /// accepted (report [`Event::PortOpened`]) or `until`, whichever comes first.
+    ProbeTcp {
+        /// The VM.
+        vm: VmName,
+        /// The guest's address and port.
+        addr: SocketAddr,
+        /// When to give up: the fleet answers by then anyway.
+        until: Instant,
+    },
+    /// Stop probing the VM's port.
+    StopProbe {
         /// The VM.
         vm: VmName,
     },

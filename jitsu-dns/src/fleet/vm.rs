@@ -41,6 +41,10 @@ pub(super) struct Boot {
     /// When the readiness key appeared.
     pub(super) key_seen: Option<Instant>,
     pub(super) key_watched: bool,
+    /// The guest accepted a connection on its `wait_for=tcp:PORT` port.
+    pub(super) port_open: bool,
+    /// Its port is being probed.
+    pub(super) probing: bool,
 }
 
 /// A VM's lifecycle state, with what each state must remember.

@@ -53,14 +53,23 @@ fn data(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'\n');
 }
 
-/// One commit on `branch` (`refs/heads/master`), marked `:mark`, at `when`, on top of `from`
-/// (the branch's head, for the first commit of a process on an existing branch; later ones
-/// follow the branch). Files hold their value and a final newline, as `cat` shows them.
+/// The parents of a commit besides the branch's last one.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Parents<'a> {
+    /// The branch's head, for the first commit of a process on an existing branch (later
+    /// ones follow the branch).
+    pub(crate) from: Option<&'a str>,
+    /// A commit merged by this one (a change taken from another branch).
+    pub(crate) merge: Option<&'a str>,
+}
+
+/// One commit on `branch` (`refs/heads/master`), marked `:mark`, at `when`, on top of
+/// `parents`. Files hold their value and a final newline, as `cat` shows them.
 pub(crate) fn render_commit(
     out: &mut Vec<u8>,
     branch: &str,
     mark: u64,
-    from: Option<&str>,
+    parents: Parents<'_>,
     when: SystemTime,
     message: &str,
     edits: &Edits,
@@ -73,8 +82,11 @@ pub(crate) fn render_commit(
         format!("commit {branch}\nmark :{mark}\ncommitter {COMMITTER} {secs} +0000\n").as_bytes(),
     );
     data(out, message.as_bytes());
-    if let Some(parent) = from {
+    if let Some(parent) = parents.from {
         out.extend_from_slice(format!("from {parent}\n").as_bytes());
+    }
+    if let Some(merged) = parents.merge {
+        out.extend_from_slice(format!("merge {merged}\n").as_bytes());
     }
     for path in &edits.removed {
         out.extend_from_slice(format!("D {}\n", quote_path(path)).as_bytes());
@@ -164,14 +176,23 @@ impl FastImport {
         self.next_mark - 1
     }
 
-    /// Adds a commit to the stream (sent at the next checkpoint).
-    pub(crate) fn commit(&mut self, when: SystemTime, message: &str, edits: &Edits) {
+    /// Adds a commit to the stream (sent at the next checkpoint), merging `merge` if given.
+    pub(crate) fn commit(
+        &mut self,
+        when: SystemTime,
+        message: &str,
+        edits: &Edits,
+        merge: Option<&str>,
+    ) {
         let from = self.from.take();
         render_commit(
             &mut self.stream,
             &self.branch,
             self.next_mark,
-            from.as_deref(),
+            Parents {
+                from: from.as_deref(),
+                merge,
+            },
             when,
             message,
             edits,
@@ -268,7 +289,10 @@ mod tests {
             &mut out,
             "refs/heads/master",
             3,
-            Some("0123abcd"),
+            Parents {
+                from: Some("0123abcd"),
+                merge: Some("4567ef01"),
+            },
             when,
             "www: booting -> running (booted)",
             &edits,
@@ -279,6 +303,7 @@ mod tests {
              committer jitsu-dns <jitsu-dns@localhost> 1700000000 +0000\n\
              data 32\nwww: booting -> running (booted)\n\
              from 0123abcd\n\
+             merge 4567ef01\n\
              D jitsu/vm/old/state\n\
              M 100644 inline jitsu/vm/www/state\ndata 8\nrunning\n\n\n"
         );

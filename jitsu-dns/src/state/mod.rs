@@ -37,7 +37,12 @@
 //! crashed jitsu-dns left are removed (`repo`). A jitsu-dns killed outright loses at most the
 //! changes of the batch being written; its next start reconciles every VM with the backend
 //! and commits what runs.
+//!
+//! Configuration changes can be pushed to the store's `incoming` branches: what a change
+//! does is decided in [`changes`] (pure); reading it, merging it (a commit with two parents,
+//! through the same fast-import) and recording a refusal are the functions below.
 
+pub mod changes;
 mod fast_import;
 mod journal;
 mod repo;
@@ -103,8 +108,12 @@ pub struct Change {
 }
 
 enum Msg {
-    /// A change, made at `at` (the commit's time).
-    Change { change: Change, at: SystemTime },
+    /// A change, made at `at` (the commit's time), merging commit `merge` if given.
+    Change {
+        change: Change,
+        at: SystemTime,
+        merge: Option<String>,
+    },
     /// The whole state as the fleet has it, superseding changes not recorded (`dropped` of
     /// them never reached the writer).
     Rewrite {
@@ -147,6 +156,85 @@ pub type Tree = BTreeMap<String, String>;
 /// Reads the tree at HEAD (empty for a repository without commits).
 pub fn read_head(dir: &Path) -> Result<Tree, StateError> {
     Ok(repo::read_head(dir)?.map(|h| h.tree).unwrap_or_default())
+}
+
+/// The branches with a configuration change waiting (see [`changes`]), as git lists them.
+pub fn incoming(dir: &Path) -> Result<Vec<changes::Waiting>, StateError> {
+    repo::incoming(dir).map_err(|detail| StateError::Repo {
+        path: dir.to_path_buf(),
+        detail,
+    })
+}
+
+/// A change as read from the repository, against the branch's head as it is now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadChange {
+    /// Its commit's subject.
+    pub subject: String,
+    /// Already merged into the branch or recorded as refused: only its branch is left.
+    pub handled: bool,
+    /// The tree of its merge base with the branch; `None` if they share no history.
+    pub base: Option<Tree>,
+    /// Its tree.
+    pub tip: Tree,
+}
+
+/// Reads the change at commit `sha` (blocking: run it off the loop, after a flush).
+pub fn read_change(dir: &Path, sha: &str) -> Result<ReadChange, StateError> {
+    let subject = repo::subject(dir, sha);
+    let head = repo::head_sha(dir);
+    let handled = head
+        .as_deref()
+        .is_some_and(|h| repo::is_ancestor(dir, sha, h))
+        || repo::is_ancestor(dir, sha, changes::REFUSED);
+    if handled {
+        return Ok(ReadChange {
+            subject,
+            handled,
+            base: None,
+            tip: Tree::new(),
+        });
+    }
+    let base = match head.and_then(|h| repo::merge_base(dir, sha, &h)) {
+        Some(b) => Some(repo::read_tree(dir, &b)?),
+        None => None,
+    };
+    Ok(ReadChange {
+        subject,
+        handled,
+        base,
+        tip: repo::read_tree(dir, sha)?,
+    })
+}
+
+/// True once commit `sha` is in the history of HEAD's branch.
+pub fn is_merged(dir: &Path, sha: &str) -> bool {
+    repo::head_sha(dir).is_some_and(|h| repo::is_ancestor(dir, sha, &h))
+}
+
+/// Records the change at `sha` as refused, with `message`, on [`changes::REFUSED`], then
+/// deletes its branch `refname` if it is still there. Returns the refusal's commit.
+pub fn refuse_change(
+    dir: &Path,
+    refname: &str,
+    sha: &str,
+    message: &str,
+) -> Result<String, StateError> {
+    let err = |detail| StateError::Repo {
+        path: dir.to_path_buf(),
+        detail,
+    };
+    let recorded = repo::record_refused(dir, sha, message).map_err(err)?;
+    repo::delete_ref(dir, refname, sha).map_err(err)?;
+    Ok(recorded)
+}
+
+/// Deletes the branch `refname` of a change taken, if it is still at `sha`.
+pub fn close_change(dir: &Path, refname: &str, sha: &str) -> Result<(), StateError> {
+    repo::delete_ref(dir, refname, sha).map_err(|detail| StateError::Repo {
+        path: dir.to_path_buf(),
+        detail,
+    })
 }
 
 impl Store {
@@ -227,6 +315,17 @@ impl Store {
         self.send(Msg::Change {
             change,
             at: SystemTime::now(),
+            merge: None,
+        })
+    }
+
+    /// Queues a change, made now, as a commit that merges commit `merge` (a change taken from
+    /// another branch); committed even if it changes no file. Fails as [`Store::apply`].
+    pub fn apply_merging(&self, change: Change, merge: String) -> Result<(), StateError> {
+        self.send(Msg::Change {
+            change,
+            at: SystemTime::now(),
+            merge: Some(merge),
         })
     }
 

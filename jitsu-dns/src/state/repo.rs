@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::changes::{self, Waiting};
 use super::{StateError, Tree};
 
 /// git with jitsu-dns's identity, in `dir`, reading nothing from stdin.
@@ -78,8 +79,14 @@ pub(crate) fn read_head(dir: &Path) -> Result<Option<Head>, StateError> {
         return Ok(None);
     };
     let sha = sha.trim().to_string();
-    let listing = run_git(dir, &["ls-tree", "-r", "-z", "--full-tree", &sha])
-        .map_err(|e| repo_err(dir, e))?;
+    let tree = read_tree(dir, &sha)?;
+    Ok(Some(Head { sha, tree }))
+}
+
+/// Every file of the tree of commit `sha`.
+pub(crate) fn read_tree(dir: &Path, sha: &str) -> Result<Tree, StateError> {
+    let listing =
+        run_git(dir, &["ls-tree", "-r", "-z", "--full-tree", sha]).map_err(|e| repo_err(dir, e))?;
     let mut objects = Vec::new();
     for entry in listing.split('\0').filter(|e| !e.is_empty()) {
         // "<mode> blob <sha>\t<path>"
@@ -93,7 +100,7 @@ pub(crate) fn read_head(dir: &Path) -> Result<Option<Head>, StateError> {
     }
     let mut tree = Tree::new();
     if objects.is_empty() {
-        return Ok(Some(Head { sha, tree }));
+        return Ok(tree);
     }
     let mut child = git(dir)
         .args(["cat-file", "--batch"])
@@ -137,7 +144,94 @@ pub(crate) fn read_head(dir: &Path) -> Result<Option<Head>, StateError> {
         tree.insert(path, value.strip_suffix('\n').unwrap_or(&value).to_string());
         rest = rest.get(nl + 2 + size..).unwrap_or_default();
     }
-    Ok(Some(Head { sha, tree }))
+    Ok(tree)
+}
+
+/// The branches with a change waiting ([`super::changes::INCOMING`] and those under it),
+/// each with its commit and committer time.
+pub(crate) fn incoming(dir: &Path) -> Result<Vec<Waiting>, String> {
+    let out = run_git(
+        dir,
+        &[
+            "for-each-ref",
+            "--format=%(refname) %(objectname) %(committerdate:unix)",
+            changes::INCOMING,
+        ],
+    )?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split(' ');
+            Some(Waiting {
+                refname: w.next()?.to_string(),
+                sha: w.next()?.to_string(),
+                time: w.next()?.parse().ok()?,
+            })
+        })
+        .collect())
+}
+
+/// The commit HEAD's branch is at, if any.
+pub(crate) fn head_sha(dir: &Path) -> Option<String> {
+    run_git(dir, &["rev-parse", "--verify", "-q", "HEAD"])
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// The best common ancestor of `a` and `b`, `None` if they share no history.
+pub(crate) fn merge_base(dir: &Path, a: &str, b: &str) -> Option<String> {
+    run_git(dir, &["merge-base", a, b])
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// True if commit `a` is `b` or one of its ancestors.
+pub(crate) fn is_ancestor(dir: &Path, a: &str, b: &str) -> bool {
+    run_git(dir, &["merge-base", "--is-ancestor", a, b]).is_ok()
+}
+
+/// The subject line of commit `sha`.
+pub(crate) fn subject(dir: &Path, sha: &str) -> String {
+    run_git(dir, &["log", "-1", "--format=%s", sha])
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Records commit `sha` as refused: a commit on [`super::changes::REFUSED`] with `sha`'s tree,
+/// the branch's last commit and `sha` as parents (so the refused work stays reachable after
+/// its branch is deleted), and `message`. Returns the new commit.
+pub(crate) fn record_refused(dir: &Path, sha: &str, message: &str) -> Result<String, String> {
+    let tree = format!("{sha}^{{tree}}");
+    let old = run_git(dir, &["rev-parse", "--verify", "-q", changes::REFUSED])
+        .ok()
+        .map(|s| s.trim().to_string());
+    let mut args = vec!["commit-tree", tree.as_str(), "-m", message];
+    if let Some(old) = &old {
+        args.extend(["-p", old]);
+    }
+    args.extend(["-p", sha]);
+    let new = run_git(dir, &args)?.trim().to_string();
+    // Moved only from what was read: a second writer would fail here rather than be undone.
+    let expected = old.unwrap_or_else(|| "0".repeat(40));
+    run_git(
+        dir,
+        &[
+            "update-ref",
+            "-m",
+            "jitsu-dns: refused",
+            changes::REFUSED,
+            &new,
+            &expected,
+        ],
+    )?;
+    Ok(new)
+}
+
+/// Deletes branch `refname` if it is still at `sha` (a change pushed on top meanwhile
+/// keeps it).
+pub(crate) fn delete_ref(dir: &Path, refname: &str, sha: &str) -> Result<(), String> {
+    run_git(dir, &["update-ref", "-d", refname, sha]).map(|_| ())
 }
 
 /// Lock files git leaves when killed mid-write; under `.git`, `refs/` included.

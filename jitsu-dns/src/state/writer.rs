@@ -134,6 +134,8 @@ struct Pending {
     at: SystemTime,
     message: String,
     edits: Edits,
+    /// A commit this one merges.
+    merge: Option<String>,
 }
 
 /// The thread's state: the repository it writes, the tree, and how writing goes.
@@ -337,7 +339,7 @@ impl Writer {
         for msg in batch {
             match msg {
                 Msg::Flush(done) => flushes.push(done),
-                Msg::Change { change, at } => {
+                Msg::Change { change, at, merge } => {
                     if !accepting {
                         self.health.lose();
                         self.hooks.metrics.add_store_dropped(1);
@@ -348,8 +350,13 @@ impl Writer {
                     self.journal.apply(&change.remove, change.files);
                     if let Some(message) = change.message {
                         let edits = self.journal.take_commit();
-                        if !edits.is_empty() || change.always {
-                            commits.push(Pending { at, message, edits });
+                        if !edits.is_empty() || change.always || merge.is_some() {
+                            commits.push(Pending {
+                                at,
+                                message,
+                                edits,
+                                merge,
+                            });
                         }
                     }
                 }
@@ -367,7 +374,12 @@ impl Writer {
                     let message =
                         rewrite_message(&before, self.journal.tree(), self.health.lost() + dropped);
                     let edits = self.journal.take_commit();
-                    commits.push(Pending { at, message, edits });
+                    commits.push(Pending {
+                        at,
+                        message,
+                        edits,
+                        merge: None,
+                    });
                     carried += dropped;
                 }
             }
@@ -379,6 +391,7 @@ impl Writer {
                     at: SystemTime::now(),
                     message: note.clone(),
                     edits: Edits::default(),
+                    merge: None,
                 },
             );
         }
@@ -420,7 +433,7 @@ impl Writer {
             None => FastImport::spawn(&self.dir, &self.branch, self.head.as_deref())?,
         };
         for c in commits {
-            fi.commit(c.at, &c.message, &c.edits);
+            fi.commit(c.at, &c.message, &c.edits, c.merge.as_deref());
         }
         let sha = match fi.checkpoint(&self.dir) {
             Ok(sha) => sha,

@@ -26,7 +26,7 @@ use jitsu_tests::e2e::{Backend, ColdStart, DNS_ADDR, Mask, Options, Stack, Vm, t
 fn usage() -> ! {
     eprintln!(
         "usage: jitsu-e2e demo [--boot-ms N]\n       \
-         jitsu-e2e bench [--runs N] [--boot-ms A,B,...] [--modes none,delay,announce,synjitsu] [--arp] [--backend process|libvirt|qemu] [--guest unikernel] [--baseline-runs N]\n                [--series qemu,standby,libvirt-unikernel,libvirt-linux,process]"
+         jitsu-e2e bench [--runs N] [--boot-ms A,B,...] [--modes none,delay,announce,synjitsu,tcp] [--arp] [--backend process|libvirt|qemu] [--guest unikernel] [--baseline-runs N]\n                [--series qemu,standby,libvirt-unikernel,libvirt-linux,process]"
     );
     std::process::exit(2)
 }
@@ -120,6 +120,7 @@ fn parse(args: &[String], default_boots: &[u64], default_runs: usize) -> Result<
                         "delay" => Ok(Mask::Delay(100)),
                         "announce" => Ok(Mask::Announce),
                         "synjitsu" => Ok(Mask::Synjitsu),
+                        "tcp" => Ok(Mask::Tcp),
                         other => bail!("unknown mode {other:?}"),
                     })
                     .collect::<Result<_>>()?;

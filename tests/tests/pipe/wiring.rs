@@ -353,8 +353,12 @@ impl Pipe {
                 self.flush_hold(follow);
                 return;
             }
-            // No Xenstore watches or state store here.
-            Command::WatchKey { .. } | Command::UnwatchKey { .. } | Command::Persist(_) => return,
+            // No Xenstore watches, port probes or state store here.
+            Command::WatchKey { .. }
+            | Command::UnwatchKey { .. }
+            | Command::ProbeTcp { .. }
+            | Command::StopProbe { .. }
+            | Command::Persist(_) => return,
         };
         self.calls.push((self.now, call.clone()));
         self.pending.push(call);
