@@ -309,6 +309,16 @@ impl Hold {
             .map(|v| (v.id.name.as_str(), v.phase, v.held.len()))
     }
 
+    /// When the SYN held longest was captured, over every held SYN of every VM (not only the
+    /// front of each queue, which is all [`Hold::poll_at`] looks at): for checks from outside,
+    /// such as the fuzz target's "nothing is held past `hold_timeout`".
+    pub fn oldest_held(&self) -> Option<Instant> {
+        self.vms
+            .iter()
+            .flat_map(|vm| vm.held.iter().map(|h| h.since))
+            .min()
+    }
+
     /// Every MAC with a static entry asked for and not released (to release on exit).
     pub fn steered_macs(&self) -> Vec<(String, Mac)> {
         self.vms

@@ -428,6 +428,23 @@ fn held_syns_time_out_with_a_rst_to_the_client() {
 }
 
 #[test]
+fn oldest_held_is_the_capture_time_of_the_syn_held_longest() {
+    let mut h = core();
+    let t0 = Instant::now();
+    let t1 = t0 + Duration::from_secs(3);
+    booting(&mut h, t0, Handover::Wire);
+    assert_eq!(h.oldest_held(), None);
+    h.on_frame(t1, &SYN_V6, FrameMeta::default());
+    h.on_frame(t1 + Duration::from_secs(1), &SYN_V4, FrameMeta::default());
+    assert_eq!(h.held_now(), 2);
+    assert_eq!(h.oldest_held(), Some(t1));
+    h.handle_timeout(t1 + Duration::from_secs(10));
+    assert_eq!(h.oldest_held(), Some(t1 + Duration::from_secs(1)));
+    h.handle_timeout(t1 + Duration::from_secs(11));
+    assert_eq!(h.oldest_held(), None);
+}
+
+#[test]
 fn announce_then_probe_then_resend_on_syn_ack() {
     let mut h = core();
     let t0 = Instant::now();
