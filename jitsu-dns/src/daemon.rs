@@ -12,8 +12,11 @@
 //! SIGHUP (a reload) re-reads the file and the specs: VMs added are reconciled and served,
 //! VMs removed are forgotten and left as they are (a running one keeps running, unmanaged;
 //! stop it by hand if it should go), changed VMs take their new settings at their next boot.
+//! A reload that would remove more than `max_removed_share` of the VMs is refused (an emptied
+//! file must not drop the fleet).
 //! Settings that need new sockets or another backend (bind, listen, backend, connect,
-//! synjitsu, persistdb, metrics) need a restart and are ignored with a warning.
+//! synjitsu, persistdb, metrics, the TCP bounds) need a restart and are ignored with a
+//! warning.
 //! SIGTERM/SIGINT stop jitsu-dns and leave every VM as it is; the store is flushed.
 
 use std::collections::{HashMap, VecDeque};
@@ -38,6 +41,7 @@ use crate::forward::{self, Forwarder, UpstreamError, parse_resolv_conf};
 use crate::metrics::Metrics;
 use crate::state::{self, Change, ConfigChange, StateError, Store, Tree, Wall};
 use crate::synjitsu::{self, Outgoing};
+use crate::transport;
 use crate::xenstore::KeyWatcher;
 
 /// Events from backend calls, synjitsu and Xenstore waiting for the loop.
@@ -80,7 +84,10 @@ pub enum DaemonError {
 /// The forwarder for `cfg`, `None` when forwarding is off (or nothing to forward to).
 fn forwarder_for(cfg: &Config) -> Result<Option<Arc<Forwarder>>, DaemonError> {
     let (ips, from_system) = match &cfg.forwarders {
-        Forwarders::Off => return Ok(None),
+        Forwarders::Off => {
+            info!("forwarding off: names outside the zones are refused");
+            return Ok(None);
+        }
         Forwarders::List(l) => (l.clone(), false),
         Forwarders::System => {
             let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
@@ -97,7 +104,40 @@ fn forwarder_for(cfg: &Config) -> Result<Option<Arc<Forwarder>>, DaemonError> {
         );
         return Ok(None);
     }
-    Ok(Some(Arc::new(Forwarder::new(up.servers))))
+    let clients = match &cfg.forward_clients {
+        Some(nets) => nets.clone(),
+        None => forward::default_clients(cfg.bind, &local_networks()),
+    };
+    let list = |items: Vec<String>| items.join(", ");
+    info!(
+        servers = %list(up.servers.iter().map(ToString::to_string).collect()),
+        clients = %list(clients.iter().map(ToString::to_string).collect()),
+        max_in_flight = cfg.forward_max,
+        "forwarding names outside the zones for these clients only (others are refused)"
+    );
+    Ok(Some(Arc::new(Forwarder::new(
+        up.servers,
+        clients,
+        cfg.forward_max,
+    ))))
+}
+
+/// Every address of this host with its prefix length (none if they cannot be read: then
+/// only loopback clients may forward).
+fn local_networks() -> Vec<(std::net::IpAddr, u8)> {
+    match if_addrs::get_if_addrs() {
+        Ok(ifs) => ifs
+            .into_iter()
+            .map(|i| match i.addr {
+                if_addrs::IfAddr::V4(a) => (a.ip.into(), a.prefixlen),
+                if_addrs::IfAddr::V6(a) => (a.ip.into(), a.prefixlen),
+            })
+            .collect(),
+        Err(e) => {
+            warn!(error = %e, "cannot list this host's addresses: only loopback clients may forward");
+            Vec::new()
+        }
+    }
 }
 
 fn settings(cfg: &Config) -> Settings {
@@ -234,6 +274,7 @@ impl Shell {
                         Ok(s) => Event::Started {
                             vm: name,
                             domid: s.domid,
+                            port: s.port,
                         },
                         Err(e) => Event::StartFailed {
                             vm: name,
@@ -477,14 +518,25 @@ impl Shell {
         })
         .await
         .unwrap_or_default();
-        // The fleet takes each domain's own MAC before it hears of the VM's state.
+        // The fleet takes each domain's own MAC (and the port the backend always gives it)
+        // before it hears of the VM's state.
         for (vm, found) in &looked {
-            if let Some(mac) = found.as_ref().ok().and_then(|d| d.mac) {
+            let Ok(found) = found else { continue };
+            if !found.macs.is_empty() {
                 self.process(
                     Instant::now(),
                     Event::MacFound {
                         vm: vm.clone(),
-                        mac,
+                        macs: found.macs.clone(),
+                    },
+                );
+            }
+            if let Some(port) = &found.fixed_port {
+                self.process(
+                    Instant::now(),
+                    Event::PortFound {
+                        vm: vm.clone(),
+                        port: port.clone(),
                     },
                 );
             }
@@ -520,6 +572,10 @@ impl Shell {
                 return;
             }
         };
+        if let Err(e) = new.check_removals(&self.cfg) {
+            error!(error = %e, "configuration not reloaded: keeping the current one");
+            return;
+        }
         let (new, kept) = new.for_reload(&self.cfg);
         for setting in kept {
             warn!(setting, "this setting changes only with a restart: ignored");
@@ -577,6 +633,9 @@ impl Shell {
 
 /// Runs jitsu-dns until `ctl.shutdown` is cancelled.
 pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), DaemonError> {
+    if let Some(why) = &cfg.backend_why {
+        info!(backend = cfg.backend.as_str(), "backend: {why}");
+    }
     let backend = backend::open(cfg.backend, cfg.connect.as_deref())?;
     let metrics = Arc::new(Metrics::new());
     let rewrite_wanted = Arc::new(Notify::new());
@@ -683,10 +742,21 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
             source,
         })?;
     let (slow_tx, mut slow_rx) = mpsc::channel(dns::SLOW_QUEUE);
-    let handler = Handler::new(tables, slow_tx, metrics.clone(), clock);
-    let mut server = hickory_server::Server::new(handler);
-    server.register_socket(udp);
-    server.register_listener(tcp, Duration::from_secs(10), 32);
+    let handler = Arc::new(Handler::new(tables, slow_tx, metrics.clone(), clock));
+    let limits = transport::Limits {
+        udp_in_flight: transport::UDP_IN_FLIGHT,
+        tcp_max_clients: shell.cfg.tcp_max_clients,
+        tcp_max_per_client: shell.cfg.tcp_max_per_client,
+    };
+    let serving = ctl.shutdown.child_token();
+    let mut server = tokio::spawn(transport::serve(
+        udp,
+        tcp,
+        handler,
+        metrics.clone(),
+        limits,
+        serving.clone(),
+    ));
     if let Some(maddr) = shell.cfg.metrics {
         let listener = tokio::net::TcpListener::bind(maddr)
             .await
@@ -708,6 +778,8 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
         backend = shell.backend.kind(),
         vms = shell.cfg.vms.len(),
         ttl = shell.cfg.ttl,
+        tcp_max_clients = limits.tcp_max_clients,
+        tcp_max_per_client = limits.tcp_max_per_client,
         "jitsu-dns ready"
     );
 
@@ -741,11 +813,13 @@ pub async fn run(flags: Flags, cfg: Config, mut ctl: Control) -> Result<(), Daem
     }
 
     info!("stopping; VMs are left as they are");
-    if tokio::time::timeout(Duration::from_secs(2), server.shutdown_gracefully())
+    serving.cancel();
+    if tokio::time::timeout(Duration::from_secs(2), &mut server)
         .await
         .is_err()
     {
-        debug!("DNS tasks did not finish within 2 s");
+        debug!("the DNS sockets were not closed within 2 s");
+        server.abort();
     }
     // Counted, not acted upon: nothing is stopped on the way out.
     let activity = shell.take_activity();

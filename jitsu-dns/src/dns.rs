@@ -10,10 +10,12 @@
 //! - SOA and NS at each zone's apex, the NS name's address when it lies in the zone;
 //! - NXDOMAIN with the SOA for unknown names in an owned zone (NODATA for names that exist
 //!   only as parents of VM names);
-//! - names outside the zones: relayed by [`crate::forward`] (not authoritative), or REFUSED
-//!   when forwarding is off;
-//! - FORMERR for a query without exactly one question (hickory answers FORMERR itself for a
-//!   message it cannot parse), NOTIMP for other opcodes, BADVERS for EDNS above 0.
+//! - names outside the zones: relayed by [`crate::forward`] (not authoritative) for the
+//!   clients it allows while fewer than its bound are in flight (past it, SERVFAIL at once),
+//!   REFUSED for other clients and when forwarding is off;
+//! - FORMERR for a query without exactly one question (a message that does not parse gets
+//!   its FORMERR from [`crate::transport`]), NOTIMP for other opcodes, BADVERS for EDNS
+//!   above 0.
 //!
 //! Names are compared case-insensitively. The handler counts outcomes and per-VM activity;
 //! it never logs above debug per query.
@@ -496,6 +498,18 @@ impl RequestHandler for Handler {
                     return send(request, handle, m, edns, &[], &[], &[]).await;
                 };
                 drop(table);
+                if !fwd.allows(request.src().ip()) {
+                    tracing::debug!(%name, ?qtype, client = %request.src().ip(), "refused: this client may not use the forwarders");
+                    self.metrics.add_forward_refused();
+                    let m = fail(ResponseCode::Refused, Outcome::Refused);
+                    return send(request, handle, m, edns, &[], &[], &[]).await;
+                }
+                let Some(_place) = fwd.try_begin() else {
+                    tracing::debug!(%name, ?qtype, "servfail: forward_max forwards in flight");
+                    self.metrics.add_forward_busy();
+                    let m = fail(ResponseCode::ServFail, Outcome::ServFail);
+                    return send(request, handle, m, edns, &[], &[], &[]).await;
+                };
                 let tcp = request.protocol() != Protocol::Udp;
                 match fwd.forward(request.as_slice(), tcp).await {
                     Ok(up) => {

@@ -8,14 +8,24 @@
 //! Which servers to forward to is decided here too: the `nameserver` lines of
 //! `/etc/resolv.conf` for the default, and never jitsu-dns's own address (a loop). Reading
 //! the file is the daemon's.
+//!
+//! Forwarding is bounded, since anyone who reaches the port could otherwise relay through
+//! jitsu-dns (an open resolver is an amplifier and a cache-poisoning aid): only clients in
+//! [`Forwarder::allows`]'s networks may use it (by default loopback and the networks of the
+//! address jitsu-dns serves on, see [`default_clients`]), and at most `max` forwards are in
+//! flight ([`Forwarder::try_begin`]): past that a query is answered SERVFAIL at once instead
+//! of holding a socket and a task for the upstream's timeout. Each forward's receive buffer
+//! is the size the client advertised (EDNS, 512 without), not 64 KiB.
 
 use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use hickory_proto::op::Message;
+use ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 /// How long one server may take over UDP.
 pub const UDP_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -76,10 +86,33 @@ pub fn upstreams(
     Ok(up)
 }
 
-/// The forwarders, in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The forwarders, in order, who may use them, and the bound on forwards in flight.
+#[derive(Debug)]
 pub struct Forwarder {
     servers: Vec<SocketAddr>,
+    clients: Vec<IpNet>,
+    /// One permit per forward in flight: `max` in all.
+    in_flight: Semaphore,
+}
+
+/// The clients allowed when none are configured: loopback, and the network of each local
+/// address jitsu-dns serves on (`local`: every address of the host with its prefix length;
+/// an unspecified `bind` serves on all of them, of its family).
+pub fn default_clients(bind: IpAddr, local: &[(IpAddr, u8)]) -> Vec<IpNet> {
+    let mut nets: Vec<IpNet> = vec![
+        IpNet::new(Ipv4Addr::new(127, 0, 0, 0).into(), 8).expect("8 is an IPv4 prefix length"),
+        IpNet::from(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+    ];
+    for (addr, prefix) in local {
+        let served = *addr == bind || (bind.is_unspecified() && addr.is_ipv4() == bind.is_ipv4());
+        if let (true, Ok(net)) = (served, IpNet::new(*addr, *prefix)) {
+            let net = net.trunc();
+            if !nets.iter().any(|n| n.contains(&net)) {
+                nets.push(net);
+            }
+        }
+    }
+    nets
 }
 
 /// A random 16-bit id: SipHash keyed from the OS's randomness, over a counter.
@@ -92,9 +125,34 @@ fn random_id() -> u16 {
 }
 
 impl Forwarder {
-    /// Forwards to `servers`, tried in order.
-    pub fn new(servers: Vec<SocketAddr>) -> Forwarder {
-        Forwarder { servers }
+    /// Forwards to `servers`, tried in order, for `clients`, at most `max` at a time.
+    pub fn new(servers: Vec<SocketAddr>, clients: Vec<IpNet>, max: usize) -> Forwarder {
+        Forwarder {
+            servers,
+            clients,
+            in_flight: Semaphore::new(max),
+        }
+    }
+
+    /// The servers, in order.
+    pub fn servers(&self) -> &[SocketAddr] {
+        &self.servers
+    }
+
+    /// The networks whose clients may use the forwarders.
+    pub fn clients(&self) -> &[IpNet] {
+        &self.clients
+    }
+
+    /// True if `client` may have its queries forwarded.
+    pub fn allows(&self, client: IpAddr) -> bool {
+        let client = client.to_canonical();
+        self.clients.iter().any(|n| n.contains(&client))
+    }
+
+    /// A place for one forward, held until it is dropped; `None` when `max` are in flight.
+    pub fn try_begin(&self) -> Option<SemaphorePermit<'_>> {
+        self.in_flight.try_acquire().ok()
     }
 
     /// Sends `query` (a whole DNS message) upstream and returns the answer. `tcp`: the
@@ -105,6 +163,11 @@ impl Forwarder {
         }
         let expected =
             Message::from_vec(query).map_err(|e| ForwardError::NoAnswer(e.to_string()))?;
+        // RFC 6891: an answer over UDP is no larger than the client said it can take.
+        let room = expected
+            .edns
+            .as_ref()
+            .map_or(512, |e| usize::from(e.max_payload().max(512)));
         let mut q = query.to_vec();
         let mut last = String::from("no forwarders configured");
         for server in &self.servers {
@@ -113,7 +176,7 @@ impl Forwarder {
             let attempt = if tcp {
                 tcp_exchange(*server, &q).await
             } else {
-                match udp_exchange(*server, &q, id).await {
+                match udp_exchange(*server, &q, id, room).await {
                     Ok(m) if m.metadata.truncation => tcp_exchange(*server, &q).await,
                     other => other,
                 }
@@ -140,7 +203,12 @@ fn check(m: Message, id: u16, expected: &Message) -> Result<Message, String> {
     Ok(m)
 }
 
-async fn udp_exchange(server: SocketAddr, q: &[u8], id: u16) -> Result<Message, String> {
+async fn udp_exchange(
+    server: SocketAddr,
+    q: &[u8],
+    id: u16,
+    room: usize,
+) -> Result<Message, String> {
     let local: SocketAddr = match server {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
@@ -148,7 +216,7 @@ async fn udp_exchange(server: SocketAddr, q: &[u8], id: u16) -> Result<Message, 
     let sock = UdpSocket::bind(local).await.map_err(|e| e.to_string())?;
     sock.connect(server).await.map_err(|e| e.to_string())?;
     sock.send(q).await.map_err(|e| e.to_string())?;
-    let mut buf = vec![0u8; 65535];
+    let mut buf = vec![0u8; room];
     tokio::time::timeout(UDP_TIMEOUT, async {
         loop {
             let n = sock.recv(&mut buf).await.map_err(|e| e.to_string())?;
@@ -233,6 +301,54 @@ mod tests {
         assert!(upstreams(&[ip("127.0.0.53")], 5353, any, false).is_ok());
         let up = upstreams(&[ip("127.0.0.1")], 53, any, true).unwrap();
         assert!(up.servers.is_empty() && up.skipped.len() == 1);
+    }
+
+    #[test]
+    fn by_default_loopback_and_the_served_networks_may_forward() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let local = [
+            (ip("127.0.0.1"), 8),
+            (ip("10.0.0.254"), 24),
+            (ip("192.0.2.7"), 28),
+            (ip("fd00::1"), 64),
+        ];
+        let loopback = [net("127.0.0.0/8"), net("::1/128")];
+        assert_eq!(
+            default_clients(ip("10.0.0.254"), &local),
+            [&loopback[..], &[net("10.0.0.0/24")]].concat()
+        );
+        assert_eq!(default_clients(ip("127.0.0.1"), &local), loopback);
+        assert_eq!(
+            default_clients(ip("0.0.0.0"), &local),
+            [&loopback[..], &[net("10.0.0.0/24"), net("192.0.2.0/28")]].concat(),
+            "the wildcard serves every IPv4 network"
+        );
+        assert_eq!(
+            default_clients(ip("::"), &local),
+            [&loopback[..], &[net("fd00::/64")]].concat()
+        );
+        let f = Forwarder::new(vec![], default_clients(ip("10.0.0.254"), &local), 1);
+        assert!(f.allows(ip("10.0.0.9")) && f.allows(ip("127.0.0.53")));
+        assert!(
+            f.allows(ip("::ffff:10.0.0.9")),
+            "a v4-mapped client is its IPv4 address"
+        );
+        assert!(!f.allows(ip("10.0.1.9")) && !f.allows(ip("198.51.100.1")));
+    }
+
+    #[test]
+    fn at_most_max_forwards_are_in_flight() {
+        let f = Forwarder::new(vec![], vec![], 2);
+        let a = f.try_begin().expect("first");
+        let b = f.try_begin().expect("second");
+        assert!(
+            f.try_begin().is_none(),
+            "a third waits for nothing: it is refused"
+        );
+        drop(a);
+        let c = f.try_begin().expect("a place came free");
+        drop((b, c));
     }
 
     #[test]

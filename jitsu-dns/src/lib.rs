@@ -3,9 +3,11 @@
 //! The library holds everything; `main.rs` only parses flags, installs logging, builds the
 //! runtime and calls [`daemon::run`]. Module map:
 //! - [`config`]: flags, VM specs and the TOML file, validated into typed values;
+//! - [`check`]: what a configuration means, as `--check` prints it;
 //! - [`fleet`]: the pure core deciding, per VM, what each query, tick and result leads to;
 //! - [`dns`]: the hickory-server request handler (answers from a table, asks the fleet on
-//!   the slow path) and [`forward`], the relay to the forwarders;
+//!   the slow path), [`forward`], the relay to the forwarders, and [`transport`], the UDP
+//!   and TCP sockets in front of the handler with their bounds;
 //! - [`backend`]: the trait the VMs are run through, the process backend and the libvirt one;
 //! - [`state`]: the state store with history (a git repository);
 //! - [`synjitsu`]: the client of synjitsu's control socket;
@@ -15,6 +17,7 @@
 //! - [`daemon`]: the IO shell tying them together in one `select!` loop.
 
 pub mod backend;
+pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod dns;
@@ -25,4 +28,5 @@ pub mod rumprun;
 pub mod state;
 pub mod synjitsu;
 mod sys;
+pub mod transport;
 pub mod xenstore;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use jitsu_dns::check;
 use jitsu_dns::config::{self, Flags};
 use jitsu_dns::daemon::{self, Control};
 use jitsu_dns::state;
@@ -16,16 +17,31 @@ use tokio_util::sync::CancellationToken;
 /// VMs are positional specs, e.g.
 /// `name=www,dns=www.example.org,ip=10.0.0.1,command='busybox httpd -f -p 80'`
 /// (keys: name, dns (repeatable), ip, ip6, mac, response_delay, wait_for_key, wait_for,
-/// wait_for_timeout, boot_timeout, use_synjitsu, stop_mode, handover, zone, nic; process
-/// backend: command, ifup, gateway; libvirt: uuid, kernel, initrd, cmdline, memory, disk
-/// (repeatable), console_log, domain_type, rumprun_config (a relative path is the working
-/// directory's)), or `[[vm]]` tables in the --config file, whose
-/// top-level keys are the long flags with `_`.
+/// wait_for_timeout, boot_timeout, use_synjitsu, stop_mode, handover, zone, nic (repeatable);
+/// process backend: command, ifup, gateway; libvirt: uuid, kernel, initrd, cmdline, memory,
+/// disk (repeatable), script (repeatable), console_log, domain_type, rumprun_config), or
+/// `[[vm]]` tables in the --config file, whose top-level keys are the long flags with `_`.
+///
+/// As in Jitsu: memory is KiB (memory=64000; or 64M, 1G, 65536K), disk is
+/// <file-or-/dev/-device>@<xvdX>, a relative kernel, initrd, disk or rumprun_config path is
+/// read from the working directory (in a --config file: from the file's directory), and
+/// wait_for_key waits at most 2 s (wait_for_timeout), then response_delay.
 #[derive(Debug, Parser)]
-#[command(version, about, args_conflicts_with_subcommands = true)]
+// Long flags may be cut to any unambiguous prefix, as Jitsu's cmdliner allowed (`--pers`).
+#[command(
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    infer_long_args = true
+)]
 struct Cli {
     #[command(flatten)]
     flags: Flags,
+    /// Read and validate the configuration, print what every setting and VM key resolved to
+    /// (with the domain XML a libvirt VM without a domain would be defined with), and exit:
+    /// 0 if it is valid, 2 if not. Connects to nothing.
+    #[arg(long)]
+    check: bool,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -111,6 +127,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if cli.check {
+        print!("{}", check::render(&cfg));
+        return ExitCode::SUCCESS;
+    }
     init_logging(&cfg.log_level);
     // One thread: measured faster than the multi-threaded runtime for this load on small
     // hosts; blocking backend calls go to tokio's blocking pool.

@@ -56,6 +56,40 @@ const OUTCOMES: [(Outcome, &str); 10] = [
     (Outcome::NotImp, "notimp"),
 ];
 
+/// Why a message got no answer at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// Shorter than a DNS header: there is no id to answer with.
+    Short,
+    /// A response (QR set), never answered: answering would make jitsu-dns a reflector.
+    Response,
+    /// Over UDP while the bound on queries in flight was reached.
+    Busy,
+    /// From an address no answer can go to (port 0, a broadcast address).
+    BadSource,
+}
+
+const DROPPED: [(Dropped, &str); 4] = [
+    (Dropped::Short, "short"),
+    (Dropped::Response, "response"),
+    (Dropped::Busy, "busy"),
+    (Dropped::BadSource, "bad_source"),
+];
+
+/// Which bound closed a new DNS-over-TCP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpLimit {
+    /// `tcp_max_clients` connections were open.
+    Total,
+    /// `tcp_max_per_client` connections from the same client were open.
+    PerClient,
+}
+
+const TCP_LIMITS: [(TcpLimit, &str); 2] = [
+    (TcpLimit::Total, "total"),
+    (TcpLimit::PerClient, "per_client"),
+];
+
 /// Upper bounds of the boot-to-ready histogram, in seconds.
 const BOOT_BUCKETS: [f64; 12] = [
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -91,6 +125,13 @@ pub struct Metrics {
     store_pending_since_ms: AtomicU64,
     backend_events: Counter,
     state_polls: Counter,
+    /// In the order of [`DROPPED`].
+    dropped: Vec<Counter>,
+    /// In the order of [`TCP_LIMITS`].
+    tcp_refused: Vec<Counter>,
+    tcp_connections: Gauge,
+    forward_busy: Counter,
+    forward_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -105,14 +146,16 @@ impl Metrics {
         use shared_io::metrics::{counter, counters, gauge};
         let mut r = Registry::with_prefix("jitsu_dns");
         #[rustfmt::skip]
-        let [queries, stops, limit_refusals] = [
+        let [queries, stops, limit_refusals, dropped, tcp_refused] = [
             ("queries", "DNS queries by outcome", "outcome", &OUTCOMES.map(|(_, l)| l)[..]),
             ("stops", "VM stops begun, by stop mode", "mode", &STOP_MODES.map(StopMode::as_str)[..]),
             ("limit_refusals", "Queries refused (SERVFAIL) by a limit", "limit", &LIMITS.map(Refusal::as_str)[..]),
+            ("dropped", "Messages given no answer at all, by reason", "reason", &DROPPED.map(|(_, l)| l)[..]),
+            ("tcp_refused", "DNS-over-TCP connections closed at once, by the bound reached", "limit", &TCP_LIMITS.map(|(_, l)| l)[..]),
         ]
         .map(|(name, help, label, values)| counters(&mut r, name, help, label, values));
         #[rustfmt::skip]
-        let [forward_failures, boots, boot_failures, resumes, store_dropped, store_write_failures, backend_events, state_polls] = [
+        let [forward_failures, boots, boot_failures, resumes, store_dropped, store_write_failures, backend_events, state_polls, forward_busy, forward_refused] = [
             ("forward_failures", "Forwarded queries no forwarder answered"),
             ("boots", "VM boots begun"),
             ("boot_failures", "VM boots that failed"),
@@ -121,6 +164,8 @@ impl Metrics {
             ("state_write_failures", "Attempts to write the state store that failed"),
             ("backend_events", "Lifecycle changes the backend pushed (libvirt events)"),
             ("backend_state_polls", "VM states polled from the backend (not done for backends that push events)"),
+            ("forward_busy", "Queries outside the zones answered SERVFAIL at once: forward_max forwards were in flight"),
+            ("forward_refused", "Queries outside the zones refused: the client may not use the forwarders"),
         ]
         .map(|(name, help)| counter(&mut r, name, help));
         let running = gauge(&mut r, "vms_running", "VMs running now");
@@ -134,6 +179,11 @@ impl Metrics {
             "state_store_lag_seconds",
             "Age of the oldest state change not yet committed",
             store_lag.clone(),
+        );
+        let tcp_connections = gauge(
+            &mut r,
+            "tcp_connections",
+            "DNS-over-TCP connections open now",
         );
         let synjitsu_connected = gauge(
             &mut r,
@@ -175,6 +225,11 @@ impl Metrics {
             store_pending_since_ms: AtomicU64::new(0),
             backend_events,
             state_polls,
+            dropped,
+            tcp_refused,
+            tcp_connections,
+            forward_busy,
+            forward_refused,
         }
     }
 
@@ -294,6 +349,39 @@ impl Metrics {
         self.state_polls.inc();
     }
 
+    /// A message got no answer, for `why`.
+    pub fn add_dropped(&self, why: Dropped) {
+        let i = DROPPED
+            .iter()
+            .position(|(d, _)| *d == why)
+            .expect("every reason is listed");
+        self.dropped[i].inc();
+    }
+
+    /// A new TCP connection was closed at once: `limit` was reached.
+    pub fn add_tcp_refused(&self, limit: TcpLimit) {
+        let i = TCP_LIMITS
+            .iter()
+            .position(|(l, _)| *l == limit)
+            .expect("every limit is listed");
+        self.tcp_refused[i].inc();
+    }
+
+    /// A TCP connection was accepted (`+1`) or closed (`-1`).
+    pub fn add_tcp_connections(&self, delta: i64) {
+        self.tcp_connections.inc_by(delta);
+    }
+
+    /// A query was not forwarded: `forward_max` forwards were in flight.
+    pub fn add_forward_busy(&self) {
+        self.forward_busy.inc();
+    }
+
+    /// A query was not forwarded: its client may not use the forwarders.
+    pub fn add_forward_refused(&self) {
+        self.forward_refused.inc();
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> Result<String, std::fmt::Error> {
         self.render_at(SystemTime::now())
@@ -345,6 +433,12 @@ mod tests {
         m.add_store_dropped(3);
         m.add_state_write_failure();
         m.set_state_store_healthy(true);
+        m.add_dropped(Dropped::Busy);
+        m.add_tcp_refused(TcpLimit::PerClient);
+        m.add_tcp_connections(2);
+        m.add_tcp_connections(-1);
+        m.add_forward_busy();
+        m.add_forward_refused();
         let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         m.set_state_pending_since(Some(now - Duration::from_millis(1500)));
         let t = m.render_at(now).unwrap();
@@ -369,6 +463,13 @@ mod tests {
             "jitsu_dns_state_write_failures_total 1",
             "jitsu_dns_state_store_healthy 1",
             "jitsu_dns_state_store_lag_seconds 1.5",
+            "jitsu_dns_dropped_total{reason=\"busy\"} 1",
+            "jitsu_dns_dropped_total{reason=\"short\"} 0",
+            "jitsu_dns_tcp_refused_total{limit=\"per_client\"} 1",
+            "jitsu_dns_tcp_refused_total{limit=\"total\"} 0",
+            "jitsu_dns_tcp_connections 1",
+            "jitsu_dns_forward_busy_total 1",
+            "jitsu_dns_forward_refused_total 1",
             "# TYPE jitsu_dns_boot_to_ready_seconds histogram",
         ] {
             assert!(t.lines().any(|l| l == want), "missing {want:?} in\n{t}");

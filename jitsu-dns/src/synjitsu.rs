@@ -8,6 +8,15 @@
 //! acknowledged, refused, or lost with the connection (or never sent because there was
 //! none), so the fleet never waits on a synjitsu that is down.
 //!
+//! synjitsu serves one client, the newest: a jitsu-dns restarted after a crash takes over
+//! from its predecessor's connection, whatever state that one is in. A client replaced that
+//! way (an [`ErrorCode::Replaced`] error, then the close) logs it at warn and waits
+//! [`REPLACED_BACKOFF_MIN`], doubling to [`REPLACED_BACKOFF_MAX`] while it keeps being
+//! replaced, before it takes the connection back. Two jitsu-dns run by mistake on one host
+//! thus take turns, each holding the connection for up to a minute while the other answers
+//! with response delays, with a warning from both and from synjitsu at every turn: slow and
+//! loud, never a tight loop.
+//!
 //! It decides nothing about VMs; what to send is the fleet's.
 
 use std::collections::HashMap;
@@ -36,6 +45,10 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How long connect + hello may take.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// First wait before taking the connection back from the client that replaced this one.
+pub const REPLACED_BACKOFF_MIN: Duration = Duration::from_secs(5);
+/// Longest such wait.
+pub const REPLACED_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// A request from the fleet, tagged so its answer can be matched.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +72,8 @@ enum SessionError {
     Refused(String),
     #[error("no hello answer within {HELLO_TIMEOUT:?}")]
     HelloTimeout,
+    #[error("replaced by another client: {0}")]
+    Replaced(String),
     #[error("stopping")]
     Cancelled,
 }
@@ -81,28 +96,41 @@ async fn run(
     stop: CancellationToken,
 ) {
     let mut backoff = BACKOFF_MIN;
+    let mut replaced_backoff = REPLACED_BACKOFF_MIN;
     let mut warned = false;
     loop {
         let mut established = false;
-        match session(&socket, &mut requests, &events, &stop, &mut established).await {
+        let result = session(&socket, &mut requests, &events, &stop, &mut established).await;
+        let wait = match result {
             Err(SessionError::Cancelled) => return,
-            Err(e) => {
-                // One warning per outage; the retries are debug.
-                if warned {
-                    tracing::debug!(socket = %socket.display(), error = %e, "synjitsu unreachable");
-                } else {
-                    tracing::warn!(socket = %socket.display(), error = %e, "synjitsu unreachable: answering with response delays until it is back");
-                    warned = true;
-                }
+            Err(SessionError::Replaced(why)) => {
+                let wait = replaced_backoff;
+                tracing::warn!(socket = %socket.display(), reason = %why, retry_in = ?wait, "synjitsu gave this connection to another client (one jitsu-dns per host: is a second one running?); taking it back later");
+                replaced_backoff = (replaced_backoff * 2).min(REPLACED_BACKOFF_MAX);
+                wait
             }
-            Ok(()) => {}
-        }
-        // A session that got through its hello resets the backoff.
-        if established {
-            backoff = BACKOFF_MIN;
-            warned = false;
-        }
-        let sleep = tokio::time::sleep(backoff);
+            other => {
+                if let Err(e) = other {
+                    // One warning per outage; the retries are debug.
+                    if warned {
+                        tracing::debug!(socket = %socket.display(), error = %e, "synjitsu unreachable");
+                    } else {
+                        tracing::warn!(socket = %socket.display(), error = %e, "synjitsu unreachable: answering with response delays until it is back");
+                        warned = true;
+                    }
+                }
+                // A session that got through its hello and was not replaced resets both.
+                if established {
+                    backoff = BACKOFF_MIN;
+                    replaced_backoff = REPLACED_BACKOFF_MIN;
+                    warned = false;
+                }
+                let wait = backoff;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                wait
+            }
+        };
+        let sleep = tokio::time::sleep(wait);
         tokio::pin!(sleep);
         loop {
             tokio::select! {
@@ -115,7 +143,6 @@ async fn run(
                 }
             }
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 
@@ -197,6 +224,9 @@ async fn session(
                     // One bad frame costs only itself.
                     tracing::warn!(error = %e, "synjitsu sent a message that is not valid: ignored");
                 }
+                Ok(Ok(ServerMessage::Error { code: ErrorCode::Replaced, message, .. })) => {
+                    break Err(SessionError::Replaced(message));
+                }
                 Ok(Ok(ServerMessage::Ok { id, .. })) => {
                     if let Some(tag) = pending.remove(&id) {
                         let _ = events.send(Event::SynjitsuReplied { tag, ok: true }).await;
@@ -249,7 +279,8 @@ async fn session(
     }
     let _ = events.send(Event::SynjitsuDown).await;
     match &result {
-        Err(SessionError::Cancelled) => {}
+        // Replaced is the caller's to report, with its backoff.
+        Err(SessionError::Cancelled | SessionError::Replaced(_)) => {}
         Err(e) => tracing::warn!(error = %e, "lost synjitsu: reconnecting"),
         Ok(()) => {}
     }
@@ -273,6 +304,7 @@ mod tests {
             ipv4: "10.0.0.1".parse().unwrap(),
             ipv6: None,
             handover: Handover::Wire,
+            port: None,
         }
     }
 
@@ -296,40 +328,52 @@ mod tests {
             .expect("client alive")
     }
 
-    /// A fake synjitsu on a real socket with the real codec: hello, acks, an error, events,
-    /// a dropped connection, a reconnect, and a garbage frame in between.
-    #[tokio::test(flavor = "current_thread")]
-    async fn talks_reconnects_and_matches_answers_to_requests() {
-        let dir = std::env::temp_dir().join(format!("jitsu-syn-client-{}", std::process::id()));
+    /// A fake synjitsu's listening socket in a directory of its own, and the client under
+    /// test started on it: where its requests go and where its events come out.
+    struct Setup {
+        dir: std::path::PathBuf,
+        path: std::path::PathBuf,
+        listener: UnixListener,
+        tx: mpsc::Sender<Outgoing>,
+        events: mpsc::Receiver<Event>,
+        stop: CancellationToken,
+    }
+
+    fn setup(tag: &str) -> Setup {
+        let dir =
+            std::env::temp_dir().join(format!("jitsu-syn-client-{tag}{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         let path = dir.join("ctl.sock");
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).unwrap();
-        let (ev_tx, mut ev_rx) = mpsc::channel(64);
+        let (ev_tx, events) = mpsc::channel(64);
         let stop = CancellationToken::new();
         let tx = spawn(path.clone(), ev_tx, stop.clone());
+        Setup {
+            dir,
+            path,
+            listener,
+            tx,
+            events,
+            stop,
+        }
+    }
+
+    /// A fake synjitsu on a real socket with the real codec: hello, acks, an error, events,
+    /// a dropped connection, a reconnect, and a garbage frame in between.
+    #[tokio::test(flavor = "current_thread")]
+    async fn talks_reconnects_and_matches_answers_to_requests() {
+        let Setup {
+            dir,
+            path,
+            listener,
+            tx,
+            events: mut ev_rx,
+            stop,
+        } = setup("");
 
         for round in 0..2 {
-            let mut c = accept(&listener).await;
-            let hello = read_req(&mut c).await.unwrap();
-            assert!(matches!(
-                hello.body,
-                ClientMessage::Hello {
-                    version: PROTOCOL_VERSION,
-                    ..
-                }
-            ));
-            send(
-                &mut c,
-                &ServerMessage::Ok {
-                    id: hello.id,
-                    reply: Reply::Hello {
-                        version: PROTOCOL_VERSION,
-                        server: "fake".into(),
-                    },
-                },
-            )
-            .await;
+            let mut c = accept_hello(&listener).await;
             assert_eq!(
                 next_event(&mut ev_rx).await,
                 Event::SynjitsuUp,
@@ -459,14 +503,14 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_version_mismatch_is_not_a_connection() {
-        let dir = std::env::temp_dir().join(format!("jitsu-syn-client-v-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("ctl.sock");
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).unwrap();
-        let (ev_tx, mut ev_rx) = mpsc::channel(64);
-        let stop = CancellationToken::new();
-        let _tx = spawn(path.clone(), ev_tx, stop.clone());
+        let Setup {
+            dir,
+            listener,
+            tx: _tx,
+            events: mut ev_rx,
+            stop,
+            ..
+        } = setup("v-");
         let mut c = accept(&listener).await;
         let hello = read_req(&mut c).await.unwrap();
         send(
@@ -481,6 +525,76 @@ mod tests {
         // It retries rather than reporting itself up.
         let (_c2, _) = listener.accept().await.unwrap();
         assert!(ev_rx.try_recv().is_err(), "never reported up");
+        stop.cancel();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Accepts one connection, checks its hello and answers it.
+    async fn accept_hello(listener: &UnixListener) -> Server {
+        let mut c = accept(listener).await;
+        let hello = read_req(&mut c).await.unwrap();
+        assert!(matches!(
+            hello.body,
+            ClientMessage::Hello {
+                version: PROTOCOL_VERSION,
+                ..
+            }
+        ));
+        send(
+            &mut c,
+            &ServerMessage::Ok {
+                id: hello.id,
+                reply: Reply::Hello {
+                    version: PROTOCOL_VERSION,
+                    server: "fake".into(),
+                },
+            },
+        )
+        .await;
+        c
+    }
+
+    /// Replaced by another client, it waits before taking the connection back, longer each
+    /// time it is replaced again; a connection lost any other way is retried at once. (Time
+    /// is tokio's paused clock: it advances only while every task waits.)
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_replaced_client_backs_off_before_taking_the_connection_back() {
+        let Setup {
+            dir,
+            listener,
+            tx: _tx,
+            events: mut ev_rx,
+            stop,
+            ..
+        } = setup("r-");
+        let replaced = ServerMessage::Error {
+            id: 0,
+            code: ErrorCode::Replaced,
+            message: "replaced by a newer client".into(),
+        };
+        let mut c = accept_hello(&listener).await;
+        assert_eq!(next_event(&mut ev_rx).await, Event::SynjitsuUp);
+        // Replaced twice in a row, then lost (synjitsu restarted), then replaced again.
+        for (replace, at_least, below) in [
+            (true, REPLACED_BACKOFF_MIN, REPLACED_BACKOFF_MIN * 2),
+            (true, REPLACED_BACKOFF_MIN * 2, REPLACED_BACKOFF_MIN * 4),
+            (false, Duration::ZERO, BACKOFF_MIN * 2),
+            (true, REPLACED_BACKOFF_MIN, REPLACED_BACKOFF_MIN * 2),
+        ] {
+            if replace {
+                send(&mut c, &replaced).await;
+            }
+            drop(c);
+            assert_eq!(next_event(&mut ev_rx).await, Event::SynjitsuDown);
+            let t = tokio::time::Instant::now();
+            c = accept_hello(&listener).await;
+            let waited = t.elapsed();
+            assert!(
+                waited >= at_least && waited < below,
+                "replaced {replace}: reconnected after {waited:?}, expected {at_least:?}..{below:?}"
+            );
+            assert_eq!(next_event(&mut ev_rx).await, Event::SynjitsuUp);
+        }
         stop.cancel();
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -24,6 +24,11 @@ fn the_dom0_example_loads_with_every_vm() {
     let www = &c.vms[0];
     assert!(www.use_synjitsu && www.synjitsu_tracked());
     assert_eq!(www.stop_mode, StopMode::Suspend);
+    assert_eq!(
+        www.memory_kib,
+        Some(64 << 10),
+        "64 MiB, as before memory took units"
+    );
     assert!(
         c.vms
             .iter()

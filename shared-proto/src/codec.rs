@@ -216,6 +216,7 @@ mod tests {
             ipv4: "10.0.0.1".parse().unwrap(),
             ipv6: Some("fd00::1".parse().unwrap()),
             handover,
+            port: Some("vnet0".into()),
         }
     }
 
@@ -229,6 +230,10 @@ mod tests {
                 vm: vm("www", Handover::Wire),
             },
             ClientMessage::Ready { name: "www".into() },
+            ClientMessage::Port {
+                name: "www".into(),
+                port: "vnet3".into(),
+            },
             ClientMessage::Stopped {
                 vm: vm("mirage", Handover::Xenstore { domid: 12 }),
             },
@@ -460,6 +465,13 @@ mod tests {
             (b"{\"id\":12,\"type\":\"hello\",\"version\":-1,\"client\":\"x\"}", |e| {
                 matches!(e, CodecError::Malformed { id: Some(12), .. })
             }),
+            (b"{\"id\":13,\"type\":\"port\",\"name\":\"www\",\"port\":\"../x\"}", |e| {
+                matches!(e, CodecError::Invalid { id: Some(13), .. })
+            }),
+            (
+                br#"{"id":14,"type":"booting","vm":{"name":"www","mac":"00:16:3e:00:00:01","ipv4":"10.0.0.1","handover":{"via":"wire"},"port":"a very long name"}}"#,
+                |e| matches!(e, CodecError::Invalid { id: Some(14), .. }),
+            ),
             (&[0xff, 0xfe, 0x00], |e| matches!(e, CodecError::Malformed { .. })),
         ];
         for (payload, check) in cases {

@@ -20,11 +20,28 @@
 //! {"type":"ok","id":2,"reply":{"type":"ack"}}
 //! {"type":"event","event":{"type":"syn_held","name":"www","held":1}}
 //! ```
+//!
+//! The guest's bridge port ([`crate::VmIdentity::port`]) goes with the VM when the backend
+//! names it before the start (the process backend's veth); libvirt names it only once the
+//! domain runs, so jitsu-dns then sends [`ClientMessage::Port`], which changes nothing else
+//! (a second `Booting` would be a new boot, and stand in again for a guest that may have
+//! announced itself meanwhile):
+//! ```text
+//! {"id":3,"type":"port","name":"www","port":"vnet3"}
+//! ```
+//! `port` in a VM is optional and left out when unknown, so a client that never knows it
+//! sends what it sent before the field existed. A server from before it refuses a `vm` that
+//! has one (every object refuses unknown fields) and answers `port` with `unknown_message`:
+//! upgrade synjitsu before jitsu-dns.
+//!
+//! The server serves one client at a time, the newest: a hello while another client is
+//! attached takes over, and the old connection gets an [`ErrorCode::Replaced`] error (id 0)
+//! before it is closed. A connection that has said no hello within a short time is closed.
 
 use serde::{Deserialize, Serialize};
 
 use crate::VmIdentity;
-use crate::vm::{VmError, check_name};
+use crate::vm::{VmError, check_name, check_port};
 
 /// The protocol version this crate speaks; a server refuses a hello with another.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -69,6 +86,15 @@ pub enum ClientMessage {
     Ready {
         /// The VM's name, as in its [`VmIdentity`].
         name: String,
+    },
+    /// The guest's host-side bridge port, learnt once the backend started it: its
+    /// announcement counts only from there, and frames for it go out there while it is
+    /// stood in for. Nothing else about the VM changes.
+    Port {
+        /// The VM's name, as in its [`VmIdentity`].
+        name: String,
+        /// The port, as [`VmIdentity::port`].
+        port: String,
     },
     /// The VM is known but off: hold SYNs for it and ask for a wake-up.
     Stopped {
@@ -163,6 +189,9 @@ pub enum ErrorCode {
     UnknownMessage,
     /// The server could not do what was asked (detail in the message).
     Failed,
+    /// Another client said hello and took this connection's place (the server serves one
+    /// client at a time); the connection is closed after this error. Sent with id 0.
+    Replaced,
 }
 
 /// What synjitsu reports without being asked.
@@ -214,6 +243,7 @@ impl ClientMessage {
             ClientMessage::Hello { .. } => "hello",
             ClientMessage::Booting { .. } => "booting",
             ClientMessage::Ready { .. } => "ready",
+            ClientMessage::Port { .. } => "port",
             ClientMessage::Stopped { .. } => "stopped",
             ClientMessage::Sync { .. } => "sync",
         }
@@ -221,13 +251,17 @@ impl ClientMessage {
 }
 
 impl Message for Request {
-    const KINDS: &'static [&'static str] = &["hello", "booting", "ready", "stopped", "sync"];
+    const KINDS: &'static [&'static str] =
+        &["hello", "booting", "ready", "port", "stopped", "sync"];
 
     fn validate(&self) -> Result<(), VmError> {
         match &self.body {
             ClientMessage::Hello { .. } => Ok(()),
             ClientMessage::Booting { vm } | ClientMessage::Stopped { vm } => vm.validate(),
             ClientMessage::Ready { name } => check_name(name),
+            ClientMessage::Port { name, port } => {
+                check_name(name).and_then(|()| check_port(name, port))
+            }
             ClientMessage::Sync { vms } => vms.iter().try_for_each(|s| s.vm.validate()),
         }
     }

@@ -12,6 +12,8 @@ use crate::Mac;
 
 /// The longest VM name accepted; names become Xenstore, file and interface-name components.
 pub const MAX_NAME_LEN: usize = 64;
+/// The longest interface name Linux takes (`IFNAMSIZ` - 1).
+pub const MAX_PORT_LEN: usize = 15;
 
 /// A VM as synjitsu knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +30,14 @@ pub struct VmIdentity {
     pub ipv6: Option<Ipv6Addr>,
     /// Where the held SYNs go once the guest can take them.
     pub handover: Handover,
+    /// The host-side bridge port of the guest's interface, if the backend knows it:
+    /// libvirt's `<target dev='vnet3'/>` in the live domain XML (`vif<domid>.<n>` under
+    /// Xen), the process backend's veth. synjitsu then takes the guest's announcement only
+    /// from that port, and passes frames addressed to the guest through it while it stands
+    /// in; without it, an announcement from any port is taken. Absent from the JSON when
+    /// unknown, so a client that never knows it speaks exactly as before this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
 }
 
 /// How held SYNs reach the guest.
@@ -69,6 +79,16 @@ pub enum VmError {
         /// The refused address, as text.
         addr: String,
     },
+    /// Not a name Linux gives an interface.
+    #[error(
+        "VM {name}: port {port:?} is not an interface name (1 to {MAX_PORT_LEN} bytes, no '/', ':' or whitespace)"
+    )]
+    BadPort {
+        /// The VM.
+        name: String,
+        /// The refused port name.
+        port: String,
+    },
     /// Domain 0 is the host itself.
     #[error("VM {name}: xenstore handover to domain 0 (the host) makes no sense")]
     Dom0 {
@@ -84,6 +104,29 @@ pub fn is_valid_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// True if `port` is a name Linux accepts for an interface (`dev_valid_name`).
+pub fn is_valid_port(port: &str) -> bool {
+    !port.is_empty()
+        && port.len() <= MAX_PORT_LEN
+        && port != "."
+        && port != ".."
+        && port
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+}
+
+/// [`is_valid_port`] for VM `name`'s port, refusing with [`VmError::BadPort`].
+pub(crate) fn check_port(name: &str, port: &str) -> Result<(), VmError> {
+    if is_valid_port(port) {
+        Ok(())
+    } else {
+        Err(VmError::BadPort {
+            name: name.to_string(),
+            port: port.to_string(),
+        })
+    }
 }
 
 /// [`is_valid_name`], refusing with [`VmError::BadName`].
@@ -123,6 +166,9 @@ impl VmIdentity {
                 addr: v6.to_string(),
             });
         }
+        if let Some(port) = &self.port {
+            check_port(&self.name, port)?;
+        }
         if self.handover == (Handover::Xenstore { domid: 0 }) {
             return Err(VmError::Dom0 { name: name() });
         }
@@ -141,6 +187,7 @@ mod tests {
             ipv4: "10.0.0.1".parse().unwrap(),
             ipv6: None,
             handover: Handover::Xenstore { domid: 7 },
+            port: None,
         }
     }
 
@@ -156,6 +203,12 @@ mod tests {
         v6.handover = Handover::Wire;
         let j = serde_json::to_string(&v6).unwrap();
         assert!(j.contains(r#""ipv6":"fd00::1""#) && j.contains(r#"{"via":"wire"}"#));
+        assert_eq!(serde_json::from_str::<VmIdentity>(&j).unwrap(), v6);
+        // The port is optional both ways: absent, the JSON is what it was before the field.
+        assert!(!j.contains("port"));
+        v6.port = Some("vnet3".into());
+        let j = serde_json::to_string(&v6).unwrap();
+        assert!(j.ends_with(r#","port":"vnet3"}"#), "{j}");
         assert_eq!(serde_json::from_str::<VmIdentity>(&j).unwrap(), v6);
     }
 
@@ -176,6 +229,19 @@ mod tests {
         let mut v = www();
         v.ipv6 = Some("ff02::1".parse().unwrap());
         assert!(matches!(v.validate(), Err(VmError::BadAddress { .. })));
+        for bad in ["", "a/b", "vif1:0", "two words", ".", "sixteen-bytes-xx"] {
+            let mut v = www();
+            v.port = Some(bad.into());
+            assert!(
+                matches!(v.validate(), Err(VmError::BadPort { .. })),
+                "{bad:?}"
+            );
+        }
+        for good in ["vnet0", "vif12.0", "jwww0a1b2c3", "syj-br0-p"] {
+            let mut v = www();
+            v.port = Some(good.into());
+            assert_eq!(v.validate(), Ok(()), "{good:?}");
+        }
         let mut v = www();
         v.handover = Handover::Xenstore { domid: 0 };
         assert!(matches!(v.validate(), Err(VmError::Dom0 { .. })));

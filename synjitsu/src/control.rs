@@ -1,24 +1,33 @@
 //! The control socket: a Unix-socket server speaking `shared_proto` to jitsu-dns.
 //!
 //! Owns the socket file (created race-free with mode 0600, a stale one removed, a live one
-//! refused), peer credentials (`SO_PEERCRED`: root, or the one uid allowed), one client at a
-//! time, and each session's rules ([`Session`]): hello first with a version check, every
-//! request answered by exactly one ok or error, events pushed only after the hello. A payload
-//! error gets an error reply and the session goes on; a framing error gets one and the
-//! connection is closed. Neither touches what the core holds: requests reach the core only
-//! once decoded and valid.
+//! refused), peer credentials (`SO_PEERCRED`: root, or the one uid allowed), who is connected
+//! ([`Connections`]), and each session's rules ([`Session`]): hello first with a version
+//! check, every request answered by exactly one ok or error, events pushed only after the
+//! hello. A payload error gets an error reply and the session goes on; a framing error gets
+//! one and the connection is closed. Neither touches what the core holds: requests reach the
+//! core only once decoded and valid.
 //!
-//! One client at a time: a second client's hello, while another client is attached, gets an
-//! error frame (`failed`, "another client is connected") and its connection is closed. At
-//! most [`MAX_CONNECTIONS`] connections exist at once, said hello or not. jitsu-dns
-//! reconnects after its old connection is gone (a dead process's socket closes at once),
-//! then sends a `Sync`.
+//! Nothing that connects can lock jitsu-dns out, neither idle sockets nor a client that said
+//! hello and went silent (a stuck process, a half-open connection), since one jitsu-dns per
+//! host is the deployment rule and its restarted successor must always get in:
+//! - a connection that has not said hello within [`HELLO_TIMEOUT`] is told so and closed;
+//! - at most [`MAX_CONNECTIONS`] are open; a new one past that closes the oldest that has
+//!   not said hello (there always is one: only one connection is attached at a time);
+//! - one client is attached at a time, and the newest wins: a hello while another client is
+//!   attached takes over; the old connection gets an error (`replaced`) and is closed, and
+//!   the take-over is logged at warn with both peers' pids. jitsu-dns waits before it
+//!   reconnects after being replaced, so two of them run by mistake take turns slowly and
+//!   loudly instead of fighting.
 //!
+//! The new client sends a `Sync` after its hello, so what the old one said is replaced.
 //! What requests do is the core's ([`crate::hold`]); the daemon's loop passes them on.
 
+use std::collections::{HashMap, VecDeque};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use shared_proto::codec::CodecError;
@@ -34,14 +43,103 @@ use tokio_util::sync::CancellationToken;
 /// Messages queued for one client at most; a client that reads slower is disconnected
 /// (it reconnects and sends a `Sync`).
 pub const MAX_OUTGOING: usize = 4096;
-/// Connections open at most (attached or not); more are refused.
+/// Connections open at most (attached or not); a new one past this closes the oldest that
+/// has not said hello.
 pub const MAX_CONNECTIONS: usize = 8;
+/// A connection that has not said hello this long after it was accepted is closed. Clients
+/// send their hello as soon as they connect: this is scheduling slack on a loaded host.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What the connections share: whether one is attached, and how many exist.
+// With one attached connection at most, a full table always holds one to make room with.
+const _: () = assert!(MAX_CONNECTIONS >= 2);
+
+/// Who is connected, without IO: the connections that have not said hello, oldest first,
+/// and the one attached. Bounded by [`MAX_CONNECTIONS`].
+#[derive(Debug, Default)]
+pub struct Connections {
+    waiting: VecDeque<u64>,
+    attached: Option<u64>,
+}
+
+impl Connections {
+    /// Connections open now.
+    pub fn len(&self) -> usize {
+        self.waiting.len() + usize::from(self.attached.is_some())
+    }
+
+    /// True if none is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The connection attached now.
+    pub fn attached(&self) -> Option<u64> {
+        self.attached
+    }
+
+    /// Takes a new connection `conn`; returns the one closed to make room for it, if the
+    /// table was full: the oldest that has not said hello.
+    pub fn admit(&mut self, conn: u64) -> Option<u64> {
+        let evicted = if self.len() >= MAX_CONNECTIONS {
+            self.waiting.pop_front()
+        } else {
+            None
+        };
+        self.waiting.push_back(conn);
+        evicted
+    }
+
+    /// `conn` said hello: it is attached; returns the connection it replaces, if another was.
+    pub fn attach(&mut self, conn: u64) -> Option<u64> {
+        self.waiting.retain(|c| *c != conn);
+        self.attached.replace(conn).filter(|old| *old != conn)
+    }
+
+    /// `conn` is gone; true if it was the attached one.
+    pub fn remove(&mut self, conn: u64) -> bool {
+        self.waiting.retain(|c| *c != conn);
+        if self.attached == Some(conn) {
+            self.attached = None;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// How the server reaches a connection's task: its outgoing queue, what closes it, and its
+/// peer's pid (for logs).
+#[derive(Debug)]
+struct Handle {
+    tx: mpsc::Sender<ServerMessage>,
+    close: CancellationToken,
+    pid: Option<i32>,
+}
+
+/// What the accept loop and the connections' tasks share.
 #[derive(Debug, Default)]
 struct Shared {
-    attached: std::sync::atomic::AtomicBool,
-    live: std::sync::atomic::AtomicUsize,
+    book: Connections,
+    handles: HashMap<u64, Handle>,
+}
+
+impl Shared {
+    /// Tells connection `conn` why (an error with `code`) and closes it; its peer's pid.
+    fn close(&mut self, conn: u64, code: ErrorCode, why: String) -> Option<i32> {
+        let h = self.handles.remove(&conn)?;
+        // Queued before the close: the connection's writer sends what is queued, then closes.
+        let _ = h.tx.try_send(error(0, code, why));
+        h.close.cancel();
+        h.pid
+    }
+}
+
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    // A panic while holding the lock leaves bookkeeping that is still consistent enough to
+    // close connections with.
+    shared
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// What the server tells the daemon's loop.
@@ -238,7 +336,7 @@ impl ControlServer {
         cancel: CancellationToken,
     ) {
         let mut next_conn = 0u64;
-        let shared = std::sync::Arc::new(Shared::default());
+        let shared = Arc::new(Mutex::new(Shared::default()));
         loop {
             let stream = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -252,8 +350,8 @@ impl ControlServer {
             };
             next_conn += 1;
             let conn = next_conn;
-            let uid = match stream.peer_cred() {
-                Ok(c) => c.uid(),
+            let (uid, pid) = match stream.peer_cred() {
+                Ok(c) => (c.uid(), c.pid()),
                 Err(e) => {
                     tracing::warn!(error = %e, "no peer credentials; refusing");
                     continue;
@@ -264,16 +362,38 @@ impl ControlServer {
                 refuse(stream, format!("permission denied for uid {uid}")).await;
                 continue;
             }
-            if shared.live.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-                tracing::warn!(conn, "control client refused: too many connections");
-                refuse(stream, "too many connections".into()).await;
-                continue;
+            let (out_tx, out_rx) = mpsc::channel::<ServerMessage>(MAX_OUTGOING);
+            let close = cancel.child_token();
+            {
+                let mut sh = lock(&shared);
+                if let Some(old) = sh.book.admit(conn) {
+                    let old_pid = sh.close(
+                        old,
+                        ErrorCode::Failed,
+                        format!(
+                            "too many connections: this one, the oldest without a hello, is closed for a new one (at most {MAX_CONNECTIONS})"
+                        ),
+                    );
+                    tracing::warn!(conn = old, pid = ?old_pid, new_conn = conn, "control connection closed: too many connections, and it had not said hello");
+                }
+                sh.handles.insert(
+                    conn,
+                    Handle {
+                        tx: out_tx.clone(),
+                        close: close.clone(),
+                        pid,
+                    },
+                );
             }
-            tracing::info!(conn, uid, "control client connected");
-            shared.live.fetch_add(1, Ordering::SeqCst);
-            let to_core = to_core.clone();
-            let cancel = cancel.child_token();
-            tokio::spawn(serve(conn, stream, to_core, cancel, shared.clone()));
+            tracing::info!(conn, uid, pid = ?pid, "control client connected");
+            let conn_io = Conn {
+                id: conn,
+                stream,
+                out_tx,
+                out_rx,
+                close,
+            };
+            tokio::spawn(serve(conn_io, to_core.clone(), shared.clone()));
         }
     }
 }
@@ -291,17 +411,26 @@ async fn refuse(stream: UnixStream, message: String) {
     let _ = out.close().await;
 }
 
-async fn serve(
-    conn: u64,
+/// One accepted connection and what its task needs.
+struct Conn {
+    id: u64,
     stream: UnixStream,
-    to_core: mpsc::Sender<ControlIn>,
+    out_tx: mpsc::Sender<ServerMessage>,
+    out_rx: mpsc::Receiver<ServerMessage>,
     close: CancellationToken,
-    shared: std::sync::Arc<Shared>,
-) {
+}
+
+async fn serve(c: Conn, to_core: mpsc::Sender<ControlIn>, shared: Arc<Mutex<Shared>>) {
+    let Conn {
+        id: conn,
+        stream,
+        out_tx,
+        mut out_rx,
+        close,
+    } = c;
     let mut attached = false;
     let (rd, wr) = stream.into_split();
     let mut frames = FramedRead::new(rd, ServerCodec::new());
-    let (out_tx, mut out_rx) = mpsc::channel::<ServerMessage>(MAX_OUTGOING);
     let writer_close = close.clone();
     let writer = tokio::spawn(async move {
         let mut out = FramedWrite::new(wr, ServerCodec::new());
@@ -323,11 +452,21 @@ async fn serve(
         }
         let _ = out.close().await;
     });
+    let hello_by = tokio::time::Instant::now() + HELLO_TIMEOUT;
     let mut session = Session::default();
     loop {
         let next = tokio::select! {
             biased;
             _ = close.cancelled() => break,
+            () = tokio::time::sleep_until(hello_by), if !attached => {
+                tracing::warn!(conn, "control connection closed: no hello within {HELLO_TIMEOUT:?}");
+                let _ = out_tx.try_send(error(
+                    0,
+                    ErrorCode::Failed,
+                    format!("no hello within {HELLO_TIMEOUT:?}; closing"),
+                ));
+                break;
+            }
             next = frames.next() => next,
         };
         let decoded = match next {
@@ -346,22 +485,9 @@ async fn serve(
         };
         let queued = match session.on_frame(decoded) {
             Action::Reply(m) => out_tx.try_send(m).is_ok(),
-            Action::Attach(_)
-                if shared
-                    .attached
-                    .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_err() =>
-            {
-                tracing::warn!(conn, "second control client refused: one at a time");
-                let _ = out_tx.try_send(error(
-                    0,
-                    ErrorCode::Failed,
-                    "another client is connected; synjitsu serves one at a time",
-                ));
-                break;
-            }
             Action::Attach(m) => {
                 attached = true;
+                take_over(&shared, conn);
                 out_tx.try_send(m).is_ok()
                     && to_core
                         .send(ControlIn::Attached {
@@ -385,15 +511,43 @@ async fn serve(
             break;
         }
     }
-    if attached {
-        let _ = to_core.send(ControlIn::Detached { conn }).await;
-        shared.attached.store(false, Ordering::SeqCst);
+    {
+        let mut sh = lock(&shared);
+        sh.book.remove(conn);
+        sh.handles.remove(&conn);
     }
-    shared.live.fetch_sub(1, Ordering::SeqCst);
+    if attached {
+        // The daemon ignores this if another connection has taken over meanwhile.
+        let _ = to_core.send(ControlIn::Detached { conn }).await;
+    }
     drop(out_tx);
     close.cancel();
     let _ = writer.await;
     tracing::info!(conn, "control client disconnected");
+}
+
+/// Attaches `conn`, closing the connection it replaces (telling it why).
+fn take_over(shared: &Mutex<Shared>, conn: u64) {
+    let mut sh = lock(shared);
+    let Some(old) = sh.book.attach(conn) else {
+        return;
+    };
+    let new_pid = sh.handles.get(&conn).and_then(|h| h.pid);
+    let old_pid = sh.close(
+        old,
+        ErrorCode::Replaced,
+        format!(
+            "replaced by a newer client (connection {conn}, pid {}): synjitsu serves one client at a time",
+            new_pid.map_or_else(|| "unknown".into(), |p| p.to_string())
+        ),
+    );
+    tracing::warn!(
+        old_conn = old,
+        old_pid = ?old_pid,
+        conn,
+        pid = ?new_pid,
+        "control client replaced by a newer one that said hello (one jitsu-dns per host: is a second one running?)"
+    );
 }
 
 #[cfg(test)]
@@ -484,9 +638,40 @@ mod tests {
                 ipv4: "10.0.0.1".parse().unwrap(),
                 ipv6: None,
                 handover: Handover::Wire,
+                port: None,
             },
         };
         assert!(matches!(s.on_frame(req(10, booting)), Action::Forward(_)));
+    }
+
+    #[test]
+    fn a_full_table_makes_room_by_closing_the_oldest_silent_connection() {
+        let mut c = Connections::default();
+        for conn in 1..=MAX_CONNECTIONS as u64 {
+            assert_eq!(c.admit(conn), None);
+        }
+        assert_eq!(c.attach(3), None);
+        assert_eq!(c.admit(100), Some(1), "the oldest without a hello");
+        assert_eq!(c.admit(101), Some(2));
+        // The attached one is never the one closed for room.
+        assert_eq!(c.admit(102), Some(4));
+        assert_eq!(c.len(), MAX_CONNECTIONS);
+        assert_eq!(c.attached(), Some(3));
+    }
+
+    #[test]
+    fn the_newest_hello_takes_over_and_a_gone_connection_frees_its_place() {
+        let mut c = Connections::default();
+        c.admit(1);
+        c.admit(2);
+        assert_eq!(c.attach(1), None);
+        assert_eq!(c.attach(1), None, "a second hello on the same connection");
+        assert_eq!(c.attach(2), Some(1));
+        // The replaced one is no longer counted; its task's removal is harmless.
+        assert_eq!(c.len(), 1);
+        assert!(!c.remove(1));
+        assert!(c.remove(2));
+        assert!(c.is_empty() && c.attached().is_none());
     }
 
     /// A client's two halves: frames in, raw bytes out.
@@ -514,7 +699,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn the_server_speaks_the_protocol_one_client_at_a_time() {
+    async fn the_server_speaks_the_protocol_and_the_newest_client_wins() {
         let dir = std::env::temp_dir().join(format!("syj-ctl-{}", std::process::id()));
         let path = dir.join("sub").join("synjitsu.sock");
         let server = ControlServer::bind(&path, None).unwrap();
@@ -560,19 +745,28 @@ mod tests {
             read_msg(&mut a).await,
             Some(ServerMessage::Ok { id: 2, .. })
         ));
-        // A second client's hello is refused while the first is attached.
+        // A second client's hello takes over: the first is told why and closed.
         let mut b = connect(&path).await;
         frame(
             &mut b,
             br#"{"id":1,"type":"hello","version":1,"client":"t2"}"#,
         )
         .await;
-        let Some(ServerMessage::Error { code, message, .. }) = read_msg(&mut b).await else {
+        assert!(matches!(
+            read_msg(&mut b).await,
+            Some(ServerMessage::Ok { id: 1, .. })
+        ));
+        let Some(ServerMessage::Error { code, message, .. }) = read_msg(&mut a).await else {
             panic!()
         };
-        assert_eq!(code, ErrorCode::Failed);
-        assert!(message.contains("another client"), "{message}");
-        assert!(read_msg(&mut b).await.is_none(), "and closed");
+        assert_eq!(code, ErrorCode::Replaced);
+        assert!(message.contains("replaced"), "{message}");
+        assert!(read_msg(&mut a).await.is_none(), "and closed");
+        let Some(ControlIn::Attached { conn: b_conn, .. }) = rx.recv().await else {
+            panic!()
+        };
+        assert!(matches!(rx.recv().await, Some(ControlIn::Detached { conn }) if conn != b_conn));
+        let mut a = b;
         // A framing error: an error frame, then the connection closes.
         a.wr.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
         assert!(matches!(

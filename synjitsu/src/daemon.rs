@@ -3,10 +3,13 @@
 //! everything down again.
 //!
 //! The loop, `biased` in this order: the core's timer ([`Hold::poll_at`]), frames from the
-//! packet socket (at most [`BATCH`] per turn, so the rest is never starved), control
-//! requests, Xenstore results, forwarding-table results, metrics requests, and cancellation.
-//! After each turn it drains the core's outputs: frames to the socket, events to the attached
-//! control client, Xenstore work to the store thread, forwarding changes to the fdb task.
+//! packet socket (at most [`BATCH`] per turn, so the rest is never starved), announcements
+//! from the watcher (a second packet socket on every interface, which tells the port each
+//! came in on), control requests, Xenstore results, forwarding-table results, metrics
+//! requests, and cancellation. After each turn it drains the core's outputs: frames to the
+//! socket, frames for a guest straight out of its bridge port, events to the attached
+//! control client, Xenstore work to the store thread, forwarding changes to the fdb task; and
+//! rebuilds the kernel filter if the guests whose frames it passes on changed.
 //! Nothing here decides anything; the core does.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -43,6 +46,9 @@ const SOCKET_RCVBUF: usize = 8 << 20;
 const STORE_QUEUE: usize = 4096;
 /// Forwarding-table changes waiting for the fdb task at most.
 const FDB_QUEUE: usize = 1024;
+/// The announcement watcher's kernel receive buffer: announcements are few, but a storm of
+/// spoofed ones must not crowd out the guest's own (about 5000 minimal frames).
+const WATCHER_RCVBUF: usize = 4 << 20;
 
 /// Where Xenstore is, as `--xenstore` says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +86,9 @@ pub struct Options {
     pub max_held: usize,
     /// Attach no kernel filter (benchmark baseline only).
     pub no_bpf_filter: bool,
+    /// Open no announcement watcher (benchmark baseline only): announcements are then taken
+    /// from any port.
+    pub no_announcement_watcher: bool,
 }
 
 /// Why the daemon could not start or had to stop.
@@ -178,7 +187,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
         None => None,
     };
     let mut port = Port::create(&opts.bridge)?;
-    let prog = filter::program(opts.probe_v4, opts.probe_v6);
+    let prog = filter::program(opts.probe_v4, opts.probe_v6, &[]);
     let filter = if opts.no_bpf_filter {
         tracing::warn!("no kernel filter: every frame on the bridge reaches user space");
         None
@@ -191,6 +200,23 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
     };
     let sock = PacketSocket::open(port.ifindex, filter, SOCKET_RCVBUF).map_err(sock_err)?;
     let sock = sock.into_async().map_err(sock_err)?;
+    // The announcement watcher: every interface, but not those that see each announcement
+    // again after the port it came in on (the bridge, synjitsu's own pair).
+    let bridge_ifindex: u32 = port::ifindex_of(&opts.bridge)?;
+    let outer_ifindex: u32 = port::ifindex_of(&port.names.outer)?;
+    let watched = filter::announcements(&[bridge_ifindex, port.ifindex as u32, outer_ifindex]);
+    let watcher = if opts.no_announcement_watcher {
+        tracing::warn!("no announcement watcher: a guest's announcement is taken from any port");
+        None
+    } else {
+        let w = PacketSocket::open(0, Some(&watched), WATCHER_RCVBUF)
+            .and_then(PacketSocket::into_async)
+            .map_err(|source| DaemonError::Socket {
+                port: "(every interface: the announcement watcher)".into(),
+                source,
+            })?;
+        Some(w)
+    };
 
     let mut cfg = Config::new(port.mac);
     cfg.probe_v4 = opts.probe_v4;
@@ -207,6 +233,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
         )),
     };
     cfg.seed = seed();
+    cfg.ports_watched = watcher.is_some();
     let core = Hold::new(cfg);
 
     let (ctl_tx, ctl_rx) = mpsc::channel::<ControlIn>(256);
@@ -214,10 +241,7 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
     let (fdb_tx, fdb_rx_ops) = mpsc::channel::<FdbOp>(FDB_QUEUE);
     let (fdb_done_tx, fdb_done_rx) = mpsc::channel::<(u64, bool)>(FDB_QUEUE);
     let tasks = CancellationToken::new();
-    let fdb = Fdb::open(
-        port::ifindex_of(&opts.bridge)?,
-        port::ifindex_of(&port.names.outer)?,
-    )?;
+    let fdb = Fdb::open(bridge_ifindex, outer_ifindex)?;
     let fdb_task = tokio::spawn(fdb_worker(fdb, fdb_rx_ops, fdb_done_tx));
     let control_task = {
         let t = tasks.clone();
@@ -251,10 +275,19 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
         attached: None,
         stats: ShellStats::default(),
         txbuf: Vec::with_capacity(2048),
+        filter: (!opts.no_bpf_filter).then(|| GuestFilter {
+            probe_v4: opts.probe_v4,
+            probe_v6: opts.probe_v6,
+            generation: 0,
+            macs: Vec::new(),
+        }),
     };
     let outcome = shell
         .run(
-            &sock,
+            Sockets {
+                port: &sock,
+                watcher: watcher.as_ref(),
+            },
             cancel,
             ctl_rx,
             &mut store_rx,
@@ -297,6 +330,24 @@ struct Attached {
     close: CancellationToken,
 }
 
+/// The packet sockets the loop reads.
+struct Sockets<'a> {
+    /// On synjitsu's port.
+    port: &'a AsyncFd<PacketSocket>,
+    /// The announcement watcher, on every interface (none with `--no-announcement-watcher`).
+    watcher: Option<&'a AsyncFd<PacketSocket>>,
+}
+
+/// What the kernel filter on synjitsu's port was last built with.
+struct GuestFilter {
+    probe_v4: Option<Ipv4Addr>,
+    probe_v6: Option<Ipv6Addr>,
+    /// The core's [`Hold::guest_macs_generation`] it was checked at.
+    generation: u64,
+    /// The guests' MACs it lets through.
+    macs: Vec<shared_proto::Mac>,
+}
+
 struct Shell {
     core: Hold,
     /// The interface the socket is bound to.
@@ -306,6 +357,18 @@ struct Shell {
     attached: Option<Attached>,
     stats: ShellStats,
     txbuf: Vec<u8>,
+    /// `None` with `--no-bpf-filter`.
+    filter: Option<GuestFilter>,
+}
+
+/// The socket's readiness, or never if there is none.
+async fn readable(
+    sock: Option<&AsyncFd<PacketSocket>>,
+) -> Option<tokio::io::unix::AsyncFdReadyGuard<'_, PacketSocket>> {
+    match sock {
+        Some(s) => s.readable().await.ok(),
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -318,13 +381,17 @@ async fn sleep_until(at: Option<Instant>) {
 impl Shell {
     async fn run(
         &mut self,
-        sock: &AsyncFd<PacketSocket>,
+        sockets: Sockets<'_>,
         cancel: CancellationToken,
         mut ctl_rx: mpsc::Receiver<ControlIn>,
         store_rx: &mut mpsc::Receiver<StoreReport>,
         mut fdb_rx: mpsc::Receiver<(u64, bool)>,
         mut metrics_rx: mpsc::Receiver<oneshot::Sender<Registry>>,
     ) -> Result<(), std::io::Error> {
+        let Sockets {
+            port: sock,
+            watcher,
+        } = sockets;
         let mut rxbuf = vec![0u8; RX_BUF];
         let mut failed = None;
         // Housekeeping once a second: kernel drop counts, and whether the port still exists
@@ -360,6 +427,18 @@ impl Shell {
                     }
                     Err(e) => failed = Some(e),
                 },
+                Some(mut guard) = readable(watcher) => {
+                    for _ in 0..BATCH {
+                        match guard.try_io(|s| s.get_ref().recv(&mut rxbuf)) {
+                            Ok(Ok(meta)) => self.on_ingress(guard.get_ref().get_ref(), &rxbuf, meta),
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "announcement watcher: receive failed");
+                                break;
+                            }
+                            Err(_would_block) => break,
+                        }
+                    }
+                }
                 Some(msg) = ctl_rx.recv() => self.on_control(msg),
                 Some(report) = store_rx.recv() => self.on_store(report),
                 Some((id, ok)) = fdb_rx.recv() => {
@@ -369,7 +448,7 @@ impl Shell {
                     self.core.on_fdb_done(Instant::now(), id);
                 }
                 Some(reply) = metrics_rx.recv() => {
-                    self.read_kernel_stats(sock);
+                    self.read_kernel_stats(sock, watcher);
                     let _ = reply.send(metrics::render(
                         &self.core,
                         &self.stats,
@@ -377,7 +456,7 @@ impl Shell {
                     ));
                 }
                 _ = housekeeping.tick() => {
-                    self.read_kernel_stats(sock);
+                    self.read_kernel_stats(sock, watcher);
                     if !port::exists(&self.port) {
                         failed = Some(std::io::Error::new(
                             std::io::ErrorKind::NotFound,
@@ -398,10 +477,42 @@ impl Shell {
         failed.map_or(Ok(()), Err)
     }
 
-    fn read_kernel_stats(&mut self, sock: &AsyncFd<PacketSocket>) {
-        // PACKET_STATISTICS resets on read: accumulate.
-        if let Ok((_, drops)) = sock.get_ref().stats() {
-            self.stats.kernel_drops += u64::from(drops);
+    /// Rebuilds the kernel filter when the guests whose frames synjitsu passes on changed.
+    fn refilter(&mut self, sock: &AsyncFd<PacketSocket>) {
+        let Some(f) = self.filter.as_mut() else {
+            return;
+        };
+        let generation = self.core.guest_macs_generation();
+        if generation == f.generation {
+            return;
+        }
+        f.generation = generation;
+        let macs = self.core.guest_macs();
+        if macs == f.macs {
+            return;
+        }
+        let prog = filter::program(f.probe_v4, f.probe_v6, &macs);
+        match sock.get_ref().set_filter(&prog) {
+            Ok(()) => {
+                tracing::debug!(guests = macs.len(), "kernel filter rebuilt");
+                f.macs = macs;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not rebuild the kernel filter: frames for guests are not passed on")
+            }
+        }
+    }
+
+    fn read_kernel_stats(
+        &mut self,
+        sock: &AsyncFd<PacketSocket>,
+        watcher: Option<&AsyncFd<PacketSocket>>,
+    ) {
+        // PACKET_STATISTICS resets on read: accumulate, both sockets.
+        for s in std::iter::once(sock).chain(watcher) {
+            if let Ok((_, drops)) = s.get_ref().stats() {
+                self.stats.kernel_drops += u64::from(drops);
+            }
         }
     }
 
@@ -425,6 +536,37 @@ impl Shell {
             .core
             .on_frame(Instant::now(), &buf[..meta.len], FrameMeta { checksum });
         tracing::trace!(?verdict, len = meta.len, "frame");
+    }
+
+    /// A frame the announcement watcher saw arriving on interface `meta.ifindex`.
+    fn on_ingress(&mut self, watcher: &PacketSocket, buf: &[u8], meta: packet::RecvMeta) {
+        if meta.outgoing || meta.truncated {
+            return;
+        }
+        let Ok(index) = u32::try_from(meta.ifindex) else {
+            return;
+        };
+        // Looked up per frame: the filter passes only announcements, and an interface may
+        // be renamed or its index reused between two of them.
+        let port = match rustix::net::netdevice::index_to_name(watcher, index) {
+            Ok(name) => name,
+            Err(e) => {
+                tracing::debug!(ifindex = index, error = %e, "announcement from an interface gone since");
+                return;
+            }
+        };
+        let checksum = if meta.status & packet::TP_STATUS_CSUM_VALID != 0 {
+            Checksum::Valid
+        } else {
+            Checksum::Unknown
+        };
+        let verdict = self.core.on_ingress(
+            Instant::now(),
+            &buf[..meta.len],
+            FrameMeta { checksum },
+            &port,
+        );
+        tracing::trace!(?verdict, %port, "announcement");
     }
 
     fn on_control(&mut self, msg: ControlIn) {
@@ -480,6 +622,23 @@ impl Shell {
 
     /// Takes every output the core queued and hands it to its IO.
     fn flush(&mut self, sock: &AsyncFd<PacketSocket>) {
+        self.refilter(sock);
+        while let Some(port) = self.core.poll_to_guest(&mut self.txbuf) {
+            // Straight out of the guest's port: into the bridge it would come back here.
+            let sent = rustix::net::netdevice::name_to_index(sock.get_ref(), &port)
+                .map_err(std::io::Error::from)
+                .and_then(|i| {
+                    let i = i32::try_from(i).map_err(std::io::Error::other)?;
+                    sock.get_ref().send_to(i, &self.txbuf)
+                });
+            match sent {
+                Ok(()) => self.stats.tx_frames += 1,
+                Err(e) => {
+                    self.stats.tx_errors += 1;
+                    tracing::debug!(%port, error = %e, "frame for a guest not sent");
+                }
+            }
+        }
         while self.core.poll_transmit(&mut self.txbuf) {
             match sock.get_ref().send(&self.txbuf) {
                 Ok(()) => self.stats.tx_frames += 1,

@@ -85,12 +85,15 @@ fn request(msg: RouteNetlinkMessage, flags: u16, seq: u32) -> Vec<u8> {
     buf
 }
 
-/// `RTM_NEWNEIGH`: a static entry for `mac` on port `ifindex`, replacing any.
+/// `RTM_NEWNEIGH`: a static, sticky entry for `mac` on port `ifindex`, replacing any. Sticky
+/// (`NTF_STICKY`, Linux 4.20+; older kernels ignore the flag) because a static entry alone
+/// moves to whichever port a frame from the MAC arrives on: the booting guest's first frame
+/// (a router solicitation, an ARP for its gateway) or a spoofer's would end the steering.
 pub fn steer_request(seq: u32, ifindex: u32, mac: Mac) -> Vec<u8> {
     let mut m = neighbour(
         ifindex,
         NUD_NOARP | NUD_REACHABLE,
-        NeighbourFlags::Controller,
+        NeighbourFlags::Controller | NeighbourFlags::Sticky,
     );
     m.attributes
         .push(NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()));
@@ -337,7 +340,7 @@ mod tests {
     ];
 
     #[test]
-    fn steer_is_a_static_master_entry() {
+    fn steer_is_a_static_sticky_master_entry() {
         let m = steer_request(7, 42, MAC);
         assert_eq!(m.len(), 16 + 12 + 12);
         assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 40);
@@ -347,7 +350,7 @@ mod tests {
         assert_eq!(m[16], AF_BRIDGE);
         assert_eq!(u32::from_ne_bytes(m[20..24].try_into().unwrap()), 42);
         assert_eq!(u16::from_ne_bytes([m[24], m[25]]), 0x42);
-        assert_eq!(m[26], NTF_MASTER);
+        assert_eq!(m[26], NTF_MASTER | 0x40, "NTF_MASTER | NTF_STICKY");
         assert_eq!(u16::from_ne_bytes([m[28], m[29]]), 10, "attribute length");
         assert_eq!(u16::from_ne_bytes([m[30], m[31]]), NDA_LLADDR);
         assert_eq!(&m[32..38], &MAC.octets());

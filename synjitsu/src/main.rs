@@ -73,6 +73,11 @@ struct Cli {
     /// copied to synjitsu.
     #[arg(long, hide = true)]
     no_bpf_filter: bool,
+
+    /// Benchmark baseline only: open no announcement watcher, and take a guest's
+    /// announcement from any port again (as without a port named).
+    #[arg(long, hide = true)]
+    no_announcement_watcher: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -142,6 +147,7 @@ fn main() -> ExitCode {
         max_held_per_vm: cli.max_held_per_vm,
         max_held: cli.max_held,
         no_bpf_filter: cli.no_bpf_filter,
+        no_announcement_watcher: cli.no_announcement_watcher,
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -25,7 +25,8 @@ pub struct ShellStats {
     pub rx_truncated: u64,
     /// Frames this host sent, seen on the socket (ignored).
     pub rx_outgoing: u64,
-    /// Frames the kernel dropped because synjitsu's socket buffer was full.
+    /// Frames the kernel dropped because a socket buffer of synjitsu's was full (its port's
+    /// or the announcement watcher's).
     pub kernel_drops: u64,
     /// Forwarding-table commands that failed.
     pub fdb_errors: u64,
@@ -49,7 +50,7 @@ pub fn render(core: &Hold, shell: &ShellStats, client_attached: bool) -> Registr
         .collect();
     #[rustfmt::skip]
     let labelled: [Labelled<'_>; 7] = [
-        ("frames", "Frames received on synjitsu's port, by what became of them", "verdict",
+        ("frames", "Frames received on synjitsu's port (and announcements judged by the watcher), by what became of them", "verdict",
             &Verdict::LABELS.into_iter().zip(c.frames).collect::<Vec<_>>()),
         ("dropped", "Frames and held SYNs dropped, by reason", "reason", &drops),
         ("syns_handed_over", "Held SYNs handed over to their guest, by way", "via",
@@ -62,7 +63,8 @@ pub fn render(core: &Hold, shell: &ShellStats, client_attached: bool) -> Registr
             &[("unsolicited", c.na_unsolicited), ("solicited", c.na_solicited)]),
         ("queue_overflows", "Outputs not queued because their bounded queue was full, by queue", "queue",
             &[("transmit", c.transmit_overflow), ("events", c.events_overflow),
-              ("store", c.store_overflow), ("fdb", c.fdb_overflow)]),
+              ("store", c.store_overflow), ("fdb", c.fdb_overflow),
+              ("to_guest", c.to_guest_overflow)]),
     ];
     for (name, help, label, samples) in labelled {
         let values: Vec<_> = samples.iter().map(|(v, _)| *v).collect();
@@ -77,7 +79,8 @@ pub fn render(core: &Hold, shell: &ShellStats, client_attached: bool) -> Registr
     let unlabelled = [
         ("syns_held", "Client SYNs held", c.syns_held),
         ("syn_retransmits_deduplicated", "Retransmitted SYNs (same 4-tuple and ISN) not held twice", c.retransmit_dedup),
-        ("checksums_completed", "Partial (offload-pending) TCP checksums completed before holding", c.checksums_completed),
+        ("checksums_completed", "Partial (offload-pending) checksums completed before holding a SYN or passing a frame to its guest", c.checksums_completed),
+        ("announcement_watcher_frames", "Gratuitous ARPs and unsolicited NAs seen arriving on any bridge port (the watcher that checks a guest announces from its own)", c.ingress_frames),
         ("probes_sent", "Probe SYNs sent to guests", c.probes_sent),
         ("probe_resets", "RSTs sent to close a probe the guest accepted", c.probe_resets),
         ("wake_requests", "Wake requests sent for stopped VMs", c.wake_requests),
@@ -89,7 +92,7 @@ pub fn render(core: &Hold, shell: &ShellStats, client_attached: bool) -> Registr
         ("tx_errors", "Frame sends that failed", shell.tx_errors),
         ("rx_truncated", "Frames longer than the receive buffer (dropped)", shell.rx_truncated),
         ("rx_outgoing", "This host's own transmissions seen on the socket (ignored)", shell.rx_outgoing),
-        ("kernel_drops", "Frames the kernel dropped because synjitsu's socket buffer was full", shell.kernel_drops),
+        ("kernel_drops", "Frames the kernel dropped because a socket buffer of synjitsu's (its port's, the announcement watcher's) was full", shell.kernel_drops),
         ("fdb_errors", "Bridge forwarding-table commands that failed", shell.fdb_errors),
         ("events_undelivered", "Events produced while no control client was attached", shell.events_undelivered),
     ];

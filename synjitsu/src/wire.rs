@@ -27,6 +27,8 @@ pub const ETHERTYPE_IPV6: u16 = 0x86dd;
 pub const PROTO_TCP: u8 = 6;
 /// IPv6 next header of ICMPv6.
 pub const PROTO_ICMPV6: u8 = 58;
+/// IP protocol number of UDP.
+pub const PROTO_UDP: u8 = 17;
 /// The shortest Ethernet frame without its FCS; shorter ones are padded on the wire.
 pub const MIN_FRAME: usize = 60;
 /// ARP over Ethernet/IPv4 body length.
@@ -581,6 +583,66 @@ pub fn complete_tcp_checksum(frame: &mut [u8], tcp: &TcpRepr<'_>) {
     frame[at..at + 2].copy_from_slice(&c.to_be_bytes());
 }
 
+/// Completes the TCP or UDP checksum of an unfragmented IPv4 or IPv6 (no extension header)
+/// datagram in `frame`, in place, whatever the field held: a frame passed on whose sender
+/// left its checksum to offload (`CHECKSUM_PARTIAL`) must carry a complete one where it goes
+/// next. False, and `frame` untouched, for anything else (which has no checksum to finish).
+pub fn complete_transport_checksum(frame: &mut [u8]) -> bool {
+    let Some((at, len, proto, src, dst)) = transport_of(frame) else {
+        return false;
+    };
+    let field = if proto == PROTO_TCP { 16 } else { 6 };
+    let seg = &mut frame[at..at + len];
+    if seg.len() < field + 2 {
+        return false;
+    }
+    seg[field] = 0;
+    seg[field + 1] = 0;
+    let mut c = !fold(sum_words(seg, pseudo_sum(src, dst, proto, len as u32)));
+    // RFC 768: a computed 0 is sent as all ones (0 means "no checksum" in UDP over IPv4).
+    if proto == PROTO_UDP && c == 0 {
+        c = 0xffff;
+    }
+    seg[field..field + 2].copy_from_slice(&c.to_be_bytes());
+    true
+}
+
+/// Where the TCP or UDP segment of `frame` is: offset, length, protocol, addresses.
+fn transport_of(frame: &[u8]) -> Option<(usize, usize, u8, IpAddr, IpAddr)> {
+    let ip = frame.get(ETH_HDR..)?;
+    match be16(frame.get(..ETH_HDR)?, 12) {
+        ETHERTYPE_IPV4 if ip.len() >= IPV4_HDR && ip[0] >> 4 == 4 => {
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let total = usize::from(be16(ip, 2));
+            let frag = be16(ip, 6);
+            let unfragmented = frag & 0x2000 == 0 && frag & 0x1fff == 0;
+            let proto = ip[9];
+            (ihl >= IPV4_HDR
+                && total >= ihl
+                && ip.len() >= total
+                && unfragmented
+                && (proto == PROTO_TCP || proto == PROTO_UDP))
+                .then(|| {
+                    let (src, dst) = (v4_at(ip, 12), v4_at(ip, 16));
+                    let at = ETH_HDR + ihl;
+                    (at, total - ihl, proto, IpAddr::V4(src), IpAddr::V4(dst))
+                })
+        }
+        ETHERTYPE_IPV6 if ip.len() >= IPV6_HDR && ip[0] >> 4 == 6 => {
+            let payload = usize::from(be16(ip, 4));
+            let proto = ip[6];
+            (ip.len() >= IPV6_HDR + payload && (proto == PROTO_TCP || proto == PROTO_UDP)).then(
+                || {
+                    let (src, dst) = (v6_at(ip, 8), v6_at(ip, 24));
+                    let at = ETH_HDR + IPV6_HDR;
+                    (at, payload, proto, IpAddr::V6(src), IpAddr::V6(dst))
+                },
+            )
+        }
+        _ => None,
+    }
+}
+
 /// Recomputes the TCP checksum of the segment in `frame` in place (for frames built or
 /// edited by hand: tests, tools); false if `frame` holds no TCP segment.
 pub fn fix_tcp_checksum(frame: &mut [u8]) -> bool {
@@ -910,6 +972,41 @@ pub(crate) mod tests {
         let mut zero = f.clone();
         zero[79] = 0;
         assert_eq!(parse(&zero, true), Err(WireError::BadNdp));
+    }
+
+    #[test]
+    fn transport_checksums_are_completed_for_tcp_and_udp_in_both_families() {
+        let mut tcp = SYN_V4_PARTIAL;
+        assert!(complete_transport_checksum(&mut tcp));
+        assert_eq!(&tcp[50..52], &0x4c76u16.to_be_bytes(), "tcpdump's value");
+        let mut v6 = SYN_V6;
+        v6[70] = 0x12;
+        v6[71] = 0x34;
+        assert!(complete_transport_checksum(&mut v6));
+        assert_eq!(v6, SYN_V6);
+        // UDP, as a DHCP or DNS answer to the guest would be, checked by etherparse.
+        for v4 in [true, false] {
+            let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+            let b = if v4 {
+                b.ipv4([10, 77, 1, 1], [10, 77, 1, 10], 64)
+            } else {
+                b.ipv6([0xfd; 16], [0xfe; 16], 64)
+            };
+            let b = b.udp(53, 40000);
+            let mut f = Vec::new();
+            b.write(&mut f, b"an answer").unwrap();
+            let at = f.len() - b"an answer".len() - 8 + 6;
+            let want = [f[at], f[at + 1]];
+            f[at] = 0;
+            f[at + 1] = 0;
+            assert!(complete_transport_checksum(&mut f));
+            assert_eq!([f[at], f[at + 1]], want, "v4 {v4}");
+        }
+        // Nothing to complete in ARP.
+        let mut arp = [0u8; 42];
+        arp[12..14].copy_from_slice(&ETHERTYPE_ARP.to_be_bytes());
+        assert!(!complete_transport_checksum(&mut arp));
+        assert_eq!(arp[14..], [0u8; 28]);
     }
 
     #[test]

@@ -350,7 +350,7 @@ impl Stack {
                 let _ = write!(
                     t,
                     "[[vm]]\nname = \"{n}\"\ndns = [\"{d}\"]\nip = \"{ip}/{PREFIX}\"\nnic = \"br0\"\n\
-                     memory = 128\nkernel = \"{k}\"\ninitrd = \"{i}\"\n\
+                     memory = \"128M\"\nkernel = \"{k}\"\ninitrd = \"{i}\"\n\
                      cmdline = \"{GUEST_CMDLINE} jitsu.ip={ip}/{PREFIX} jitsu.name={n}\"\n\
                      console_log = \"{c}\"\n{m}\n{x}\n\n",
                     n = vm.name,

@@ -272,7 +272,7 @@ impl GuestVm {
     /// at the first boot (machine `pc`, TCG, direct kernel boot of `image`).
     pub fn spec(&self, image: &GuestImage) -> String {
         let mut s = format!(
-            "name={name},dns={dns},ip={ip}/{p},mac={mac},nic={br},memory={mem},kernel={k},\
+            "name={name},dns={dns},ip={ip}/{p},mac={mac},nic={br},memory={mem}M,kernel={k},\
              initrd={i},cmdline={GUEST_CMDLINE} jitsu.ip={ip}/{p} jitsu.name={name}",
             name = self.name,
             dns = self.dns,
@@ -395,7 +395,7 @@ mod tests {
         assert_eq!(
             vm.spec(&image),
             "name=www,dns=www.example.org,ip=10.77.0.10/24,mac=02:77:00:00:00:10,nic=br0,\
-             memory=128,kernel=/c/vmlinux,initrd=/c/initramfs.cpio.gz,cmdline=console=ttyS0 \
+             memory=128M,kernel=/c/vmlinux,initrd=/c/initramfs.cpio.gz,cmdline=console=ttyS0 \
              tsc_early_khz=2000000 no_timer_check quiet jitsu.ip=10.77.0.10/24 jitsu.name=www,\
              console_log=/tmp/www.console,use_synjitsu=true,stop_mode=suspend"
         );

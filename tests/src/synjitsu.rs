@@ -53,7 +53,16 @@ pub fn www(handover: Handover) -> VmIdentity {
         ipv4: "10.77.1.10".parse().expect("a valid address"),
         ipv6: Some("fd77:1::10".parse().expect("a valid address")),
         handover,
+        port: None,
     }
+}
+
+/// The guest's web root in `host`'s directory, its `index.html` saying `text`.
+pub fn guest_page(host: &Host, text: &str) -> Result<PathBuf> {
+    let dir = host.file("www");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("index.html"), text)?;
+    Ok(dir)
 }
 
 /// A host with synjitsu running on its bridge. Dropped in order: synjitsu, the host.

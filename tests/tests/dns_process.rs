@@ -315,15 +315,21 @@ fn toml_vm(name: &str, n: u8, boots: &Path) -> String {
     )
 }
 
+/// Starts jitsu-dns with `text` as its `--config` file; returns the file.
+fn start_with_file(h: &mut DnsHarness, text: &str) -> std::path::PathBuf {
+    let file = h.host.file("jitsu.toml");
+    std::fs::write(&file, text).unwrap();
+    let args = h.args(None, &["--config", file.to_str().unwrap()]);
+    h.start(&args, &[]).unwrap();
+    file
+}
+
 #[test]
 fn sighup_adds_and_removes_vms_without_a_restart() {
     prerequisites();
     let mut h = DnsHarness::new("dhup").unwrap();
-    let file = h.host.file("jitsu.toml");
     let (ba, bb) = (h.host.file("boots-a"), h.host.file("boots-b"));
-    std::fs::write(&file, format!("ttl = 60\n\n{}", toml_vm("a", 1, &ba))).unwrap();
-    let args = h.args(None, &["--config", file.to_str().unwrap()]);
-    h.start(&args, &[]).unwrap();
+    let file = start_with_file(&mut h, &format!("ttl = 60\n\n{}", toml_vm("a", 1, &ba)));
     assert_eq!(
         h.dig(&["a.example.org", "A"]).addresses(),
         vec!["10.77.0.1"]
@@ -383,6 +389,157 @@ fn sighup_adds_and_removes_vms_without_a_restart() {
         "{}",
         h.log()
     );
+}
+
+/// Sends SIGHUP and waits until jitsu-dns has logged one more reload outcome than `before`
+/// (see [`outcomes`]); fails at once, with its log, if it exits.
+fn hup_and_wait(h: &mut DnsHarness, before: usize) -> String {
+    let daemon = h.daemon.as_mut().unwrap();
+    daemon.signal("HUP").unwrap();
+    wait_until("the reload's outcome in the log", LONG, || {
+        if let Err(e) = daemon.check_running() {
+            return Some(Err(e));
+        }
+        let log = daemon.log();
+        (count_outcomes(&log) > before).then_some(Ok(log))
+    })
+    .unwrap()
+    .unwrap()
+}
+
+/// The last reload refusal in `log` (empty if none).
+fn last_refusal(log: &str) -> &str {
+    log.lines()
+        .rfind(|l| l.contains("configuration not reloaded"))
+        .unwrap_or("")
+}
+
+/// Reloads that ended in `log`: refused, or done (its last line, which counts the VMs; the
+/// store's line of changes comes before it).
+fn count_outcomes(log: &str) -> usize {
+    log.lines()
+        .filter(|l| {
+            l.contains("configuration not reloaded") || l.contains("configuration reloaded vms=")
+        })
+        .count()
+}
+
+/// Reloads that have ended so far.
+fn outcomes(h: &DnsHarness) -> usize {
+    count_outcomes(&h.log())
+}
+
+#[test]
+fn a_reload_with_a_name_too_long_for_its_zone_is_refused_and_the_old_configuration_kept() {
+    prerequisites();
+    let mut h = DnsHarness::new("dhlong").unwrap();
+    let ba = h.host.file("boots-a");
+    let file = start_with_file(&mut h, &format!("ttl = 60\n\n{}", toml_vm("a", 1, &ba)));
+    assert_eq!(
+        h.dig(&["a.example.org", "A"]).addresses(),
+        vec!["10.77.0.1"]
+    );
+    let b63 = "b".repeat(63);
+    let long = format!("a.{b63}.{b63}.{b63}.{}", "c".repeat(59));
+    for extra in [
+        // A VM whose implicit zone has no room for ns.<zone>.
+        format!("[[vm]]\nname = \"x\"\ndns = \"{long}\"\nip = \"10.77.0.9\"\ncommand = \"true\"\n"),
+        // A [[zone]] of that length without `ns`.
+        format!("[[zone]]\nname = \"{}\"\n", &long[2..]),
+    ] {
+        let before = outcomes(&h);
+        std::fs::write(
+            &file,
+            format!("ttl = 60\n\n{}{extra}", toml_vm("a", 1, &ba)),
+        )
+        .unwrap();
+        let log = hup_and_wait(&mut h, before);
+        assert!(!log.contains("panicked"), "{log}");
+        let last = last_refusal(&log);
+        assert!(last.contains("no room for its NS name"), "{log}");
+        assert_eq!(
+            h.dig(&["a.example.org", "A"]).addresses(),
+            vec!["10.77.0.1"]
+        );
+    }
+}
+
+#[test]
+fn a_reload_that_would_remove_too_many_vms_is_refused_unless_the_file_allows_it() {
+    prerequisites();
+    let mut h = DnsHarness::new("dhempty").unwrap();
+    let boots: Vec<_> = (1..=3)
+        .map(|i| h.host.file(&format!("boots-{i}")))
+        .collect();
+    let vms = |names: &[(&str, u8)]| -> String {
+        names
+            .iter()
+            .map(|(n, i)| toml_vm(n, *i, &boots[*i as usize - 1]))
+            .collect()
+    };
+    let all = [("a", 1), ("b", 2), ("c", 3)];
+    let file = start_with_file(&mut h, &format!("ttl = 60\n\n{}", vms(&all)));
+    for (n, i) in all {
+        assert_eq!(
+            h.dig(&[&format!("{n}.example.org"), "A"]).addresses(),
+            vec![format!("10.77.0.{i}")]
+        );
+    }
+    h.wait_state("a", "running", LONG);
+
+    // An emptied file: every VM would go. Refused, and every name still answered.
+    let before = outcomes(&h);
+    std::fs::write(&file, "").unwrap();
+    let log = hup_and_wait(&mut h, before);
+    let last = last_refusal(&log);
+    assert!(
+        last.contains("would remove 3 of 3 VMs") && last.contains("max_removed_share"),
+        "{log}"
+    );
+    assert!(!log.contains("configuration reloaded vms=0"), "{log}");
+    for (n, i) in all {
+        assert_eq!(
+            h.dig(&[&format!("{n}.example.org"), "A"]).addresses(),
+            vec![format!("10.77.0.{i}")]
+        );
+    }
+    assert_eq!(
+        h.stored("a", "state").as_deref(),
+        Some("running"),
+        "a is still managed"
+    );
+
+    // Two of three is more than the default share (half): refused too.
+    let before = outcomes(&h);
+    std::fs::write(&file, format!("ttl = 60\n\n{}", vms(&[("a", 1)]))).unwrap();
+    let log = hup_and_wait(&mut h, before);
+    let last = last_refusal(&log);
+    assert!(last.contains("would remove 2 of 3 VMs"), "{log}");
+    assert_eq!(
+        h.dig(&["c.example.org", "A"]).addresses(),
+        vec!["10.77.0.3"]
+    );
+
+    // One of three is within it.
+    let before = outcomes(&h);
+    std::fs::write(&file, format!("ttl = 60\n\n{}", vms(&[("a", 1), ("b", 2)]))).unwrap();
+    let log = hup_and_wait(&mut h, before);
+    assert!(log.contains("configuration reloaded vms=2"), "{log}");
+    wait_until("c to be gone from DNS", LONG, || {
+        (h.dig(&["c.example.org", "A"]).status == "NXDOMAIN").then_some(())
+    })
+    .unwrap();
+
+    // The file says so explicitly: everything may go.
+    let before = outcomes(&h);
+    std::fs::write(&file, "max_removed_share = 1.0\n").unwrap();
+    let log = hup_and_wait(&mut h, before);
+    assert!(log.contains("configuration reloaded vms=0"), "{log}");
+    // No VM left, no zone left: the name is not ours, and forwarding is off.
+    wait_until("a to be gone from DNS", LONG, || {
+        (h.dig(&["a.example.org", "A"]).status == "REFUSED").then_some(())
+    })
+    .unwrap();
 }
 
 #[test]
@@ -524,4 +681,138 @@ fn vms_coming_and_going_never_change_the_bridges_own_mac() {
     assert_eq!(mac(&h), before, "a VM's port changed the bridge's MAC");
     h.wait_state("www", "off", LONG);
     assert_eq!(mac(&h), before, "a VM's stop changed the bridge's MAC");
+}
+
+#[test]
+fn a_restart_after_kill_9_during_boots_sweeps_the_half_built_vms_and_adopts_the_running_ones() {
+    prerequisites();
+    let mut h = DnsHarness::new("dkill").unwrap();
+    // Ports on br1 take 8 s to forward (STP, a 4 s forward delay), so each boot there waits
+    // 3 s (the backend's wait for a forwarding port) with its namespace, port and cgroup
+    // made and no command yet: a kill -9 then lands in the middle of every one.
+    h.host
+        .ns()
+        .sh("ip link add br1 type bridge stp_state 1 forward_delay 400 && ip link set br1 up")
+        .unwrap();
+    let spec = |name: &str, ip: &str, nic: &str| {
+        format!(
+            "name={name},dns={name}.example.org,ip={ip},nic={nic},response_delay=0,\
+             command='echo $$ >> {}; exec sleep 600'",
+            h.host.file(&format!("boots-{name}")).display()
+        )
+    };
+    let running: Vec<String> = (0..3).map(|i| format!("r{i}")).collect();
+    let booting: Vec<String> = (0..12).map(|i| format!("s{i}")).collect();
+    let mut specs: Vec<String> = running
+        .iter()
+        .enumerate()
+        .map(|(i, n)| spec(n, &format!("10.77.0.{}", 10 + i), "br0"))
+        .collect();
+    specs.extend(
+        booting
+            .iter()
+            .enumerate()
+            .map(|(i, n)| spec(n, &format!("10.77.0.{}", 100 + i), "br1")),
+    );
+    let mut extra = vec!["-t", "600"];
+    extra.extend(specs.iter().map(String::as_str));
+    let args = h.args(None, &extra);
+    h.start(&args, &[]).unwrap();
+    for (i, n) in running.iter().enumerate() {
+        let d = h.dig(&[&format!("{n}.example.org")]);
+        assert_eq!(
+            d.addresses(),
+            vec![format!("10.77.0.{}", 10 + i)],
+            "{}",
+            d.text
+        );
+    }
+    let pids: Vec<Vec<u32>> = running
+        .iter()
+        .map(|n| boots(&h.host.file(&format!("boots-{n}"))))
+        .collect();
+
+    // Every slow VM booting at once, then jitsu-dns killed once all their namespaces exist.
+    let mut digs: Vec<std::process::Child> = booting
+        .iter()
+        .map(|n| {
+            h.host
+                .ns()
+                .command("dig")
+                .args([
+                    "+time=30",
+                    "+tries=1",
+                    "@127.0.0.1",
+                    &format!("{n}.example.org"),
+                ])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let netns_exists =
+        |h: &DnsHarness, vm: &str| Path::new("/run/netns").join(h.vms.netns(vm)).exists();
+    wait_until("every booting VM's namespace", LONG, || {
+        booting.iter().all(|n| netns_exists(&h, n)).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", h.log()));
+    let mut daemon = h.daemon.take().unwrap();
+    daemon.signal("KILL").unwrap();
+    daemon.wait_exit(Duration::from_secs(10)).unwrap();
+    for d in &mut digs {
+        let _ = d.kill();
+        let _ = d.wait();
+    }
+    let launched = |h: &DnsHarness, n: &str| {
+        boots(&h.host.file(&format!("boots-{n}")))
+            .first()
+            .is_some_and(|p| alive(*p))
+    };
+    let half_built: Vec<&String> = booting.iter().filter(|n| !launched(&h, n)).collect();
+    assert!(
+        !half_built.is_empty(),
+        "the kill landed after every boot: nothing was left half-built"
+    );
+
+    h.start(&args, &[]).unwrap();
+    // The VMs that ran are adopted: the same process, recorded as running, never booted again.
+    for (n, before) in running.iter().zip(&pids) {
+        assert_eq!(&boots(&h.host.file(&format!("boots-{n}"))), before, "{n}");
+        assert!(alive(before[0]), "{n} was not killed");
+        h.wait_state(n, "running", LONG);
+    }
+    // A slow VM whose command had started and been recorded runs on and is adopted too
+    // (one started but not yet recorded is swept with the rest); every other one has nothing
+    // left: no namespace, no cgroup, no record, no port on the bridge.
+    let mut ran = 0;
+    for n in &booting {
+        if launched(&h, n) {
+            ran += 1;
+            h.wait_state(n, "running", LONG);
+            continue;
+        }
+        assert!(
+            !netns_exists(&h, n),
+            "{n}'s namespace is left:\n{}",
+            h.log()
+        );
+        let cg = h.vms.cgroup("v2", n);
+        assert!(!cg.exists(), "{} is left", cg.display());
+        let record = h.host.file(&format!("run/{n}.state"));
+        assert!(!record.exists(), "{} is left", record.display());
+    }
+    let ports = h
+        .host
+        .ns()
+        .sh("ip -o link show master br1")
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(ports, ran, "only the ports of running VMs stay on br1");
+    let swept = count(
+        &h.log().lines().map(str::to_string).collect::<Vec<_>>(),
+        "removed what an earlier run left of a VM that does not run",
+    );
+    assert!(swept >= half_built.len(), "{}", h.log());
+    assert_eq!(swept, booting.len() - ran, "{}", h.log());
 }

@@ -224,8 +224,13 @@ fn authoritative_answers_over_udp_and_tcp() {
     assert_eq!(value("jitsu_dns_queries_total{outcome=\"nodata\"}"), 2);
     assert_eq!(
         value("jitsu_dns_queries_total{outcome=\"formerr\"}"),
+        2,
+        "two questions, and the message that does not parse"
+    );
+    assert_eq!(
+        value("jitsu_dns_dropped_total{reason=\"short\"}"),
         1,
-        "hickory answers the broken message itself"
+        "no header, no answer, but counted"
     );
     // The harness's readiness probe is refused too.
     assert!(value("jitsu_dns_queries_total{outcome=\"refused\"}") >= 2);

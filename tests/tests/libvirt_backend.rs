@@ -108,7 +108,7 @@ fn the_libvirt_backend_drives_real_qemu_guests() {
             .unwrap()
     );
     let d = b.lookup(&vm).unwrap();
-    assert_eq!((d.state, d.mac), (Observed::Off, None), "no domain yet");
+    assert_eq!((d.state, d.mac()), (Observed::Off, None), "no domain yet");
 
     // Defined from the keys, booted, serving.
     let watch = ConsoleWatch::start(&console, "jitsu-guest: listening");
@@ -145,7 +145,7 @@ fn the_libvirt_backend_drives_real_qemu_guests() {
             domid: started.domid
         }
     );
-    assert_eq!(d.mac, Some(vm.mac));
+    assert_eq!(d.mac(), Some(vm.mac()));
     let domid: u32 = lv.virsh(&["domid", &name]).unwrap().trim().parse().unwrap();
     assert_eq!(started.domid, Some(domid));
 
@@ -257,6 +257,6 @@ fn the_libvirt_backend_drives_real_qemu_guests() {
     events.wait(&name, "off", |o| o == Observed::Off);
     assert_eq!(b.state(&vm).unwrap(), Observed::Off);
     let d = b.lookup(&vm).unwrap();
-    assert_eq!(d.mac, Some(vm.mac));
+    assert_eq!(d.mac(), Some(vm.mac()));
     drop(lv);
 }

@@ -54,7 +54,7 @@ fn the_test_driver_runs_vms_for_jitsu_dns() {
             "-d",
             "0",
             "name=pre,dns=pre.example.org,ip=10.77.0.20",
-            "name=fresh,dns=fresh.example.org,ip=10.77.0.21,kernel=/boot/fresh.vmlinux,memory=64",
+            "name=fresh,dns=fresh.example.org,ip=10.77.0.21,kernel=/boot/fresh.vmlinux,memory=64M",
             "name=sleepy,dns=sleepy.example.org,ip=10.77.0.22,kernel=/boot/sleepy.vmlinux,\
              stop_mode=suspend",
             "name=nokeys,dns=nokeys.example.org,ip=10.77.0.23",

@@ -304,3 +304,183 @@ fn a_port_taken_down_is_survived_a_port_deleted_stops_synjitsu_with_an_error() {
         synjitsu.daemon.log()
     );
 }
+
+/// A control connection that never says anything: as a crashed script, a stuck monitoring
+/// probe or a half-open socket leaves it.
+struct Silent {
+    conn: shared_proto::FrameReader<std::os::unix::net::UnixStream, shared_proto::ServerMessage>,
+}
+
+impl Silent {
+    fn open(path: &std::path::Path) -> Silent {
+        let s = std::os::unix::net::UnixStream::connect(path).unwrap();
+        Silent {
+            conn: shared_proto::FrameReader::new(s),
+        }
+    }
+
+    /// What synjitsu sends before it closes the connection (up to `timeout`): its messages,
+    /// and whether it closed.
+    fn until_closed(&mut self, timeout: Duration) -> (Vec<shared_proto::ServerMessage>, bool) {
+        self.conn.get_mut().set_read_timeout(Some(timeout)).unwrap();
+        let mut got = Vec::new();
+        loop {
+            match self.conn.read() {
+                Ok(Some(Ok(m))) => got.push(m),
+                Ok(None) => return (got, true),
+                Ok(Some(Err(e))) => panic!("synjitsu sent a bad frame: {e}"),
+                // Timed out (or reset): not closed in time.
+                Err(_) => return (got, false),
+            }
+        }
+    }
+}
+
+fn error_text(msgs: &[shared_proto::ServerMessage]) -> String {
+    msgs.iter()
+        .map(|m| match m {
+            shared_proto::ServerMessage::Error { message, .. } => message.clone(),
+            other => format!("{other:?}"),
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+#[test]
+fn idle_connections_never_lock_out_jitsu_dns_and_are_closed_without_a_hello() {
+    use jitsu_tests::synjitsu::{ControlClient, SynjitsuHost};
+    require_root();
+    let synjitsu = SynjitsuHost::start("syi", &[]).unwrap();
+    // More silent connections than synjitsu keeps at once.
+    let mut idle: Vec<Silent> = (0..12).map(|_| Silent::open(&synjitsu.control)).collect();
+    // jitsu-dns (re)connecting now gets in.
+    let mut ctl = ControlClient::connect(&synjitsu.control)
+        .unwrap_or_else(|e| panic!("{e}; synjitsu's log:\n{}", synjitsu.daemon.log()));
+    ctl.sync(&[]).unwrap();
+    // The oldest silent connections made room: each was told why and closed.
+    let (said, closed) = idle[0].until_closed(Duration::from_secs(1));
+    assert!(closed, "the oldest silent connection is still open");
+    let why = error_text(&said);
+    assert!(why.contains("too many connections"), "{why}");
+    // The others are closed once the hello timeout passes, each told why.
+    for (i, c) in idle.iter_mut().enumerate().skip(5) {
+        let (said, closed) = c.until_closed(Duration::from_secs(10));
+        assert!(closed, "silent connection {i} still open after 10 s");
+        let why = error_text(&said);
+        assert!(
+            why.contains("no hello within") || why.contains("too many connections"),
+            "{i}: {why}"
+        );
+    }
+    // The attached client was never disturbed.
+    ctl.sync(&[]).unwrap();
+    let log = synjitsu.daemon.log();
+    assert!(log.contains("no hello"), "{log}");
+}
+
+#[test]
+fn a_new_client_takes_over_from_a_silent_attached_one() {
+    use jitsu_tests::synjitsu::{ControlClient, SynjitsuHost, www};
+    use shared_proto::{ErrorCode, Handover, Phase, ServerMessage};
+    require_root();
+    let synjitsu = SynjitsuHost::start("syt", &[]).unwrap();
+    // The old jitsu-dns: attached, then silent for good (stuck, or its host half-gone).
+    let mut old = ControlClient::connect(&synjitsu.control).unwrap();
+    old.sync(&[(www(Handover::Wire), Phase::Booting)]).unwrap();
+    synjitsu
+        .wait_steered(jitsu_tests::synjitsu::VM_MAC)
+        .unwrap();
+    // Its successor says hello and is served.
+    let mut new = ControlClient::connect(&synjitsu.control)
+        .unwrap_or_else(|e| panic!("{e}; synjitsu's log:\n{}", synjitsu.daemon.log()));
+    new.sync(&[(www(Handover::Wire), Phase::Booting)]).unwrap();
+    // The old one is told why, then closed.
+    let told = old.next_message(Duration::from_secs(5)).unwrap();
+    let Some(ServerMessage::Error { code, message, .. }) = told else {
+        panic!("the replaced client got {told:?}")
+    };
+    assert_eq!(code, ErrorCode::Replaced, "{message}");
+    assert!(message.contains("replaced"), "{message}");
+    assert_eq!(old.next_message(Duration::from_secs(5)).unwrap(), None);
+    // The new one keeps working, and the VM is still stood in for.
+    new.ok(shared_proto::ClientMessage::Ready { name: "www".into() })
+        .unwrap();
+    let log = synjitsu.daemon.log();
+    let warned = log
+        .lines()
+        .any(|l| l.contains("WARN") && l.contains("replaced"));
+    assert!(warned, "the take-over is logged at warn:\n{log}");
+}
+
+/// The times (seconds of the day, UTC) of synjitsu's log lines that contain `needle`.
+fn log_times(log: &str, needle: &str) -> Vec<f64> {
+    log.lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| {
+            // 2026-12-06T08:04:33.855608Z ...
+            let t = l.split_whitespace().next()?.split('T').nth(1)?;
+            let t = t.strip_suffix('Z')?;
+            let mut parts = t.split(':');
+            let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+            Some(
+                h.parse::<f64>().ok()? * 3600.0
+                    + m.parse::<f64>().ok()? * 60.0
+                    + s.parse::<f64>().ok()?,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn two_jitsu_dns_on_one_host_take_turns_slowly_instead_of_fighting() {
+    use jitsu_tests::jitsu_dns::DnsHarness;
+    use jitsu_tests::synjitsu::SynjitsuHost;
+    require_root();
+    require_tool("dig", "dnsutils");
+    let synjitsu = SynjitsuHost::start("syf", &[]).unwrap();
+    let control = synjitsu.control.to_str().unwrap().to_string();
+    let start = |tag: &str| {
+        let mut h = DnsHarness::new(tag).unwrap();
+        let spec =
+            "name=www,dns=www.example.org,ip=10.77.0.1,use_synjitsu=true,command='exec sleep 600'";
+        let args = h.args(None, &["--synjitsu", &control, spec]);
+        h.start(&args, &[]).unwrap();
+        h
+    };
+    let a = start("dfa");
+    wait_until(
+        "the first jitsu-dns to attach",
+        Duration::from_secs(30),
+        || {
+            synjitsu
+                .daemon
+                .log()
+                .contains("kind=\"sync\"")
+                .then_some(())
+        },
+    )
+    .unwrap();
+    let b = start("dfb");
+    // Each takes the connection from the other in turn, each turn at least 5 s after the
+    // last (jitsu-dns's first back-off once replaced), never in a tight loop.
+    let turns = wait_until("three take-overs", Duration::from_secs(60), || {
+        let t = log_times(&synjitsu.daemon.log(), "control client replaced");
+        (t.len() >= 3).then_some(t)
+    })
+    .unwrap_or_else(|e| panic!("{e}; synjitsu's log:\n{}", synjitsu.daemon.log()));
+    for w in turns.windows(2) {
+        assert!(
+            w[1] - w[0] >= 5.0,
+            "take-overs {:.3} s apart: {turns:?}\n{}",
+            w[1] - w[0],
+            synjitsu.daemon.log()
+        );
+    }
+    for (name, h) in [("first", &a), ("second", &b)] {
+        let log = h.log();
+        assert!(
+            log.contains("WARN") && log.contains("is a second one running?"),
+            "the {name} jitsu-dns says why it lost the connection:\n{log}"
+        );
+    }
+}

@@ -179,9 +179,7 @@ fn handover(v6: bool, delay: Duration, abuse: bool) -> Result<Outcome> {
         true,
     )?;
     let guest = synjitsu.host.join("gst", Some(VM_MAC), &[], false)?;
-    let www_dir = synjitsu.host.file("www");
-    std::fs::create_dir_all(&www_dir)?;
-    std::fs::write(www_dir.join("index.html"), "hello from the guest\n")?;
+    let www_dir = guest_page(&synjitsu.host, "hello from the guest\n")?;
 
     let mut ctl = ControlClient::connect(&synjitsu.control)?;
     ctl.sync(&[])?;
@@ -344,9 +342,7 @@ fn wake_on_syn() -> Result<Duration> {
         .host
         .join("cli", Some(CLIENT_MAC), &["10.77.1.2/24"], true)?;
     let guest = synjitsu.host.join("gst", Some(VM_MAC), &[], false)?;
-    let www_dir = synjitsu.host.file("www");
-    std::fs::create_dir_all(&www_dir)?;
-    std::fs::write(www_dir.join("index.html"), "awake\n")?;
+    let www_dir = guest_page(&synjitsu.host, "awake\n")?;
     // A client that kept the VM's address from before: no ARP, straight to the MAC.
     client.ns.sh(&format!(
         "ip neigh replace 10.77.1.10 lladdr {VM_MAC} dev eth0 nud permanent"

@@ -25,21 +25,37 @@ use crate::config::{BackendKind, StopMode, VmConfig};
 use crate::fleet::{IfCounters, Observed};
 
 /// What a successful start, resume or unpause reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Started {
     /// The Xen domain id, for backends that have them.
     pub domid: Option<u32>,
+    /// The host-side bridge port of its (first) interface, as it runs now: libvirt's
+    /// `<target dev='vnet3'/>` of the live domain (`vif<domid>.<n>` under Xen), the process
+    /// backend's veth. synjitsu takes the guest's announcement only from there.
+    pub port: Option<String>,
 }
 
 /// A VM as the backend sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Domain {
     /// Running, suspended, paused or off.
     pub state: Observed,
     /// The domain id, if running and the backend has them.
     pub domid: Option<u32>,
-    /// The MAC of its interface, from the backend's definition.
-    pub mac: Option<Mac>,
+    /// The MACs of its interfaces, in order, from the backend's definition (none if it has
+    /// no definition yet).
+    pub macs: Vec<Mac>,
+    /// The bridge port its interface will have at every start, where the backend names it
+    /// before starting it (the process backend); `None` where it is known only once it runs
+    /// (libvirt: see [`Started::port`]).
+    pub fixed_port: Option<String>,
+}
+
+impl Domain {
+    /// The first interface's MAC, the one the VM's `ip` is served on.
+    pub fn mac(&self) -> Option<Mac> {
+        self.macs.first().copied()
+    }
 }
 
 /// A VM found by [`Backend::list`].

@@ -21,7 +21,14 @@
 //!   JITSU_MAC, JITSU_IFACE=eth0, JITSU_GATEWAY` in its environment.
 //!
 //! The record holds the pid and its start time from `/proc/<pid>/stat`, so a reused pid is
-//! never mistaken for the VM, and a zombie counts as dead. Counters come from the host side
+//! never mistaken for the VM, and a zombie counts as dead. It is written before anything of
+//! the VM's is made (with pid 0: nothing launched yet), naming the namespace, port and
+//! cgroup it will have, and rewritten with the pid once the command runs: so a start cut
+//! short (jitsu-dns killed with -9) leaves a record of what to remove, and [`open`] removes
+//! the leftovers of every VM whose record names no live process (a start cut short, a VM
+//! that died while jitsu-dns was down). VMs that run, or are frozen, are left to be adopted.
+//!
+//! [`open`]: ProcessBackend::open Counters come from the host side
 //! of the veth in `/proc/net/dev`, which is right in whatever namespace jitsu-dns runs.
 //!
 //! It relies on iproute2 (`ip`), util-linux (`setsid`, and `mount` where no cgroup hierarchy
@@ -546,7 +553,8 @@ fn wait_port_forwarding(port: &str) -> bool {
 }
 
 impl ProcessBackend {
-    /// Opens the backend: parses the URI, creates the runtime directory, finds the freezer.
+    /// Opens the backend: parses the URI, creates the runtime directory, finds the freezer,
+    /// and removes the leftovers of VMs that do not run (see the module's documentation).
     pub fn open(uri: Option<&str>) -> Result<ProcessBackend, BackendError> {
         let default = format!("process://{DEFAULT_RUNTIME_DIR}");
         let uri = parse_uri(uri.unwrap_or(&default))?;
@@ -564,7 +572,15 @@ impl ProcessBackend {
             }
         }
         let cgroups = Cgroups::detect(uri.cgroup, &uri.dir)?;
-        Ok(ProcessBackend { uri, cgroups })
+        let backend = ProcessBackend { uri, cgroups };
+        let swept = backend.sweep();
+        if !swept.is_empty() {
+            tracing::info!(
+                vms = swept.len(),
+                "swept the leftovers of VMs that do not run"
+            );
+        }
+        Ok(backend)
     }
 
     fn names(&self, vm: &str) -> Names {
@@ -600,9 +616,18 @@ impl ProcessBackend {
 
     /// Removes everything of the VM's: processes, cgroup, interfaces, namespace, record.
     fn teardown(&self, vm: &VmConfig) -> Result<(), BackendError> {
-        let n = self.names(&vm.name);
-        let err = |what, detail| BackendError::vm(vm, what, detail);
-        let rec = self.record(&vm.name);
+        self.teardown_named(&vm.name)
+    }
+
+    /// [`Self::teardown`] of the VM named `vm`, configured or not.
+    fn teardown_named(&self, vm: &str) -> Result<(), BackendError> {
+        let n = self.names(vm);
+        let err = |what, detail| BackendError::Vm {
+            vm: vm.to_string(),
+            what,
+            detail,
+        };
+        let rec = self.record(vm);
         let mut cgroups = vec![n.cgroup.clone()];
         let mut ports = vec![n.port.clone()];
         let mut namespaces = vec![n.netns.clone()];
@@ -637,7 +662,7 @@ impl ProcessBackend {
                     .map_err(|d| err("delete namespace", d))?;
             }
         }
-        for f in [&n.record, &n.pidfile] {
+        for f in [&n.record, &n.pidfile, &n.record.with_extension("state.tmp")] {
             match fs::remove_file(f) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -645,6 +670,40 @@ impl ProcessBackend {
             }
         }
         Ok(())
+    }
+
+    /// Removes what earlier runs left of VMs that do not run: every VM with a record, a pid
+    /// file or a half-written record in the runtime directory whose recorded process is not
+    /// alive. Returns the VMs swept.
+    fn sweep(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(&self.uri.dir) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| {
+                let file = e.file_name().into_string().ok()?;
+                [".state", ".pid", ".state.tmp"]
+                    .iter()
+                    .find_map(|ext| file.strip_suffix(ext))
+                    .filter(|vm| is_vm_name(vm))
+                    .map(str::to_string)
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names.retain(|vm| !self.record(vm).is_some_and(|r| alive(&r)));
+        for vm in &names {
+            match self.teardown_named(vm) {
+                Ok(()) => {
+                    tracing::info!(vm = %vm, "removed what an earlier run left of a VM that does not run (namespace, port, cgroup, record)")
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %vm, error = %e, "cannot remove what an earlier run left of a VM")
+                }
+            }
+        }
+        names
     }
 
     fn launch(&self, vm: &VmConfig, n: &Names) -> Result<Record, String> {
@@ -705,6 +764,23 @@ impl ProcessBackend {
     }
 }
 
+/// True for a name a VM can have (1 to 64 of `A-Za-z0-9._-`, not `.` or `..`): only those
+/// are swept, so nothing else in the runtime directory names a namespace to delete.
+fn is_vm_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && name != "."
+        && name != ".."
+}
+
+/// Writes `rec` as the record at `path`, whole or not at all.
+fn write_record(path: &Path, rec: &Record) -> std::io::Result<()> {
+    let tmp = path.with_extension("state.tmp");
+    fs::write(&tmp, rec.to_text()).and_then(|()| fs::rename(&tmp, path))
+}
+
 /// The last line or so of a log, for error messages.
 fn tail(path: &Path) -> String {
     let t = fs::read_to_string(path).unwrap_or_default();
@@ -732,7 +808,7 @@ fn guest_env(vm: &VmConfig) -> Vec<(&'static str, String)> {
                 .map(|_| vm.ip6_prefix.to_string())
                 .unwrap_or_default(),
         ),
-        ("JITSU_MAC", vm.mac.to_string()),
+        ("JITSU_MAC", vm.mac().to_string()),
         ("JITSU_IFACE", GUEST_IFACE.to_string()),
         (
             "JITSU_GATEWAY",
@@ -791,7 +867,8 @@ impl Backend for ProcessBackend {
         Ok(Domain {
             state: self.observe(self.record(&vm.name)),
             domid: None,
-            mac: Some(vm.mac),
+            macs: vec![vm.mac()],
+            fixed_port: Some(self.names(&vm.name).port),
         })
     }
 
@@ -799,16 +876,26 @@ impl Backend for ProcessBackend {
         let n = self.names(&vm.name);
         let err = |what, detail| BackendError::vm(vm, what, detail);
         self.teardown(vm)?;
-        run(Command::new("ip").args(["link", "show", "dev", &vm.nic])).map_err(|_| {
+        run(Command::new("ip").args(["link", "show", "dev", vm.nic()])).map_err(|_| {
             err(
                 "start",
                 format!(
                     "there is no bridge {} in jitsu-dns's network namespace (the VM's nic)",
-                    vm.nic
+                    vm.nic()
                 ),
             )
         })?;
         let result = (|| -> Result<Record, BackendError> {
+            // Written first, so that a start cut short leaves a record of what it made.
+            let provisional = Record {
+                pid: 0,
+                start: 0,
+                netns: n.netns.clone(),
+                port: n.port.clone(),
+                cgroup: n.cgroup.clone(),
+            };
+            write_record(&n.record, &provisional)
+                .map_err(|e| err("write record", format!("{}: {e}", n.record.display())))?;
             fs::create_dir_all(&n.cgroup)
                 .map_err(|e| err("create cgroup", format!("{}: {e}", n.cgroup.display())))?;
             run(Command::new("ip").args(["netns", "add", &n.netns]))
@@ -823,7 +910,7 @@ impl Backend for ProcessBackend {
                     "link add {port} address {PORT_MAC} type veth peer name {GUEST_IFACE} netns {ns}\nlink set {port} master {nic}\n",
                     port = n.port,
                     ns = n.netns,
-                    nic = vm.nic
+                    nic = vm.nic()
                 ),
             )
             .map_err(|d| err("create veth pair", d))?;
@@ -849,9 +936,7 @@ impl Backend for ProcessBackend {
                 .map_err(|d| err("configure eth0", d))?;
             }
             let rec = self.launch(vm, &n).map_err(|d| err("start command", d))?;
-            let tmp = n.record.with_extension("state.tmp");
-            fs::write(&tmp, rec.to_text())
-                .and_then(|()| fs::rename(&tmp, &n.record))
+            write_record(&n.record, &rec)
                 .map_err(|e| err("write record", format!("{}: {e}", n.record.display())))?;
             let _ = fs::remove_file(&n.pidfile);
             Ok(rec)
@@ -859,7 +944,10 @@ impl Backend for ProcessBackend {
         match result {
             Ok(rec) => {
                 tracing::debug!(vm = %vm.name, pid = rec.pid, netns = %rec.netns, port = %rec.port, "process started");
-                Ok(Started { domid: None })
+                Ok(Started {
+                    domid: None,
+                    port: Some(rec.port),
+                })
             }
             Err(e) => {
                 // Leave nothing half-made behind.
@@ -910,7 +998,10 @@ impl Backend for ProcessBackend {
             .filter(alive)
             .ok_or_else(|| err("not running (nothing to resume)".into()))?;
         self.cgroups.set_frozen(&r.cgroup, false).map_err(err)?;
-        Ok(Started { domid: None })
+        Ok(Started {
+            domid: None,
+            port: Some(r.port),
+        })
     }
 
     fn unpause(&self, vm: &VmConfig) -> Result<Started, BackendError> {
@@ -1091,6 +1182,14 @@ mod tests {
             (Some(PathBuf::from("/sys/fs/cgroup")), None)
         );
         assert_eq!(parse_mountinfo(""), (None, None));
+    }
+
+    #[test]
+    fn only_vm_names_are_swept() {
+        assert!(is_vm_name("www") && is_vm_name("a.b_c-9") && is_vm_name(&"x".repeat(64)));
+        for bad in ["", ".", "..", "a/b", "a b", "é", &"x".repeat(65)] {
+            assert!(!is_vm_name(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -81,6 +81,21 @@ pub enum ConfigError {
         /// What is wrong.
         why: String,
     },
+    /// A reload would remove more VMs than `max_removed_share` allows.
+    #[error(
+        "it would remove {removed} of {total} VMs ({names}), more than max_removed_share = \
+         {share} allows; to remove them set max_removed_share = 1.0 in the file, then reload"
+    )]
+    TooManyRemoved {
+        /// How many VMs would go.
+        removed: usize,
+        /// How many run under the current configuration.
+        total: usize,
+        /// The first few of them.
+        names: String,
+        /// The share allowed.
+        share: f64,
+    },
     /// A required key is absent.
     #[error("{origin}: {key} is missing: {why}")]
     Missing {

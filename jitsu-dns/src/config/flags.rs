@@ -20,60 +20,91 @@ use super::file::{FileSettings, toml_strings};
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Flags {
-    /// Address to serve DNS on.
+    /// Address to serve DNS on [default: 127.0.0.1].
     #[arg(short = 'b', long, value_name = "IP")]
     pub bind: Option<Given>,
-    /// Port to serve DNS on.
+    /// Port to serve DNS on [default: 53].
     #[arg(short = 'l', long, value_name = "PORT")]
     pub listen: Option<Given>,
-    /// Where other names go: IPs (comma-separated); empty: /etc/resolv.conf; 0.0.0.0: refuse.
+    /// Where other names go: IPs (comma-separated); empty: /etc/resolv.conf; 0.0.0.0: refuse
+    /// [default: empty].
     #[arg(short = 'f', long, value_name = "IP")]
     pub forwarder: Option<Given>,
-    /// Port of the forwarders.
-    #[arg(short = 'p', long, value_name = "PORT")]
+    /// Port of the forwarders (Jitsu's -p/--port) [default: 53].
+    #[arg(short = 'p', long, visible_alias = "port", value_name = "PORT")]
     pub forwarder_port: Option<Given>,
-    /// Default response delay in seconds (masks a boot when nothing better is configured).
+    /// Default response delay in seconds (masks a boot when nothing better is configured)
+    /// [default: 0.1].
     #[arg(short = 'd', long, value_name = "SECONDS")]
     pub delay: Option<Given>,
-    /// TTL of answers in seconds; VMs idle for twice this are stopped.
+    /// TTL of answers in seconds; VMs idle for twice this are stopped [default: 60].
     #[arg(short = 't', long, value_name = "SECONDS")]
     pub ttl: Option<Given>,
-    /// Default stop mode: destroy, suspend or shutdown.
+    /// Default stop mode: destroy, suspend or shutdown [default: destroy].
     #[arg(short = 'm', long, value_name = "MODE")]
     pub mode: Option<Given>,
-    /// Backend: process (a command in a network namespace) or libvirt.
+    /// Backend: process (a command in a network namespace), libvirt, or libxl (libvirt's
+    /// libxl driver, xen:///system) [default: from --connect: process for a process: URI,
+    /// libvirt for any other; without --connect: process].
     #[arg(short = 'x', long, value_name = "BACKEND")]
     pub backend: Option<Given>,
     /// Backend URI: process:///run/jitsu/process?netns_prefix=jitsu-&cgroup=auto, or a libvirt
-    /// URI (qemu:///system, xen:///system; default: libvirt's), plus ?shutdown_grace=SECONDS.
+    /// URI (xen:///, xen:///system, qemu:///system, test:///default...), plus
+    /// ?shutdown_grace=SECONDS [default: process:///run/jitsu/process; for libvirt,
+    /// libvirt's own default, as for virsh].
     #[arg(short = 'c', long, value_name = "URI")]
     pub connect: Option<Given>,
-    /// synjitsu's control socket.
+    /// Path of synjitsu's control socket (not a UUID, as Jitsu 0.2 took) [default: none, no
+    /// synjitsu].
     #[arg(long, value_name = "SOCKET")]
     pub synjitsu: Option<Given>,
-    /// Git repository holding the state and its history (default: a temporary one).
+    /// Git repository holding the state and its history [default: a temporary one].
     #[arg(long, value_name = "DIR")]
     pub persistdb: Option<Given>,
     /// The TOML file with the same settings and `[[vm]]` tables; re-read on SIGHUP.
     #[arg(
         long,
         value_name = "FILE",
-        help = "TOML file with the same settings and [[vm]] tables; re-read on SIGHUP"
+        help = "TOML file with the same settings and [[vm]] tables; re-read on SIGHUP \
+                [default: none]"
     )]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Serve Prometheus metrics at http://ADDR/metrics.
+    /// Serve Prometheus metrics at http://ADDR/metrics [default: none].
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<Given>,
-    /// Log level or filter (error, warn, info, debug, trace, or an EnvFilter directive).
+    /// Log level or filter (error, warn, info, debug, trace, or an EnvFilter directive)
+    /// [default: info].
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<Given>,
-    /// At most this many VMs booting or running; past it, queries get SERVFAIL.
+    /// At most this many VMs booting or running; past it, queries get SERVFAIL [default:
+    /// unlimited].
     #[arg(long, value_name = "N")]
     pub max_running: Option<Given>,
-    /// At most this many boots per second; past it, queries get SERVFAIL.
+    /// At most this many boots per second; past it, queries get SERVFAIL [default:
+    /// unlimited].
     #[arg(long, value_name = "M")]
     pub max_boots_per_second: Option<Given>,
+    /// A reload (SIGHUP) that would remove more than this share of the VMs is refused; 1.0
+    /// allows removing them all [default: 0.5].
+    #[arg(long, value_name = "SHARE")]
+    pub max_removed_share: Option<Given>,
+    /// Clients that may use the forwarders: networks, comma-separated; others get REFUSED for
+    /// names outside the zones [default: loopback and the networks of the bind address].
+    #[arg(long, value_name = "CIDR")]
+    pub forward_clients: Option<Given>,
+    /// At most this many forwarded queries in flight; past it, SERVFAIL at once [default:
+    /// 150].
+    #[arg(long, value_name = "N")]
+    pub forward_max: Option<Given>,
+    /// At most this many DNS-over-TCP connections at once; past it, new ones are closed
+    /// [default: 150].
+    #[arg(long, value_name = "N")]
+    pub tcp_max_clients: Option<Given>,
+    /// At most this many DNS-over-TCP connections from one client (an IPv6 client: its /64)
+    /// [default: 16].
+    #[arg(long, value_name = "N")]
+    pub tcp_max_per_client: Option<Given>,
     /// VM specs: name=www,dns=www.example.org,ip=10.0.0.1,...
     #[arg(value_name = "VM")]
     #[serde(skip)]
@@ -166,7 +197,62 @@ mod tests {
                 assert_eq!(long, key.replace('_', "-"), "the flag is the key");
             }
         }
-        assert_eq!(n, 15, "the settings");
+        assert_eq!(n, 20, "the settings");
+    }
+
+    #[test]
+    fn port_is_the_forwarders_port_as_in_jitsu() {
+        use clap::FromArgMatches as _;
+        let cmd = || Flags::augment_args(clap::Command::new("jitsu-dns"));
+        for args in [
+            &["j", "--port", "5300"][..],
+            &["j", "-p", "5300"],
+            &["j", "--forwarder-port", "5300"],
+        ] {
+            let m = cmd().try_get_matches_from(args).unwrap();
+            let f = Flags::from_arg_matches(&m).unwrap();
+            let c = merge(&f, None).unwrap();
+            assert_eq!(c.forwarder_port, 5300, "{args:?}");
+            assert_eq!(c.listen, 53, "{args:?}: not the listening port");
+        }
+    }
+
+    #[test]
+    fn the_help_shows_every_default() {
+        use crate::config::{
+            DEFAULT_BIND, DEFAULT_DELAY, DEFAULT_FORWARDER_PORT, DEFAULT_LISTEN, DEFAULT_LOG_LEVEL,
+            DEFAULT_MAX_REMOVED_SHARE, DEFAULT_TTL, StopMode,
+        };
+        let cmd = Flags::augment_args(clap::Command::new("jitsu-dns"));
+        let help = |key: &str| {
+            let arg = cmd.get_arguments().find(|a| a.get_id() == key).unwrap();
+            arg.get_help().map(|h| h.to_string()).unwrap_or_default()
+        };
+        // Those with a constant show the constant's value.
+        for (key, default) in [
+            ("bind", DEFAULT_BIND.to_string()),
+            ("listen", DEFAULT_LISTEN.to_string()),
+            ("forwarder_port", DEFAULT_FORWARDER_PORT.to_string()),
+            ("delay", DEFAULT_DELAY.as_secs_f64().to_string()),
+            ("ttl", DEFAULT_TTL.to_string()),
+            ("mode", StopMode::Destroy.to_string()),
+            ("log_level", DEFAULT_LOG_LEVEL.to_string()),
+            ("max_removed_share", DEFAULT_MAX_REMOVED_SHARE.to_string()),
+            (
+                "connect",
+                format!("process://{}", crate::backend::process::DEFAULT_RUNTIME_DIR),
+            ),
+        ] {
+            assert!(
+                help(key).contains(&format!("[default: {default}")),
+                "{key}: {}",
+                help(key)
+            );
+        }
+        for arg in cmd.get_arguments().filter(|a| a.get_id() != "specs") {
+            let h = help(arg.get_id().as_str());
+            assert!(h.contains("[default: "), "{}: {h}", arg.get_id());
+        }
     }
 
     #[test]

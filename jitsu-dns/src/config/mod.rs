@@ -29,11 +29,13 @@ pub use spec::{Entry, parse_spec};
 pub use types::*;
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::FileTypeExt as _;
 use std::path::PathBuf;
 
 use error::invalid;
 use flags::Given;
-use values::{parse_enum, parse_ip, parse_seconds, parse_u64};
+use ipnet::IpNet;
+use values::{parse_enum, parse_ip, parse_seconds, parse_u64, parse_uuid};
 use vm::{VmDefaults, build_vm, check_distinct};
 use zone::{explicit_zones, zones_for};
 
@@ -99,12 +101,10 @@ pub fn merge(flags: &Flags, file: Option<&FileSettings>) -> Result<Config, Confi
     let ttl = setting!(s, ttl, |o, k, v| parse_u64(o, k, v, 1, (1 << 31) - 1))?
         .map_or(DEFAULT_TTL, |t| t as u32);
     let mode = setting!(s, mode, parse_enum)?.unwrap_or(StopMode::Destroy);
-    // The process backend is the one that works everywhere; libvirt is chosen explicitly.
-    let backend = setting!(s, backend, parse_enum)?.unwrap_or(BackendKind::Process);
-    let connect = setting!(s, connect, as_text)?;
-    let synjitsu = setting!(s, synjitsu, |o, k, v| {
-        parse_path(o, k, v, "expected the path of synjitsu's control socket")
-    })?;
+    let named = setting!(s, backend, parse_backend)?;
+    let connect = setting!(s, connect, |o, _, v| Ok((o.clone(), v.to_string())))?;
+    let (backend, connect, backend_why) = choose_backend(named, connect)?;
+    let synjitsu = setting!(s, synjitsu, parse_synjitsu_socket)?;
     let persistdb = setting!(s, persistdb, |o, k, v| {
         parse_path(o, k, v, "expected a directory")
     })?;
@@ -121,16 +121,33 @@ pub fn merge(flags: &Flags, file: Option<&FileSettings>) -> Result<Config, Confi
         1 << 20
     ))?
     .map(|n| n as u32);
+    let max_removed_share =
+        setting!(s, max_removed_share, parse_share)?.unwrap_or(DEFAULT_MAX_REMOVED_SHARE);
+    let count = |o: &Origin, k: &str, v: &str| parse_u64(o, k, v, 1, 1 << 20).map(|n| n as usize);
+    let forward_clients = setting!(s, forward_clients, parse_networks)?;
+    let forward_max = setting!(s, forward_max, count)?.unwrap_or(DEFAULT_FORWARD_MAX);
+    let tcp_max_clients = setting!(s, tcp_max_clients, count)?.unwrap_or(DEFAULT_TCP_MAX_CLIENTS);
+    let tcp_max_per_client =
+        setting!(s, tcp_max_per_client, count)?.unwrap_or(DEFAULT_TCP_MAX_PER_CLIENT);
 
     let defaults = VmDefaults {
         delay,
         mode,
         backend,
+        // Jitsu's libxl backend built PV domains (its unikernels, MirageOS 2 and Rumprun, are
+        // PV guests); libvirt's Xen default here is PVH.
+        domain_type: (named == Some(BackendName::Libxl)).then_some(DomainType::XenPv),
     };
+    // Relative paths of a spec are read from the working directory, as Jitsu read them; those
+    // of the file from the file's directory, so that it means the same from anywhere.
+    let cwd = std::env::current_dir().ok();
+    let file_dir = file
+        .and_then(|f| std::path::absolute(&f.path).ok())
+        .and_then(|p| p.parent().map(PathBuf::from));
     let mut vms = Vec::new();
     for (i, spec) in flags.specs.iter().enumerate() {
         let entries = parse_spec(spec, i + 1)?;
-        vms.push((build_vm(&entries, None, defaults)?, entries));
+        vms.push((build_vm(&entries, None, cwd.as_deref(), defaults)?, entries));
     }
     let (vm_tables, zone_tables) = match file {
         Some(f) => (&f.vms[..], &f.zones[..]),
@@ -138,16 +155,12 @@ pub fn merge(flags: &Flags, file: Option<&FileSettings>) -> Result<Config, Confi
     };
     for t in vm_tables {
         vms.push((
-            build_vm(&t.entries, Some(&t.at), defaults)?,
+            build_vm(&t.entries, Some(&t.at), file_dir.as_deref(), defaults)?,
             t.entries.clone(),
         ));
     }
     check_distinct(&vms)?;
-    let zones = zones_for(
-        explicit_zones(zone_tables, bind)?,
-        vms.iter().map(|(v, _)| v),
-        bind,
-    );
+    let zones = zones_for(explicit_zones(zone_tables, bind)?, &vms, bind)?;
 
     Ok(Config {
         bind,
@@ -159,16 +172,123 @@ pub fn merge(flags: &Flags, file: Option<&FileSettings>) -> Result<Config, Confi
         mode,
         backend,
         connect,
+        backend_why,
         synjitsu,
         persistdb,
         metrics,
         log_level,
         max_running,
         max_boots_per_second,
+        max_removed_share,
         zones,
         vms: vms.into_iter().map(|(v, _)| v).collect(),
         file: file.map(|f| f.path.clone()),
+        forward_clients,
+        forward_max,
+        tcp_max_clients,
+        tcp_max_per_client,
     })
+}
+
+/// What `-x` names: one of the backends, or Jitsu's `libxl`, which is libvirt's libxl driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BackendName {
+    Kind(BackendKind),
+    Libxl,
+}
+
+/// The URI libvirt's libxl driver answers at, for `-x libxl`.
+pub const LIBXL_URI: &str = "xen:///system";
+
+fn parse_backend(origin: &Origin, key: &str, v: &str) -> Result<BackendName, ConfigError> {
+    match v {
+        "libxl" => Ok(BackendName::Libxl),
+        "xapi" => Err(invalid(
+            origin,
+            key,
+            v,
+            "XAPI (XenServer, XCP-ng) is not supported: on a Xen host, run libvirt and use \
+             -x libxl (or -c xen:///system); XenServer and XCP-ng have no libvirt driver",
+        )),
+        _ => parse_enum::<BackendKind>(origin, key, v)
+            .map(BackendName::Kind)
+            .map_err(|_| invalid(origin, key, v, "expected process, libvirt or libxl")),
+    }
+}
+
+/// The scheme of a URI (`xen` of `xen:///system`, `qemu+ssh` of `qemu+ssh://h/system`).
+fn scheme(uri: &str) -> Option<&str> {
+    uri.split_once(':').map(|(s, _)| s).filter(|s| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+    })
+}
+
+/// The backend, its URI, and how it was chosen, from `-x` and `-c` (each with where it was
+/// given): `-x` wins; without it the scheme of `-c` says (`process:` is the process backend,
+/// any other scheme libvirt, as Jitsu's `-c xen:///` meant); without either, the process
+/// backend, which works on any host. `-x libxl` is libvirt at `xen:///system`.
+#[allow(clippy::type_complexity)]
+fn choose_backend(
+    named: Option<BackendName>,
+    connect: Option<(Origin, String)>,
+) -> Result<(BackendKind, Option<String>, Option<String>), ConfigError> {
+    let given = connect.as_ref().filter(|(_, u)| !u.is_empty());
+    let libvirt = |u: &str, why: String| Ok((BackendKind::Libvirt, Some(u.to_string()), Some(why)));
+    match (named, given) {
+        (Some(BackendName::Kind(kind)), _) => Ok((kind, connect.map(|(_, u)| u), None)),
+        (Some(BackendName::Libxl), None) => libvirt(
+            LIBXL_URI,
+            format!("-x libxl: libvirt's libxl driver at {LIBXL_URI}"),
+        ),
+        (Some(BackendName::Libxl), Some((origin, u))) => {
+            if !scheme(u).is_some_and(|s| s == "xen" || s.starts_with("xen+")) {
+                return Err(invalid(
+                    origin,
+                    "connect",
+                    u,
+                    "-x libxl is libvirt's libxl driver: give a xen URI (xen:///system, \
+                     xen+ssh://host/system) or no -c",
+                ));
+            }
+            libvirt(u, format!("-x libxl: libvirt's libxl driver at {u}"))
+        }
+        (None, None) => Ok((BackendKind::Process, connect.map(|(_, u)| u), None)),
+        (None, Some((origin, u))) => match scheme(u) {
+            Some("process") => Ok((BackendKind::Process, Some(u.to_string()), None)),
+            Some(s) => libvirt(u, format!("libvirt, from the scheme {s}: of --connect")),
+            None => Err(invalid(
+                origin,
+                "connect",
+                u,
+                "not a URI: expected process:///run/jitsu/process or a libvirt URI such as \
+                 xen:///system or qemu:///system",
+            )),
+        },
+    }
+}
+
+/// `--forward-clients`: networks (`10.0.0.0/24`; an address alone is its own network),
+/// comma-separated.
+fn parse_networks(origin: &Origin, key: &str, v: &str) -> Result<Vec<IpNet>, ConfigError> {
+    v.split(',')
+        .map(|s| {
+            let s = s.trim();
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map(|n| n.trunc())
+                .map_err(|_| {
+                    invalid(
+                        origin,
+                        key,
+                        v,
+                        "expected networks like 10.0.0.0/24 or fd00::/64, comma-separated \
+                         (0.0.0.0/0,::/0: every client)",
+                    )
+                })
+        })
+        .collect()
 }
 
 /// `-f`: a comma-separated list of servers; empty: the system's; `0.0.0.0`: none.
@@ -201,6 +321,51 @@ fn parse_forwarders(origin: &Origin, key: &str, v: &str) -> Result<Forwarders, C
         ))
     } else {
         Ok(Forwarders::List(list))
+    }
+}
+
+/// A share, from 0 to 1 (`max_removed_share`).
+fn parse_share(origin: &Origin, key: &str, v: &str) -> Result<f64, ConfigError> {
+    v.parse::<f64>()
+        .ok()
+        .filter(|x| (0.0..=1.0).contains(x))
+        .ok_or_else(|| {
+            invalid(
+                origin,
+                key,
+                v,
+                "expected a share from 0 to 1, like 0.5 (1.0: any)",
+            )
+        })
+}
+
+/// `--synjitsu`: the path of synjitsu's control socket. A UUID (what Jitsu 0.2 took, naming
+/// its synjitsu unikernel) or a path that exists and is no socket is refused at start rather
+/// than becoming a client that never connects; a path that does not exist yet is fine
+/// (synjitsu may start later: the client keeps trying).
+fn parse_synjitsu_socket(origin: &Origin, key: &str, v: &str) -> Result<PathBuf, ConfigError> {
+    const WHAT: &str = "expected the path of synjitsu's control socket (synjitsu --control), \
+                        like /run/jitsu/synjitsu.sock";
+    let path = parse_path(origin, key, v, WHAT)?;
+    if parse_uuid(origin, key, v).is_ok() {
+        return Err(invalid(
+            origin,
+            key,
+            v,
+            format!(
+                "a UUID is how Jitsu 0.2 named its synjitsu unikernel; this synjitsu is a \
+                 daemon on the host: {WHAT}"
+            ),
+        ));
+    }
+    match std::fs::metadata(&path) {
+        Ok(m) if !m.file_type().is_socket() => Err(invalid(
+            origin,
+            key,
+            v,
+            format!("this file exists and is not a socket: {WHAT}"),
+        )),
+        _ => Ok(path),
     }
 }
 

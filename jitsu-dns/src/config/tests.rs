@@ -44,12 +44,14 @@ fn defaults_are_jitsus() {
     assert_eq!(&*vm.name, "www");
     assert_eq!(vm.dns, vec![Name::from_ascii("www.example.org.").unwrap()]);
     assert_eq!((vm.ip, vm.ip_prefix), ("10.0.0.1".parse().unwrap(), 24));
-    assert_eq!(vm.mac, Mac::derived_from(b"www"));
+    assert_eq!(vm.mac(), Mac::derived_from(b"www"));
     assert_eq!(vm.response_delay, Duration::from_millis(100));
     assert_eq!(vm.stop_mode, StopMode::Destroy);
     assert_eq!(vm.handover, HandoverKind::Wire);
     assert_eq!(vm.ifup, Ifup::Jitsu);
-    assert_eq!(vm.nic, "br0");
+    assert_eq!(vm.nic(), "br0");
+    assert_eq!(vm.nics.len(), 1);
+    assert_eq!(vm.nics[0].script, None);
     assert_eq!(vm.wait_for_timeout, DEFAULT_WAIT_FOR_TIMEOUT);
     assert_eq!(vm.boot_timeout, DEFAULT_BOOT_TIMEOUT);
     assert!(!vm.use_synjitsu && vm.wait_for.is_none() && vm.wait_for_key.is_none());
@@ -77,6 +79,11 @@ fn every_flag_is_parsed() {
         log_level: Some("debug".into()),
         max_running: Some("4".into()),
         max_boots_per_second: Some("2".into()),
+        max_removed_share: Some("0.25".into()),
+        forward_clients: Some("10.9.0.0/24, fd00::1".into()),
+        forward_max: Some("8".into()),
+        tcp_max_clients: Some("30".into()),
+        tcp_max_per_client: Some("3".into()),
         specs: vec![www().into()],
         config: None,
     };
@@ -103,6 +110,18 @@ fn every_flag_is_parsed() {
     assert_eq!(c.log_level, "debug");
     assert_eq!(c.max_running, Some(4));
     assert_eq!(c.max_boots_per_second, Some(2));
+    assert_eq!(c.max_removed_share, 0.25);
+    assert_eq!(
+        c.forward_clients,
+        Some(vec![
+            "10.9.0.0/24".parse().unwrap(),
+            "fd00::1/128".parse().unwrap()
+        ])
+    );
+    assert_eq!(
+        (c.forward_max, c.tcp_max_clients, c.tcp_max_per_client),
+        (8, 30, 3)
+    );
     assert_eq!(
         c.zones[0].ns_addresses,
         vec!["10.9.0.1".parse::<IpAddr>().unwrap()]
@@ -113,6 +132,35 @@ fn every_flag_is_parsed() {
     assert_eq!(ok(&off).forwarders, Forwarders::Off);
     off.forwarder = Some("".into());
     assert_eq!(ok(&off).forwarders, Forwarders::System);
+    let d = ok(&off);
+    assert_eq!(
+        (
+            d.forward_clients,
+            d.forward_max,
+            d.tcp_max_clients,
+            d.tcp_max_per_client
+        ),
+        (
+            None,
+            DEFAULT_FORWARD_MAX,
+            DEFAULT_TCP_MAX_CLIENTS,
+            DEFAULT_TCP_MAX_PER_CLIENT
+        )
+    );
+    // A host bit set is the network it is in; anything else is refused.
+    off.forward_clients = Some("10.9.0.7/24".into());
+    assert_eq!(
+        ok(&off).forward_clients,
+        Some(vec!["10.9.0.0/24".parse().unwrap()])
+    );
+    off.forward_clients = Some("10.9.0.0/24,everyone".into());
+    let e = merge(&off, None).unwrap_err().to_string();
+    assert!(
+        e.starts_with(
+            "flag --forward-clients: forward_clients = \"10.9.0.0/24,everyone\": expected networks"
+        ),
+        "{e}"
+    );
 }
 
 #[test]
@@ -132,7 +180,7 @@ fn every_vm_key_is_parsed() {
     assert_eq!((vm.ip.to_string().as_str(), vm.ip_prefix), ("10.0.0.2", 16));
     assert_eq!(vm.ip6, Some("fd00::2".parse().unwrap()));
     assert_eq!(vm.ip6_prefix, 80);
-    assert_eq!(vm.mac.to_string(), "00:16:3e:00:00:02");
+    assert_eq!(vm.mac().to_string(), "00:16:3e:00:00:02");
     assert_eq!(vm.response_delay, Duration::from_millis(500));
     assert_eq!(
         vm.wait_for_key.as_deref(),
@@ -145,7 +193,7 @@ fn every_vm_key_is_parsed() {
     assert_eq!(vm.stop_mode, StopMode::Shutdown);
     assert_eq!(vm.ifup, Ifup::Guest);
     assert_eq!(vm.gateway, Some("10.0.0.254".parse().unwrap()));
-    assert_eq!(vm.nic, "br1");
+    assert_eq!(vm.nic(), "br1");
     assert_eq!(vm.command.as_deref(), Some("sh -c \"a, b\""));
     assert_eq!(vm.zone, Some(Name::from_ascii("example.org.").unwrap()));
 }
@@ -153,7 +201,7 @@ fn every_vm_key_is_parsed() {
 #[test]
 fn libvirt_keys_are_parsed_for_libvirt() {
     let mut f = flags(&[
-        "name=rump,dns=nginx.example.org,ip=10.0.0.3,kernel=/k/nginx.bin,memory=64,\
+        "name=rump,dns=nginx.example.org,ip=10.0.0.3,kernel=/k/nginx.bin,memory=64000,\
          disk=/d/a.img,disk=/d/b.img,uuid=4DEA22B3-1D52-D8F3-2516-782E98AB3FA0,\
          cmdline=console=hvc0,handover=xenstore,wait_for_key=data/ready,initrd=/k/initrd,\
          console_log=/var/log/jitsu/rump.console,domain_type=xenpv",
@@ -168,10 +216,16 @@ fn libvirt_keys_are_parsed_for_libvirt() {
         Some(PathBuf::from("/var/log/jitsu/rump.console"))
     );
     assert_eq!(vm.domain_type, Some(DomainType::XenPv));
-    assert_eq!(vm.memory, Some(64));
+    assert_eq!(vm.memory_kib, Some(64000), "KiB, as in Jitsu");
     assert_eq!(
         vm.disks,
-        vec![PathBuf::from("/d/a.img"), PathBuf::from("/d/b.img")]
+        ["/d/a.img", "/d/b.img"]
+            .map(|p| Disk {
+                source: PathBuf::from(p),
+                vdev: None,
+                kind: DiskKind::File
+            })
+            .to_vec()
     );
     assert_eq!(
         vm.uuid.as_deref(),
@@ -361,18 +415,6 @@ fn bad_specs_name_the_key_the_value_and_why() {
     assert!(err(&lv).contains("process backend"));
     for (spec, what) in [
         (
-            "kernel=vmlinux",
-            "kernel = \"vmlinux\": must be an absolute path",
-        ),
-        (
-            "initrd=./i.gz",
-            "initrd = \"./i.gz\": must be an absolute path",
-        ),
-        (
-            "disk=/ok.img,disk=d.img",
-            "disk = \"d.img\": must be an absolute path",
-        ),
-        (
             "console_log=c.log",
             "console_log = \"c.log\": must be an absolute path",
         ),
@@ -473,7 +515,7 @@ fn bad_flags_name_the_flag() {
                 backend: Some("xen".into()),
                 ..flags(&[www()])
             },
-            "libvirt or process",
+            "flag --backend: backend = \"xen\": expected process, libvirt or libxl",
         ),
         (
             Flags {
@@ -739,4 +781,496 @@ fn rumprun_config_is_a_file_that_must_be_there_at_start() {
     )]));
     assert!(e.contains("libvirt backend"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A name of `len` characters (without the final dot) ending in `.example.org`... made of
+/// labels of at most 63: `a.<63 b>.<63 b>.<63 b>.<c..>` as in issue 15, for `len` 193 to 253.
+fn long_name(len: usize) -> String {
+    let b63 = "b".repeat(63);
+    let head = format!("a.{b63}.{b63}.{b63}.");
+    assert!(len > head.len() && len - head.len() <= 63);
+    let name = format!("{head}{}", "c".repeat(len - head.len()));
+    assert_eq!(name.len(), len);
+    name
+}
+
+#[test]
+fn a_name_whose_zone_has_no_room_for_its_ns_is_refused_not_a_panic() {
+    // 253 characters is the longest valid name (255 octets on the wire); its zone (the name
+    // minus `a.`) has 251, and `ns.<zone>` would have 254: one too many.
+    let spec = |n: &str| format!("name=x,dns={n},ip=10.91.0.1,command=true");
+    let e = err(&flags(&[&spec(&long_name(253))]));
+    assert!(
+        e.starts_with(&format!("VM spec 1 (x): dns = \"{}\": ", long_name(253))),
+        "{e}"
+    );
+    assert!(
+        e.contains("no room for its NS name ns.") && e.contains("give the zone a [[zone]] table"),
+        "{e}"
+    );
+    // One shorter: ns.<zone> has 253 characters, which is valid.
+    let c = ok(&flags(&[&spec(&long_name(252))]));
+    assert_eq!(
+        c.zones[0].ns.to_ascii().len(),
+        254,
+        "253 and the root's dot"
+    );
+    // The same zone through `zone=`.
+    let zone = &long_name(253)[2..];
+    let e = err(&flags(&[&format!("{},zone={zone}", spec(&long_name(253)))]));
+    assert!(
+        e.starts_with(&format!("VM spec 1 (x): zone = \"{zone}\": ")),
+        "{e}"
+    );
+    // A [[zone]] of that length: refused without `ns`, served with one.
+    let path = Path::new("dom0.toml");
+    let file = |ns: &str| {
+        from_toml(
+            &format!("[[zone]]\nname = \"{zone}\"\n{ns}\n[[vm]]\nname = \"x\"\ndns = \"{}\"\nip = \"10.91.0.1\"\ncommand = \"true\"\n", long_name(253)),
+            path,
+        )
+        .and_then(|f| merge(&Flags::default(), Some(&f)))
+    };
+    let e = file("").unwrap_err().to_string();
+    assert!(
+        e.starts_with(&format!("dom0.toml line 2: name = \"{zone}\": ")),
+        "{e}"
+    );
+    assert!(e.contains("no room for its NS name"), "{e}");
+    let c = file("ns = \"ns.example.org\"").unwrap();
+    assert_eq!(c.zones[0].ns.to_string(), "ns.example.org.");
+    // Longer than 253 is no name at all.
+    let e = err(&flags(&[&spec(&format!("{}.org", long_name(250)))]));
+    assert!(e.contains("not a domain name"), "{e}");
+}
+
+#[test]
+fn a_reload_may_remove_at_most_its_share_of_the_vms() {
+    let vm = |n: u8| format!("name=v{n},dns=v{n}.example.org,ip=10.0.0.{n},command=x");
+    let with = |specs: &[String], share: Option<&str>| {
+        ok(&Flags {
+            max_removed_share: share.map(Into::into),
+            ..flags(&specs.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+    };
+    let four: Vec<String> = (1..=4).map(vm).collect();
+    let running = with(&four, None);
+    assert_eq!(running.max_removed_share, DEFAULT_MAX_REMOVED_SHARE);
+    // Half may go by default; more may not, nor all of them.
+    assert!(with(&four[2..], None).check_removals(&running).is_ok());
+    let e = with(&four[3..], None).check_removals(&running).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "it would remove 3 of 4 VMs (v1, v2, v3), more than max_removed_share = 0.5 allows; \
+         to remove them set max_removed_share = 1.0 in the file, then reload"
+    );
+    let e = with(&[], None).check_removals(&running).unwrap_err();
+    assert!(
+        e.to_string().starts_with("it would remove 4 of 4 VMs"),
+        "{e}"
+    );
+    // Unless the new configuration says so.
+    assert!(with(&[], Some("1.0")).check_removals(&running).is_ok());
+    assert!(
+        with(&four[3..], Some("0.75"))
+            .check_removals(&running)
+            .is_ok()
+    );
+    // Adding and changing VMs removes nothing; nor does a first configuration of none.
+    let more: Vec<String> = (1..=9).map(vm).collect();
+    assert!(with(&more, Some("0")).check_removals(&running).is_ok());
+    let none = with(&[], None);
+    assert!(with(&[], None).check_removals(&none).is_ok());
+    // A long list is cut short.
+    let many: Vec<String> = (1..=20).map(vm).collect();
+    let e = with(&[], None)
+        .check_removals(&with(&many, None))
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("(v1, v2, v3, v4, v5, v6, v7, v8, v9, v10 and 10 more)"),
+        "{e}"
+    );
+    // The share is a share.
+    for bad in ["1.5", "-0.1", "half"] {
+        let e = err(&Flags {
+            max_removed_share: Some(bad.into()),
+            ..flags(&[www()])
+        });
+        assert!(e.contains("expected a share from 0 to 1"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn the_backend_follows_the_uri_scheme_unless_x_names_it() {
+    let with = |x: Option<&str>, c: Option<&str>| {
+        merge(
+            &Flags {
+                backend: x.map(Into::into),
+                connect: c.map(Into::into),
+                ..flags(&["name=www,dns=www.example.org,ip=10.0.0.1"])
+            },
+            None,
+        )
+    };
+    // Jitsu's own first example: -c xen:/// alone is libvirt.
+    for uri in [
+        "xen:///",
+        "xen:///system",
+        "qemu:///system",
+        "test:///default",
+        "vbox:///session",
+        "qemu+ssh://root@h/system?keyfile=/k",
+    ] {
+        let c = with(None, Some(uri)).unwrap();
+        assert_eq!(c.backend, BackendKind::Libvirt, "{uri}");
+        assert_eq!(c.connect.as_deref(), Some(uri));
+        let scheme = uri.split(':').next().unwrap();
+        assert_eq!(
+            c.backend_why,
+            Some(format!("libvirt, from the scheme {scheme}: of --connect"))
+        );
+    }
+    let process = |c: Option<&str>| {
+        merge(
+            &Flags {
+                connect: c.map(Into::into),
+                ..flags(&[www()])
+            },
+            None,
+        )
+        .unwrap()
+    };
+    let c = process(Some("process:///tmp/p?netns_prefix=t-"));
+    assert_eq!((c.backend, c.backend_why), (BackendKind::Process, None));
+    let c = process(None);
+    assert_eq!((c.backend, c.connect), (BackendKind::Process, None));
+    // -x libxl is libvirt's libxl driver.
+    let c = with(Some("libxl"), None).unwrap();
+    assert_eq!(c.backend, BackendKind::Libvirt);
+    assert_eq!(c.connect.as_deref(), Some("xen:///system"));
+    assert_eq!(
+        c.backend_why.as_deref(),
+        Some("-x libxl: libvirt's libxl driver at xen:///system")
+    );
+    let c = with(Some("libxl"), Some("xen+ssh://dom0/system")).unwrap();
+    assert_eq!(c.connect.as_deref(), Some("xen+ssh://dom0/system"));
+    let e = with(Some("libxl"), Some("qemu:///system"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(
+            "flag --connect: connect = \"qemu:///system\": -x libxl is libvirt's libxl driver"
+        ),
+        "{e}"
+    );
+    // -x wins over the scheme (and the backend refuses a URI that is not its own).
+    let c = with(Some("libvirt"), Some("process:///x")).unwrap();
+    assert_eq!((c.backend, c.backend_why), (BackendKind::Libvirt, None));
+    // XAPI is refused saying what to use.
+    let e = with(Some("xapi"), None).unwrap_err().to_string();
+    assert!(
+        e.starts_with(
+            "flag --backend: backend = \"xapi\": XAPI (XenServer, XCP-ng) is not supported"
+        ) && e.contains("-x libxl"),
+        "{e}"
+    );
+    // Not a URI at all.
+    let e = with(None, Some("/run/jitsu")).unwrap_err().to_string();
+    assert!(e.contains("connect = \"/run/jitsu\": not a URI"), "{e}");
+    // In the file too.
+    let f = from_toml("connect = \"xen:///\"\n", Path::new("j.toml")).unwrap();
+    let c = merge(
+        &flags(&["name=www,dns=www.example.org,ip=10.0.0.1"]),
+        Some(&f),
+    )
+    .unwrap();
+    assert_eq!(c.backend, BackendKind::Libvirt);
+}
+
+#[test]
+fn synjitsu_takes_a_socket_path_not_a_uuid() {
+    let with = |v: &str| {
+        merge(
+            &Flags {
+                synjitsu: Some(v.into()),
+                ..flags(&[www()])
+            },
+            None,
+        )
+    };
+    let e = with("4dea22b3-1d52-d8f3-2516-782e98ab3fa0")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("flag --synjitsu: synjitsu = \"4dea22b3-1d52-d8f3-2516-782e98ab3fa0\": a UUID is how Jitsu 0.2")
+            && e.contains("control socket"),
+        "{e}"
+    );
+    // A file or directory that is there and is no socket.
+    let e = with("/").unwrap_err().to_string();
+    assert!(e.contains("exists and is not a socket"), "{e}");
+    let e = with("").unwrap_err().to_string();
+    assert!(e.contains("control socket"), "{e}");
+    // A socket that is not there yet is fine: synjitsu may start later.
+    let c = with("/run/jitsu/no-synjitsu-yet.sock").unwrap();
+    assert_eq!(
+        c.synjitsu.as_deref(),
+        Some(Path::new("/run/jitsu/no-synjitsu-yet.sock"))
+    );
+    let dir = std::env::temp_dir().join(format!("jitsu-sock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("s.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    assert!(with(sock.to_str().unwrap()).is_ok());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn memory_is_kib_as_in_jitsu_with_units_and_no_silent_change() {
+    let lv = |mem: &str| {
+        merge(
+            &Flags {
+                backend: Some("libvirt".into()),
+                ..flags(&[&format!(
+                    "name=m,dns=m.example.org,ip=10.0.0.1,memory={mem}"
+                )])
+            },
+            None,
+        )
+        .map(|c| c.vms[0].memory_kib.unwrap())
+        .map_err(|e| e.to_string())
+    };
+    // Jitsu's README: memory=64000 is "64MB".
+    assert_eq!(lv("64000"), Ok(64000));
+    for (given, kib) in [
+        ("65536K", 65536),
+        ("65536k", 65536),
+        ("65536KiB", 65536),
+        ("64M", 65536),
+        ("64MiB", 65536),
+        ("1G", 1 << 20),
+        ("1gib", 1 << 20),
+        ("4M", 4096),
+        ("1024G", 1 << 30),
+        ("16384", 16384),
+    ] {
+        assert_eq!(lv(given), Ok(kib), "{given}");
+    }
+    // A bare number that was MiB here before and is no size in KiB is refused, saying how to
+    // write it now.
+    let e = lv("128").unwrap_err();
+    assert!(
+        e.starts_with("VM spec 1 (m): memory = \"128\": a bare number is KiB, as in Jitsu")
+            && e.contains("write 128M for 128 MiB"),
+        "{e}"
+    );
+    assert!(lv("16383").is_err());
+    // Absurd sizes and units.
+    for (given, why) in [
+        ("3M", "between 4 MiB (4M) and 1 TiB"),
+        ("2048G", "between 4 MiB"),
+        ("1073741825", "between 4 MiB"),
+        ("99999999999999999999G", "expected a size"),
+        ("18446744073709551615G", "between 4 MiB"),
+        ("64MB", "unknown unit"),
+        ("64 M", "unknown unit"),
+        ("lots", "expected a size"),
+        ("-64M", "expected a size"),
+        ("", "expected a size"),
+    ] {
+        let e = lv(given).unwrap_err();
+        assert!(e.contains(why), "{given}: {e}");
+    }
+    // In the file, a unit is required: `memory = 64` meant 64 MiB there, and is refused
+    // rather than read as 64 KiB.
+    let file = |mem: &str| {
+        let text = format!(
+            "backend = \"libvirt\"\n[[vm]]\nname = \"m\"\ndns = \"m.example.org\"\nip = \"10.0.0.1\"\nmemory = {mem}\n"
+        );
+        from_toml(&text, Path::new("dom0.toml"))
+            .and_then(|f| merge(&Flags::default(), Some(&f)))
+            .map(|c| c.vms[0].memory_kib.unwrap())
+            .map_err(|e| e.to_string())
+    };
+    let e = file("64").unwrap_err();
+    assert!(
+        e.starts_with("dom0.toml line 6 (vm m): memory = \"64\": give a unit: memory = \"64M\""),
+        "{e}"
+    );
+    assert!(file("64000").is_err() && file("\"64000\"").is_err());
+    assert_eq!(file("\"64M\""), Ok(65536));
+    assert_eq!(file("\"64000K\""), Ok(64000));
+}
+
+/// The working directory of this test process, where a spec's relative paths lead.
+fn cwd() -> PathBuf {
+    std::env::current_dir().unwrap()
+}
+
+#[test]
+fn relative_paths_are_read_from_the_working_directory_or_the_files_directory() {
+    let lv = |keys: &str| {
+        let mut f = flags(&[&format!("name=k,dns=k.example.org,ip=10.0.0.1,{keys}")]);
+        f.backend = Some("libvirt".into());
+        merge(&f, None).map(|c| c.vms[0].clone())
+    };
+    // On the command line: the working directory, as Jitsu read `kernel=mirage-www.xen`.
+    let vm = lv("kernel=mirage-www.xen,initrd=./boot/i.gz,disk=images/data.iso@xvdb").unwrap();
+    assert_eq!(vm.kernel, Some(cwd().join("mirage-www.xen")));
+    assert_eq!(vm.initrd, Some(cwd().join("boot/i.gz")));
+    assert_eq!(vm.disks[0].source, cwd().join("images/data.iso"));
+    // Absolute paths are kept; a console log must be absolute as before (libvirt writes it).
+    let vm = lv("kernel=/k/vmlinux").unwrap();
+    assert_eq!(vm.kernel, Some(PathBuf::from("/k/vmlinux")));
+    let e = lv("console_log=c.log").unwrap_err().to_string();
+    assert!(e.contains("must be an absolute path"), "{e}");
+    // In a file: the file's directory, wherever jitsu-dns runs from.
+    let text = "backend = \"libvirt\"\n[[vm]]\nname = \"k\"\ndns = \"k.example.org\"\n\
+                ip = \"10.0.0.1\"\nkernel = \"unikernels/www.xen\"\ndisk = [\"../data.img@xvdb\", \"/dev/loop5@xvda\"]\n";
+    for (path, dir) in [
+        (
+            PathBuf::from("/etc/jitsu/jitsu.toml"),
+            PathBuf::from("/etc/jitsu"),
+        ),
+        (PathBuf::from("conf/jitsu.toml"), cwd().join("conf")),
+    ] {
+        let f = from_toml(text, &path).unwrap();
+        let vm = merge(&Flags::default(), Some(&f)).unwrap().vms[0].clone();
+        assert_eq!(vm.kernel, Some(dir.join("unikernels/www.xen")), "{path:?}");
+        assert_eq!(vm.disks[0].source, dir.join("../data.img"), "{path:?}");
+        assert_eq!(vm.disks[1].source, PathBuf::from("/dev/loop5"), "{path:?}");
+    }
+}
+
+#[test]
+fn disks_are_jitsus_device_or_file_at_guest_device() {
+    let disks = |d: &str| {
+        let mut f = flags(&[&format!(
+            "name=d,dns=d.example.org,ip=10.0.0.1,kernel=/k,{d}"
+        )]);
+        f.backend = Some("libvirt".into());
+        merge(&f, None)
+            .map(|c| c.vms[0].disks.clone())
+            .map_err(|e| e.to_string())
+    };
+    let got =
+        disks("disk=/dev/loop5@xvda,disk=images/data.iso@xvdb,disk=/d/root.qcow2,disk=/d/x.img@")
+            .unwrap();
+    assert_eq!(
+        got,
+        vec![
+            Disk {
+                source: "/dev/loop5".into(),
+                vdev: Some("xvda".into()),
+                kind: DiskKind::Block
+            },
+            Disk {
+                source: cwd().join("images/data.iso"),
+                vdev: Some("xvdb".into()),
+                kind: DiskKind::File
+            },
+            Disk {
+                source: "/d/root.qcow2".into(),
+                vdev: None,
+                kind: DiskKind::File
+            },
+            Disk {
+                source: "/d/x.img".into(),
+                vdev: None,
+                kind: DiskKind::File
+            },
+        ]
+    );
+    assert_eq!(
+        got.iter().map(Disk::format).collect::<Vec<_>>(),
+        ["raw", "raw", "qcow2", "raw"]
+    );
+    for ok in ["vda", "sdb", "hdc", "xvdaa", "xvda1"] {
+        assert!(disks(&format!("disk=/d/a.img@{ok}")).is_ok(), "{ok}");
+    }
+    for (d, why) in [
+        (
+            "disk=@xvda",
+            "expected <image file or /dev/ device>[@<guest device>]",
+        ),
+        ("disk=", "expected <image file or /dev/ device>"),
+        ("disk=/d/a.img@eth0", "eth0 is not a guest disk device"),
+        ("disk=/d/a.img@xvd", "xvd is not a guest disk device"),
+        ("disk=/d/a.img@xvda@b", "is not a guest disk device"),
+        (
+            "disk=/d/a.img@xvda,disk=/d/b.img@xvda",
+            "disk = \"/d/b.img@xvda\": another disk is xvda",
+        ),
+    ] {
+        let e = disks(d).unwrap_err();
+        assert!(
+            e.starts_with("VM spec 1 (d): disk = ") && e.contains(why),
+            "{d}: {e}"
+        );
+    }
+}
+
+#[test]
+fn nics_repeat_with_a_script_each_as_jitsu_gave_them() {
+    let lv = |keys: &str| {
+        let mut f = flags(&[&format!(
+            "name=n,dns=n.example.org,ip=10.0.0.1,kernel=/k,{keys}"
+        )]);
+        f.backend = Some("libvirt".into());
+        merge(&f, None)
+            .map(|c| c.vms[0].clone())
+            .map_err(|e| e.to_string())
+    };
+    let vm = lv("nic=br0,nic=br1,nic=br2,script=vif-a,script=vif-b,mac=02:00:00:00:00:01").unwrap();
+    let bridges: Vec<&str> = vm.nics.iter().map(|n| n.bridge.as_str()).collect();
+    assert_eq!(bridges, ["br0", "br1", "br2"]);
+    // NIC i takes script[i mod #scripts].
+    let scripts: Vec<Option<&str>> = vm.nics.iter().map(|n| n.script.as_deref()).collect();
+    assert_eq!(scripts, [Some("vif-a"), Some("vif-b"), Some("vif-a")]);
+    // The first NIC's MAC is `mac`, the one synjitsu steers; the others are the name's.
+    assert_eq!(vm.mac(), "02:00:00:00:00:01".parse().unwrap());
+    assert_eq!(vm.nics[1].mac, Mac::derived_from(b"n/nic1"));
+    assert_eq!(vm.nics[2].mac, Mac::derived_from(b"n/nic2"));
+    let macs: BTreeSet<Mac> = vm.nics.iter().map(|n| n.mac).collect();
+    assert_eq!(macs.len(), 3);
+    // One script for every NIC.
+    let vm = lv("nic=br0,nic=br1,script=/etc/xen/scripts/vif-bridge").unwrap();
+    assert!(
+        vm.nics
+            .iter()
+            .all(|n| n.script.as_deref() == Some("/etc/xen/scripts/vif-bridge"))
+    );
+    // A domain's MACs replace the keys', place by place.
+    let domain: Vec<Mac> = vec!["02:aa:00:00:00:01".parse().unwrap()];
+    let v = vm.with_macs(&domain);
+    assert_eq!(v.mac(), domain[0]);
+    assert_eq!(v.nics[1].mac, vm.nics[1].mac);
+    // The process backend has one interface: a second nic and a script are refused.
+    let e = err(&flags(&[
+        "name=p,dns=p.example.org,ip=10.0.0.1,command=x,nic=br0,nic=br1",
+    ]));
+    assert!(
+        e.starts_with("VM spec 1 (p): nic = \"br1\": the process backend gives a VM one interface"),
+        "{e}"
+    );
+    let e = err(&flags(&[
+        "name=p,dns=p.example.org,ip=10.0.0.1,command=x,script=vif-bridge",
+    ]));
+    assert!(
+        e.contains("script = \"vif-bridge\": this key is for the libvirt backend"),
+        "{e}"
+    );
+    let e = lv("script=").unwrap_err();
+    assert!(e.contains("expected a vif script"), "{e}");
+    // Another VM's NIC MAC clashes like its first one.
+    let mut f = flags(&[
+        "name=n,dns=n.example.org,ip=10.0.0.1,kernel=/k,nic=br0,nic=br1",
+        &format!(
+            "name=m,dns=m.example.org,ip=10.0.0.2,kernel=/k,mac={}",
+            Mac::derived_from(b"n/nic1")
+        ),
+    ]);
+    f.backend = Some("libvirt".into());
+    assert!(err(&f).contains("VM n has this MAC"), "{}", err(&f));
 }

@@ -12,7 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::rr::Name;
+use ipnet::IpNet;
 use shared_proto::Mac;
+
+use super::ConfigError;
 
 /// Default address the DNS server binds (Jitsu's default).
 pub const DEFAULT_BIND: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -24,14 +27,24 @@ pub const DEFAULT_FORWARDER_PORT: u16 = 53;
 pub const DEFAULT_DELAY: Duration = Duration::from_millis(100);
 /// Default TTL of answers, in seconds; VMs idle for twice this are stopped.
 pub const DEFAULT_TTL: u32 = 60;
-/// Default wait for a readiness key or a guest's announcement before answering anyway.
+/// Default wait for a guest's announcement (or synjitsu) before answering anyway.
 pub const DEFAULT_WAIT_FOR_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default wait for a readiness key before answering anyway: Jitsu's, hard-coded there.
+pub const DEFAULT_KEY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default time a synjitsu-tracked guest has to announce itself before its boot is failed.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default bridge a process-backend VM joins.
 pub const DEFAULT_NIC: &str = "br0";
+/// Default share of the VMs a reload may remove (more is refused unless the file allows it).
+pub const DEFAULT_MAX_REMOVED_SHARE: f64 = 0.5;
 /// Default log filter.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Default bound on forwarded queries in flight (dnsmasq's `dns-forward-max` is 150).
+pub const DEFAULT_FORWARD_MAX: usize = 150;
+/// Default bound on DNS-over-TCP connections at once (BIND's `tcp-clients` is 150).
+pub const DEFAULT_TCP_MAX_CLIENTS: usize = 150;
+/// Default bound on DNS-over-TCP connections from one client: a resolver needs one or two.
+pub const DEFAULT_TCP_MAX_PER_CLIENT: usize = 16;
 
 /// How a VM is stopped when idle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -159,6 +172,51 @@ impl FromStr for DomainType {
     }
 }
 
+/// One of a VM's network interfaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    /// The bridge it joins.
+    pub bridge: String,
+    /// The vif hotplug script (Xen), if not the default.
+    pub script: Option<String>,
+    /// Its MAC: the `mac` key's (or one derived from the VM's name) for the first, one
+    /// derived from the name and the place for the others, or the domain's own once read.
+    pub mac: Mac,
+}
+
+/// What backs a guest's disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskKind {
+    /// An image file (libvirt `type='file'`).
+    File,
+    /// A block device of the host, a path under `/dev/` (libvirt `type='block'`), such as the
+    /// loop devices Jitsu's README suggests.
+    Block,
+}
+
+/// One `disk`: Jitsu's `<dev-or-file>@<vdev>`, attached raw (or qcow2 for a `.qcow2` file)
+/// and read-write, as Jitsu's libxl backend attached it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// The image or device, an absolute path (a relative one was resolved when read).
+    pub source: PathBuf,
+    /// The guest's device (`xvda`, `vdb`, `sda`, `hdc`); `None`: the next free one.
+    pub vdev: Option<String>,
+    /// File or block device.
+    pub kind: DiskKind,
+}
+
+impl Disk {
+    /// The disk's format: qcow2 for a `.qcow2` file, raw for anything else (Jitsu's only).
+    pub fn format(&self) -> &'static str {
+        if self.kind == DiskKind::File && self.source.extension().is_some_and(|e| e == "qcow2") {
+            "qcow2"
+        } else {
+            "raw"
+        }
+    }
+}
+
 /// Extra masking conditions beyond the fixed delay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitFor {
@@ -205,8 +263,6 @@ pub struct VmConfig {
     pub ip6: Option<Ipv6Addr>,
     /// Prefix length of `ip6`.
     pub ip6_prefix: u8,
-    /// The guest's MAC (default derived from the name).
-    pub mac: Mac,
     /// Masking by a fixed delay after the backend started the VM.
     pub response_delay: Duration,
     /// Xenstore key whose appearance means the guest is ready (relative keys live under
@@ -214,7 +270,8 @@ pub struct VmConfig {
     pub wait_for_key: Option<String>,
     /// Masking by synjitsu's report of the guest's gratuitous ARP.
     pub wait_for: Option<WaitFor>,
-    /// How long `wait_for_key` / `wait_for` wait before answering anyway.
+    /// How long `wait_for_key` / `wait_for` wait before answering anyway (for a key, the
+    /// response delay follows, as in Jitsu).
     pub wait_for_timeout: Duration,
     /// Masking by synjitsu holding the SYNs.
     pub use_synjitsu: bool,
@@ -230,18 +287,19 @@ pub struct VmConfig {
     pub ifup: Ifup,
     /// Default route of the guest (process backend with `ifup=jitsu`).
     pub gateway: Option<IpAddr>,
-    /// The bridge the VM joins.
-    pub nic: String,
+    /// Its NICs, at least one, in order. The first is the one whose `ip` is served, whose
+    /// MAC synjitsu steers and idle detection counts.
+    pub nics: Vec<Nic>,
     /// The command that is the VM (process backend).
     pub command: Option<String>,
-    /// Kernel image (libvirt), an absolute path.
+    /// Kernel image (libvirt), an absolute path (a relative one was resolved when read).
     pub kernel: Option<PathBuf>,
-    /// Initial ramdisk (libvirt), an absolute path.
+    /// Initial ramdisk (libvirt), an absolute path (a relative one was resolved when read).
     pub initrd: Option<PathBuf>,
-    /// Memory in MiB (libvirt).
-    pub memory: Option<u64>,
-    /// Disk images (libvirt), absolute paths.
-    pub disks: Vec<PathBuf>,
+    /// Memory in KiB (libvirt), as Jitsu's `memory` (libxl's `max_memkb`).
+    pub memory_kib: Option<u64>,
+    /// Disks (libvirt), in the order given.
+    pub disks: Vec<Disk>,
     /// Domain UUID (libvirt).
     pub uuid: Option<String>,
     /// Kernel command line (libvirt).
@@ -251,8 +309,9 @@ pub struct VmConfig {
     /// The kind of domain defined for the VM when it has none (libvirt; default from the
     /// connection's hypervisor).
     pub domain_type: Option<DomainType>,
-    /// rumprun's JSON configuration (libvirt), written to Xenstore before the domain runs;
-    /// absolute (a relative one was taken from the working directory).
+    /// Rumprun's JSON configuration (libvirt, Xen), a path resolved like `kernel`'s: its
+    /// content goes to the domain's Xenstore at `rumprun/cfg` before the guest runs, as in
+    /// Jitsu (issue 11 item 4).
     pub rumprun_config: Option<PathBuf>,
     /// The keys as given, for the state store's `config/` subtree.
     pub raw: Vec<(String, String)>,
@@ -263,6 +322,28 @@ impl VmConfig {
     /// announcement).
     pub fn synjitsu_tracked(&self) -> bool {
         self.use_synjitsu || self.wait_for == Some(WaitFor::Announce)
+    }
+
+    /// The MAC of the first NIC, the guest's on the bridge where its `ip` is served: the one
+    /// synjitsu steers.
+    pub fn mac(&self) -> Mac {
+        self.nics[0].mac
+    }
+
+    /// The bridge of the first NIC.
+    pub fn nic(&self) -> &str {
+        &self.nics[0].bridge
+    }
+
+    /// This VM with the MACs its domain gives its NICs, in order (a domain with fewer
+    /// interfaces leaves the rest as they were; one with more says nothing of NICs the keys
+    /// do not declare).
+    pub fn with_macs(&self, macs: &[Mac]) -> VmConfig {
+        let mut v = self.clone();
+        for (nic, mac) in v.nics.iter_mut().zip(macs) {
+            nic.mac = *mac;
+        }
+        v
     }
 }
 
@@ -287,6 +368,9 @@ pub struct Config {
     pub backend: BackendKind,
     /// The backend's URI.
     pub connect: Option<String>,
+    /// How the backend was chosen when `-x` did not name it outright (`-x libxl`, or the
+    /// scheme of `-c`), for the log.
+    pub backend_why: Option<String>,
     /// synjitsu's control socket.
     pub synjitsu: Option<PathBuf>,
     /// The state store's git repository.
@@ -299,12 +383,23 @@ pub struct Config {
     pub max_running: Option<usize>,
     /// At most this many boots per second.
     pub max_boots_per_second: Option<u32>,
+    /// A reload may remove at most this share of the running configuration's VMs.
+    pub max_removed_share: f64,
     /// Zones, explicit and implicit.
     pub zones: Vec<ZoneConfig>,
     /// The VMs.
     pub vms: Vec<VmConfig>,
     /// The file read, if any (re-read on SIGHUP).
     pub file: Option<PathBuf>,
+    /// Clients that may use the forwarders; `None`: loopback and the networks of `bind`
+    /// (which only the daemon can look up).
+    pub forward_clients: Option<Vec<IpNet>>,
+    /// At most this many forwarded queries in flight.
+    pub forward_max: usize,
+    /// At most this many DNS-over-TCP connections at once.
+    pub tcp_max_clients: usize,
+    /// At most this many DNS-over-TCP connections from one client.
+    pub tcp_max_per_client: usize,
 }
 
 impl Config {
@@ -334,7 +429,44 @@ impl Config {
                 }
             )*};
         }
-        restart_only!(bind, listen, backend, connect, synjitsu, persistdb, metrics);
+        restart_only!(
+            bind,
+            listen,
+            backend,
+            connect,
+            synjitsu,
+            persistdb,
+            metrics,
+            tcp_max_clients,
+            tcp_max_per_client
+        );
         (self, kept)
+    }
+
+    /// Refuses this configuration (just read) as a reload of `running` if it would remove
+    /// more than its `max_removed_share` of the running VMs: an emptied or truncated file
+    /// must not leave the fleet unmanaged. Setting the share to 1.0 says so explicitly.
+    pub fn check_removals(&self, running: &Config) -> Result<(), ConfigError> {
+        let removed: Vec<&str> = running
+            .vms
+            .iter()
+            .filter(|v| !self.vms.iter().any(|n| n.name == v.name))
+            .map(|v| &*v.name)
+            .collect();
+        let total = running.vms.len();
+        if removed.is_empty() || removed.len() as f64 <= self.max_removed_share * total as f64 {
+            return Ok(());
+        }
+        const SHOWN: usize = 10;
+        let mut names = removed[..removed.len().min(SHOWN)].join(", ");
+        if removed.len() > SHOWN {
+            names.push_str(&format!(" and {} more", removed.len() - SHOWN));
+        }
+        Err(ConfigError::TooManyRemoved {
+            removed: removed.len(),
+            total,
+            names,
+            share: self.max_removed_share,
+        })
     }
 }

@@ -27,6 +27,85 @@ pub(super) fn parse_seconds(origin: &Origin, key: &str, v: &str) -> Result<Durat
     Ok(Duration::from_secs_f64(x))
 }
 
+/// Smallest memory a VM may be given, in KiB (4 MiB): less is a typo.
+pub(super) const MIN_MEMORY_KIB: u64 = 4 << 10;
+/// Largest memory a VM may be given, in KiB (1 TiB): more is a typo.
+pub(super) const MAX_MEMORY_KIB: u64 = 1 << 30;
+/// Bare numbers below this (16 MiB as KiB) are refused as ambiguous: jitsu-dns took a bare
+/// `memory` as MiB before it took Jitsu's KiB, and these are the values that were sizes in
+/// MiB (up to 16 GiB) rather than plausible sizes in KiB.
+pub(super) const MIN_BARE_MEMORY_KIB: u64 = 16 << 10;
+
+/// `memory`, in KiB. A number with a unit (`65536K`, `64M`, `1G`; `KiB`, `MiB`, `GiB` too,
+/// the letter in either case) anywhere; a bare number on the command line is KiB, as in Jitsu
+/// (`memory=64000`), but only from 16384 up (below, it was a size in MiB here before, and is
+/// refused saying how to write it now); the file takes units only (its `memory = 64` was MiB
+/// before). 4 MiB to 1 TiB.
+pub(super) fn parse_memory(origin: &Origin, key: &str, v: &str) -> Result<u64, ConfigError> {
+    let digits = v.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = v.split_at(digits);
+    let n: u64 = number.parse().map_err(|_| {
+        invalid(
+            origin,
+            key,
+            v,
+            "expected a size: 64M, 1G, 65536K (or, on the command line, a bare number of KiB, as in Jitsu)",
+        )
+    })?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "k" | "kib" => 0,
+        "m" | "mib" => 10,
+        "g" | "gib" => 20,
+        "" => {
+            if matches!(origin, Origin::File { .. }) {
+                return Err(invalid(
+                    origin,
+                    key,
+                    v,
+                    format!(
+                        "give a unit: memory = \"{v}M\" for {v} MiB, which is what a bare number \
+                         meant in this file before (on the command line a bare number is KiB, as \
+                         in Jitsu)"
+                    ),
+                ));
+            }
+            if n < MIN_BARE_MEMORY_KIB {
+                return Err(invalid(
+                    origin,
+                    key,
+                    v,
+                    format!(
+                        "a bare number is KiB, as in Jitsu, and {n} KiB is no size for a VM; \
+                         jitsu-dns before took it as MiB: write {n}M for {n} MiB (or {n}K)"
+                    ),
+                ));
+            }
+            0
+        }
+        _ => {
+            return Err(invalid(
+                origin,
+                key,
+                v,
+                "unknown unit: use K (KiB), M (MiB) or G (GiB)",
+            ));
+        }
+    };
+    let kib = n
+        .checked_shl(shift)
+        .filter(|k| k >> shift == n)
+        .unwrap_or(u64::MAX);
+    if !(MIN_MEMORY_KIB..=MAX_MEMORY_KIB).contains(&kib) {
+        return Err(invalid(
+            origin,
+            key,
+            v,
+            "must be between 4 MiB (4M) and 1 TiB (1024G)",
+        ));
+    }
+    Ok(kib)
+}
+
 pub(super) fn parse_positive_seconds(
     origin: &Origin,
     key: &str,
@@ -90,10 +169,12 @@ pub(super) fn split_prefix<'a>(
     }
 }
 
+/// A guest's IPv4 address with its prefix; a loopback address only if `loopback` allows it.
 pub(super) fn parse_ipv4(
     origin: &Origin,
     key: &str,
     v: &str,
+    loopback: bool,
 ) -> Result<(Ipv4Addr, u8), ConfigError> {
     let (addr, prefix) = split_prefix(origin, key, v, 32, 24)?;
     let ip: Ipv4Addr = addr.parse().map_err(|_| {
@@ -104,8 +185,16 @@ pub(super) fn parse_ipv4(
             "not an IPv4 address (like 10.0.0.1 or 10.0.0.1/24)",
         )
     })?;
-    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
         return Err(invalid(origin, key, v, "cannot be a guest's address"));
+    }
+    if ip.is_loopback() && !loopback {
+        return Err(invalid(
+            origin,
+            key,
+            v,
+            "cannot be a guest's address (a libvirt VM may be reached through loopback)",
+        ));
     }
     Ok((ip, prefix))
 }

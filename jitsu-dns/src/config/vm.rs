@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,12 +14,12 @@ use shared_proto::Mac;
 use super::error::{ConfigError, Origin, invalid};
 use super::spec::Entry;
 use super::types::{
-    BackendKind, DEFAULT_BOOT_TIMEOUT, DEFAULT_NIC, DEFAULT_WAIT_FOR_TIMEOUT, HandoverKind, Ifup,
-    StopMode, VmConfig, WaitFor,
+    BackendKind, DEFAULT_BOOT_TIMEOUT, DEFAULT_KEY_TIMEOUT, DEFAULT_NIC, DEFAULT_WAIT_FOR_TIMEOUT,
+    Disk, DiskKind, DomainType, HandoverKind, Ifup, Nic, StopMode, VmConfig, WaitFor,
 };
 use super::values::{
     is_xenstore_path, parse_bool, parse_dns_name, parse_enum, parse_ifname, parse_ip, parse_ipv4,
-    parse_ipv6, parse_positive_seconds, parse_seconds, parse_u64, parse_uuid, parse_vm_dns_name,
+    parse_ipv6, parse_memory, parse_positive_seconds, parse_seconds, parse_uuid, parse_vm_dns_name,
 };
 
 /// Keys every VM accepts.
@@ -52,10 +52,11 @@ const LIBVIRT_KEYS: &[&str] = &[
     "cmdline",
     "console_log",
     "domain_type",
+    "script",
     "rumprun_config",
 ];
 /// Keys that may be given more than once.
-const REPEATABLE: &[&str] = &["dns", "disk"];
+const REPEATABLE: &[&str] = &["dns", "disk", "nic", "script"];
 
 /// Defaults a VM inherits from the global settings.
 #[derive(Debug, Clone, Copy)]
@@ -66,6 +67,8 @@ pub(super) struct VmDefaults {
     pub(super) mode: StopMode,
     /// `-x`: which keys apply.
     pub(super) backend: BackendKind,
+    /// `domain_type` when a VM has none (`-x libxl`: PV, as Jitsu's libxl built them).
+    pub(super) domain_type: Option<DomainType>,
 }
 
 /// A VM's entries, by key.
@@ -125,10 +128,13 @@ impl<'a> Keys<'a> {
 }
 
 /// Builds one VM from its entries; `table` is where a `[[vm]]` table starts (a spec is
-/// placed by its entries).
+/// placed by its entries); `base` is the directory relative paths are read from (the
+/// working directory for a spec, the file's directory for a `[[vm]]` table; `None` if it
+/// cannot be known).
 pub(super) fn build_vm(
     entries: &[Entry],
     table: Option<&Origin>,
+    base: Option<&Path>,
     d: VmDefaults,
 ) -> Result<VmConfig, ConfigError> {
     check_keys(entries, d.backend)?;
@@ -145,7 +151,12 @@ pub(super) fn build_vm(
     if dns.is_empty() {
         return Err(keys.missing("dns", "every VM needs at least one name to answer to"));
     }
-    let (ip, ip_prefix) = keys.require("ip", "every VM needs an IPv4 address", parse_ipv4)?;
+    // A libvirt VM may be reached through the host's loopback (Jitsu's VirtualBox example,
+    // `ip=127.0.0.1`, port-forwarded); a process VM's own interface may not have it.
+    let loopback = d.backend == BackendKind::Libvirt;
+    let (ip, ip_prefix) = keys.require("ip", "every VM needs an IPv4 address", |o, k, v| {
+        parse_ipv4(o, k, v, loopback)
+    })?;
     let (ip6, ip6_prefix) = match keys.parse("ip6", parse_ipv6)? {
         Some((a, p)) => (Some(a), p),
         None => (None, 64),
@@ -156,14 +167,21 @@ pub(super) fn build_vm(
     let response_delay = keys.parse("response_delay", parse_seconds)?;
     let wait_for_key = keys.parse("wait_for_key", |o, k, v| parse_wait_for_key(o, k, v, d))?;
     let wait_for = keys.parse("wait_for", parse_wait_for)?;
-    let wait_for_timeout = keys.parse("wait_for_timeout", parse_positive_seconds)?;
+    // Jitsu waited 2 s for a key; the other conditions are ours.
+    let wait_for_timeout = keys
+        .parse("wait_for_timeout", parse_positive_seconds)?
+        .unwrap_or(if wait_for_key.is_some() && wait_for.is_none() {
+            DEFAULT_KEY_TIMEOUT
+        } else {
+            DEFAULT_WAIT_FOR_TIMEOUT
+        });
     let boot_timeout = keys.parse("boot_timeout", parse_positive_seconds)?;
     let use_synjitsu = keys.parse("use_synjitsu", parse_bool)?;
     let stop_mode = keys.parse("stop_mode", parse_enum)?;
     let handover = keys.parse("handover", |o, k, v| parse_handover(o, k, v, d))?;
     let ifup = keys.parse("ifup", parse_ifup)?;
     let gateway = keys.parse("gateway", parse_ip)?;
-    let nic = keys.parse("nic", parse_ifname)?;
+    let nics = build_nics(&keys, &name, mac, d)?;
     let command = match keys.parse("command", parse_command)? {
         None if d.backend == BackendKind::Process => {
             return Err(keys.missing("command", "the process backend runs each VM as its command"));
@@ -171,15 +189,18 @@ pub(super) fn build_vm(
         command => command,
     };
     let zone = keys.parse("zone", |o, k, v| parse_zone(o, k, v, &dns))?;
-    let kernel = keys.parse("kernel", parse_absolute)?;
-    let initrd = keys.parse("initrd", parse_absolute)?;
+    let kernel = keys.parse("kernel", |o, k, v| parse_input_path(o, k, v, base))?;
+    let initrd = keys.parse("initrd", |o, k, v| parse_input_path(o, k, v, base))?;
     let console_log = keys.parse("console_log", parse_absolute)?;
-    let memory = keys.parse("memory", |o, k, v| parse_u64(o, k, v, 1, 1 << 24))?;
-    let disks = keys.all("disk", parse_absolute)?;
-    let domain_type = keys.parse("domain_type", parse_enum)?;
+    let memory_kib = keys.parse("memory", parse_memory)?;
+    let disks = keys.all("disk", |o, k, v| parse_disk(o, k, v, base))?;
+    check_vdevs(&keys, &disks)?;
+    let domain_type = keys.parse("domain_type", parse_enum)?.or(d.domain_type);
+    let rumprun_config = keys.parse("rumprun_config", |o, k, v| {
+        parse_rumprun_config(o, k, v, base)
+    })?;
     let uuid = keys.parse("uuid", parse_uuid)?;
     let cmdline = keys.get("cmdline").map(|e| e.value.clone());
-    let rumprun_config = keys.parse("rumprun_config", parse_rumprun_config)?;
     Ok(VmConfig {
         name,
         dns,
@@ -188,22 +209,21 @@ pub(super) fn build_vm(
         ip_prefix,
         ip6,
         ip6_prefix,
-        mac,
         response_delay: response_delay.unwrap_or(d.delay),
         wait_for_key,
         wait_for,
-        wait_for_timeout: wait_for_timeout.unwrap_or(DEFAULT_WAIT_FOR_TIMEOUT),
+        wait_for_timeout,
         boot_timeout: boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT),
         use_synjitsu: use_synjitsu.unwrap_or(false),
         stop_mode: stop_mode.unwrap_or(d.mode),
         handover: handover.unwrap_or(HandoverKind::Wire),
         ifup: ifup.unwrap_or(Ifup::Jitsu),
         gateway,
-        nic: nic.unwrap_or_else(|| DEFAULT_NIC.to_string()),
+        nics,
         command,
         kernel,
         initrd,
-        memory,
+        memory_kib,
         disks,
         uuid,
         cmdline,
@@ -237,7 +257,7 @@ fn check_keys(entries: &[Entry], backend: BackendKind) -> Result<(), ConfigError
                 "unknown key; VMs take name, dns, ip, ip6, mac, response_delay, wait_for_key, \
                  wait_for, wait_for_timeout, boot_timeout, use_synjitsu, stop_mode, handover, \
                  zone, nic, and for the process backend command, ifup, gateway, for libvirt \
-                 kernel, initrd, memory, disk, uuid, cmdline, console_log, domain_type, \
+                 kernel, initrd, memory, disk, script, uuid, cmdline, console_log, domain_type, \
                  rumprun_config",
             ));
         }
@@ -272,6 +292,60 @@ fn parse_vm_name(origin: &Origin, key: &str, v: &str) -> Result<Arc<str>, Config
         ));
     }
     Ok(Arc::from(v))
+}
+
+/// The NICs: one per `nic` (a bridge; `br0` if none is given), each with its `script` (NIC
+/// *i* takes the (*i* mod n)th, as Jitsu gave them) and its MAC: `mac` (or the name's) for
+/// the first, one derived from the name and the NIC's place for the others. The process
+/// backend gives a VM one interface.
+fn build_nics(
+    keys: &Keys<'_>,
+    name: &str,
+    mac: Mac,
+    d: VmDefaults,
+) -> Result<Vec<Nic>, ConfigError> {
+    let mut bridges = keys.all("nic", parse_ifname)?;
+    if bridges.is_empty() {
+        bridges.push(DEFAULT_NIC.to_string());
+    }
+    if d.backend == BackendKind::Process
+        && let Some(second) = keys.entries.iter().filter(|e| e.key == "nic").nth(1)
+    {
+        return Err(invalid(
+            &second.origin,
+            "nic",
+            &second.value,
+            "the process backend gives a VM one interface (eth0): several NICs are for the \
+             libvirt backend",
+        ));
+    }
+    let scripts = keys.all("script", parse_script)?;
+    Ok(bridges
+        .into_iter()
+        .enumerate()
+        .map(|(i, bridge)| Nic {
+            bridge,
+            script: (!scripts.is_empty()).then(|| scripts[i % scripts.len()].clone()),
+            mac: if i == 0 {
+                mac
+            } else {
+                Mac::derived_from(format!("{name}/nic{i}").as_bytes())
+            },
+        })
+        .collect())
+}
+
+/// A vif script: a name in Xen's script directory (`vif-bridge`) or a path.
+fn parse_script(origin: &Origin, key: &str, v: &str) -> Result<String, ConfigError> {
+    if v.is_empty() || v.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(invalid(
+            origin,
+            key,
+            v,
+            "expected a vif script: a name like vif-bridge or a path",
+        ));
+    }
+    Ok(v.to_string())
 }
 
 fn parse_mac(origin: &Origin, key: &str, v: &str) -> Result<Mac, ConfigError> {
@@ -376,7 +450,118 @@ fn parse_zone(origin: &Origin, key: &str, v: &str, dns: &[Name]) -> Result<Name,
     Ok(z)
 }
 
-/// libvirtd (or QEMU, as another user, in another directory) opens these files: a relative
+/// A file the VM is built from (`kernel`, `initrd`, a disk). A relative path is resolved here,
+/// against `base`, as Jitsu resolved it against its working directory: libvirtd (or QEMU, as
+/// another user, in another directory) opens the file, and would find another one.
+fn parse_input_path(
+    origin: &Origin,
+    key: &str,
+    v: &str,
+    base: Option<&Path>,
+) -> Result<PathBuf, ConfigError> {
+    let p = Path::new(v);
+    if v.is_empty() {
+        return Err(invalid(origin, key, v, "expected a path"));
+    }
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    let base = base.ok_or_else(|| {
+        invalid(
+            origin,
+            key,
+            v,
+            "a relative path, and the directory it is relative to is unknown (the working \
+             directory is gone?): give an absolute path",
+        )
+    })?;
+    // Components drop the `.`s: `./k` is `<base>/k`.
+    Ok(base.join(p).components().collect())
+}
+
+/// `disk`: Jitsu's `<dev-or-file>@<vdev>` (split at the first `@`; the `@<vdev>` may be left
+/// out). A path under `/dev/` is a block device.
+fn parse_disk(
+    origin: &Origin,
+    key: &str,
+    v: &str,
+    base: Option<&Path>,
+) -> Result<Disk, ConfigError> {
+    let (source, vdev) = match v.split_once('@') {
+        Some((s, d)) => (s, Some(d).filter(|d| !d.is_empty())),
+        None => (v, None),
+    };
+    if source.is_empty() {
+        return Err(invalid(
+            origin,
+            key,
+            v,
+            "expected <image file or /dev/ device>[@<guest device>], like images/data.iso@xvdb \
+             or /dev/loop5@xvda",
+        ));
+    }
+    if let Some(d) = vdev
+        && !is_vdev(d)
+    {
+        return Err(invalid(
+            origin,
+            key,
+            v,
+            format!(
+                "{d} is not a guest disk device: use xvdX (Xen), vdX (virtio), sdX or hdX, \
+                 like xvda"
+            ),
+        ));
+    }
+    let source = parse_input_path(origin, key, source, base)?;
+    let kind = if source.starts_with("/dev/") {
+        DiskKind::Block
+    } else {
+        DiskKind::File
+    };
+    Ok(Disk {
+        source,
+        vdev: vdev.map(str::to_string),
+        kind,
+    })
+}
+
+/// A guest disk device name: `xvd`, `vd`, `sd` or `hd`, one to three letters, and for a Xen
+/// partition digits (`xvda1`).
+fn is_vdev(d: &str) -> bool {
+    let Some(rest) = ["xvd", "vd", "sd", "hd"]
+        .iter()
+        .find_map(|p| d.strip_prefix(p))
+    else {
+        return false;
+    };
+    let letters = rest.bytes().take_while(u8::is_ascii_lowercase).count();
+    let digits = &rest[letters..];
+    (1..=3).contains(&letters) && digits.len() <= 3 && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// No two disks of a VM may be the same guest device.
+fn check_vdevs(keys: &Keys<'_>, disks: &[Disk]) -> Result<(), ConfigError> {
+    let mut seen = BTreeSet::new();
+    for (disk, e) in disks
+        .iter()
+        .zip(keys.entries.iter().filter(|e| e.key == "disk"))
+    {
+        if let Some(d) = &disk.vdev
+            && !seen.insert(d.as_str())
+        {
+            return Err(invalid(
+                &e.origin,
+                "disk",
+                &e.value,
+                format!("another disk is {d}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// libvirtd (or QEMU, as another user, in another directory) writes this file: a relative
 /// path would name another file there.
 fn parse_absolute(origin: &Origin, key: &str, v: &str) -> Result<PathBuf, ConfigError> {
     if !v.starts_with('/') {
@@ -393,8 +578,14 @@ fn parse_absolute(origin: &Origin, key: &str, v: &str) -> Result<PathBuf, Config
 /// rumprun's JSON configuration: jitsu-dns reads it itself, so a relative path is taken from
 /// its working directory, as Jitsu took it. Checked now (Jitsu ignored a missing file), and
 /// read again at each boot.
-fn parse_rumprun_config(origin: &Origin, key: &str, v: &str) -> Result<PathBuf, ConfigError> {
-    let path = std::path::absolute(v).map_err(|e| invalid(origin, key, v, e.to_string()))?;
+/// A path like `kernel`'s whose file must be there and fit one Xenstore value.
+fn parse_rumprun_config(
+    origin: &Origin,
+    key: &str,
+    v: &str,
+    base: Option<&Path>,
+) -> Result<PathBuf, ConfigError> {
+    let path = parse_input_path(origin, key, v, base)?;
     crate::rumprun::read_cfg(&path).map_err(|e| invalid(origin, key, v, e.to_string()))?;
     Ok(path)
 }
@@ -445,13 +636,15 @@ pub(super) fn check_distinct(vms: &[(VmConfig, Vec<Entry>)]) -> Result<(), Confi
                 ));
             }
         }
-        if let Some(other) = mac_owner.insert(vm.mac, vm.name.clone()) {
-            return Err(invalid(
-                &at("mac"),
-                "mac",
-                &vm.mac.to_string(),
-                format!("VM {other} has this MAC"),
-            ));
+        for nic in &vm.nics {
+            if let Some(other) = mac_owner.insert(nic.mac, vm.name.clone()) {
+                return Err(invalid(
+                    &at("mac"),
+                    "mac",
+                    &nic.mac.to_string(),
+                    format!("VM {other} has this MAC"),
+                ));
+            }
         }
     }
     Ok(())

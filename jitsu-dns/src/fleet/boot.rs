@@ -135,7 +135,7 @@ impl Fleet {
             acked: false,
             syn_unavailable: !syn_up,
             announced: false,
-            key_seen: false,
+            key_seen: None,
             key_watched: false,
         };
         let cfg = vm.cfg.clone();
@@ -145,6 +145,7 @@ impl Fleet {
                 vm.last_start = Some(now);
                 vm.counters = None;
                 vm.domid = None;
+                vm.port = None;
                 self.boots.push_back(now);
                 out.push(Command::Start { vm: cfg.clone() });
             }
@@ -160,7 +161,7 @@ impl Fleet {
         // domain id, so it waits for the backend.
         if syn_up && cfg.synjitsu_tracked() && cfg.handover == HandoverKind::Wire {
             let msg = ClientMessage::Booting {
-                vm: identity(&cfg, None),
+                vm: identity(&cfg, None, vm.bridge_port()),
             };
             boot.syn_tag = Some(send(&mut self.next_tag, msg, out));
         }
@@ -183,6 +184,7 @@ impl Fleet {
         now: Instant,
         name: &VmName,
         domid: Option<u32>,
+        port: Option<String>,
         out: &mut Vec<Command>,
     ) {
         let syn_up = self.synjitsu_up;
@@ -194,6 +196,10 @@ impl Fleet {
         };
         b.started = Some(now);
         vm.domid = domid;
+        // What synjitsu was told at the boot's start, if anything, and what it is now.
+        let told_port = vm.fixed_port.clone();
+        let bridge_port = port.clone().or_else(|| told_port.clone());
+        vm.port = port.clone();
         let cfg = vm.cfg.clone();
         if b.kind == BootKind::Fresh
             && !b.key_watched
@@ -208,7 +214,7 @@ impl Fleet {
         if cfg.synjitsu_tracked() && syn_up {
             if cfg.handover == HandoverKind::Xenstore && b.syn_tag.is_none() {
                 let msg = ClientMessage::Booting {
-                    vm: identity(&cfg, domid),
+                    vm: identity(&cfg, domid, bridge_port),
                 };
                 b.syn_tag = Some(send(&mut self.next_tag, msg, out));
                 b.syn_unavailable = false;
@@ -216,6 +222,11 @@ impl Fleet {
                 // A resumed guest does not announce itself again: hand over now.
                 let name = name.to_string();
                 send(&mut self.next_tag, ClientMessage::Ready { name }, out);
+            } else if let Some(port) = port.filter(|p| Some(p) != told_port.as_ref()) {
+                // Named only now (libvirt): from here on synjitsu takes the guest's
+                // announcement from this port alone.
+                let name = name.to_string();
+                send(&mut self.next_tag, ClientMessage::Port { name, port }, out);
             }
         }
         self.settle(now, name, out);
@@ -281,11 +292,12 @@ impl Fleet {
         }
         let took = (b.kind == BootKind::Fresh).then(|| now.duration_since(b.since));
         let key_watched = b.key_watched;
-        // Only synjitsu can tell that the guest came up; while it can, a guest that never
-        // announces itself is a boot that failed.
+        // Only synjitsu can tell that the guest came up, unless its readiness key did; while
+        // it can, a guest that never announces itself is a boot that failed.
         let unconfirmed = (b.kind == BootKind::Fresh
             && vm.cfg.synjitsu_tracked()
             && !b.announced
+            && b.key_seen.is_none()
             && !b.syn_unavailable
             && syn_up)
             .then(|| b.started.map(|s| s + vm.cfg.boot_timeout))
@@ -325,14 +337,15 @@ impl Fleet {
         vm.begin_stop(name, StopMode::Destroy, true, cause, out);
     }
 
-    /// The VM's readiness key appeared: the guest listens.
+    /// The VM's readiness key appeared: the guest listens (answered after its response
+    /// delay, as Jitsu slept `response_delay` after the key).
     pub(super) fn on_key_appeared(&mut self, now: Instant, name: &VmName, out: &mut Vec<Command>) {
         let tracked = self.synjitsu_up;
         if let Some(v) = self.vms.get_mut(name)
             && let Life::Booting(b) = &mut v.life
-            && !b.key_seen
+            && b.key_seen.is_none()
         {
-            b.key_seen = true;
+            b.key_seen = Some(now);
             if tracked && v.cfg.synjitsu_tracked() {
                 // The guest listens: synjitsu may hand over what it holds.
                 let name = name.to_string();

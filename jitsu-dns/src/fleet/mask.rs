@@ -4,6 +4,9 @@
 //! Owns the precedence of the modes (`wait_for=announce` > `wait_for_key` > `use_synjitsu` >
 //! `response_delay`), the fall-back to the delay when synjitsu is unavailable, and the
 //! deadlines. It changes nothing: [`super::Fleet`] acts on its answers.
+//!
+//! `wait_for_key` is Jitsu's: the key is waited for (at most `wait_for_timeout`, 2 s unless
+//! set), then the response delay is slept, whether the key came or not.
 
 use std::time::{Duration, Instant};
 
@@ -14,7 +17,7 @@ use crate::config::{VmConfig, WaitFor};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Mask {
     Announce { timeout: Duration, delay: Duration },
-    Key { timeout: Duration },
+    Key { timeout: Duration, delay: Duration },
     Synjitsu { timeout: Duration, delay: Duration },
     Delay(Duration),
 }
@@ -28,6 +31,7 @@ pub(super) fn mask_of(cfg: &VmConfig) -> Mask {
     } else if cfg.wait_for_key.is_some() {
         Mask::Key {
             timeout: cfg.wait_for_timeout,
+            delay: cfg.response_delay,
         }
     } else if cfg.use_synjitsu {
         Mask::Synjitsu {
@@ -52,10 +56,12 @@ pub(super) fn answer_reason(cfg: &VmConfig, b: &Boot, now: Instant) -> Option<&'
     if matches!(mask, Mask::Synjitsu { .. }) && b.acked {
         return Some("synjitsu holds its SYNs");
     }
+    if let (Mask::Key { delay, .. }, Some(seen)) = (mask, b.key_seen) {
+        return (now >= seen + delay).then_some("readiness key appeared");
+    }
     let give_up = give_up_at(mask, b)?;
     Some(match mask {
         Mask::Announce { .. } if b.announced => "guest announced itself",
-        Mask::Key { .. } if b.key_seen => "readiness key appeared",
         _ if now < give_up => return None,
         Mask::Announce { .. } | Mask::Synjitsu { .. } if b.syn_unavailable => {
             "response delay (synjitsu unavailable)"
@@ -68,14 +74,15 @@ pub(super) fn answer_reason(cfg: &VmConfig, b: &Boot, now: Instant) -> Option<&'
 }
 
 /// When a fresh boot is answered although its masking condition was not met: at the
-/// response delay if synjitsu is unavailable to a synjitsu-based mode, else at the timeout,
-/// counted from the start. `None` until the backend started the VM.
+/// response delay if synjitsu is unavailable to a synjitsu-based mode, at the timeout and
+/// then the response delay for a key (as Jitsu), else at the timeout, counted from the
+/// start. `None` until the backend started the VM.
 fn give_up_at(mask: Mask, b: &Boot) -> Option<Instant> {
     let wait = match mask {
         Mask::Announce { timeout, delay } | Mask::Synjitsu { timeout, delay } => {
             if b.syn_unavailable { delay } else { timeout }
         }
-        Mask::Key { timeout } => timeout,
+        Mask::Key { timeout, delay } => timeout + delay,
         Mask::Delay(delay) => delay,
     };
     b.started.map(|started| started + wait)
@@ -87,7 +94,11 @@ pub(super) fn boot_deadline(cfg: &VmConfig, b: &Boot) -> Option<Instant> {
     if b.kind != BootKind::Fresh {
         return None;
     }
-    give_up_at(mask_of(cfg), b)
+    let mask = mask_of(cfg);
+    if let (Mask::Key { delay, .. }, Some(seen)) = (mask, b.key_seen) {
+        return Some(seen + delay);
+    }
+    give_up_at(mask, b)
 }
 
 #[cfg(test)]

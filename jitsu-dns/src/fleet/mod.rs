@@ -22,8 +22,8 @@
 //! - at most `max_running` VMs booting, running or stopping, and at most
 //!   `max_boots_per_second` boots: past either, the query gets SERVFAIL;
 //! - a failed boot answers its waiting queries SERVFAIL and the next query retries; a guest
-//!   tracked by synjitsu that has not announced itself `boot_timeout` after the backend
-//!   started it never came up: it is destroyed and marked failed (synjitsu answers the SYNs
+//!   tracked by synjitsu that has not announced itself (nor shown its readiness key)
+//!   `boot_timeout` after the backend started it never came up: it is destroyed and marked failed (synjitsu answers the SYNs
 //!   it held with RSTs at its own limit), and the next query boots it again;
 //! - a VM the backend reports running is adopted, never booted twice;
 //! - a VM whose backend definition has a MAC of its own (a libvirt domain's) takes it, since
@@ -224,12 +224,10 @@ impl Fleet {
         for (name, cfg) in new {
             match self.vms.get_mut(&name) {
                 Some(vm) => {
-                    vm.cfg = match vm.adopted_mac {
-                        Some(mac) if mac != cfg.mac => Arc::new(VmConfig {
-                            mac,
-                            ..(*cfg).clone()
-                        }),
-                        _ => cfg,
+                    vm.cfg = if vm.adopted_macs.is_empty() {
+                        cfg
+                    } else {
+                        Arc::new(cfg.with_macs(&vm.adopted_macs))
                     }
                 }
                 None => {
@@ -253,7 +251,7 @@ impl Fleet {
             Event::WakeRequest { vm } => self.on_wake_request(now, &vm, &mut out),
             Event::Tick { activity } => self.on_tick(now, activity, &mut out),
             Event::Counters { vm, counters } => self.on_counters(now, &vm, counters),
-            Event::Started { vm, domid } => self.on_started(now, &vm, domid, &mut out),
+            Event::Started { vm, domid, port } => self.on_started(now, &vm, domid, port, &mut out),
             Event::StartFailed { vm, error } => self.on_start_failed(&vm, &error, &mut out),
             Event::Stopped { vm } => self.on_stopped(now, &vm, &mut out),
             Event::StopFailed { vm, error } => self.on_stop_failed(now, &vm, &error, &mut out),
@@ -274,7 +272,12 @@ impl Fleet {
                 self.on_synjitsu_replied(now, tag, ok, &mut out);
             }
             Event::GuestAnnounced { vm } => self.on_guest_announced(now, &vm, &mut out),
-            Event::MacFound { vm, mac } => self.on_mac_found(&vm, mac, &mut out),
+            Event::MacFound { vm, macs } => self.on_mac_found(&vm, &macs, &mut out),
+            Event::PortFound { vm, port } => {
+                if let Some(v) = self.vms.get_mut(&vm) {
+                    v.fixed_port = Some(port);
+                }
+            }
             Event::KeyAppeared { vm } => self.on_key_appeared(now, &vm, &mut out),
         }
         out

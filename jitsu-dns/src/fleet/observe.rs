@@ -14,7 +14,6 @@ use shared_proto::Mac;
 use super::Fleet;
 use super::types::{Answer, Command, Lifecycle, Observed, Persist, Stored, VmName};
 use super::vm::{Life, answer_waiting};
-use crate::config::VmConfig;
 
 impl Fleet {
     pub(super) fn on_observed(
@@ -136,22 +135,27 @@ impl Fleet {
         }
     }
 
-    /// A domain's own MAC is what its guest sends from, whatever the VM's keys say: synjitsu
-    /// must steer that one, and it stays the VM's across reloads.
-    pub(super) fn on_mac_found(&mut self, name: &VmName, mac: Mac, out: &mut Vec<Command>) {
+    /// A domain's own MACs are what its guest sends from, whatever the VM's keys say:
+    /// synjitsu must steer the first one, and they stay the VM's across reloads.
+    pub(super) fn on_mac_found(&mut self, name: &VmName, macs: &[Mac], out: &mut Vec<Command>) {
         let Some(vm) = self.vms.get_mut(name) else {
             return;
         };
-        if vm.cfg.mac == mac {
+        let Some(&mac) = macs.first() else {
+            return;
+        };
+        let adopted = vm.cfg.with_macs(macs);
+        if adopted == *vm.cfg {
             return;
         }
-        let configured = vm.cfg.mac;
+        let configured = vm.cfg.mac();
         let keyed = vm.cfg.raw.iter().any(|(k, _)| k == "mac");
-        vm.adopted_mac = Some(mac);
-        vm.cfg = Arc::new(VmConfig {
-            mac,
-            ..(*vm.cfg).clone()
-        });
+        vm.adopted_macs = macs.to_vec();
+        vm.cfg = Arc::new(adopted);
+        if mac == configured {
+            // Only another NIC's MAC: nothing synjitsu or the store follow.
+            return;
+        }
         out.push(Command::Persist(Persist::Mac {
             vm: name.clone(),
             mac,

@@ -104,13 +104,17 @@ impl Fleet {
             .vms
             .values()
             .filter(|v| v.cfg.synjitsu_tracked())
-            .map(|v| VmStatus {
-                vm: identity(&v.cfg, v.domid),
-                phase: match v.life {
-                    Life::Booting(_) => Phase::Booting,
-                    Life::Running { .. } => Phase::Running,
-                    _ => Phase::Stopped,
-                },
+            .map(|v| {
+                let (phase, port) = match v.life {
+                    Life::Booting(_) => (Phase::Booting, v.bridge_port()),
+                    Life::Running { .. } => (Phase::Running, v.bridge_port()),
+                    // An old run's port may be another guest's by now.
+                    _ => (Phase::Stopped, None),
+                };
+                VmStatus {
+                    vm: identity(&v.cfg, v.domid, port),
+                    phase,
+                }
             })
             .collect();
         send(&mut self.next_tag, ClientMessage::Sync { vms }, out);
@@ -125,26 +129,28 @@ impl Fleet {
     ) {
         if self.synjitsu_up && cfg.synjitsu_tracked() {
             let msg = ClientMessage::Stopped {
-                vm: identity(cfg, domid),
+                vm: identity(cfg, domid, None),
             };
             send(&mut self.next_tag, msg, out);
         }
     }
 }
 
-/// What synjitsu is told about a VM. A Xenstore hand-over with no domain id yet (a VM that
-/// never ran) is announced as wire: synjitsu learns the domain id with the next `Booting`.
-pub fn identity(cfg: &VmConfig, domid: Option<u32>) -> VmIdentity {
+/// What synjitsu is told about a VM, with its bridge port if known. A Xenstore hand-over with
+/// no domain id yet (a VM that never ran) is announced as wire: synjitsu learns the domain id
+/// with the next `Booting`.
+pub fn identity(cfg: &VmConfig, domid: Option<u32>, port: Option<String>) -> VmIdentity {
     let handover = match (cfg.handover, domid) {
         (HandoverKind::Xenstore, Some(domid)) if domid != 0 => Handover::Xenstore { domid },
         _ => Handover::Wire,
     };
     VmIdentity {
         name: cfg.name.to_string(),
-        mac: cfg.mac,
+        mac: cfg.mac(),
         ipv4: cfg.ip,
         ipv6: cfg.ip6,
         handover,
+        port,
     }
 }
 

@@ -82,6 +82,7 @@ fn started(f: &mut Fleet, t: Instant, vm: &str, domid: Option<u32>) -> Vec<Comma
         Event::Started {
             vm: name(vm),
             domid,
+            port: None,
         },
     )
 }
@@ -230,7 +231,8 @@ fn wait_for_key_answers_when_the_key_appears_or_at_the_timeout() {
     assert!(out.contains(&Command::UnwatchKey { vm: name("www") }));
     assert_eq!(lifecycle(&out)[0].2, "readiness key appeared");
 
-    // A key that never comes: answered at the timeout anyway.
+    // A key that never comes: answered at the timeout anyway, after the response delay
+    // (here -d's 0.1 s), as Jitsu slept it after its wait.
     let (mut f, t0) = fleet(
         &[spec(
             "b",
@@ -241,9 +243,48 @@ fn wait_for_key_answers_when_the_key_appears_or_at_the_timeout() {
     );
     query(&mut f, t0, "b", 2);
     started(&mut f, t0 + MS, "b", None);
-    assert_eq!(f.poll_at(), Some(t0 + MS + Duration::from_secs(5)));
-    assert!(answers(&tick(&mut f, t0 + Duration::from_secs(5))).is_empty());
-    let out = tick(&mut f, t0 + MS + Duration::from_secs(5));
+    let at = t0 + MS + Duration::from_secs(5) + MS * 100;
+    assert_eq!(f.poll_at(), Some(at));
+    assert!(answers(&tick(&mut f, at - MS)).is_empty());
+    let out = tick(&mut f, at);
+    assert_eq!(answers(&out), vec![(2, Answer::Ready)]);
+    assert_eq!(lifecycle(&out)[0].2, "readiness key did not appear in time");
+}
+
+#[test]
+fn wait_for_key_waits_two_seconds_then_the_response_delay_as_jitsu() {
+    let (mut f, t0) = fleet(
+        &[
+            spec("a", 1, ",wait_for_key=/jitsu/a/ready,response_delay=0.5"),
+            spec("b", 2, ",wait_for_key=/jitsu/b/ready"),
+            spec("c", 3, ",wait_for=announce"),
+        ],
+        settings(),
+    );
+    let cfg = |n: &str| f.view(n).unwrap().cfg.clone();
+    assert_eq!(cfg("a").wait_for_timeout, Duration::from_secs(2));
+    assert_eq!(
+        cfg("c").wait_for_timeout,
+        Duration::from_secs(10),
+        "not a key"
+    );
+    // The key appears: answered once the response delay has passed after it.
+    query(&mut f, t0, "a", 1);
+    started(&mut f, t0 + MS, "a", None);
+    let seen = t0 + MS * 300;
+    let out = f.handle(seen, Event::KeyAppeared { vm: name("a") });
+    assert!(answers(&out).is_empty(), "{out:?}");
+    assert_eq!(f.poll_at(), Some(seen + MS * 500));
+    assert!(answers(&tick(&mut f, seen + MS * 499)).is_empty());
+    let out = tick(&mut f, seen + MS * 500);
+    assert_eq!(answers(&out), vec![(1, Answer::Ready)]);
+    assert_eq!(lifecycle(&out)[0].2, "readiness key appeared");
+    // It never appears: 2 s, then -d's 0.1 s.
+    query(&mut f, t0, "b", 2);
+    started(&mut f, t0 + MS, "b", None);
+    let at = t0 + MS + Duration::from_millis(2100);
+    assert!(answers(&tick(&mut f, at - MS)).is_empty());
+    let out = tick(&mut f, at);
     assert_eq!(answers(&out), vec![(2, Answer::Ready)]);
     assert_eq!(lifecycle(&out)[0].2, "readiness key did not appear in time");
 }
@@ -271,7 +312,10 @@ fn relative_keys_are_watched_under_the_domain_once_its_id_is_known() {
         vm: name("m"),
         path: "/local/domain/7/data/ready".into()
     }));
+    // Answered -d's 0.1 s after the key.
     let out = f.handle(t0 + MS * 2, Event::KeyAppeared { vm: name("m") });
+    assert!(answers(&out).is_empty(), "{out:?}");
+    let out = tick(&mut f, t0 + MS * 102);
     assert_eq!(answers(&out), vec![(1, Answer::Ready)]);
     assert_eq!(f.view("m").unwrap().domid, Some(7));
 }
@@ -741,6 +785,30 @@ fn a_synjitsu_guest_that_never_announces_itself_is_failed_and_retried() {
     boot(&mut f, t0, 1);
     f.handle(t0 + MS * 300, Event::SynjitsuDown);
     assert!(stops(&tick(&mut f, t0 + MS * 1600)).is_empty());
+
+    // Nor when its readiness key appeared: it listens, synjitsu was told `ready`, whether
+    // or not the guest ever announces itself (many unmodified guests do not).
+    let (mut f, t0) = fleet(
+        &[spec(
+            "www",
+            1,
+            ",use_synjitsu=true,boot_timeout=1.5,wait_for_key=/jitsu/www/ready,wait_for_timeout=5",
+        )],
+        settings(),
+    );
+    f.handle(t0, Event::SynjitsuUp);
+    boot(&mut f, t0, 1);
+    let out = f.handle(t0 + MS * 300, Event::KeyAppeared { vm: name("www") });
+    assert!(
+        synjitsu(&out)
+            .iter()
+            .any(|(_, m)| matches!(m, ClientMessage::Ready { .. }))
+    );
+    // Running once the response delay after the key has passed, as in Jitsu.
+    tick(&mut f, t0 + MS * 1000);
+    assert_eq!(f.state("www"), Some(Lifecycle::Running));
+    assert!(stops(&tick(&mut f, t0 + MS * 1600)).is_empty());
+    assert_eq!(f.state("www"), Some(Lifecycle::Running));
 }
 
 #[test]
@@ -968,13 +1036,13 @@ fn the_domains_mac_wins_over_the_keys_and_outlives_a_reload() {
     ];
     let (mut f, t) = fleet(&specs, settings());
     f.handle(t, Event::SynjitsuUp);
-    let derived = f.view("www").unwrap().cfg.mac;
+    let derived = f.view("www").unwrap().cfg.mac();
     let domain: Mac = "02:aa:00:00:00:77".parse().unwrap();
     let out = f.handle(
         t,
         Event::MacFound {
             vm: name("www"),
-            mac: domain,
+            macs: vec![domain],
         },
     );
     assert!(out.contains(&Command::Persist(Persist::Mac {
@@ -988,12 +1056,12 @@ fn the_domains_mac_wins_over_the_keys_and_outlives_a_reload() {
         panic!("synjitsu is told at once: {told:?}")
     };
     assert_eq!(synced[0].vm.mac, domain);
-    assert_eq!(f.view("www").unwrap().cfg.mac, domain);
+    assert_eq!(f.view("www").unwrap().cfg.mac(), domain);
     let same = f.handle(
         t,
         Event::MacFound {
             vm: name("www"),
-            mac: domain,
+            macs: vec![domain],
         },
     );
     assert!(same.is_empty(), "{same:?}");
@@ -1001,7 +1069,7 @@ fn the_domains_mac_wins_over_the_keys_and_outlives_a_reload() {
         t,
         Event::MacFound {
             vm: name("m"),
-            mac: domain,
+            macs: vec![domain],
         },
     );
     assert!(matches!(
@@ -1012,11 +1080,36 @@ fn the_domains_mac_wins_over_the_keys_and_outlives_a_reload() {
     // A reload gives the keys' MAC again; the domain's stays.
     let refs: Vec<&str> = specs.iter().map(String::as_str).collect();
     f.reconfigure(t, vms(&refs));
-    assert_eq!(f.view("www").unwrap().cfg.mac, domain);
+    assert_eq!(f.view("www").unwrap().cfg.mac(), domain);
     // Removed, the VM is forgotten with its MAC.
     f.reconfigure(t, vms(&refs[1..]));
     f.reconfigure(t, vms(&refs));
-    assert_eq!(f.view("www").unwrap().cfg.mac, derived);
+    assert_eq!(f.view("www").unwrap().cfg.mac(), derived);
+}
+
+#[test]
+fn a_domains_other_nics_macs_are_taken_and_only_the_first_is_steered() {
+    let lv = "name=x,dns=x.example.org,ip=10.0.0.9,kernel=/k,nic=br0,nic=br1,mac=02:00:00:00:00:09";
+    let t = Instant::now();
+    let mut fl = Fleet::new(t, settings(), vms_with("libvirt", &[lv]));
+    fl.handle(t, Event::SynjitsuUp);
+    let first: Mac = "02:00:00:00:00:09".parse().unwrap();
+    let second: Mac = "02:bb:00:00:00:02".parse().unwrap();
+    // The first is the keys' own: only the second NIC's MAC changes, and nothing follows.
+    let out = fl.handle(
+        t,
+        Event::MacFound {
+            vm: name("x"),
+            macs: vec![first, second],
+        },
+    );
+    assert!(out.is_empty(), "{out:?}");
+    let cfg = &fl.view("x").unwrap().cfg;
+    assert_eq!((cfg.mac(), cfg.nics[1].mac), (first, second));
+    // A reload keeps them.
+    fl.reconfigure(t, vms_with("libvirt", &[lv]));
+    let cfg = &fl.view("x").unwrap().cfg;
+    assert_eq!((cfg.mac(), cfg.nics[1].mac), (first, second));
 }
 
 #[test]
@@ -1137,4 +1230,95 @@ fn durations_read_well() {
     assert_eq!(fmt_duration(Duration::from_secs(2)), "2 s");
     assert_eq!(fmt_duration(Duration::from_millis(1500)), "1.5 s");
     assert_eq!(fmt_duration(Duration::from_secs(120)), "120 s");
+}
+
+/// The guest's bridge port reaches synjitsu: from the first `booting` where the backend names
+/// it before the start (the process backend), else in a `port` once it has started it
+/// (libvirt), never an old run's, and never for a stopped VM.
+#[test]
+fn synjitsu_learns_the_guests_bridge_port_as_soon_as_the_backend_names_it() {
+    let booting_port = |out: &[Command]| {
+        synjitsu(out).into_iter().find_map(|(_, m)| match m {
+            ClientMessage::Booting { vm } => Some(vm.port),
+            _ => None,
+        })
+    };
+    let port_msgs = |out: &[Command]| -> Vec<ClientMessage> {
+        synjitsu(out)
+            .into_iter()
+            .map(|(_, m)| m)
+            .filter(|m| matches!(m, ClientMessage::Port { .. }))
+            .collect()
+    };
+    let start = |f: &mut Fleet, t: Instant, port: Option<&str>| {
+        f.handle(
+            t,
+            Event::Started {
+                vm: name("www"),
+                domid: None,
+                port: port.map(str::to_string),
+            },
+        )
+    };
+    let www = [spec("www", 1, ",use_synjitsu=true,response_delay=0")];
+
+    // Named before the start: in the first booting, and not again.
+    let (mut f, t0) = fleet(&www, settings());
+    f.handle(
+        t0,
+        Event::PortFound {
+            vm: name("www"),
+            port: "jwww0123456".into(),
+        },
+    );
+    f.handle(t0, Event::SynjitsuUp);
+    let out = query(&mut f, t0, "www", 1);
+    assert_eq!(booting_port(&out), Some(Some("jwww0123456".into())));
+    assert!(port_msgs(&start(&mut f, t0 + MS, Some("jwww0123456"))).is_empty());
+
+    // Named only once it runs: a port message then, and a new one at the next boot.
+    let (mut f, t0) = fleet(&www, settings());
+    f.handle(t0, Event::SynjitsuUp);
+    let out = query(&mut f, t0, "www", 1);
+    assert_eq!(booting_port(&out), Some(None));
+    let out = start(&mut f, t0 + MS, Some("vnet3"));
+    assert_eq!(
+        port_msgs(&out),
+        vec![ClientMessage::Port {
+            name: "www".into(),
+            port: "vnet3".into()
+        }]
+    );
+    // A reconnect while it runs tells the port with the VM.
+    let out = f.handle(t0 + MS * 2, Event::SynjitsuUp);
+    let Some((_, ClientMessage::Sync { vms })) = synjitsu(&out).pop() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(vms[0].vm.port.as_deref(), Some("vnet3"));
+    // Stopped: no port (it may be another guest's by now); booted again: not the old one.
+    let out = f.handle(
+        t0 + MS * 3,
+        Event::Observed {
+            vm: name("www"),
+            state: Observed::Off,
+            epoch: None,
+        },
+    );
+    for (_, m) in synjitsu(&out) {
+        if let ClientMessage::Stopped { vm } = m {
+            assert_eq!(vm.port, None);
+        }
+    }
+    let out = f.handle(t0 + MS * 4, Event::SynjitsuUp);
+    let Some((_, ClientMessage::Sync { vms })) = synjitsu(&out).pop() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        (vms[0].phase, vms[0].vm.port.as_deref()),
+        (Phase::Stopped, None)
+    );
+    let out = query(&mut f, t0 + Duration::from_secs(10), "www", 2);
+    assert_eq!(booting_port(&out), Some(None), "not the old run's vnet3");
+    let out = start(&mut f, t0 + Duration::from_secs(10) + MS, Some("vnet7"));
+    assert_eq!(port_msgs(&out).len(), 1);
 }

@@ -161,6 +161,8 @@ pub enum Event {
         vm: VmName,
         /// Its domain id, if the backend has them.
         domid: Option<u32>,
+        /// The host-side bridge port of its interface, if the backend names it.
+        port: Option<String>,
     },
     /// A start, resume or unpause failed.
     StartFailed {
@@ -227,13 +229,22 @@ pub enum Event {
         /// The VM.
         vm: VmName,
     },
-    /// The backend's definition of the VM (a libvirt domain's XML) gives its interface this
-    /// MAC. Reported before [`Event::Reconciled`].
+    /// The backend names the bridge port the VM's interface will have before it starts it
+    /// (the process backend's veth), so synjitsu can know it from the first `booting`.
+    /// Reported before [`Event::Reconciled`].
+    PortFound {
+        /// The VM.
+        vm: VmName,
+        /// The port.
+        port: String,
+    },
+    /// The backend's definition of the VM (a libvirt domain's XML) gives its interfaces
+    /// these MACs, in order (at least one). Reported before [`Event::Reconciled`].
     MacFound {
         /// The VM.
         vm: VmName,
-        /// The MAC.
-        mac: Mac,
+        /// The MACs; the first is the interface its `ip` is served on.
+        macs: Vec<Mac>,
     },
 }
 

@@ -38,7 +38,8 @@ pub(super) struct Boot {
     /// synjitsu could not take the VM (down, refused): fall back to the delay.
     pub(super) syn_unavailable: bool,
     pub(super) announced: bool,
-    pub(super) key_seen: bool,
+    /// When the readiness key appeared.
+    pub(super) key_seen: Option<Instant>,
     pub(super) key_watched: bool,
 }
 
@@ -93,8 +94,14 @@ pub(super) struct Vm {
     /// While a synjitsu-tracked guest runs without having announced itself: when its boot
     /// is failed. Cleared by its announcement and by every change of `life`.
     pub(super) unconfirmed_until: Option<Instant>,
-    /// The MAC taken from the VM's domain ([`super::Event::MacFound`]), kept across reloads.
-    pub(super) adopted_mac: Option<Mac>,
+    /// The MACs taken from the VM's domain ([`super::Event::MacFound`]), kept across
+    /// reloads; empty until then.
+    pub(super) adopted_macs: Vec<Mac>,
+    /// The bridge port of the guest's interface in its current run ([`super::Event::Started`]);
+    /// forgotten at each fresh boot (libvirt names a new one).
+    pub(super) port: Option<String>,
+    /// The port the backend gives it at every start ([`super::Event::PortFound`]).
+    pub(super) fixed_port: Option<String>,
 }
 
 impl Vm {
@@ -112,8 +119,15 @@ impl Vm {
             starts: 0,
             last_start: None,
             unconfirmed_until: None,
-            adopted_mac: None,
+            adopted_macs: Vec::new(),
+            port: None,
+            fixed_port: None,
         }
+    }
+
+    /// The guest's bridge port as far as it is known: this run's, else the one it always has.
+    pub(super) fn bridge_port(&self) -> Option<String> {
+        self.port.clone().or_else(|| self.fixed_port.clone())
     }
 
     pub(super) fn set_life(&mut self, life: Life) {

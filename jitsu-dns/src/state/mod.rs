@@ -382,7 +382,7 @@ pub fn config_files(vm: &VmConfig, ttl: u32) -> Vec<(String, String)> {
     if let Some(ip6) = vm.ip6 {
         files.push((format!("{p}ip6"), ip6.to_string()));
     }
-    files.push((format!("{p}mac"), vm.mac.to_string()));
+    files.push((format!("{p}mac"), vm.mac().to_string()));
     files
 }
 

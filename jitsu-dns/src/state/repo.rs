@@ -222,17 +222,31 @@ pub(crate) struct Owner {
     _locked: File,
 }
 
+/// How long a lock held by someone else is waited for before the store is called busy. The
+/// lock belongs to an open file, which a child forked by the previous owner shares until it
+/// execs or exits: a jitsu-dns restarted at once (or a store dropped and taken again in one
+/// process) may find it held for a moment.
+const OWN_PATIENCE: Duration = Duration::from_secs(2);
+
 fn own(dir: &Path) -> Result<Owner, StateError> {
     let git_dir = dir.join(".git");
     let f =
         File::open(&git_dir).map_err(|e| repo_err(dir, format!("{}: {e}", git_dir.display())))?;
-    match f.try_lock() {
-        Ok(()) => Ok(Owner { _locked: f }),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StateError::Busy {
-            path: dir.to_path_buf(),
-        }),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(repo_err(dir, format!("cannot lock .git: {e}")))
+    let give_up = std::time::Instant::now() + OWN_PATIENCE;
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(Owner { _locked: f }),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < give_up => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StateError::Busy {
+                    path: dir.to_path_buf(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(repo_err(dir, format!("cannot lock .git: {e}")));
+            }
         }
     }
 }

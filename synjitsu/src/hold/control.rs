@@ -1,8 +1,8 @@
 //! What jitsu-dns tells the core over the control socket, and the one thing the core asks of
 //! it unprompted: to wake a stopped VM that someone is trying to reach.
 //!
-//! Owns carrying out each request (`booting`, `stopped`, `ready`, a full `sync` after every
-//! reconnect) and refusing the ones that cannot be (an address or MAC another VM has, a
+//! Owns carrying out each request (`booting`, `stopped`, `ready`, `port`, a full `sync` after
+//! every reconnect) and refusing the ones that cannot be (an address or MAC another VM has, a
 //! Xenstore hand-over without Xenstore), with a [`ControlError`]. Framing and sessions are
 //! [`crate::control`]'s; what a VM then does is in the other files of [`super`].
 
@@ -39,6 +39,8 @@ impl ControlError {
 impl Hold {
     /// Carries out one request from jitsu-dns (the session's hello is the control server's).
     pub fn on_control(&mut self, now: Instant, msg: &ClientMessage) -> Result<Reply, ControlError> {
+        // Any request may change which guests synjitsu passes frames to.
+        self.out.guests_generation += 1;
         match msg {
             ClientMessage::Hello { .. } => Ok(Reply::Hello {
                 version: PROTOCOL_VERSION,
@@ -47,6 +49,7 @@ impl Hold {
             ClientMessage::Booting { vm } => self.on_booting(now, vm).map(|()| Reply::Ack),
             ClientMessage::Stopped { vm } => self.on_stopped(now, vm).map(|()| Reply::Ack),
             ClientMessage::Ready { name } => self.on_ready(now, name).map(|()| Reply::Ack),
+            ClientMessage::Port { name, port } => self.on_port(name, port).map(|()| Reply::Ack),
             ClientMessage::Sync { vms } => self.on_sync(now, vms).map(|()| Reply::Ack),
         }
     }
@@ -82,7 +85,7 @@ impl Hold {
             });
         }
         vm.steer(&mut self.out);
-        tracing::info!(vm = %id.name, mac = %id.mac, ip = %id.ipv4, "booting: standing in");
+        tracing::info!(vm = %id.name, mac = %id.mac, ip = %id.ipv4, port = ?id.port, "booting: standing in");
         // The first gratuitous ARP is due now; and every VM's timers run, as at any timeout.
         self.handle_timeout(now);
         if let Some(vm) = self.vms.get_mut(&id.name) {
@@ -94,8 +97,15 @@ impl Hold {
     fn on_stopped(&mut self, _now: Instant, id: &VmIdentity) -> Result<(), ControlError> {
         self.vms.check_conflicts(id)?;
         let vm = self.vms.upsert(&mut self.out, id, VmPhase::Stopped);
-        // The domain is gone; its Xenstore entries with it.
+        // The domain is gone: nothing of its boot stays readable, by it or by whichever guest
+        // gets its id next.
         vm.restart(VmPhase::Stopped, 0, None);
+        if vm.xenstore_domid().is_some() {
+            self.out.queue_store(StoreOp::Seal {
+                vm: id.name.clone(),
+                ips: vm.addrs(),
+            });
+        }
         vm.steer(&mut self.out);
         tracing::info!(vm = %id.name, "stopped: holding for a wake-up");
         Ok(())
@@ -110,6 +120,20 @@ impl Hold {
         };
         tracing::info!(vm = %name, "ready");
         vm.go_up(&self.cfg, &mut self.out, now, true);
+        Ok(())
+    }
+
+    /// The guest's bridge port, learnt after its start: from now on its announcement counts
+    /// only from there (one seen before counted from anywhere), and frames for it go there.
+    fn on_port(&mut self, name: &str, port: &str) -> Result<(), ControlError> {
+        let Some(vm) = self.vms.get_mut(name) else {
+            return Err(ControlError::new(
+                ErrorCode::UnknownVm,
+                format!("no VM named {name:?}"),
+            ));
+        };
+        tracing::info!(vm = %name, port, "guest's bridge port");
+        vm.id.port = Some(port.to_string());
         Ok(())
     }
 

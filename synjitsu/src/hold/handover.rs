@@ -154,6 +154,7 @@ impl Vm {
         self.listening |= listening;
         if self.phase.intercepting() || self.phase == VmPhase::Running {
             self.phase = VmPhase::Handover;
+            out.guests_generation += 1;
         }
         // What Xenstore has, the guest reads itself.
         out.total_held -= self.take_held(|h| h.stored == Stored::Written).len();
@@ -202,15 +203,16 @@ impl Vm {
             }
             self.send_due_probes(cfg, out, now);
         }
-        self.finish_handover();
+        self.finish_handover(out);
     }
 
     /// Ends the hand-over once the release is confirmed and nothing is held any more.
-    pub(super) fn finish_handover(&mut self) {
+    pub(super) fn finish_handover(&mut self, out: &mut Outputs) {
         if self.phase == VmPhase::Handover && self.release_pending.is_none() && self.held.is_empty()
         {
             self.probes.clear();
             self.phase = VmPhase::Running;
+            out.guests_generation += 1;
             tracing::info!(vm = %self.id.name, "hand-over complete");
         }
     }

@@ -5,21 +5,31 @@
 //! threads. The shell feeds it frames ([`Hold::on_frame`]), control requests
 //! ([`Hold::on_control`]), results of the slow work it asked for ([`Hold::on_store_done`],
 //! [`Hold::on_fdb_done`]) and timer expiries ([`Hold::handle_timeout`] at [`Hold::poll_at`]),
-//! and drains what the core queued: frames ([`Hold::poll_transmit`]), events for jitsu-dns
-//! ([`Hold::poll_event`]), Xenstore work ([`Hold::poll_store`]) and forwarding-table changes
-//! ([`Hold::poll_fdb`]).
+//! and drains what the core queued: frames ([`Hold::poll_transmit`]), frames for a guest's
+//! own port ([`Hold::poll_to_guest`]), events for jitsu-dns ([`Hold::poll_event`]), Xenstore
+//! work ([`Hold::poll_store`]) and forwarding-table changes ([`Hold::poll_fdb`]). A second
+//! input, [`Hold::on_ingress`], takes announcements seen on any port with the port's name.
 //!
 //! Per VM, a phase:
 //! - **booting**: stand in for the guest: send gratuitous ARP and an unsolicited NA for it a
 //!   few times, answer ARP and neighbour solicitations with its MAC, hold its clients' SYNs
-//!   (and, for a Xenstore hand-over, write each one as it is captured);
+//!   (and, for a Xenstore hand-over, write each one as it is captured), and pass every other
+//!   frame addressed to it on through its own port, if jitsu-dns named it, so that a guest
+//!   that boots while steered gets its answers (its gateway's ARP reply, a ping's replies);
 //! - **stopped**: known but off: answer and hold as above, and ask jitsu-dns to wake it (at
 //!   most once per `wake_interval` while it stays stopped);
-//! - **handover**: the guest announced itself (its own gratuitous ARP or NA) or jitsu-dns said
-//!   it answers (`Ready`, or `Running` in a `Sync`): stop answering for it, release its
-//!   forwarding entry, and give it what is held: at once after `Ready`, else once a probe from
-//!   synjitsu's own address finds the port listening;
+//! - **handover**: the guest announced itself or jitsu-dns said it answers (`Ready`, or
+//!   `Running` in a `Sync`): stop answering for it, release its forwarding entry, and give it
+//!   what is held: at once after `Ready`, else once a probe from synjitsu's own address finds
+//!   the port listening;
 //! - **running**: nothing held, nothing intercepted.
+//!
+//! What ends the stand-in (`guest`, `neighbour`): the guest's own gratuitous ARP (broadcast,
+//! sender and target address both its own, or a broadcast reply) or unsolicited neighbour
+//! advertisement (solicited flag clear) for its address, from its MAC, and, when jitsu-dns
+//! named the guest's bridge port, seen arriving on that port (any other port's is
+//! `spoofed_announcement`); or jitsu-dns's `Ready`. Nothing else: an ARP request or a
+//! solicited answer from the guest only shows that its kernel is up, not that it listens.
 //!
 //! Every queue is bounded (see [`Config`] and the `MAX_*` constants); what does not fit is
 //! dropped and counted, never blocks and never grows without limit. Malformed frames are a
@@ -37,9 +47,12 @@
 //! - `syn`: holding a client SYN: checksum, deduplication, bounds, eviction, time-outs;
 //! - `handover`: from the guest's announcement to its first SYN: forwarding-table release,
 //!   Xenstore writes, probes, re-sending;
+//! - `guest`: the guest's own bridge port: announcements taken only from it, frames for the
+//!   guest passed through it;
 //! - `control`: what jitsu-dns asks (booting, stopped, ready, sync) and wake requests.
 
 mod control;
+mod guest;
 mod handover;
 mod neighbour;
 mod outputs;
@@ -58,8 +71,8 @@ use shared_proto::Mac;
 pub use self::control::ControlError;
 use self::outputs::Outputs;
 pub use self::outputs::{
-    Counters, FdbAction, FdbOp, MAX_EVENTS, MAX_FDB_OPS, MAX_STORE_OPS, MAX_TRANSMIT, StoreDone,
-    StoreOp, StoreOutcome,
+    Counters, FdbAction, FdbOp, MAX_EVENTS, MAX_FDB_OPS, MAX_STORE_OPS, MAX_TO_GUEST, MAX_TRANSMIT,
+    StoreDone, StoreOp, StoreOutcome,
 };
 pub use self::vm::VmPhase;
 use self::vm::Vms;
@@ -94,6 +107,9 @@ pub struct Config {
     pub probe_interval: Duration,
     /// Seeds the generator of probe ports, probe ISNs and Xenstore `tx_isn`s.
     pub seed: u64,
+    /// The shell watches every port for announcements ([`Hold::on_ingress`]): a guest whose
+    /// port is named announces only from there. False: from any port, as if none were named.
+    pub ports_watched: bool,
 }
 
 impl Config {
@@ -113,6 +129,7 @@ impl Config {
             wake_interval: Duration::from_secs(1),
             probe_interval: Duration::from_millis(5),
             seed: 0x5eed,
+            ports_watched: true,
         }
     }
 
@@ -166,6 +183,9 @@ pub enum DropReason {
     HoldTimeout,
     /// The VM was forgotten (absent from a `Sync`): its clients got a RST.
     VmForgotten,
+    /// A guest's announcement (gratuitous ARP, unsolicited NA) that arrived on another bridge
+    /// port than the one jitsu-dns named for it: someone else speaking for its address.
+    SpoofedAnnouncement,
 }
 
 impl DropReason {
@@ -182,6 +202,7 @@ impl DropReason {
                 DropReason::Evicted,
                 DropReason::HoldTimeout,
                 DropReason::VmForgotten,
+                DropReason::SpoofedAnnouncement,
             ])
     }
 
@@ -196,6 +217,7 @@ impl DropReason {
             DropReason::Evicted => "evicted",
             DropReason::HoldTimeout => "hold_timeout",
             DropReason::VmForgotten => "vm_forgotten",
+            DropReason::SpoofedAnnouncement => "spoofed_announcement",
         }
     }
 
@@ -213,6 +235,7 @@ impl DropReason {
             DropReason::Evicted => n + 4,
             DropReason::HoldTimeout => n + 5,
             DropReason::VmForgotten => n + 6,
+            DropReason::SpoofedAnnouncement => n + 7,
         }
     }
 }
@@ -232,13 +255,15 @@ pub enum Verdict {
     Announced,
     /// A guest's answer to a probe.
     ProbeAnswer,
+    /// Addressed to a guest synjitsu stands in for, not held: passed on through its port.
+    ToGuest,
     /// Dropped, for a reason.
     Drop(DropReason),
 }
 
 impl Verdict {
     /// Every verdict label, for metrics.
-    pub const LABELS: [&'static str; 7] = [
+    pub const LABELS: [&'static str; 8] = [
         "pass",
         "answered",
         "held",
@@ -246,6 +271,7 @@ impl Verdict {
         "announced",
         "probe_answer",
         "dropped",
+        "to_guest",
     ];
 
     fn index(self) -> usize {
@@ -257,6 +283,7 @@ impl Verdict {
             Verdict::Announced => 4,
             Verdict::ProbeAnswer => 5,
             Verdict::Drop(_) => 6,
+            Verdict::ToGuest => 7,
         }
     }
 }
@@ -270,6 +297,8 @@ pub struct Hold {
     /// One dropped frame logged a second: a flood of garbage must not become a flood of log
     /// lines.
     drop_log: RateLimited,
+    /// One spoofed announcement logged (at warn) a second.
+    spoof_log: RateLimited,
     /// SYNs recently refused for want of room, to recognise their retransmissions.
     refused: Refused,
 }
@@ -283,6 +312,7 @@ impl Hold {
             vms: Vms::default(),
             out: Outputs::new(seed),
             drop_log: RateLimited::new(Duration::from_secs(1)),
+            spoof_log: RateLimited::new(Duration::from_secs(1)),
             refused: Refused::new(Duration::from_secs(2), seed),
         }
     }
@@ -335,6 +365,29 @@ impl Hold {
         self.out.poll_transmit(out)
     }
 
+    /// The next frame for a guest's own port, written into `out` (replacing its contents);
+    /// the port's name, or `None` if there is none.
+    pub fn poll_to_guest(&mut self, out: &mut Vec<u8>) -> Option<String> {
+        let (port, mut frame) = self.out.to_guest.pop_front()?;
+        std::mem::swap(out, &mut frame);
+        Some(port)
+    }
+
+    /// The MACs of the guests whose frames synjitsu passes through their port now, for the
+    /// kernel filter; [`Hold::guest_macs_generation`] changes whenever they may have.
+    pub fn guest_macs(&self) -> Vec<Mac> {
+        self.vms
+            .iter()
+            .filter(|v| v.guest_port().is_some())
+            .map(|v| v.id.mac)
+            .collect()
+    }
+
+    /// Changes whenever [`Hold::guest_macs`] may have.
+    pub fn guest_macs_generation(&self) -> u64 {
+        self.out.guests_generation
+    }
+
     /// The next event for jitsu-dns.
     pub fn poll_event(&mut self) -> Option<shared_proto::Event> {
         self.out.events.pop_front()
@@ -367,6 +420,12 @@ impl Hold {
     /// Looks at one frame received on synjitsu's port and decides.
     pub fn on_frame(&mut self, now: Instant, frame: &[u8], meta: FrameMeta) -> Verdict {
         let verdict = self.judge(now, frame, meta);
+        self.count(now, frame, verdict);
+        verdict
+    }
+
+    /// Counts a verdict (and logs a drop, at most once a second).
+    fn count(&mut self, now: Instant, frame: &[u8], verdict: Verdict) {
         self.out.counters.frames[verdict.index()] += 1;
         if let Verdict::Drop(reason) = verdict {
             self.out.counters.count_drop(reason);
@@ -379,7 +438,6 @@ impl Hold {
                 );
             }
         }
-        verdict
     }
 
     fn judge(&mut self, now: Instant, frame: &[u8], meta: FrameMeta) -> Verdict {
@@ -388,12 +446,17 @@ impl Hold {
             Ok(p) => p,
             Err(e) => return Verdict::Drop(DropReason::Malformed(e)),
         };
-        match parsed.packet {
+        let verdict = match parsed.packet {
             Packet::Arp(a) => self.on_arp(now, &parsed.eth, &a),
             Packet::Ndp(n) => self.on_ndp(now, &parsed.eth, &n),
             Packet::Tcp(t) if self.cfg.is_probe_ip(t.dst_ip) => self.on_probe_answer(now, &t),
             Packet::Tcp(t) => self.on_tcp(now, frame, &parsed.eth, &t, meta),
             Packet::Other => Verdict::Pass,
+        };
+        match verdict {
+            // Not synjitsu's to keep: if it is for a guest stood in for, the guest's.
+            Verdict::Pass => self.pass_to_guest(frame, &parsed.eth, meta),
+            v => v,
         }
     }
 
@@ -403,7 +466,7 @@ impl Hold {
             vm.announce_due(&self.cfg, &mut self.out, now);
             vm.expire_held(&self.cfg, &mut self.out, now);
             vm.send_due_probes(&self.cfg, &mut self.out, now);
-            vm.finish_handover();
+            vm.finish_handover(&mut self.out);
         }
     }
 }

@@ -3,25 +3,64 @@
 //!
 //! Owns answering ARP requests and neighbour solicitations with a VM's MAC (or synjitsu's own,
 //! for a probe address), the gratuitous ARPs and unsolicited NAs sent when a boot starts, and
-//! recognising the guest's own announcement, which ends standing in for it. What follows the
-//! announcement is [`super::handover`]'s; the frames themselves are [`crate::garp`]'s.
+//! recognising the guest's own announcement ([`is_announcement`]), which ends standing in for
+//! it. An announcement seen on synjitsu's port counts only for a guest whose port jitsu-dns
+//! did not name; one whose port is known is judged on the announcement watcher's copy, which
+//! knows where it came in ([`super::guest`]). What follows the announcement is
+//! [`super::handover`]'s; the frames themselves are [`crate::garp`]'s.
 
 use std::net::IpAddr;
 use std::time::Instant;
+
+use shared_proto::Mac;
 
 use super::outputs::{Outputs, Tx};
 use super::vm::Vm;
 use super::{Config, Hold, Verdict};
 use crate::garp::NaTo;
-use crate::wire::{ArpOp, ArpRepr, EthHeader, NdpKind, NdpRepr};
+use crate::wire::{ArpOp, ArpRepr, EthHeader, NdpKind, NdpRepr, Packet};
+
+/// True if `packet` (in a frame with header `eth`) is `vm`'s guest announcing its own
+/// address: a gratuitous ARP (from its MAC, to broadcast, with its address as sender and as
+/// target, or a broadcast reply: `arping -U` and `-A`, the kernel's `arp_notify`, MirageOS,
+/// the original Synjitsu) or an unsolicited neighbour advertisement (from its MAC, for its
+/// IPv6 address, the solicited flag clear). An ARP request for another address, an answer to
+/// someone's question, a ping: none is one; they show that the guest's kernel runs, not that
+/// it listens.
+pub(super) fn is_announcement(vm: &Vm, eth: &EthHeader, packet: &Packet<'_>) -> bool {
+    if eth.src != vm.id.mac {
+        return false;
+    }
+    match packet {
+        Packet::Arp(a) => {
+            a.sender_mac == vm.id.mac
+                && a.sender_ip == vm.id.ipv4
+                && eth.dst == Mac::BROADCAST
+                && (a.target_ip == a.sender_ip || a.op == ArpOp::Reply)
+        }
+        Packet::Ndp(n) => {
+            matches!(
+                n.kind,
+                NdpKind::Advertisement {
+                    solicited: false,
+                    ..
+                }
+            ) && Some(n.target) == vm.id.ipv6
+        }
+        Packet::Tcp(_) | Packet::Other => false,
+    }
+}
 
 impl Hold {
     pub(super) fn on_arp(&mut self, now: Instant, eth: &EthHeader, a: &ArpRepr) -> Verdict {
-        // The guest speaking for its own address, in either form: it is on the bridge.
         if let Some(vm) = self.vms.with_mac_mut(a.sender_mac)
-            && a.sender_ip == vm.id.ipv4
             && vm.phase.intercepting()
+            && is_announcement(vm, eth, &Packet::Arp(*a))
         {
+            // Where it came in is known only to the watcher's copy: it decides if it can.
+            if vm.announcing_port(&self.cfg).is_some() {
+                return Verdict::Pass;
+            }
             vm.announced(&self.cfg, &mut self.out, now);
             return Verdict::Announced;
         }
@@ -65,7 +104,10 @@ impl Hold {
                 let Some(vm) = self.vms.with_mac_mut(eth.src) else {
                     return Verdict::Pass;
                 };
-                if Some(n.target) == vm.id.ipv6 && vm.phase.intercepting() {
+                if vm.phase.intercepting()
+                    && vm.announcing_port(&self.cfg).is_none()
+                    && is_announcement(vm, eth, &Packet::Ndp(*n))
+                {
                     vm.announced(&self.cfg, &mut self.out, now);
                     return Verdict::Announced;
                 }

@@ -25,6 +25,8 @@ pub const MAX_EVENTS: usize = 1024;
 pub const MAX_STORE_OPS: usize = 8192;
 /// Forwarding-table changes queued at most.
 pub const MAX_FDB_OPS: usize = 1024;
+/// Frames queued for guests' own ports at most.
+pub const MAX_TO_GUEST: usize = 1024;
 
 /// Work for the Xenstore writer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +38,14 @@ pub enum StoreOp {
         vm: String,
         /// The guest's domain.
         domid: u32,
+        /// Its addresses.
+        ips: Vec<IpAddr>,
+    },
+    /// The VM stopped: `/ip/<ip>` for each address emptied and closed to every domain but
+    /// dom0 until its next boot opens it for that boot's domain.
+    Seal {
+        /// The VM.
+        vm: String,
         /// Its addresses.
         ips: Vec<IpAddr>,
     },
@@ -116,7 +126,9 @@ pub enum FdbAction {
 #[derive(Debug, Clone, Default)]
 pub struct Counters {
     /// Frames seen, by [`Verdict::LABELS`] index.
-    pub frames: [u64; 7],
+    pub frames: [u64; Verdict::LABELS.len()],
+    /// Frames the announcement watcher saw (gratuitous ARPs and unsolicited NAs, any port).
+    pub ingress_frames: u64,
     /// Drops, by [`DropReason::all`] index.
     pub drops: Vec<u64>,
     /// SYNs held.
@@ -163,6 +175,8 @@ pub struct Counters {
     pub store_overflow: u64,
     /// Forwarding changes not queued because [`MAX_FDB_OPS`] were waiting.
     pub fdb_overflow: u64,
+    /// Frames for guests not queued because [`MAX_TO_GUEST`] were waiting.
+    pub to_guest_overflow: u64,
 }
 
 impl Counters {
@@ -214,9 +228,13 @@ pub(super) struct Outputs {
     pub(super) events: VecDeque<Event>,
     pub(super) store: VecDeque<StoreOp>,
     pub(super) fdb: VecDeque<FdbOp>,
+    /// Frames for a guest, with the port they go out of.
+    pub(super) to_guest: VecDeque<(String, Vec<u8>)>,
     pub(super) counters: Counters,
     /// SYNs held by every VM together (bounded by `max_held`).
     pub(super) total_held: usize,
+    /// Bumped whenever the guests whose frames go through their port may have changed.
+    pub(super) guests_generation: u64,
     next_id: u64,
     rng: u64,
 }
@@ -229,11 +247,13 @@ impl Outputs {
             events: VecDeque::new(),
             store: VecDeque::new(),
             fdb: VecDeque::new(),
+            to_guest: VecDeque::new(),
             counters: Counters {
                 drops: vec![0; DropReason::all().count()],
                 ..Counters::default()
             },
             total_held: 0,
+            guests_generation: 0,
             next_id: 1,
             rng: seed | 1,
         }
@@ -279,6 +299,17 @@ impl Outputs {
             return false;
         }
         self.store.push_back(op);
+        true
+    }
+
+    /// Queues `frame` to go out of the guest's port `port`; false if [`MAX_TO_GUEST`] wait
+    /// already.
+    pub(super) fn queue_to_guest(&mut self, port: &str, frame: Vec<u8>) -> bool {
+        if self.to_guest.len() >= MAX_TO_GUEST {
+            self.counters.to_guest_overflow += 1;
+            return false;
+        }
+        self.to_guest.push_back((port.to_string(), frame));
         true
     }
 

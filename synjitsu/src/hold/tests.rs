@@ -27,6 +27,7 @@ pub(crate) fn www(handover: Handover) -> VmIdentity {
         ipv4: "10.77.1.10".parse().unwrap(),
         ipv6: Some("fd77:1::10".parse().unwrap()),
         handover,
+        port: None,
     }
 }
 
@@ -763,7 +764,7 @@ fn a_sync_saying_booting_does_not_hijack_a_guest_that_announced_itself() {
 }
 
 #[test]
-fn a_xenstore_vms_nodes_are_opened_at_each_boot_kept_while_declared_and_closed_when_forgotten() {
+fn a_xenstore_vms_nodes_are_opened_at_each_boot_sealed_at_each_stop_and_closed_when_forgotten() {
     let mut h = core();
     let t0 = Instant::now();
     let ips: Vec<std::net::IpAddr> =
@@ -780,7 +781,8 @@ fn a_xenstore_vms_nodes_are_opened_at_each_boot_kept_while_declared_and_closed_w
     // The same boot told again (a sync after a reconnect) is not a new boot.
     booting(&mut h, t0, Handover::Xenstore { domid: 7 });
     assert_eq!(h.poll_store(), None);
-    // Stopped, it stays declared: its nodes stay.
+    // Stopped, it stays declared: its nodes stay, sealed (dom0's alone: domain 7 is gone and
+    // its id may go to another guest before this VM's next boot).
     h.on_control(
         t0,
         &ClientMessage::Stopped {
@@ -788,7 +790,13 @@ fn a_xenstore_vms_nodes_are_opened_at_each_boot_kept_while_declared_and_closed_w
         },
     )
     .unwrap();
-    assert_eq!(h.poll_store(), None);
+    assert_eq!(
+        h.poll_store(),
+        Some(StoreOp::Seal {
+            vm: "www".into(),
+            ips: ips.clone()
+        })
+    );
     // The next boot is another domain.
     booting(&mut h, t0, Handover::Xenstore { domid: 9 });
     assert_eq!(
@@ -847,5 +855,293 @@ fn a_second_vm_cannot_take_a_first_ones_address() {
         err.message.contains("already belongs to VM www"),
         "{}",
         err.message
+    );
+}
+
+/// An ARP frame from the guest's MAC, to `eth_dst`.
+fn guest_arp(op: ArpOp, eth_dst: Mac, target_mac: Mac, target_ip: &str) -> Vec<u8> {
+    let mut f = vec![0u8; 42];
+    wire::write_eth(&mut f, eth_dst, vm_mac(), wire::ETHERTYPE_ARP);
+    wire::write_arp(
+        &mut f,
+        &ArpRepr {
+            op,
+            sender_mac: vm_mac(),
+            sender_ip: "10.77.1.10".parse().unwrap(),
+            target_mac,
+            target_ip: target_ip.parse().unwrap(),
+        },
+    );
+    f
+}
+
+/// The guest's neighbour advertisement for its IPv6 address: unsolicited to all nodes, or
+/// solicited, to the client.
+fn guest_na(solicited: bool) -> Vec<u8> {
+    let mut f = vec![0u8; crate::garp::MAX_LEN];
+    let to = if solicited {
+        crate::garp::NaTo::Asker {
+            ip: "fd77:1::2".parse().unwrap(),
+            mac: "02:77:00:00:01:02".parse().unwrap(),
+        }
+    } else {
+        crate::garp::NaTo::AllNodes
+    };
+    let n =
+        crate::garp::neighbour_advertisement(&mut f, vm_mac(), "fd77:1::10".parse().unwrap(), to);
+    f.truncate(n);
+    f
+}
+
+/// The VM booting with its bridge port named.
+fn booting_on(h: &mut Hold, now: Instant, port: &str) {
+    let mut vm = www(Handover::Wire);
+    vm.port = Some(port.into());
+    h.on_control(now, &ClientMessage::Booting { vm }).unwrap();
+}
+
+fn phase(h: &Hold) -> VmPhase {
+    h.vms().next().unwrap().1
+}
+
+#[test]
+fn only_the_guests_own_gratuitous_arp_or_unsolicited_na_ends_the_stand_in() {
+    let t0 = Instant::now();
+    let gateway = "10.77.1.1";
+    let client: Mac = "02:77:00:00:01:02".parse().unwrap();
+    // Frames that show the guest's kernel runs, not that it listens.
+    let not_announcements = [
+        (
+            "an ARP request for its gateway",
+            guest_arp(ArpOp::Request, Mac::BROADCAST, Mac([0; 6]), gateway),
+        ),
+        (
+            "its ARP answer to a client",
+            guest_arp(ArpOp::Reply, client, client, "10.77.1.2"),
+        ),
+        ("its solicited NA to a client", guest_na(true)),
+    ];
+    for (what, f) in &not_announcements {
+        let mut h = core();
+        booting(&mut h, t0, Handover::Wire);
+        h.on_frame(t0, &SYN_V4, FrameMeta::default());
+        drain_events(&mut h);
+        assert_eq!(
+            h.on_frame(t0, f, FrameMeta::default()),
+            Verdict::Pass,
+            "{what}"
+        );
+        assert_eq!(phase(&h), VmPhase::Booting, "{what}");
+        assert_eq!(h.held_now(), 1, "{what}");
+        assert!(drain_events(&mut h).is_empty(), "{what}");
+    }
+    let announcements = [
+        ("arping -U (request form)", guest_garp()),
+        (
+            "arping -A (reply form)",
+            guest_arp(ArpOp::Reply, Mac::BROADCAST, vm_mac(), "10.77.1.10"),
+        ),
+        ("an unsolicited NA", guest_na(false)),
+    ];
+    for (what, f) in &announcements {
+        let mut h = core();
+        booting(&mut h, t0, Handover::Wire);
+        assert_eq!(
+            h.on_frame(t0, f, FrameMeta::default()),
+            Verdict::Announced,
+            "{what}"
+        );
+        assert_eq!(phase(&h), VmPhase::Handover, "{what}");
+    }
+}
+
+#[test]
+fn with_its_port_named_only_an_announcement_arriving_on_that_port_counts() {
+    let t0 = Instant::now();
+    for (what, f) in [
+        ("gratuitous ARP", guest_garp()),
+        ("unsolicited NA", guest_na(false)),
+    ] {
+        let mut h = core();
+        booting_on(&mut h, t0, "vnet3");
+        h.on_frame(t0, &SYN_V4, FrameMeta::default());
+        drain_events(&mut h);
+        // synjitsu's own port sees it without knowing where it came from: not decided there.
+        assert_eq!(
+            h.on_frame(t0, &f, FrameMeta::default()),
+            Verdict::Pass,
+            "{what}"
+        );
+        assert_eq!(phase(&h), VmPhase::Booting, "{what}");
+        // The watcher's copy from another port: spoofed.
+        assert_eq!(
+            h.on_ingress(t0, &f, FrameMeta::default(), "vnet9"),
+            Verdict::Drop(DropReason::SpoofedAnnouncement),
+            "{what}"
+        );
+        assert_eq!(phase(&h), VmPhase::Booting, "{what}");
+        assert_eq!(h.held_now(), 1);
+        assert!(drain_events(&mut h).is_empty(), "{what}");
+        assert_eq!(h.counters().drops_for(DropReason::SpoofedAnnouncement), 1);
+        // From the guest's own port: announced.
+        assert_eq!(
+            h.on_ingress(t0, &f, FrameMeta::default(), "vnet3"),
+            Verdict::Announced,
+            "{what}"
+        );
+        assert_eq!(
+            drain_events(&mut h),
+            vec![Event::GuestAnnounced { name: "www".into() }]
+        );
+        assert_eq!(h.counters().ingress_frames, 2);
+        assert_eq!(h.counters().frames_with("announced"), 1);
+    }
+    // Whatever else the watcher sees is not its to count.
+    let mut h = core();
+    booting_on(&mut h, t0, "vnet3");
+    assert_eq!(
+        h.on_ingress(t0, &WHO_HAS, FrameMeta::default(), "vnet9"),
+        Verdict::Pass
+    );
+    assert_eq!(
+        h.on_ingress(t0, &[1, 2, 3], FrameMeta::default(), "vnet9"),
+        Verdict::Pass
+    );
+    assert_eq!(h.counters().frames.iter().sum::<u64>(), 0);
+    // A stopped VM has no port of its own (its old one may be another guest's): any port.
+    let mut h = core();
+    let mut vm = www(Handover::Wire);
+    vm.port = Some("vnet3".into());
+    h.on_control(t0, &ClientMessage::Stopped { vm }).unwrap();
+    assert_eq!(
+        h.on_ingress(t0, &guest_garp(), FrameMeta::default(), "vnet9"),
+        Verdict::Pass
+    );
+    assert_eq!(
+        h.on_frame(t0, &guest_garp(), FrameMeta::default()),
+        Verdict::Announced
+    );
+}
+
+#[test]
+fn frames_for_a_steered_guest_go_out_of_its_port_and_its_syns_stay_held() {
+    let t0 = Instant::now();
+    let gateway_mac: Mac = "02:77:00:00:01:01".parse().unwrap();
+    // The gateway's answer to the guest's question, sent to the guest's MAC.
+    let mut reply = vec![0u8; 42];
+    wire::write_eth(&mut reply, vm_mac(), gateway_mac, wire::ETHERTYPE_ARP);
+    wire::write_arp(
+        &mut reply,
+        &ArpRepr {
+            op: ArpOp::Reply,
+            sender_mac: gateway_mac,
+            sender_ip: "10.77.1.1".parse().unwrap(),
+            target_mac: vm_mac(),
+            target_ip: "10.77.1.10".parse().unwrap(),
+        },
+    );
+    // A client's answer on a connection the guest opened, its checksum left to offload.
+    let mut ack = SYN_V4_PARTIAL;
+    ack[47] = 0x12;
+    let partial = FrameMeta {
+        checksum: Checksum::Partial,
+    };
+
+    // No port named: nowhere to send them.
+    let mut h = core();
+    booting(&mut h, t0, Handover::Wire);
+    assert_eq!(h.on_frame(t0, &reply, FrameMeta::default()), Verdict::Pass);
+    assert!(h.poll_to_guest(&mut Vec::new()).is_none());
+
+    let mut h = core();
+    booting_on(&mut h, t0, "vnet3");
+    drain_tx(&mut h);
+    assert_eq!(h.guest_macs(), vec![vm_mac()]);
+    assert_eq!(
+        h.on_frame(t0, &reply, FrameMeta::default()),
+        Verdict::ToGuest
+    );
+    assert_eq!(h.on_frame(t0, &ack, partial), Verdict::ToGuest);
+    // What synjitsu keeps is not passed: the client's SYN, and questions it answers.
+    assert_eq!(h.on_frame(t0, &SYN_V4, FrameMeta::default()), Verdict::Held);
+    assert_eq!(
+        h.on_frame(t0, &WHO_HAS, FrameMeta::default()),
+        Verdict::Answered
+    );
+    let mut buf = Vec::new();
+    assert_eq!(h.poll_to_guest(&mut buf).as_deref(), Some("vnet3"));
+    assert_eq!(buf, reply);
+    assert_eq!(h.poll_to_guest(&mut buf).as_deref(), Some("vnet3"));
+    let Packet::Tcp(t) = parsed(&buf).packet else {
+        panic!()
+    };
+    assert!(wire::tcp_checksum_ok(&buf, &t), "the checksum is completed");
+    assert!(h.poll_to_guest(&mut buf).is_none());
+    assert_eq!(h.counters().frames_with("to_guest"), 2);
+    assert_eq!(phase(&h), VmPhase::Booting);
+    assert_eq!(h.held_now(), 1);
+    // Until the bridge sends them to the guest itself again.
+    let generation = h.guest_macs_generation();
+    h.on_control(t0, &ClientMessage::Ready { name: "www".into() })
+        .unwrap();
+    assert_eq!(
+        h.on_frame(t0, &reply, FrameMeta::default()),
+        Verdict::ToGuest,
+        "release pending"
+    );
+    while let Some(op) = h.poll_fdb() {
+        h.on_fdb_done(t0, op.id);
+    }
+    assert_eq!(phase(&h), VmPhase::Running);
+    assert_ne!(h.guest_macs_generation(), generation);
+    assert!(h.guest_macs().is_empty());
+    assert_eq!(h.on_frame(t0, &reply, FrameMeta::default()), Verdict::Pass);
+}
+
+#[test]
+fn a_port_learnt_after_the_start_applies_from_then_on_and_changes_nothing_else() {
+    let t0 = Instant::now();
+    let port = |name: &str| ClientMessage::Port {
+        name: name.into(),
+        port: "vnet3".into(),
+    };
+    let mut h = core();
+    let err = h.on_control(t0, &port("www")).unwrap_err();
+    assert_eq!(err.code, ErrorCode::UnknownVm);
+    booting(&mut h, t0, Handover::Wire);
+    h.on_frame(t0, &SYN_V4, FrameMeta::default());
+    drain_tx(&mut h);
+    fdb_ops(&mut h);
+    drain_events(&mut h);
+    let generation = h.guest_macs_generation();
+    h.on_control(t0, &port("www")).unwrap();
+    assert_ne!(h.guest_macs_generation(), generation);
+    assert_eq!(h.guest_macs(), vec![vm_mac()]);
+    // Still the same boot: nothing re-sent, nothing re-steered, the SYN still held.
+    assert!(drain_tx(&mut h).is_empty() && fdb_ops(&mut h).is_empty());
+    assert_eq!((phase(&h), h.held_now()), (VmPhase::Booting, 1));
+    assert_eq!(
+        h.on_ingress(t0, &guest_garp(), FrameMeta::default(), "vnet9"),
+        Verdict::Drop(DropReason::SpoofedAnnouncement)
+    );
+    assert_eq!(
+        h.on_ingress(t0, &guest_garp(), FrameMeta::default(), "vnet3"),
+        Verdict::Announced
+    );
+    // Learnt after the guest announced (the backend's report was slower than the guest):
+    // taken, and harmless.
+    let mut h = core();
+    booting(&mut h, t0, Handover::Wire);
+    fdb_ops(&mut h);
+    assert_eq!(
+        h.on_frame(t0, &guest_garp(), FrameMeta::default()),
+        Verdict::Announced
+    );
+    h.on_control(t0, &port("www")).unwrap();
+    assert_eq!(phase(&h), VmPhase::Handover);
+    assert!(
+        fdb_ops(&mut h)
+            .iter()
+            .all(|op| op.action == FdbAction::Release)
     );
 }

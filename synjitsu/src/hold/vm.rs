@@ -148,6 +148,20 @@ impl Vm {
         v
     }
 
+    /// The guest's own bridge port, while it has one: named by jitsu-dns, and the VM booting
+    /// or in hand-over (a stopped VM's old port may belong to another guest by now).
+    pub(super) fn guest_port(&self) -> Option<&str> {
+        match self.phase {
+            VmPhase::Booting | VmPhase::Handover => self.id.port.as_deref(),
+            VmPhase::Stopped | VmPhase::Running => None,
+        }
+    }
+
+    /// The port the guest's announcement must come from, if it can be checked.
+    pub(super) fn announcing_port(&self, cfg: &super::Config) -> Option<&str> {
+        self.guest_port().filter(|_| cfg.ports_watched)
+    }
+
     /// The guest's domain if its SYNs are handed over through Xenstore.
     pub(super) fn xenstore_domid(&self) -> Option<u32> {
         match self.id.handover {

@@ -36,6 +36,8 @@ pub struct RecvMeta {
     pub outgoing: bool,
     /// `tp_status` from `PACKET_AUXDATA` (0 if absent).
     pub status: u32,
+    /// The interface the frame arrived on (the bound one, unless bound to all).
+    pub ifindex: i32,
 }
 
 /// A packet socket; closed on drop.
@@ -59,10 +61,23 @@ fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) ->
     check(ret).map(|_| ())
 }
 
+/// Attaches `prog` to the socket `fd`, replacing any program it had (atomically: no frame
+/// passes unfiltered in between).
+fn attach(fd: RawFd, prog: &[SockFilter]) -> io::Result<()> {
+    // `SockFilter` is `#[repr(C)]` with the kernel's `struct sock_filter` layout.
+    const _: () = assert!(size_of::<SockFilter>() == size_of::<libc::sock_filter>());
+    let fprog = libc::sock_fprog {
+        len: u16::try_from(prog.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "filter too long"))?,
+        filter: prog.as_ptr().cast_mut().cast::<libc::sock_filter>(),
+    };
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &fprog)
+}
+
 impl PacketSocket {
-    /// Opens a non-blocking packet socket on interface `ifindex` receiving every protocol,
-    /// with `filter` attached (none: every frame, for the benchmark's comparison only) and a
-    /// receive buffer of `rcvbuf` bytes.
+    /// Opens a non-blocking packet socket on interface `ifindex` (0: every interface of the
+    /// namespace) receiving every protocol, with `filter` attached (none: every frame, for the
+    /// benchmark's comparison only) and a receive buffer of `rcvbuf` bytes.
     pub fn open(ifindex: i32, filter: Option<&[SockFilter]>, rcvbuf: usize) -> io::Result<Self> {
         // Protocol 0 receives nothing until bind(): the filter is in place before any frame.
         // SAFETY: plain syscall with constant arguments; the result is checked.
@@ -76,14 +91,7 @@ impl PacketSocket {
         // SAFETY: `raw` is a new descriptor this function owns and nothing else holds.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         if let Some(prog) = filter {
-            // `SockFilter` is `#[repr(C)]` with the kernel's `struct sock_filter` layout.
-            const _: () = assert!(size_of::<SockFilter>() == size_of::<libc::sock_filter>());
-            let fprog = libc::sock_fprog {
-                len: u16::try_from(prog.len())
-                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "filter too long"))?,
-                filter: prog.as_ptr().cast_mut().cast::<libc::sock_filter>(),
-            };
-            setsockopt(raw, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &fprog)?;
+            attach(raw, prog)?;
         }
         let one: libc::c_int = 1;
         setsockopt(raw, libc::SOL_PACKET, libc::PACKET_AUXDATA, &one)?;
@@ -139,6 +147,7 @@ impl PacketSocket {
             truncated: n > buf.len(),
             outgoing: sll.sll_pkttype == libc::PACKET_OUTGOING,
             status: 0,
+            ifindex: sll.sll_ifindex,
         };
         // SAFETY: `msg` was filled by recvmsg; CMSG_FIRSTHDR/NXTHDR stay within
         // msg_control/msg_controllen, and a PACKET_AUXDATA message carries a
@@ -170,6 +179,42 @@ impl PacketSocket {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// Sends one complete Ethernet frame out of interface `ifindex` (any interface, not only
+    /// the bound one: a frame for a guest goes straight out of its bridge port).
+    pub fn send_to(&self, ifindex: i32, frame: &[u8]) -> io::Result<()> {
+        if frame.len() < 14 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a frame"));
+        }
+        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+        let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        // Already in network order in the frame: the kernel takes it as the skb's protocol.
+        sll.sll_protocol = u16::from_ne_bytes([frame[12], frame[13]]);
+        sll.sll_ifindex = ifindex;
+        sll.sll_halen = 6;
+        sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: `frame` and `sll` are live for the call and their lengths are passed.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Replaces the socket's kernel filter with `prog`.
+    pub fn set_filter(&self, prog: &[SockFilter]) -> io::Result<()> {
+        attach(self.fd.as_raw_fd(), prog)
     }
 
     /// Frames received and dropped by the kernel (buffer full) since the last call.

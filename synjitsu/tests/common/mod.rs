@@ -83,6 +83,7 @@ pub fn www(handover: Handover) -> VmIdentity {
         ipv4: "10.77.1.10".parse().unwrap(),
         ipv6: Some("fd77:1::10".parse().unwrap()),
         handover,
+        port: None,
     }
 }
 

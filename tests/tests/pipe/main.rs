@@ -3,8 +3,8 @@
 //! written and read with etherparse ([`frames`]), not with synjitsu's own code.
 //!
 //! Each test is one rule of the two daemons together: the cold start masked by synjitsu with
-//! a wire hand-over and with a Xenstore one, the idle stop and the wake-up by a SYN, and a
-//! guest that never comes up.
+//! a wire hand-over and with a Xenstore one, the idle stop and the wake-up by a SYN, a
+//! guest that never comes up, and a guest whose bridge port the backend names once it runs.
 
 mod frames;
 mod wiring;
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use jitsu_dns::config::StopMode;
 use jitsu_dns::fleet::{Answer, Lifecycle};
 use shared_proto::{ClientMessage, Event, Handover, HandoverVia, Mac, Phase, VmIdentity, VmStatus};
-use synjitsu::hold::{Config, StoreOp, Verdict, VmPhase};
+use synjitsu::hold::{Config, DropReason, StoreOp, Verdict, VmPhase};
 use synjitsu::store::layout::TcpOption;
 
 use frames::{Host, Sent, Tcp};
@@ -86,6 +86,7 @@ fn identity(handover: Handover) -> VmIdentity {
         ipv4: VM_IP,
         ipv6: None,
         handover,
+        port: None,
     }
 }
 
@@ -557,4 +558,54 @@ fn a_held_syn_for_a_guest_that_never_announces_is_reset_and_the_vm_fails_at_its_
     let again = p.query("www", client_ip());
     assert_eq!(p.pending(), [Call::Start("www".into())]);
     assert_eq!(p.answer(again), Some(Answer::Ready));
+}
+
+#[test]
+fn a_guest_whose_port_is_named_after_its_start_ends_the_hold_only_from_that_port() {
+    let mut p = Pipe::new(&wire_config(""), hold_config());
+    p.query("www", client_ip());
+    let syn = client_syn(resolve_vm_mac(&mut p), CLIENT_PORT, ISN);
+    assert_eq!(p.frame(&syn), Verdict::Held);
+    p.take_told();
+    p.take_heard();
+    // libvirt names the port once the domain runs: synjitsu hears it, nothing else changes.
+    p.started_on("www", None, Some("vnet3"));
+    assert_eq!(
+        p.take_told(),
+        [(
+            ClientMessage::Port {
+                name: "www".into(),
+                port: "vnet3".into()
+            },
+            true
+        )]
+    );
+    assert!(
+        p.take_sent().is_empty(),
+        "no new boot: no announcements again"
+    );
+    // Someone on another port announces the guest's address: refused.
+    let garp = frames::gratuitous_arp(VM);
+    assert_eq!(
+        p.frame(&garp),
+        Verdict::Pass,
+        "synjitsu's port cannot tell where from"
+    );
+    assert_eq!(
+        p.frame_on("vnet9", &garp),
+        Verdict::Drop(DropReason::SpoofedAnnouncement)
+    );
+    assert!(p.take_heard().is_empty());
+    assert_eq!(phase(&p), VmPhase::Booting);
+    assert!(p.steered(VM_MAC));
+    assert_eq!(p.hold().held_now(), 1);
+    // The guest's own, from its port: the hold ends and the fleet hears of it.
+    assert_eq!(p.frame(&garp), Verdict::Pass);
+    assert_eq!(p.frame_on("vnet3", &garp), Verdict::Announced);
+    assert_eq!(
+        p.take_heard(),
+        [Event::GuestAnnounced { name: "www".into() }]
+    );
+    assert!(!p.steered(VM_MAC));
+    assert_eq!(phase(&p), VmPhase::Handover);
 }

@@ -179,12 +179,18 @@ impl Pipe {
 
     /// The backend's start (or resume, or unpause) of `vm` ends well, with `domid`.
     pub fn started(&mut self, vm: &str, domid: Option<u32>) {
+        self.started_on(vm, domid, None);
+    }
+
+    /// [`Pipe::started`], the backend naming the guest's bridge port (as libvirt does).
+    pub fn started_on(&mut self, vm: &str, domid: Option<u32>, port: Option<&str>) {
         self.end_call(
             |c| matches!(c, Call::Start(n) | Call::Resume(n) | Call::Unpause(n) if n == vm),
         );
         self.process(Event::Started {
             vm: vm.into(),
             domid,
+            port: port.map(str::to_string),
         });
     }
 
@@ -208,6 +214,18 @@ impl Pipe {
     pub fn frame(&mut self, frame: &[u8]) -> Verdict {
         // No kernel checksum status, as from a capture: the core checks every checksum.
         let verdict = self.hold.on_frame(self.now, frame, FrameMeta::default());
+        let mut follow = VecDeque::new();
+        self.flush_hold(&mut follow);
+        self.run(&mut follow);
+        verdict
+    }
+
+    /// An announcement arrives on bridge port `port`, as synjitsu's watcher sees it (its own
+    /// port sees a broadcast too: [`Pipe::frame`]).
+    pub fn frame_on(&mut self, port: &str, frame: &[u8]) -> Verdict {
+        let verdict = self
+            .hold
+            .on_ingress(self.now, frame, FrameMeta::default(), port);
         let mut follow = VecDeque::new();
         self.flush_hold(&mut follow);
         self.run(&mut follow);

@@ -41,7 +41,7 @@ mod lifecycle;
 mod session;
 mod xml;
 
-pub use xml::{DEFAULT_MEMORY_MIB, Hypervisor, domain_xml};
+pub use xml::{DEFAULT_MEMORY_KIB, Hypervisor, domain_xml};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, mpsc};
@@ -59,7 +59,7 @@ use crate::fleet::{IfCounters, Observed};
 use crate::rumprun;
 use lifecycle::observed_of;
 use session::{Inner, OpError, Session, connection_lost, ensure_event_loop, no_domain};
-use xml::first_interface;
+use xml::{first_interface, interface_macs};
 
 /// How long `shutdown` waits for the guest when the URI does not say.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -321,7 +321,12 @@ fn bring_up(s: &Session, vm: &VmConfig, d: &VirDomain) -> Result<Started, OpErro
             }
         }
     }
-    Ok(Started { domid: d.id() })
+    // The port exists only now (libvirt names it vnetN at each start, Xen vif<domid>.<n>).
+    let (_, port) = first_interface(&d.xml_desc(0)?);
+    Ok(Started {
+        domid: d.id(),
+        port,
+    })
 }
 
 /// Starts a domain with `flags` (`VIR_DOMAIN_START_*`). libvirt's test driver takes no start
@@ -395,15 +400,17 @@ impl Backend for LibvirtBackend {
                 return Ok(Domain {
                     state: Observed::Off,
                     domid: None,
-                    mac: None,
+                    macs: Vec::new(),
+                    fixed_port: None,
                 });
             };
             let state = state_of(&d)?;
-            let (mac, _) = first_interface(&d.xml_desc(0)?);
+            let macs = interface_macs(&d.xml_desc(0)?);
             Ok(Domain {
                 state,
                 domid: d.id(),
-                mac,
+                macs,
+                fixed_port: None,
             })
         })
     }
@@ -647,7 +654,7 @@ mod tests {
         let name = unique("kv");
         let v = test_vm(&name, "");
         let d = b.lookup(&v).unwrap();
-        assert_eq!((d.state, d.domid, d.mac), (Observed::Off, None, None));
+        assert_eq!((d.state, d.domid, d.mac()), (Observed::Off, None, None));
         assert!(
             b.with_session(|s| b.interface_counters(s, &v))
                 .unwrap()
@@ -666,7 +673,7 @@ mod tests {
             }
         );
         assert_eq!(d.domid, started.domid);
-        assert_eq!(d.mac, Some(v.mac), "the MAC from the domain's own XML");
+        assert_eq!(d.mac(), Some(v.mac()), "the MAC from the domain's own XML");
         let xml = raw_domain(&name).xml_desc(0).unwrap();
         assert!(xml.contains("<kernel>/g/vmlinux</kernel>"), "{xml}");
         assert!(xml.contains("Defined by jitsu-dns"), "{xml}");
@@ -711,6 +718,45 @@ mod tests {
         b.start(&v).unwrap();
         b.stop(&v, StopMode::Shutdown).unwrap();
         assert_eq!(b.state(&v).unwrap(), Observed::Off);
+        raw_domain(&name).undefine().unwrap();
+    }
+
+    #[test]
+    fn the_test_driver_defines_a_domain_from_jitsus_keys_as_jitsu_built_it() {
+        // Jitsu's README example (rumprun nginx) with a loop device and two NICs, as a Xen PV
+        // domain: libvirt stores what it means.
+        let b = test_backend();
+        let name = unique("jk");
+        let v = vm(&format!(
+            "name={name},dns={name}.example.org,ip=10.77.0.11,kernel=/k/nginx.bin,memory=64000,\
+             disk=/dev/loop5@xvda,disk=/i/data.iso@xvdb,nic=br0,nic=br1,script=vif-bridge,\
+             domain_type=xenpv"
+        ));
+        b.start(&v).unwrap();
+        let xml = raw_domain(&name).xml_desc(0).unwrap();
+        for want in [
+            "<memory unit='KiB'>64000</memory>",
+            "<kernel>/k/nginx.bin</kernel>",
+            "<disk type='block' device='disk'>",
+            "<source dev='/dev/loop5'/>",
+            "<target dev='xvda' bus='xen'/>",
+            "<source file='/i/data.iso'/>",
+            "<target dev='xvdb' bus='xen'/>",
+            "<source bridge='br1'/>",
+            "<script path='vif-bridge'/>",
+        ] {
+            assert!(xml.contains(want), "{want} missing from\n{xml}");
+        }
+        assert!(!xml.contains("<readonly/>"), "read-write: {xml}");
+        assert_eq!(
+            xml.matches("<script path='vif-bridge'/>").count(),
+            2,
+            "{xml}"
+        );
+        // Every NIC's MAC comes back from the domain.
+        let d = b.lookup(&v).unwrap();
+        assert_eq!(d.macs, [v.mac(), v.nics[1].mac]);
+        b.stop(&v, StopMode::Destroy).unwrap();
         raw_domain(&name).undefine().unwrap();
     }
 
@@ -761,7 +807,7 @@ mod tests {
         let v = test_vm(&unique("kvm"), &format!(",uuid={uuid}"));
         let d = b.lookup(&v).unwrap();
         assert_eq!(d.state, Observed::Off);
-        assert_eq!(d.mac, Some("02:aa:bb:cc:dd:01".parse().unwrap()));
+        assert_eq!(d.mac(), Some("02:aa:bb:cc:dd:01".parse().unwrap()));
         b.start(&v).unwrap();
         let xml = raw_domain(&dom).xml_desc(0).unwrap();
         assert!(

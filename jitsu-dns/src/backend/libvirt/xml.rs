@@ -10,10 +10,10 @@ use std::path::Path;
 
 use shared_proto::Mac;
 
-use crate::config::{DomainType, VmConfig};
+use crate::config::{Disk, DiskKind, DomainType, VmConfig};
 
-/// Memory of a domain defined from keys without `memory`, in MiB.
-pub const DEFAULT_MEMORY_MIB: u64 = 128;
+/// Memory of a domain defined from keys without `memory`, in KiB (128 MiB).
+pub const DEFAULT_MEMORY_KIB: u64 = 128 << 10;
 
 /// The hypervisor behind a connection, from `virConnectGetType`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,8 +138,8 @@ pub fn domain_xml(vm: &VmConfig, hv: &Hypervisor) -> Result<String, String> {
     );
     let _ = writeln!(
         x,
-        "  <memory unit='MiB'>{}</memory>",
-        vm.memory.unwrap_or(DEFAULT_MEMORY_MIB)
+        "  <memory unit='KiB'>{}</memory>",
+        vm.memory_kib.unwrap_or(DEFAULT_MEMORY_KIB)
     );
     x.push_str("  <vcpu>1</vcpu>\n  <os>\n");
     let arch = std::env::consts::ARCH;
@@ -184,35 +184,46 @@ pub fn domain_xml(vm: &VmConfig, hv: &Hypervisor) -> Result<String, String> {
     if !xen {
         x.push_str("    <controller type='usb' model='none'/>\n    <memballoon model='none'/>\n");
     }
-    for (i, d) in vm.disks.iter().enumerate() {
-        let letter = char::from(b'a' + (i % 26) as u8);
-        let format = if d.extension().is_some_and(|e| e == "qcow2") {
-            "qcow2"
-        } else {
-            "raw"
-        };
-        let (dev, bus) = if xen {
-            (format!("xvd{letter}"), "xen")
-        } else {
-            (format!("vd{letter}"), "virtio")
+    for (d, (dev, bus)) in vm.disks.iter().zip(disk_targets(&vm.disks, xen)?) {
+        // Raw and read-write, as Jitsu's libxl backend attached every disk; on Xen a block
+        // device goes through blkback (`phy`), as libxl picks for one.
+        let (kind, source, driver) = match d.kind {
+            DiskKind::File => ("file", "file", "qemu"),
+            DiskKind::Block if xen => ("block", "dev", "phy"),
+            DiskKind::Block => ("block", "dev", "qemu"),
         };
         let _ = writeln!(
             x,
-            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='{format}'/>\n      \
-             <source file='{}'/>\n      <target dev='{dev}' bus='{bus}'/>\n    </disk>",
-            path_text(d)
+            "    <disk type='{kind}' device='disk'>\n      <driver name='{driver}' type='{}'/>\n      \
+             <source {source}='{}'/>\n      <target dev='{}' bus='{bus}'/>\n    </disk>",
+            d.format(),
+            path_text(&d.source),
+            xml_escape(&dev),
         );
     }
-    let _ = writeln!(
-        x,
-        "    <interface type='bridge'>\n      <mac address='{}'/>\n      <source bridge='{}'/>",
-        vm.mac,
-        xml_escape(&vm.nic)
-    );
-    if !xen {
-        x.push_str("      <model type='virtio'/>\n");
+    for nic in &vm.nics {
+        let _ = writeln!(
+            x,
+            "    <interface type='bridge'>\n      <mac address='{}'/>\n      <source bridge='{}'/>",
+            nic.mac,
+            xml_escape(&nic.bridge)
+        );
+        match (&nic.script, xen) {
+            (Some(s), true) => {
+                let _ = writeln!(x, "      <script path='{}'/>", xml_escape(s));
+            }
+            (Some(s), false) => {
+                return Err(format!(
+                    "script={s}: a vif script is Xen's; QEMU runs none for a bridge interface"
+                ));
+            }
+            (None, _) => {}
+        }
+        if !xen {
+            x.push_str("      <model type='virtio'/>\n");
+        }
+        x.push_str("    </interface>\n");
     }
-    x.push_str("    </interface>\n");
     if xen {
         x.push_str(
             "    <console type='pty'>\n      <target type='xen' port='0'/>\n    </console>\n",
@@ -228,6 +239,61 @@ pub fn domain_xml(vm: &VmConfig, hv: &Hypervisor) -> Result<String, String> {
     }
     x.push_str("  </devices>\n</domain>\n");
     Ok(x)
+}
+
+/// The guest device and bus of each disk: its own `vdev` if given, else the next free
+/// `xvdX` (Xen) or `vdX` (virtio). On Xen every disk is on the `xen` bus whatever its name
+/// (libxl takes `hda` and `sda` for PV guests too); on QEMU the name says the bus, and a Xen
+/// name is refused.
+fn disk_targets(disks: &[Disk], xen: bool) -> Result<Vec<(String, &'static str)>, String> {
+    let prefix = if xen { "xvd" } else { "vd" };
+    let taken: Vec<&str> = disks.iter().filter_map(|d| d.vdev.as_deref()).collect();
+    let mut free = (0..).map(|i| format!("{prefix}{}", disk_letters(i)));
+    let mut out = Vec::with_capacity(disks.len());
+    let mut chosen = Vec::new();
+    for d in disks {
+        let dev = match &d.vdev {
+            Some(v) => v.clone(),
+            None => {
+                let dev = free
+                    .by_ref()
+                    .find(|n| !taken.contains(&n.as_str()) && !chosen.contains(n))
+                    .expect("the names never run out");
+                chosen.push(dev.clone());
+                dev
+            }
+        };
+        let bus = if xen {
+            "xen"
+        } else if let Some(rest) = dev.strip_prefix("xvd") {
+            return Err(format!(
+                "disk {}@{dev}: {dev} is a Xen device name, and this domain runs on QEMU: use \
+                 vd{rest} (virtio), sd{rest} or hd{rest}",
+                d.source.display(),
+            ));
+        } else if dev.starts_with("vd") {
+            "virtio"
+        } else if dev.starts_with("sd") {
+            "scsi"
+        } else {
+            "ide"
+        };
+        out.push((dev, bus));
+    }
+    Ok(out)
+}
+
+/// The letters of the `i`th disk: `a` to `z`, then `aa`, `ab`... as Linux names them.
+fn disk_letters(i: usize) -> String {
+    let mut n = i + 1;
+    let mut s = Vec::new();
+    while n > 0 {
+        n -= 1;
+        s.push(b'a' + (n % 26) as u8);
+        n /= 26;
+    }
+    s.reverse();
+    String::from_utf8(s).expect("ASCII letters")
 }
 
 /// The value of attribute `name` in the start tag `tag` (`<mac address='..'/>`).
@@ -265,21 +331,40 @@ fn start_tag<'a>(text: &'a str, name: &str) -> Option<&'a str> {
     None
 }
 
+/// The bodies of a domain XML's `<interface>` elements, in order.
+fn interfaces(xml: &str) -> impl Iterator<Item = &str> {
+    let mut rest = xml;
+    std::iter::from_fn(move || {
+        let start = rest.find("<interface ")?;
+        let body = &rest[start..];
+        let end = body.find("</interface>").unwrap_or(body.len());
+        rest = &body[end..];
+        Some(&body[..end])
+    })
+}
+
+fn interface_mac(body: &str) -> Option<Mac> {
+    start_tag(body, "mac")
+        .and_then(|t| attr(t, "address"))
+        .and_then(|a| a.parse().ok())
+}
+
 /// The first `<interface>` of a domain's XML: its MAC and (while running) its host-side
 /// device. libvirt writes this XML itself, so a scan for two tags suffices.
 pub(super) fn first_interface(xml: &str) -> (Option<Mac>, Option<String>) {
-    let Some(start) = xml.find("<interface ") else {
+    let Some(body) = interfaces(xml).next() else {
         return (None, None);
     };
-    let body = &xml[start..];
-    let body = &body[..body.find("</interface>").unwrap_or(body.len())];
-    let mac = start_tag(body, "mac")
-        .and_then(|t| attr(t, "address"))
-        .and_then(|a| a.parse().ok());
     let dev = start_tag(body, "target")
         .and_then(|t| attr(t, "dev"))
         .map(str::to_string);
-    (mac, dev)
+    (interface_mac(body), dev)
+}
+
+/// The MACs of every `<interface>` of a domain's XML, in order (one without a readable MAC
+/// ends the list, so that the places stay right).
+pub(super) fn interface_macs(xml: &str) -> Vec<Mac> {
+    interfaces(xml).map_while(interface_mac).collect()
 }
 
 #[cfg(test)]
@@ -301,8 +386,22 @@ mod tests {
     }
 
     const GUEST: &str = "name=www,dns=www.example.org,ip=10.77.0.10/24,mac=02:77:00:00:00:10,\
-                         kernel=/g/vmlinux,initrd=/g/initramfs.cpio.gz,memory=96,\
+                         kernel=/g/vmlinux,initrd=/g/initramfs.cpio.gz,memory=96M,\
                          cmdline=console=ttyS0 jitsu.ip=10.77.0.10/24 jitsu.name=<www&co>";
+
+    /// The domain XML of the VM `spec` on `hv`, which libvirt's schema accepts.
+    fn valid_xml(spec: &str, hv: &Hypervisor) -> String {
+        let x = domain_xml(&vm(spec), hv).unwrap();
+        validate(&x);
+        x
+    }
+
+    /// Fails unless `text` holds every one of `wants`.
+    fn has_all(text: &str, wants: &[&str]) {
+        for want in wants {
+            assert!(text.contains(want), "{want} missing from\n{text}");
+        }
+    }
 
     /// Runs libvirt's schema check (virt-xml-validate) on `xml`.
     fn validate(xml: &str) {
@@ -331,24 +430,25 @@ mod tests {
     fn qemu_domains_are_pcs_with_direct_kernel_boot_on_the_bridge() {
         let x = domain_xml(&vm(GUEST), &Hypervisor::Qemu).unwrap();
         validate(&x);
-        for want in [
-            "<domain type='qemu'>",
-            "<name>www</name>",
-            "<memory unit='MiB'>96</memory>",
-            "machine='pc'>hvm</type>",
-            "<kernel>/g/vmlinux</kernel>",
-            "<initrd>/g/initramfs.cpio.gz</initrd>",
-            "<cmdline>console=ttyS0 jitsu.ip=10.77.0.10/24 jitsu.name=&lt;www&amp;co&gt;</cmdline>",
-            "<acpi/>",
-            "<controller type='usb' model='none'/>",
-            "<memballoon model='none'/>",
-            "<mac address='02:77:00:00:00:10'/>",
-            "<source bridge='br0'/>",
-            "<model type='virtio'/>",
-            "<serial type='pty'>",
-        ] {
-            assert!(x.contains(want), "{want} missing from\n{x}");
-        }
+        has_all(
+            &x,
+            &[
+                "<domain type='qemu'>",
+                "<name>www</name>",
+                "<memory unit='KiB'>98304</memory>",
+                "machine='pc'>hvm</type>",
+                "<kernel>/g/vmlinux</kernel>",
+                "<initrd>/g/initramfs.cpio.gz</initrd>",
+                "<cmdline>console=ttyS0 jitsu.ip=10.77.0.10/24 jitsu.name=&lt;www&amp;co&gt;</cmdline>",
+                "<acpi/>",
+                "<controller type='usb' model='none'/>",
+                "<memballoon model='none'/>",
+                "<mac address='02:77:00:00:00:10'/>",
+                "<source bridge='br0'/>",
+                "<model type='virtio'/>",
+                "<serial type='pty'>",
+            ],
+        );
         assert!(!x.contains("<uuid>") && !x.contains("<disk"), "{x}");
         // KVM only when asked, a UUID when given, disks, a console file.
         let x = domain_xml(
@@ -360,16 +460,17 @@ mod tests {
         )
         .unwrap();
         validate(&x);
-        for want in [
-            "<domain type='kvm'>",
-            "<uuid>4dea22b3-1d52-d8f3-2516-782e98ab3fa0</uuid>",
-            "<driver name='qemu' type='qcow2'/>\n      <source file='/d/root.qcow2'/>\n      <target dev='vda' bus='virtio'/>",
-            "<driver name='qemu' type='raw'/>\n      <source file='/d/data.img'/>\n      <target dev='vdb' bus='virtio'/>",
-            "<serial type='file'>\n      <source path='/var/log/www.console'/>",
-            "<source bridge='xenbr1'/>",
-        ] {
-            assert!(x.contains(want), "{want} missing from\n{x}");
-        }
+        has_all(
+            &x,
+            &[
+                "<domain type='kvm'>",
+                "<uuid>4dea22b3-1d52-d8f3-2516-782e98ab3fa0</uuid>",
+                "<driver name='qemu' type='qcow2'/>\n      <source file='/d/root.qcow2'/>\n      <target dev='vda' bus='virtio'/>",
+                "<driver name='qemu' type='raw'/>\n      <source file='/d/data.img'/>\n      <target dev='vdb' bus='virtio'/>",
+                "<serial type='file'>\n      <source path='/var/log/www.console'/>",
+                "<source bridge='xenbr1'/>",
+            ],
+        );
         // A disk alone boots through the BIOS.
         let x = domain_xml(
             &vm("name=d,dns=d.example.org,ip=10.0.0.2,disk=/d/disk.img"),
@@ -381,7 +482,8 @@ mod tests {
             x.contains("<boot dev='hd'/>") && !x.contains("<kernel>"),
             "{x}"
         );
-        assert!(x.contains(&format!("<memory unit='MiB'>{DEFAULT_MEMORY_MIB}</memory>")));
+        assert!(x.contains(&format!("<memory unit='KiB'>{DEFAULT_MEMORY_KIB}</memory>")));
+        assert_eq!(DEFAULT_MEMORY_KIB, 131_072, "128 MiB");
     }
 
     #[test]
@@ -390,22 +492,114 @@ mod tests {
         // for the shape libxl needs.
         let pvh = domain_xml(&vm(&format!("{GUEST},disk=/d/a.img")), &Hypervisor::Xen).unwrap();
         validate(&pvh);
-        for want in [
-            "<domain type='xen'>",
-            "machine='xenpvh'>xenpvh</type>",
-            "<kernel>/g/vmlinux</kernel>",
-            "<target dev='xvda' bus='xen'/>",
-            "<source bridge='br0'/>",
-            "<console type='pty'>\n      <target type='xen' port='0'/>",
-        ] {
-            assert!(pvh.contains(want), "{want} missing from\n{pvh}");
-        }
+        has_all(
+            &pvh,
+            &[
+                "<domain type='xen'>",
+                "machine='xenpvh'>xenpvh</type>",
+                "<kernel>/g/vmlinux</kernel>",
+                "<target dev='xvda' bus='xen'/>",
+                "<source bridge='br0'/>",
+                "<console type='pty'>\n      <target type='xen' port='0'/>",
+            ],
+        );
         for absent in ["<acpi/>", "usb", "memballoon", "virtio", "<serial"] {
             assert!(!pvh.contains(absent), "{absent} in\n{pvh}");
         }
         let pv = domain_xml(&vm(&format!("{GUEST},domain_type=xenpv")), &Hypervisor::Xen).unwrap();
         validate(&pv);
         assert!(pv.contains("machine='xenpv'>xen</type>"), "{pv}");
+    }
+
+    #[test]
+    fn disks_are_raw_read_write_files_or_block_devices_on_the_devices_given() {
+        // Jitsu's README: files relative to the working directory as xvda and xvdb, or loop
+        // devices; here with a disk left to take the next free device.
+        let spec = format!(
+            "{GUEST},disk=/dev/loop5@xvdb,disk=/i/stubetc.iso,disk=/i/data.iso@xvda,disk=/i/c.qcow2"
+        );
+        let xen = valid_xml(&spec, &Hypervisor::Xen);
+        has_all(
+            &xen,
+            &[
+                "<disk type='block' device='disk'>\n      <driver name='phy' type='raw'/>\n      \
+                 <source dev='/dev/loop5'/>\n      <target dev='xvdb' bus='xen'/>",
+                "<disk type='file' device='disk'>\n      <driver name='qemu' type='raw'/>\n      \
+                 <source file='/i/stubetc.iso'/>\n      <target dev='xvdc' bus='xen'/>",
+                "<source file='/i/data.iso'/>\n      <target dev='xvda' bus='xen'/>",
+                "<driver name='qemu' type='qcow2'/>\n      <source file='/i/c.qcow2'/>\n      \
+                 <target dev='xvdd' bus='xen'/>",
+            ],
+        );
+        // Read-write: nothing says otherwise.
+        assert!(
+            !xen.contains("<readonly/>") && !xen.contains("<shareable/>"),
+            "{xen}"
+        );
+        // On QEMU the device name says the bus; a Xen name is refused, saying what to use.
+        let spec = format!(
+            "{GUEST},disk=/dev/vg/www@vda,disk=/i/a.img@sdb,disk=/i/b.img@hdc,disk=/i/c.img"
+        );
+        let q = valid_xml(&spec, &Hypervisor::Qemu);
+        has_all(
+            &q,
+            &[
+                "<disk type='block' device='disk'>\n      <driver name='qemu' type='raw'/>\n      \
+                 <source dev='/dev/vg/www'/>\n      <target dev='vda' bus='virtio'/>",
+                "<target dev='sdb' bus='scsi'/>",
+                "<target dev='hdc' bus='ide'/>",
+                "<source file='/i/c.img'/>\n      <target dev='vdb' bus='virtio'/>",
+            ],
+        );
+        let e = domain_xml(
+            &vm(&format!("{GUEST},disk=/i/a.img@xvda")),
+            &Hypervisor::Qemu,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("xvda is a Xen device name") && e.contains("use vda (virtio)"),
+            "{e}"
+        );
+        assert_eq!(
+            (0..28).map(disk_letters).collect::<Vec<_>>()[24..],
+            ["y", "z", "aa", "ab"]
+        );
+    }
+
+    #[test]
+    fn every_nic_joins_its_bridge_with_its_mac_and_its_vif_script() {
+        let spec =
+            format!("{GUEST},nic=br0,nic=xenbr1,script=vif-bridge,script=/etc/xen/scripts/vif-nat");
+        let v = vm(&spec);
+        let xen = domain_xml(&v, &Hypervisor::Xen).unwrap();
+        validate(&xen);
+        let want = format!(
+            "    <interface type='bridge'>\n      <mac address='02:77:00:00:00:10'/>\n      \
+             <source bridge='br0'/>\n      <script path='vif-bridge'/>\n    </interface>\n    \
+             <interface type='bridge'>\n      <mac address='{}'/>\n      \
+             <source bridge='xenbr1'/>\n      <script path='/etc/xen/scripts/vif-nat'/>\n    \
+             </interface>\n",
+            v.nics[1].mac
+        );
+        assert!(xen.contains(&want), "{want} missing from\n{xen}");
+        // What jitsu-dns reads back from such a domain: every MAC, in order.
+        assert_eq!(interface_macs(&xen), [v.mac(), v.nics[1].mac]);
+        assert_eq!(first_interface(&xen).0, Some(v.mac()));
+        // QEMU: virtio NICs; a vif script is refused, saying why.
+        let v = vm(&format!("{GUEST},nic=br0,nic=br1"));
+        let q = domain_xml(&v, &Hypervisor::Qemu).unwrap();
+        validate(&q);
+        assert_eq!(q.matches("<model type='virtio'/>").count(), 2, "{q}");
+        assert_eq!(interface_macs(&q), [v.mac(), v.nics[1].mac]);
+        let e = domain_xml(
+            &vm(&format!("{GUEST},script=vif-bridge")),
+            &Hypervisor::Qemu,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("script=vif-bridge: a vif script is Xen's"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -454,6 +648,14 @@ mod tests {
             (Some("02:00:00:00:00:01".parse().unwrap()), None)
         );
         assert_eq!(first_interface("<domain><devices/></domain>"), (None, None));
+        assert_eq!(
+            interface_macs(xml),
+            [
+                "02:77:00:00:00:10".parse().unwrap(),
+                "52:54:00:00:00:99".parse().unwrap()
+            ]
+        );
+        assert_eq!(interface_macs("<domain><devices/></domain>"), []);
         // A <target> outside the interface is not its device.
         let stray = "<interface type='bridge'><mac address='zz'/></interface><target dev='x'/>";
         assert_eq!(first_interface(stray), (None, None));
