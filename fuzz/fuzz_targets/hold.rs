@@ -5,11 +5,13 @@
 //! Input: one byte of configuration (Xenstore and probe addresses on or off), then operations,
 //! each a byte saying which and the bytes it reads (see `step`). The VMs come from a pool of
 //! four identities (varied by the input: IPv6 or not, Xenstore or wire hand-over, another
-//! VM's MAC or address, a MAC of the input's), so that requests, frames and results meet the
-//! same VMs. Frames are built whole (client SYNs with correct checksums, the guest's own
-//! announcements, ARP requests, neighbour solicitations, answers to the probes the core sent)
-//! or taken raw from the input, or the last frame with one byte changed (its TCP checksum
-//! fixed or not, with any checksum state).
+//! VM's MAC or address, a MAC of the input's, the guest's bridge port named or not, its own or
+//! another's), so that requests, frames and results meet the same VMs. Frames are built whole
+//! (client SYNs with correct checksums, the guest's own announcements, ARP requests,
+//! neighbour solicitations, answers to the probes the core sent) or taken raw from the input,
+//! or the last frame with one byte changed (its TCP checksum fixed or not, with any checksum
+//! state); each is seen on synjitsu's port (`on_frame`), by the announcement watcher on a
+//! bridge port (`on_ingress`), or both.
 //! After each operation the outputs are drained as the shell drains them; the Xenstore writes
 //! and forwarding-table changes wait until the input says how they ended.
 //!
@@ -21,10 +23,12 @@
 //! - after `handle_timeout(now)`: nothing is held that was captured `hold_timeout` or more
 //!   before `now`, and `poll_at` is not in the past;
 //! - every frame the core sends is one synjitsu's own parser reads, with correct checksums
-//!   where the core wrote them.
+//!   where the core wrote them;
+//! - a frame for a guest goes out only of a bridge port jitsu-dns named for that guest's MAC
+//!   (`poll_to_guest`): never to another guest.
 #![no_main]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -89,8 +93,31 @@ fn vm_v6(i: usize) -> Ipv6Addr {
     Ipv6Addr::new(0xfd77, 1, 0, 0, 0, 0, 0, 0x10 + i as u16)
 }
 
-/// A VM of the pool, varied by one byte (and six more for a MAC of the input's).
-fn identity(input: &mut Input<'_>) -> Option<VmIdentity> {
+/// The bridge port jitsu-dns names for VM `i` of the pool, by `sel` (two bits): none (not
+/// known yet), its own, the next VM's, or a Xen-style one no VM of the pool has.
+fn named_port(sel: u8, i: usize) -> Option<String> {
+    match sel & 3 {
+        0 => None,
+        1 => Some(format!("vnet{i}")),
+        2 => Some(format!("vnet{}", (i + 1) % NAMES.len())),
+        _ => Some("vif7.0".to_string()),
+    }
+}
+
+/// The port the announcement watcher saw a frame from VM `i` of the pool arrive on, by `sel`
+/// (two bits): its own, the next VM's, a port no VM has, the uplink.
+fn ingress_port(sel: u8, i: usize) -> String {
+    match sel & 3 {
+        0 => format!("vnet{i}"),
+        1 => format!("vnet{}", (i + 1) % NAMES.len()),
+        2 => "vif7.0".to_string(),
+        _ => "eth0".to_string(),
+    }
+}
+
+/// A VM of the pool, varied by one byte (and six more for a MAC of the input's), its bridge
+/// port chosen by `port` (see `named_port`).
+fn identity(input: &mut Input<'_>, port: u8) -> Option<VmIdentity> {
     let b = input.byte()?;
     let i = usize::from(b & 3);
     let next = (i + 1) % NAMES.len();
@@ -107,6 +134,7 @@ fn identity(input: &mut Input<'_>) -> Option<VmIdentity> {
         mac,
         ipv4: if b & 0x20 != 0 { vm_v4(next) } else { vm_v4(i) },
         ipv6: (b & 4 != 0).then(|| vm_v6(i)),
+        port: named_port(port, i),
         handover: if b & 8 != 0 {
             Handover::Xenstore {
                 domid: 1 + u32::from(b >> 7) * 100 + i as u32,
@@ -127,6 +155,11 @@ struct Pending {
     /// Every SYN the core held, as the guest must get it if it is re-sent (its checksum
     /// completed when it was partial).
     held_frames: HashSet<Vec<u8>>,
+    /// Every MAC each VM name was given in a request the core took.
+    macs: HashMap<String, HashSet<Mac>>,
+    /// Every (MAC, bridge port) pair jitsu-dns named in a request the core took: where frames
+    /// for a guest may go.
+    ports: HashSet<(Mac, String)>,
 }
 
 fn remember<T>(list: &mut Vec<T>, item: T) {
@@ -193,27 +226,35 @@ impl Harness {
                 self.timeout();
             }
             2 => {
-                let vm = identity(input)?;
+                let vm = identity(input, op >> 4)?;
                 self.control(ClientMessage::Booting { vm });
             }
             3 => {
-                let vm = identity(input)?;
+                let vm = identity(input, op >> 4)?;
                 self.control(ClientMessage::Stopped { vm });
             }
+            // Ready, or (high bit) the guest's port learnt after its start.
             4 => {
                 let b = input.byte()?;
-                let name = match NAMES.get(usize::from(b & 7)) {
+                let i = usize::from(b & 7);
+                let name = match NAMES.get(i) {
                     Some(n) => n.to_string(),
                     None => format!("unknown{b}"),
                 };
-                self.control(ClientMessage::Ready { name });
+                match named_port(b >> 3, i % NAMES.len()) {
+                    Some(port) if op & 0x80 != 0 => {
+                        self.control(ClientMessage::Port { name, port });
+                    }
+                    _ => self.control(ClientMessage::Ready { name }),
+                }
             }
             5 => {
                 let n = input.byte()? % 6;
                 let mut vms = Vec::new();
                 for _ in 0..n {
-                    let vm = identity(input)?;
-                    let phase = match input.byte()? % 3 {
+                    let b = input.byte()?;
+                    let vm = identity(input, b >> 2)?;
+                    let phase = match b % 3 {
                         0 => Phase::Booting,
                         1 => Phase::Running,
                         _ => Phase::Stopped,
@@ -234,7 +275,7 @@ impl Harness {
                 if meta & 4 != 0 {
                     wire::fix_tcp_checksum(&mut frame);
                 }
-                self.feed(&frame, frame_meta(meta));
+                self.feed_from(&frame, frame_meta(meta), meta >> 3);
             }
             11 => {
                 let b = input.byte()?;
@@ -294,7 +335,7 @@ impl Harness {
                 if meta & 4 != 0 {
                     wire::fix_tcp_checksum(&mut frame);
                 }
-                self.feed(&frame, frame_meta(meta));
+                self.feed_from(&frame, frame_meta(meta), meta >> 3);
             }
         }
         Some(())
@@ -312,11 +353,46 @@ impl Harness {
         }
     }
 
-    /// A request, if it is one the control codec lets through.
+    /// A frame seen where `from` (three bits) says: on synjitsu's port (0 to 3), by the
+    /// announcement watcher on a port (4 to 7, `ingress_port` of VM 0), or both.
+    fn feed_from(&mut self, frame: &[u8], meta: FrameMeta, from: u8) {
+        if from & 4 != 0 {
+            self.ingress(frame, meta, &ingress_port(from, 0));
+        }
+        if from & 4 == 0 || from & 2 != 0 {
+            self.feed(frame, meta);
+        }
+    }
+
+    /// A frame the announcement watcher saw arriving on `port`.
+    fn ingress(&mut self, frame: &[u8], meta: FrameMeta, port: &str) {
+        self.last = frame.to_vec();
+        let _ = self.hold.on_ingress(self.now, frame, meta, port);
+    }
+
+    /// A request, if it is one the control codec lets through; what it names is remembered
+    /// when the core takes it.
     fn control(&mut self, body: ClientMessage) {
         let req = Request { id: 1, body };
-        if req.validate().is_ok() {
-            let _ = self.hold.on_control(self.now, &req.body);
+        if req.validate().is_err() || self.hold.on_control(self.now, &req.body).is_err() {
+            return;
+        }
+        let mut named = |vm: &VmIdentity| {
+            let macs = self.pending.macs.entry(vm.name.clone()).or_default();
+            macs.insert(vm.mac);
+            if let Some(port) = &vm.port {
+                self.pending.ports.insert((vm.mac, port.clone()));
+            }
+        };
+        match &req.body {
+            ClientMessage::Booting { vm } | ClientMessage::Stopped { vm } => named(vm),
+            ClientMessage::Sync { vms } => vms.iter().for_each(|s| named(&s.vm)),
+            ClientMessage::Port { name, port } => {
+                for mac in self.pending.macs.get(name).into_iter().flatten() {
+                    self.pending.ports.insert((*mac, port.clone()));
+                }
+            }
+            ClientMessage::Hello { .. } | ClientMessage::Ready { .. } => {}
         }
     }
 
@@ -399,7 +475,15 @@ impl Harness {
             garp::gratuitous_arp(&mut self.frame, mac, vm_v4(vm))
         };
         let frame = self.frame[..n].to_vec();
-        self.feed(&frame, frame_meta(b >> 3));
+        // Seen by the watcher on a port (and on synjitsu's port too), or by synjitsu's alone.
+        if op & 0x40 != 0 {
+            self.ingress(&frame, frame_meta(b >> 3), &ingress_port(b >> 5, vm));
+            if op & 0x20 != 0 {
+                self.feed(&frame, frame_meta(b >> 3));
+            }
+        } else {
+            self.feed(&frame, frame_meta(b >> 3));
+        }
         Some(())
     }
 
@@ -485,6 +569,13 @@ impl Harness {
         let mut out = Vec::new();
         while self.hold.poll_transmit(&mut out) {
             check_sent(&out, &mut self.pending);
+        }
+        while let Some(port) = self.hold.poll_to_guest(&mut out) {
+            let dst = Mac(out[..6].try_into().expect("a frame has an Ethernet header"));
+            assert!(
+                self.pending.ports.contains(&(dst, port.clone())),
+                "a frame for {dst} went out of {port}, never named as its port: {out:?}"
+            );
         }
         while let Some(ev) = self.hold.poll_event() {
             if let Event::SynHeld { held, .. } = ev {
