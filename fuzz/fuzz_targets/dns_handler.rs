@@ -1,9 +1,8 @@
-//! jitsu-dns's DNS request handler (`jitsu_dns::dns::Handler`), fed raw DNS messages as
-//! hickory-server feeds it, with no socket: the bytes are decoded as the server decodes them
-//! (`Request::from_bytes`: header, then the message; a message that does not decode is
-//! answered FORMERR by hickory itself, not by the handler, and a response is dropped), then
-//! handed to `handle_request`, whose response is encoded as hickory encodes it (the UDP size
-//! limit included) and read back.
+//! jitsu-dns's DNS request handler (`jitsu_dns::dns::Handler`), fed raw DNS messages as its
+//! sockets feed it, with no socket: `jitsu_dns::transport::answer` reads the header (a
+//! message shorter than one, or a response, gets no answer), decodes the message (one that
+//! does not decode is answered FORMERR), hands it to the handler, and encodes the handler's
+//! response (within the UDP size limit); the bytes it would send are read back here.
 //!
 //! The handler answers from a table built from a fixed configuration (two zones, VMs with
 //! and without IPv6, names of mixed case and one near the longest a name may be). Forwarding
@@ -12,28 +11,28 @@
 //! the table) and what the fleet answers for the others on the slow path (ready, SERVFAIL, or
 //! no answer at all), and whether the query came over UDP or TCP.
 //!
-//! Checks, besides never panicking: every request the handler gets is answered exactly once,
-//! with a response hickory can read back, with the request's id, opcode and question; every
-//! answer record is for the question's name and type; an authoritative answer is only given
-//! for a name inside a configured zone.
+//! Checks, besides never panicking: no answer to what is shorter than a header or is a
+//! response; a FORMERR with the message's id to what does not decode; every request the
+//! handler gets is answered once (a debug assertion of the transport), with a response
+//! hickory can read back, with the request's id, opcode and question; every answer record is
+//! for the question's name and type; an authoritative answer is only given for a name inside
+//! a configured zone.
 #![no_main]
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use hickory_proto::op::{Message, MessageType};
-use hickory_proto::rr::{LowerName, Record};
-use hickory_proto::serialize::binary::BinEncoder;
-use hickory_server::net::NetError;
-use hickory_server::net::runtime::TokioTime;
+use hickory_proto::op::{Header, Message, MessageType, ResponseCode};
+use hickory_proto::rr::LowerName;
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use hickory_server::net::xfer::Protocol;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponse;
+use hickory_server::server::Request;
 use jitsu_dns::config::{Flags, from_toml, merge};
 use jitsu_dns::dns::{Clock, Handler, SlowQuery, Table, Tables, VmSlot, slots_for};
 use jitsu_dns::fleet::{Answer, Refusal};
 use jitsu_dns::metrics::Metrics;
+use jitsu_dns::transport::answer;
 use libfuzzer_sys::fuzz_target;
 use tokio::sync::mpsc;
 
@@ -82,6 +81,7 @@ command = "true"
 struct World {
     rt: tokio::runtime::Runtime,
     handler: Handler,
+    metrics: Arc<Metrics>,
     slots: Vec<Arc<VmSlot>>,
     slow: Mutex<Option<mpsc::Receiver<SlowQuery>>>,
     zones: Vec<LowerName>,
@@ -95,7 +95,8 @@ fn world() -> &'static World {
         let slots = slots_for(&cfg.vms, &Default::default());
         let tables = Tables::new(Table::build(&cfg, &slots, None, 7));
         let (tx, rx) = mpsc::channel(1);
-        let handler = Handler::new(tables, tx, Arc::new(Metrics::new()), Clock::new());
+        let metrics = Arc::new(Metrics::new());
+        let handler = Handler::new(tables, tx, metrics.clone(), Clock::new());
         let mut slots: Vec<Arc<VmSlot>> = slots.into_values().collect();
         slots.sort_by(|a, b| a.name.cmp(&b.name));
         World {
@@ -104,50 +105,12 @@ fn world() -> &'static World {
                 .build()
                 .expect("a runtime"),
             handler,
+            metrics,
             slots,
             slow: Mutex::new(Some(rx)),
             zones: cfg.zones.iter().map(|z| LowerName::new(&z.name)).collect(),
         }
     })
-}
-
-/// Keeps what the handler sends, encoded as hickory-server encodes it.
-#[derive(Clone)]
-struct Capture {
-    protocol: Protocol,
-    sent: Arc<Mutex<Vec<Option<Vec<u8>>>>>,
-}
-
-#[async_trait::async_trait]
-impl ResponseHandler for Capture {
-    async fn send_response<'a>(
-        &mut self,
-        response: MessageResponse<
-            '_,
-            'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-        >,
-    ) -> Result<ResponseInfo, NetError> {
-        // hickory-server's own limits: a UDP answer fits what the client advertised (512
-        // bytes without EDNS), TCP takes 64 KiB.
-        let max = match self.protocol {
-            Protocol::Udp => response.edns().map_or(512, |e| e.max_payload()),
-            _ => u16::MAX,
-        };
-        let mut bytes = Vec::new();
-        let mut encoder = BinEncoder::new(&mut bytes);
-        encoder.set_max_size(max);
-        let result = response.destructive_emit(&mut encoder);
-        // hickory answers SERVFAIL when a response cannot be encoded: not the handler's doing.
-        self.sent
-            .lock()
-            .expect("not poisoned")
-            .push(result.is_ok().then_some(bytes));
-        Ok(result?)
-    }
 }
 
 /// Answers every slow-path query with `answer` (`None`: drops it unanswered).
@@ -168,7 +131,7 @@ fuzz_target!(|data: &[u8]| {
         slot.direct
             .store(setup & (1 << i) != 0, std::sync::atomic::Ordering::Release);
     }
-    let answer = match setup >> 4 & 3 {
+    let fleet_answer = match setup >> 4 & 3 {
         0 | 1 => Some(Answer::Ready),
         2 => Some(Answer::ServFail(Refusal::BootFailed)),
         _ => None,
@@ -179,41 +142,42 @@ fuzz_target!(|data: &[u8]| {
         Protocol::Udp
     };
     let src: SocketAddr = "198.18.0.2:5353".parse().expect("an address");
-    // As hickory-server's `handle_request`: what does not decode never reaches the handler,
-    // nor does a response.
-    let Ok(request) = Request::from_bytes(message.to_vec(), src, protocol) else {
-        return;
-    };
-    if request.metadata.message_type == MessageType::Response {
-        return;
-    }
-    let capture = Capture {
-        protocol,
-        sent: Arc::default(),
-    };
     let mut rx = w
         .slow
         .lock()
         .expect("not poisoned")
         .take()
         .expect("one input at a time");
-    w.rt.block_on(async {
+    let reply = w.rt.block_on(async {
         tokio::select! {
             biased;
-            _ = w.handler.handle_request::<_, TokioTime>(&request, capture.clone()) => {}
-            () = fleet(&mut rx, answer) => unreachable!("the handler holds the sender"),
+            r = answer(&w.handler, &w.metrics, message.to_vec(), src, protocol) => r,
+            () = fleet(&mut rx, fleet_answer) => unreachable!("the handler holds the sender"),
         }
     });
     *w.slow.lock().expect("not poisoned") = Some(rx);
 
-    let sent = std::mem::take(&mut *capture.sent.lock().expect("not poisoned"));
-    assert_eq!(sent.len(), 1, "the handler must answer once");
-    let Some(bytes) = &sent[0] else {
+    let Ok(header) = Header::read(&mut BinDecoder::new(message)) else {
+        assert!(reply.is_none(), "an answer to less than a header");
         return;
     };
-    check_response(w, &request, bytes);
+    if header.metadata.message_type == MessageType::Response {
+        assert!(reply.is_none(), "an answer to a response");
+        return;
+    }
+    let Ok(request) = Request::from_bytes(message.to_vec(), src, protocol) else {
+        let bytes = reply.expect("a message that does not decode is answered FORMERR");
+        let response = Message::from_vec(&bytes).expect("a FORMERR reads back");
+        assert_eq!(response.metadata.id, header.metadata.id);
+        assert_eq!(response.metadata.response_code, ResponseCode::FormErr);
+        return;
+    };
+    // None: the handler's response could not be encoded (nothing is sent, as hickory does).
+    let Some(bytes) = reply else {
+        return;
+    };
+    check_response(w, &request, &bytes);
 });
-
 fn check_response(w: &World, request: &Request, bytes: &[u8]) {
     let asked = request.queries.queries();
     // hickory-server copies the question's bytes as they came: a name compressed with a
