@@ -39,7 +39,8 @@ use shared_proto::control::Message;
 use shared_proto::{ClientMessage, Event, Handover, Mac, Phase, Request, VmIdentity, VmStatus};
 use synjitsu::garp::{self, NaTo};
 use synjitsu::hold::{
-    Checksum, Config, DropReason, FdbOp, FrameMeta, Hold, StoreDone, StoreOp, StoreOutcome, Verdict,
+    Checksum, Config, DropReason, FdbAction, FdbOp, FrameMeta, Hold, StoreDone, StoreOp,
+    StoreOutcome, Verdict, VmPhase,
 };
 use synjitsu::wire::{self, ArpOp, ArpRepr, Packet, TcpOut, tcp_flags};
 
@@ -160,6 +161,9 @@ struct Pending {
     /// Every (MAC, bridge port) pair jitsu-dns named in a request the core took: where frames
     /// for a guest may go.
     ports: HashSet<(Mac, String)>,
+    /// The bridge's forwarding table as the shell keeps it: every wish the core made applied
+    /// in order (a MAC absent was never steered).
+    bridge: HashMap<Mac, FdbAction>,
 }
 
 fn remember<T>(list: &mut Vec<T>, item: T) {
@@ -206,6 +210,7 @@ fuzz_target!(|data: &[u8]| {
         }
         h.drain();
         h.check_counts();
+        h.check_bridge();
     }
 });
 
@@ -588,7 +593,37 @@ impl Harness {
             }
         }
         while let Some(op) = self.hold.poll_fdb() {
+            self.pending.bridge.insert(op.mac, op.action);
             remember(&mut self.pending.fdb, op);
+        }
+    }
+
+    /// The forwarding table, with every wish applied, says what the core believes: a VM
+    /// stood in for has its MAC steered to synjitsu, and no MAC is steered there that no VM
+    /// wants (a forgotten VM's, a VM's old MAC).
+    fn check_bridge(&self) {
+        let mut wanted = HashSet::new();
+        for (name, mac, phase, steered) in self.hold.steering() {
+            let on_bridge = self.pending.bridge.get(&mac) == Some(&FdbAction::Steer);
+            assert_eq!(
+                on_bridge, steered,
+                "{name} ({mac}, {phase:?}): the table says steered {on_bridge}, the core {steered}"
+            );
+            if matches!(phase, VmPhase::Booting | VmPhase::Stopped) {
+                assert!(
+                    steered,
+                    "{name} ({mac}) is {phase:?} but not steered to synjitsu"
+                );
+            }
+            if steered {
+                wanted.insert(mac);
+            }
+        }
+        for (mac, action) in &self.pending.bridge {
+            assert!(
+                *action != FdbAction::Steer || wanted.contains(mac),
+                "{mac} is left steered to synjitsu, for no VM"
+            );
         }
     }
 
