@@ -77,6 +77,14 @@ const OPTIONS: [&[u8]; 5] = [
     &[5, 30, 0, 0],
 ];
 
+/// Prints what `what` says when `HOLD_TRACE` is set (to replay one input by hand).
+fn trace(what: impl FnOnce() -> String) {
+    static ON: OnceLock<bool> = OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("HOLD_TRACE").is_some()) {
+        eprintln!("{}", what());
+    }
+}
+
 fn base() -> Instant {
     static BASE: OnceLock<Instant> = OnceLock::new();
     *BASE.get_or_init(Instant::now)
@@ -349,7 +357,14 @@ impl Harness {
     /// A frame from the bridge; a SYN the core holds is remembered as the guest must get it.
     fn feed(&mut self, frame: &[u8], meta: FrameMeta) {
         self.last = frame.to_vec();
-        if self.hold.on_frame(self.now, frame, meta) == Verdict::Held {
+        let verdict = self.hold.on_frame(self.now, frame, meta);
+        trace(|| {
+            format!(
+                "frame to {:02x?}: {verdict:?}",
+                &frame[..frame.len().min(6)]
+            )
+        });
+        if verdict == Verdict::Held {
             let mut held = frame.to_vec();
             if meta.checksum == Checksum::Partial {
                 wire::fix_tcp_checksum(&mut held);
@@ -372,14 +387,21 @@ impl Harness {
     /// A frame the announcement watcher saw arriving on `port`.
     fn ingress(&mut self, frame: &[u8], meta: FrameMeta, port: &str) {
         self.last = frame.to_vec();
-        let _ = self.hold.on_ingress(self.now, frame, meta, port);
+        let verdict = self.hold.on_ingress(self.now, frame, meta, port);
+        trace(|| format!("frame seen on {port}: {verdict:?}"));
     }
 
     /// A request, if it is one the control codec lets through; what it names is remembered
-    /// when the core takes it.
+    /// when the core takes it (a sync in part even when it answers an error: "applied
+    /// except" the VMs it names).
     fn control(&mut self, body: ClientMessage) {
         let req = Request { id: 1, body };
-        if req.validate().is_err() || self.hold.on_control(self.now, &req.body).is_err() {
+        let taken = req.validate().is_ok() && {
+            let r = self.hold.on_control(self.now, &req.body);
+            trace(|| format!("{:?} -> {r:?}", req.body));
+            r.is_ok() || matches!(req.body, ClientMessage::Sync { .. })
+        };
+        if !taken {
             return;
         }
         let mut named = |vm: &VmIdentity| {
