@@ -135,10 +135,13 @@ impl ResponseHandler for Reply {
         let info = response
             .destructive_emit(&mut encoder)
             .map_err(|e| NetError::from(format!("encoding a response: {e}")))?;
-        *self
+        let mut out = self
             .out
             .lock()
-            .expect("reply lock is never poisoned: nothing panics holding it") = Some(bytes);
+            .expect("reply lock is never poisoned: nothing panics holding it");
+        // The handler answers once; a second answer would replace the first unseen.
+        debug_assert!(out.is_none(), "a second response to one request");
+        *out = Some(bytes);
         Ok(info)
     }
 }
@@ -153,8 +156,9 @@ async fn formerr(header: &Header, protocol: Protocol) -> Option<Vec<u8>> {
     reply.take()
 }
 
-/// The answer to the message `msg` from `src`, or `None` when none is sent.
-async fn answer(
+/// The answer to the message `msg` from `src`, or `None` when none is sent: what the sockets
+/// do with every message, bytes in and bytes out (public for the fuzz target of `fuzz/`).
+pub async fn answer(
     handler: &Handler,
     metrics: &Metrics,
     msg: Vec<u8>,

@@ -68,7 +68,9 @@ impl Hold {
         let previous = self.vms.get(&id.name).map(|v| v.phase);
         let vm = self.vms.upsert(&mut self.out, id, VmPhase::Booting);
         if previous == Some(VmPhase::Booting) {
-            // Already standing in for it: an identity update, not a new boot.
+            // Already standing in for it: an identity update, not a new boot. A new MAC was
+            // released from its old one by `upsert`, and must be steered here in turn.
+            vm.steer(&mut self.out);
             vm.write_pending(&mut self.out);
             return Ok(());
         }

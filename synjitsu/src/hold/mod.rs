@@ -341,6 +341,26 @@ impl Hold {
             .map(|v| (v.id.name.as_str(), v.phase, v.held.len()))
     }
 
+    /// When the SYN held longest was captured, over every held SYN of every VM (not only the
+    /// front of each queue, which is all [`Hold::poll_at`] looks at): for checks from outside,
+    /// such as the fuzz target's "nothing is held past `hold_timeout`".
+    pub fn oldest_held(&self) -> Option<Instant> {
+        self.vms
+            .iter()
+            .flat_map(|vm| vm.held.iter().map(|h| h.since))
+            .min()
+    }
+
+    /// Each VM's name, MAC, phase, and whether the core wants its MAC steered to synjitsu's
+    /// port: what the forwarding table says of it once the shell has applied every
+    /// [`Hold::poll_fdb`] wish. For checks from outside, such as the fuzz target's "the table
+    /// converges to what the core believes".
+    pub fn steering(&self) -> impl Iterator<Item = (&str, Mac, VmPhase, bool)> {
+        self.vms
+            .iter()
+            .map(|v| (v.id.name.as_str(), v.id.mac, v.phase, v.steered))
+    }
+
     // ---- outputs -------------------------------------------------------------------------
 
     /// The next frame to send, written into `out` (replacing its contents); false if none.

@@ -429,6 +429,23 @@ fn held_syns_time_out_with_a_rst_to_the_client() {
 }
 
 #[test]
+fn oldest_held_is_the_capture_time_of_the_syn_held_longest() {
+    let mut h = core();
+    let t0 = Instant::now();
+    let t1 = t0 + Duration::from_secs(3);
+    booting(&mut h, t0, Handover::Wire);
+    assert_eq!(h.oldest_held(), None);
+    h.on_frame(t1, &SYN_V6, FrameMeta::default());
+    h.on_frame(t1 + Duration::from_secs(1), &SYN_V4, FrameMeta::default());
+    assert_eq!(h.held_now(), 2);
+    assert_eq!(h.oldest_held(), Some(t1));
+    h.handle_timeout(t1 + Duration::from_secs(10));
+    assert_eq!(h.oldest_held(), Some(t1 + Duration::from_secs(1)));
+    h.handle_timeout(t1 + Duration::from_secs(11));
+    assert_eq!(h.oldest_held(), None);
+}
+
+#[test]
 fn announce_then_probe_then_resend_on_syn_ack() {
     let mut h = core();
     let t0 = Instant::now();
@@ -1180,4 +1197,30 @@ fn the_last_wish_for_a_mac_is_the_one_the_shell_gets() {
     let ops = fdb_ops(&mut h);
     assert_eq!(ops.len(), 1, "{ops:?}");
     assert_eq!((ops[0].mac, ops[0].action), (vm_mac(), FdbAction::Release));
+}
+
+#[test]
+fn a_booting_vm_whose_mac_changes_has_its_new_mac_steered_and_its_old_released() {
+    let mut h = core();
+    let t0 = Instant::now();
+    booting(&mut h, t0, Handover::Wire);
+    fdb_ops(&mut h);
+    // jitsu-dns updates the identity of a VM still booting (its MAC changed on a reload).
+    let new_mac: Mac = "02:77:00:00:01:99".parse().unwrap();
+    let vm = VmIdentity {
+        mac: new_mac,
+        ..www(Handover::Wire)
+    };
+    h.on_control(t0, &ClientMessage::Booting { vm }).unwrap();
+    let mut ops: Vec<_> = fdb_ops(&mut h)
+        .into_iter()
+        .map(|o| (o.mac, o.action))
+        .collect();
+    ops.sort_by_key(|(mac, _)| *mac);
+    assert_eq!(
+        ops,
+        vec![(vm_mac(), FdbAction::Release), (new_mac, FdbAction::Steer)]
+    );
+    let steering: Vec<_> = h.steering().map(|(_, mac, _, s)| (mac, s)).collect();
+    assert_eq!(steering, vec![(new_mac, true)]);
 }
