@@ -3,9 +3,11 @@
 //!
 //! Owns the answers:
 //! - A (and AAAA when the VM has IPv6) for each VM name, authoritative, with the configured
-//!   TTL. For a running VM the answer comes straight from the table: no lock held across an
-//!   await, no channel, no allocation beyond hickory's own. For any other VM the query goes
-//!   to the fleet (the slow path) and waits for its answer;
+//!   TTL, the owner name as the client wrote the question's (the encoder then points it at
+//!   the question, as Knot and NSD answer). For a running VM the answer comes straight from
+//!   the table: no lock held across an await, no channel, no allocation beyond hickory's
+//!   own and the records' copies. For any other VM the query goes to the fleet (the slow
+//!   path) and waits for its answer;
 //! - other types on a VM name: empty NOERROR with the zone's SOA, booting nothing;
 //! - SOA and NS at each zone's apex, the NS name's address when it lies in the zone;
 //! - NXDOMAIN with the SOA for unknown names in an owned zone (NODATA for names that exist
@@ -395,6 +397,20 @@ async fn send<R: ResponseHandler>(
     }
 }
 
+/// `records`, all owned by the query's name, with that name as the client wrote it (in its
+/// case): the encoder then compresses the owner to a pointer to the question, as Knot and
+/// NSD answer, and a resolver randomising the case (0x20) finds its own back.
+fn as_asked(records: &[Record], asked: &Name) -> Vec<Record> {
+    records
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r.name = asked.clone();
+            r
+        })
+        .collect()
+}
+
 fn meta(request: &Request, rcode: ResponseCode, authoritative: bool) -> Metadata {
     let mut m = Metadata::response_from_request(&request.metadata);
     m.response_code = rcode;
@@ -429,6 +445,7 @@ impl RequestHandler for Handler {
             return send(request, handle, m, edns, &[], &[], &[]).await;
         };
         let name = info.query.name();
+        let asked = info.query.original().name();
         let qtype = info.query.query_type();
         if info.query.query_class() != DNSClass::IN {
             let m = fail(ResponseCode::Refused, Outcome::Refused);
@@ -438,6 +455,7 @@ impl RequestHandler for Handler {
         match find(&table, name, qtype) {
             Found::Address(entry, records) => {
                 let slot = &entry.slot;
+                let records = &as_asked(records, asked);
                 if slot.direct.load(Ordering::Acquire) {
                     slot.queries.fetch_add(1, Ordering::Relaxed);
                     slot.last_query
@@ -477,7 +495,16 @@ impl RequestHandler for Handler {
                 self.metrics.add_query(Outcome::Zone);
                 tracing::debug!(%name, ?qtype, "zone record");
                 let m = meta(request, ResponseCode::NoError, true);
-                send(request, handle, m, edns, records, &[], extra).await
+                send(
+                    request,
+                    handle,
+                    m,
+                    edns,
+                    &as_asked(records, asked),
+                    &[],
+                    extra,
+                )
+                .await
             }
             Found::NoData(z) => {
                 self.metrics.add_query(Outcome::NoData);

@@ -21,6 +21,7 @@ pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod dns;
+mod fast;
 pub mod fleet;
 pub mod forward;
 pub mod metrics;

@@ -19,6 +19,10 @@
 //!   is allocated for a message before its bytes arrive, so a stalled connection costs a
 //!   task and a socket, not a buffer.
 //!
+//! Names in a response are compressed against the question as the client wrote it:
+//! hickory 0.26's encoder records the question's bytes type and class included, so no name
+//! ever matched them, and a VM's address took 16 bytes more than Knot's answer.
+//!
 //! It decides no answer: the handler does. hickory-server's own `Server` bounds none of the
 //! above, answers FORMERR without the handler seeing it, and takes its sockets whole, so it
 //! cannot be wrapped; this replaces it, with hickory's parsing and encoding.
@@ -28,6 +32,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use hickory_proto::ProtoError;
 use hickory_proto::op::{Header, MessageType, ResponseCode};
 use hickory_proto::rr::Record;
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncoder};
@@ -43,6 +48,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::dns::Handler;
+use crate::fast::plain_name_len;
 use crate::metrics::{Dropped, Metrics, Outcome, TcpLimit};
 
 /// A TCP connection with no query for this long is closed.
@@ -91,13 +97,17 @@ pub async fn serve(
 #[derive(Clone)]
 struct Reply {
     protocol: Protocol,
+    /// The question's name as the client wrote it, if it is one plain name: names in the
+    /// response are compressed against it.
+    question: Option<Arc<[u8]>>,
     out: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
 impl Reply {
-    fn new(protocol: Protocol) -> Reply {
+    fn new(protocol: Protocol, question: Option<Arc<[u8]>>) -> Reply {
         Reply {
             protocol,
+            question,
             out: Arc::new(Mutex::new(None)),
         }
     }
@@ -132,6 +142,10 @@ impl ResponseHandler for Reply {
         let mut bytes = Vec::with_capacity(512);
         let mut encoder = BinEncoder::new(&mut bytes);
         encoder.set_max_size(max);
+        if let Some(name) = &self.question {
+            point_at_question(&mut encoder, name)
+                .map_err(|e| NetError::from(format!("encoding a response: {e}")))?;
+        }
         let info = response
             .destructive_emit(&mut encoder)
             .map_err(|e| NetError::from(format!("encoding a response: {e}")))?;
@@ -143,12 +157,45 @@ impl ResponseHandler for Reply {
     }
 }
 
+/// Lets `encoder`, before anything is written, compress names against the question's name
+/// `name` (a plain name: labels up to the root), which the response carries at offset 12
+/// exactly as the client wrote it (hickory-server writes the query's own bytes back).
+/// hickory's encoder keeps the bytes of each name written, to compare later names with; for
+/// the question it keeps its name, type and class as one, which no name equals. So the name
+/// is written where the question goes and each of its suffixes noted as a name would be,
+/// then the offset is put back to 0: the response overwrites those bytes with the same
+/// ones, and a later name equal to a suffix, byte for byte, becomes a pointer to it.
+fn point_at_question(encoder: &mut BinEncoder<'_>, name: &[u8]) -> Result<(), ProtoError> {
+    encoder.emit_vec(&[0; 12])?;
+    encoder.emit_vec(name)?;
+    // Suffixes end before the root label, as hickory's own `Name::emit` notes them.
+    let end = 12 + name.len() - 1;
+    let mut at = 12;
+    while at < end {
+        encoder.store_label_pointer(at, end);
+        at += 1 + usize::from(name[at - 12]);
+    }
+    encoder.set_offset(0);
+    Ok(())
+}
+
+/// The question's name as the client wrote it, for [`point_at_question`]: when `request`
+/// has one question, whose name is plain labels (no compression pointer).
+fn question_name(request: &Request) -> Option<Arc<[u8]>> {
+    if request.queries.len() != 1 {
+        return None;
+    }
+    let bytes = request.queries.as_bytes();
+    let len = plain_name_len(bytes)?;
+    (len + 4 == bytes.len()).then(|| bytes[..len].into())
+}
+
 /// FORMERR for a message whose header is `header` and whose rest does not parse.
 async fn formerr(header: &Header, protocol: Protocol) -> Option<Vec<u8>> {
     let queries = Queries::read(&mut BinDecoder::new(&[]), 0).ok()?;
     let response = MessageResponseBuilder::new(&queries, None)
         .error_msg(&header.metadata, ResponseCode::FormErr);
-    let mut reply = Reply::new(protocol);
+    let mut reply = Reply::new(protocol, None);
     reply.send_response(response).await.ok()?;
     reply.take()
 }
@@ -179,7 +226,7 @@ async fn answer(
             return formerr(&header, protocol).await;
         }
     };
-    let reply = Reply::new(protocol);
+    let reply = Reply::new(protocol, question_name(&request));
     handler
         .handle_request::<_, TokioTime>(&request, reply.clone())
         .await;
@@ -456,6 +503,70 @@ mod tests {
         assert!(!reachable("255.255.255.255:53".parse().unwrap()));
         assert!(!reachable("0.0.0.0:53".parse().unwrap()));
         assert!(!reachable("[::]:53".parse().unwrap()));
+    }
+
+    /// A handler for www (A and AAAA) and a.b (A only), running, and off, not running;
+    /// a query that would wait for the fleet gets SERVFAIL at once (nobody takes it).
+    fn handler() -> (Handler, Arc<Metrics>) {
+        use std::collections::HashMap;
+
+        use crate::config::{Flags, merge};
+        use crate::dns::{Clock, Table, Tables, slots_for};
+
+        let flags = Flags {
+            specs: [
+                "name=www,dns=www.example.org,ip=10.0.0.1,ip6=fd00::1,command=x",
+                "name=deep,dns=a.b.example.org,ip=10.0.0.2,command=x",
+                "name=off,dns=off.example.org,ip=10.0.0.3,command=x",
+            ]
+            .map(String::from)
+            .to_vec(),
+            bind: Some("10.0.0.254".into()),
+            ..Flags::default()
+        };
+        let cfg = merge(&flags, None).unwrap();
+        let slots = slots_for(&cfg.vms, &HashMap::new());
+        for (name, slot) in &slots {
+            slot.direct.store(
+                name.to_string() != "off",
+                std::sync::atomic::Ordering::Release,
+            );
+        }
+        let tables = Tables::new(Table::build(&cfg, &slots, None, 7));
+        let (slow, _) = tokio::sync::mpsc::channel(1);
+        let metrics = Arc::new(Metrics::new());
+        (
+            Handler::new(tables, slow, metrics.clone(), Clock::new()),
+            metrics,
+        )
+    }
+
+    const CLIENT: &str = "192.0.2.9:5353";
+
+    /// The slow path's answer to `msg` over UDP.
+    async fn slow(h: &Handler, m: &Metrics, msg: &[u8]) -> Option<Vec<u8>> {
+        answer(h, m, msg.to_vec(), CLIENT.parse().unwrap(), Protocol::Udp).await
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_answer_points_its_owner_at_the_question_as_written_knots_60_bytes() {
+        let (h, m) = handler();
+        // wWw.ExAmple.org A, EDNS payload 1232 with no options: what Knot answers in 60 bytes.
+        let mut q = vec![0x12, 0x34, 0x01, 0x20, 0, 1, 0, 0, 0, 0, 0, 1, 3];
+        q.extend_from_slice(b"wWw\x07ExAmple\x03org\x00\x00\x01\x00\x01");
+        q.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0]);
+        let a = slow(&h, &m, &q).await.unwrap();
+        assert_eq!(a.len(), 60, "{a:02x?}");
+        assert_eq!(&a[12..33], &q[12..33], "the question as written");
+        assert_eq!(&a[33..35], &[0xc0, 0x0c], "the owner: a pointer to it");
+        let decoded = hickory_proto::op::Message::from_vec(&a).unwrap();
+        assert_eq!(decoded.answers[0].name.to_string(), "wWw.ExAmple.org.");
+        assert_eq!(decoded.answers[0].data.to_string(), "10.0.0.1");
+        // Without EDNS, 49 bytes; the same over TCP.
+        let plain = [&q[..11], &[0], &q[12..33]].concat();
+        assert_eq!(slow(&h, &m, &plain).await.unwrap().len(), 49);
+        let tcp = answer(&h, &m, q.clone(), CLIENT.parse().unwrap(), Protocol::Tcp).await;
+        assert_eq!(tcp, Some(a));
     }
 
     #[tokio::test(flavor = "current_thread")]
