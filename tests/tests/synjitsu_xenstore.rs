@@ -356,9 +356,12 @@ fn scenario() -> Result<()> {
     ctl.ok(ClientMessage::Stopped {
         vm: www(Handover::Xenstore { domid: 7 }),
     })?;
+    // The node stays while the VM is declared, empty and dom0's alone: domain 7 is gone, and
+    // its id may go to another guest before this VM boots again.
+    wait_guest_node(&xs, ip_path, &[Perm::new(Access::None, 0)])?;
     ensure!(
-        xs.read(ip_path).as_deref() == Some(&b"managed"[..]),
-        "the node stays while the VM is declared"
+        xs_at(&d7, "xenstore-read", &[ip_path]).is_none(),
+        "the stopped domain's id still reads the node"
     );
 
     // Its next boot is a new domain: the node is reset and that domain's, and the guest

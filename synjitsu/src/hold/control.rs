@@ -86,19 +86,26 @@ impl Hold {
         }
         vm.steer(&mut self.out);
         tracing::info!(vm = %id.name, mac = %id.mac, ip = %id.ipv4, port = ?id.port, "booting: standing in");
-        // The first gratuitous ARP is due now; and every VM's timers run, as at any timeout.
-        self.handle_timeout(now);
-        if let Some(vm) = self.vms.get_mut(&id.name) {
-            vm.write_pending(&mut self.out);
-        }
+        // Its first gratuitous ARP is due now. Only its own timers: a sync of thousands of
+        // booting VMs would otherwise walk every VM for each of them (the others' timers
+        // run at the shell's next turn, as always).
+        vm.announce_due(&self.cfg, &mut self.out, now);
+        vm.write_pending(&mut self.out);
         Ok(())
     }
 
     fn on_stopped(&mut self, _now: Instant, id: &VmIdentity) -> Result<(), ControlError> {
         self.vms.check_conflicts(id)?;
         let vm = self.vms.upsert(&mut self.out, id, VmPhase::Stopped);
-        // The domain is gone; its Xenstore entries with it.
+        // The domain is gone: nothing of its boot stays readable, by it or by whichever guest
+        // gets its id next.
         vm.restart(VmPhase::Stopped, 0, None);
+        if vm.xenstore_domid().is_some() {
+            self.out.queue_store(StoreOp::Seal {
+                vm: id.name.clone(),
+                ips: vm.addrs(),
+            });
+        }
         vm.steer(&mut self.out);
         tracing::info!(vm = %id.name, "stopped: holding for a wake-up");
         Ok(())

@@ -747,7 +747,7 @@ fn a_sync_saying_booting_does_not_hijack_a_guest_that_announced_itself() {
 }
 
 #[test]
-fn a_xenstore_vms_nodes_are_opened_at_each_boot_kept_while_declared_and_closed_when_forgotten() {
+fn a_xenstore_vms_nodes_are_opened_at_each_boot_sealed_at_each_stop_and_closed_when_forgotten() {
     let mut h = core();
     let t0 = Instant::now();
     let ips: Vec<std::net::IpAddr> =
@@ -764,7 +764,8 @@ fn a_xenstore_vms_nodes_are_opened_at_each_boot_kept_while_declared_and_closed_w
     // The same boot told again (a sync after a reconnect) is not a new boot.
     booting(&mut h, t0, Handover::Xenstore { domid: 7 });
     assert_eq!(h.poll_store(), None);
-    // Stopped, it stays declared: its nodes stay.
+    // Stopped, it stays declared: its nodes stay, sealed (dom0's alone: domain 7 is gone and
+    // its id may go to another guest before this VM's next boot).
     h.on_control(
         t0,
         &ClientMessage::Stopped {
@@ -772,7 +773,13 @@ fn a_xenstore_vms_nodes_are_opened_at_each_boot_kept_while_declared_and_closed_w
         },
     )
     .unwrap();
-    assert_eq!(h.poll_store(), None);
+    assert_eq!(
+        h.poll_store(),
+        Some(StoreOp::Seal {
+            vm: "www".into(),
+            ips: ips.clone()
+        })
+    );
     // The next boot is another domain.
     booting(&mut h, t0, Handover::Xenstore { domid: 9 });
     assert_eq!(
@@ -1120,4 +1127,57 @@ fn a_port_learnt_after_the_start_applies_from_then_on_and_changes_nothing_else()
             .iter()
             .all(|op| op.action == FdbAction::Release)
     );
+}
+
+/// The `i`th of many VMs, none of them `www`.
+fn fleet_vm(i: usize) -> VmIdentity {
+    VmIdentity {
+        name: format!("v{i}"),
+        mac: Mac([0x02, 0x78, 0, 0, (i >> 8) as u8, i as u8]),
+        ipv4: Ipv4Addr::new(10, 77, 100 + (i / 250) as u8, 1 + (i % 250) as u8),
+        ipv6: None,
+        handover: Handover::Wire,
+        port: None,
+    }
+}
+
+fn sync_fleet(h: &mut Hold, now: Instant, n: usize, phase: Phase) {
+    let vms = (0..n)
+        .map(|i| VmStatus {
+            vm: fleet_vm(i),
+            phase,
+        })
+        .collect();
+    h.on_control(now, &ClientMessage::Sync { vms }).unwrap();
+}
+
+#[test]
+fn no_forwarding_change_is_dropped_however_many_vms_change_at_once() {
+    let mut h = core();
+    let t0 = Instant::now();
+    sync_fleet(&mut h, t0, 5000, Phase::Stopped);
+    let steers = fdb_ops(&mut h);
+    assert_eq!(steers.len(), 5000);
+    assert!(steers.iter().all(|o| o.action == FdbAction::Steer));
+    sync_fleet(&mut h, t0, 5000, Phase::Running);
+    let releases = fdb_ops(&mut h);
+    assert_eq!(releases.len(), 5000);
+    assert!(releases.iter().all(|o| o.action == FdbAction::Release));
+    // Forgotten, all of them: no release twice, none left to make.
+    h.on_control(t0, &ClientMessage::Sync { vms: vec![] })
+        .unwrap();
+    assert_eq!(fdb_ops(&mut h), vec![]);
+}
+
+#[test]
+fn the_last_wish_for_a_mac_is_the_one_the_shell_gets() {
+    let mut h = core();
+    let t0 = Instant::now();
+    stopped(&mut h, t0);
+    // Steered, then forgotten before the shell took the steer: the release alone.
+    h.on_control(t0, &ClientMessage::Sync { vms: vec![] })
+        .unwrap();
+    let ops = fdb_ops(&mut h);
+    assert_eq!(ops.len(), 1, "{ops:?}");
+    assert_eq!((ops[0].mac, ops[0].action), (vm_mac(), FdbAction::Release));
 }

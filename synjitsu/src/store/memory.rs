@@ -71,6 +71,16 @@ impl SynStore for MemoryStore {
         Ok(())
     }
 
+    fn seal(&mut self, ip: IpAddr) -> Result<(), StoreError> {
+        let path = ip_path(ip);
+        self.check("seal", &path)?;
+        self.remove_tree(&path);
+        let mut nodes = self.nodes.lock().expect("test store lock");
+        nodes.insert(path.clone(), String::new());
+        nodes.insert(format!("{path}@perms"), "n0".into());
+        Ok(())
+    }
+
     fn close(&mut self, ip: IpAddr) -> Result<(), StoreError> {
         self.check("close", &ip_path(ip))?;
         self.remove_tree(&ip_path(ip));

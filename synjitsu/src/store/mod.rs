@@ -76,6 +76,10 @@ pub trait SynStore: Send {
     /// can mark it `managed` whether or not a SYN is ever written (under xenstored's rules it
     /// could not create the node itself: `/ip` is dom0's).
     fn open(&mut self, domid: u32, ip: IpAddr) -> Result<(), StoreError>;
+    /// At a stop: `/ip/<ip>` emptied and made dom0's alone. The domain that had it is gone,
+    /// and Xen may give its id to another guest before this VM boots again; the node stays,
+    /// as the VM is still declared, for its next boot's [`SynStore::open`].
+    fn seal(&mut self, ip: IpAddr) -> Result<(), StoreError>;
     /// Removes `/ip/<ip>` and everything under it (the VM is no longer declared).
     fn close(&mut self, ip: IpAddr) -> Result<(), StoreError>;
     /// Writes one held SYN in one transaction, readable and writable by `domid` and dom0
@@ -187,6 +191,7 @@ pub fn run(store: &mut dyn SynStore, op: StoreOp) -> StoreReport {
             })
         }
         StoreOp::Open { vm, domid, ips } => each_ip(&vm, "open", ips, |ip| store.open(domid, ip)),
+        StoreOp::Seal { vm, ips } => each_ip(&vm, "seal", ips, |ip| store.seal(ip)),
         StoreOp::Close { vm, ips } => each_ip(&vm, "close", ips, |ip| store.close(ip)),
         StoreOp::Remove { key } => match store.remove(&key) {
             Ok(()) => StoreReport::Ok("remove"),

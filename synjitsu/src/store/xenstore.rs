@@ -306,6 +306,15 @@ impl SynStore for XenstoreClient {
         })
     }
 
+    fn seal(&mut self, ip: IpAddr) -> Result<(), StoreError> {
+        let path = ip_path(ip);
+        self.in_transaction(&path, |c, tx| {
+            c.rm(tx, &path)?;
+            c.write(tx, &path, b"")?;
+            c.set_perms(tx, &path, &[Perm::new(Access::None, 0)])
+        })
+    }
+
     fn close(&mut self, ip: IpAddr) -> Result<(), StoreError> {
         let path = ip_path(ip);
         self.in_transaction(&path, |c, tx| c.rm(tx, &path))
