@@ -57,8 +57,9 @@ fn rcode(reply: &[u8]) -> u8 {
     reply[3] & 0x0f
 }
 
-#[test]
-fn authoritative_answers_over_udp_and_tcp() {
+/// jitsu-dns started with metrics at 127.0.0.1:9153, TTL `ttl`, www (A and AAAA) and the
+/// VMs `more`, once the tools the protocol tests use are there.
+fn started(tag: &str, ttl: &str, more: &[&str]) -> DnsHarness {
     require_root();
     for (tool, pkg) in [
         ("dig", "dnsutils"),
@@ -68,19 +69,17 @@ fn authoritative_answers_over_udp_and_tcp() {
     ] {
         require_tool(tool, pkg);
     }
-    let mut h = DnsHarness::new("dproto").unwrap();
-    let args = h.args(
-        None,
-        &[
-            "-t",
-            "7",
-            "--metrics",
-            "127.0.0.1:9153",
-            &vm("www", 1, ",ip6=fd77::1"),
-            &vm("mail", 2, ""),
-        ],
-    );
+    let mut h = DnsHarness::new(tag).unwrap();
+    let www = vm("www", 1, ",ip6=fd77::1");
+    let flags = ["-t", ttl, "--metrics", "127.0.0.1:9153", &www];
+    let args = h.args(None, &[&flags[..], more].concat());
     h.start(&args, &[]).unwrap();
+    h
+}
+
+#[test]
+fn authoritative_answers_over_udp_and_tcp() {
+    let mut h = started("dproto", "7", &[&vm("mail", 2, "")]);
 
     // A over UDP: boots www, authoritative, the configured TTL, EDNS echoed.
     let a = h.dig(&["www.example.org", "A"]);
@@ -369,27 +368,7 @@ fn owner(d: &jitsu_tests::jitsu_dns::Dig) -> String {
 
 #[test]
 fn running_vms_addresses_over_udp_come_from_the_fast_path_and_mean_what_hickorys_do() {
-    require_root();
-    for (tool, pkg) in [
-        ("dig", "dnsutils"),
-        ("kdig", "knot-dnsutils"),
-        ("curl", "curl"),
-        ("git", "git"),
-    ] {
-        require_tool(tool, pkg);
-    }
-    let mut h = DnsHarness::new("dfast").unwrap();
-    let args = h.args(
-        None,
-        &[
-            "-t",
-            "60",
-            "--metrics",
-            "127.0.0.1:9153",
-            &vm("www", 1, ",ip6=fd77::1"),
-        ],
-    );
-    h.start(&args, &[]).unwrap();
+    let mut h = started("dfast", "60", &[]);
     let fast = || -> u64 {
         let m = metrics(h.host.ns(), "127.0.0.1:9153").unwrap();
         m.lines()
