@@ -97,3 +97,20 @@ jitsu_prepare() {
   jitsu_ensure_rust
   cd "$JITSU_ROOT"
 }
+
+# Builds jitsu-dns from commit REV (once: kept in target/baseline-<short REV>) for benchmarks
+# that measure a change against what came before it in the same run; prints the binary.
+jitsu_build_baseline() {
+  local rev target src
+  rev=$(git -C "$JITSU_ROOT" rev-parse --short "$1^{commit}")
+  target="$JITSU_ROOT/target/baseline-$rev"
+  if [ ! -x "$target/release/jitsu-dns" ]; then
+    jitsu_log "building the baseline jitsu-dns from $rev (once; kept in $target)"
+    src=$(mktemp -d /tmp/jitsu-baseline.XXXXXX)
+    git -C "$JITSU_ROOT" archive "$rev" | tar -x -C "$src"
+    CARGO_TARGET_DIR="$target" cargo build --release -q -p jitsu-dns --bin jitsu-dns \
+      --manifest-path "$src/Cargo.toml" >&2
+    rm -rf "$src"
+  fi
+  echo "$target/release/jitsu-dns"
+}

@@ -3,14 +3,14 @@
 //! current-thread tokio runtime, over UDP and TCP.
 //!
 //! `plain_authority <addr:port> <n>` serves `vm0.example.org` .. `vm<n-1>.example.org` with
-//! `10.77.1.1` .. and the zone's SOA and NS, TTL 60, until killed.
+//! A `10.77.1.1` .. and AAAA `fd77::1:1` .., and the zone's SOA and NS, TTL 60, until killed.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_proto::rr::rdata::{A, NS, SOA};
+use hickory_proto::rr::rdata::{A, AAAA, NS, SOA};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordSet, RrKey};
 use hickory_server::Server;
 use hickory_server::store::in_memory::InMemoryZoneHandler;
@@ -46,8 +46,14 @@ fn main() -> anyhow::Result<()> {
     add(Record::from_rdata(origin.clone(), 60, RData::NS(NS(ns))));
     for i in 0..n {
         let name = Name::from_ascii(format!("vm{i}.example.org."))?;
-        let ip = Ipv4Addr::new(10, 77, 1 + (i / 250) as u8, (i % 250) as u8 + 1);
-        add(Record::from_rdata(name, 60, RData::A(A(ip))));
+        let (hi, lo) = (1 + (i / 250) as u8, (i % 250) as u8 + 1);
+        let ip6 = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, hi.into(), lo.into());
+        add(Record::from_rdata(name.clone(), 60, RData::AAAA(AAAA(ip6))));
+        add(Record::from_rdata(
+            name,
+            60,
+            RData::A(A(Ipv4Addr::new(10, 77, hi, lo))),
+        ));
     }
     let zone = InMemoryZoneHandler::<hickory_server::net::runtime::TokioRuntimeProvider>::new(
         origin.clone(),

@@ -3,9 +3,12 @@
 //!
 //! Owns the answers:
 //! - A (and AAAA when the VM has IPv6) for each VM name, authoritative, with the configured
-//!   TTL. For a running VM the answer comes straight from the table: no lock held across an
-//!   await, no channel, no allocation beyond hickory's own. For any other VM the query goes
-//!   to the fleet (the slow path) and waits for its answer;
+//!   TTL, the owner name as the client wrote the question's (the encoder then points it at
+//!   the question, as Knot and NSD answer). For a running VM the answer comes straight from
+//!   the table: over UDP a plain query is answered from bytes encoded when the table was
+//!   built ([`Handler::answer_fast`], [`crate::fast`]), before hickory parses it; any other
+//!   is answered by the handler, with no lock held across an await and no channel. For any
+//!   other VM the query goes to the fleet (the slow path) and waits for its answer;
 //! - other types on a VM name: empty NOERROR with the zone's SOA, booting nothing;
 //! - SOA and NS at each zone's apex, the NS name's address when it lies in the zone;
 //! - NXDOMAIN with the SOA for unknown names in an owned zone (NODATA for names that exist
@@ -36,6 +39,7 @@ use hickory_server::zone_handler::MessageResponseBuilder;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{Config, VmConfig};
+use crate::fast::{self, Encoded, PlainQuery};
 use crate::fleet::{Activity, Answer, Refusal, VmName};
 use crate::forward::Forwarder;
 use crate::metrics::{Metrics, Outcome};
@@ -124,6 +128,14 @@ struct NameEntry {
     zone: usize,
 }
 
+/// A VM name's answers for the fast path, encoded.
+#[derive(Debug)]
+struct FastEntry {
+    slot: Arc<VmSlot>,
+    a: Option<Encoded>,
+    aaaa: Option<Encoded>,
+}
+
 /// A zone's records.
 #[derive(Debug)]
 struct ZoneEntry {
@@ -141,6 +153,8 @@ struct ZoneEntry {
 #[derive(Debug)]
 pub struct Table {
     names: HashMap<LowerName, NameEntry>,
+    /// The same names' answers, encoded, under their wire form in lowercase.
+    fast: HashMap<Box<[u8]>, FastEntry>,
     /// Longest first, so the first match is the closest enclosing zone.
     zones: Vec<ZoneEntry>,
     /// Names that exist only as parents of other names (empty non-terminals).
@@ -201,6 +215,7 @@ impl Table {
                 .position(|z| z.apex.zone_of(&LowerName::new(n)))
         };
         let mut names = HashMap::new();
+        let mut fast = HashMap::new();
         let mut parents = HashSet::new();
         for vm in &cfg.vms {
             let slot = slots
@@ -216,22 +231,29 @@ impl Table {
                     parents.insert(LowerName::new(&p));
                     p = p.base_name();
                 }
-                names.insert(
-                    LowerName::new(n),
-                    NameEntry {
+                let entry = NameEntry {
+                    slot: slot.clone(),
+                    a: vec![record(n, ttl, RData::A(A(vm.ip)))],
+                    aaaa: vm
+                        .ip6
+                        .map(|ip| vec![record(n, ttl, RData::AAAA(AAAA(ip)))])
+                        .unwrap_or_default(),
+                    zone,
+                };
+                if let Some(key) = fast::key_of(n) {
+                    let fast_entry = FastEntry {
                         slot: slot.clone(),
-                        a: vec![record(n, ttl, RData::A(A(vm.ip)))],
-                        aaaa: vm
-                            .ip6
-                            .map(|ip| vec![record(n, ttl, RData::AAAA(AAAA(ip)))])
-                            .unwrap_or_default(),
-                        zone,
-                    },
-                );
+                        a: Encoded::new(n, RecordType::A, &entry.a),
+                        aaaa: Encoded::new(n, RecordType::AAAA, &entry.aaaa),
+                    };
+                    fast.insert(key, fast_entry);
+                }
+                names.insert(LowerName::new(n), entry);
             }
         }
         Table {
             names,
+            fast,
             zones: zone_entries,
             parents,
             forwarder,
@@ -274,10 +296,14 @@ impl Tables {
 
     /// The table now; queries in flight keep the one they started with.
     pub fn current(&self) -> Arc<Table> {
+        self.read().clone()
+    }
+
+    /// The table now, for a look that ends before any await (no reference count taken).
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Arc<Table>> {
         self.0
             .read()
             .expect("table lock is never poisoned: nothing panics holding it")
-            .clone()
     }
 }
 
@@ -313,6 +339,40 @@ impl Handler {
             metrics,
             clock,
         }
+    }
+
+    /// Answers the UDP message `msg` into `out` if it is a plain query (see
+    /// [`PlainQuery`]) for an address a running VM has, from the answer encoded when the
+    /// table was built; false leaves it to [`RequestHandler::handle_request`], which would
+    /// answer it with the same bytes. Counted as every direct answer is.
+    pub fn answer_fast(&self, msg: &[u8], out: &mut Vec<u8>) -> bool {
+        let Some(query) = PlainQuery::parse(msg) else {
+            return false;
+        };
+        let table = self.tables.read();
+        let Some(entry) = table.fast.get(query.key()) else {
+            return false;
+        };
+        let answer = match query.qtype() {
+            RecordType::A => entry.a.as_ref(),
+            _ => entry.aaaa.as_ref(),
+        };
+        let Some(answer) = answer.filter(|_| entry.slot.direct.load(Ordering::Acquire)) else {
+            return false;
+        };
+        self.count_direct(&entry.slot);
+        self.metrics.add_fast_answer();
+        tracing::debug!(qtype = ?query.qtype(), vm = %entry.slot.name, "answered (fast path)");
+        query.respond(answer, out);
+        true
+    }
+
+    /// One direct answer for `slot`'s VM: its activity, and the outcome.
+    fn count_direct(&self, slot: &VmSlot) {
+        slot.queries.fetch_add(1, Ordering::Relaxed);
+        slot.last_query
+            .store(self.clock.nanos(Instant::now()), Ordering::Relaxed);
+        self.metrics.add_query(Outcome::Answer);
     }
 }
 
@@ -395,6 +455,20 @@ async fn send<R: ResponseHandler>(
     }
 }
 
+/// `records`, all owned by the query's name, with that name as the client wrote it (in its
+/// case): the encoder then compresses the owner to a pointer to the question, as Knot and
+/// NSD answer, and a resolver randomising the case (0x20) finds its own back.
+fn as_asked(records: &[Record], asked: &Name) -> Vec<Record> {
+    records
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r.name = asked.clone();
+            r
+        })
+        .collect()
+}
+
 fn meta(request: &Request, rcode: ResponseCode, authoritative: bool) -> Metadata {
     let mut m = Metadata::response_from_request(&request.metadata);
     m.response_code = rcode;
@@ -429,6 +503,7 @@ impl RequestHandler for Handler {
             return send(request, handle, m, edns, &[], &[], &[]).await;
         };
         let name = info.query.name();
+        let asked = info.query.original().name();
         let qtype = info.query.query_type();
         if info.query.query_class() != DNSClass::IN {
             let m = fail(ResponseCode::Refused, Outcome::Refused);
@@ -438,11 +513,9 @@ impl RequestHandler for Handler {
         match find(&table, name, qtype) {
             Found::Address(entry, records) => {
                 let slot = &entry.slot;
+                let records = &as_asked(records, asked);
                 if slot.direct.load(Ordering::Acquire) {
-                    slot.queries.fetch_add(1, Ordering::Relaxed);
-                    slot.last_query
-                        .store(self.clock.nanos(Instant::now()), Ordering::Relaxed);
-                    self.metrics.add_query(Outcome::Answer);
+                    self.count_direct(slot);
                     tracing::debug!(%name, ?qtype, vm = %slot.name, "answered");
                     let m = meta(request, ResponseCode::NoError, true);
                     return send(request, handle, m, edns, records, &[], &[]).await;
@@ -484,7 +557,16 @@ impl RequestHandler for Handler {
                 self.metrics.add_query(Outcome::Zone);
                 tracing::debug!(%name, ?qtype, "zone record");
                 let m = meta(request, ResponseCode::NoError, true);
-                send(request, handle, m, edns, records, &[], extra).await
+                send(
+                    request,
+                    handle,
+                    m,
+                    edns,
+                    &as_asked(records, asked),
+                    &[],
+                    extra,
+                )
+                .await
             }
             Found::NoData(z) => {
                 self.metrics.add_query(Outcome::NoData);

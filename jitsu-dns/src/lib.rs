@@ -7,8 +7,9 @@
 //! - [`ctl`]: the control socket, `jitsu-dns ctl` and the status page;
 //! - [`fleet`]: the pure core deciding, per VM, what each query, tick and result leads to;
 //! - [`dns`]: the hickory-server request handler (answers from a table, asks the fleet on
-//!   the slow path), [`forward`], the relay to the forwarders, and [`transport`], the UDP
-//!   and TCP sockets in front of the handler with their bounds;
+//!   the slow path), `fast`, the plain queries it answers from pre-encoded bytes,
+//!   [`forward`], the relay to the forwarders, and [`transport`], the UDP and TCP sockets
+//!   in front of the handler with their bounds;
 //! - [`backend`]: the trait the VMs are run through, the process backend and the libvirt one;
 //! - [`state`]: the state store with history (a git repository);
 //! - [`synjitsu`]: the client of synjitsu's control socket;
@@ -23,6 +24,7 @@ pub mod config;
 pub mod ctl;
 pub mod daemon;
 pub mod dns;
+mod fast;
 pub mod fleet;
 pub mod forward;
 pub mod metrics;

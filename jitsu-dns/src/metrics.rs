@@ -137,6 +137,7 @@ pub struct Metrics {
     forward_refused: Counter,
     /// In the order of [`CHANGE_OUTCOMES`].
     changes: Vec<Counter>,
+    fast_answers: Counter,
 }
 
 impl Default for Metrics {
@@ -161,7 +162,7 @@ impl Metrics {
         ]
         .map(|(name, help, label, values)| counters(&mut r, name, help, label, values));
         #[rustfmt::skip]
-        let [forward_failures, boots, boot_failures, resumes, store_dropped, store_write_failures, backend_events, state_polls, forward_busy, forward_refused] = [
+        let [forward_failures, boots, boot_failures, resumes, store_dropped, store_write_failures, backend_events, state_polls, forward_busy, forward_refused, fast_answers] = [
             ("forward_failures", "Forwarded queries no forwarder answered"),
             ("boots", "VM boots begun"),
             ("boot_failures", "VM boots that failed"),
@@ -172,6 +173,7 @@ impl Metrics {
             ("backend_state_polls", "VM states polled from the backend (not done for backends that push events)"),
             ("forward_busy", "Queries outside the zones answered SERVFAIL at once: forward_max forwards were in flight"),
             ("forward_refused", "Queries outside the zones refused: the client may not use the forwarders"),
+            ("fast_answers", "Running VMs' addresses answered over UDP from pre-encoded bytes (also counted in queries_total{outcome=\"answer\"})"),
         ]
         .map(|(name, help)| counter(&mut r, name, help));
         let running = gauge(&mut r, "vms_running", "VMs running now");
@@ -237,6 +239,7 @@ impl Metrics {
             forward_busy,
             forward_refused,
             changes,
+            fast_answers,
         }
     }
 
@@ -256,6 +259,16 @@ impl Metrics {
     /// One query ended with `o`.
     pub fn add_query(&self, o: Outcome) {
         self.query_counter(o).inc();
+    }
+
+    /// A running VM's address was answered from pre-encoded bytes.
+    pub fn add_fast_answer(&self) {
+        self.fast_answers.inc();
+    }
+
+    /// Answers from pre-encoded bytes so far.
+    pub fn fast_answers(&self) -> u64 {
+        self.fast_answers.get()
     }
 
     /// Queries that ended with `o` so far.

@@ -19,6 +19,15 @@
 //!   is allocated for a message before its bytes arrive, so a stalled connection costs a
 //!   task and a socket, not a buffer.
 //!
+//! A UDP datagram is first offered to the handler's fast path ([`Handler::answer_fast`]),
+//! answered in the receiving loop if it is a plain query for a running VM's address (the
+//! datagrams already queued are read first, at most [`UDP_BATCH`], and their answers sent
+//! back to back); any other is parsed by hickory and answered by the handler in a task of
+//! its own.
+//! Encoding, names are compressed against the question as the client wrote it (hickory
+//! 0.26's encoder records the question's bytes type and class included, so nothing ever
+//! matched them), which is what makes the fast path's answers and these the same bytes.
+//!
 //! It decides no answer: the handler does. hickory-server's own `Server` bounds none of the
 //! above, answers FORMERR without the handler seeing it, and takes its sockets whole, so it
 //! cannot be wrapped; this replaces it, with hickory's parsing and encoding.
@@ -28,6 +37,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use hickory_proto::ProtoError;
 use hickory_proto::op::{Header, MessageType, ResponseCode};
 use hickory_proto::rr::Record;
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncoder};
@@ -43,6 +53,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::dns::Handler;
+use crate::fast::plain_name_len;
 use crate::metrics::{Dropped, Metrics, Outcome, TcpLimit};
 
 /// A TCP connection with no query for this long is closed.
@@ -91,13 +102,17 @@ pub async fn serve(
 #[derive(Clone)]
 struct Reply {
     protocol: Protocol,
+    /// The question's name as the client wrote it, if it is one plain name: names in the
+    /// response are compressed against it.
+    question: Option<Arc<[u8]>>,
     out: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
 impl Reply {
-    fn new(protocol: Protocol) -> Reply {
+    fn new(protocol: Protocol, question: Option<Arc<[u8]>>) -> Reply {
         Reply {
             protocol,
+            question,
             out: Arc::new(Mutex::new(None)),
         }
     }
@@ -132,6 +147,10 @@ impl ResponseHandler for Reply {
         let mut bytes = Vec::with_capacity(512);
         let mut encoder = BinEncoder::new(&mut bytes);
         encoder.set_max_size(max);
+        if let Some(name) = &self.question {
+            point_at_question(&mut encoder, name)
+                .map_err(|e| NetError::from(format!("encoding a response: {e}")))?;
+        }
         let info = response
             .destructive_emit(&mut encoder)
             .map_err(|e| NetError::from(format!("encoding a response: {e}")))?;
@@ -146,12 +165,45 @@ impl ResponseHandler for Reply {
     }
 }
 
+/// Lets `encoder`, before anything is written, compress names against the question's name
+/// `name` (a plain name: labels up to the root), which the response carries at offset 12
+/// exactly as the client wrote it (hickory-server writes the query's own bytes back).
+/// hickory's encoder keeps the bytes of each name written, to compare later names with; for
+/// the question it keeps its name, type and class as one, which no name equals. So the name
+/// is written where the question goes and each of its suffixes noted as a name would be,
+/// then the offset is put back to 0: the response overwrites those bytes with the same
+/// ones, and a later name equal to a suffix, byte for byte, becomes a pointer to it.
+fn point_at_question(encoder: &mut BinEncoder<'_>, name: &[u8]) -> Result<(), ProtoError> {
+    encoder.emit_vec(&[0; 12])?;
+    encoder.emit_vec(name)?;
+    // Suffixes end before the root label, as hickory's own `Name::emit` notes them.
+    let end = 12 + name.len() - 1;
+    let mut at = 12;
+    while at < end {
+        encoder.store_label_pointer(at, end);
+        at += 1 + usize::from(name[at - 12]);
+    }
+    encoder.set_offset(0);
+    Ok(())
+}
+
+/// The question's name as the client wrote it, for [`point_at_question`]: when `request`
+/// has one question, whose name is plain labels (no compression pointer).
+fn question_name(request: &Request) -> Option<Arc<[u8]>> {
+    if request.queries.len() != 1 {
+        return None;
+    }
+    let bytes = request.queries.as_bytes();
+    let len = plain_name_len(bytes)?;
+    (len + 4 == bytes.len()).then(|| bytes[..len].into())
+}
+
 /// FORMERR for a message whose header is `header` and whose rest does not parse.
 async fn formerr(header: &Header, protocol: Protocol) -> Option<Vec<u8>> {
     let queries = Queries::read(&mut BinDecoder::new(&[]), 0).ok()?;
     let response = MessageResponseBuilder::new(&queries, None)
         .error_msg(&header.metadata, ResponseCode::FormErr);
-    let mut reply = Reply::new(protocol);
+    let mut reply = Reply::new(protocol, None);
     reply.send_response(response).await.ok()?;
     reply.take()
 }
@@ -183,7 +235,7 @@ pub async fn answer(
             return formerr(&header, protocol).await;
         }
     };
-    let reply = Reply::new(protocol);
+    let reply = Reply::new(protocol, question_name(&request));
     handler
         .handle_request::<_, TokioTime>(&request, reply.clone())
         .await;
@@ -197,6 +249,12 @@ fn reachable(src: SocketAddr) -> bool {
         && !matches!(src.ip(), IpAddr::V4(a) if a.is_broadcast())
 }
 
+/// Datagrams read in one go: those already queued on the socket (up to this many) are read
+/// and the fast answers held, then sent back to back, as Knot batches its with sendmmsg: a
+/// client woken by the first finds the rest waiting. Bounded in datagrams, not answers, so
+/// a stream of slow-path queries cannot keep the loop from yielding.
+const UDP_BATCH: usize = 32;
+
 async fn serve_udp(
     socket: UdpSocket,
     handler: Arc<Handler>,
@@ -206,41 +264,75 @@ async fn serve_udp(
 ) {
     let socket = Arc::new(socket);
     let places = Arc::new(Semaphore::new(in_flight));
-    // One buffer for every datagram; each query takes a copy of its own bytes only.
+    // One buffer for every datagram; each query taking the slow path copies its own bytes.
     let mut buf = vec![0u8; 65535];
+    let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+    let mut fast: Vec<(Vec<u8>, SocketAddr)> = (0..UDP_BATCH)
+        .map(|_| (Vec::with_capacity(512), unspecified))
+        .collect();
     loop {
-        let received = tokio::select! {
+        let mut received = tokio::select! {
             r = socket.recv_from(&mut buf) => r,
             _ = stop.cancelled() => return,
         };
-        let (n, src) = match received {
-            Ok(r) => r,
-            Err(e) => {
+        let mut held = 0;
+        for read in 1..=UDP_BATCH {
+            match received {
+                Ok((_, src)) if !reachable(src) => metrics.add_dropped(Dropped::BadSource),
+                Ok((n, src)) => {
+                    // Answered here, in the loop: no task, no copy, nothing parsed but the
+                    // header and the question.
+                    let (out, dst) = &mut fast[held];
+                    if handler.answer_fast(&buf[..n], out) {
+                        *dst = src;
+                        held += 1;
+                    } else {
+                        slow_udp(&socket, &handler, &metrics, &places, &buf[..n], src);
+                    }
+                }
                 // ICMP errors of earlier answers surface here; the socket still works.
-                tracing::debug!(error = %e, "receiving over UDP");
-                continue;
+                Err(e) => tracing::debug!(error = %e, "receiving over UDP"),
             }
-        };
-        if !reachable(src) {
-            metrics.add_dropped(Dropped::BadSource);
-            continue;
+            if read == UDP_BATCH {
+                break;
+            }
+            received = match socket.try_recv_from(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                r => r,
+            };
         }
-        let Ok(place) = places.clone().try_acquire_owned() else {
-            metrics.add_dropped(Dropped::Busy);
-            tracing::trace!(%src, "dropped: too many UDP queries in flight");
-            continue;
-        };
-        let msg = buf[..n].to_vec();
-        let (socket, handler, metrics) = (socket.clone(), handler.clone(), metrics.clone());
-        tokio::spawn(async move {
-            let _place = place;
-            if let Some(reply) = answer(&handler, &metrics, msg, src, Protocol::Udp).await
-                && let Err(e) = socket.send_to(&reply, src).await
-            {
-                tracing::debug!(%src, error = %e, "sending over UDP");
+        for (out, dst) in &fast[..held] {
+            if let Err(e) = socket.send_to(out, *dst).await {
+                tracing::debug!(%dst, error = %e, "sending over UDP");
             }
-        });
+        }
     }
+}
+
+/// Answers `msg` from `src` through hickory in a task of its own, if a place is free.
+fn slow_udp(
+    socket: &Arc<UdpSocket>,
+    handler: &Arc<Handler>,
+    metrics: &Arc<Metrics>,
+    places: &Arc<Semaphore>,
+    msg: &[u8],
+    src: SocketAddr,
+) {
+    let Ok(place) = places.clone().try_acquire_owned() else {
+        metrics.add_dropped(Dropped::Busy);
+        tracing::trace!(%src, "dropped: too many UDP queries in flight");
+        return;
+    };
+    let msg = msg.to_vec();
+    let (socket, handler, metrics) = (socket.clone(), handler.clone(), metrics.clone());
+    tokio::spawn(async move {
+        let _place = place;
+        if let Some(reply) = answer(&handler, &metrics, msg, src, Protocol::Udp).await
+            && let Err(e) = socket.send_to(&reply, src).await
+        {
+            tracing::debug!(%src, error = %e, "sending over UDP");
+        }
+    });
 }
 
 /// Open TCP connections per client, each under [`ClientCounts::max`].
@@ -460,6 +552,347 @@ mod tests {
         assert!(!reachable("255.255.255.255:53".parse().unwrap()));
         assert!(!reachable("0.0.0.0:53".parse().unwrap()));
         assert!(!reachable("[::]:53".parse().unwrap()));
+    }
+
+    /// xorshift64*: the same cases on every run, many of them.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+            from[self.below(from.len())]
+        }
+    }
+
+    const NAMES: [&str; 7] = [
+        "www.example.org.",
+        "a.b.example.org.",
+        "off.example.org.",
+        "example.org.",
+        "ns.example.org.",
+        "nope.example.org.",
+        "example.com.",
+    ];
+    const TYPES: [u16; 8] = [1, 28, 15, 16, 6, 2, 255, 65];
+    const OPTIONS: [&[u8]; 7] = [
+        &[],
+        &[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8],
+        &[0, 12, 0, 3, 0, 0, 0],
+        &[0xfd, 0xe9, 0, 1, 7],
+        &[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0, 12, 0, 0],
+        &[0, 3, 0, 0],
+        &[0, 8, 0, 7, 0, 1, 24, 0, 192, 0, 2],
+    ];
+
+    /// What a query was made of.
+    struct Made {
+        name: &'static str,
+        qtype: u16,
+        class: u16,
+        option: usize,
+        version: u8,
+        msg: Vec<u8>,
+    }
+
+    /// A random query: one of [`NAMES`] in random case, one of [`TYPES`] (half the time
+    /// www or a.b, A or AAAA), class IN (or CH), random header bits, and half the time EDNS
+    /// with a random payload size, DO bit and options (version 1 now and then).
+    fn random_query(rng: &mut Rng) -> Made {
+        // Half the time a name and type the fast path may answer.
+        let (name, qtype) = if rng.below(2) == 0 {
+            (rng.pick(&NAMES[..2]), rng.pick(&TYPES[..2]))
+        } else {
+            (rng.pick(&NAMES), rng.pick(&TYPES))
+        };
+        let class: u16 = if rng.below(10) == 0 { 3 } else { 1 };
+        let id = rng.next() as u16;
+        // Any bits but QR and the opcode: RD, AA, TC; Z, AD, CD, an RCODE.
+        let flags = [(rng.next() as u8) & 0x07, rng.next() as u8];
+        let mut msg = id.to_be_bytes().to_vec();
+        msg.extend_from_slice(&flags);
+        msg.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
+        for label in name.trim_end_matches('.').split('.') {
+            msg.push(label.len() as u8);
+            msg.extend(label.bytes().map(|b| {
+                if rng.below(2) == 0 {
+                    b.to_ascii_uppercase()
+                } else {
+                    b
+                }
+            }));
+        }
+        msg.push(0);
+        msg.extend_from_slice(&qtype.to_be_bytes());
+        msg.extend_from_slice(&class.to_be_bytes());
+        let (mut option, mut version) = (0, 0);
+        if rng.below(2) == 0 {
+            msg[11] = 1;
+            option = rng.below(OPTIONS.len());
+            version = if rng.below(10) == 0 { 1 } else { 0 };
+            let payload = rng.pick(&[0u16, 100, 512, 1232, 4096, 65535]);
+            let opts = OPTIONS[option];
+            msg.extend_from_slice(&[0, 0, 41]);
+            msg.extend_from_slice(&payload.to_be_bytes());
+            msg.extend_from_slice(&[0, version, rng.pick(&[0, 0x80]), 0]);
+            msg.extend_from_slice(&(opts.len() as u16).to_be_bytes());
+            msg.extend_from_slice(opts);
+        }
+        Made {
+            name,
+            qtype,
+            class,
+            option,
+            version,
+            msg,
+        }
+    }
+
+    const SPECS: [&str; 3] = [
+        "name=www,dns=www.example.org,ip=10.0.0.1,ip6=fd00::1,command=x",
+        "name=deep,dns=a.b.example.org,ip=10.0.0.2,command=x",
+        "name=off,dns=off.example.org,ip=10.0.0.3,command=x",
+    ];
+
+    fn config(specs: &[&str]) -> crate::config::Config {
+        use crate::config::{Flags, merge};
+        let flags = Flags {
+            specs: specs.iter().map(|s| s.to_string()).collect(),
+            bind: Some("10.0.0.254".into()),
+            ..Flags::default()
+        };
+        merge(&flags, None).unwrap()
+    }
+
+    type Slots = std::collections::HashMap<crate::fleet::VmName, Arc<crate::dns::VmSlot>>;
+
+    /// A handler for [`SPECS`]: www (A and AAAA) and a.b (A only), running, and off, not
+    /// running; a query that would wait for the fleet gets SERVFAIL at once (nobody takes
+    /// it). With its tables and slots, to change them.
+    fn handler_with() -> (Handler, Arc<Metrics>, Arc<crate::dns::Tables>, Slots) {
+        use crate::dns::{Clock, Table, Tables, slots_for};
+
+        let cfg = config(&SPECS);
+        let slots = slots_for(&cfg.vms, &Slots::new());
+        for (name, slot) in &slots {
+            slot.direct.store(
+                name.to_string() != "off",
+                std::sync::atomic::Ordering::Release,
+            );
+        }
+        let tables = Tables::new(Table::build(&cfg, &slots, None, 7));
+        let (slow, _) = tokio::sync::mpsc::channel(1);
+        let metrics = Arc::new(Metrics::new());
+        (
+            Handler::new(tables.clone(), slow, metrics.clone(), Clock::new()),
+            metrics,
+            tables,
+            slots,
+        )
+    }
+
+    fn handler() -> (Handler, Arc<Metrics>) {
+        let (h, m, _, _) = handler_with();
+        (h, m)
+    }
+
+    const CLIENT: &str = "192.0.2.9:5353";
+
+    /// The slow path's answer to `msg` over UDP.
+    async fn slow(h: &Handler, m: &Metrics, msg: &[u8]) -> Option<Vec<u8>> {
+        answer(h, m, msg.to_vec(), CLIENT.parse().unwrap(), Protocol::Udp).await
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_fast_path_answers_running_vms_addresses_with_the_slow_paths_bytes() {
+        let (h, m) = handler();
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut out = Vec::new();
+        let mut answered = 0;
+        for _ in 0..4000 {
+            let q = random_query(&mut rng);
+            let fast = h.answer_fast(&q.msg, &mut out);
+            let expected = q.class == 1
+                && q.version == 0
+                && q.option < 5 // the last two are NSID and client subnet
+                && ((q.name == NAMES[0] && (q.qtype == 1 || q.qtype == 28))
+                    || (q.name == NAMES[1] && q.qtype == 1));
+            assert_eq!(fast, expected, "fast path for {:02x?}", q.msg);
+            let slow = slow(&h, &m, &q.msg).await.expect("every query is answered");
+            if fast {
+                answered += 1;
+                assert_eq!(out, slow, "the same bytes for {:02x?}", q.msg);
+            }
+        }
+        assert!(answered > 1000, "only {answered} answered by the fast path");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn mutated_queries_the_fast_path_answers_get_the_slow_paths_bytes() {
+        let (h, m) = handler();
+        let mut rng = Rng(0x0123_4567_89ab_cdef);
+        let mut out = Vec::new();
+        let (mut answered, mut tried) = (0, 0);
+        while tried < 50_000 {
+            let mut msg = random_query(&mut rng).msg;
+            // One to three changes: a byte anywhere set to a random or a telling value, the
+            // end cut or extended.
+            for _ in 0..1 + rng.below(3) {
+                match rng.below(4) {
+                    0 | 1 if !msg.is_empty() => {
+                        let at = rng.below(msg.len());
+                        let any = rng.next() as u8;
+                        msg[at] = rng.pick(&[any, 0, 1, 0x29, 0x3f, 0x40, 0xc0, 0xff]);
+                    }
+                    2 => msg.truncate(rng.below(msg.len() + 1)),
+                    _ => msg.extend((0..1 + rng.below(12)).map(|_| rng.next() as u8)),
+                }
+            }
+            tried += 1;
+            if h.answer_fast(&msg, &mut out) {
+                answered += 1;
+                let slow = slow(&h, &m, &msg).await;
+                assert_eq!(Some(&out), slow.as_ref(), "the same bytes for {msg:02x?}");
+            }
+        }
+        // Those the fast path still answers changed the ID, a flag, the case, the payload
+        // size or an option's bytes: that is where a difference would hide.
+        assert!(
+            answered > 500,
+            "only {answered} of {tried} answered by the fast path"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_answer_points_its_owner_at_the_question_as_written_knots_60_bytes() {
+        let (h, m) = handler();
+        // wWw.ExAmple.org A, EDNS payload 1232 with no options: what Knot answers in 60 bytes.
+        let mut q = vec![0x12, 0x34, 0x01, 0x20, 0, 1, 0, 0, 0, 0, 0, 1, 3];
+        q.extend_from_slice(b"wWw\x07ExAmple\x03org\x00\x00\x01\x00\x01");
+        q.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0]);
+        let a = slow(&h, &m, &q).await.unwrap();
+        assert_eq!(a.len(), 60, "{a:02x?}");
+        assert_eq!(&a[12..33], &q[12..33], "the question as written");
+        assert_eq!(&a[33..35], &[0xc0, 0x0c], "the owner: a pointer to it");
+        let decoded = hickory_proto::op::Message::from_vec(&a).unwrap();
+        assert_eq!(decoded.answers[0].name.to_string(), "wWw.ExAmple.org.");
+        assert_eq!(decoded.answers[0].data.to_string(), "10.0.0.1");
+        // Without EDNS, 49 bytes; the same over TCP (no fast path there).
+        let plain = [&q[..11], &[0], &q[12..33]].concat();
+        assert_eq!(slow(&h, &m, &plain).await.unwrap().len(), 49);
+        let tcp = answer(&h, &m, q.clone(), CLIENT.parse().unwrap(), Protocol::Tcp).await;
+        assert_eq!(tcp, Some(a));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_fast_path_counts_as_a_direct_answer_and_leaves_other_vms_to_the_slow_path() {
+        let (h, m) = handler();
+        let mut rng = Rng(7);
+        let mut out = Vec::new();
+        let www_a = loop {
+            let q = random_query(&mut rng);
+            if q.name == NAMES[0] && q.qtype == 1 && q.class == 1 && q.msg[11] == 0 {
+                break q.msg;
+            }
+        };
+        assert!(h.answer_fast(&www_a, &mut out));
+        assert_eq!(m.queries(Outcome::Answer), 1);
+        let off_a = [&www_a[..13], b"off", &www_a[16..]].concat();
+        assert!(!h.answer_fast(&off_a, &mut out), "off does not run");
+        assert_eq!(m.queries(Outcome::Answer), 1);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_vm_that_stops_or_moves_is_never_answered_from_its_old_bytes() {
+        use std::sync::atomic::Ordering::Release;
+
+        let (h, m, tables, slots) = handler_with();
+        let www = slots
+            .iter()
+            .find_map(|(n, s)| (n.to_string() == "www").then_some(s))
+            .unwrap();
+        // www.example.org A, ID 0x0102, no EDNS: the address is the last four bytes.
+        let mut q = vec![1, 2, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 3];
+        q.extend_from_slice(b"www\x07example\x03org\x00\x00\x01\x00\x01");
+        let mut out = Vec::new();
+        assert!(h.answer_fast(&q, &mut out));
+        assert_eq!(out[out.len() - 4..], [10, 0, 0, 1]);
+        assert_eq!(m.fast_answers(), 1);
+
+        // Stopped (the daemon clears the flag the handler reads): the fleet is asked, and
+        // here nobody answers it, so SERVFAIL, not the old address.
+        www.direct.store(false, Release);
+        assert!(
+            !h.answer_fast(&q, &mut out),
+            "a stopped VM takes the slow path"
+        );
+        let s = slow(&h, &m, &q).await.unwrap();
+        assert_eq!(s[3] & 0x0f, 2, "SERVFAIL: {s:02x?}");
+        www.direct.store(true, Release);
+
+        // A reload that moves www: the new table's bytes, the same as the slow path's.
+        let moved = [
+            &SPECS[0].replace("10.0.0.1", "10.0.0.9")[..],
+            SPECS[1],
+            SPECS[2],
+        ];
+        tables.replace(crate::dns::Table::build(&config(&moved), &slots, None, 7));
+        assert!(h.answer_fast(&q, &mut out));
+        assert_eq!(out[out.len() - 4..], [10, 0, 0, 9]);
+        assert_eq!(Some(out), slow(&h, &m, &q).await);
+        assert_eq!(m.fast_answers(), 2);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_burst_queued_on_the_socket_is_answered_whole_fast_and_slow_alike() {
+        let (h, m) = handler();
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let at = server.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let serving = tokio::spawn(serve_udp(server, Arc::new(h), m.clone(), 64, stop.clone()));
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        // 3 x UDP_BATCH queries sent before the server runs again, so they queue: www A
+        // (fast) and, every third, example.org SOA (hickory's path); ID = the query's number.
+        let total = 3 * UDP_BATCH as u16;
+        for id in 0..total {
+            let (name, qtype): (&[u8], u8) = if id % 3 == 2 {
+                (b"\x07example\x03org\x00", 6)
+            } else {
+                (b"\x03www\x07example\x03org\x00", 1)
+            };
+            let q = [
+                &id.to_be_bytes()[..],
+                &[1, 0, 0, 1, 0, 0, 0, 0, 0, 0],
+                name,
+                &[0, qtype, 0, 1],
+            ]
+            .concat();
+            client.send_to(&q, at).await.unwrap();
+        }
+        let mut seen = vec![false; usize::from(total)];
+        let mut buf = [0u8; 512];
+        for _ in 0..total {
+            let n = timeout(Duration::from_secs(5), client.recv(&mut buf))
+                .await
+                .expect("every query is answered")
+                .unwrap();
+            let id = u16::from_be_bytes([buf[0], buf[1]]);
+            assert_eq!(buf[3] & 0x0f, 0, "NOERROR for {id}: {:02x?}", &buf[..n]);
+            assert!(
+                !std::mem::replace(&mut seen[usize::from(id)], true),
+                "{id} twice"
+            );
+        }
+        assert_eq!(m.fast_answers(), u64::from(total - total / 3));
+        stop.cancel();
+        serving.await.unwrap();
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -57,8 +57,9 @@ fn rcode(reply: &[u8]) -> u8 {
     reply[3] & 0x0f
 }
 
-#[test]
-fn authoritative_answers_over_udp_and_tcp() {
+/// jitsu-dns started with metrics at 127.0.0.1:9153, TTL `ttl`, www (A and AAAA) and the
+/// VMs `more`, once the tools the protocol tests use are there.
+fn started(tag: &str, ttl: &str, more: &[&str]) -> DnsHarness {
     require_root();
     for (tool, pkg) in [
         ("dig", "dnsutils"),
@@ -68,19 +69,17 @@ fn authoritative_answers_over_udp_and_tcp() {
     ] {
         require_tool(tool, pkg);
     }
-    let mut h = DnsHarness::new("dproto").unwrap();
-    let args = h.args(
-        None,
-        &[
-            "-t",
-            "7",
-            "--metrics",
-            "127.0.0.1:9153",
-            &vm("www", 1, ",ip6=fd77::1"),
-            &vm("mail", 2, ""),
-        ],
-    );
+    let mut h = DnsHarness::new(tag).unwrap();
+    let www = vm("www", 1, ",ip6=fd77::1");
+    let flags = ["-t", ttl, "--metrics", "127.0.0.1:9153", &www];
+    let args = h.args(None, &[&flags[..], more].concat());
     h.start(&args, &[]).unwrap();
+    h
+}
+
+#[test]
+fn authoritative_answers_over_udp_and_tcp() {
+    let mut h = started("dproto", "7", &[&vm("mail", 2, "")]);
 
     // A over UDP: boots www, authoritative, the configured TTL, EDNS echoed.
     let a = h.dig(&["www.example.org", "A"]);
@@ -335,4 +334,128 @@ fn other_names_are_forwarded_to_a_real_server_without_aa() {
     drop(_named);
     let dead = h.dig(&["www.fwd.test", "A"]);
     assert_eq!(dead.status, "SERVFAIL", "{}", dead.text);
+}
+
+/// The size dig (`MSG SIZE  rcvd: N`) or kdig (`Received N B`) reports.
+fn size(d: &jitsu_tests::jitsu_dns::Dig) -> usize {
+    d.text
+        .lines()
+        .find_map(|l| {
+            let n = l
+                .split_once("MSG SIZE  rcvd: ")
+                .map(|(_, n)| n)
+                .or_else(|| {
+                    l.strip_prefix(";; Received ")
+                        .and_then(|r| r.split_once(" B").map(|(n, _)| n))
+                })?;
+            n.trim().parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no size in {}", d.text))
+}
+
+/// The first answer record's owner as the tool printed it (in its case).
+fn owner(d: &jitsu_tests::jitsu_dns::Dig) -> String {
+    let mut lines = d
+        .text
+        .lines()
+        .skip_while(|l| !l.contains("ANSWER SECTION:"));
+    lines
+        .nth(1)
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no answer in {}", d.text))
+        .to_string()
+}
+
+#[test]
+fn running_vms_addresses_over_udp_come_from_the_fast_path_and_mean_what_hickorys_do() {
+    let mut h = started("dfast", "60", &[]);
+    let fast = || -> u64 {
+        let m = metrics(h.host.ns(), "127.0.0.1:9153").unwrap();
+        m.lines()
+            .find_map(|l| {
+                l.strip_prefix("jitsu_dns_fast_answers_total ")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no fast_answers in\n{m}"))
+    };
+    // The first query waits for the boot: the slow path.
+    let first = h.dig(&["www.example.org", "A"]);
+    assert_eq!(first.addresses(), vec!["10.77.0.1"], "{}", first.text);
+    assert_eq!(fast(), 0);
+
+    // Over UDP the fast path answers; over TCP hickory does. The same status, flags,
+    // records, EDNS and size from both, with dig and kdig, and with dig (kdig sends names
+    // in lowercase) the question's case (0x20) in the owner. An ID not echoed would make
+    // the tools wait for another answer and fail.
+    let q = |tool: &str, args: &[&str]| {
+        let mut a = vec!["@127.0.0.1"];
+        a.extend_from_slice(args);
+        let run = if tool == "dig" {
+            jitsu_tests::jitsu_dns::dig
+        } else {
+            kdig
+        };
+        run(h.host.ns(), &a).unwrap_or_else(|e| panic!("{e}\njitsu-dns log:\n{}", h.log()))
+    };
+    let mut udp_fast = 0;
+    for (tool, edns_on) in [("dig", "+nocookie"), ("kdig", "+edns")] {
+        for qtype in ["A", "AAAA"] {
+            for edns in [edns_on, "+noedns"] {
+                let args = ["WwW.ExAmPlE.oRg", qtype, edns];
+                let udp = q(tool, &[&args[..], &["+notcp"]].concat());
+                let tcp = q(tool, &[&args[..], &["+tcp"]].concat());
+                let what = format!("{tool} {args:?}:\nUDP\n{}\nTCP\n{}", udp.text, tcp.text);
+                assert_eq!(udp.status, "NOERROR", "{what}");
+                assert!(udp.aa(), "{what}");
+                assert_eq!(udp.flags, tcp.flags, "{what}");
+                assert_eq!(udp.answer, tcp.answer, "{what}");
+                assert_eq!(udp.addresses().len(), 1, "{what}");
+                assert_eq!(udp.edns, edns != "+noedns", "an OPT for an OPT: {what}");
+                assert_eq!(tcp.edns, udp.edns, "{what}");
+                assert_eq!(size(&udp), size(&tcp), "{what}");
+                assert_eq!(owner(&udp), owner(&tcp), "{what}");
+                if tool == "dig" {
+                    assert_eq!(owner(&udp), "WwW.ExAmPlE.oRg.", "{what}");
+                }
+                udp_fast += 1;
+                assert_eq!(fast(), udp_fast, "only UDP is fast: {what}");
+            }
+        }
+    }
+    // Compressed as Knot answers: the owner is a pointer to the question.
+    assert_eq!(size(&q("dig", &["www.example.org", "A", "+nocookie"])), 60);
+    assert_eq!(size(&q("dig", &["www.example.org", "A", "+noedns"])), 49);
+    assert_eq!(
+        size(&q("dig", &["www.example.org", "AAAA", "+nocookie"])),
+        72
+    );
+    udp_fast += 3;
+    // dig's COOKIE and DO bit change nothing in the answer: fast.
+    for extra in ["+cookie", "+dnssec"] {
+        let d = q("dig", &["www.example.org", "A", extra]);
+        assert!(d.edns && d.addresses() == vec!["10.77.0.1"], "{}", d.text);
+    }
+    udp_fast += 2;
+    assert_eq!(fast(), udp_fast);
+
+    // Options hickory interprets, another EDNS version, another type: hickory's path, and
+    // the same answer where there is one.
+    let nsid = q("kdig", &["www.example.org", "A", "+nsid"]);
+    let subnet = q("dig", &["www.example.org", "A", "+subnet=192.0.2.0/24"]);
+    for d in [&nsid, &subnet] {
+        assert_eq!(d.status, "NOERROR", "{}", d.text);
+        assert!(d.edns && d.aa(), "{}", d.text);
+        assert_eq!(d.addresses(), vec!["10.77.0.1"], "{}", d.text);
+    }
+    let v1 = q("dig", &["www.example.org", "A", "+edns=1", "+noednsneg"]);
+    assert_eq!(v1.status, "BADVERS", "{}", v1.text);
+    let mx = q("kdig", &["www.example.org", "MX"]);
+    assert_eq!((mx.status.as_str(), mx.answer.len()), ("NOERROR", 0));
+    assert_eq!(
+        fast(),
+        udp_fast,
+        "none of these was answered by the fast path"
+    );
+    assert_eq!(h.stop().unwrap(), Some(0));
 }
