@@ -99,6 +99,9 @@ pub struct Vm {
     pub boot: Duration,
     /// Extra `key = value` lines for its `[[vm]]` table.
     pub extra: String,
+    /// Who configures its interface (process backend): `guest` (the test guest, as a
+    /// unikernel does) or `jitsu` (the backend, its default).
+    pub ifup: &'static str,
 }
 
 impl Vm {
@@ -111,6 +114,7 @@ impl Vm {
             mask,
             boot,
             extra: String::new(),
+            ifup: "guest",
         }
     }
 
@@ -214,6 +218,10 @@ pub struct ColdStart {
     /// listening, in microseconds: both from the same clock (the client's capture and the
     /// guest's report).
     pub after_listening_us: Option<i64>,
+    /// When the first byte of the page reached the client, minus when the client sent its
+    /// first SYN, in microseconds (the client's capture): for a guest already listening, what
+    /// a connection costs at all, the floor of `after_listening_us`.
+    pub after_syn_us: Option<i64>,
     /// SYNs the client sent for the connection (from its capture): 1 when it never waited
     /// for a retransmit timer.
     pub syns: usize,
@@ -234,7 +242,8 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn now_ns() -> u128 {
+/// The wall clock in ns since the epoch, the clock of the guests' reports.
+pub fn now_ns() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("clock after 1970")
@@ -368,11 +377,12 @@ impl Stack {
         for vm in &self.vms {
             let _ = write!(
                 t,
-                "[[vm]]\nname = \"{}\"\ndns = [\"{}\"]\nip = \"{}/{PREFIX}\"\nifup = \"guest\"\n\
+                "[[vm]]\nname = \"{}\"\ndns = [\"{}\"]\nip = \"{}/{PREFIX}\"\nifup = \"{}\"\n\
                  command = \"exec {} --boot-ms {} --report {}\"\n{}\n{}\n\n",
                 vm.name,
                 vm.dns(),
                 vm.ip,
+                vm.ifup,
                 guest.display(),
                 vm.boot.as_millis(),
                 self.report().display(),
@@ -561,18 +571,22 @@ impl Stack {
             }),
             None => self.listening_since(&vm.name, started_ns),
         };
-        let after_listening_us = match (first_data_from(&frames, &ip), listening) {
-            (Some(fb), Some(l)) if error.is_none() => {
-                Some(((fb as i128 - l as i128) / 1000) as i64)
+        let first_data = first_data_from(&frames, &ip);
+        let since = |t: Option<u128>| match (first_data, t) {
+            (Some(fb), Some(t)) if error.is_none() => {
+                Some(((fb as i128 - t as i128) / 1000) as i64)
             }
             _ => None,
         };
+        let after_listening_us = since(listening);
+        let after_syn_us = since(first_syn_to(&frames, &ip));
         Ok(ColdStart {
             vm: vm.name.clone(),
             dns: got.namelookup,
             connect: got.connect,
             first_byte: got.first_byte,
             after_listening_us,
+            after_syn_us,
             syns: syns_to(&frames, &ip),
             syn_retransmits: after.saturating_sub(before),
             error,
@@ -618,15 +632,27 @@ pub fn syns_to(frames: &[String], ip: &str) -> usize {
 /// epoch (`tcpdump -i any -nn -tt` lines).
 pub fn first_data_from(frames: &[String], ip: &str) -> Option<u128> {
     let from = format!(" In  IP {ip}.80 > ");
-    frames.iter().find_map(|l| {
-        if !l.contains(&from) || l.ends_with("length 0") {
-            return None;
-        }
-        let ts = l.split_whitespace().next()?;
-        let (secs, frac) = ts.split_once('.')?;
-        let frac = format!("{frac:0<9}");
-        Some(secs.parse::<u128>().ok()? * 1_000_000_000 + frac[..9].parse::<u128>().ok()?)
-    })
+    frames
+        .iter()
+        .find(|l| l.contains(&from) && !l.ends_with("length 0"))
+        .and_then(|l| timestamp_ns(l))
+}
+
+/// When the client sent its first SYN to `ip:80`, in ns since the epoch.
+pub fn first_syn_to(frames: &[String], ip: &str) -> Option<u128> {
+    let dst = format!("> {ip}.80:");
+    frames
+        .iter()
+        .find(|l| l.contains(" Out IP ") && l.contains(&dst) && l.contains("Flags [S]"))
+        .and_then(|l| timestamp_ns(l))
+}
+
+/// The timestamp of a `tcpdump -tt` line, in ns since the epoch.
+fn timestamp_ns(line: &str) -> Option<u128> {
+    let ts = line.split_whitespace().next()?;
+    let (secs, frac) = ts.split_once('.')?;
+    let frac = format!("{frac:0<9}");
+    Some(secs.parse::<u128>().ok()? * 1_000_000_000 + frac[..9].parse::<u128>().ok()?)
 }
 
 /// A millisecond figure for tables.
@@ -686,6 +712,10 @@ mod tests {
         assert_eq!(
             first_data_from(&frames, "10.77.1.10"),
             Some(1_795_697_219_400_500_000)
+        );
+        assert_eq!(
+            first_syn_to(&frames, "10.77.1.10"),
+            Some(1_795_697_218_400_000_000)
         );
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod libvirt;
 pub mod process;
+mod process_net;
 
 use std::fmt;
 use std::sync::Arc;

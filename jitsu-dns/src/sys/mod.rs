@@ -1,5 +1,5 @@
 //! The only `unsafe` in jitsu-dns: the libvirt callbacks the `virt` crate does not wrap
-//! ([`libvirt`]).
+//! ([`libvirt`]), and the process backend's gratuitous ARP on a packet socket ([`packet`]).
 //!
 //! Everything else (files, sockets, child processes, signals through rustix) goes through
 //! safe wrappers.
@@ -7,3 +7,4 @@
 #![allow(unsafe_code)]
 
 pub(crate) mod libvirt;
+pub(crate) mod packet;
