@@ -902,6 +902,9 @@ impl Backend for ProcessBackend {
                 ),
             )
         })?;
+        // Where a boot's time goes, for the debug log: (phase, when it ended).
+        let t0 = Instant::now();
+        let mut phases: Vec<(&str, Duration)> = Vec::with_capacity(6);
         let result = (|| -> Result<Record, BackendError> {
             // Written first, so that a start cut short leaves a record of what it made.
             let provisional = Record {
@@ -917,6 +920,7 @@ impl Backend for ProcessBackend {
                 .map_err(|e| err("create cgroup", format!("{}: {e}", n.cgroup.display())))?;
             run(Command::new("ip").args(["netns", "add", &n.netns]))
                 .map_err(|d| err("create namespace", d))?;
+            phases.push(("netns", t0.elapsed()));
             let netns = Path::new(NETNS_DIR).join(&n.netns);
             // The host side takes the highest unicast MAC, as Xen gives every vif backend: a
             // bridge whose address was never set takes the lowest MAC of its ports, and a
@@ -934,13 +938,16 @@ impl Backend for ProcessBackend {
                 .and_then(|i| rtnl.set_up(i))
                 .map_err(|e| err("bring port up", e.to_string()))?;
             in_netns(&netns, guest_link_up).map_err(|d| err("bring eth0 up", d))?;
+            phases.push(("links", t0.elapsed()));
             if !wait_port_forwarding(&n.port) {
                 tracing::warn!(vm = %vm.name, port = %n.port, "bridge port not forwarding yet; starting anyway");
             }
             if vm.ifup == Ifup::Jitsu {
                 in_netns(&netns, || guest_addresses(vm)).map_err(|d| err("configure eth0", d))?;
             }
+            phases.push(("addresses", t0.elapsed()));
             let rec = self.launch(vm, &n).map_err(|d| err("start command", d))?;
+            phases.push(("command", t0.elapsed()));
             write_record(&n.record, &rec)
                 .map_err(|e| err("write record", format!("{}: {e}", n.record.display())))?;
             let _ = fs::remove_file(&n.pidfile);
@@ -948,7 +955,7 @@ impl Backend for ProcessBackend {
         })();
         match result {
             Ok(rec) => {
-                tracing::debug!(vm = %vm.name, pid = rec.pid, netns = %rec.netns, port = %rec.port, "process started");
+                tracing::debug!(vm = %vm.name, pid = rec.pid, netns = %rec.netns, port = %rec.port, ?phases, "process started");
                 Ok(Started {
                     domid: None,
                     port: Some(rec.port),
