@@ -25,7 +25,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use jitsu_tests::jitsu_dns::{DnsHarness, start_command};
+use jitsu_tests::jitsu_dns::{DnsHarness, start_command, store_log};
 
 const METRICS: &str = "127.0.0.1:9153";
 const USAGE: &str = "usage: jitsu-boots run <jitsu-dns> <label> <vms> <singles>\n       \
@@ -159,18 +159,10 @@ fn scrape() -> Option<(f64, f64)> {
 
 /// VMs the store's history shows as having gone `booting -> running`.
 fn recorded_running(db: &Path) -> usize {
-    Command::new("git")
-        .arg("-C")
-        .arg(db)
-        .args(["log", "--format=%s"])
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter(|l| l.contains(": booting -> running"))
-                .count()
-        })
-        .unwrap_or(0)
+    store_log(db)
+        .iter()
+        .filter(|l| l.contains(": booting -> running"))
+        .count()
 }
 
 fn measure(db: &Path, vms: usize, singles: usize) -> Result<()> {
