@@ -13,8 +13,10 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use crate::control::Message;
 use crate::vm::VmError;
 
-/// The largest payload accepted or sent: 1 MiB holds a `Sync` of several thousand VMs.
-pub const MAX_FRAME_LEN: usize = 1 << 20;
+/// The largest payload accepted or sent: 4 MiB holds a `Sync` of 10,000 VMs with the longest
+/// names and addresses (about 2.3 MB; jitsu-dns sends every VM it tracks in one after each
+/// reconnect).
+pub const MAX_FRAME_LEN: usize = 4 << 20;
 
 const HEADER_LEN: usize = 4;
 
@@ -374,6 +376,49 @@ mod tests {
         }
         decode_eof(&src).unwrap();
         assert_eq!(got, all_requests());
+    }
+
+    #[test]
+    fn a_sync_of_10000_vms_at_their_longest_fits_in_a_frame() {
+        use crate::vm::{Handover, MAX_NAME_LEN, VmIdentity};
+        use crate::{Phase, VmStatus};
+        let vms = (0..10_000u32)
+            .map(|i| VmStatus {
+                vm: VmIdentity {
+                    name: format!("{i:0>width$}", width = MAX_NAME_LEN),
+                    mac: crate::Mac([0x02, 0xff, 0xff, 0xff, (i >> 8) as u8, i as u8]),
+                    // Every address as long as it can be written.
+                    ipv4: std::net::Ipv4Addr::new(
+                        100,
+                        100 + (i >> 7) as u8,
+                        100 + (i & 0x7f) as u8,
+                        100,
+                    ),
+                    ipv6: Some(std::net::Ipv6Addr::new(
+                        0xfdff,
+                        0xffff,
+                        0xffff,
+                        0xffff,
+                        0xffff,
+                        0xffff,
+                        0xffff,
+                        0x8000 | i as u16,
+                    )),
+                    handover: Handover::Xenstore { domid: u32::MAX },
+                    // An interface name at its longest (15 bytes).
+                    port: Some(format!("vif{i:0>12}")),
+                },
+                phase: Phase::Booting,
+            })
+            .collect();
+        let sync = Request {
+            id: u64::MAX,
+            body: ClientMessage::Sync { vms },
+        };
+        let mut buf = BytesMut::new();
+        encode(&sync, &mut buf).unwrap();
+        let back: Request = decode(&mut buf).unwrap().expect("a whole frame");
+        assert_eq!(back, sync);
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! change: what `bench/fdb-latency` runs inside the namespace it sets up.
 //!
 //! `fdb_latency BRIDGE PORT [ROUNDS]`: ROUNDS (default 1000) steer/release pairs of one MAC to
-//! PORT through [`synjitsu::fdb::Fdb`], then ROUNDS/20 of the same pair spawned as
-//! `bridge fdb replace|del`. Prints the median and 90th percentile of each, and their ratio.
+//! PORT through [`synjitsu::fdb::Fdb`]; the same through the daemon's forwarding-table thread
+//! ([`synjitsu::steering::Steering`]: from the wish handed over to its report back, as the
+//! daemon's loop sees it); then ROUNDS/20 of the same pair spawned as
+//! `bridge fdb replace|del`. Prints the median and 90th percentile of each, and the ratios.
 //! Figures only: it asserts nothing about speed.
 
 use std::process::Command;
@@ -11,7 +13,10 @@ use std::time::{Duration, Instant};
 
 use shared_proto::Mac;
 use synjitsu::fdb::Fdb;
+use synjitsu::hold::{FdbAction, FdbOp};
 use synjitsu::port::ifindex_of;
+use synjitsu::steering::Steering;
+use synjitsu::steering::record::Record;
 
 fn usage() -> ! {
     eprintln!("usage: fdb_latency BRIDGE PORT [ROUNDS]");
@@ -56,6 +61,46 @@ fn main() {
         fdb.release(mac).expect("release");
         release.push(t.elapsed());
     }
+    // The same through the thread, one wish at a time, each waited for as the loop does.
+    let record = std::env::temp_dir().join(format!("fdb-latency-{}.fdb", std::process::id()));
+    let steering = Steering::spawn(
+        Fdb::open(ifindex(br), ifindex(port)).expect("netlink socket for the bridge"),
+        Record::open(&record).expect("a record in the temporary directory"),
+        Mac([0x02, 0x77, 0x00, 0x00, 0xfd, 0xb0]),
+        Duration::from_secs(3600),
+    )
+    .expect("the forwarding-table thread");
+    // Waited for as the daemon's loop waits: on the thread's notification, in tokio.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime");
+    let done = steering.done_ready();
+    let (mut t_steer, mut t_release) = (Vec::new(), Vec::new());
+    for id in 0..rounds as u64 * 2 {
+        let action = if id % 2 == 0 {
+            FdbAction::Steer
+        } else {
+            FdbAction::Release
+        };
+        let vm = "bench".to_string();
+        let t = Instant::now();
+        steering.want(
+            [FdbOp {
+                id,
+                vm,
+                mac,
+                action,
+            }],
+            false,
+        );
+        rt.block_on(done.notified());
+        assert_eq!(steering.done(), [id], "the thread reports each wish");
+        match action {
+            FdbAction::Steer => t_steer.push(t.elapsed()),
+            FdbAction::Release => t_release.push(t.elapsed()),
+        }
+    }
+    steering.shutdown();
     let m = mac.to_string();
     let (mut add, mut del) = (Vec::new(), Vec::new());
     for _ in 0..(rounds / 20).max(5) {
@@ -69,6 +114,8 @@ fn main() {
     let rows = [
         ("netlink steer", summary(steer)),
         ("netlink release", summary(release)),
+        ("thread steer", summary(t_steer)),
+        ("thread release", summary(t_release)),
         ("bridge(8) replace", summary(add)),
         ("bridge(8) del", summary(del)),
     ];
@@ -78,8 +125,10 @@ fn main() {
     }
     let ratio = |a: Duration, b: Duration| b.as_secs_f64() / a.as_secs_f64();
     println!(
-        "bridge(8) / netlink: steer x{:.0}, release x{:.0}",
-        ratio(rows[0].1.0, rows[2].1.0),
-        ratio(rows[1].1.0, rows[3].1.0)
+        "bridge(8) / netlink: steer x{:.0}, release x{:.0}; bridge(8) / thread: steer x{:.0}, release x{:.0}",
+        ratio(rows[0].1.0, rows[4].1.0),
+        ratio(rows[1].1.0, rows[5].1.0),
+        ratio(rows[2].1.0, rows[4].1.0),
+        ratio(rows[3].1.0, rows[5].1.0)
     );
 }

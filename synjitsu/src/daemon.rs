@@ -1,40 +1,49 @@
-//! The IO shell: sets up the port, the packet socket, the control socket, the Xenstore store
-//! and metrics, then runs one `select!` loop around the core until cancelled, and takes
-//! everything down again.
+//! The IO shell: sets up the port, the packet socket, the control socket, the Xenstore store,
+//! the forwarding-table thread and metrics, then runs one `select!` loop around the core until
+//! cancelled, and takes everything down again.
 //!
-//! The loop, `biased` in this order: the core's timer ([`Hold::poll_at`]), frames from the
-//! packet socket (at most [`BATCH`] per turn, so the rest is never starved), announcements
-//! from the watcher (a second packet socket on every interface, which tells the port each
-//! came in on), control requests, Xenstore results, forwarding-table results, metrics
-//! requests, and cancellation. After each turn it drains the core's outputs: frames to the
-//! socket, frames for a guest straight out of its bridge port, events to the attached
-//! control client, Xenstore work to the store thread, forwarding changes to the fdb task; and
-//! rebuilds the kernel filter if the guests whose frames it passes on changed.
-//! Nothing here decides anything; the core does.
+//! The loop, each turn: cancellation first (a stop is never delayed), then the core's timer
+//! ([`Hold::poll_at`]: what is due, probes every 5 ms, hold timeouts, is never late behind a
+//! flood; it cannot starve the rest, since [`Hold::handle_timeout`] moves every deadline it
+//! serves past now), then one of the other sources in turn ([`Turns`]): frames from the packet
+//! socket (at most [`BATCH`]), announcements from the watcher (a second packet socket on
+//! every interface, which tells the port each came in on; at most [`BATCH`]), a control request, Xenstore results (at most [`BATCH`]), the
+//! forwarding-table changes done, a metrics request, housekeeping. Whichever source an
+//! outsider keeps ready (the socket under a flood, the metrics port) gets one turn in a round
+//! like the others, so a control request waits at most one batch of each. After each turn the
+//! shell drains the core's outputs: frames to the socket, frames for a guest straight out
+//! of its bridge port, events to the attached control
+//! client, Xenstore work to the store thread, forwarding-table wishes to [`Steering`], and rebuilds the
+//! kernel filter if the guests whose frames it passes on changed; then it
+//! yields to the runtime, so that the tasks of the control connections, which read requests
+//! and write answers, run between two turns however busy the socket is. Nothing here decides
+//! anything; the core does.
 
+use std::future::Future as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use prometheus_client::registry::Registry;
-use shared_proto::ServerMessage;
+use shared_proto::{ClientMessage, ServerMessage};
 use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::control::{ControlIn, ControlServer};
 use crate::fdb::{Fdb, FdbError};
 use crate::filter;
-use crate::hold::{
-    Checksum, Config, FdbAction, FdbOp, FrameMeta, Hold, StoreDone, StoreOp, StoreOutcome,
-};
+use crate::hold::{Checksum, Config, FrameMeta, Hold, StoreDone, StoreOp, StoreOutcome};
 use crate::metrics::{self, Scrapes, ShellStats};
 use crate::port::{self, Port};
+use crate::steering::{self, Steering, record::Record, record::RecordError};
 use crate::store::xenstore::{self, XenstoreClient};
 use crate::store::{StoreReport, StoreWorker, SynStore as _};
 use crate::sys::packet::{self, PacketSocket};
+use crate::turns::Turns;
 
 /// Frames read per loop turn at most.
 pub const BATCH: usize = 256;
@@ -44,8 +53,6 @@ const RX_BUF: usize = 65_536 + 64;
 const SOCKET_RCVBUF: usize = 8 << 20;
 /// Xenstore operations waiting for the store thread at most.
 const STORE_QUEUE: usize = 4096;
-/// Forwarding-table changes waiting for the fdb task at most.
-const FDB_QUEUE: usize = 1024;
 /// The announcement watcher's kernel receive buffer: announcements are few, but a storm of
 /// spoofed ones must not crowd out the guest's own (about 5000 minimal frames).
 const WATCHER_RCVBUF: usize = 4 << 20;
@@ -80,6 +87,8 @@ pub struct Options {
     pub allow_uid: Option<u32>,
     /// Held SYNs older than this get a RST.
     pub hold_timeout: Duration,
+    /// Between two reconciles of the forwarding table with what synjitsu wants.
+    pub fdb_reconcile_interval: Duration,
     /// SYNs held per VM at most.
     pub max_held_per_vm: usize,
     /// SYNs held in total at most.
@@ -103,6 +112,9 @@ pub enum DaemonError {
     /// The bridge's forwarding table.
     #[error(transparent)]
     Fdb(#[from] FdbError),
+    /// The record of the forwarding entries synjitsu made.
+    #[error(transparent)]
+    Record(#[from] RecordError),
     /// The packet socket.
     #[error("packet socket on {port}: {source}")]
     Socket {
@@ -136,6 +148,9 @@ pub enum DaemonError {
     /// A thread could not be started.
     #[error("starting the xenstore thread: {0}")]
     Thread(std::io::Error),
+    /// The forwarding-table thread could not be started.
+    #[error("starting the forwarding-table thread: {0}")]
+    SteeringThread(std::io::Error),
 }
 
 fn seed() -> u64 {
@@ -178,6 +193,9 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
         }
     };
     let control = ControlServer::bind(&opts.control, opts.allow_uid)?;
+    // What an earlier run steered, to be removed wherever it points now (also after a
+    // kill -9, which left no chance to remove it then).
+    let record = Record::open(&steering::record_path(&opts.control, &opts.bridge))?;
     let metrics_listener = match opts.metrics {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -238,11 +256,10 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
 
     let (ctl_tx, ctl_rx) = mpsc::channel::<ControlIn>(256);
     let (metrics_tx, metrics_rx) = mpsc::channel::<oneshot::Sender<Registry>>(16);
-    let (fdb_tx, fdb_rx_ops) = mpsc::channel::<FdbOp>(FDB_QUEUE);
-    let (fdb_done_tx, fdb_done_rx) = mpsc::channel::<(u64, bool)>(FDB_QUEUE);
     let tasks = CancellationToken::new();
     let fdb = Fdb::open(bridge_ifindex, outer_ifindex)?;
-    let fdb_task = tokio::spawn(fdb_worker(fdb, fdb_rx_ops, fdb_done_tx));
+    let steering = Steering::spawn(fdb, record, port.mac, opts.fdb_reconcile_interval)
+        .map_err(DaemonError::SteeringThread)?;
     let control_task = {
         let t = tasks.clone();
         let allow = opts.allow_uid;
@@ -271,7 +288,8 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
         core,
         port: port.names.inner.clone(),
         store,
-        fdb: fdb_tx,
+        steering,
+        reconcile_fdb: false,
         attached: None,
         stats: ShellStats::default(),
         txbuf: Vec::with_capacity(2048),
@@ -291,7 +309,6 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
             cancel,
             ctl_rx,
             &mut store_rx,
-            fdb_done_rx,
             metrics_rx,
         )
         .await;
@@ -299,22 +316,11 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
         tracing::error!(error = %e, "packet socket failed; stopping");
     }
 
-    // Tear down: release every MAC still steered here, then the port.
+    // Tear down: remove every forwarding entry synjitsu made (wherever it points), then the
+    // port.
     tasks.cancel();
     let _ = control_task.await;
-    let steered = shell.core.steered_macs();
-    drop(shell.fdb);
-    // The fdb task hands its netlink socket back once its queue is closed.
-    match fdb_task.await {
-        Ok(mut fdb) => {
-            for (vm, mac) in steered {
-                if let Err(e) = fdb.release(mac) {
-                    tracing::warn!(vm = %vm, error = %e, "could not release a forwarding entry at exit");
-                }
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "could not release forwarding entries at exit"),
-    }
+    shell.steering.shutdown();
     drop(shell.store);
     port.remove()?;
     tracing::info!("synjitsu stopped");
@@ -353,7 +359,9 @@ struct Shell {
     /// The interface the socket is bound to.
     port: String,
     store: Option<StoreWorker>,
-    fdb: mpsc::Sender<FdbOp>,
+    steering: Steering,
+    /// A sync was carried out this turn: the table is reconciled after its wishes.
+    reconcile_fdb: bool,
     attached: Option<Attached>,
     stats: ShellStats,
     txbuf: Vec<u8>,
@@ -361,8 +369,8 @@ struct Shell {
     filter: Option<GuestFilter>,
 }
 
-/// The socket's readiness, or never if there is none.
-async fn readable(
+/// The announcement watcher's readiness, or never if there is none.
+async fn watcher_readable(
     sock: Option<&AsyncFd<PacketSocket>>,
 ) -> Option<tokio::io::unix::AsyncFdReadyGuard<'_, PacketSocket>> {
     match sock {
@@ -378,6 +386,31 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
+/// What one of the loop's sources, served in turn, brought.
+enum Input<'a> {
+    /// The packet socket is readable (or failed).
+    Frames(std::io::Result<AsyncFdReadyGuard<'a, PacketSocket>>),
+    /// The announcement watcher is readable.
+    Announcements(AsyncFdReadyGuard<'a, PacketSocket>),
+    Control(ControlIn),
+    Store(StoreReport),
+    /// The forwarding-table thread tried changes ([`Steering::done`]).
+    FdbDone,
+    Metrics(oneshot::Sender<Registry>),
+    Housekeeping,
+}
+
+/// The sources [`Input`] comes from, in their order in [`Turns`].
+const SOURCES: usize = 7;
+
+/// A message from `rx` if one is there; a closed channel is never ready.
+fn poll_some<T>(rx: &mut mpsc::Receiver<T>, cx: &mut std::task::Context<'_>) -> Poll<T> {
+    match rx.poll_recv(cx) {
+        Poll::Ready(Some(v)) => Poll::Ready(v),
+        _ => Poll::Pending,
+    }
+}
+
 impl Shell {
     async fn run(
         &mut self,
@@ -385,7 +418,6 @@ impl Shell {
         cancel: CancellationToken,
         mut ctl_rx: mpsc::Receiver<ControlIn>,
         store_rx: &mut mpsc::Receiver<StoreReport>,
-        mut fdb_rx: mpsc::Receiver<(u64, bool)>,
         mut metrics_rx: mpsc::Receiver<oneshot::Sender<Registry>>,
     ) -> Result<(), std::io::Error> {
         let Sockets {
@@ -399,77 +431,83 @@ impl Shell {
         // still exists).
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let fdb_done = self.steering.done_ready();
+        let mut turns = Turns::<SOURCES>::default();
         loop {
+            let mut readable = std::pin::pin!(sock.ready(Interest::READABLE | Interest::ERROR));
+            let mut announced = std::pin::pin!(watcher_readable(watcher));
+            let mut fdb_notified = std::pin::pin!(fdb_done.notified());
+            let next = std::future::poll_fn(|cx| {
+                for i in turns.order() {
+                    let input = match i {
+                        0 => readable.as_mut().poll(cx).map(Input::Frames),
+                        1 => poll_some(&mut ctl_rx, cx).map(Input::Control),
+                        2 => poll_some(store_rx, cx).map(Input::Store),
+                        3 => fdb_notified.as_mut().poll(cx).map(|()| Input::FdbDone),
+                        4 => poll_some(&mut metrics_rx, cx).map(Input::Metrics),
+                        5 => match announced.as_mut().poll(cx) {
+                            Poll::Ready(Some(g)) => Poll::Ready(Input::Announcements(g)),
+                            _ => Poll::Pending,
+                        },
+                        _ => housekeeping.poll_tick(cx).map(|_| Input::Housekeeping),
+                    };
+                    if input.is_ready() {
+                        turns.served(i);
+                        return input;
+                    }
+                }
+                Poll::Pending
+            });
             tokio::select! {
                 biased;
+                () = cancel.cancelled() => break,
                 () = sleep_until(self.core.poll_at()) => {
                     self.core.handle_timeout(Instant::now());
                 }
-                r = sock.ready(Interest::READABLE | Interest::ERROR) => match r {
-                    Ok(mut guard) => {
-                        for _ in 0..BATCH {
-                            match guard.try_io(|s| s.get_ref().recv(&mut rxbuf)) {
-                                Ok(Ok(meta)) => self.on_frame(&rxbuf, meta),
-                                Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                                Ok(Err(e)) => {
-                                    // Down is passing (the kernel re-attaches the socket when
-                                    // it comes up); gone is the end.
-                                    if port::exists(&self.port) {
-                                        tracing::warn!(error = %e, port = %self.port, "packet socket error; the port is still there");
-                                    } else {
-                                        failed = Some(e);
-                                    }
-                                    break;
-                                }
-                                Err(_would_block) => break,
-                            }
+                input = next => match input {
+                    Input::Frames(r) => failed = self.on_readable(r, &mut rxbuf),
+                    Input::Control(msg) => self.on_control(msg),
+                    Input::Store(report) => {
+                        self.on_store(report);
+                        for _ in 1..BATCH {
+                            let Ok(report) = store_rx.try_recv() else { break };
+                            self.on_store(report);
                         }
                     }
-                    Err(e) => failed = Some(e),
-                },
-                Some(mut guard) = readable(watcher) => {
-                    for _ in 0..BATCH {
-                        match guard.try_io(|s| s.get_ref().recv(&mut rxbuf)) {
-                            Ok(Ok(meta)) => self.on_ingress(guard.get_ref().get_ref(), &rxbuf, meta),
-                            Ok(Err(e)) => {
-                                tracing::debug!(error = %e, "announcement watcher: receive failed");
-                                break;
-                            }
-                            Err(_would_block) => break,
+                    Input::Announcements(guard) => self.on_announcements(guard, &mut rxbuf),
+                    Input::FdbDone => {
+                        for id in self.steering.done() {
+                            self.core.on_fdb_done(Instant::now(), id);
                         }
                     }
-                }
-                Some(msg) = ctl_rx.recv() => self.on_control(msg),
-                Some(report) = store_rx.recv() => self.on_store(report),
-                Some((id, ok)) = fdb_rx.recv() => {
-                    if !ok {
-                        self.stats.fdb_errors += 1;
-                    }
-                    self.core.on_fdb_done(Instant::now(), id);
-                }
-                Some(reply) = metrics_rx.recv() => {
-                    self.read_kernel_stats(sock, watcher);
-                    let _ = reply.send(metrics::render(
-                        &self.core,
-                        &self.stats,
-                        self.attached.is_some(),
-                    ));
-                }
-                _ = housekeeping.tick() => {
-                    self.read_kernel_stats(sock, watcher);
-                    if !port::exists(&self.port) {
-                        failed = Some(std::io::Error::new(
-                            std::io::ErrorKind::NotFound,
-                            format!("interface {} is gone", self.port),
+                    Input::Metrics(reply) => {
+                        self.read_kernel_stats(sock, watcher);
+                        self.read_steering_stats();
+                        let _ = reply.send(metrics::render(
+                            &self.core,
+                            &self.stats,
+                            self.attached.is_some(),
                         ));
                     }
-                }
-                () = cancel.cancelled() => break,
+                    Input::Housekeeping => {
+                        self.read_kernel_stats(sock, watcher);
+                        if !port::exists(&self.port) {
+                            failed = Some(std::io::Error::new(
+                                std::io::ErrorKind::NotFound,
+                                format!("interface {} is gone", self.port),
+                            ));
+                        }
+                    }
+                },
             }
             self.flush(sock);
             if failed.is_some() {
                 break;
             }
+            // The control connections' tasks (which read requests and write answers) and
+            // the IO driver (which sees their sockets readable) run only when this task
+            // yields: under a flood it would not, for as long as the socket stays readable.
+            tokio::task::yield_now().await;
         }
         if let Some(a) = self.attached.take() {
             a.close.cancel();
@@ -501,6 +539,64 @@ impl Shell {
                 tracing::warn!(error = %e, "could not rebuild the kernel filter: frames for guests are not passed on")
             }
         }
+    }
+
+    /// Reads up to [`BATCH`] frames from the readable socket; an error if it is gone.
+    fn on_readable(
+        &mut self,
+        ready: std::io::Result<AsyncFdReadyGuard<'_, PacketSocket>>,
+        rxbuf: &mut [u8],
+    ) -> Option<std::io::Error> {
+        let mut guard = match ready {
+            Ok(g) => g,
+            Err(e) => return Some(e),
+        };
+        for _ in 0..BATCH {
+            match guard.try_io(|s| s.get_ref().recv(rxbuf)) {
+                Ok(Ok(meta)) => self.on_frame(rxbuf, meta),
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) => {
+                    // Down is passing (the kernel re-attaches the socket when it comes up);
+                    // gone is the end.
+                    if port::exists(&self.port) {
+                        tracing::warn!(error = %e, port = %self.port, "packet socket error; the port is still there");
+                        return None;
+                    }
+                    return Some(e);
+                }
+                Err(_would_block) => break,
+            }
+        }
+        None
+    }
+
+    /// Reads up to [`BATCH`] frames from the readable announcement watcher.
+    fn on_announcements(
+        &mut self,
+        mut guard: AsyncFdReadyGuard<'_, PacketSocket>,
+        rxbuf: &mut [u8],
+    ) {
+        for _ in 0..BATCH {
+            match guard.try_io(|s| s.get_ref().recv(rxbuf)) {
+                Ok(Ok(meta)) => self.on_ingress(guard.get_ref().get_ref(), rxbuf, meta),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "announcement watcher: receive failed");
+                    break;
+                }
+                Err(_would_block) => break,
+            }
+        }
+    }
+
+    fn read_steering_stats(&mut self) {
+        let f = self.steering.stats();
+        self.stats.fdb_changes = f.changes;
+        self.stats.fdb_errors = f.errors;
+        self.stats.fdb_retries = f.retries;
+        self.stats.fdb_reconciles = f.reconciles;
+        self.stats.fdb_reconcile_fixes = f.fixed;
+        self.stats.fdb_pending = f.pending;
+        self.stats.fdb_sticky = f.sticky;
     }
 
     fn read_kernel_stats(
@@ -583,6 +679,9 @@ impl Shell {
             }
             ControlIn::Request { conn, req } => {
                 tracing::debug!(conn, id = req.id, kind = req.body.kind(), "control request");
+                // A sync may change every VM at once: once its wishes are applied, the whole
+                // table is compared with them (asked with the wishes, in the flush).
+                self.reconcile_fdb |= matches!(req.body, ClientMessage::Sync { .. });
                 let answer = match self.core.on_control(Instant::now(), &req.body) {
                     Ok(reply) => ServerMessage::Ok { id: req.id, reply },
                     Err(e) => {
@@ -681,46 +780,10 @@ impl Shell {
                 }
             }
         }
-        while let Some(op) = self.core.poll_fdb() {
-            if let Err(e) = self.fdb.try_send(op) {
-                let op = e.into_inner();
-                self.stats.fdb_errors += 1;
-                tracing::warn!(vm = %op.vm, "forwarding-table queue full; change dropped");
-                self.core.on_fdb_done(Instant::now(), op.id);
-            }
-        }
+        let reconcile = std::mem::take(&mut self.reconcile_fdb);
+        self.steering
+            .want(std::iter::from_fn(|| self.core.poll_fdb()), reconcile);
     }
-}
-
-/// Runs forwarding-table changes one after the other, in the order the core asked for them;
-/// returns the table once `ops` is closed (or `done` is), for the releases at exit.
-async fn fdb_worker(
-    mut fdb: Fdb,
-    mut ops: mpsc::Receiver<FdbOp>,
-    done: mpsc::Sender<(u64, bool)>,
-) -> Fdb {
-    while let Some(op) = ops.recv().await {
-        let started = Instant::now();
-        // A netlink round trip of tens of microseconds: done inline.
-        let r = match op.action {
-            FdbAction::Steer => fdb.steer(op.mac),
-            FdbAction::Release => fdb.release(op.mac),
-        };
-        let ok = match r {
-            Ok(()) => {
-                tracing::debug!(vm = %op.vm, mac = %op.mac, action = ?op.action, took_us = started.elapsed().as_micros() as u64, "forwarding entry changed");
-                true
-            }
-            Err(e) => {
-                tracing::warn!(vm = %op.vm, mac = %op.mac, action = ?op.action, error = %e, "forwarding entry change failed");
-                false
-            }
-        };
-        if done.send((op.id, ok)).await.is_err() {
-            break;
-        }
-    }
-    fdb
 }
 
 /// Splits `--probe-ip` values into one per family.

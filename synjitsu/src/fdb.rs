@@ -1,17 +1,23 @@
 //! The bridge's forwarding table, changed over netlink: steer a MAC to synjitsu's port with a
-//! static entry (`bridge fdb replace MAC dev PORT master static`), and find and remove the
-//! static entries for a MAC wherever they now are (on Linux a static entry moves to the port
-//! its MAC sends from).
+//! static, sticky entry (`bridge fdb replace MAC dev PORT master static sticky`), remove it,
+//! and dump the table to see where every entry points.
 //!
 //! Owns the requests, reading dumped entries, and the blocking `NETLINK_ROUTE` socket they go
 //! over. Messages are `netlink-packet-route`'s (`NeighbourMessage`: any state and flags an
-//! entry may need, such as `NTF_STICKY`, and the table's dump), the socket `netlink-sys`'s; both
-//! are safe Rust, so nothing here is in [`crate::sys`]. It does not decide which MAC to steer
-//! ([`crate::hold`]) or create the port ([`crate::port`]).
+//! entry may need, and the table's dump), the socket `netlink-sys`'s; both are safe Rust, so
+//! nothing here is in [`crate::sys`]. It does not decide which MAC to steer ([`crate::hold`])
+//! or keep the table as synjitsu wants it ([`crate::steering`]), nor create the port
+//! ([`crate::port`]).
+//!
+//! Why sticky: on Linux a static entry that is not sticky moves to the port its MAC sends
+//! from, and a booting guest's kernel sends (a router solicitation, an MLD report) as soon as
+//! its link is up, well before it can answer a SYN. `NTF_STICKY` (Linux 4.20) keeps the entry
+//! where synjitsu put it; where the kernel refuses it, entries are added without it (and
+//! [`Fdb::sticky`] says so).
 //!
 //! Spawning iproute2's `bridge` for each change took about a millisecond, all of it on the path
-//! from a guest's announcement to its first held SYN; a request here takes a few microseconds,
-//! a release (a dump of the table, then the deletes) tens (`bench/fdb-latency`).
+//! from a guest's announcement to its first held SYN; a request here takes a few microseconds
+//! (`bench/fdb-latency`).
 
 use std::io;
 
@@ -20,7 +26,7 @@ use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::neighbour::{
-    NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+    NeighbourAttribute, NeighbourFlags, NeighbourHeader, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
@@ -61,6 +67,8 @@ pub struct FdbEntry {
     pub master: Option<u32>,
     /// Added by hand and not learnt (`static`: NOARP without PERMANENT).
     pub is_static: bool,
+    /// Stays on its port whatever port its MAC sends from (`NTF_STICKY`).
+    pub sticky: bool,
 }
 
 /// A bridge-family neighbour message for port `ifindex`.
@@ -85,16 +93,14 @@ fn request(msg: RouteNetlinkMessage, flags: u16, seq: u32) -> Vec<u8> {
     buf
 }
 
-/// `RTM_NEWNEIGH`: a static, sticky entry for `mac` on port `ifindex`, replacing any. Sticky
-/// (`NTF_STICKY`, Linux 4.20+; older kernels ignore the flag) because a static entry alone
-/// moves to whichever port a frame from the MAC arrives on: the booting guest's first frame
-/// (a router solicitation, an ARP for its gateway) or a spoofer's would end the steering.
-pub fn steer_request(seq: u32, ifindex: u32, mac: Mac) -> Vec<u8> {
-    let mut m = neighbour(
-        ifindex,
-        NUD_NOARP | NUD_REACHABLE,
-        NeighbourFlags::Controller | NeighbourFlags::Sticky,
-    );
+/// `RTM_NEWNEIGH`: a static entry for `mac` on port `ifindex`, sticky if asked, replacing any
+/// (wherever it points).
+pub fn steer_request(seq: u32, ifindex: u32, mac: Mac, sticky: bool) -> Vec<u8> {
+    let mut flags = NeighbourFlags::Controller;
+    if sticky {
+        flags |= NeighbourFlags::Sticky;
+    }
+    let mut m = neighbour(ifindex, NUD_NOARP | NUD_REACHABLE, flags);
     m.attributes
         .push(NeighbourAttribute::LinkLayerAddress(mac.octets().to_vec()));
     request(
@@ -119,14 +125,25 @@ pub fn delete_request(seq: u32, entry: &FdbEntry) -> Vec<u8> {
     )
 }
 
-/// `RTM_GETNEIGH` dump of every bridge forwarding entry.
-pub fn dump_request(seq: u32) -> Vec<u8> {
-    let m = neighbour(0, 0, NeighbourFlags::empty());
+/// `RTM_GETNEIGH` dump of every bridge forwarding entry, or only those of bridge `master`'s
+/// port `port` (a socket with strict checking: the kernel then formats no other entry).
+pub fn dump_request(seq: u32, only: Option<(u32, u32)>) -> Vec<u8> {
+    let mut m = neighbour(0, 0, NeighbourFlags::empty());
+    if let Some((master, port)) = only {
+        m.header.ifindex = port;
+        m.attributes.push(NeighbourAttribute::Controller(master));
+    }
     request(
         RouteNetlinkMessage::GetNeighbour(m),
         NLM_F_REQUEST | NLM_F_DUMP,
         seq,
     )
+}
+
+/// Whether an entry in `state` was added by hand and not learnt (`static`: NOARP without
+/// PERMANENT).
+fn is_static(state: u16) -> bool {
+    state & NUD_NOARP != 0 && state & NUD_PERMANENT == 0
 }
 
 /// Reads one dumped bridge entry; `None` for anything else (another family, no MAC).
@@ -145,13 +162,13 @@ fn entry_of(m: &NeighbourMessage) -> Option<FdbEntry> {
             _ => {}
         }
     }
-    let state = u16::from(m.header.state);
     Some(FdbEntry {
         ifindex: m.header.ifindex,
         mac: mac?,
         vlan,
         master,
-        is_static: state & NUD_NOARP != 0 && state & NUD_PERMANENT == 0,
+        is_static: is_static(u16::from(m.header.state)),
+        sticky: m.header.flags.contains(NeighbourFlags::Sticky),
     })
 }
 
@@ -167,14 +184,28 @@ pub fn parse_entry(msg: &[u8]) -> Option<FdbEntry> {
     }
 }
 
+/// What a request's answer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// An acknowledgement (the request asked for `NLM_F_ACK`).
+    Ack,
+    /// Dumped entries up to `NLMSG_DONE`: all of them, or only `mac`'s.
+    Dump(Option<Mac>),
+}
+
 /// The bridge's forwarding table, seen from synjitsu's port. Every call blocks for one
-/// netlink round trip (or a dump); the daemon makes them from its fdb task, one at a time.
+/// netlink round trip (or a dump); [`crate::steering`] makes them from its own thread, one at
+/// a time.
 #[derive(Debug)]
 pub struct Fdb {
     sock: Socket,
     seq: u32,
     bridge_ifindex: u32,
     port_ifindex: u32,
+    /// Whether steering entries are added sticky: until the kernel refuses it.
+    sticky: bool,
+    /// The kernel checks dump requests strictly, so a dump can ask for one port's entries.
+    strict: bool,
     /// Where answers are received, reused by every request.
     rx: Vec<u8>,
 }
@@ -197,13 +228,34 @@ impl Fdb {
         let mut sock = Socket::new(NETLINK_ROUTE).map_err(open)?;
         // Port id 0: the kernel assigns one.
         sock.bind(&SocketAddr::new(0, 0)).map_err(open)?;
+        // Linux 4.20 on; before, every dump is of the whole table.
+        let strict = sock.set_netlink_get_strict_chk(true).is_ok();
         Ok(Fdb {
             sock,
             seq: 0,
             bridge_ifindex,
             port_ifindex,
+            sticky: true,
+            strict,
             rx: Vec::with_capacity(RECV_BUF),
         })
+    }
+
+    /// synjitsu's port.
+    pub fn port_ifindex(&self) -> u32 {
+        self.port_ifindex
+    }
+
+    /// Whether steering entries are added sticky (false once the kernel refused it, or after
+    /// [`Fdb::set_sticky`]`(false)`).
+    pub fn sticky(&self) -> bool {
+        self.sticky
+    }
+
+    /// Stops (or resumes) adding steering entries sticky: for a kernel that takes the flag
+    /// but does not keep it (before 4.20, unknown flags are ignored).
+    pub fn set_sticky(&mut self, sticky: bool) {
+        self.sticky = sticky;
     }
 
     fn next_seq(&mut self) -> u32 {
@@ -212,14 +264,15 @@ impl Fdb {
     }
 
     /// Sends one request (sequence number `seq`) and returns the entries that answer it: for
-    /// a dump of `mac`'s entries, every one up to `NLMSG_DONE` (a message that does not parse
-    /// is skipped, not trusted); for a change asked with `NLM_F_ACK` (`dump` is `None`), none
-    /// once acknowledged. A negative error in the answer becomes the `io::Error` of that errno.
-    fn transact(&mut self, msg: &[u8], seq: u32, dump: Option<Mac>) -> io::Result<Vec<FdbEntry>> {
+    /// a dump, every static one up to `NLMSG_DONE` (a message that does not parse is skipped,
+    /// not trusted); for a change, none once acknowledged. A negative error in the answer becomes
+    /// the `io::Error` of that errno.
+    fn transact(&mut self, msg: &[u8], seq: u32, answer: Answer) -> io::Result<Vec<FdbEntry>> {
         let sent = self.sock.send(msg, 0)?;
         if sent != msg.len() {
             return Err(io::Error::other("short netlink send"));
         }
+        let dump = answer != Answer::Ack;
         let mut out = Vec::new();
         loop {
             self.rx.clear();
@@ -240,16 +293,26 @@ impl Fdb {
                     // Not ours (a stale answer): skip it.
                     continue;
                 }
-                // Parsing every entry of a large table would double a release's time: an
-                // entry that does not even contain the MAC's bytes is not one of its entries.
-                if let Some(mac) = dump
+                // Only static entries matter, and the bridge may have learnt hundreds of
+                // thousands (a flood from random source MACs): those are skipped on their
+                // header alone, not parsed.
+                if dump
+                    && buf.message_type() == RTM_NEWNEIGH
+                    && NeighbourHeader::parse(buf.payload())
+                        .is_ok_and(|h| !is_static(u16::from(h.state)))
+                {
+                    continue;
+                }
+                // Parsing every entry of a large table to find one MAC's would double the
+                // time: an entry that does not even contain the MAC's bytes is not one of its.
+                if let Answer::Dump(Some(mac)) = answer
                     && buf.message_type() == RTM_NEWNEIGH
                     && !m.windows(6).any(|w| w == mac.octets())
                 {
                     continue;
                 }
                 let Ok(parsed) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(m) else {
-                    if dump.is_some() {
+                    if dump {
                         continue;
                     }
                     return Err(malformed("acknowledgement"));
@@ -258,7 +321,7 @@ impl Fdb {
                     NetlinkPayload::Done(_) => return Ok(out),
                     NetlinkPayload::Error(e) => match e.code {
                         Some(code) => return Err(io::Error::from_raw_os_error(-code.get())),
-                        None if dump.is_none() => return Ok(out),
+                        None if !dump => return Ok(out),
                         None => {}
                     },
                     NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n)) => {
@@ -270,46 +333,93 @@ impl Fdb {
         }
     }
 
-    /// Points `mac` at synjitsu's port with a static entry.
+    /// Points `mac` at synjitsu's port with a static entry, sticky unless the kernel refused
+    /// that before: a kernel that refuses it now (`EINVAL`, `EOPNOTSUPP`) gets the entry
+    /// without it, once and for all, with a warning.
     pub fn steer(&mut self, mac: Mac) -> Result<(), FdbError> {
         let seq = self.next_seq();
-        self.transact(&steer_request(seq, self.port_ifindex, mac), seq, None)
-            .map(|_| ())
-            .map_err(|source| FdbError {
+        let msg = steer_request(seq, self.port_ifindex, mac, self.sticky);
+        match self.transact(&msg, seq, Answer::Ack) {
+            Err(e)
+                if self.sticky
+                    && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) =>
+            {
+                tracing::warn!(error = %e, "the kernel refuses sticky forwarding entries (Linux 4.20 has them): a booting guest's first frame will move its entry to the guest's port");
+                self.sticky = false;
+                self.steer(mac)
+            }
+            r => r.map(|_| ()).map_err(|source| FdbError {
                 what: "steer",
                 source,
-            })
+            }),
+        }
     }
 
-    /// Removes the static entries for `mac` on the bridge, wherever they point now.
-    pub fn release(&mut self, mac: Mac) -> Result<(), FdbError> {
+    /// Removes `entry`; true if it was there (false: gone already, which is what was wanted).
+    pub fn delete(&mut self, entry: &FdbEntry) -> Result<bool, FdbError> {
         let seq = self.next_seq();
-        let dumped = self
-            .transact(&dump_request(seq), seq, Some(mac))
+        match self.transact(&delete_request(seq, entry), seq, Answer::Ack) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(FdbError {
+                what: "delete",
+                source,
+            }),
+        }
+    }
+
+    /// Removes `mac`'s entry from synjitsu's port; false if there was none there (it never
+    /// was, or it moved: [`Fdb::release`] looks for it elsewhere).
+    pub fn unsteer(&mut self, mac: Mac) -> Result<bool, FdbError> {
+        self.delete(&FdbEntry {
+            ifindex: self.port_ifindex,
+            mac,
+            vlan: None,
+            master: Some(self.bridge_ifindex),
+            is_static: true,
+            sticky: self.sticky,
+        })
+    }
+
+    /// Every static entry of this bridge's ports (not the bridge device's own), from one dump.
+    pub fn dump(&mut self) -> Result<Vec<FdbEntry>, FdbError> {
+        self.dump_of(None, false)
+    }
+
+    /// The static entries on synjitsu's port, from a dump the kernel limits to it where it
+    /// can: the cost of the bridge's whole table, learnt entries included (a flood from
+    /// random source MACs makes hundreds of thousands), is then the kernel's walk alone.
+    pub fn dump_port(&mut self) -> Result<Vec<FdbEntry>, FdbError> {
+        let port = self.port_ifindex;
+        let mut t = self.dump_of(None, self.strict)?;
+        t.retain(|e| e.ifindex == port);
+        Ok(t)
+    }
+
+    fn dump_of(&mut self, mac: Option<Mac>, port_only: bool) -> Result<Vec<FdbEntry>, FdbError> {
+        let seq = self.next_seq();
+        let bridge = self.bridge_ifindex;
+        let only = port_only.then_some((bridge, self.port_ifindex));
+        let mut all = self
+            .transact(&dump_request(seq, only), seq, Answer::Dump(mac))
             .map_err(|source| FdbError {
                 what: "dump",
                 source,
             })?;
-        let bridge = self.bridge_ifindex;
-        let ours = dumped.into_iter().filter(|e| {
-            e.mac == mac
-                && e.is_static
-                && e.ifindex != bridge
-                && e.master.is_none_or(|m| m == bridge)
+        all.retain(|e| {
+            e.ifindex != bridge && e.master == Some(bridge) && mac.is_none_or(|m| m == e.mac)
         });
-        for e in ours {
-            let seq = self.next_seq();
-            match self.transact(&delete_request(seq, &e), seq, None) {
-                Ok(_) => {}
-                // Gone meanwhile (its port went away): what we wanted.
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(FdbError {
-                        what: "delete",
-                        source,
-                    });
-                }
-            }
+        Ok(all)
+    }
+
+    /// Removes the static entries for `mac` on the bridge, wherever they point now: the one on
+    /// synjitsu's port in one request; only if there is none there, the others from a dump.
+    pub fn release(&mut self, mac: Mac) -> Result<(), FdbError> {
+        if self.unsteer(mac)? {
+            return Ok(());
+        }
+        for e in &self.dump_of(Some(mac), false)? {
+            self.delete(e)?;
         }
         Ok(())
     }
@@ -326,6 +436,7 @@ mod tests {
     const NDA_LLADDR: u16 = 2;
     const NDA_VLAN: u16 = 5;
     const NTF_MASTER: u8 = 0x04;
+    const NTF_STICKY: u8 = 0x40;
 
     /// A static entry for [`MAC`] on port 42 of bridge 3, VLAN 1, as the kernel dumps it:
     /// `struct nlmsghdr`, `struct ndmsg`, then attributes, in host order (little-endian).
@@ -340,8 +451,8 @@ mod tests {
     ];
 
     #[test]
-    fn steer_is_a_static_sticky_master_entry() {
-        let m = steer_request(7, 42, MAC);
+    fn steer_is_a_static_master_entry() {
+        let m = steer_request(7, 42, MAC, false);
         assert_eq!(m.len(), 16 + 12 + 12);
         assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 40);
         assert_eq!(u16::from_ne_bytes([m[4], m[5]]), RTM_NEWNEIGH);
@@ -350,11 +461,16 @@ mod tests {
         assert_eq!(m[16], AF_BRIDGE);
         assert_eq!(u32::from_ne_bytes(m[20..24].try_into().unwrap()), 42);
         assert_eq!(u16::from_ne_bytes([m[24], m[25]]), 0x42);
-        assert_eq!(m[26], NTF_MASTER | 0x40, "NTF_MASTER | NTF_STICKY");
+        assert_eq!(m[26], NTF_MASTER);
         assert_eq!(u16::from_ne_bytes([m[28], m[29]]), 10, "attribute length");
         assert_eq!(u16::from_ne_bytes([m[30], m[31]]), NDA_LLADDR);
         assert_eq!(&m[32..38], &MAC.octets());
         assert_eq!(&m[38..40], &[0, 0]);
+        // Sticky: the same request with the flag, so the entry stays on synjitsu's port.
+        let sticky = steer_request(7, 42, MAC, true);
+        assert_eq!(sticky[26], NTF_MASTER | NTF_STICKY);
+        assert_eq!(sticky[..26], m[..26]);
+        assert_eq!(sticky[27..], m[27..]);
     }
 
     #[test]
@@ -367,7 +483,8 @@ mod tests {
                 mac: MAC,
                 vlan: Some(1),
                 master: Some(3),
-                is_static: true
+                is_static: true,
+                sticky: false,
             }
         );
         let d = delete_request(10, &e);
@@ -377,6 +494,9 @@ mod tests {
         assert_eq!(&d[32..38], &MAC.octets());
         assert_eq!(u16::from_ne_bytes([d[42], d[43]]), NDA_VLAN);
         assert_eq!(u16::from_ne_bytes([d[44], d[45]]), 1);
+        let mut sticky = DUMPED;
+        sticky[26] |= NTF_STICKY;
+        assert!(parse_entry(&sticky).unwrap().sticky);
         // Learnt and permanent entries are not static.
         let mut learnt = DUMPED;
         learnt[24..26].copy_from_slice(&NUD_REACHABLE.to_ne_bytes());
@@ -406,7 +526,7 @@ mod tests {
         let mut no_mac = DUMPED[..28].to_vec();
         no_mac[0..4].copy_from_slice(&28u32.to_ne_bytes());
         assert_eq!(parse_entry(&no_mac), None);
-        let d = dump_request(1);
+        let d = dump_request(1, None);
         assert_eq!(d.len(), 28);
         assert_eq!(u16::from_ne_bytes([d[4], d[5]]), RTM_GETNEIGH);
         assert_eq!(u16::from_ne_bytes([d[6], d[7]]), 0x301, "REQUEST|DUMP");

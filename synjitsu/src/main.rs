@@ -25,7 +25,9 @@ struct Cli {
     bridge: String,
 
     /// The control socket jitsu-dns connects to (created with mode 0600; a stale one is
-    /// replaced, a live one is an error).
+    /// replaced, a live one is an error). Beside it, synjitsu-<bridge>.fdb records the
+    /// forwarding entries synjitsu made, so that its next start removes them even after a
+    /// kill -9 (removed on a clean exit).
     #[arg(long, default_value = "/run/jitsu/synjitsu.sock")]
     control: PathBuf,
 
@@ -60,6 +62,11 @@ struct Cli {
     /// (e.g. 10s, 1500ms).
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DUR")]
     hold_timeout: Duration,
+
+    /// Compare the bridge's forwarding table with what synjitsu wants this often (besides
+    /// after every sync and a failed change) and put right what changed behind its back.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DUR")]
+    fdb_reconcile_interval: Duration,
 
     /// SYNs held per VM at most; more are dropped and counted (vm_full).
     #[arg(long, default_value_t = 1024, value_name = "N")]
@@ -144,6 +151,7 @@ fn main() -> ExitCode {
         metrics: cli.metrics,
         allow_uid: cli.allow_uid,
         hold_timeout: cli.hold_timeout,
+        fdb_reconcile_interval: cli.fdb_reconcile_interval,
         max_held_per_vm: cli.max_held_per_vm,
         max_held: cli.max_held,
         no_bpf_filter: cli.no_bpf_filter,

@@ -28,8 +28,20 @@ pub struct ShellStats {
     /// Frames the kernel dropped because a socket buffer of synjitsu's was full (its port's
     /// or the announcement watcher's).
     pub kernel_drops: u64,
-    /// Forwarding-table commands that failed.
+    /// Forwarding-table commands (and writes of their record) that failed.
     pub fdb_errors: u64,
+    /// Forwarding entries added or removed as the core asked.
+    pub fdb_changes: u64,
+    /// Forwarding-table changes tried again after a failure.
+    pub fdb_retries: u64,
+    /// Reconciles of the forwarding table with what synjitsu wants.
+    pub fdb_reconciles: u64,
+    /// Forwarding entries a reconcile added, moved back or removed.
+    pub fdb_reconcile_fixes: u64,
+    /// MACs whose wanted forwarding entry is not known to be on the bridge yet.
+    pub fdb_pending: u64,
+    /// Whether steering entries are sticky (the kernel keeps `NTF_STICKY`).
+    pub fdb_sticky: bool,
     /// Xenstore resets and removals that failed.
     pub store_errors: u64,
     /// Events produced while no control client was attached.
@@ -63,8 +75,7 @@ pub fn render(core: &Hold, shell: &ShellStats, client_attached: bool) -> Registr
             &[("unsolicited", c.na_unsolicited), ("solicited", c.na_solicited)]),
         ("queue_overflows", "Outputs not queued because their bounded queue was full, by queue", "queue",
             &[("transmit", c.transmit_overflow), ("events", c.events_overflow),
-              ("store", c.store_overflow), ("fdb", c.fdb_overflow),
-              ("to_guest", c.to_guest_overflow)]),
+              ("store", c.store_overflow), ("to_guest", c.to_guest_overflow)]),
     ];
     for (name, help, label, samples) in labelled {
         let values: Vec<_> = samples.iter().map(|(v, _)| *v).collect();
@@ -93,7 +104,11 @@ pub fn render(core: &Hold, shell: &ShellStats, client_attached: bool) -> Registr
         ("rx_truncated", "Frames longer than the receive buffer (dropped)", shell.rx_truncated),
         ("rx_outgoing", "This host's own transmissions seen on the socket (ignored)", shell.rx_outgoing),
         ("kernel_drops", "Frames the kernel dropped because a socket buffer of synjitsu's (its port's, the announcement watcher's) was full", shell.kernel_drops),
-        ("fdb_errors", "Bridge forwarding-table commands that failed", shell.fdb_errors),
+        ("fdb_errors", "Bridge forwarding-table commands that failed (each is retried)", shell.fdb_errors),
+        ("fdb_changes", "Bridge forwarding entries added or removed as VMs were steered and released", shell.fdb_changes),
+        ("fdb_retries", "Bridge forwarding-table changes tried again after a failure", shell.fdb_retries),
+        ("fdb_reconciles", "Comparisons of the bridge's forwarding table (a dump) with what synjitsu wants", shell.fdb_reconciles),
+        ("fdb_reconcile_fixes", "Bridge forwarding entries a reconcile added, moved back or removed", shell.fdb_reconcile_fixes),
         ("events_undelivered", "Events produced while no control client was attached", shell.events_undelivered),
     ];
     for (name, help, n) in unlabelled {
@@ -103,6 +118,8 @@ pub fn render(core: &Hold, shell: &ShellStats, client_attached: bool) -> Registr
     let gauges = [
         ("control_client_attached", "1 while a control client is attached", usize::from(client_attached)),
         ("held_syns", "SYNs held now, in total", core.held_now()),
+        ("fdb_pending", "MACs whose wanted forwarding entry is not known to be on the bridge yet", usize::try_from(shell.fdb_pending).unwrap_or(usize::MAX)),
+        ("fdb_sticky", "1 if steering entries are sticky (kept on synjitsu's port whatever port the MAC sends from)", usize::from(shell.fdb_sticky)),
     ];
     for (name, help, n) in gauges {
         gauge(&mut r, name, help).set(i64::try_from(n).unwrap_or(i64::MAX));

@@ -65,6 +65,23 @@ pub fn guest_page(host: &Host, text: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The bridge side of synjitsu's port on `br0`.
+pub const SYJ_PORT: &str = "syj-br0-p";
+
+/// The `i`th VM of a large fleet (`i` below 10,000): named `v<i>`, MAC `02:78:00:00:<i>`,
+/// address 10.77.100.1 on, 250 to a /24; none of them the one VM of the other tests.
+pub fn fleet_vm(i: usize) -> VmIdentity {
+    assert!(i < 10_000, "the fleet's addresses stop at 10.77.139.250");
+    VmIdentity {
+        name: format!("v{i}"),
+        mac: shared_proto::Mac([0x02, 0x78, 0, 0, (i >> 8) as u8, i as u8]),
+        ipv4: std::net::Ipv4Addr::new(10, 77, 100 + (i / 250) as u8, 1 + (i % 250) as u8),
+        ipv6: None,
+        handover: Handover::Wire,
+        port: None,
+    }
+}
+
 /// A host with synjitsu running on its bridge. Dropped in order: synjitsu, the host.
 #[derive(Debug)]
 pub struct SynjitsuHost {
@@ -74,11 +91,14 @@ pub struct SynjitsuHost {
     pub control: PathBuf,
     /// The bridge, its namespace and the directory of logs, sockets and captures.
     pub host: Host,
+    /// The flags it was started with, to start it again the same way.
+    args: Vec<String>,
 }
 
 impl SynjitsuHost {
-    /// Starts synjitsu on a new bridge with probe addresses and metrics; `extra` flags are
-    /// appended (e.g. `--xenstore <socket>`).
+    /// Starts synjitsu on a new bridge with probe addresses and metrics, Xenstore off and
+    /// debug logs; `extra` flags are appended (e.g. `--xenstore <socket>`, `--log-level info`:
+    /// these two replace the defaults).
     pub fn start(tag: &str, extra: &[&str]) -> Result<SynjitsuHost> {
         let host = Host::new(tag)?;
         let control = host.file("synjitsu.sock");
@@ -89,11 +109,12 @@ impl SynjitsuHost {
             PROBE_V6,
             "--metrics",
             METRICS,
-            "--log-level",
-            "debug",
         ];
-        if !extra.contains(&"--xenstore") {
-            args.extend(["--xenstore", "off"]);
+        // Defaults the caller may replace.
+        for (flag, value) in [("--xenstore", "off"), ("--log-level", "debug")] {
+            if !extra.contains(&flag) {
+                args.extend([flag, value]);
+            }
         }
         args.extend_from_slice(extra);
         let daemon = start(&host, &control, &args, Duration::from_secs(20))?;
@@ -101,7 +122,22 @@ impl SynjitsuHost {
             daemon,
             control,
             host,
+            args: args.iter().map(|a| a.to_string()).collect(),
         })
+    }
+
+    /// Starts synjitsu again with the same flags, once the earlier one has exited (killed
+    /// or stopped by the test).
+    pub fn restart(&mut self) -> Result<()> {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.daemon = start(&self.host, &self.control, &args, Duration::from_secs(20))?;
+        Ok(())
+    }
+
+    /// synjitsu's own MAC on the bridge (the inner end of its port, which it sends from).
+    pub fn own_mac(&self) -> Result<String> {
+        let mac = self.host.ns().sh("cat /sys/class/net/syj-br0/address")?;
+        Ok(mac.trim().to_string())
     }
 
     /// Waits until the bridge steers `mac` to synjitsu's port with a static entry.
@@ -114,7 +150,7 @@ impl SynjitsuHost {
                     .fdb()
                     .ok()?
                     .iter()
-                    .any(|e| e.mac == mac && e.is_static && e.port == "syj-br0-p")
+                    .any(|e| e.mac == mac && e.is_static && e.port == SYJ_PORT)
                     .then_some(())
             },
         )
@@ -228,6 +264,25 @@ impl ControlClient {
         ClientCodec::new().encode_item(&Request { id, body }, &mut b)?;
         self.send_raw(&b)?;
         self.answer(id)
+    }
+
+    /// Sends every request at once, as fast as the socket takes them (a writer thread), while
+    /// reading the answers here; returns them in the order of the requests.
+    pub fn pipeline(&mut self, bodies: Vec<ClientMessage>) -> Result<Vec<ServerMessage>> {
+        let first = self.next_id;
+        let mut bytes = BytesMut::new();
+        for body in bodies {
+            let id = self.next_id;
+            self.next_id += 1;
+            ClientCodec::new().encode_item(&Request { id, body }, &mut bytes)?;
+        }
+        let mut w = self.conn.get_mut().try_clone()?;
+        let writer = std::thread::spawn(move || w.write_all(&bytes));
+        let answers = (first..self.next_id).map(|id| self.answer(id)).collect();
+        writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the writer thread panicked"))??;
+        answers
     }
 
     /// Sends a request that must succeed.

@@ -41,6 +41,7 @@ fn help_explains_every_flag() {
         "--log-level",
         "--allow-uid",
         "--hold-timeout",
+        "--fdb-reconcile-interval",
         "--max-held-per-vm",
         "--max-held",
     ] {

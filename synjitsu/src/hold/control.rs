@@ -86,11 +86,11 @@ impl Hold {
         }
         vm.steer(&mut self.out);
         tracing::info!(vm = %id.name, mac = %id.mac, ip = %id.ipv4, port = ?id.port, "booting: standing in");
-        // The first gratuitous ARP is due now; and every VM's timers run, as at any timeout.
-        self.handle_timeout(now);
-        if let Some(vm) = self.vms.get_mut(&id.name) {
-            vm.write_pending(&mut self.out);
-        }
+        // Its first gratuitous ARP is due now. Only its own timers: a sync of thousands of
+        // booting VMs would otherwise walk every VM for each of them (the others' timers
+        // run at the shell's next turn, as always).
+        vm.announce_due(&self.cfg, &mut self.out, now);
+        vm.write_pending(&mut self.out);
         Ok(())
     }
 

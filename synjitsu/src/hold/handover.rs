@@ -127,13 +127,9 @@ impl Vm {
         if self.steered {
             return;
         }
-        if out
-            .queue_fdb(&self.id.name, self.id.mac, FdbAction::Steer)
-            .is_some()
-        {
-            self.steered = true;
-            self.release_pending = None;
-        }
+        out.queue_fdb(&self.id.name, self.id.mac, FdbAction::Steer);
+        self.steered = true;
+        self.release_pending = None;
     }
 
     /// The guest announced itself on the bridge.
@@ -159,7 +155,8 @@ impl Vm {
         // What Xenstore has, the guest reads itself.
         out.total_held -= self.take_held(|h| h.stored == Stored::Written).len();
         if std::mem::replace(&mut self.steered, false) {
-            self.release_pending = out.queue_fdb(&self.id.name, self.id.mac, FdbAction::Release);
+            self.release_pending =
+                Some(out.queue_fdb(&self.id.name, self.id.mac, FdbAction::Release));
         }
         self.progress(cfg, out, now);
     }

@@ -32,7 +32,9 @@
 //! solicited answer from the guest only shows that its kernel is up, not that it listens.
 //!
 //! Every queue is bounded (see [`Config`] and the `MAX_*` constants); what does not fit is
-//! dropped and counted, never blocks and never grows without limit. Malformed frames are a
+//! dropped and counted, never blocks and never grows without limit. Forwarding-table wishes
+//! are not a queue but state: the last wish per MAC (at most one per MAC), never dropped,
+//! since a lost release leaves a running guest unreachable. Malformed frames are a
 //! [`Verdict::Drop`] with a reason, never an error or a panic.
 //!
 //! One file per concept, as smoltcp splits its interface by protocol; the state is split so
@@ -71,8 +73,8 @@ use shared_proto::Mac;
 pub use self::control::ControlError;
 use self::outputs::Outputs;
 pub use self::outputs::{
-    Counters, FdbAction, FdbOp, MAX_EVENTS, MAX_FDB_OPS, MAX_STORE_OPS, MAX_TO_GUEST, MAX_TRANSMIT,
-    StoreDone, StoreOp, StoreOutcome,
+    Counters, FdbAction, FdbOp, MAX_EVENTS, MAX_STORE_OPS, MAX_TO_GUEST, MAX_TRANSMIT, StoreDone,
+    StoreOp, StoreOutcome,
 };
 pub use self::vm::VmPhase;
 use self::vm::Vms;
@@ -344,15 +346,6 @@ impl Hold {
             .map(|v| (v.id.name.as_str(), v.phase, v.held.len()))
     }
 
-    /// Every MAC with a static entry asked for and not released (to release on exit).
-    pub fn steered_macs(&self) -> Vec<(String, Mac)> {
-        self.vms
-            .iter()
-            .filter(|v| v.steered)
-            .map(|v| (v.id.name.clone(), v.id.mac))
-            .collect()
-    }
-
     // ---- outputs -------------------------------------------------------------------------
 
     /// The next frame to send, written into `out` (replacing its contents); false if none.
@@ -393,9 +386,10 @@ impl Hold {
         self.out.store.pop_front()
     }
 
-    /// The next forwarding-table change.
+    /// The next forwarding-table change: the latest wish for one MAC (the shell keeps the
+    /// table as these say, retrying what fails; none is ever dropped).
     pub fn poll_fdb(&mut self) -> Option<FdbOp> {
-        self.out.fdb.pop_front()
+        self.out.fdb.pop_first().map(|(_, op)| op)
     }
 
     /// When [`Hold::handle_timeout`] must run next, if ever.

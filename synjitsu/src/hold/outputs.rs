@@ -1,13 +1,14 @@
 //! What the core hands the shell, kept apart from the VMs so a handler can hold one VM and
-//! these at once: the bounded queues of frames to send, events for jitsu-dns, Xenstore work
-//! and forwarding-table changes; the [`Counters`]; and what every handler may move on (the
-//! number of SYNs held in all, ids, the generator of ports and ISNs).
+//! these at once: the bounded queues of frames to send, events for jitsu-dns and Xenstore
+//! work; the forwarding-table wishes (the last one per MAC, never dropped); the [`Counters`];
+//! and what every handler may move on (the number of SYNs held in all, ids, the generator of
+//! ports and ISNs).
 //!
 //! Owns the bounds (`MAX_*`: what does not fit is counted, never queued) and building a frame
 //! from what was queued, when the shell asks for it ([`crate::garp`], [`crate::wire`]). It
 //! decides nothing and knows no VM ([`super::vm`]).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use shared_proto::{Event, Mac};
@@ -23,8 +24,6 @@ pub const MAX_TRANSMIT: usize = 4096;
 pub const MAX_EVENTS: usize = 1024;
 /// Xenstore operations queued at most.
 pub const MAX_STORE_OPS: usize = 8192;
-/// Forwarding-table changes queued at most.
-pub const MAX_FDB_OPS: usize = 1024;
 /// Frames queued for guests' own ports at most.
 pub const MAX_TO_GUEST: usize = 1024;
 
@@ -100,7 +99,7 @@ pub enum StoreOutcome {
     Failed(String),
 }
 
-/// A forwarding-table change for the shell.
+/// A change of what the forwarding table should say about one MAC, for the shell.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FdbOp {
     /// Identifies it in [`super::Hold::on_fdb_done`].
@@ -173,8 +172,6 @@ pub struct Counters {
     pub events_overflow: u64,
     /// Store operations not queued because [`MAX_STORE_OPS`] were waiting.
     pub store_overflow: u64,
-    /// Forwarding changes not queued because [`MAX_FDB_OPS`] were waiting.
-    pub fdb_overflow: u64,
     /// Frames for guests not queued because [`MAX_TO_GUEST`] were waiting.
     pub to_guest_overflow: u64,
 }
@@ -227,7 +224,10 @@ pub(super) struct Outputs {
     pub(super) transmit: VecDeque<Tx>,
     pub(super) events: VecDeque<Event>,
     pub(super) store: VecDeque<StoreOp>,
-    pub(super) fdb: VecDeque<FdbOp>,
+    /// The latest wish per MAC not yet taken by the shell: at most one per MAC, so however
+    /// many VMs change at once nothing is dropped, and a steer then a release of one MAC in
+    /// between is the release alone.
+    pub(super) fdb: BTreeMap<Mac, FdbOp>,
     /// Frames for a guest, with the port they go out of.
     pub(super) to_guest: VecDeque<(String, Vec<u8>)>,
     pub(super) counters: Counters,
@@ -246,7 +246,7 @@ impl Outputs {
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             store: VecDeque::new(),
-            fdb: VecDeque::new(),
+            fdb: BTreeMap::new(),
             to_guest: VecDeque::new(),
             counters: Counters {
                 drops: vec![0; DropReason::all().count()],
@@ -313,21 +313,20 @@ impl Outputs {
         true
     }
 
-    /// Queues a change of `vm`'s entry for `mac`; its id, or `None` if [`MAX_FDB_OPS`] wait
-    /// already.
-    pub(super) fn queue_fdb(&mut self, vm: &str, mac: Mac, action: FdbAction) -> Option<u64> {
-        if self.fdb.len() >= MAX_FDB_OPS {
-            self.counters.fdb_overflow += 1;
-            return None;
-        }
+    /// Wants `vm`'s entry for `mac` changed (replacing a wish for `mac` not yet taken); the
+    /// change's id.
+    pub(super) fn queue_fdb(&mut self, vm: &str, mac: Mac, action: FdbAction) -> u64 {
         let id = self.id();
-        self.fdb.push_back(FdbOp {
-            id,
-            vm: vm.to_string(),
+        self.fdb.insert(
             mac,
-            action,
-        });
-        Some(id)
+            FdbOp {
+                id,
+                vm: vm.to_string(),
+                mac,
+                action,
+            },
+        );
+        id
     }
 
     /// Builds the next queued frame into `out` (replacing its contents); false if none.

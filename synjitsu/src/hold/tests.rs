@@ -1158,3 +1158,56 @@ fn a_port_learnt_after_the_start_applies_from_then_on_and_changes_nothing_else()
             .all(|op| op.action == FdbAction::Release)
     );
 }
+
+/// The `i`th of many VMs, none of them `www`.
+fn fleet_vm(i: usize) -> VmIdentity {
+    VmIdentity {
+        name: format!("v{i}"),
+        mac: Mac([0x02, 0x78, 0, 0, (i >> 8) as u8, i as u8]),
+        ipv4: Ipv4Addr::new(10, 77, 100 + (i / 250) as u8, 1 + (i % 250) as u8),
+        ipv6: None,
+        handover: Handover::Wire,
+        port: None,
+    }
+}
+
+fn sync_fleet(h: &mut Hold, now: Instant, n: usize, phase: Phase) {
+    let vms = (0..n)
+        .map(|i| VmStatus {
+            vm: fleet_vm(i),
+            phase,
+        })
+        .collect();
+    h.on_control(now, &ClientMessage::Sync { vms }).unwrap();
+}
+
+#[test]
+fn no_forwarding_change_is_dropped_however_many_vms_change_at_once() {
+    let mut h = core();
+    let t0 = Instant::now();
+    sync_fleet(&mut h, t0, 5000, Phase::Stopped);
+    let steers = fdb_ops(&mut h);
+    assert_eq!(steers.len(), 5000);
+    assert!(steers.iter().all(|o| o.action == FdbAction::Steer));
+    sync_fleet(&mut h, t0, 5000, Phase::Running);
+    let releases = fdb_ops(&mut h);
+    assert_eq!(releases.len(), 5000);
+    assert!(releases.iter().all(|o| o.action == FdbAction::Release));
+    // Forgotten, all of them: no release twice, none left to make.
+    h.on_control(t0, &ClientMessage::Sync { vms: vec![] })
+        .unwrap();
+    assert_eq!(fdb_ops(&mut h), vec![]);
+}
+
+#[test]
+fn the_last_wish_for_a_mac_is_the_one_the_shell_gets() {
+    let mut h = core();
+    let t0 = Instant::now();
+    stopped(&mut h, t0);
+    // Steered, then forgotten before the shell took the steer: the release alone.
+    h.on_control(t0, &ClientMessage::Sync { vms: vec![] })
+        .unwrap();
+    let ops = fdb_ops(&mut h);
+    assert_eq!(ops.len(), 1, "{ops:?}");
+    assert_eq!((ops[0].mac, ops[0].action), (vm_mac(), FdbAction::Release));
+}
