@@ -48,7 +48,10 @@ use rustix::process::{Pid, Signal, kill_process};
 use shared_proto::Mac;
 
 use super::process_net::{Rtnl, gratuitous_arp, in_netns, sysctl};
-use super::{Backend, BackendError, Domain, Listed, Started, parse_shutdown_grace, uri_err};
+use super::{
+    Backend, BackendError, Domain, Listed, Started, create_runtime_dir, parse_shutdown_grace,
+    record_value, uri_err,
+};
 use crate::config::{Ifup, StopMode, VmConfig};
 use crate::fleet::{IfCounters, Observed};
 
@@ -192,10 +195,7 @@ impl Record {
     }
 
     fn parse(text: &str) -> Option<Record> {
-        let get = |k: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix('=')))
-        };
+        let get = |k: &str| record_value(text, k);
         Some(Record {
             pid: get("pid")?.parse().ok()?,
             start: get("start")?.parse().ok()?,
@@ -229,7 +229,7 @@ fn port_name(prefix: &str, name: &str) -> String {
 }
 
 /// Reads `/proc/<pid>/stat`: the state letter and the start time (clock ticks after boot).
-fn proc_stat(pid: u32) -> Option<(char, u64)> {
+pub(super) fn proc_stat(pid: u32) -> Option<(char, u64)> {
     let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_stat(&text)
 }
@@ -246,7 +246,7 @@ fn parse_stat(text: &str) -> Option<(char, u64)> {
 }
 
 /// Sends `sig` to process `pid`. A process that is already gone is not an error.
-fn kill(pid: u32, sig: Signal) -> std::io::Result<()> {
+pub(super) fn kill(pid: u32, sig: Signal) -> std::io::Result<()> {
     // Positive only: 0 and negative pids name process groups, -1 every process.
     let pid = i32::try_from(pid)
         .ok()
@@ -264,7 +264,7 @@ fn alive(rec: &Record) -> bool {
 }
 
 /// Packet counters of `iface` from `/proc/net/dev` text.
-fn parse_net_dev(text: &str, iface: &str) -> Option<IfCounters> {
+pub(super) fn parse_net_dev(text: &str, iface: &str) -> Option<IfCounters> {
     text.lines().find_map(|l| {
         let (name, rest) = l.split_once(':')?;
         if name.trim() != iface {
@@ -518,7 +518,9 @@ unset JITSU_CGROUP_PROCS JITSU_PIDFILE JITSU_NETNS JITSU_COMMAND
 exec ip netns exec "$ns" sh -c "$command""#;
 
 /// The MAC of every VM's bridge port (never the lowest on a bridge; it sends nothing).
-const PORT_MAC: Mac = Mac([0xfe, 0xff, 0xff, 0xff, 0xff, 0xff]);
+pub(super) const PORT_MAC: &str = "fe:ff:ff:ff:ff:ff";
+/// [`PORT_MAC`] as bytes, for netlink.
+const PORT_MAC_OCTETS: Mac = Mac([0xfe, 0xff, 0xff, 0xff, 0xff, 0xff]);
 
 /// Where `ip netns add` puts a namespace's file.
 const NETNS_DIR: &str = "/run/netns";
@@ -601,12 +603,7 @@ impl ProcessBackend {
     pub fn open(uri: Option<&str>) -> Result<ProcessBackend, BackendError> {
         let default = format!("process://{DEFAULT_RUNTIME_DIR}");
         let uri = parse_uri(uri.unwrap_or(&default))?;
-        fs::create_dir_all(&uri.dir).map_err(|e| {
-            BackendError::Host(format!(
-                "cannot create runtime directory {}: {e}",
-                uri.dir.display()
-            ))
-        })?;
+        create_runtime_dir(&uri.dir)?;
         for (tool, package) in [("ip", "iproute2"), ("setsid", "util-linux")] {
             if Command::new(tool).arg("-V").output().is_err() {
                 return Err(BackendError::Host(format!(
@@ -825,7 +822,7 @@ fn write_record(path: &Path, rec: &Record) -> std::io::Result<()> {
 }
 
 /// The last line or so of a log, for error messages.
-fn tail(path: &Path) -> String {
+pub(super) fn tail(path: &Path) -> String {
     let t = fs::read_to_string(path).unwrap_or_default();
     let t = t.trim_end();
     let start = t.len().saturating_sub(300);
@@ -926,7 +923,7 @@ impl Backend for ProcessBackend {
             // bridge whose address was never set takes the lowest MAC of its ports, and a
             // random one here would move the host's own MAC on the bridge each time a VM
             // boots or stops, leaving its clients' ARP caches wrong.
-            rtnl.add_veth(&n.port, PORT_MAC, bridge, GUEST_IFACE, vm.mac(), &netns)
+            rtnl.add_veth(&n.port, PORT_MAC_OCTETS, bridge, GUEST_IFACE, vm.mac(), &netns)
                 .map_err(|e| err("create veth pair", e.to_string()))?;
             // A bridge port needs no address; without IPv6 on it, it sends nothing of its
             // own to the guest (which would look like traffic to idle detection).
@@ -1057,6 +1054,11 @@ impl Backend for ProcessBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_port_mac_is_one_address_as_text_and_as_bytes() {
+        assert_eq!(PORT_MAC.parse::<Mac>().unwrap(), PORT_MAC_OCTETS);
+    }
 
     #[test]
     fn kill_refuses_pids_that_would_signal_groups() {

@@ -1,5 +1,6 @@
 //! The only `unsafe` in jitsu-dns: the libvirt callbacks the `virt` crate does not wrap
-//! ([`libvirt`]), and the process backend's gratuitous ARP on a packet socket ([`packet`]).
+//! ([`libvirt`]), the tap device and descriptor inheritance of the QEMU backend ([`qemu`]),
+//! and the process backend's gratuitous ARP on a packet socket ([`packet`]).
 //!
 //! Everything else (files, sockets, child processes, signals through rustix) goes through
 //! safe wrappers.
@@ -8,3 +9,4 @@
 
 pub(crate) mod libvirt;
 pub(crate) mod packet;
+pub(crate) mod qemu;
