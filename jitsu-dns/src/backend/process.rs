@@ -923,8 +923,15 @@ impl Backend for ProcessBackend {
             // bridge whose address was never set takes the lowest MAC of its ports, and a
             // random one here would move the host's own MAC on the bridge each time a VM
             // boots or stops, leaving its clients' ARP caches wrong.
-            rtnl.add_veth(&n.port, PORT_MAC_OCTETS, bridge, GUEST_IFACE, vm.mac(), &netns)
-                .map_err(|e| err("create veth pair", e.to_string()))?;
+            rtnl.add_veth(
+                &n.port,
+                PORT_MAC_OCTETS,
+                bridge,
+                GUEST_IFACE,
+                vm.mac(),
+                &netns,
+            )
+            .map_err(|e| err("create veth pair", e.to_string()))?;
             // A bridge port needs no address; without IPv6 on it, it sends nothing of its
             // own to the guest (which would look like traffic to idle detection).
             let _ = fs::write(
