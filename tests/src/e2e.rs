@@ -128,6 +128,9 @@ pub struct Vm {
     pub boot: Duration,
     /// Extra `key = value` lines for its `[[vm]]` table.
     pub extra: String,
+    /// Who configures its interface (process backend): `guest` (the test guest, as a
+    /// unikernel does) or `jitsu` (the backend, its default).
+    pub ifup: &'static str,
 }
 
 impl Vm {
@@ -140,6 +143,7 @@ impl Vm {
             mask,
             boot,
             extra: String::new(),
+            ifup: "guest",
         }
     }
 
@@ -267,6 +271,10 @@ pub struct ColdStart {
     /// listening, in microseconds: both from the same clock (the client's capture and the
     /// guest's report).
     pub after_listening_us: Option<i64>,
+    /// When the first byte of the page reached the client, minus when the client sent its
+    /// first SYN, in microseconds (the client's capture): for a guest already listening, what
+    /// a connection costs at all, the floor of `after_listening_us`.
+    pub after_syn_us: Option<i64>,
     /// From the client's DNS query leaving to the page's first byte arriving, both from its
     /// capture.
     pub query_to_first_byte: Option<Duration>,
@@ -299,7 +307,8 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn now_ns() -> u128 {
+/// The wall clock in ns since the epoch, the clock of the guests' reports.
+pub fn now_ns() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("clock after 1970")
@@ -508,11 +517,12 @@ impl Stack {
         for vm in &self.vms {
             let _ = write!(
                 t,
-                "[[vm]]\nname = \"{}\"\ndns = [\"{}\"]\nip = \"{}/{PREFIX}\"\nifup = \"guest\"\n\
+                "[[vm]]\nname = \"{}\"\ndns = [\"{}\"]\nip = \"{}/{PREFIX}\"\nifup = \"{}\"\n\
                  command = \"exec {} --boot-ms {} --report {}\"\n{}\n{}\n\n",
                 vm.name,
                 vm.dns(),
                 vm.ip,
+                vm.ifup,
                 guest.display(),
                 vm.boot.as_millis(),
                 self.report().display(),
@@ -732,6 +742,7 @@ impl Stack {
             connect: got.connect,
             first_byte: got.first_byte,
             after_listening_us: us(first_data, listening),
+            after_syn_us: us(first_data, first_syn_to(&frames, &ip)),
             query_to_first_byte: us(first_data, query)
                 .and_then(|u| u64::try_from(u).ok())
                 .map(Duration::from_micros),
@@ -818,6 +829,15 @@ pub fn garp_from(frames: &[String], ip: &str) -> Option<u128> {
         .and_then(|l| capture_ns(l))
 }
 
+/// When the client sent its first SYN to `ip:80`, in ns since the epoch.
+pub fn first_syn_to(frames: &[String], ip: &str) -> Option<u128> {
+    let dst = format!("> {ip}.80:");
+    frames
+        .iter()
+        .find(|l| l.contains(" Out IP ") && l.contains(&dst) && l.contains("Flags [S]"))
+        .and_then(|l| capture_ns(l))
+}
+
 /// A millisecond figure for tables.
 pub fn fmt_ms(d: Duration) -> String {
     format!("{:.1}", ms(d))
@@ -875,6 +895,10 @@ mod tests {
         assert_eq!(
             first_data_from(&frames, "10.77.1.10"),
             Some(1_795_697_219_400_500_000)
+        );
+        assert_eq!(
+            first_syn_to(&frames, "10.77.1.10"),
+            Some(1_795_697_218_400_000_000)
         );
         assert_eq!(dns_query_from(&frames), None);
     }

@@ -815,3 +815,44 @@ fn a_restart_after_kill_9_during_boots_sweeps_the_half_built_vms_and_adopts_the_
     assert!(swept >= half_built.len(), "{}", h.log());
     assert_eq!(swept, booting.len() - ran, "{}", h.log());
 }
+
+#[test]
+fn a_cold_vms_answer_waits_on_no_tool_that_sleeps() {
+    // iputils' `arping -U -c 1` sends its gratuitous ARP at once, then waits a second for
+    // replies that never come: the backend's boot of every default VM took that second
+    // (a cold VM's answer came 1.09 s after the query, issue 12). This `arping` first on
+    // jitsu-dns's PATH records its call and sleeps far longer than dig waits: an answer
+    // means the boot path waited on no such tool, and no call means it ran none.
+    prerequisites();
+    let mut h = DnsHarness::new("dnosleep").unwrap();
+    let bin = h.host.file("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let calls = h.host.file("arping.calls");
+    let fake = bin.join("arping");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {}\nexec sleep 60\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let spec = "name=www,dns=www.example.org,ip=10.77.0.1/24,ip6=fd77::1/64,response_delay=0,\
+                command='exec sleep 600'";
+    let args = h.args(None, &[spec]);
+    h.start(&args, &[("PATH", path)]).unwrap();
+    let d = h.dig(&["+time=20", "+tries=1", "www.example.org", "A"]);
+    assert_eq!(d.addresses(), vec!["10.77.0.1"], "{}\n{}", d.text, h.log());
+    assert!(
+        !calls.exists(),
+        "the boot ran arping: {:?}",
+        std::fs::read_to_string(&calls)
+    );
+    h.wait_state("www", "running", LONG);
+}

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use jitsu_tests::e2e::{Mask, Options, Stack, Vm, require_stack_tools};
+use jitsu_tests::e2e::{Mask, Options, Stack, Vm, now_ns, require_stack_tools};
 use jitsu_tests::wait_until;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -207,4 +207,43 @@ fn a_guest_that_never_comes_up_gets_rsts_is_marked_failed_and_retried() {
         (stack.stored(&vm.name, "starts").as_deref() == Some("2")).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", stack.logs()));
+}
+
+#[test]
+fn announce_mode_with_the_backends_own_ifup_answers_only_once_the_guest_listens() {
+    // `wait_for=announce` answers at the guest's own gratuitous ARP. With the process
+    // backend's default `ifup=jitsu` the backend configures the address: an announcement it
+    // sent then, before the command even ran, was taken for the guest's, and the client's
+    // SYN met a guest that refused it (11 of 120 cold starts failed so, issue 12).
+    prerequisites();
+    let vms: Vec<Vm> = (0..3)
+        .map(|n| {
+            let mut vm = Vm::new(n, Mask::Announce, Duration::from_millis(300));
+            vm.ifup = "jitsu";
+            vm
+        })
+        .collect();
+    let stack = Stack::start("e2ann", vms.clone(), Options::default()).unwrap();
+    for vm in &vms {
+        let asked = now_ns();
+        let answer = stack.dig(&vm.dns()).unwrap();
+        let answered = now_ns();
+        assert_eq!(
+            answer.addresses(),
+            vec![vm.ip.to_string()],
+            "{}",
+            stack.logs()
+        );
+        let listening = stack.listening_since(&vm.name, asked);
+        assert!(
+            listening.is_some_and(|l| l < answered),
+            "{}: the answer came before the guest listened (listening at {listening:?}, \
+             answered at {answered})\n{}",
+            vm.name,
+            stack.logs()
+        );
+        let got = stack.cached_start(vm).unwrap();
+        assert!(got.ok(), "{got:?}\n{}", stack.logs());
+        assert_eq!(got.syns, 1, "{got:?}");
+    }
 }

@@ -15,6 +15,7 @@
 
 pub mod libvirt;
 pub mod process;
+mod process_net;
 pub mod qemu;
 
 use std::fmt;

@@ -13,7 +13,8 @@
 //!   host side (a name derived from the VM's, at most 15 characters) is enslaved to the VM's
 //!   `nic` bridge; `eth0` comes up with no address and IPv6 off, and once the bridge port
 //!   forwards, `ifup=jitsu` adds the addresses (IPv6 without DAD probes) and the gateway and
-//!   announces them (gratuitous ARP, unsolicited NA), while with `ifup=guest` the command
+//!   announces them (gratuitous ARP, unsolicited NA) unless synjitsu tracks the VM (its
+//!   masking waits for the guest's own announcement), while with `ifup=guest` the command
 //!   configures and announces them itself when it is ready;
 //! - the cgroup `<mount>/jitsu/<prefix><vm>`;
 //! - the command, `sh -c <command>`, in its own session (jitsu-dns can exit and leave it
@@ -31,11 +32,12 @@
 //! [`open`]: ProcessBackend::open Counters come from the host side
 //! of the veth in `/proc/net/dev`, which is right in whatever namespace jitsu-dns runs.
 //!
-//! It relies on iproute2 (`ip`), util-linux (`setsid`, and `mount` where no cgroup hierarchy
+//! Links, addresses and routes are made over rtnetlink ([`super::process_net`]); it relies on
+//! iproute2 (`ip netns` to add, enter and delete namespaces, `ip link del`), util-linux (`setsid`, and `mount` where no cgroup hierarchy
 //! is visible, as under `ip netns exec`, which remounts `/sys`) and `sh`.
 
 use std::fs;
-use std::io::Write as _;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -43,6 +45,9 @@ use std::time::{Duration, Instant};
 use rustix::io::Errno;
 use rustix::process::{Pid, Signal, kill_process};
 
+use shared_proto::Mac;
+
+use super::process_net::{Rtnl, gratuitous_arp, in_netns, sysctl};
 use super::{
     Backend, BackendError, Domain, Listed, Started, create_runtime_dir, parse_shutdown_grace,
     record_value, uri_err,
@@ -478,9 +483,12 @@ impl Cgroups {
     }
 }
 
-/// Polls `cond` every 5 ms until it holds or `limit` passed.
+/// Polls `cond` until it holds or `limit` passed: first after 100 us, then twice as long each
+/// time up to every 5 ms, so that what is done at once (a pid file, a port forwarding) is
+/// seen at once and what takes seconds costs few polls.
 fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_micros(100);
     loop {
         if cond() {
             return true;
@@ -488,7 +496,8 @@ fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(5));
     }
 }
 
@@ -504,41 +513,77 @@ pub struct ProcessBackend {
 /// the pid stays the same through every `exec`.
 const LAUNCHER: &str = r#"echo $$ > "$JITSU_CGROUP_PROCS" || exit 1
 echo $$ > "$JITSU_PIDFILE" || exit 1
-exec env -u JITSU_CGROUP_PROCS -u JITSU_PIDFILE -u JITSU_NETNS -u JITSU_COMMAND \
-  ip netns exec "$JITSU_NETNS" sh -c "$JITSU_COMMAND""#;
+ns=$JITSU_NETNS command=$JITSU_COMMAND
+unset JITSU_CGROUP_PROCS JITSU_PIDFILE JITSU_NETNS JITSU_COMMAND
+exec ip netns exec "$ns" sh -c "$command""#;
 
 /// The MAC of every VM's bridge port (never the lowest on a bridge; it sends nothing).
 pub(super) const PORT_MAC: &str = "fe:ff:ff:ff:ff:ff";
+/// [`PORT_MAC`] as bytes, for netlink.
+const PORT_MAC_OCTETS: Mac = Mac([0xfe, 0xff, 0xff, 0xff, 0xff, 0xff]);
 
-/// Runs inside the VM's namespace first: `eth0` up with no address and IPv6 off, so the
-/// guest's MAC stays silent while the bridge port behind it starts forwarding. (A frame sent
-/// the instant a veth comes up, such as `arp_notify`'s gratuitous ARP, reaches a bridge port
-/// that is still disabled and is lost.)
-const NETNS_LINK_UP: &str = r#"set -e
-ip link set lo up
-ip link set eth0 address "$JITSU_MAC"
-if [ -d /proc/sys/net/ipv6/conf/eth0 ]; then
-  echo 1 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6
-fi
-ip link set eth0 up
-"#;
+/// Where `ip netns add` puts a namespace's file.
+const NETNS_DIR: &str = "/run/netns";
 
-/// Runs inside the VM's namespace once the bridge forwards, for `ifup=jitsu`: the addresses,
-/// each announced as a guest's own stack would (a gratuitous ARP; an unsolicited NA, which
-/// Linux sends for a new address only when it went through DAD, here with no probes), and the
-/// gateway. With `ifup=guest` the command does this itself when it is ready.
-const NETNS_ADDRESSES: &str = r#"set -e
-ip addr add "$JITSU_IP/$JITSU_IP_PREFIX" dev eth0
-if [ -n "$JITSU_IP6" ]; then
-  echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_ra
-  echo 0 > /proc/sys/net/ipv6/conf/eth0/dad_transmits
-  echo 1 > /proc/sys/net/ipv6/conf/eth0/ndisc_notify
-  echo 0 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6
-  ip -6 addr add "$JITSU_IP6/$JITSU_IP6_PREFIX" dev eth0
-fi
-if [ -n "$JITSU_GATEWAY" ]; then ip route add default via "$JITSU_GATEWAY"; fi
-arping -q -U -c 1 -I eth0 "$JITSU_IP" || true
-"#;
+/// Inside the VM's namespace first: `lo` and `eth0` up, `eth0` with no address and IPv6 off,
+/// so the guest's MAC stays silent while the bridge port behind it starts forwarding. (A
+/// frame sent the instant a veth comes up, such as `arp_notify`'s gratuitous ARP, reaches a
+/// bridge port that is still disabled and is lost.)
+fn guest_link_up() -> Result<(), String> {
+    if Path::new("/proc/sys/net/ipv6/conf")
+        .join(GUEST_IFACE)
+        .exists()
+    {
+        sysctl(&format!("ipv6/conf/{GUEST_IFACE}/disable_ipv6"), "1")?;
+    }
+    let mut r = Rtnl::open().map_err(|e| format!("netlink socket: {e}"))?;
+    for link in ["lo", GUEST_IFACE] {
+        r.index(link)
+            .and_then(|i| r.set_up(i))
+            .map_err(|e| format!("bringing {link} up: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Inside the VM's namespace once the bridge forwards, for `ifup=jitsu`: the addresses and the
+/// gateway. Each address is announced as a guest's own stack would (a gratuitous ARP, sent
+/// here, and an unsolicited NA, which Linux sends for a new address that went through DAD,
+/// here with no probes) unless synjitsu tracks the VM: then its masking waits for the
+/// guest's own announcement, which says it listens, and one sent now, before the command
+/// even runs, would end synjitsu's stand-in and answer `wait_for=announce` early (issue 12).
+/// With `ifup=guest` the command does all of this itself when it is ready.
+fn guest_addresses(vm: &VmConfig) -> Result<(), String> {
+    let announce = !vm.synjitsu_tracked();
+    let mut r = Rtnl::open().map_err(|e| format!("netlink socket: {e}"))?;
+    let eth0 = r
+        .index(GUEST_IFACE)
+        .map_err(|e| format!("{GUEST_IFACE}: {e}"))?;
+    r.add_address(eth0, IpAddr::V4(vm.ip), vm.ip_prefix, false)
+        .map_err(|e| format!("adding {}/{}: {e}", vm.ip, vm.ip_prefix))?;
+    if let Some(ip6) = vm.ip6 {
+        let conf = format!("ipv6/conf/{GUEST_IFACE}");
+        sysctl(&format!("{conf}/accept_ra"), "0")?;
+        sysctl(&format!("{conf}/dad_transmits"), "0")?;
+        sysctl(
+            &format!("{conf}/ndisc_notify"),
+            if announce { "1" } else { "0" },
+        )?;
+        sysctl(&format!("{conf}/disable_ipv6"), "0")?;
+        r.add_address(eth0, IpAddr::V6(ip6), vm.ip6_prefix, false)
+            .map_err(|e| format!("adding {ip6}/{}: {e}", vm.ip6_prefix))?;
+    }
+    if let Some(gw) = vm.gateway {
+        r.add_default_route(gw)
+            .map_err(|e| format!("default route via {gw}: {e}"))?;
+    }
+    if announce {
+        // Sent once, and not waited on: nothing answers a gratuitous ARP (iputils' `arping
+        // -U -c 1` waited a second for replies, on every boot).
+        crate::sys::packet::broadcast_arp(eth0, &gratuitous_arp(vm.mac(), vm.ip))
+            .map_err(|e| format!("gratuitous ARP: {e}"))?;
+    }
+    Ok(())
+}
 
 /// How long a new bridge port may take to forward before the VM starts anyway.
 const PORT_FORWARDING_TIMEOUT: Duration = Duration::from_secs(3);
@@ -826,33 +871,6 @@ fn run(cmd: &mut Command) -> Result<String, String> {
     }
 }
 
-/// Runs `ip -batch -` with `script` on stdin.
-fn ip_batch(args: &[&str], script: &str) -> Result<(), String> {
-    let mut child = Command::new("ip")
-        .args(args)
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("ip: {e}"))?;
-    child
-        .stdin
-        .take()
-        .expect("stdin was piped")
-        .write_all(script.as_bytes())
-        .map_err(|e| format!("ip -batch: {e}"))?;
-    let out = child.wait_with_output().map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip -batch failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 impl Backend for ProcessBackend {
     fn kind(&self) -> &'static str {
         "process"
@@ -871,7 +889,8 @@ impl Backend for ProcessBackend {
         let n = self.names(&vm.name);
         let err = |what, detail| BackendError::vm(vm, what, detail);
         self.teardown(vm)?;
-        run(Command::new("ip").args(["link", "show", "dev", vm.nic()])).map_err(|_| {
+        let mut rtnl = Rtnl::open().map_err(|e| err("start", format!("netlink socket: {e}")))?;
+        let bridge = rtnl.index(vm.nic()).map_err(|_| {
             err(
                 "start",
                 format!(
@@ -880,6 +899,9 @@ impl Backend for ProcessBackend {
                 ),
             )
         })?;
+        // Where a boot's time goes, for the debug log: (phase, when it ended).
+        let t0 = Instant::now();
+        let mut phases: Vec<(&str, Duration)> = Vec::with_capacity(6);
         let result = (|| -> Result<Record, BackendError> {
             // Written first, so that a start cut short leaves a record of what it made.
             let provisional = Record {
@@ -895,42 +917,41 @@ impl Backend for ProcessBackend {
                 .map_err(|e| err("create cgroup", format!("{}: {e}", n.cgroup.display())))?;
             run(Command::new("ip").args(["netns", "add", &n.netns]))
                 .map_err(|d| err("create namespace", d))?;
+            phases.push(("netns", t0.elapsed()));
+            let netns = Path::new(NETNS_DIR).join(&n.netns);
             // The host side takes the highest unicast MAC, as Xen gives every vif backend: a
             // bridge whose address was never set takes the lowest MAC of its ports, and a
             // random one here would move the host's own MAC on the bridge each time a VM
             // boots or stops, leaving its clients' ARP caches wrong.
-            ip_batch(
-                &[],
-                &format!(
-                    "link add {port} address {PORT_MAC} type veth peer name {GUEST_IFACE} netns {ns}\nlink set {port} master {nic}\n",
-                    port = n.port,
-                    ns = n.netns,
-                    nic = vm.nic()
-                ),
+            rtnl.add_veth(
+                &n.port,
+                PORT_MAC_OCTETS,
+                bridge,
+                GUEST_IFACE,
+                vm.mac(),
+                &netns,
             )
-            .map_err(|d| err("create veth pair", d))?;
+            .map_err(|e| err("create veth pair", e.to_string()))?;
             // A bridge port needs no address; without IPv6 on it, it sends nothing of its
             // own to the guest (which would look like traffic to idle detection).
             let _ = fs::write(
                 format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", n.port),
                 "1",
             );
-            run(Command::new("ip").args(["link", "set", &n.port, "up"]))
-                .map_err(|d| err("bring port up", d))?;
-            run(Command::new("ip")
-                .args(["netns", "exec", &n.netns, "sh", "-c", NETNS_LINK_UP])
-                .envs(guest_env(vm)))
-            .map_err(|d| err("bring eth0 up", d))?;
+            rtnl.index(&n.port)
+                .and_then(|i| rtnl.set_up(i))
+                .map_err(|e| err("bring port up", e.to_string()))?;
+            in_netns(&netns, guest_link_up).map_err(|d| err("bring eth0 up", d))?;
+            phases.push(("links", t0.elapsed()));
             if !wait_port_forwarding(&n.port) {
                 tracing::warn!(vm = %vm.name, port = %n.port, "bridge port not forwarding yet; starting anyway");
             }
             if vm.ifup == Ifup::Jitsu {
-                run(Command::new("ip")
-                    .args(["netns", "exec", &n.netns, "sh", "-c", NETNS_ADDRESSES])
-                    .envs(guest_env(vm)))
-                .map_err(|d| err("configure eth0", d))?;
+                in_netns(&netns, || guest_addresses(vm)).map_err(|d| err("configure eth0", d))?;
             }
+            phases.push(("addresses", t0.elapsed()));
             let rec = self.launch(vm, &n).map_err(|d| err("start command", d))?;
+            phases.push(("command", t0.elapsed()));
             write_record(&n.record, &rec)
                 .map_err(|e| err("write record", format!("{}: {e}", n.record.display())))?;
             let _ = fs::remove_file(&n.pidfile);
@@ -938,7 +959,7 @@ impl Backend for ProcessBackend {
         })();
         match result {
             Ok(rec) => {
-                tracing::debug!(vm = %vm.name, pid = rec.pid, netns = %rec.netns, port = %rec.port, "process started");
+                tracing::debug!(vm = %vm.name, pid = rec.pid, netns = %rec.netns, port = %rec.port, ?phases, "process started");
                 Ok(Started {
                     domid: None,
                     port: Some(rec.port),
@@ -1040,6 +1061,11 @@ impl Backend for ProcessBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_port_mac_is_one_address_as_text_and_as_bytes() {
+        assert_eq!(PORT_MAC.parse::<Mac>().unwrap(), PORT_MAC_OCTETS);
+    }
 
     #[test]
     fn kill_refuses_pids_that_would_signal_groups() {

@@ -1,6 +1,6 @@
 //! The only `unsafe` in jitsu-dns: the libvirt callbacks the `virt` crate does not wrap
-//! ([`libvirt`]), and the tap device and descriptor inheritance of the QEMU backend
-//! ([`qemu`]).
+//! ([`libvirt`]), the tap device and descriptor inheritance of the QEMU backend ([`qemu`]),
+//! and the process backend's gratuitous ARP on a packet socket ([`packet`]).
 //!
 //! Everything else (files, sockets, child processes, signals through rustix) goes through
 //! safe wrappers.
@@ -8,4 +8,5 @@
 #![allow(unsafe_code)]
 
 pub(crate) mod libvirt;
+pub(crate) mod packet;
 pub(crate) mod qemu;

@@ -105,7 +105,10 @@ pub struct Config {
     pub garp_interval: Duration,
     /// Wake requests per stopped VM at most once per this.
     pub wake_interval: Duration,
-    /// Between two probes of a port that is not listening yet.
+    /// Between the first two probes of a port that is not listening yet; each later gap is
+    /// twice the one before, up to `probe_interval`.
+    pub probe_first_interval: Duration,
+    /// Between two probes of a port that is not listening yet, at most.
     pub probe_interval: Duration,
     /// Seeds the generator of probe ports, probe ISNs and Xenstore `tx_isn`s.
     pub seed: u64,
@@ -116,7 +119,8 @@ pub struct Config {
 
 impl Config {
     /// The defaults: hold 10 s, 1024 per VM and 16384 in total, 3 gratuitous ARPs 100 ms
-    /// apart, a wake request per second, a probe every 5 ms.
+    /// apart, a wake request per second, probes 0.25 ms apart at first, then twice as far
+    /// apart each time up to every 5 ms.
     pub fn new(own_mac: Mac) -> Config {
         Config {
             own_mac,
@@ -129,6 +133,7 @@ impl Config {
             garp_count: 3,
             garp_interval: Duration::from_millis(100),
             wake_interval: Duration::from_secs(1),
+            probe_first_interval: Duration::from_micros(250),
             probe_interval: Duration::from_millis(5),
             seed: 0x5eed,
             ports_watched: true,

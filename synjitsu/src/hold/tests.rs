@@ -486,18 +486,19 @@ fn announce_then_probe_then_resend_on_syn_ack() {
         assert!(h.cfg.is_probe_ip(t.src_ip));
         assert_eq!(t.dst_port, 80);
     }
-    // Not listening yet: RSTs, then a probe again 5 ms later.
+    // Not listening yet: RSTs, then a probe again a quarter of a millisecond later.
     let v4_probe = probes.iter().find(|p| p[12] == 0x08).unwrap().clone();
     let rst = probe_answer(&v4_probe, wire::tcp_flags::RST | wire::tcp_flags::ACK);
     assert_eq!(
         h.on_frame(t1, &rst, FrameMeta::default()),
         Verdict::ProbeAnswer
     );
-    assert_eq!(h.poll_at(), Some(t1 + Duration::from_millis(5)));
-    h.handle_timeout(t1 + Duration::from_millis(5));
+    assert_eq!(h.poll_at(), Some(t1 + Duration::from_micros(250)));
+    h.handle_timeout(t1 + Duration::from_micros(250));
     assert_eq!(drain_tx(&mut h).len(), 2);
-    // Listening on IPv4: reset the probe, re-send the IPv4 SYN unchanged.
-    let t2 = t1 + Duration::from_millis(7);
+    // Listening on IPv4 (before the next probes are due, 0.5 ms after the second): reset the
+    // probe, re-send the IPv4 SYN unchanged.
+    let t2 = t1 + Duration::from_micros(600);
     let synack = probe_answer(&v4_probe, wire::tcp_flags::SYN | wire::tcp_flags::ACK);
     assert_eq!(
         h.on_frame(t2, &synack, FrameMeta::default()),
@@ -528,6 +529,35 @@ fn announce_then_probe_then_resend_on_syn_ack() {
     assert_eq!(h.vms().next().unwrap().1, VmPhase::Running);
     assert_eq!(h.poll_at(), None);
     assert_eq!(h.counters().handed_over_wire, 2);
+}
+
+#[test]
+fn probes_start_at_the_announcement_then_back_off_from_fast_to_slow() {
+    let mut h = core();
+    let t0 = Instant::now();
+    booting(&mut h, t0, Handover::Wire);
+    h.on_frame(t0, &SYN_V4, FrameMeta::default());
+    drain_tx(&mut h);
+    fdb_ops(&mut h);
+    let t1 = t0 + Duration::from_millis(300);
+    h.on_frame(t1, &guest_garp(), FrameMeta::default());
+    let rel = fdb_ops(&mut h);
+    h.on_fdb_done(t1, rel[0].id);
+    assert_eq!(drain_tx(&mut h).len(), 1, "the first probe goes at once");
+    // The guest never listens: the gaps between probes, from the timer alone.
+    let mut sent_at = vec![t1];
+    while sent_at.len() < 10 {
+        let at = h.poll_at().expect("a next probe is due");
+        h.handle_timeout(at);
+        if !drain_tx(&mut h).is_empty() {
+            sent_at.push(at);
+        }
+    }
+    let gaps: Vec<u128> = sent_at
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_micros())
+        .collect();
+    assert_eq!(gaps, [250, 500, 1000, 2000, 4000, 5000, 5000, 5000, 5000]);
 }
 
 #[test]

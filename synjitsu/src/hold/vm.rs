@@ -9,7 +9,7 @@
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use shared_proto::{ErrorCode, Handover, Mac, VmIdentity};
 
@@ -97,6 +97,8 @@ pub(super) struct Probe {
     pub(super) src_port: u16,
     pub(super) isn: u32,
     pub(super) next_at: Instant,
+    /// The wait after the next probe sent: it doubles at each, up to `probe_interval`.
+    pub(super) gap: Duration,
 }
 
 /// One VM. See the module documentation.

@@ -2,9 +2,11 @@
 //! backend with `ifup=guest`.
 //!
 //! It waits its boot time, then does what a booting guest does on the bridge, in order:
-//! configures its addresses and announces them (gratuitous ARP, unsolicited NA), starts
-//! listening, and serves HTTP on port 80 and a plain TCP echo on port 7. When it listens it appends one line to the report file
-//! (`listening <name> <unix-time-ns>`), so benchmarks can subtract the boot time.
+//! configures its IPv4 address (silently), starts listening, appends one line to the report
+//! file (`listening <name> <unix-time-ns>`, so benchmarks can subtract the boot time),
+//! configures its IPv6 address, announces its addresses (gratuitous ARP, unsolicited NA, sent
+//! from its own packet socket), and serves
+//! HTTP on port 80 and a plain TCP echo on port 7.
 //!
 //! Settings come from the environment the process backend sets (`JITSU_NAME`, `JITSU_IFACE`,
 //! `JITSU_IP`, `JITSU_IP_PREFIX`, `JITSU_IP6`, `JITSU_IP6_PREFIX`, `JITSU_GATEWAY`) and from
@@ -17,6 +19,10 @@ use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use shared_proto::Mac;
+use synjitsu::garp;
+use synjitsu::sys::packet::PacketSocket;
+use synjitsu::wire::{self, ArpOp, ArpRepr};
 
 struct Settings {
     name: String,
@@ -98,12 +104,29 @@ fn bring_up(s: &Settings) -> Result<()> {
          n=0; while [ \"$(cat /sys/class/net/{i}/operstate)\" != up ] && [ $n -lt 300 ]; do \
          sleep 0.01; n=$((n+1)); done"
     ))?;
-    // Announce each address as a unikernel's stack does when it configures it, then listen:
-    // the unsolicited NA comes from the kernel (ndisc_notify, on the address becoming valid),
-    // the gratuitous ARP from arping.
+    // IPv4 silently: the guest announces itself once it listens (`announce`), as a
+    // unikernel's stack that configures its NIC, opens its listeners, then says so. An
+    // announcement before the listen would tell synjitsu (and `wait_for=announce`) that the
+    // guest can take connections it would refuse. IPv6 comes after the listen
+    // (`announce`): enabling it on the link sends router solicitations and MLD reports, so
+    // that the guest's first frame would not be its announcement.
+    if let Some(ip) = &s.ip {
+        sh(&format!("ip addr replace {ip}/{} dev {i}", s.ip_prefix))?;
+    }
+    if let Some(gw) = &s.gateway {
+        sh(&format!("ip route replace default via {gw}"))?;
+    }
+    Ok(())
+}
+
+/// Configures the IPv6 address (the kernel announces it: unsolicited NA), then announces
+/// each address from the guest's own interface, in microseconds (no tool to spawn): a
+/// gratuitous ARP, and an unsolicited neighbour advertisement to all nodes for an address the
+/// guest found already configured (`ifup=jitsu`), which the kernel did not announce.
+fn announce(s: &Settings) -> Result<()> {
+    let i = &s.iface;
     if let Some(ip6) = &s.ip6 {
-        // Without DAD the address is valid at once and, being new (tentative), announced with
-        // an unsolicited NA; a `nodad` address would be valid at once but never announced.
+        // Without DAD the address is valid at once, and announced.
         sh(&format!(
             "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.{i}.accept_dad=0 \
              net.ipv6.conf.{i}.ndisc_notify=1 net.ipv6.conf.{i}.disable_ipv6=0 \
@@ -111,18 +134,38 @@ fn bring_up(s: &Settings) -> Result<()> {
             s.ip6_prefix
         ))?;
     }
+    let dir = format!("/sys/class/net/{}", s.iface);
+    let read = |f: &str| {
+        std::fs::read_to_string(format!("{dir}/{f}"))
+            .with_context(|| format!("reading {dir}/{f}"))
+            .map(|v| v.trim().to_string())
+    };
+    let ifindex: i32 = read("ifindex")?.parse().context("ifindex")?;
+    let mac: Mac = read("address")?.parse().context("MAC")?;
+    let sock = PacketSocket::open(ifindex, None, 4096).context("packet socket")?;
+    let mut frame = [0u8; 128];
     if let Some(ip) = &s.ip {
-        sh(&format!("ip addr replace {ip}/{} dev {i}", s.ip_prefix))?;
-        // arping sends at once but then lingers a second for replies that never come to a
-        // gratuitous ARP: let it linger on its own while the guest goes on to listen.
-        let mut garp = Command::new("arping")
-            .args(["-q", "-U", "-c", "1", "-I", i, ip])
-            .spawn()
-            .context("running arping (Debian package iputils-arping)")?;
-        std::thread::spawn(move || garp.wait());
+        // The request form, as `arping -U` sends it.
+        let ip = ip.parse().context("JITSU_IP")?;
+        let arp = ArpRepr {
+            op: ArpOp::Request,
+            sender_mac: mac,
+            sender_ip: ip,
+            target_mac: Mac::BROADCAST,
+            target_ip: ip,
+        };
+        wire::write_eth(&mut frame, Mac::BROADCAST, mac, wire::ETHERTYPE_ARP);
+        wire::write_arp(&mut frame, &arp);
+        let n = wire::pad(&mut frame, wire::ETH_HDR + wire::ARP_LEN);
+        sock.send(&frame[..n])
+            .context("sending the gratuitous ARP")?;
     }
-    if let Some(gw) = &s.gateway {
-        sh(&format!("ip route replace default via {gw}"))?;
+    if let Some(ip6) = &s.ip6 {
+        let to = garp::NaTo::AllNodes;
+        let n =
+            garp::neighbour_advertisement(&mut frame, mac, ip6.parse().context("JITSU_IP6")?, to);
+        sock.send(&frame[..n])
+            .context("sending the neighbour advertisement")?;
     }
     Ok(())
 }
@@ -194,6 +237,7 @@ fn main() -> Result<()> {
             .and_then(|mut f| f.write_all(line.as_bytes()))
             .with_context(|| format!("writing the report to {path}"))?;
     }
+    announce(&s)?;
     let name = s.name.clone();
     std::thread::spawn(move || serve_echo(echo));
     serve_http(http, name);

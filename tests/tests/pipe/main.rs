@@ -307,15 +307,15 @@ fn a_query_for_an_off_vm_is_answered_once_synjitsu_holds_it_and_the_held_syn_rea
     assert!(!p.steered(VM_MAC), "its MAC is the bridge's to learn again");
     assert_eq!(phase(&p), VmPhase::Handover);
 
-    // synjitsu probes the held port; the guest does not listen yet and refuses; 5 ms later
-    // the same probe again.
+    // synjitsu probes the held port; the guest does not listen yet and refuses; 0.25 ms
+    // later (the first gap of the back-off) the same probe again.
     let probe = one_probe(&p.take_sent());
     assert_eq!(
         p.frame(&frames::answer_to_probe(&probe, false)),
         Verdict::ProbeAnswer
     );
     assert!(p.take_sent().is_empty(), "a refused probe changes nothing");
-    p.advance(Duration::from_millis(5));
+    p.advance(Duration::from_micros(250));
     assert_eq!(one_probe(&p.take_sent()), probe);
 
     // It listens: the probe is reset and the client's SYN re-sent, as the client sent it.
