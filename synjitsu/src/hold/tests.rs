@@ -67,7 +67,7 @@ fn drain_events(h: &mut Hold) -> Vec<Event> {
     std::iter::from_fn(|| h.poll_event()).collect()
 }
 
-fn fdb_ops(h: &mut Hold) -> Vec<FdbOp> {
+pub(crate) fn fdb_ops(h: &mut Hold) -> Vec<FdbOp> {
     std::iter::from_fn(|| h.poll_fdb()).collect()
 }
 
@@ -76,7 +76,7 @@ fn parsed(f: &[u8]) -> wire::Frame<'_> {
 }
 
 /// [`SYN_V4`] with `edit` applied to its bytes, and both checksums fixed after it.
-fn edited_syn_v4(edit: impl FnOnce(&mut [u8; 74])) -> [u8; 74] {
+pub(crate) fn edited_syn_v4(edit: impl FnOnce(&mut [u8; 74])) -> [u8; 74] {
     let mut f = SYN_V4;
     edit(&mut f);
     f[24] = 0;
@@ -306,10 +306,11 @@ fn checksums_partial_are_completed_bad_are_dropped() {
 }
 
 #[test]
-fn bounds_per_vm_and_in_total_are_enforced() {
+fn refusing_when_full_the_bounds_per_vm_and_in_total_are_enforced() {
     let mut cfg = Config::new(own_mac());
-    cfg.max_held_per_vm = 2;
-    cfg.max_held = 3;
+    cfg.when_full = WhenFull::Refuse;
+    cfg.max_held_per_vm = Some(2);
+    cfg.max_held = Some(3);
     let mut h = Hold::new(cfg);
     let t0 = Instant::now();
     booting(&mut h, t0, Handover::Wire);
@@ -343,9 +344,10 @@ fn bounds_per_vm_and_in_total_are_enforced() {
 }
 
 #[test]
-fn under_a_flood_a_retransmitting_client_displaces_a_spoofed_syn() {
+fn refusing_when_full_a_retransmitting_client_displaces_a_spoofed_syn() {
     let mut cfg = Config::new(own_mac());
-    cfg.max_held_per_vm = 4;
+    cfg.when_full = WhenFull::Refuse;
+    cfg.max_held_per_vm = Some(4);
     cfg.garp_count = 0;
     let mut h = Hold::new(cfg);
     let t0 = Instant::now();
