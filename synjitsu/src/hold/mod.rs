@@ -126,7 +126,7 @@ pub struct Config {
 }
 
 impl Config {
-    /// The defaults: hold 10 s, 16 MiB of SYNs per VM (about 50,000 of them) and 64 MiB in
+    /// The defaults: hold 10 s, 16 MiB of SYNs per VM (about 33,000 of them) and 64 MiB in
     /// total, the oldest evicted, 3 gratuitous ARPs 100 ms apart, a wake request per
     /// second, a probe every 5 ms.
     pub fn new(own_mac: Mac) -> Config {
@@ -393,6 +393,11 @@ impl Hold {
     /// The next frame to send, written into `out` (replacing its contents); false if none.
     pub fn poll_transmit(&mut self, out: &mut Vec<u8>) -> bool {
         self.out.poll_transmit(out)
+    }
+
+    /// True while frames wait in [`Hold::poll_transmit`]'s queue.
+    pub fn transmit_pending(&self) -> bool {
+        !self.out.transmit.is_empty()
     }
 
     /// The next frame for a guest's own port, written into `out` (replacing its contents);
