@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use shared_proto::{ClientMessage, Handover};
 
-use super::tests::{booting, drain_tx, edited_syn_v4, fdb_ops, own_mac, www};
+use super::tests::{booting, booting_db, drain_tx, edited_syn_v4, fdb_ops, own_mac};
 use super::*;
 
 /// A SYN to www (10.77.1.10) from the spoofed source 198.18.0.0/15 numbered `i`, its port
@@ -31,16 +31,6 @@ fn to_db(mut f: [u8; 74]) -> [u8; 74] {
         *g = f;
         g[33] = 11;
     })
-}
-
-fn declare_db(h: &mut Hold, now: Instant) {
-    let mut db = www(Handover::Wire);
-    db.name = "db".into();
-    db.mac = "02:77:00:00:01:11".parse().unwrap();
-    db.ipv4 = "10.77.1.11".parse().unwrap();
-    db.ipv6 = None;
-    h.on_control(now, &ClientMessage::Booting { vm: db })
-        .unwrap();
 }
 
 /// What one of these SYNs is charged (they all have the same size and options).
@@ -135,7 +125,7 @@ fn a_flood_on_one_vm_cannot_take_the_room_another_vm_needs() {
     let mut h = core_with(8, 8);
     let t0 = Instant::now();
     booting(&mut h, t0, Handover::Wire);
-    declare_db(&mut h, t0);
+    booting_db(&mut h, t0);
     let m = FrameMeta::default();
     for i in 0..50 {
         assert_eq!(h.on_frame(t0, &spoofed(i), m), Verdict::Held);
@@ -161,7 +151,7 @@ fn budgets_hold_counts_add_up_and_nothing_outlives_the_hold_timeout() {
     let mut h = core_with(50, 80);
     let mut now = Instant::now();
     booting(&mut h, now, Handover::Wire);
-    declare_db(&mut h, now);
+    booting_db(&mut h, now);
     let m = FrameMeta::default();
     let per_vm = 50 * cost();
     let total = 80 * cost();

@@ -44,6 +44,17 @@ pub(crate) fn booting(h: &mut Hold, now: Instant, handover: Handover) {
         .unwrap();
 }
 
+/// A second VM, `db` (10.77.1.11, MAC ..:11, no IPv6), declared booting.
+pub(crate) fn booting_db(h: &mut Hold, now: Instant) {
+    let mut db = www(Handover::Wire);
+    db.name = "db".into();
+    db.mac = "02:77:00:00:01:11".parse().unwrap();
+    db.ipv4 = "10.77.1.11".parse().unwrap();
+    db.ipv6 = None;
+    h.on_control(now, &ClientMessage::Booting { vm: db })
+        .unwrap();
+}
+
 fn stopped(h: &mut Hold, now: Instant) {
     h.on_control(
         now,
@@ -314,13 +325,7 @@ fn refusing_when_full_the_bounds_per_vm_and_in_total_are_enforced() {
     let mut h = Hold::new(cfg);
     let t0 = Instant::now();
     booting(&mut h, t0, Handover::Wire);
-    let mut other = www(Handover::Wire);
-    other.name = "db".into();
-    other.mac = "02:77:00:00:01:11".parse().unwrap();
-    other.ipv4 = "10.77.1.11".parse().unwrap();
-    other.ipv6 = None;
-    h.on_control(t0, &ClientMessage::Booting { vm: other })
-        .unwrap();
+    booting_db(&mut h, t0);
     let syn = |port: u16, ip_last: u8, mac_last: u8| {
         edited_syn_v4(|f| {
             f[5] = mac_last;
