@@ -1,7 +1,8 @@
 //! `jitsu-dns --check`: what a validated configuration means, as text for a person (and a
 //! test) to read: the settings, the backend and how it was chosen, the zones, and per VM
 //! every value its keys resolved to (units, paths, NICs and their MACs, disks), with the
-//! domain XML a libvirt VM without a domain would be defined with.
+//! domain XML a libvirt VM without a domain would be defined with, or the command line a
+//! QEMU-backend VM is started with.
 //!
 //! Pure: it connects to nothing, so a configuration for another host (`-c xen:///`) can be
 //! checked anywhere. The hypervisor of the XML is the one the URI's scheme names.
@@ -9,6 +10,7 @@
 use std::fmt::Write as _;
 
 use crate::backend::libvirt::{Hypervisor, domain_xml};
+use crate::backend::qemu::{self, Accel, Plan, qemu_args};
 use crate::config::{BackendKind, Config, DiskKind, Forwarders, VmConfig};
 use crate::fleet::fmt_duration;
 
@@ -46,6 +48,7 @@ pub fn render(cfg: &Config) -> String {
         (_, Some(u)) if !u.is_empty() => u.to_string(),
         (BackendKind::Process, _) => "process:///run/jitsu/process (default)".to_string(),
         (BackendKind::Libvirt, _) => "libvirt's default".to_string(),
+        (BackendKind::Qemu, _) => format!("qemu://{} (default)", qemu::DEFAULT_RUN_DIR),
     };
     let _ = write!(o, "backend {} at {uri}", cfg.backend.as_str());
     match &cfg.backend_why {
@@ -118,6 +121,10 @@ fn render_vm(o: &mut String, cfg: &Config, vm: &VmConfig) {
             let _ = writeln!(o, "  {key} {}", p.display());
         }
     }
+    if cfg.backend == BackendKind::Qemu {
+        render_qemu(o, cfg, vm);
+        return;
+    }
     for (i, d) in vm.disks.iter().enumerate() {
         let kind = match d.kind {
             DiskKind::File => "file",
@@ -159,6 +166,51 @@ fn render_vm(o: &mut String, cfg: &Config, vm: &VmConfig) {
     }
 }
 
+/// The QEMU command line of a QEMU-backend VM, with the descriptors it inherits as 3 and 4.
+fn render_qemu(o: &mut String, cfg: &Config, vm: &VmConfig) {
+    if let Some(c) = &vm.cmdline {
+        let _ = writeln!(o, "  cmdline {c}");
+    }
+    let dir = cfg
+        .connect
+        .as_deref()
+        .and_then(|u| qemu::parse_uri(u).ok())
+        .map(|u| u.dir)
+        .unwrap_or_else(|| qemu::DEFAULT_RUN_DIR.into());
+    let pidfile = dir.join(format!("{}.pid", vm.name));
+    let accel = match vm.domain_type {
+        Some(crate::config::DomainType::Kvm) => Accel::Kvm,
+        _ => Accel::Tcg,
+    };
+    let plan = Plan {
+        accel,
+        tap_fd: 3,
+        qmp_fd: 4,
+        pidfile: &pidfile,
+        standby: false,
+    };
+    if let Some(args) = qemu_args(vm, &plan) {
+        let line: Vec<String> = args
+            .iter()
+            .map(|a| {
+                let a = a.to_string_lossy();
+                if a.contains(' ') {
+                    format!("'{a}'")
+                } else {
+                    a.into_owned()
+                }
+            })
+            .collect();
+        let _ = writeln!(
+            o,
+            "  started as (3: a tap on {}, 4: the QMP socket; kvm only where /dev/kvm opens):\n  \
+             qemu-system-x86_64 {}",
+            vm.nic(),
+            line.join(" ")
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,6 +236,32 @@ mod tests {
             Some(Hypervisor::Other("vbox".into()))
         );
         assert_eq!(hypervisor_of(None), None);
+    }
+
+    #[test]
+    fn a_check_shows_a_qemu_vms_command_line() {
+        let f = Flags {
+            backend: Some("qemu".into()),
+            connect: Some("qemu:///run/q".into()),
+            specs: vec![
+                "name=uk,dns=uk.example.org,ip=10.0.0.5,kernel=/k/uk.elf,memory=32M,\
+                 cmdline=ip=10.0.0.5/24 gw=10.0.0.1"
+                    .into(),
+            ],
+            ..Flags::default()
+        };
+        let text = render(&merge(&f, None).unwrap());
+        for want in [
+            "backend qemu at qemu:///run/q\n",
+            "  memory 32768 KiB\n",
+            "  kernel /k/uk.elf\n",
+            "  cmdline ip=10.0.0.5/24 gw=10.0.0.1\n",
+            "  started as (3: a tap on br0, 4: the QMP socket; kvm only where /dev/kvm opens):\n",
+            " -accel tcg -m 32768k ",
+            " -pidfile /run/q/uk.pid -kernel /k/uk.elf -append 'ip=10.0.0.5/24 gw=10.0.0.1'\n",
+        ] {
+            assert!(text.contains(want), "{want} missing from\n{text}");
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The whole chain on one bridge, as on a Xen dom0: a host namespace with `br0`, synjitsu and
-//! jitsu-dns on it, jitsu-dns's VMs (the process backend running `jitsu-test-guest`, or QEMU
-//! guests of the project's image under a hand-started libvirtd) joining `br0`, and a client
-//! namespace whose resolver is jitsu-dns.
+//! jitsu-dns on it, jitsu-dns's VMs (the process backend running `jitsu-test-guest`, QEMU
+//! guests of the project's image under a hand-started libvirtd, or the project's unikernel
+//! under QEMU microvm started by jitsu-dns itself) joining `br0`, and a client namespace whose
+//! resolver is jitsu-dns.
 //! [`Stack::cold_start`] runs one cold start the way a user's client does (`curl http://name/`)
 //! and measures it; the end-to-end tests, the README's main job (`jitsu-e2e demo`) and
 //! `bench/cold-start` (`jitsu-e2e bench`) are all built on it.
@@ -22,6 +23,7 @@ use crate::jitsu_dns::{Dig, ProcessVms, store_log, vm_value, wait_vm_state};
 use crate::libvirt::{ConsoleWatch, GUEST_CMDLINE, GuestImage, Libvirtd};
 use crate::synjitsu::Capture;
 use crate::topo::{Daemon, Host, Member};
+use crate::unikernel::{self, Listening};
 
 /// The bridge's own address, where jitsu-dns serves DNS (dom0's address on `br0`).
 pub const DNS_ADDR: &str = "10.77.0.1";
@@ -132,6 +134,24 @@ pub enum Backend {
     Process,
     /// A QEMU guest (TCG) of `guest/build-image` under libvirtd; it boots as fast as it can.
     Libvirt,
+    /// The Rust unikernel (`guest/unikernel`) under QEMU microvm (TCG), started by jitsu-dns
+    /// itself (`-x qemu`); it boots as fast as it can.
+    Qemu,
+    /// The same unikernel under libvirtd: a microvm domain defined beforehand (libvirt 9
+    /// starts microvm only without PCI devices, which jitsu-dns's definitions have), which
+    /// jitsu-dns's libvirt backend uses as it is.
+    LibvirtUnikernel,
+}
+
+impl Backend {
+    /// `process`, `libvirt` or `qemu`, as `-x` names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Process => "process",
+            Backend::Libvirt | Backend::LibvirtUnikernel => "libvirt",
+            Backend::Qemu => "qemu",
+        }
+    }
 }
 
 /// How the stack is set up.
@@ -150,6 +170,9 @@ pub struct Options {
     pub synjitsu: bool,
     /// jitsu-dns's and synjitsu's `--log-level`.
     pub log_level: String,
+    /// With the QEMU backend: keep a paused QEMU ready for each VM that is off
+    /// (`standby=on`).
+    pub qemu_standby: bool,
 }
 
 impl Default for Options {
@@ -162,6 +185,7 @@ impl Default for Options {
             synjitsu: true,
             // JITSU_E2E_LOG=debug shows every decision of both daemons in failure messages.
             log_level: std::env::var("JITSU_E2E_LOG").unwrap_or_else(|_| "info".into()),
+            qemu_standby: false,
         }
     }
 }
@@ -174,6 +198,8 @@ pub struct Stack {
     /// libvirtd with the libvirt backend (destroys its domains when dropped).
     _libvirt: Option<Libvirtd>,
     image: Option<GuestImage>,
+    /// The unikernel's ELF, with the QEMU backend.
+    unikernel: Option<PathBuf>,
     /// The process backend's VMs (removed on drop).
     pub process_vms: ProcessVms,
     /// The client namespace.
@@ -214,6 +240,18 @@ pub struct ColdStart {
     /// listening, in microseconds: both from the same clock (the client's capture and the
     /// guest's report).
     pub after_listening_us: Option<i64>,
+    /// From the client's DNS query leaving to the page's first byte arriving, both from its
+    /// capture.
+    pub query_to_first_byte: Option<Duration>,
+    /// With the QEMU backend: from the client's DNS query leaving to jitsu-dns starting QEMU
+    /// (its record), in microseconds.
+    pub query_to_spawn_us: Option<i64>,
+    /// With the QEMU backend: from jitsu-dns starting QEMU to the guest listening (its
+    /// gratuitous ARP at the client), in microseconds.
+    pub spawn_to_listening_us: Option<i64>,
+    /// With the QEMU backend: the unikernel's own listening line (its time from entry, the
+    /// firmware's before it).
+    pub guest: Option<Listening>,
     /// SYNs the client sent for the connection (from its capture): 1 when it never waited
     /// for a retransmit timer.
     pub syns: usize,
@@ -267,17 +305,42 @@ impl Stack {
         )?;
         let process_vms = ProcessVms::new(tag, host.file("run"));
         let (libvirt, image) = match opts.backend {
-            Backend::Process => (None, None),
+            Backend::Process | Backend::Qemu => (None, None),
             Backend::Libvirt => {
                 let image = GuestImage::build()?;
                 (Some(Libvirtd::start(&host)?), Some(image))
             }
+            Backend::LibvirtUnikernel => (Some(Libvirtd::start(&host)?), None),
         };
+        let unikernel = match opts.backend {
+            Backend::Qemu | Backend::LibvirtUnikernel => Some(unikernel::elf()?),
+            _ => None,
+        };
+        if let (Some(libvirtd), Some(elf), Backend::LibvirtUnikernel) =
+            (&libvirt, &unikernel, opts.backend)
+        {
+            for vm in &vms {
+                let xml = host.file(&format!("{}.xml", vm.name));
+                let console = host.file(&format!("console-{}.log", vm.name));
+                std::fs::write(
+                    &xml,
+                    unikernel::libvirt_domain_xml(
+                        &vm.name,
+                        &vm.mac().to_string(),
+                        elf,
+                        &format!("ip={}/{PREFIX} gw={DNS_ADDR}", vm.ip),
+                        &console,
+                    ),
+                )?;
+                libvirtd.virsh(&["define", &xml.display().to_string()])?;
+            }
+        }
         let mut stack = Stack {
             jitsu: None,
             synjitsu: None,
             _libvirt: libvirt,
             image,
+            unikernel,
             process_vms,
             client,
             _resolv: resolv,
@@ -337,14 +400,64 @@ impl Stack {
         self.synjitsu = None;
     }
 
-    /// Where a libvirt guest's serial console goes.
+    /// Where a libvirt or QEMU guest's serial console goes.
     pub fn console(&self, vm: &Vm) -> PathBuf {
         self.host.file(&format!("console-{}.log", vm.name))
+    }
+
+    /// The QEMU backend's run directory.
+    pub fn qemu_dir(&self) -> PathBuf {
+        self.host.file("qemu")
+    }
+
+    /// When jitsu-dns started `vm`'s QEMU (or woke its standby), in ns since the epoch (its
+    /// record), while it runs.
+    pub fn qemu_spawned_ns(&self, vm: &Vm) -> Option<u128> {
+        let text =
+            std::fs::read_to_string(self.qemu_dir().join(format!("{}.state", vm.name))).ok()?;
+        // jitsu-dns's record: `key=value` lines (backend::qemu::Record).
+        text.lines()
+            .find_map(|l| l.strip_prefix("spawned_ns="))?
+            .parse()
+            .ok()
     }
 
     fn config_toml(&self) -> String {
         let guest = bin_path("jitsu-test-guest");
         let mut t = String::new();
+        if self.opts.backend == Backend::LibvirtUnikernel {
+            // Their domains are defined: jitsu-dns uses them as they are.
+            for vm in &self.vms {
+                let _ = write!(
+                    t,
+                    "[[vm]]\nname = \"{}\"\ndns = [\"{}\"]\nip = \"{}/{PREFIX}\"\n{}\n{}\n\n",
+                    vm.name,
+                    vm.dns(),
+                    vm.ip,
+                    vm.mask.keys(),
+                    vm.extra,
+                );
+            }
+            return t;
+        }
+        if let Some(elf) = &self.unikernel {
+            for vm in &self.vms {
+                let _ = write!(
+                    t,
+                    "[[vm]]\nname = \"{n}\"\ndns = [\"{d}\"]\nip = \"{ip}/{PREFIX}\"\nnic = \"br0\"\n\
+                     kernel = \"{k}\"\ncmdline = \"ip={ip}/{PREFIX} gw={DNS_ADDR}\"\n\
+                     console_log = \"{c}\"\n{m}\n{x}\n\n",
+                    n = vm.name,
+                    d = vm.dns(),
+                    ip = vm.ip,
+                    k = elf.display(),
+                    c = self.console(vm).display(),
+                    m = vm.mask.keys(),
+                    x = vm.extra,
+                );
+            }
+            return t;
+        }
         if let Some(image) = &self.image {
             for vm in &self.vms {
                 let _ = write!(
@@ -388,10 +501,16 @@ impl Stack {
         let config = self.host.file("jitsu.toml");
         std::fs::write(&config, self.config_toml())?;
         let ttl = self.opts.ttl_secs.to_string();
-        let (backend, uri) = match self.opts.backend {
-            Backend::Process => ("process", self.process_vms.uri(None)),
-            Backend::Libvirt => ("libvirt", crate::libvirt::URI.to_string()),
+        let uri = match self.opts.backend {
+            Backend::Process => self.process_vms.uri(None),
+            Backend::Libvirt | Backend::LibvirtUnikernel => crate::libvirt::URI.to_string(),
+            Backend::Qemu => format!(
+                "qemu://{}?standby={}",
+                self.qemu_dir().display(),
+                if self.opts.qemu_standby { "on" } else { "off" }
+            ),
         };
+        let backend = self.opts.backend.as_str();
         let (config_s, db_s, control_s) = (
             config.display().to_string(),
             self.db().display().to_string(),
@@ -552,27 +671,46 @@ impl Stack {
             )
         });
         let ip = vm.ip.to_string();
-        let listening = match &console {
-            Some(watch) => watch.seen().map(|s| {
+        // The unikernel's first frame is its gratuitous ARP, sent as it starts listening:
+        // seen at the client, on the same clock as the page's first byte.
+        let listening = match (&console, self.opts.backend) {
+            (Some(watch), _) => watch.seen().map(|s| {
                 s.wall
                     .duration_since(UNIX_EPOCH)
                     .expect("clock after 1970")
                     .as_nanos()
             }),
-            None => self.listening_since(&vm.name, started_ns),
+            (None, Backend::Qemu | Backend::LibvirtUnikernel) => garp_from(&frames, &ip),
+            (None, _) => self.listening_since(&vm.name, started_ns),
         };
-        let after_listening_us = match (first_data_from(&frames, &ip), listening) {
-            (Some(fb), Some(l)) if error.is_none() => {
-                Some(((fb as i128 - l as i128) / 1000) as i64)
-            }
+        let first_data = first_data_from(&frames, &ip).filter(|_| error.is_none());
+        let us = |a: Option<u128>, b: Option<u128>| match (a, b) {
+            (Some(a), Some(b)) => Some(((a as i128 - b as i128) / 1000) as i64),
             _ => None,
         };
+        let query = dns_query_from(&frames);
+        let spawned = (self.opts.backend == Backend::Qemu)
+            .then(|| self.qemu_spawned_ns(vm))
+            .flatten()
+            .filter(|t| *t >= started_ns);
+        let guest = matches!(self.opts.backend, Backend::Qemu | Backend::LibvirtUnikernel)
+            .then(|| {
+                let text = std::fs::read_to_string(self.console(vm)).unwrap_or_default();
+                unikernel::parse_listening(&text)
+            })
+            .flatten();
         Ok(ColdStart {
             vm: vm.name.clone(),
             dns: got.namelookup,
             connect: got.connect,
             first_byte: got.first_byte,
-            after_listening_us,
+            after_listening_us: us(first_data, listening),
+            query_to_first_byte: us(first_data, query)
+                .and_then(|u| u64::try_from(u).ok())
+                .map(Duration::from_micros),
+            query_to_spawn_us: us(spawned, query),
+            spawn_to_listening_us: us(listening, spawned),
+            guest,
             syns: syns_to(&frames, &ip),
             syn_retransmits: after.saturating_sub(before),
             error,
@@ -614,19 +752,43 @@ pub fn syns_to(frames: &[String], ip: &str) -> usize {
         .count()
 }
 
+/// The capture time at the start of a `tcpdump -tt` line, in ns since the epoch.
+fn capture_ns(line: &str) -> Option<u128> {
+    let ts = line.split_whitespace().next()?;
+    let (secs, frac) = ts.split_once('.')?;
+    let frac = format!("{frac:0<9}");
+    Some(secs.parse::<u128>().ok()? * 1_000_000_000 + frac.get(..9)?.parse::<u128>().ok()?)
+}
+
 /// When the first frame carrying data from `ip:80` reached the client, in ns since the
 /// epoch (`tcpdump -i any -nn -tt` lines).
 pub fn first_data_from(frames: &[String], ip: &str) -> Option<u128> {
     let from = format!(" In  IP {ip}.80 > ");
-    frames.iter().find_map(|l| {
-        if !l.contains(&from) || l.ends_with("length 0") {
-            return None;
-        }
-        let ts = l.split_whitespace().next()?;
-        let (secs, frac) = ts.split_once('.')?;
-        let frac = format!("{frac:0<9}");
-        Some(secs.parse::<u128>().ok()? * 1_000_000_000 + frac[..9].parse::<u128>().ok()?)
-    })
+    frames
+        .iter()
+        .find(|l| l.contains(&from) && !l.ends_with("length 0"))
+        .and_then(|l| capture_ns(l))
+}
+
+/// When the client's first DNS query to jitsu-dns left, in ns since the epoch.
+pub fn dns_query_from(frames: &[String]) -> Option<u128> {
+    let to = format!(" Out IP {CLIENT_ADDR}.");
+    let dst = format!(" > {DNS_ADDR}.53: ");
+    frames
+        .iter()
+        .find(|l| l.contains(&to) && l.contains(&dst))
+        .and_then(|l| capture_ns(l))
+}
+
+/// When the guest's own gratuitous ARP (the request form, which synjitsu's stand-in replies
+/// are not) reached the client, in ns since the epoch. tcpdump marks a received broadcast
+/// `B`, not `In`.
+pub fn garp_from(frames: &[String], ip: &str) -> Option<u128> {
+    let garp = format!(" ARP, Request who-has {ip} tell {ip}, ");
+    frames
+        .iter()
+        .find(|l| l.contains(&garp) && !l.contains(" Out "))
+        .and_then(|l| capture_ns(l))
 }
 
 /// A millisecond figure for tables.
@@ -687,5 +849,27 @@ mod tests {
             first_data_from(&frames, "10.77.1.10"),
             Some(1_795_697_219_400_500_000)
         );
+        assert_eq!(dns_query_from(&frames), None);
+    }
+
+    #[test]
+    fn captures_give_the_dns_query_and_the_guests_own_announcement() {
+        let frames: Vec<String> = [
+            "1795697218.300000 eth0  Out IP 10.77.0.2.51234 > 10.77.0.1.53: 4242+ A? uk0.example.org. (33)",
+            "1795697218.300900 eth0  In  IP 10.77.0.1.53 > 10.77.0.2.51234: 4242* 1/0/0 A 10.77.1.10 (49)",
+            "1795697218.301000 eth0  In  ARP, Reply 10.77.1.10 is-at 0a:00:00:00:00:01, length 46",
+            "1795697218.330000 eth0  Out ARP, Request who-has 10.77.1.10 tell 10.77.1.10, length 28",
+            "1795697218.340123 eth0  B   ARP, Request who-has 10.77.1.10 tell 10.77.1.10, length 46",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(dns_query_from(&frames), Some(1_795_697_218_300_000_000));
+        // synjitsu's stand-in replies are not the guest's announcement.
+        assert_eq!(
+            garp_from(&frames, "10.77.1.10"),
+            Some(1_795_697_218_340_123_000)
+        );
+        assert_eq!(garp_from(&frames, "10.77.1.11"), None);
     }
 }

@@ -14,6 +14,7 @@ pub mod jitsu_dns;
 pub mod libvirt;
 pub mod synjitsu;
 pub mod topo;
+pub mod unikernel;
 pub mod xenstored;
 
 use std::path::{Path, PathBuf};

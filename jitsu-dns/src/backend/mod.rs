@@ -2,8 +2,9 @@
 //!
 //! Owns the [`Backend`] trait, its result types and [`open`], which builds the backend chosen
 //! by `-x/--backend` from `-c/--connect`. Every call blocks (libvirt is blocking FFI; the
-//! process backend runs `ip` and waits for pid files), so the daemon calls them off the async
-//! runtime and turns results into fleet events. Backends do not decide anything: when to
+//! process backend runs `ip` and waits for pid files; the QEMU backend waits for QMP answers
+//! and exits), so the daemon calls them off the async runtime and turns results into fleet
+//! events. Backends do not decide anything: when to
 //! start, stop or resume is the fleet's.
 //!
 //! The trait is shaped for libvirt (issue 6) as much as for processes: a VM is looked up by
@@ -14,6 +15,7 @@
 
 pub mod libvirt;
 pub mod process;
+pub mod qemu;
 
 use std::fmt;
 use std::sync::Arc;
@@ -124,7 +126,7 @@ fn uri_err(uri: &str, why: impl Into<String>) -> BackendError {
     }
 }
 
-/// The `shutdown_grace` parameter of `uri` (both backends take it): seconds, 0 to 3600.
+/// The `shutdown_grace` parameter of `uri` (every backend takes it): seconds, 0 to 3600.
 fn parse_shutdown_grace(uri: &str, value: &str) -> Result<Duration, BackendError> {
     value
         .parse()
@@ -134,9 +136,25 @@ fn parse_shutdown_grace(uri: &str, value: &str) -> Result<Duration, BackendError
         .ok_or_else(|| uri_err(uri, "shutdown_grace: seconds, 0 to 3600"))
 }
 
+/// The value of `key` in the `key=value` lines of a backend's record of a running VM.
+fn record_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+/// Creates a backend's runtime directory (`dir` of its URI), saying which if it cannot.
+fn create_runtime_dir(dir: &std::path::Path) -> Result<(), BackendError> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        BackendError::Host(format!(
+            "cannot create runtime directory {}: {e}",
+            dir.display()
+        ))
+    })
+}
+
 /// A way of running VMs. Every method blocks; none is called on the async runtime.
 pub trait Backend: Send + Sync + fmt::Debug {
-    /// `process` or `libvirt`, for logs.
+    /// `process`, `libvirt` or `qemu`, for logs.
     fn kind(&self) -> &'static str;
 
     /// Looks the VM up (by uuid if it has one, else by name) and reports its state.
@@ -184,6 +202,7 @@ pub fn open(kind: BackendKind, uri: Option<&str>) -> Result<Arc<dyn Backend>, Ba
     match kind {
         BackendKind::Process => Ok(Arc::new(process::ProcessBackend::open(uri)?)),
         BackendKind::Libvirt => Ok(Arc::new(libvirt::LibvirtBackend::open(uri)?)),
+        BackendKind::Qemu => Ok(Arc::new(qemu::QemuBackend::open(uri)?)),
     }
 }
 

@@ -43,7 +43,10 @@ use std::time::{Duration, Instant};
 use rustix::io::Errno;
 use rustix::process::{Pid, Signal, kill_process};
 
-use super::{Backend, BackendError, Domain, Listed, Started, parse_shutdown_grace, uri_err};
+use super::{
+    Backend, BackendError, Domain, Listed, Started, create_runtime_dir, parse_shutdown_grace,
+    record_value, uri_err,
+};
 use crate::config::{Ifup, StopMode, VmConfig};
 use crate::fleet::{IfCounters, Observed};
 
@@ -187,10 +190,7 @@ impl Record {
     }
 
     fn parse(text: &str) -> Option<Record> {
-        let get = |k: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix('=')))
-        };
+        let get = |k: &str| record_value(text, k);
         Some(Record {
             pid: get("pid")?.parse().ok()?,
             start: get("start")?.parse().ok()?,
@@ -224,7 +224,7 @@ fn port_name(prefix: &str, name: &str) -> String {
 }
 
 /// Reads `/proc/<pid>/stat`: the state letter and the start time (clock ticks after boot).
-fn proc_stat(pid: u32) -> Option<(char, u64)> {
+pub(super) fn proc_stat(pid: u32) -> Option<(char, u64)> {
     let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_stat(&text)
 }
@@ -241,7 +241,7 @@ fn parse_stat(text: &str) -> Option<(char, u64)> {
 }
 
 /// Sends `sig` to process `pid`. A process that is already gone is not an error.
-fn kill(pid: u32, sig: Signal) -> std::io::Result<()> {
+pub(super) fn kill(pid: u32, sig: Signal) -> std::io::Result<()> {
     // Positive only: 0 and negative pids name process groups, -1 every process.
     let pid = i32::try_from(pid)
         .ok()
@@ -259,7 +259,7 @@ fn alive(rec: &Record) -> bool {
 }
 
 /// Packet counters of `iface` from `/proc/net/dev` text.
-fn parse_net_dev(text: &str, iface: &str) -> Option<IfCounters> {
+pub(super) fn parse_net_dev(text: &str, iface: &str) -> Option<IfCounters> {
     text.lines().find_map(|l| {
         let (name, rest) = l.split_once(':')?;
         if name.trim() != iface {
@@ -508,7 +508,7 @@ exec env -u JITSU_CGROUP_PROCS -u JITSU_PIDFILE -u JITSU_NETNS -u JITSU_COMMAND 
   ip netns exec "$JITSU_NETNS" sh -c "$JITSU_COMMAND""#;
 
 /// The MAC of every VM's bridge port (never the lowest on a bridge; it sends nothing).
-const PORT_MAC: &str = "fe:ff:ff:ff:ff:ff";
+pub(super) const PORT_MAC: &str = "fe:ff:ff:ff:ff:ff";
 
 /// Runs inside the VM's namespace first: `eth0` up with no address and IPv6 off, so the
 /// guest's MAC stays silent while the bridge port behind it starts forwarding. (A frame sent
@@ -558,12 +558,7 @@ impl ProcessBackend {
     pub fn open(uri: Option<&str>) -> Result<ProcessBackend, BackendError> {
         let default = format!("process://{DEFAULT_RUNTIME_DIR}");
         let uri = parse_uri(uri.unwrap_or(&default))?;
-        fs::create_dir_all(&uri.dir).map_err(|e| {
-            BackendError::Host(format!(
-                "cannot create runtime directory {}: {e}",
-                uri.dir.display()
-            ))
-        })?;
+        create_runtime_dir(&uri.dir)?;
         for (tool, package) in [("ip", "iproute2"), ("setsid", "util-linux")] {
             if Command::new(tool).arg("-V").output().is_err() {
                 return Err(BackendError::Host(format!(
@@ -782,7 +777,7 @@ fn write_record(path: &Path, rec: &Record) -> std::io::Result<()> {
 }
 
 /// The last line or so of a log, for error messages.
-fn tail(path: &Path) -> String {
+pub(super) fn tail(path: &Path) -> String {
     let t = fs::read_to_string(path).unwrap_or_default();
     let t = t.trim_end();
     let start = t.len().saturating_sub(300);

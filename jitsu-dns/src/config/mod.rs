@@ -191,6 +191,7 @@ pub fn merge(flags: &Flags, file: Option<&FileSettings>) -> Result<Config, Confi
 }
 
 /// What `-x` names: one of the backends, or Jitsu's `libxl`, which is libvirt's libxl driver.
+/// `qemu` is the direct QEMU backend, not libvirt's QEMU driver (`-x libvirt -c qemu:///system`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BackendName {
     Kind(BackendKind),
@@ -212,7 +213,7 @@ fn parse_backend(origin: &Origin, key: &str, v: &str) -> Result<BackendName, Con
         )),
         _ => parse_enum::<BackendKind>(origin, key, v)
             .map(BackendName::Kind)
-            .map_err(|_| invalid(origin, key, v, "expected process, libvirt or libxl")),
+            .map_err(|_| invalid(origin, key, v, "expected process, libvirt, qemu or libxl")),
     }
 }
 
@@ -229,6 +230,11 @@ fn scheme(uri: &str) -> Option<&str> {
 /// given): `-x` wins; without it the scheme of `-c` says (`process:` is the process backend,
 /// any other scheme libvirt, as Jitsu's `-c xen:///` meant); without either, the process
 /// backend, which works on any host. `-x libxl` is libvirt at `xen:///system`.
+///
+/// `qemu:` is both libvirt's QEMU driver (`qemu:///system`, `qemu:///session`) and the direct
+/// QEMU backend's run directory (`-x qemu -c qemu:///run/jitsu/qemu`): without `-x`, a
+/// `qemu:` URI stays libvirt's, as in Jitsu, and one naming a directory libvirt does not know
+/// is refused, saying to add `-x qemu`.
 #[allow(clippy::type_complexity)]
 fn choose_backend(
     named: Option<BackendName>,
@@ -257,6 +263,13 @@ fn choose_backend(
         (None, None) => Ok((BackendKind::Process, connect.map(|(_, u)| u), None)),
         (None, Some((origin, u))) => match scheme(u) {
             Some("process") => Ok((BackendKind::Process, Some(u.to_string()), None)),
+            Some("qemu") if !is_libvirt_qemu_uri(u) => Err(invalid(
+                origin,
+                "connect",
+                u,
+                "libvirt's QEMU driver takes qemu:///system or qemu:///session; a qemu:/// URI \
+                 naming a run directory is the direct QEMU backend's: add -x qemu",
+            )),
             Some(s) => libvirt(u, format!("libvirt, from the scheme {s}: of --connect")),
             None => Err(invalid(
                 origin,
@@ -267,6 +280,17 @@ fn choose_backend(
             )),
         },
     }
+}
+
+/// True for the URIs of libvirt's QEMU driver: a host (`qemu://host/system`), or the path
+/// `/system`, `/session` or `/embed` (any query).
+fn is_libvirt_qemu_uri(uri: &str) -> bool {
+    let Some(rest) = uri.strip_prefix("qemu://") else {
+        return false;
+    };
+    let (host_path, _query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (host, path) = host_path.split_once('/').unwrap_or((host_path, ""));
+    !host.is_empty() || matches!(path, "system" | "session" | "embed")
 }
 
 /// `--forward-clients`: networks (`10.0.0.0/24`; an address alone is its own network),

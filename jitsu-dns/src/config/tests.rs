@@ -368,7 +368,7 @@ fn bad_specs_name_the_key_the_value_and_why() {
         (
             "name=www,dns=www.example.org,ip=10.0.0.1,kernel=/k,command=x",
             "kernel = \"/k\"",
-            "libvirt backend",
+            "this key is for the libvirt and qemu backends; the process backend does not use it",
         ),
         (
             "name=www,dns=www.example.org,ip=10.0.0.1,colour=blue,command=x",
@@ -418,7 +418,10 @@ fn bad_specs_name_the_key_the_value_and_why() {
             "console_log=c.log",
             "console_log = \"c.log\": must be an absolute path",
         ),
-        ("domain_type=hvm", "expected qemu, kvm, xenpvh or xenpv"),
+        (
+            "domain_type=hvm",
+            "expected qemu (or tcg), kvm, xenpvh or xenpv",
+        ),
     ] {
         let mut lv = flags(&[&format!("name=www,dns=www.example.org,ip=10.0.0.1,{spec}")]);
         lv.backend = Some("libvirt".into());
@@ -515,7 +518,7 @@ fn bad_flags_name_the_flag() {
                 backend: Some("xen".into()),
                 ..flags(&[www()])
             },
-            "flag --backend: backend = \"xen\": expected process, libvirt or libxl",
+            "flag --backend: backend = \"xen\": expected process, libvirt, qemu or libxl",
         ),
         (
             Flags {
@@ -1273,4 +1276,116 @@ fn nics_repeat_with_a_script_each_as_jitsu_gave_them() {
     ]);
     f.backend = Some("libvirt".into());
     assert!(err(&f).contains("VM n has this MAC"), "{}", err(&f));
+}
+
+#[test]
+fn qemu_uris_are_libvirts_unless_x_qemu_names_the_direct_backend() {
+    let with = |x: Option<&str>, c: Option<&str>| {
+        merge(
+            &Flags {
+                backend: x.map(Into::into),
+                connect: c.map(Into::into),
+                ..flags(&["name=uk,dns=uk.example.org,ip=10.0.0.5,kernel=/k/uk.elf"])
+            },
+            None,
+        )
+    };
+    // Without -x, libvirt's QEMU URIs stay libvirt's, as in Jitsu.
+    for uri in [
+        "qemu:///system",
+        "qemu:///session",
+        "qemu:///embed?root=/var/lib/x",
+        "qemu://host/system",
+    ] {
+        let c = with(None, Some(uri)).unwrap();
+        assert_eq!(c.backend, BackendKind::Libvirt, "{uri}");
+    }
+    // A run directory without -x is refused, saying to add it.
+    let e = with(None, Some("qemu:///run/jitsu/qemu"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(
+            "flag --connect: connect = \"qemu:///run/jitsu/qemu\": libvirt's QEMU driver"
+        ) && e.contains("add -x qemu"),
+        "{e}"
+    );
+    // -x qemu is the direct backend, with or without -c.
+    let c = with(Some("qemu"), Some("qemu:///run/jitsu/qemu")).unwrap();
+    assert_eq!(
+        (c.backend, c.connect.as_deref(), c.backend_why),
+        (BackendKind::Qemu, Some("qemu:///run/jitsu/qemu"), None)
+    );
+    let c = with(Some("qemu"), None).unwrap();
+    assert_eq!((c.backend, c.connect), (BackendKind::Qemu, None));
+}
+
+#[test]
+fn qemu_vms_take_the_keys_of_a_qemu_command_line() {
+    let qemu = |spec: &str| {
+        merge(
+            &Flags {
+                backend: Some("qemu".into()),
+                specs: vec![format!("name=uk,dns=uk.example.org,ip=10.0.0.5,{spec}")],
+                ..Flags::default()
+            },
+            None,
+        )
+    };
+    let c = qemu(
+        "kernel=/k/uk.elf,initrd=/k/i,cmdline=ip=10.0.0.5/24 gw=10.0.0.1,memory=32M,\
+         console_log=/var/log/uk.console,domain_type=kvm,mac=02:00:00:00:00:05,nic=br1",
+    )
+    .unwrap();
+    let vm = &c.vms[0];
+    assert_eq!(vm.kernel.as_deref(), Some(Path::new("/k/uk.elf")));
+    assert_eq!(vm.initrd.as_deref(), Some(Path::new("/k/i")));
+    assert_eq!(vm.cmdline.as_deref(), Some("ip=10.0.0.5/24 gw=10.0.0.1"));
+    assert_eq!(vm.memory_kib, Some(32 * 1024));
+    assert_eq!(
+        vm.console_log.as_deref(),
+        Some(Path::new("/var/log/uk.console"))
+    );
+    assert_eq!(vm.domain_type, Some(DomainType::Kvm));
+    assert_eq!(vm.mac().to_string(), "02:00:00:00:00:05");
+    assert_eq!(vm.nic(), "br1");
+    // tcg is qemu, as libvirt's type 'qemu' is TCG.
+    let c = qemu("kernel=/k,domain_type=tcg").unwrap();
+    assert_eq!(c.vms[0].domain_type, Some(DomainType::Qemu));
+    for (spec, want) in [
+        (
+            "cmdline=x",
+            "VM spec 1 (uk): kernel is missing: the qemu backend boots each VM's kernel directly",
+        ),
+        (
+            "kernel=/k,domain_type=xenpvh",
+            "domain_type = \"xenpvh\": the qemu backend runs QEMU: tcg (or qemu) or kvm",
+        ),
+        (
+            "kernel=/k,disk=/d.img",
+            "disk = \"/d.img\": this key is for the libvirt backend; the qemu backend does not use it",
+        ),
+        (
+            "kernel=/k,command=x",
+            "command = \"x\": this key is for the process backend; the qemu backend does not use it",
+        ),
+        (
+            "kernel=/k,nic=br0,nic=br1",
+            "nic = \"br1\": the qemu backend gives a VM one interface (one tap)",
+        ),
+        ("kernel=/k,handover=xenstore", "the qemu backend has none"),
+        (
+            "kernel=/k,wait_for_key=ready",
+            "the qemu backend has no Xen domain ids",
+        ),
+    ] {
+        let e = qemu(spec).unwrap_err().to_string();
+        assert!(e.contains(want), "{spec}: {e}");
+    }
+    // A key two backends share names both when a third is refused it.
+    let e = err(&flags(&[&format!("{},kernel=/k", www())]));
+    assert!(
+        e.contains("kernel = \"/k\": this key is for the libvirt and qemu backends; the process backend does not use it"),
+        "{e}"
+    );
 }

@@ -93,6 +93,8 @@ pub enum BackendKind {
     Libvirt,
     /// A command in a network namespace of its own.
     Process,
+    /// QEMU `microvm` started directly, on a tap port of the VM's bridge (issue 13).
+    Qemu,
 }
 
 impl BackendKind {
@@ -101,6 +103,7 @@ impl BackendKind {
         match self {
             BackendKind::Libvirt => "libvirt",
             BackendKind::Process => "process",
+            BackendKind::Qemu => "qemu",
         }
     }
 }
@@ -111,7 +114,8 @@ impl FromStr for BackendKind {
         match s {
             "libvirt" => Ok(BackendKind::Libvirt),
             "process" => Ok(BackendKind::Process),
-            _ => Err("expected libvirt or process".into()),
+            "qemu" => Ok(BackendKind::Qemu),
+            _ => Err("expected libvirt, process or qemu".into()),
         }
     }
 }
@@ -134,7 +138,8 @@ pub enum Ifup {
     Guest,
 }
 
-/// The kind of domain the libvirt backend defines for a VM that has none yet.
+/// The kind of domain the libvirt backend defines for a VM that has none yet, or the
+/// accelerator the QEMU backend runs it with (`qemu`, also written `tcg`, or `kvm`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DomainType {
     /// QEMU with TCG (software emulation): `<domain type='qemu'>`, machine `pc`.
@@ -163,11 +168,12 @@ impl FromStr for DomainType {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "qemu" => Ok(DomainType::Qemu),
+            // TCG is what libvirt's type 'qemu' means; the QEMU backend's own word for it.
+            "qemu" | "tcg" => Ok(DomainType::Qemu),
             "kvm" => Ok(DomainType::Kvm),
             "xenpvh" => Ok(DomainType::XenPvh),
             "xenpv" => Ok(DomainType::XenPv),
-            _ => Err("expected qemu, kvm, xenpvh or xenpv".into()),
+            _ => Err("expected qemu (or tcg), kvm, xenpvh or xenpv".into()),
         }
     }
 }
@@ -292,22 +298,22 @@ pub struct VmConfig {
     pub nics: Vec<Nic>,
     /// The command that is the VM (process backend).
     pub command: Option<String>,
-    /// Kernel image (libvirt), an absolute path (a relative one was resolved when read).
+    /// Kernel image (libvirt, qemu), an absolute path (a relative one was resolved when read).
     pub kernel: Option<PathBuf>,
-    /// Initial ramdisk (libvirt), an absolute path (a relative one was resolved when read).
+    /// Initial ramdisk (libvirt, qemu), an absolute path (a relative one was resolved when read).
     pub initrd: Option<PathBuf>,
-    /// Memory in KiB (libvirt), as Jitsu's `memory` (libxl's `max_memkb`).
+    /// Memory in KiB (libvirt, qemu), as Jitsu's `memory` (libxl's `max_memkb`).
     pub memory_kib: Option<u64>,
     /// Disks (libvirt), in the order given.
     pub disks: Vec<Disk>,
     /// Domain UUID (libvirt).
     pub uuid: Option<String>,
-    /// Kernel command line (libvirt).
+    /// Kernel command line (libvirt, qemu).
     pub cmdline: Option<String>,
-    /// File the guest's serial console is written to (libvirt, QEMU), an absolute path.
+    /// File the guest's serial console is written to (libvirt on QEMU, qemu), an absolute path.
     pub console_log: Option<PathBuf>,
     /// The kind of domain defined for the VM when it has none (libvirt; default from the
-    /// connection's hypervisor).
+    /// connection's hypervisor), or its accelerator (qemu: TCG unless `kvm`).
     pub domain_type: Option<DomainType>,
     /// Rumprun's JSON configuration (libvirt, Xen), a path resolved like `kernel`'s: its
     /// content goes to the domain's Xenstore at `rumprun/cfg` before the guest runs, as in

@@ -55,6 +55,15 @@ const LIBVIRT_KEYS: &[&str] = &[
     "script",
     "rumprun_config",
 ];
+/// Keys the QEMU backend uses: those of libvirt's that its QEMU command line has.
+const QEMU_KEYS: &[&str] = &[
+    "kernel",
+    "initrd",
+    "memory",
+    "cmdline",
+    "console_log",
+    "domain_type",
+];
 /// Keys that may be given more than once.
 const REPEATABLE: &[&str] = &["dns", "disk", "nic", "script"];
 
@@ -152,7 +161,7 @@ pub(super) fn build_vm(
         return Err(keys.missing("dns", "every VM needs at least one name to answer to"));
     }
     // A libvirt VM may be reached through the host's loopback (Jitsu's VirtualBox example,
-    // `ip=127.0.0.1`, port-forwarded); a process VM's own interface may not have it.
+    // `ip=127.0.0.1`, port-forwarded); a process or QEMU VM's own interface may not have it.
     let loopback = d.backend == BackendKind::Libvirt;
     let (ip, ip_prefix) = keys.require("ip", "every VM needs an IPv4 address", |o, k, v| {
         parse_ipv4(o, k, v, loopback)
@@ -188,6 +197,9 @@ pub(super) fn build_vm(
         }
         command => command,
     };
+    if d.backend == BackendKind::Qemu && keys.get("kernel").is_none() {
+        return Err(keys.missing("kernel", "the qemu backend boots each VM's kernel directly"));
+    }
     let zone = keys.parse("zone", |o, k, v| parse_zone(o, k, v, &dns))?;
     let kernel = keys.parse("kernel", |o, k, v| parse_input_path(o, k, v, base))?;
     let initrd = keys.parse("initrd", |o, k, v| parse_input_path(o, k, v, base))?;
@@ -195,7 +207,9 @@ pub(super) fn build_vm(
     let memory_kib = keys.parse("memory", parse_memory)?;
     let disks = keys.all("disk", |o, k, v| parse_disk(o, k, v, base))?;
     check_vdevs(&keys, &disks)?;
-    let domain_type = keys.parse("domain_type", parse_enum)?.or(d.domain_type);
+    let domain_type = keys
+        .parse("domain_type", |o, k, v| parse_domain_type(o, k, v, d))?
+        .or(d.domain_type);
     let rumprun_config = keys.parse("rumprun_config", |o, k, v| {
         parse_rumprun_config(o, k, v, base)
     })?;
@@ -237,12 +251,17 @@ pub(super) fn build_vm(
     })
 }
 
-/// Refuses unknown keys, keys of the other backend, and keys given twice that take one value.
+/// The keys `backend` takes besides the common ones.
+fn backend_keys(backend: BackendKind) -> &'static [&'static str] {
+    match backend {
+        BackendKind::Process => PROCESS_KEYS,
+        BackendKind::Libvirt => LIBVIRT_KEYS,
+        BackendKind::Qemu => QEMU_KEYS,
+    }
+}
+
+/// Refuses unknown keys, keys of another backend, and keys given twice that take one value.
 fn check_keys(entries: &[Entry], backend: BackendKind) -> Result<(), ConfigError> {
-    let (wrong, right) = match backend {
-        BackendKind::Process => (LIBVIRT_KEYS, "libvirt"),
-        BackendKind::Libvirt => (PROCESS_KEYS, "process"),
-    };
     let mut seen: BTreeSet<&str> = BTreeSet::new();
     for e in entries {
         let key = e.key.as_str();
@@ -258,16 +277,31 @@ fn check_keys(entries: &[Entry], backend: BackendKind) -> Result<(), ConfigError
                  wait_for, wait_for_timeout, boot_timeout, use_synjitsu, stop_mode, handover, \
                  zone, nic, and for the process backend command, ifup, gateway, for libvirt \
                  kernel, initrd, memory, disk, script, uuid, cmdline, console_log, domain_type, \
-                 rumprun_config",
+                 rumprun_config, for qemu kernel, initrd, memory, cmdline, console_log, \
+                 domain_type",
             ));
         }
-        if wrong.contains(&key) {
+        if !COMMON_KEYS.contains(&key) && !backend_keys(backend).contains(&key) {
+            let owners: Vec<&str> = [
+                BackendKind::Process,
+                BackendKind::Libvirt,
+                BackendKind::Qemu,
+            ]
+            .into_iter()
+            .filter(|b| backend_keys(*b).contains(&key))
+            .map(BackendKind::as_str)
+            .collect();
+            let (owners, s) = match owners.split_last() {
+                Some((last, [])) => (last.to_string(), ""),
+                Some((last, rest)) => (format!("{} and {last}", rest.join(", ")), "s"),
+                None => (String::new(), ""),
+            };
             return Err(invalid(
                 &e.origin,
                 &e.key,
                 &e.value,
                 format!(
-                    "this key is for the {right} backend; the {} backend does not use it",
+                    "this key is for the {owners} backend{s}; the {} backend does not use it",
                     backend.as_str()
                 ),
             ));
@@ -308,16 +342,20 @@ fn build_nics(
     if bridges.is_empty() {
         bridges.push(DEFAULT_NIC.to_string());
     }
-    if d.backend == BackendKind::Process
-        && let Some(second) = keys.entries.iter().filter(|e| e.key == "nic").nth(1)
-    {
-        return Err(invalid(
-            &second.origin,
-            "nic",
-            &second.value,
-            "the process backend gives a VM one interface (eth0): several NICs are for the \
-             libvirt backend",
-        ));
+    if let Some(second) = keys.entries.iter().filter(|e| e.key == "nic").nth(1) {
+        let one = match d.backend {
+            BackendKind::Process => Some("the process backend gives a VM one interface (eth0)"),
+            BackendKind::Qemu => Some("the qemu backend gives a VM one interface (one tap)"),
+            BackendKind::Libvirt => None,
+        };
+        if let Some(one) = one {
+            return Err(invalid(
+                &second.origin,
+                "nic",
+                &second.value,
+                format!("{one}: several NICs are for the libvirt backend"),
+            ));
+        }
     }
     let scripts = keys.all("script", parse_script)?;
     Ok(bridges
@@ -377,13 +415,16 @@ fn parse_wait_for_key(
             "not a Xenstore path: use A-Z a-z 0-9 / _ @ -",
         ));
     }
-    if d.backend == BackendKind::Process && !v.starts_with('/') {
+    if d.backend != BackendKind::Libvirt && !v.starts_with('/') {
         return Err(invalid(
             origin,
             key,
             v,
-            "a relative key lives under /local/domain/<domid>/, and the process backend \
-             has no Xen domain ids: give an absolute path",
+            format!(
+                "a relative key lives under /local/domain/<domid>/, and the {} backend \
+                 has no Xen domain ids: give an absolute path",
+                d.backend.as_str()
+            ),
         ));
     }
     Ok(v.to_string())
@@ -410,15 +451,37 @@ fn parse_handover(
 ) -> Result<HandoverKind, ConfigError> {
     match v {
         "wire" => Ok(HandoverKind::Wire),
-        "xenstore" if d.backend == BackendKind::Process => Err(invalid(
+        "xenstore" if d.backend != BackendKind::Libvirt => Err(invalid(
             origin,
             key,
             v,
-            "xenstore hand-over needs a Xen domain id, and the process backend has none",
+            format!(
+                "xenstore hand-over needs a Xen domain id, and the {} backend has none",
+                d.backend.as_str()
+            ),
         )),
         "xenstore" => Ok(HandoverKind::Xenstore),
         _ => Err(invalid(origin, key, v, "expected wire or xenstore")),
     }
+}
+
+/// `domain_type`: any for libvirt; TCG (`qemu`, `tcg`) or `kvm` for the QEMU backend.
+fn parse_domain_type(
+    origin: &Origin,
+    key: &str,
+    v: &str,
+    d: VmDefaults,
+) -> Result<DomainType, ConfigError> {
+    let t: DomainType = parse_enum(origin, key, v)?;
+    if d.backend == BackendKind::Qemu && !matches!(t, DomainType::Qemu | DomainType::Kvm) {
+        return Err(invalid(
+            origin,
+            key,
+            v,
+            "the qemu backend runs QEMU: tcg (or qemu) or kvm",
+        ));
+    }
+    Ok(t)
 }
 
 fn parse_ifup(origin: &Origin, key: &str, v: &str) -> Result<Ifup, ConfigError> {

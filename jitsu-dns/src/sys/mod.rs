@@ -1,5 +1,6 @@
 //! The only `unsafe` in jitsu-dns: the libvirt callbacks the `virt` crate does not wrap
-//! ([`libvirt`]).
+//! ([`libvirt`]), and the tap device and descriptor inheritance of the QEMU backend
+//! ([`qemu`]).
 //!
 //! Everything else (files, sockets, child processes, signals through rustix) goes through
 //! safe wrappers.
@@ -7,3 +8,4 @@
 #![allow(unsafe_code)]
 
 pub(crate) mod libvirt;
+pub(crate) mod qemu;

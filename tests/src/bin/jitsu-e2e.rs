@@ -3,12 +3,17 @@
 //!
 //! - `jitsu-e2e demo [--boot-ms N]`: the README's main job. One cold start per masking mode
 //!   (none, fixed delay, wait for announce, synjitsu) with real `dig` and `curl`, a table of
-//!   what the client saw, then the VMs stopped after 2 x TTL idle and the state history.
+//!   what the client saw, then the VMs stopped after 2 x TTL idle and the state history; then
+//!   the same for the Rust unikernel under QEMU microvm, started by jitsu-dns's QEMU backend
+//!   (no masking, announce, synjitsu).
 //! - `jitsu-e2e bench [--runs N] [--boot-ms A,B] [--modes ...] [--arp] [--backend B]`:
 //!   `bench/cold-start`. N cold starts per mode and boot time, with the median and p95 of
 //!   (first byte - guest listening), SYNs per connection, retransmits and failures. With
 //!   `--backend libvirt` the VMs are QEMU guests under libvirtd, which boot as fast as TCG
-//!   lets them (`--boot-ms` does not apply).
+//!   lets them (`--boot-ms` does not apply). `--backend qemu [--guest unikernel]`: the
+//!   unikernel under jitsu-dns's QEMU backend, then, in the same run, the Linux guest under
+//!   libvirt and the test guest under the process backend (`--baseline-runs N` each, `0` for
+//!   none), with where the unikernel's time goes; `--series` runs some of these only.
 //!
 //! Run as root, from a build that has `synjitsu`, `jitsu-dns` and `jitsu-test-guest` beside
 //! it (`cargo build --release --workspace --bins`).
@@ -21,7 +26,7 @@ use jitsu_tests::e2e::{Backend, ColdStart, DNS_ADDR, Mask, Options, Stack, Vm, t
 fn usage() -> ! {
     eprintln!(
         "usage: jitsu-e2e demo [--boot-ms N]\n       \
-         jitsu-e2e bench [--runs N] [--boot-ms A,B,...] [--modes none,delay,announce,synjitsu] [--arp] [--backend process|libvirt]"
+         jitsu-e2e bench [--runs N] [--boot-ms A,B,...] [--modes none,delay,announce,synjitsu] [--arp] [--backend process|libvirt|qemu] [--guest unikernel] [--baseline-runs N]\n                [--series qemu,standby,libvirt-unikernel,libvirt-linux,process]"
     );
     std::process::exit(2)
 }
@@ -29,20 +34,71 @@ fn usage() -> ! {
 struct Args {
     runs: usize,
     boots: Vec<u64>,
+    /// `--boot-ms` was given (else `boots` is the command's default).
+    boots_given: bool,
     modes: Vec<Mask>,
     /// The client starts without the VMs' MACs and must ARP for them.
     arp: bool,
     /// What runs the VMs.
     backend: Backend,
+    /// With `--backend qemu`: cold starts per mode of each baseline (libvirt, process).
+    baseline_runs: Option<usize>,
+    /// With `--backend qemu`: the series to run (all by default).
+    series: Vec<SeriesName>,
+}
+
+/// One backend and guest that `bench --backend qemu` runs cold starts of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SeriesName {
+    /// The unikernel under jitsu-dns's QEMU backend.
+    Qemu,
+    /// The same with `standby=on`.
+    Standby,
+    /// The unikernel under libvirt (a baseline).
+    LibvirtUnikernel,
+    /// The Linux guest under libvirt (a baseline).
+    LibvirtLinux,
+    /// The test guest under the process backend (a baseline).
+    Process,
+}
+
+impl SeriesName {
+    const ALL: [SeriesName; 5] = [
+        SeriesName::Qemu,
+        SeriesName::Standby,
+        SeriesName::LibvirtUnikernel,
+        SeriesName::LibvirtLinux,
+        SeriesName::Process,
+    ];
+
+    fn parse(s: &str) -> Result<SeriesName> {
+        Ok(match s {
+            "qemu" => SeriesName::Qemu,
+            "standby" => SeriesName::Standby,
+            "libvirt-unikernel" => SeriesName::LibvirtUnikernel,
+            "libvirt-linux" => SeriesName::LibvirtLinux,
+            "process" => SeriesName::Process,
+            other => bail!(
+                "unknown series {other:?}: qemu, standby, libvirt-unikernel, libvirt-linux, process"
+            ),
+        })
+    }
+
+    fn baseline(self) -> bool {
+        !matches!(self, SeriesName::Qemu | SeriesName::Standby)
+    }
 }
 
 fn parse(args: &[String], default_boots: &[u64], default_runs: usize) -> Result<Args> {
     let mut a = Args {
         runs: default_runs,
         boots: default_boots.to_vec(),
+        boots_given: false,
         modes: Mask::ALL.to_vec(),
         arp: false,
         backend: Backend::Process,
+        baseline_runs: None,
+        series: SeriesName::ALL.to_vec(),
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -54,6 +110,7 @@ fn parse(args: &[String], default_boots: &[u64], default_runs: usize) -> Result<
                     .split(',')
                     .map(|v| v.trim().parse().context("--boot-ms"))
                     .collect::<Result<_>>()?;
+                a.boots_given = true;
             }
             "--modes" => {
                 a.modes = value()?
@@ -72,8 +129,24 @@ fn parse(args: &[String], default_boots: &[u64], default_runs: usize) -> Result<
                 a.backend = match value()?.as_str() {
                     "process" => Backend::Process,
                     "libvirt" => Backend::Libvirt,
-                    other => bail!("unknown backend {other:?}: process or libvirt"),
+                    "qemu" => Backend::Qemu,
+                    other => bail!("unknown backend {other:?}: process, libvirt or qemu"),
                 }
+            }
+            "--guest" => {
+                let g = value()?;
+                if g != "unikernel" {
+                    bail!("unknown guest {g:?}: the QEMU backend's guest is unikernel");
+                }
+            }
+            "--baseline-runs" => {
+                a.baseline_runs = Some(value()?.parse().context("--baseline-runs")?);
+            }
+            "--series" => {
+                a.series = value()?
+                    .split(',')
+                    .map(|v| SeriesName::parse(v.trim()))
+                    .collect::<Result<_>>()?;
             }
             "-h" | "--help" => usage(),
             other => bail!("unknown argument {other:?} (try --help)"),
@@ -158,7 +231,63 @@ fn demo(a: Args) -> Result<()> {
         println!("{line}");
     }
     drop(stack);
+    demo_unikernel()?;
     println!("\nEverything the demo created (namespaces, VMs, files) is removed.");
+    Ok(())
+}
+
+/// The demo's second part: the Rust unikernel under QEMU microvm, started by jitsu-dns
+/// itself, with no masking, waiting for its announcement, and synjitsu.
+fn demo_unikernel() -> Result<()> {
+    let modes = [Mask::None, Mask::Announce, Mask::Synjitsu];
+    let vms: Vec<Vm> = modes
+        .iter()
+        .enumerate()
+        .map(|(n, m)| Vm::new(n, *m, Duration::ZERO))
+        .collect();
+    let opts = Options {
+        backend: Backend::Qemu,
+        ttl_secs: 2,
+        ..Options::default()
+    };
+    println!(
+        "\nThe same with a real VM: the project's Rust unikernel (guest/unikernel) under QEMU microvm\n\
+         with TCG, started by jitsu-dns itself (-x qemu: a tap on br0, QEMU, QMP; no libvirt),\n\
+         one per mode. It listens a few milliseconds after its entry point and announces itself.\n"
+    );
+    let stack = Stack::start("demoq", vms.clone(), opts)?;
+    let mut rows: Vec<(String, ColdStart)> = Vec::new();
+    for vm in &vms {
+        let c = stack.cold_start(vm)?;
+        rows.push((vm.mask.label(), c));
+    }
+    println!("{}", table(&rows));
+    for (label, c) in &rows {
+        if let (Some(exec), Some(listen), Some(g)) =
+            (c.query_to_spawn_us, c.spawn_to_listening_us, &c.guest)
+        {
+            println!(
+                "{label:<9} DNS query -> QEMU started {:.1} ms -> guest listening {:.1} ms (of which \
+                 firmware {:.1} ms and the guest's own boot {:.1} ms)",
+                exec as f64 / 1000.0,
+                listen as f64 / 1000.0,
+                g.firmware_ms.unwrap_or(f64::NAN),
+                g.after_ms
+            );
+        }
+    }
+    let took = stack.wait_all_off(Duration::from_secs(120))?;
+    let taps = jitsu_tests::unikernel::taps(stack.host.ns())?;
+    let qemus = jitsu_tests::unikernel::qemus(stack.host.ns())?;
+    println!(
+        "\nAll {} unikernels are off {:.1} s after the last page (idle stop at 2 x TTL = {} s): {} QEMU \
+         processes and {} tap devices left.",
+        vms.len(),
+        took.as_secs_f64(),
+        2 * stack.options().ttl_secs,
+        qemus.len(),
+        taps.len()
+    );
     Ok(())
 }
 
@@ -178,6 +307,9 @@ fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
 }
 
 fn bench(mut a: Args) -> Result<()> {
+    if a.backend == Backend::Qemu {
+        return bench_unikernel(a);
+    }
     if a.backend == Backend::Libvirt {
         // The QEMU guest boots as fast as TCG lets it; one column, labelled 0.
         a.boots = vec![0];
@@ -204,6 +336,9 @@ fn bench(mut a: Args) -> Result<()> {
                 "libvirt backend: QEMU (TCG) guests of guest/build-image under libvirtd, booting \
                  as fast as they can (boot ms: qemu); listening = the guest's console line, \
                  which trails its listen by about 10-20 ms under TCG"
+            }
+            Backend::Qemu | Backend::LibvirtUnikernel => {
+                unreachable!("bench_unikernel runs the unikernel")
             }
         },
         if a.arp {
@@ -305,6 +440,271 @@ fn bench(mut a: Args) -> Result<()> {
          completed with its first SYN. SYN rtx: the client's SYN retransmissions in all. \
          Total time {:.0} s.",
         started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The cold starts of one backend and guest, per mode.
+struct Series {
+    label: String,
+    backend: Backend,
+    results: Vec<(Mask, ColdStart)>,
+}
+
+/// `runs` cold starts per mode of `modes` on `backend` (its guest booting for `boot`, with
+/// the process backend), each on a VM of its own, in one stack.
+fn run_series(
+    label: &str,
+    backend: Backend,
+    boot: Duration,
+    runs: usize,
+    modes: &[Mask],
+    arp: bool,
+    qemu_standby: bool,
+) -> Result<Series> {
+    let mut vms = Vec::new();
+    for _ in 0..runs {
+        for m in modes {
+            vms.push(Vm::new(vms.len(), *m, boot));
+        }
+    }
+    eprintln!("  {label}: {} cold starts", vms.len());
+    let opts = Options {
+        client_knows_macs: !arp,
+        backend,
+        // The idle clock starts when the backend's start returns; a TCG Linux guest sends its
+        // first packet seconds later, so a 1 s TTL would stop it as idle before it is up.
+        ttl_secs: match backend {
+            Backend::Libvirt => 5,
+            // libvirt's start returns 0.4 s or more before the guest runs.
+            Backend::LibvirtUnikernel => 2,
+            _ => 1,
+        },
+        qemu_standby,
+        ..Options::default()
+    };
+    let stack = Stack::start("bench", vms.clone(), opts)?;
+    if qemu_standby {
+        // Every VM's standby QEMU is started when jitsu-dns looks it up, and then initializes
+        // in the background: let them finish, as they would long before a query on a real
+        // host.
+        let dir = stack.qemu_dir();
+        jitsu_tests::wait_until("every VM's standby QEMU", Duration::from_secs(120), || {
+            vms.iter()
+                .all(|vm| {
+                    std::fs::read_to_string(dir.join(format!("{}.state", vm.name)))
+                        .is_ok_and(|t| t.contains("\nstandby=1\n"))
+                })
+                .then_some(())
+        })?;
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let mut results = Vec::new();
+    let started = Instant::now();
+    for (i, vm) in vms.iter().enumerate() {
+        let c = stack.cold_start(vm)?;
+        if let Some(e) = &c.error {
+            eprintln!("  {} ({label}, {}): {e}", vm.name, vm.mask.label());
+        }
+        results.push((vm.mask, c));
+        if (i + 1) % 20 == 0 {
+            eprintln!(
+                "  {} of {} done ({:.0} s)",
+                i + 1,
+                vms.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(Series {
+        label: label.to_string(),
+        backend,
+        results,
+    })
+}
+
+/// `bench/cold-start --backend qemu --guest unikernel`: the unikernel under jitsu-dns's QEMU
+/// backend, against the Linux guest under libvirt and the test guest under the process
+/// backend in the same run, and where the unikernel's time goes.
+fn bench_unikernel(a: Args) -> Result<()> {
+    let baseline = a.baseline_runs.unwrap_or(a.runs);
+    // The process backend's test guest booting about as long as the unikernel's QEMU takes.
+    let process_boot = Duration::from_millis(if a.boots_given { a.boots[0] } else { 30 });
+    println!(
+        "bench/cold-start --backend qemu: {} cold starts per mode of the Rust unikernel under QEMU\n\
+         microvm (TCG), started by jitsu-dns itself (-x qemu), as is and with standby=on (a QEMU\n\
+         started paused ahead, woken by the query), and {} per mode of the same unikernel and\n\
+         of the Linux guest under libvirt (TCG) and of the test guest under the process backend\n\
+         (booting {} ms), in this run; both daemons on one bridge, each cold start on a VM of its own; the client {}.\n\
+         Times are from the client's capture: its DNS query leaving, the page's first byte\n\
+         arriving, the guest's listening (the unikernel's own gratuitous ARP; the Linux guest's\n\
+         console line, which trails by 10-20 ms; the test guest's report).",
+        a.runs,
+        baseline,
+        process_boot.as_millis(),
+        if a.arp {
+            "ARPs for each VM"
+        } else {
+            "has each VM's MAC cached"
+        }
+    );
+    let process = format!("process/{}ms", process_boot.as_millis());
+    let mut all = Vec::new();
+    for which in &a.series {
+        let (label, backend, boot, standby) = match which {
+            SeriesName::Qemu => ("qemu/unikernel", Backend::Qemu, Duration::ZERO, false),
+            SeriesName::Standby => ("qemu+standby/uk", Backend::Qemu, Duration::ZERO, true),
+            SeriesName::LibvirtUnikernel => (
+                "libvirt/unikernel",
+                Backend::LibvirtUnikernel,
+                Duration::ZERO,
+                false,
+            ),
+            SeriesName::LibvirtLinux => ("libvirt/linux", Backend::Libvirt, Duration::ZERO, false),
+            SeriesName::Process => (process.as_str(), Backend::Process, process_boot, false),
+        };
+        let runs = if which.baseline() { baseline } else { a.runs };
+        if runs > 0 {
+            all.push(run_series(
+                label, backend, boot, runs, &a.modes, a.arp, standby,
+            )?);
+        }
+    }
+    let f = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
+    println!(
+        "\n{:<16} {:<12} {:>4} {:>5} {:>6} {:>4} {:>17} {:>19}",
+        "", "", "", "", "", "SYN", "query->1st byte", "1st byte-listening"
+    );
+    println!(
+        "{:<16} {:<12} {:>4} {:>5} {:>6} {:>4} {:>8} {:>8} {:>9} {:>9}",
+        "backend/guest",
+        "mode",
+        "n",
+        "fails",
+        "1 SYN",
+        "rtx",
+        "p50 ms",
+        "p95 ms",
+        "p50 ms",
+        "p95 ms"
+    );
+    for series in &all {
+        for m in &a.modes {
+            let rows: Vec<&ColdStart> = series
+                .results
+                .iter()
+                .filter(|(rm, _)| rm == m)
+                .map(|(_, c)| c)
+                .collect();
+            let fails = rows.iter().filter(|c| !c.ok()).count();
+            let one_syn = rows.iter().filter(|c| c.ok() && c.syns == 1).count();
+            let rtx: u64 = rows.iter().map(|c| c.syn_retransmits).sum();
+            let total = sorted(
+                rows.iter()
+                    .filter_map(|c| c.query_to_first_byte)
+                    .map(|d| d.as_secs_f64() * 1000.0),
+            );
+            let after = sorted(
+                rows.iter()
+                    .filter_map(|c| c.after_listening_us)
+                    .map(|us| us as f64 / 1000.0),
+            );
+            println!(
+                "{:<16} {:<12} {:>4} {:>5} {:>6} {:>4} {:>8} {:>8} {:>9} {:>9}",
+                series.label,
+                m.label(),
+                rows.len(),
+                fails,
+                format!("{one_syn}/{}", rows.len()),
+                rtx,
+                f(percentile(&total, 50.0)),
+                f(percentile(&total, 95.0)),
+                f(percentile(&after, 50.0)),
+                f(percentile(&after, 95.0)),
+            );
+        }
+    }
+    // Where the unikernel's time goes, per mode (medians).
+    println!(
+        "\nWhere the unikernel's time goes (medians, ms): DNS query leaving the client -> jitsu-dns\n\
+         starts QEMU (with standby=on: wakes the paused QEMU) -> the guest listens (QEMU's own\n\
+         start, the firmware, the guest from its entry point, of which virtio-net's set-up) -> the\n\
+         page's first byte at the client."
+    );
+    println!(
+        "{:<16} {:<12} {:>11} {:>13} {:>11} {:>9} {:>11} {:>7} {:>15}",
+        "",
+        "mode",
+        "query->exec",
+        "exec->listen",
+        "QEMU start",
+        "firmware",
+        "guest boot",
+        "virtio",
+        "listen->1st byte"
+    );
+    for (series, m) in all
+        .iter()
+        .filter(|s| s.backend == Backend::Qemu)
+        .flat_map(|s| a.modes.iter().map(move |m| (s, m)))
+    {
+        let rows: Vec<&ColdStart> = series
+            .results
+            .iter()
+            .filter(|(rm, c)| rm == m && c.ok())
+            .map(|(_, c)| c)
+            .collect();
+        let med = |v: Vec<f64>| percentile(&sorted(v.into_iter()), 50.0);
+        let exec = med(rows
+            .iter()
+            .filter_map(|c| c.query_to_spawn_us)
+            .map(|u| u as f64 / 1000.0)
+            .collect());
+        let listen = med(rows
+            .iter()
+            .filter_map(|c| c.spawn_to_listening_us)
+            .map(|u| u as f64 / 1000.0)
+            .collect());
+        let qemu = med(rows
+            .iter()
+            .filter_map(|c| {
+                let g = c.guest.as_ref()?;
+                Some(c.spawn_to_listening_us? as f64 / 1000.0 - g.after_ms - g.firmware_ms?)
+            })
+            .collect());
+        let firmware = med(rows
+            .iter()
+            .filter_map(|c| c.guest.as_ref()?.firmware_ms)
+            .collect());
+        let guest = med(rows
+            .iter()
+            .filter_map(|c| Some(c.guest.as_ref()?.after_ms))
+            .collect());
+        let virtio = med(rows
+            .iter()
+            .filter_map(|c| c.guest.as_ref()?.virtio_ms)
+            .collect());
+        let after = med(rows
+            .iter()
+            .filter_map(|c| c.after_listening_us)
+            .map(|u| u as f64 / 1000.0)
+            .collect());
+        println!(
+            "{:<16} {:<12} {:>11} {:>13} {:>11} {:>9} {:>11} {:>7} {:>15}",
+            series.label,
+            m.label(),
+            f(exec),
+            f(listen),
+            f(qemu),
+            f(firmware),
+            f(guest),
+            f(virtio),
+            f(after)
+        );
+    }
+    println!(
+        "\nfails: connections that got no page. 1 SYN: connections the client completed with its\n\
+         first SYN. rtx: the client's SYN retransmissions in all (TcpExtTCPSynRetrans)."
     );
     Ok(())
 }

@@ -1,0 +1,222 @@
+//! jitsu's unikernel (`guest/unikernel`), booted by QEMU microvm under TCG on a tap port of a
+//! bridge in namespaces the test creates, checked with real tools: `arping` gets its MAC,
+//! `ping` is answered, its gratuitous ARP is its first frame and comes after it listens,
+//! `curl` gets its page over a kept-alive connection and from 50 clients at once, and it
+//! prints when it listens.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, ensure};
+use jitsu_tests::synjitsu::Capture;
+use jitsu_tests::topo::{BRIDGE, Host, Member};
+use jitsu_tests::unikernel::{QEMU, Unikernel};
+use jitsu_tests::{require_root, require_tool, wait_until};
+
+const GUEST_IP: &str = "10.77.13.10";
+const GUEST_MAC: &str = "02:77:00:0d:00:10";
+const CMDLINE: &str = "ip=10.77.13.10/24 gw=10.77.13.1";
+/// Generous: the first boot of a test run may wait for a busy machine.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn tools() {
+    require_root();
+    for (t, p) in [
+        (QEMU, "qemu-system-x86"),
+        ("ip", "iproute2"),
+        ("arping", "iputils-arping"),
+        ("ping", "iputils-ping"),
+        ("curl", "curl"),
+        ("tcpdump", "tcpdump"),
+    ] {
+        require_tool(t, p);
+    }
+}
+
+/// A bridge with the gateway's address, and a client on it.
+fn topology(tag: &str) -> Result<(Host, Member)> {
+    let host = Host::new(tag)?;
+    host.address("10.77.13.1/24")?;
+    let client = host.join("ukc", Some("02:77:00:0d:00:02"), &["10.77.13.2/24"], true)?;
+    Ok((host, client))
+}
+
+/// True for a `tcpdump -nn -tt` line of a frame the guest sent.
+fn from_guest(line: &str) -> bool {
+    line.contains(&format!("tell {GUEST_IP},"))
+        || line.contains(&format!("Reply {GUEST_IP} is-at"))
+        || line.contains(&format!("IP {GUEST_IP} >"))
+        || line.contains(&format!("IP {GUEST_IP}."))
+}
+
+/// The capture time (seconds since the epoch) at the start of a `tcpdump -tt` line.
+fn capture_time(line: &str) -> f64 {
+    line.split_whitespace()
+        .next()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no capture time in {line:?}"))
+}
+
+#[test]
+fn the_unikernel_answers_arp_and_ping_and_announces_itself_once_it_listens() -> Result<()> {
+    tools();
+    let (host, client) = topology("ukarp")?;
+    let capture = Capture::start(host.ns(), BRIDGE, host.dir(), "br")?;
+    let mut guest = Unikernel::boot(&host, GUEST_MAC, CMDLINE)?;
+    let listening = guest.wait_listening(BOOT_TIMEOUT)?;
+    let seen = SystemTime::now();
+    ensure!(
+        listening.endpoint == format!("{GUEST_IP}:80") && listening.mac == GUEST_MAC,
+        "listening line names another address: {}",
+        listening.line
+    );
+    ensure!(
+        listening.after_ms > 0.0,
+        "no time in the listening line: {}",
+        listening.line
+    );
+    // Its clock against the host's: the line cannot report more time than passed since QEMU
+    // started (a TSC rate calibrated too low would).
+    let since_start = seen.duration_since(guest.started)?;
+    ensure!(
+        since_start.as_secs_f64() * 1000.0 >= listening.after_ms,
+        "the guest says it listened {} ms after entry, but QEMU started only {since_start:?} \
+         before the line was seen",
+        listening.after_ms
+    );
+
+    let arping = client
+        .ns
+        .sh(&format!("arping -c 1 -w 10 -I eth0 {GUEST_IP}"))?;
+    ensure!(
+        arping
+            .to_lowercase()
+            .contains(&format!("reply from {GUEST_IP} [{GUEST_MAC}]")),
+        "arping got no reply with the guest's MAC:\n{arping}"
+    );
+    let ping = client
+        .ns
+        .sh(&format!("ping -c 3 -i 0.2 -w 30 {GUEST_IP}"))?;
+    // With a deadline (-w) ping waits for late replies (a busy host can take a while) and
+    // stops at the third; a late one may come with the next.
+    let received: u32 = ping
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" received")?.parse().ok())
+        .unwrap_or(0);
+    ensure!(received >= 3, "ping not answered:\n{ping}");
+
+    let frames = capture.finish()?;
+    let seen = frames.join("\n");
+    let garps: Vec<&String> = frames
+        .iter()
+        .filter(|l| l.contains(&format!("Request who-has {GUEST_IP} tell {GUEST_IP},")))
+        .collect();
+    ensure!(
+        garps.len() == 1,
+        "want one gratuitous ARP from the guest, saw:\n{seen}"
+    );
+    let first = frames.iter().find(|l| from_guest(l));
+    ensure!(
+        first == Some(garps[0]),
+        "the guest's first frame is not its gratuitous ARP:\n{seen}"
+    );
+    // The guest listened `after_ms` after its entry point, which came after QEMU started:
+    // an announcement sent before listening would be earlier than that.
+    let started = guest.started.duration_since(UNIX_EPOCH)?.as_secs_f64();
+    let listened_no_earlier = started + listening.after_ms / 1000.0;
+    let garp_at = capture_time(garps[0]);
+    ensure!(
+        garp_at >= listened_no_earlier,
+        "gratuitous ARP at {garp_at:.6}, before the guest can have listened \
+         (QEMU started {started:.6}, listening {} ms after entry)",
+        listening.after_ms
+    );
+    Ok(())
+}
+
+/// The request number on a page (`request N` in its last line).
+fn request_number(page: &str) -> Option<u64> {
+    page.lines().last()?.strip_prefix("request ")?.parse().ok()
+}
+
+#[test]
+fn the_unikernel_serves_http_with_keep_alive_and_to_fifty_clients_at_once() -> Result<()> {
+    tools();
+    let (host, client) = topology("ukhttp")?;
+    let mut guest = Unikernel::boot(&host, GUEST_MAC, CMDLINE)?;
+    let listening = guest.wait_listening(BOOT_TIMEOUT)?;
+
+    // Three requests on one connection: curl reuses it (one connect, then none).
+    let out = client.ns.sh(&format!(
+        "curl -sS -f -m 10 -w 'connects=%{{num_connects}}\\n' \
+         http://{GUEST_IP}/ http://{GUEST_IP}/ http://{GUEST_IP}/"
+    ))?;
+    let numbers: Vec<u64> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("request ")?.parse().ok())
+        .collect();
+    let connects: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("connects="))
+        .collect();
+    ensure!(
+        numbers == [1, 2, 3] && connects == ["1", "0", "0"],
+        "want requests 1, 2, 3 on one kept-alive connection, got:\n{out}"
+    );
+    let boot = format!("listening {:.3} ms after entry\n", listening.after_ms);
+    ensure!(
+        out.contains(&boot),
+        "the page does not give the boot time ({boot:?}):\n{out}"
+    );
+
+    // Fifty clients at once, each on its own connection.
+    let dir = host.file("pages");
+    std::fs::create_dir_all(&dir)?;
+    client.ns.sh(&format!(
+        "for i in $(seq 50); do \
+           curl -sS -f -m 30 -o {d}/$i http://{GUEST_IP}/ 2>{d}/$i.err & \
+         done; wait",
+        d = dir.display()
+    ))?;
+    let mut seen = Vec::new();
+    for i in 1..=50 {
+        let page = std::fs::read_to_string(dir.join(i.to_string())).unwrap_or_default();
+        let err = std::fs::read_to_string(dir.join(format!("{i}.err"))).unwrap_or_default();
+        let n = request_number(&page)
+            .with_context(|| format!("client {i} got no page: {page:?} {err}"))?;
+        seen.push(n);
+    }
+    seen.sort_unstable();
+    ensure!(
+        seen == (4..=53).collect::<Vec<u64>>(),
+        "the fifty clients' request numbers are not 4..=53 each once: {seen:?}"
+    );
+    let last = client
+        .ns
+        .sh(&format!("curl -sS -f -m 10 http://{GUEST_IP}/"))?;
+    ensure!(
+        request_number(&last) == Some(54),
+        "the request after them is not number 54:\n{last}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_unikernel_without_an_address_says_why_and_stops() -> Result<()> {
+    tools();
+    let (host, _client) = topology("uknoip")?;
+    let guest = Unikernel::boot(&host, GUEST_MAC, "gw=10.77.13.1")?;
+    // The whole line: QEMU writes the console a character at a time.
+    let console = wait_until("the unikernel's fatal error", BOOT_TIMEOUT, || {
+        Some(guest.console())
+            .filter(|c| c.lines().any(|l| l.contains("fatal")) && c.ends_with('\n'))
+    })?;
+    ensure!(
+        console.contains("jitsu-unikernel: fatal: no ip=A.B.C.D/len on the command line"),
+        "the console does not say what is missing:\n{console}"
+    );
+    ensure!(
+        !console.contains("listening"),
+        "it listened without an address:\n{console}"
+    );
+    Ok(())
+}
