@@ -1,12 +1,14 @@
 #!/usr/bin/python3
 """Writes the captures bench/synjitsu-flood replays (classic pcap, Ethernet).
 
-  synjitsu-flood-gen.py flood OUT.pcap FLOOD LEGIT
+  synjitsu-flood-gen.py flood OUT.pcap FLOOD LEGIT [SEED]
       FLOOD SYNs to the booting VM 10.77.1.10:80 (MAC 02:77:00:00:01:10) from random
       addresses in 198.18.0.0/15, random ports and ISNs, never repeated (spoofed sources do
       not retransmit), with LEGIT SYNs from the client 10.77.1.2 (distinct ports) spread
       evenly over the first half, and each one's retransmission (same port and ISN, as a
       real client sends it a second later) spread over the second half. Checksums complete.
+      SEED (default 1) picks the spoofed sources: captures with different seeds share none
+      of their SYNs.
   synjitsu-flood-gen.py noise OUT.pcap COUNT
       COUNT frames of traffic that is none of synjitsu's business, sent to MACs the bridge
       has never seen (so it floods them to every port, synjitsu's included): TCP data
@@ -64,8 +66,8 @@ def write_pcap(path, frames):
             f.write(fr)
 
 
-def flood(out, n_flood, n_legit):
-    rnd = random.Random(1)
+def flood(out, n_flood, n_legit, seed=1):
+    rnd = random.Random(seed)
     legit = [(20000 + i, rnd.getrandbits(32)) for i in range(n_legit)]
     # Where each legitimate SYN goes: originals in the first half, retransmissions in the
     # second, evenly spaced.
@@ -112,7 +114,7 @@ def noise(out, n):
 
 if __name__ == "__main__":
     if sys.argv[1] == "flood":
-        flood(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        flood(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]) if len(sys.argv) > 5 else 1)
     elif sys.argv[1] == "noise":
         noise(sys.argv[2], int(sys.argv[3]))
     else:

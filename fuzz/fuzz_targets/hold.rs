@@ -40,7 +40,7 @@ use shared_proto::{ClientMessage, Event, Handover, Mac, Phase, Request, VmIdenti
 use synjitsu::garp::{self, NaTo};
 use synjitsu::hold::{
     Checksum, Config, DropReason, FdbAction, FdbOp, FrameMeta, Hold, StoreDone, StoreOp,
-    StoreOutcome, Verdict, VmPhase,
+    StoreOutcome, Verdict, VmPhase, WhenFull,
 };
 use synjitsu::wire::{self, ArpOp, ArpRepr, Packet, TcpOut, tcp_flags};
 
@@ -48,6 +48,11 @@ const OWN_MAC: Mac = Mac([0x02, 0x53, 0x59, 0x4a, 0, 1]);
 const PROBE_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 250);
 const PROBE_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 1, 0, 0, 0, 0, 0, 0xfa);
 const HOLD_TIMEOUT: Duration = Duration::from_secs(10);
+/// The SYN table's bounds, small so that inputs reach them: bytes (the default policy, the
+/// oldest evicted: about 8 SYNs per VM, 13 in all) or, for the old policy kept as the
+/// flood benchmark's baseline, counts besides the bytes (the new SYN refused).
+const HELD_BYTES_PER_VM: usize = 4096;
+const HELD_BYTES: usize = 7000;
 const MAX_HELD_PER_VM: usize = 6;
 const MAX_HELD: usize = 10;
 /// The results the input can still report, at most (the oldest are forgotten, as lost).
@@ -183,6 +188,8 @@ fn remember<T>(list: &mut Vec<T>, item: T) {
 
 struct Harness {
     hold: Hold,
+    /// Whether the old policy's counts bound the table besides the bytes.
+    counted: bool,
     now: Instant,
     pending: Pending,
     /// Where frames are built.
@@ -198,8 +205,14 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut cfg = Config::new(OWN_MAC);
     cfg.hold_timeout = HOLD_TIMEOUT;
-    cfg.max_held_per_vm = MAX_HELD_PER_VM;
-    cfg.max_held = MAX_HELD;
+    cfg.held_bytes_per_vm = HELD_BYTES_PER_VM;
+    cfg.held_bytes = HELD_BYTES;
+    let counted = setup & 8 != 0;
+    if counted {
+        cfg.when_full = WhenFull::Refuse;
+        cfg.max_held_per_vm = Some(MAX_HELD_PER_VM);
+        cfg.max_held = Some(MAX_HELD);
+    }
     if setup & 1 != 0 {
         cfg.xenstore_off = None;
     }
@@ -207,6 +220,7 @@ fuzz_target!(|data: &[u8]| {
     cfg.probe_v6 = (setup & 4 != 0).then_some(PROBE_V6);
     let mut h = Harness {
         hold: Hold::new(cfg),
+        counted,
         now: base(),
         pending: Pending::default(),
         frame: vec![0; 1600],
@@ -606,7 +620,7 @@ impl Harness {
         }
         while let Some(ev) = self.hold.poll_event() {
             if let Event::SynHeld { held, .. } = ev {
-                assert!(held as usize <= MAX_HELD_PER_VM, "{ev:?}");
+                assert!(!self.counted || held as usize <= MAX_HELD_PER_VM, "{ev:?}");
             }
         }
         while let Some(op) = self.hold.poll_store() {
@@ -654,14 +668,24 @@ impl Harness {
         let held_now = self.hold.held_now();
         let mut sum = 0;
         for (name, _, held) in self.hold.vms() {
-            assert!(held <= MAX_HELD_PER_VM, "{name} holds {held}");
+            assert!(
+                !self.counted || held <= MAX_HELD_PER_VM,
+                "{name} holds {held}"
+            );
+            let bytes = self.hold.vm_held_bytes(name);
+            assert!(bytes <= HELD_BYTES_PER_VM, "{name} holds {bytes} bytes");
             sum += held;
         }
         assert_eq!(
             sum, held_now,
             "the VMs' held SYNs do not add up to held_now"
         );
-        assert!(held_now <= MAX_HELD, "{held_now} held in all");
+        assert!(
+            !self.counted || held_now <= MAX_HELD,
+            "{held_now} held in all"
+        );
+        let bytes = self.hold.held_bytes_now();
+        assert!(bytes <= HELD_BYTES, "{bytes} bytes held in all");
         let c = self.hold.counters();
         assert_eq!(
             c.syns_held,

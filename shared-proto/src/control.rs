@@ -203,7 +203,8 @@ pub enum Event {
         /// The VM.
         name: String,
     },
-    /// A client SYN for the VM is now held.
+    /// A client SYN for the VM is now held: sent for the first SYN held, then at most every
+    /// 100 ms while more come (a flood is not an event per SYN).
     SynHeld {
         /// The VM.
         name: String,

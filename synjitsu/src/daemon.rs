@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::control::{ControlIn, ControlServer};
 use crate::fdb::{Fdb, FdbError};
 use crate::filter;
-use crate::hold::{Checksum, Config, FrameMeta, Hold, StoreDone, StoreOp, StoreOutcome};
+use crate::hold::{Checksum, Config, FrameMeta, Hold, StoreDone, StoreOp, StoreOutcome, WhenFull};
 use crate::metrics::{self, Scrapes, ShellStats};
 use crate::port::{self, Port};
 use crate::steering::{self, Steering, record::Record, record::RecordError};
@@ -89,10 +89,17 @@ pub struct Options {
     pub hold_timeout: Duration,
     /// Between two reconciles of the forwarding table with what synjitsu wants.
     pub fdb_reconcile_interval: Duration,
-    /// SYNs held per VM at most.
-    pub max_held_per_vm: usize,
-    /// SYNs held in total at most.
-    pub max_held: usize,
+    /// Bytes of held SYNs per VM at most.
+    pub held_bytes_per_vm: usize,
+    /// Bytes of held SYNs in total at most.
+    pub held_bytes: usize,
+    /// Refuse a SYN that does not fit instead of evicting the oldest (benchmark baseline
+    /// only).
+    pub refuse_when_full: bool,
+    /// SYNs held per VM at most, besides the bytes (benchmark baseline only).
+    pub max_held_per_vm: Option<usize>,
+    /// SYNs held in total at most, besides the bytes (benchmark baseline only).
+    pub max_held: Option<usize>,
     /// Attach no kernel filter (benchmark baseline only).
     pub no_bpf_filter: bool,
     /// Open no announcement watcher (benchmark baseline only): announcements are then taken
@@ -240,6 +247,11 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
     cfg.probe_v4 = opts.probe_v4;
     cfg.probe_v6 = opts.probe_v6;
     cfg.hold_timeout = opts.hold_timeout;
+    cfg.held_bytes_per_vm = opts.held_bytes_per_vm;
+    cfg.held_bytes = opts.held_bytes;
+    if opts.refuse_when_full {
+        cfg.when_full = WhenFull::Refuse;
+    }
     cfg.max_held_per_vm = opts.max_held_per_vm;
     cfg.max_held = opts.max_held;
     cfg.xenstore_off = match (&xs_socket, &opts.xenstore) {
@@ -458,6 +470,7 @@ impl Shell {
                 }
                 Poll::Pending
             });
+            let sending = self.core.transmit_pending();
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
@@ -499,6 +512,9 @@ impl Shell {
                         }
                     }
                 },
+                // Frames left queued by the last flush (a large hand-over): the next batch,
+                // once every other source has had its turn.
+                () = std::future::ready(()), if sending => {}
             }
             self.flush(sock);
             if failed.is_some() {
@@ -738,7 +754,13 @@ impl Shell {
                 }
             }
         }
-        while self.core.poll_transmit(&mut self.txbuf) {
+        // At most a batch a turn: a hand-over of tens of thousands of SYNs sent at once would
+        // hold up every other source, and overflow the kernel's per-CPU backlog
+        // (netdev_max_backlog, 1000) on the way to the guest, which drops the rest.
+        for _ in 0..BATCH {
+            if !self.core.poll_transmit(&mut self.txbuf) {
+                break;
+            }
             match sock.get_ref().send(&self.txbuf) {
                 Ok(()) => self.stats.tx_frames += 1,
                 Err(e) => {

@@ -68,13 +68,30 @@ struct Cli {
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DUR")]
     fdb_reconcile_interval: Duration,
 
-    /// SYNs held per VM at most; more are dropped and counted (vm_full).
-    #[arg(long, default_value_t = 1024, value_name = "N")]
-    max_held_per_vm: usize,
+    /// Memory the SYNs held for one VM may take (e.g. 16MiB, 512KiB, 1000000: about 500
+    /// bytes a SYN); a new SYN that does not fit evicts that VM's oldest never retransmitted
+    /// (counted as evicted), so under a flood the newest are held.
+    #[arg(long, default_value = "16MiB", value_parser = parse_bytes, value_name = "BYTES")]
+    max_held_bytes_per_vm: usize,
 
-    /// SYNs held in total at most; more are dropped and counted (table_full).
-    #[arg(long, default_value_t = 16384, value_name = "N")]
-    max_held: usize,
+    /// Memory the SYNs held for every VM together may take; a new SYN that does not fit
+    /// evicts from the VM that holds the most, once its own holds its share.
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes, value_name = "BYTES")]
+    max_held_bytes: usize,
+
+    /// Benchmark baseline only: refuse a SYN that does not fit (vm_full, table_full) instead
+    /// of evicting the oldest, as synjitsu did before the byte budget.
+    #[arg(long, hide = true)]
+    refuse_when_full: bool,
+
+    /// Benchmark baseline only: SYNs held per VM at most, besides the bytes (the old bound
+    /// was 1024).
+    #[arg(long, hide = true, value_name = "N")]
+    max_held_per_vm: Option<usize>,
+
+    /// Benchmark baseline only: SYNs held in total at most, besides the bytes (was 16384).
+    #[arg(long, hide = true, value_name = "N")]
+    max_held: Option<usize>,
 
     /// Benchmark baseline only: attach no kernel filter, so every frame on the bridge is
     /// copied to synjitsu.
@@ -108,6 +125,28 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// A size in bytes: a number, optionally with a unit (KiB, MiB, GiB; K, M, G mean the same).
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, ""));
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 16MiB or 1048576"))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "KiB" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        _ => return Err(format!("{s:?}: unit must be KiB, MiB or GiB")),
+    };
+    n.checked_mul(1 << shift)
+        .filter(|b| *b > 0)
+        .ok_or_else(|| format!("{s:?}: must be more than 0 and fit in memory"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = match &cli.log_level {
@@ -138,7 +177,7 @@ fn main() -> ExitCode {
         "off" => XenstoreMode::Off,
         path => XenstoreMode::Socket(PathBuf::from(path)),
     };
-    if cli.max_held_per_vm == 0 || cli.max_held == 0 {
+    if cli.max_held_per_vm == Some(0) || cli.max_held == Some(0) {
         eprintln!("synjitsu: --max-held and --max-held-per-vm must be at least 1");
         return ExitCode::from(2);
     }
@@ -152,6 +191,9 @@ fn main() -> ExitCode {
         allow_uid: cli.allow_uid,
         hold_timeout: cli.hold_timeout,
         fdb_reconcile_interval: cli.fdb_reconcile_interval,
+        held_bytes_per_vm: cli.max_held_bytes_per_vm,
+        held_bytes: cli.max_held_bytes,
+        refuse_when_full: cli.refuse_when_full,
         max_held_per_vm: cli.max_held_per_vm,
         max_held: cli.max_held,
         no_bpf_filter: cli.no_bpf_filter,
@@ -203,6 +245,26 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units_and_refuse_zero_or_garbage() {
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert_eq!(parse_bytes("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_bytes("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+        for bad in [
+            "0",
+            "0MiB",
+            "",
+            "MiB",
+            "1.5MiB",
+            "3TB",
+            "-1",
+            "99999999999999999999",
+        ] {
+            assert!(parse_bytes(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn durations_parse() {

@@ -118,6 +118,9 @@ pub fn render(core: &Hold, shell: &ShellStats, client_attached: bool) -> Registr
     let gauges = [
         ("control_client_attached", "1 while a control client is attached", usize::from(client_attached)),
         ("held_syns", "SYNs held now, in total", core.held_now()),
+        ("held_bytes", "Bytes the held SYNs (and those queued for re-sending) are charged now, bounded by held_bytes_budget", core.held_bytes_now()),
+        ("held_bytes_budget", "Bytes the held SYNs may take in total (--max-held-bytes)", core.config().held_bytes),
+        ("held_bytes_budget_per_vm", "Bytes the SYNs held for one VM may take (--max-held-bytes-per-vm)", core.config().held_bytes_per_vm),
         ("fdb_pending", "MACs whose wanted forwarding entry is not known to be on the bridge yet", usize::try_from(shell.fdb_pending).unwrap_or(usize::MAX)),
         ("fdb_sticky", "1 if steering entries are sticky (kept on synjitsu's port whatever port the MAC sends from)", usize::from(shell.fdb_sticky)),
     ];
@@ -214,5 +217,7 @@ mod tests {
         assert!(text.contains("synjitsu_vm_phase{vm=\"www\",phase=\"booting\"} 1"));
         assert!(text.contains("synjitsu_vm_held_syns{vm=\"www\"} 1"));
         assert!(text.contains("synjitsu_held_syns 1"));
+        assert!(text.contains(&format!("synjitsu_held_bytes {}", h.held_bytes_now())));
+        assert!(h.held_bytes_now() > 0);
     }
 }

@@ -42,8 +42,8 @@ fn help_explains_every_flag() {
         "--allow-uid",
         "--hold-timeout",
         "--fdb-reconcile-interval",
-        "--max-held-per-vm",
-        "--max-held",
+        "--max-held-bytes-per-vm",
+        "--max-held-bytes",
     ] {
         let line = help
             .lines()
@@ -59,10 +59,17 @@ fn help_explains_every_flag() {
         help.contains("waits for jitsu-dns's `ready`"),
         "--help says what the wire hand-over does without a probe address:\n{help}"
     );
-    assert!(
-        !help.contains("no-bpf-filter"),
-        "the benchmark flag stays hidden"
-    );
+    for hidden in [
+        "no-bpf-filter",
+        "refuse-when-full",
+        "--max-held-per-vm",
+        "--max-held ",
+    ] {
+        assert!(
+            !help.contains(hidden),
+            "the benchmark flag {hidden} stays hidden"
+        );
+    }
 }
 
 #[test]

@@ -8,6 +8,7 @@
 //! guest answers with a SYN-ACK, and re-sending the held SYNs on the wire. Holding them is
 //! [`super::syn`]'s; noticing the guest's announcement is [`super::neighbour`]'s.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::time::Instant;
 
@@ -153,7 +154,7 @@ impl Vm {
             out.guests_generation += 1;
         }
         // What Xenstore has, the guest reads itself.
-        out.total_held -= self.take_held(|h| h.stored == Stored::Written).len();
+        self.take_held(out, |h| h.stored == Stored::Written);
         if std::mem::replace(&mut self.steered, false) {
             self.release_pending =
                 Some(out.queue_fdb(&self.id.name, self.id.mac, FdbAction::Release));
@@ -255,17 +256,28 @@ impl Vm {
         }
     }
 
-    /// Re-sends every held SYN that `pick` selects and Xenstore does not have.
+    /// Re-sends every held SYN that `pick` selects and Xenstore does not have: first those
+    /// whose client retransmitted (known to be real), then the rest oldest first (the
+    /// nearest to their client's retransmission timeout).
     pub(super) fn resend(&mut self, out: &mut Outputs, pick: impl Fn(&Held) -> bool) {
-        let sent = self.take_held(|h| matches!(h.stored, Stored::No | Stored::Refused) && pick(h));
+        let real: HashSet<u64> = self
+            .held
+            .iter()
+            .filter(|h| self.seen.get(&(h.key, h.isn)) == Some(&true))
+            .map(|h| h.id)
+            .collect();
+        let mut sent = self.take_held(out, |h| {
+            matches!(h.stored, Stored::No | Stored::Refused) && pick(h)
+        });
         if sent.is_empty() {
             return;
         }
+        sent.sort_by_key(|h| !real.contains(&h.id));
         let count = sent.len();
-        out.total_held -= count;
         out.counters.handed_over_wire += count as u64;
         for h in sent {
-            out.send(Tx::Frame(h.frame));
+            let cost = h.cost();
+            out.resend(h.frame, cost);
         }
         tracing::info!(vm = %self.id.name, count, "held SYNs re-sent to the guest");
         out.emit(Event::Handover {

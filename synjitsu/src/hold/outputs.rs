@@ -8,7 +8,7 @@
 //! from what was queued, when the shell asks for it ([`crate::garp`], [`crate::wire`]). It
 //! decides nothing and knows no VM ([`super::vm`]).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use shared_proto::{Event, Mac};
@@ -215,7 +215,11 @@ pub(super) enum Tx {
         req: ArpRepr,
     },
     Tcp(TcpOut),
-    Frame(Vec<u8>),
+    /// A held SYN re-sent to its guest, and what it was charged ([`super::held_cost`]).
+    Resend {
+        frame: Vec<u8>,
+        cost: usize,
+    },
 }
 
 /// The outputs. See the module documentation.
@@ -231,8 +235,15 @@ pub(super) struct Outputs {
     /// Frames for a guest, with the port they go out of.
     pub(super) to_guest: VecDeque<(String, Vec<u8>)>,
     pub(super) counters: Counters,
-    /// SYNs held by every VM together (bounded by `max_held`).
+    /// SYNs held by every VM together.
     pub(super) total_held: usize,
+    /// Their costs ([`super::held_cost`]) added up.
+    pub(super) held_bytes: usize,
+    /// The costs of held SYNs taken for re-sending and still queued ([`Tx::Resend`]): with
+    /// `held_bytes`, bounded by [`super::Config::held_bytes`].
+    pub(super) resend_bytes: usize,
+    /// The VMs holding at least one SYN, by name: where the total budget evicts from.
+    pub(super) holding: BTreeSet<String>,
     /// Bumped whenever the guests whose frames go through their port may have changed.
     pub(super) guests_generation: u64,
     next_id: u64,
@@ -253,6 +264,9 @@ impl Outputs {
                 ..Counters::default()
             },
             total_held: 0,
+            held_bytes: 0,
+            resend_bytes: 0,
+            holding: BTreeSet::new(),
             guests_generation: 0,
             next_id: 1,
             rng: seed | 1,
@@ -281,6 +295,13 @@ impl Outputs {
             return;
         }
         self.transmit.push_back(tx);
+    }
+
+    /// Queues a held SYN for re-sending, past [`MAX_TRANSMIT`]: its memory is charged to the
+    /// byte budget until it is sent, and a hand-over larger than the queue loses nothing.
+    pub(super) fn resend(&mut self, frame: Vec<u8>, cost: usize) {
+        self.resend_bytes += cost;
+        self.transmit.push_back(Tx::Resend { frame, cost });
     }
 
     /// Queues an event for jitsu-dns, unless [`MAX_EVENTS`] wait already.
@@ -336,7 +357,10 @@ impl Outputs {
         };
         out.clear();
         match tx {
-            Tx::Frame(mut f) => std::mem::swap(out, &mut f),
+            Tx::Resend { mut frame, cost } => {
+                self.resend_bytes -= cost;
+                std::mem::swap(out, &mut frame);
+            }
             Tx::Garp { mac, ip } => {
                 out.resize(garp::MAX_LEN, 0);
                 let n = garp::gratuitous_arp(out, mac, ip);

@@ -3,17 +3,21 @@
 //!
 //! Owns what may be held (a SYN the bridge sent to the VM's MAC, its checksum checked or
 //! completed, its options readable), retransmissions (held once, and marking the client as
-//! real), the bounds per VM and in total, and, under a flood, a retransmitted SYN refused
-//! earlier displacing one that never was (see [`crate::refused`]). Giving the held SYNs to the
-//! guest is [`super::handover`]'s.
+//! real), and the byte budgets per VM and in total: under a flood every new SYN is held and
+//! the oldest never retransmitted is evicted to make room for it (why: [`WhenFull`]), from the
+//! VM itself, or for the total from the VM holding the most once this one holds its share.
+//! An evicted or refused SYN is remembered (see [`crate::refused`]) so that its retransmission
+//! is held as a real client's. Giving the held SYNs to the guest is [`super::handover`]'s.
 
-use std::time::Instant;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use shared_proto::Event;
 
 use super::outputs::{Outputs, StoreOp, Tx};
-use super::vm::{Held, Stored, Vm, VmPhase};
-use super::{Checksum, Config, DropReason, FrameMeta, Hold, Verdict};
+use super::vm::{Held, Stored, Vm, VmPhase, held_cost};
+use super::{Checksum, Config, DropReason, FrameMeta, Hold, Verdict, WhenFull};
+use crate::refused::Refused;
 use crate::store::layout::{SynKey, options_from_wire};
 use crate::wire::{self, EthHeader, TcpOut, TcpRepr};
 
@@ -60,32 +64,24 @@ impl Hold {
             vm.wake(cfg, out, now, false);
             return Verdict::Duplicate;
         }
-        let full = if vm.held.len() >= cfg.max_held_per_vm {
-            Some(DropReason::VmFull)
-        } else if out.total_held >= cfg.max_held {
-            Some(DropReason::TableFull)
-        } else {
-            None
+        let cost = held_cost(frame.len(), options.capacity());
+        let fp = self.refused.fingerprint(&key, t.seq);
+        let retransmitted = match self.make_room(now, t.dst_ip, cost, fp) {
+            Ok(retransmitted) => retransmitted,
+            Err(reason) => return Verdict::Drop(reason),
         };
-        let mut retransmitted = false;
-        if let Some(reason) = full {
-            // A retransmission of a SYN refused earlier comes from a real client: it takes
-            // the place of a SYN that was never retransmitted (likely spoofed), if any.
-            let fp = self.refused.fingerprint(&key, t.seq);
-            if !self.refused.contains(fp) || !vm.evict_one(out) {
-                self.refused.insert(now, fp);
-                return Verdict::Drop(reason);
-            }
-            retransmitted = true;
-        }
+        let (cfg, out) = (&self.cfg, &mut self.out);
+        let vm = self
+            .vms
+            .with_ip_mut(t.dst_ip)
+            .expect("found above, and making room forgets no VM");
         let id = out.id();
         let mut frame = frame.to_vec();
         if meta.checksum == Checksum::Partial {
             wire::complete_tcp_checksum(&mut frame, t);
             out.counters.checksums_completed += 1;
         }
-        vm.seen.insert((key, t.seq), retransmitted);
-        vm.held.push_back(Held {
+        let h = Held {
             id,
             key,
             isn: t.seq,
@@ -95,15 +91,24 @@ impl Hold {
             frame,
             since: now,
             stored: Stored::No,
-        });
+        };
+        vm.push_held(out, h, retransmitted);
         let held = vm.held.len();
-        out.total_held += 1;
         out.counters.syns_held += 1;
         tracing::debug!(vm = %vm.id.name, client = %t.src_ip, port = t.dst_port, held, "SYN held");
-        out.emit(Event::SynHeld {
-            name: vm.id.name.clone(),
-            held: u32::try_from(held).unwrap_or(u32::MAX),
-        });
+        // One event for the first SYN, then at most one per interval: a flood must not
+        // become a flood of events for jitsu-dns.
+        if held == 1
+            || vm
+                .syn_event_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= SYN_HELD_EVENT_INTERVAL)
+        {
+            vm.syn_event_at = Some(now);
+            out.emit(Event::SynHeld {
+                name: vm.id.name.clone(),
+                held: u32::try_from(held).unwrap_or(u32::MAX),
+            });
+        }
         match vm.phase {
             VmPhase::Booting => vm.write_pending(out),
             VmPhase::Stopped => vm.wake(cfg, out, now, false),
@@ -114,20 +119,136 @@ impl Hold {
     }
 }
 
+/// A VM's `SynHeld` events come at most this often, besides the one for its first SYN.
+const SYN_HELD_EVENT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How many of a VM's oldest SYNs eviction looks through for one never retransmitted, before
+/// it takes the oldest of all: the work per SYN stays bounded however many real clients
+/// (or SYNs repeated to look like them) are held.
+const EVICT_SCAN: usize = 64;
+
+/// Where the total budget takes room from.
+enum Victim {
+    /// The VM the new SYN is for.
+    This,
+    /// Another VM, holding more than this one.
+    Other(String),
+}
+
+impl Hold {
+    /// Makes room for a SYN of `cost` bytes for the VM at `ip`, as [`Config::when_full`]
+    /// says; whether its client is known to be real (an earlier copy was refused or
+    /// evicted), or why it cannot be held.
+    fn make_room(
+        &mut self,
+        now: Instant,
+        ip: IpAddr,
+        cost: usize,
+        fp: u64,
+    ) -> Result<bool, DropReason> {
+        let cfg = &self.cfg;
+        let out = &mut self.out;
+        let vm = self.vms.with_ip_mut(ip).expect("the caller found it");
+        let vm_full = |vm: &Vm| {
+            vm.held_bytes + cost > cfg.held_bytes_per_vm
+                || cfg.max_held_per_vm.is_some_and(|m| vm.held.len() >= m)
+        };
+        let table_full = |out: &Outputs| {
+            out.held_bytes + out.resend_bytes + cost > cfg.held_bytes
+                || cfg.max_held.is_some_and(|m| out.total_held >= m)
+        };
+        if cfg.when_full == WhenFull::Refuse {
+            let full = if vm_full(vm) {
+                Some(DropReason::VmFull)
+            } else if table_full(out) {
+                Some(DropReason::TableFull)
+            } else {
+                None
+            };
+            let Some(reason) = full else {
+                return Ok(false);
+            };
+            // A retransmission of a SYN refused earlier comes from a real client: it takes
+            // the place of a SYN that was never retransmitted (likely spoofed), if any.
+            if !self.refused.contains(fp) || !vm.evict_newest_unconfirmed(out) {
+                self.refused.insert(now, fp);
+                return Err(reason);
+            }
+            return Ok(true);
+        }
+        let real = self.refused.contains(fp);
+        while vm_full(vm) {
+            if !vm.evict_oldest(out, &mut self.refused, now) {
+                return Err(DropReason::VmFull);
+            }
+        }
+        while table_full(out) {
+            // From this VM while it holds its share of the total, else from the VM that
+            // holds the most: a flood against one VM cannot take the others' room.
+            let this = self.vms.with_ip(ip).expect("the caller found it");
+            let holders = out.holding.len() + usize::from(this.held.is_empty());
+            let victim = if this.held_bytes >= cfg.held_bytes / holders.max(1) {
+                Victim::This
+            } else {
+                let vms = &self.vms;
+                match out
+                    .holding
+                    .iter()
+                    .max_by_key(|n| vms.get(n).map_or(0, |v| v.held_bytes))
+                {
+                    Some(n) if *n != this.id.name => Victim::Other(n.clone()),
+                    _ => Victim::This,
+                }
+            };
+            let victim = match victim {
+                Victim::This => self.vms.with_ip_mut(ip),
+                Victim::Other(name) => self.vms.get_mut(&name),
+            }
+            .expect("a VM holding SYNs is known");
+            if !victim.evict_oldest(out, &mut self.refused, now) {
+                return Err(DropReason::TableFull);
+            }
+        }
+        Ok(real)
+    }
+}
+
 impl Vm {
+    /// Gives up the oldest held SYN never retransmitted among the first [`EVICT_SCAN`], else
+    /// the oldest of all, and remembers it (with `refused`) so that its retransmission is
+    /// known for a real client's; false if nothing is held. No RST: its source is likely
+    /// spoofed.
+    fn evict_oldest(&mut self, out: &mut Outputs, refused: &mut Refused, now: Instant) -> bool {
+        let i = self
+            .held
+            .iter()
+            .take(EVICT_SCAN)
+            .position(|h| self.seen.get(&(h.key, h.isn)) == Some(&false))
+            .unwrap_or(0);
+        let Some(h) = self.take_held_at(out, i) else {
+            return false;
+        };
+        refused.insert(now, refused.fingerprint(&h.key, h.isn));
+        if h.stored == Stored::Written {
+            out.queue_store(StoreOp::Remove { key: h.key });
+        }
+        out.counters.count_drop(DropReason::Evicted);
+        tracing::trace!(vm = %self.id.name, client = %h.key.dest_ip, "oldest held SYN evicted");
+        true
+    }
+
     /// Gives up the newest held SYN that was never retransmitted and is not in Xenstore, to
-    /// make room; false if there is none.
-    fn evict_one(&mut self, out: &mut Outputs) -> bool {
+    /// make room ([`WhenFull::Refuse`]); false if there is none.
+    fn evict_newest_unconfirmed(&mut self, out: &mut Outputs) -> bool {
         let victim = self.held.iter().rposition(|h| {
             h.stored == Stored::No && self.seen.get(&(h.key, h.isn)) == Some(&false)
         });
         let Some(i) = victim else {
             return false;
         };
-        let h = self.take_held_at(i).expect("index from rposition");
-        out.total_held -= 1;
+        self.take_held_at(out, i).expect("index from rposition");
         out.counters.count_drop(DropReason::Evicted);
-        tracing::debug!(vm = %self.id.name, client = %h.key.dest_ip, "held SYN evicted for a retransmitted one");
+        tracing::debug!(vm = %self.id.name, "held SYN evicted for a retransmitted one");
         true
     }
 
@@ -138,14 +259,14 @@ impl Vm {
             .front()
             .is_some_and(|h| h.since + cfg.hold_timeout <= now)
         {
-            let h = self.take_held_at(0).expect("checked");
+            let h = self.take_held_at(out, 0).expect("checked");
             self.reset_one(out, h, DropReason::HoldTimeout);
         }
     }
 
     /// Answers every held SYN with a RST and forgets them.
     pub(super) fn reset_all(&mut self, out: &mut Outputs, reason: DropReason) {
-        for h in self.take_held(|_| true) {
+        for h in self.take_held(out, |_| true) {
             self.reset_one(out, h, reason);
         }
     }
@@ -165,7 +286,6 @@ impl Vm {
             window: 0,
             options: &[],
         }));
-        out.total_held -= 1;
         out.counters.count_drop(reason);
         match reason {
             DropReason::VmForgotten => out.counters.rst_vm_forgotten += 1,

@@ -44,6 +44,17 @@ pub(crate) fn booting(h: &mut Hold, now: Instant, handover: Handover) {
         .unwrap();
 }
 
+/// A second VM, `db` (10.77.1.11, MAC ..:11, no IPv6), declared booting.
+pub(crate) fn booting_db(h: &mut Hold, now: Instant) {
+    let mut db = www(Handover::Wire);
+    db.name = "db".into();
+    db.mac = "02:77:00:00:01:11".parse().unwrap();
+    db.ipv4 = "10.77.1.11".parse().unwrap();
+    db.ipv6 = None;
+    h.on_control(now, &ClientMessage::Booting { vm: db })
+        .unwrap();
+}
+
 fn stopped(h: &mut Hold, now: Instant) {
     h.on_control(
         now,
@@ -67,7 +78,7 @@ fn drain_events(h: &mut Hold) -> Vec<Event> {
     std::iter::from_fn(|| h.poll_event()).collect()
 }
 
-fn fdb_ops(h: &mut Hold) -> Vec<FdbOp> {
+pub(crate) fn fdb_ops(h: &mut Hold) -> Vec<FdbOp> {
     std::iter::from_fn(|| h.poll_fdb()).collect()
 }
 
@@ -76,7 +87,7 @@ fn parsed(f: &[u8]) -> wire::Frame<'_> {
 }
 
 /// [`SYN_V4`] with `edit` applied to its bytes, and both checksums fixed after it.
-fn edited_syn_v4(edit: impl FnOnce(&mut [u8; 74])) -> [u8; 74] {
+pub(crate) fn edited_syn_v4(edit: impl FnOnce(&mut [u8; 74])) -> [u8; 74] {
     let mut f = SYN_V4;
     edit(&mut f);
     f[24] = 0;
@@ -306,20 +317,15 @@ fn checksums_partial_are_completed_bad_are_dropped() {
 }
 
 #[test]
-fn bounds_per_vm_and_in_total_are_enforced() {
+fn refusing_when_full_the_bounds_per_vm_and_in_total_are_enforced() {
     let mut cfg = Config::new(own_mac());
-    cfg.max_held_per_vm = 2;
-    cfg.max_held = 3;
+    cfg.when_full = WhenFull::Refuse;
+    cfg.max_held_per_vm = Some(2);
+    cfg.max_held = Some(3);
     let mut h = Hold::new(cfg);
     let t0 = Instant::now();
     booting(&mut h, t0, Handover::Wire);
-    let mut other = www(Handover::Wire);
-    other.name = "db".into();
-    other.mac = "02:77:00:00:01:11".parse().unwrap();
-    other.ipv4 = "10.77.1.11".parse().unwrap();
-    other.ipv6 = None;
-    h.on_control(t0, &ClientMessage::Booting { vm: other })
-        .unwrap();
+    booting_db(&mut h, t0);
     let syn = |port: u16, ip_last: u8, mac_last: u8| {
         edited_syn_v4(|f| {
             f[5] = mac_last;
@@ -343,9 +349,10 @@ fn bounds_per_vm_and_in_total_are_enforced() {
 }
 
 #[test]
-fn under_a_flood_a_retransmitting_client_displaces_a_spoofed_syn() {
+fn refusing_when_full_a_retransmitting_client_displaces_a_spoofed_syn() {
     let mut cfg = Config::new(own_mac());
-    cfg.max_held_per_vm = 4;
+    cfg.when_full = WhenFull::Refuse;
+    cfg.max_held_per_vm = Some(4);
     cfg.garp_count = 0;
     let mut h = Hold::new(cfg);
     let t0 = Instant::now();

@@ -2,7 +2,8 @@
 //! and the probes of its ports), and the table of VMs by name, address and MAC ([`Vms`]).
 //!
 //! Owns the state and the bookkeeping that keeps it consistent: a SYN held is in `held` and
-//! in `seen` or in neither, an address or MAC belongs to one VM at most. What a VM does with
+//! in `seen` or in neither, charged its [`held_cost`] to its VM and to the outputs' total, and
+//! a VM holding any is in the outputs' `holding`; an address or MAC belongs to one VM at most. What a VM does with
 //! frames and requests is in the files named for them (`neighbour`, `syn`, `handover`,
 //! `control`), each as methods on [`Vm`] that take the outputs beside it.
 
@@ -85,6 +86,26 @@ pub(super) struct Held {
     pub(super) stored: Stored,
 }
 
+/// What one held SYN is charged against the byte budgets: its slot in `held`, its frame, its
+/// parsed options and its entry in `seen`, for a frame of `frame_len` bytes and room for
+/// `options` options (the vectors' capacities). Allocator rounding and the containers' spare capacity (up to as much again while
+/// they grow) come on top; the benchmark prints the resident memory they add up to.
+pub fn held_cost(frame_len: usize, options: usize) -> usize {
+    // A hashbrown entry: the key and value, and one control byte.
+    let seen_entry = std::mem::size_of::<((SynKey, u32), bool)>() + 1;
+    std::mem::size_of::<Held>()
+        + frame_len
+        + options * std::mem::size_of::<TcpOption>()
+        + seen_entry
+}
+
+impl Held {
+    /// Its [`held_cost`].
+    pub(super) fn cost(&self) -> usize {
+        held_cost(self.frame.capacity(), self.options.capacity())
+    }
+}
+
 /// A probe of one port of a guest, from synjitsu's own address.
 #[derive(Debug, Clone)]
 pub(super) struct Probe {
@@ -106,14 +127,17 @@ pub(super) struct Probe {
 pub(super) struct Vm {
     pub(super) id: VmIdentity,
     pub(super) phase: VmPhase,
-    /// Bounded by `max_held_per_vm`, oldest first.
+    /// Oldest first; their costs add up to `held_bytes`, bounded by `held_bytes_per_vm`.
     pub(super) held: VecDeque<Held>,
+    pub(super) held_bytes: usize,
     /// (key, ISN) of every held SYN, for retransmissions; true once it was retransmitted
     /// (the client is real: never evicted).
     pub(super) seen: HashMap<(SynKey, u32), bool>,
     pub(super) garp_left: u32,
     pub(super) garp_at: Option<Instant>,
     pub(super) last_wake: Option<Instant>,
+    /// When the last `SynHeld` event for it was queued.
+    pub(super) syn_event_at: Option<Instant>,
     /// A static entry for the MAC was asked for and not released since.
     pub(super) steered: bool,
     /// The release asked for and not yet confirmed; nothing goes to the guest before.
@@ -131,10 +155,12 @@ impl Vm {
             id,
             phase,
             held: VecDeque::new(),
+            held_bytes: 0,
             seen: HashMap::new(),
             garp_left: 0,
             garp_at: None,
             last_wake: None,
+            syn_event_at: None,
             steered: false,
             release_pending: None,
             listening: false,
@@ -187,9 +213,36 @@ impl Vm {
         }
     }
 
-    /// Removes every held SYN `pick` selects (from `held` and `seen`), in order. The caller
-    /// subtracts them from the outputs' `total_held`.
-    pub(super) fn take_held(&mut self, mut pick: impl FnMut(&Held) -> bool) -> Vec<Held> {
+    /// Holds `h` (newest), `retransmitted` if its client is known to be real, and charges it.
+    pub(super) fn push_held(&mut self, out: &mut Outputs, h: Held, retransmitted: bool) {
+        if self.held.is_empty() {
+            out.holding.insert(self.id.name.clone());
+        }
+        let cost = h.cost();
+        self.held_bytes += cost;
+        out.held_bytes += cost;
+        out.total_held += 1;
+        self.seen.insert((h.key, h.isn), retransmitted);
+        self.held.push_back(h);
+    }
+
+    /// Takes back what `h`, just removed from `held` and `seen`, was charged.
+    fn uncharge(&mut self, out: &mut Outputs, h: &Held) {
+        let cost = h.cost();
+        self.held_bytes -= cost;
+        out.held_bytes -= cost;
+        out.total_held -= 1;
+        if self.held.is_empty() {
+            out.holding.remove(&self.id.name);
+        }
+    }
+
+    /// Removes every held SYN `pick` selects (from `held` and `seen`, uncharged), in order.
+    pub(super) fn take_held(
+        &mut self,
+        out: &mut Outputs,
+        mut pick: impl FnMut(&Held) -> bool,
+    ) -> Vec<Held> {
         let mut taken = Vec::new();
         let mut kept = VecDeque::with_capacity(self.held.len());
         for h in self.held.drain(..) {
@@ -201,14 +254,17 @@ impl Vm {
             }
         }
         self.held = kept;
+        for h in &taken {
+            self.uncharge(out, h);
+        }
         taken
     }
 
-    /// Removes the held SYN at `i` (from `held` and `seen`). The caller subtracts it from the
-    /// outputs' `total_held`.
-    pub(super) fn take_held_at(&mut self, i: usize) -> Option<Held> {
+    /// Removes the held SYN at `i` (from `held` and `seen`, uncharged).
+    pub(super) fn take_held_at(&mut self, out: &mut Outputs, i: usize) -> Option<Held> {
         let h = self.held.remove(i)?;
         self.seen.remove(&(h.key, h.isn));
+        self.uncharge(out, &h);
         Some(h)
     }
 }
@@ -228,6 +284,11 @@ impl Vms {
 
     pub(super) fn get_mut(&mut self, name: &str) -> Option<&mut Vm> {
         self.by_name.get_mut(name)
+    }
+
+    /// The VM that owns address `ip`.
+    pub(super) fn with_ip(&self, ip: IpAddr) -> Option<&Vm> {
+        self.by_name.get(self.by_ip.get(&ip)?)
     }
 
     /// The VM that owns address `ip`.
