@@ -150,16 +150,20 @@ impl<R: Read, In: Message> FrameReader<R, In> {
 
     /// The next frame, blocking until it is whole; `Ok(None)` once the stream has ended
     /// cleanly. A read timeout is [`StreamError::Io`] (`WouldBlock` or `TimedOut`) and may be
-    /// retried; other errors end the stream.
+    /// retried; a read interrupted by a signal is retried here; other errors end the stream.
     pub fn read(&mut self) -> Result<Option<Item<In>>, StreamError> {
         let mut chunk = [0u8; 4096];
         loop {
             if let Some(item) = self.codec.decode_item(&mut self.buf)? {
                 return Ok(Some(item));
             }
-            match self.inner.read(&mut chunk)? {
-                0 => return self.codec.decode_item_eof(&mut self.buf),
-                n => self.buf.extend_from_slice(&chunk[..n]),
+            // A read interrupted by a signal is tried again, as `Read::read_exact` does
+            // (a socket with a read timeout is not restarted by the kernel).
+            match self.inner.read(&mut chunk) {
+                Ok(0) => return self.codec.decode_item_eof(&mut self.buf),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -211,10 +215,16 @@ mod tests {
         at: usize,
         step: usize,
         timeout_at: Option<usize>,
+        /// Where a signal interrupts one read.
+        interrupt_at: Option<usize>,
     }
 
     impl Read for Trickle {
         fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            if self.interrupt_at.is_some_and(|t| self.at >= t) {
+                self.interrupt_at = None;
+                return Err(std::io::ErrorKind::Interrupted.into());
+            }
             if self.timeout_at.is_some_and(|t| self.at >= t) {
                 self.timeout_at = None;
                 return Err(std::io::ErrorKind::WouldBlock.into());
@@ -319,6 +329,7 @@ mod tests {
                 at: 0,
                 step,
                 timeout_at: Some(bytes.len() / 2),
+                interrupt_at: None,
             });
             let mut got = Vec::new();
             let mut timeouts = 0;
@@ -334,6 +345,23 @@ mod tests {
             }
             assert_eq!((got, timeouts), (requests(), 1), "step {step}");
         }
+    }
+
+    #[test]
+    fn the_blocking_reader_reads_again_after_a_signal_interrupted_a_read() {
+        let bytes = wire(&requests());
+        let mut r = FrameReader::<_, Request>::new(Trickle {
+            bytes: bytes.clone(),
+            at: 0,
+            step: 5,
+            timeout_at: None,
+            interrupt_at: Some(bytes.len() / 3),
+        });
+        let mut got = Vec::new();
+        while let Some(item) = r.read().expect("an interrupted read is not an error") {
+            got.push(item.unwrap());
+        }
+        assert_eq!(got, requests());
     }
 
     #[test]
