@@ -1,10 +1,10 @@
 //! What the IO shells of both daemons need, written once.
 //!
-//! Owns four small things jitsu-dns and synjitsu would otherwise each write: the HTTP
+//! Owns five small things jitsu-dns and synjitsu would otherwise each write: the HTTP
 //! responder on the metrics address ([`http`]: routes, limits, status codes), the Prometheus
 //! text exposition of a `prometheus-client` registry ([`metrics`]), the rate limiter for
-//! repeated log lines ([`ratelimit`], pure: it takes `now`), and the private control socket
-//! with its peer check ([`unix`]).
+//! repeated log lines ([`ratelimit`], pure: it takes `now`), the private control socket
+//! with its peer check ([`unix`]), and the framing of netlink answers ([`netlink`]).
 //!
 //! It does not own what the daemons say to each other: that contract is `shared-proto`, which
 //! any third party can use without this crate. Nor does it own any metric: each daemon names,
@@ -12,6 +12,7 @@
 
 pub mod http;
 pub mod metrics;
+pub mod netlink;
 pub mod ratelimit;
 pub mod unix;
 

@@ -275,24 +275,10 @@ impl Fdb {
         let dump = answer != Answer::Ack;
         let mut out = Vec::new();
         loop {
-            self.rx.clear();
-            match self.sock.recv(&mut self.rx, 0) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-            let mut rest = self.rx.as_slice();
-            while !rest.is_empty() {
-                let buf = NetlinkBuffer::new_checked(rest).map_err(|_| malformed("answer"))?;
-                let len = buf.length() as usize;
-                let mseq = buf.sequence_number();
-                let m = &rest[..len];
-                // Messages are 4-byte aligned; the last one may end the datagram unpadded.
-                rest = &rest[((len + 3) & !3).min(rest.len())..];
-                if mseq != seq {
-                    // Not ours (a stale answer): skip it.
-                    continue;
-                }
+            shared_io::netlink::recv(&self.sock, &mut self.rx)?;
+            for m in shared_io::netlink::answers(&self.rx, seq) {
+                let m = m.map_err(|_| malformed("answer"))?;
+                let buf = NetlinkBuffer::new(m);
                 // Only static entries matter, and the bridge may have learnt hundreds of
                 // thousands (a flood from random source MACs): those are skipped on their
                 // header alone, not parsed.

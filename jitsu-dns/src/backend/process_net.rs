@@ -17,8 +17,8 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader,
-    NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage};
 use netlink_packet_route::link::{
@@ -78,23 +78,9 @@ impl Rtnl {
         }
         let mut links = Vec::new();
         loop {
-            self.rx.clear();
-            match self.sock.recv(&mut self.rx, 0) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-            let mut rest = self.rx.as_slice();
-            while !rest.is_empty() {
-                let b = NetlinkBuffer::new_checked(rest).map_err(|_| malformed())?;
-                let len = b.length() as usize;
-                let mseq = b.sequence_number();
-                let m = &rest[..len];
-                // Messages are 4-byte aligned; the last may end the datagram unpadded.
-                rest = &rest[((len + 3) & !3).min(rest.len())..];
-                if mseq != seq {
-                    continue;
-                }
+            shared_io::netlink::recv(&self.sock, &mut self.rx)?;
+            for m in shared_io::netlink::answers(&self.rx, seq) {
+                let m = m?;
                 let parsed = NetlinkMessage::<RouteNetlinkMessage>::deserialize(m)
                     .map_err(|_| malformed())?;
                 match parsed.payload {
