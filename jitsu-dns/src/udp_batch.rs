@@ -215,15 +215,19 @@ mod tests {
         assert_eq!(send_runs(0, |_| panic!("no call")), 0);
     }
 
-    #[test]
-    fn a_batch_receives_what_is_queued_and_sends_each_answer_to_its_source() {
-        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let at = server.local_addr().unwrap();
+    /// Clients bound to `clients` in turn, `BATCH + 3` of them, each send one datagram to a
+    /// server bound to `server`, which receives them in batches and answers each (its first
+    /// byte, then 0xaa); every client gets its own answer from the server's address.
+    fn each_client_gets_its_answer(server: &str, clients: &[&str]) {
+        let server = UdpSocket::bind(server).unwrap();
+        let port = server.local_addr().unwrap().port();
         let clients: Vec<_> = (0..BATCH + 3)
-            .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+            .map(|i| UdpSocket::bind(clients[i % clients.len()]).unwrap())
             .collect();
+        // Each client sends to the server's port at its own address (loopback, either family).
+        let to = |c: &UdpSocket| SocketAddr::new(c.local_addr().unwrap().ip(), port);
         for (i, c) in clients.iter().enumerate() {
-            c.send_to(&[i as u8; 3], at).unwrap();
+            c.send_to(&[i as u8; 3], to(c)).unwrap();
         }
         let mut batch = Batch::new();
         let mut answered = 0;
@@ -232,7 +236,7 @@ mod tests {
             assert!(n <= BATCH);
             for i in 0..n {
                 let (msg, src, out) = batch.datagram(i);
-                let src = src.expect("an IPv4 source");
+                let src = src.expect("an IP source");
                 assert_eq!(msg.len(), 3);
                 out.clear();
                 out.extend_from_slice(&[msg[0], 0xaa]);
@@ -241,13 +245,22 @@ mod tests {
             assert_eq!(batch.send(&server), n);
             answered += n;
         }
-        assert_eq!(answered, BATCH + 3);
         for (i, c) in clients.iter().enumerate() {
             let mut buf = [0; 8];
             c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
                 .unwrap();
             let (n, from) = c.recv_from(&mut buf).unwrap();
-            assert_eq!((&buf[..n], from), (&[i as u8, 0xaa][..], at));
+            assert_eq!((&buf[..n], from), (&[i as u8, 0xaa][..], to(c)));
         }
+    }
+
+    #[test]
+    fn a_batch_receives_what_is_queued_and_sends_each_answer_to_its_source() {
+        each_client_gets_its_answer("127.0.0.1:0", &["127.0.0.1:0"]);
+    }
+
+    #[test]
+    fn an_ipv6_socket_answers_ipv6_and_ipv4_clients_in_one_batch() {
+        each_client_gets_its_answer("[::]:0", &["[::1]:0", "127.0.0.1:0"]);
     }
 }
