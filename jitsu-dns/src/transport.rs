@@ -276,8 +276,13 @@ async fn serve_udp(
             return;
         }
     };
-    let places = Arc::new(Semaphore::new(in_flight));
-    let runtime = tokio::runtime::Handle::current();
+    let udp = UdpServer {
+        socket,
+        handler,
+        metrics,
+        places: Arc::new(Semaphore::new(in_flight)),
+        runtime: tokio::runtime::Handle::current(),
+    };
     let halt = stop.child_token();
     let _halt_when_dropped = halt.clone().drop_guard();
     let (ended, thread_ended) = tokio::sync::oneshot::channel::<()>();
@@ -286,7 +291,7 @@ async fn serve_udp(
         .spawn(move || {
             // Dropped when the thread ends, however it ends: what the future waits on.
             let _ended = ended;
-            udp_thread(&socket, &handler, &metrics, &places, &runtime, &halt);
+            udp.run(&halt);
         });
     match spawned {
         // Err only once the thread ended (its sender dropped).
@@ -303,73 +308,74 @@ fn blocking(socket: UdpSocket) -> std::io::Result<std::net::UdpSocket> {
     Ok(socket)
 }
 
-/// The UDP thread's loop (see [`serve_udp`]).
-fn udp_thread(
-    socket: &Arc<std::net::UdpSocket>,
-    handler: &Arc<Handler>,
-    metrics: &Arc<Metrics>,
-    places: &Arc<Semaphore>,
-    runtime: &tokio::runtime::Handle,
-    halt: &CancellationToken,
-) {
-    let mut batch = Batch::new();
-    while !halt.is_cancelled() {
-        let received = match batch.recv(socket) {
-            Ok(n) => n,
-            // The receive timeout: time to look at `halt` again.
-            Err(Errno::EAGAIN | Errno::EINTR) => continue,
-            // ICMP errors of earlier answers surface here; the socket still works.
-            Err(e) => {
-                tracing::debug!(error = %e, "receiving over UDP");
-                continue;
-            }
-        };
-        for i in 0..received {
-            let (msg, src, out) = batch.datagram(i);
-            let Some(src) = src.filter(|s| reachable(*s)) else {
-                metrics.add_dropped(Dropped::BadSource);
-                continue;
-            };
-            // Answered here: no task, no copy, nothing parsed but the header and question.
-            if handler.answer_fast(msg, out) {
-                batch.hold(src);
-            } else {
-                slow_udp(socket, handler, metrics, places, runtime, msg, src);
-            }
-        }
-        batch.send(socket);
-    }
+/// What the UDP thread serves with (see [`serve_udp`]).
+struct UdpServer {
+    /// Blocking, with [`UDP_STOP_POLL`] as its receive timeout.
+    socket: Arc<std::net::UdpSocket>,
+    handler: Arc<Handler>,
+    metrics: Arc<Metrics>,
+    /// The bound on slow-path queries being answered.
+    places: Arc<Semaphore>,
+    /// Where the slow path's tasks run.
+    runtime: tokio::runtime::Handle,
 }
 
-/// Answers `msg` from `src` through hickory in a task of its own on `runtime`, if a place
-/// is free. The answer is sent without waiting (the UDP thread is the one that blocks on
-/// the socket): if the socket's send buffer is full it is dropped, as the kernel would.
-fn slow_udp(
-    socket: &Arc<std::net::UdpSocket>,
-    handler: &Arc<Handler>,
-    metrics: &Arc<Metrics>,
-    places: &Arc<Semaphore>,
-    runtime: &tokio::runtime::Handle,
-    msg: &[u8],
-    src: SocketAddr,
-) {
-    let Ok(place) = places.clone().try_acquire_owned() else {
-        metrics.add_dropped(Dropped::Busy);
-        tracing::trace!(%src, "dropped: too many UDP queries in flight");
-        return;
-    };
-    let msg = msg.to_vec();
-    let (socket, handler, metrics) = (socket.clone(), handler.clone(), metrics.clone());
-    runtime.spawn(async move {
-        let _place = place;
-        if let Some(reply) = answer(&handler, &metrics, msg, src, Protocol::Udp).await {
-            let to = SockaddrStorage::from(src);
-            let flags = MsgFlags::MSG_DONTWAIT;
-            if let Err(e) = sendto(socket.as_raw_fd(), &reply, &to, flags) {
-                tracing::debug!(%src, error = %e, "sending over UDP");
+impl UdpServer {
+    /// The UDP thread's loop, until `halt` is cancelled.
+    fn run(&self, halt: &CancellationToken) {
+        let mut batch = Batch::new();
+        while !halt.is_cancelled() {
+            let received = match batch.recv(&self.socket) {
+                Ok(n) => n,
+                // The receive timeout: time to look at `halt` again.
+                Err(Errno::EAGAIN | Errno::EINTR) => continue,
+                // ICMP errors of earlier answers surface here; the socket still works.
+                Err(e) => {
+                    tracing::debug!(error = %e, "receiving over UDP");
+                    continue;
+                }
+            };
+            for i in 0..received {
+                let (msg, src, out) = batch.datagram(i);
+                let Some(src) = src.filter(|s| reachable(*s)) else {
+                    self.metrics.add_dropped(Dropped::BadSource);
+                    continue;
+                };
+                // Answered here: no task, no copy, nothing parsed but the header and question.
+                if self.handler.answer_fast(msg, out) {
+                    batch.hold(src);
+                } else {
+                    self.slow(msg, src);
+                }
             }
+            batch.send(&self.socket);
         }
-    });
+    }
+
+    /// Answers `msg` from `src` through hickory in a task of its own on the runtime, if a
+    /// place is free. The answer is sent without waiting (the UDP thread is the one that
+    /// blocks on the socket): if the socket's send buffer is full it is dropped, as the
+    /// kernel would drop it.
+    fn slow(&self, msg: &[u8], src: SocketAddr) {
+        let Ok(place) = self.places.clone().try_acquire_owned() else {
+            self.metrics.add_dropped(Dropped::Busy);
+            tracing::trace!(%src, "dropped: too many UDP queries in flight");
+            return;
+        };
+        let msg = msg.to_vec();
+        let socket = self.socket.clone();
+        let (handler, metrics) = (self.handler.clone(), self.metrics.clone());
+        self.runtime.spawn(async move {
+            let _place = place;
+            if let Some(reply) = answer(&handler, &metrics, msg, src, Protocol::Udp).await {
+                let to = SockaddrStorage::from(src);
+                let flags = MsgFlags::MSG_DONTWAIT;
+                if let Err(e) = sendto(socket.as_raw_fd(), &reply, &to, flags) {
+                    tracing::debug!(%src, error = %e, "sending over UDP");
+                }
+            }
+        });
+    }
 }
 
 /// Open TCP connections per client, each under [`ClientCounts::max`].
@@ -887,14 +893,48 @@ mod tests {
         assert_eq!(m.fast_answers(), 2);
     }
 
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_burst_queued_on_the_socket_is_answered_whole_fast_and_slow_alike() {
-        let (h, m) = handler();
+    /// [`serve_udp`] serving `h` on a loopback socket (64 queries in flight at most), and a
+    /// client socket: the client, the server's address, what stops it and its task.
+    async fn serving_udp(
+        h: Handler,
+        m: &Arc<Metrics>,
+    ) -> (
+        UdpSocket,
+        SocketAddr,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
         let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let at = server.local_addr().unwrap();
         let stop = CancellationToken::new();
         let serving = tokio::spawn(serve_udp(server, Arc::new(h), m.clone(), 64, stop.clone()));
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        (client, at, stop, serving)
+    }
+
+    /// A plain query, RD set: `id`, the name's wire bytes, the type, class IN.
+    fn plain_query(id: u16, name: &[u8], qtype: u8) -> Vec<u8> {
+        [
+            &id.to_be_bytes()[..],
+            &[1, 0, 0, 1, 0, 0, 0, 0, 0, 0],
+            name,
+            &[0, qtype, 0, 1],
+        ]
+        .concat()
+    }
+
+    /// Marks the answer to `id` seen, failing if it was seen before.
+    fn seen_once(seen: &mut [bool], id: u16) {
+        assert!(
+            !std::mem::replace(&mut seen[usize::from(id)], true),
+            "{id} twice"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_burst_queued_on_the_socket_is_answered_whole_fast_and_slow_alike() {
+        let (h, m) = handler();
+        let (client, at, stop, serving) = serving_udp(h, &m).await;
         // 3 x BATCH queries sent before the server runs again, so they queue: www A
         // (fast) and, every third, example.org SOA (hickory's path); ID = the query's number.
         let total = 3 * crate::udp_batch::BATCH as u16;
@@ -904,14 +944,10 @@ mod tests {
             } else {
                 (b"\x03www\x07example\x03org\x00", 1)
             };
-            let q = [
-                &id.to_be_bytes()[..],
-                &[1, 0, 0, 1, 0, 0, 0, 0, 0, 0],
-                name,
-                &[0, qtype, 0, 1],
-            ]
-            .concat();
-            client.send_to(&q, at).await.unwrap();
+            client
+                .send_to(&plain_query(id, name, qtype), at)
+                .await
+                .unwrap();
         }
         let mut seen = vec![false; usize::from(total)];
         let mut buf = [0u8; 512];
@@ -922,10 +958,7 @@ mod tests {
                 .unwrap();
             let id = u16::from_be_bytes([buf[0], buf[1]]);
             assert_eq!(buf[3] & 0x0f, 0, "NOERROR for {id}: {:02x?}", &buf[..n]);
-            assert!(
-                !std::mem::replace(&mut seen[usize::from(id)], true),
-                "{id} twice"
-            );
+            seen_once(&mut seen, id);
         }
         assert_eq!(m.fast_answers(), u64::from(total - total / 3));
         stop.cancel();
@@ -935,21 +968,10 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn sixty_four_queued_at_once_are_answered_and_the_bad_ones_among_them_counted() {
         let (h, m) = handler();
-        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let at = server.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let serving = tokio::spawn(serve_udp(server, Arc::new(h), m.clone(), 64, stop.clone()));
-        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (client, at, stop, serving) = serving_udp(h, &m).await;
         // 64 queries for www A (fast), ID = their number, and among them, in the same
         // batches: one shorter than a header, one response, one whose question is cut.
-        let www = |id: u16| {
-            [
-                &id.to_be_bytes()[..],
-                &[1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 3],
-                b"www\x07example\x03org\x00\x00\x01\x00\x01",
-            ]
-            .concat()
-        };
+        let www = |id: u16| plain_query(id, b"\x03www\x07example\x03org\x00", 1);
         let cut = [&[0xbe, 0xef][..], &www(0)[2..20]].concat();
         let response = [&[0xde, 0xad, 0x81][..], &www(0)[3..]].concat();
         for id in 0..64u16 {
@@ -981,10 +1003,7 @@ mod tests {
                 continue;
             }
             assert_eq!(&buf[n - 4..n], &[10, 0, 0, 1], "www's address for {id}");
-            assert!(
-                !std::mem::replace(&mut seen[usize::from(id)], true),
-                "{id} twice"
-            );
+            seen_once(&mut seen, id);
         }
         assert!(formerr && seen.iter().all(|s| *s));
         assert_eq!(m.fast_answers(), 64);
