@@ -382,13 +382,22 @@ impl Metrics {
         self.state_polls.inc();
     }
 
-    /// A message got no answer, for `why`.
-    pub fn add_dropped(&self, why: Dropped) {
+    fn dropped_counter(&self, why: Dropped) -> &Counter {
         let i = DROPPED
             .iter()
             .position(|(d, _)| *d == why)
             .expect("every reason is listed");
-        self.dropped[i].inc();
+        &self.dropped[i]
+    }
+
+    /// A message got no answer, for `why`.
+    pub fn add_dropped(&self, why: Dropped) {
+        self.dropped_counter(why).inc();
+    }
+
+    /// Messages given no answer for `why` so far.
+    pub fn dropped(&self, why: Dropped) -> u64 {
+        self.dropped_counter(why).get()
     }
 
     /// A new TCP connection was closed at once: `limit` was reached.
