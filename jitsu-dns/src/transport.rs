@@ -348,14 +348,17 @@ impl UdpServer {
                     self.slow(msg, src);
                 }
             }
-            batch.send(&self.socket);
+            let held = batch.held();
+            for _ in batch.send(&self.socket)..held {
+                self.metrics.add_dropped(Dropped::Unsent);
+            }
         }
     }
 
     /// Answers `msg` from `src` through hickory in a task of its own on the runtime, if a
     /// place is free. The answer is sent without waiting (the UDP thread is the one that
-    /// blocks on the socket): if the socket's send buffer is full it is dropped, as the
-    /// kernel would drop it.
+    /// blocks on the socket): if the socket's send buffer is full it is dropped and counted,
+    /// as the kernel would drop it.
     fn slow(&self, msg: &[u8], src: SocketAddr) {
         let Ok(place) = self.places.clone().try_acquire_owned() else {
             self.metrics.add_dropped(Dropped::Busy);
@@ -371,6 +374,7 @@ impl UdpServer {
                 let to = SockaddrStorage::from(src);
                 let flags = MsgFlags::MSG_DONTWAIT;
                 if let Err(e) = sendto(socket.as_raw_fd(), &reply, &to, flags) {
+                    metrics.add_dropped(Dropped::Unsent);
                     tracing::debug!(%src, error = %e, "sending over UDP");
                 }
             }

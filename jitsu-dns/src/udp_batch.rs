@@ -92,6 +92,11 @@ impl Batch {
     }
 
     /// Keeps the answer just written by [`Batch::datagram`], to be sent to `dst`.
+    /// How many answers are held for the next [`Batch::send`].
+    pub(crate) fn held(&self) -> usize {
+        self.held
+    }
+
     pub(crate) fn hold(&mut self, dst: SocketAddr) {
         self.to[self.held] = Some(SockaddrStorage::from(dst));
         self.held += 1;
