@@ -40,7 +40,6 @@ use std::ffi::CStr;
 use std::fs;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
@@ -56,7 +55,7 @@ use super::{
 };
 use crate::config::{Ifup, StopMode, VmConfig};
 use crate::fleet::{IfCounters, Observed};
-use crate::sys::netns::{create_netns, remove_netns, spawn_in_netns};
+use crate::sys::netns::{Cgroup, Spawn, create_netns, remove_netns, spawn_in_netns};
 
 /// The runtime directory when the URI names none.
 pub const DEFAULT_RUNTIME_DIR: &str = "/run/jitsu/process";
@@ -736,16 +735,19 @@ impl ProcessBackend {
             .append(true)
             .open(&n.log)
             .map_err(|e| format!("opening {}: {e}", n.log.display()))?;
-        let log2 = log.try_clone().map_err(|e| e.to_string())?;
-        let mut cmd = Command::new("sh");
-        cmd.args(["-c", command])
-            .envs(guest_env(vm))
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
-        let mut child = spawn_in_netns(&mut cmd, &n.netns, &n.cgroup.join("cgroup.procs"))
+        let env = guest_env(vm);
+        let spawn = Spawn {
+            command,
+            env: &env,
+            log: &log,
+            netns: &n.netns,
+            cgroup: match self.cgroups.version {
+                CgroupVersion::V2 => Cgroup::Born(&n.cgroup),
+                CgroupVersion::V1 => Cgroup::Joined(&n.cgroup),
+            },
+        };
+        let pid = spawn_in_netns(&spawn)
             .map_err(|e| format!("spawning sh -c {command:?} in {}: {e}", n.netns))?;
-        let pid = child.id();
         // Read before anything reaps it: a command that already exited is a zombie, dead.
         let stat = proc_stat(pid);
         // jitsu-dns's child until it exits: reaped by a thread of its own so that no zombie
@@ -753,7 +755,10 @@ impl ProcessBackend {
         let reaper = std::thread::Builder::new()
             .name(format!("reap {}", vm.name))
             .stack_size(REAPER_STACK)
-            .spawn(move || child.wait());
+            .spawn(move || {
+                let pid = i32::try_from(pid).ok().and_then(Pid::from_raw);
+                rustix::process::waitpid(pid, rustix::process::WaitOptions::empty())
+            });
         if let Err(e) = reaper {
             tracing::warn!(vm = %vm.name, pid, error = %e, "no thread to reap the command: it stays a zombie once it exits");
         }

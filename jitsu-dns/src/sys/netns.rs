@@ -5,9 +5,10 @@
 //! shared mount point, with a new namespace bind-mounted on it) and removed as `ip netns
 //! del` removes it, so `ip netns` lists, enters and deletes ours and we theirs. The command
 //! enters one as `ip netns exec` does (the namespace, then a mount namespace of its own whose
-//! `/sys` shows the namespace's links), after joining the VM's cgroup and starting a session
-//! of its own, all in the child before `exec`: no `setsid`, `sh` launcher or `ip netns exec`
-//! in between (30-50 ms a boot on a loaded machine, issue 12).
+//! `/sys` shows the namespace's links), born in the VM's cgroup (`clone3`) and starting a
+//! session of its own, all in the child before `exec`: no `setsid`, `sh` launcher or `ip
+//! netns exec` in between (30-50 ms a boot on a loaded machine, issue 12), and no write to
+//! `cgroup.procs` with cgroup2 (see [`Cgroup::Born`]).
 //!
 //! Owns the namespace files and the child's set-up. Does not decide names (the backend does)
 //! nor what is inside a namespace (`backend::process_net`). `/etc/netns/<name>` files, which
@@ -16,11 +17,9 @@
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsFd as _;
+use std::os::fd::{AsFd, AsRawFd as _};
 use std::os::unix::fs::OpenOptionsExt as _;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::sync::OnceLock;
 
 use rustix::fs::StatVfsMountFlags;
@@ -114,43 +113,229 @@ pub(crate) fn remove_netns(name: &str) -> io::Result<()> {
     }
 }
 
-/// Spawns `cmd` in the cgroup whose `cgroup.procs` file is `cgroup_procs`, in a session of
-/// its own (it outlives jitsu-dns and no terminal signal reaches it), inside the namespace
-/// `name` with a mount namespace of its own whose `/sys` is the namespace's, as `ip netns
-/// exec` leaves a command. It is in its cgroup before `exec`, so nothing it starts escapes
-/// the freezer. The child is the caller's to reap.
-pub(crate) fn spawn_in_netns(
-    cmd: &mut Command,
-    name: &str,
-    cgroup_procs: &Path,
-) -> io::Result<Child> {
-    let netns_file = netns_path(name);
+/// Where the command's cgroup is joined.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Cgroup<'a> {
+    /// A cgroup2 directory: the child is born in it (`clone3` with `CLONE_INTO_CGROUP`).
+    /// Moving a process by writing `cgroup.procs` waits for an RCU grace period under a
+    /// lock of the whole host (`cgroup_threadgroup_rwsem`): 11-26 ms a write on a loaded
+    /// machine, and 200 boots at once queue behind each other's (issue 12).
+    Born(&'a Path),
+    /// A v1 freezer directory: the child writes its own pid to its `cgroup.procs` before
+    /// `exec` (also where the kernel has no `CLONE_INTO_CGROUP`).
+    Joined(&'a Path),
+}
+
+/// What [`spawn_in_netns`] runs: `/bin/sh -c <command>` with jitsu-dns's environment and
+/// `env` over it, stdin `/dev/null`, stdout and stderr `log`.
+#[derive(Debug)]
+pub(crate) struct Spawn<'a> {
+    /// The shell command.
+    pub command: &'a str,
+    /// Variables set over jitsu-dns's own.
+    pub env: &'a [(&'static str, String)],
+    /// The log file.
+    pub log: &'a File,
+    /// The namespace (its name under [`NETNS_DIR`]).
+    pub netns: &'a str,
+    /// The cgroup.
+    pub cgroup: Cgroup<'a>,
+}
+
+/// `CLONE_INTO_CGROUP` (Linux 5.7).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// `struct clone_args` up to `cgroup` (`CLONE_ARGS_SIZE_VER2`, 88 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+fn cstring(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte"))
+}
+
+/// Spawns `spawn`'s command in its cgroup, in a session of its own (it outlives jitsu-dns
+/// and no terminal signal reaches it), inside the namespace with a mount namespace of its
+/// own whose `/sys` is the namespace's, as `ip netns exec` leaves a command; returns its
+/// pid once it has `exec`uted (an error if it could not). It is in its cgroup before it
+/// runs, so nothing it starts escapes the freezer. The child is the caller's to reap.
+pub(crate) fn spawn_in_netns(spawn: &Spawn<'_>) -> io::Result<u32> {
+    let netns_file = netns_path(spawn.netns);
     let netns = File::open(&netns_file).map_err(|e| at(&netns_file, e))?;
-    let cgroup = OpenOptions::new()
-        .write(true)
-        .open(cgroup_procs)
-        .map_err(|e| at(cgroup_procs, e))?;
-    // What the child needs, made here: it may not allocate.
-    let sysfs_source = CString::new(name.as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in a namespace name"))?;
+    let dev_null = File::open("/dev/null")?;
+    // Everything the child needs is made here: between fork and exec it may not allocate.
+    let argv_owned = [
+        cstring(b"/bin/sh")?,
+        cstring(b"-c")?,
+        cstring(spawn.command.as_bytes())?,
+    ];
+    let mut envp_owned = Vec::new();
+    for (k, v) in std::env::vars_os() {
+        if !spawn.env.iter().any(|(key, _)| k == *key) {
+            let mut kv = k.into_encoded_bytes();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_encoded_bytes());
+            envp_owned.push(cstring(&kv)?);
+        }
+    }
+    for (k, v) in spawn.env {
+        envp_owned.push(cstring(format!("{k}={v}").as_bytes())?);
+    }
+    let argv: Vec<*const libc::c_char> = argv_owned
+        .iter()
+        .map(|c| c.as_ptr())
+        .chain([std::ptr::null()])
+        .collect();
+    let envp: Vec<*const libc::c_char> = envp_owned
+        .iter()
+        .map(|c| c.as_ptr())
+        .chain([std::ptr::null()])
+        .collect();
+    let sysfs_source = cstring(spawn.netns.as_bytes())?;
     let sys_read_only = rustix::fs::statvfs("/sys")
         .map(|v| v.f_flag.contains(StatVfsMountFlags::RDONLY))
         .unwrap_or(false);
-    // SAFETY: the closure runs in the forked child before exec and makes only system calls
-    // (write, setsid, setns, unshare, mount, umount2) through rustix, on descriptors and
-    // C strings made above and owned by the closure, allocating nothing; the child has one
-    // thread, so unsharing its mount namespace (and with it its filesystem attributes)
-    // leaves no other thread behind.
-    unsafe {
-        cmd.pre_exec(move || {
-            // "0": the writing process, in cgroup v1 and v2.
-            rustix::io::write(&cgroup, b"0")?;
+    let (born_in, join) = match spawn.cgroup {
+        Cgroup::Born(dir) => (Some(File::open(dir).map_err(|e| at(dir, e))?), None),
+        Cgroup::Joined(dir) => {
+            let procs = dir.join("cgroup.procs");
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&procs)
+                .map_err(|e| at(&procs, e))?;
+            (None, Some(f))
+        }
+    };
+    let child = Child {
+        argv: &argv,
+        envp: &envp,
+        netns: &netns,
+        dev_null: &dev_null,
+        log: spawn.log,
+        sysfs_source: &sysfs_source,
+        sys_read_only,
+    };
+    match child.start(born_in.as_ref(), join.as_ref()) {
+        // No CLONE_INTO_CGROUP (before Linux 5.7) or no clone3 (5.3): join by writing.
+        Err(e)
+            if born_in.is_some()
+                && matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::E2BIG)) =>
+        {
+            let Cgroup::Born(dir) = spawn.cgroup else {
+                unreachable!("born_in is set for Born only")
+            };
+            let procs = dir.join("cgroup.procs");
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&procs)
+                .map_err(|e| at(&procs, e))?;
+            child.start(None, Some(&f))
+        }
+        done => done,
+    }
+}
+
+/// The child's side: descriptors and C strings made by the parent.
+struct Child<'a> {
+    argv: &'a [*const libc::c_char],
+    envp: &'a [*const libc::c_char],
+    netns: &'a File,
+    dev_null: &'a File,
+    log: &'a File,
+    sysfs_source: &'a CString,
+    sys_read_only: bool,
+}
+
+impl Child<'_> {
+    /// Forks (born in `born_in` if given), runs [`Self::exec`] in the child, and waits until
+    /// it has exec'd or failed: its errno comes back over a close-on-exec pipe.
+    fn start(&self, born_in: Option<&File>, join: Option<&File>) -> io::Result<u32> {
+        let (rx, tx) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let pid = match born_in {
+            Some(dir) => {
+                let args = CloneArgs {
+                    flags: CLONE_INTO_CGROUP,
+                    exit_signal: libc::SIGCHLD as u64,
+                    cgroup: dir.as_raw_fd() as u64,
+                    ..CloneArgs::default()
+                };
+                // SAFETY: clone3 reads `args` (88 bytes, `CLONE_ARGS_SIZE_VER2`), which lives
+                // across the call; without CLONE_VM the child has a copy of this process's
+                // memory, as after fork, and runs only `exec` (no allocation, no locks).
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_clone3,
+                        &raw const args,
+                        std::mem::size_of::<CloneArgs>(),
+                    )
+                }
+            }
+            // SAFETY: the child runs only `exec` (no allocation, no locks).
+            None => i64::from(unsafe { libc::fork() }),
+        };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            // SAFETY: in the child, between fork and exec.
+            unsafe { self.exec(join, &tx) }
+        }
+        drop(tx);
+        let pid = u32::try_from(pid).map_err(|_| io::Error::other("a pid out of range"))?;
+        let mut errno = [0u8; 4];
+        let mut got = 0;
+        while got < errno.len() {
+            match rustix::io::read(&rx, &mut errno[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if got == 0 {
+            return Ok(pid);
+        }
+        // It failed before exec and exits: reap it here.
+        let _ = rustix::process::waitpid(
+            rustix::process::Pid::from_raw(pid as i32),
+            rustix::process::WaitOptions::empty(),
+        );
+        Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)))
+    }
+
+    /// In the child: joins the cgroup by writing (`join`), starts a session, enters the
+    /// namespace and a mount namespace of its own with the namespace's `/sys`, sets up
+    /// stdio, the signal mask and SIGPIPE (ignored by Rust's runtime), and `exec`s; on
+    /// failure writes its errno to `tx` and exits 127.
+    ///
+    /// # Safety
+    /// Only between fork and exec, in the child.
+    unsafe fn exec(&self, join: Option<&File>, tx: &impl AsFd) -> ! {
+        let prepared = (|| -> Result<(), Errno> {
+            if let Some(procs) = join {
+                // "0": the writing process, in cgroup v1 and v2.
+                rustix::io::write(procs, b"0")?;
+            }
             rustix::process::setsid()?;
             rustix::thread::move_into_link_name_space(
-                netns.as_fd(),
+                self.netns.as_fd(),
                 Some(LinkNameSpaceType::Network),
             )?;
-            rustix::thread::unshare_unsafe(UnshareFlags::NEWNS)?;
+            // SAFETY: the child has one thread: no other shares the filesystem attributes
+            // that unsharing the mount namespace unshares too.
+            unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNS) }?;
             // Mounts made here stay here; the host's still reach here (a namespace removed).
             rustix::mount::mount_change(
                 c"/",
@@ -159,14 +344,50 @@ pub(crate) fn spawn_in_netns(
             // A sysfs mounted now shows the links of the namespace entered above. One that
             // cannot be unmounted is covered, read-only if it was read-only.
             let flags = match rustix::mount::unmount(c"/sys", UnmountFlags::DETACH) {
-                Err(_) if sys_read_only => MountFlags::RDONLY,
+                Err(_) if self.sys_read_only => MountFlags::RDONLY,
                 _ => MountFlags::empty(),
             };
-            rustix::mount::mount(sysfs_source.as_c_str(), c"/sys", c"sysfs", flags, None)?;
-            Ok(())
-        });
+            rustix::mount::mount(self.sysfs_source.as_c_str(), c"/sys", c"sysfs", flags, None)?;
+            for (from, to) in [(self.dev_null, 0), (self.log, 1), (self.log, 2)] {
+                // SAFETY: dup2 and fcntl take descriptors only; the child's copies of
+                // `from` are open.
+                let r = unsafe {
+                    if from.as_raw_fd() == to {
+                        libc::fcntl(to, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(from.as_raw_fd(), to)
+                    }
+                };
+                if r < 0 {
+                    return Err(Errno::from_raw_os_error(errno()));
+                }
+            }
+            // SAFETY: a zeroed `sigset_t` emptied by sigemptyset, passed by pointer for the
+            // call; signal() takes no pointers.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            }
+            // SAFETY: `argv` and `envp` are null-terminated arrays of pointers to C strings
+            // the parent made, copied into this process with them.
+            unsafe { libc::execve(self.argv[0], self.argv.as_ptr(), self.envp.as_ptr()) };
+            Err(Errno::from_raw_os_error(errno()))
+        })();
+        let code = prepared.err().map_or(0, |e| e.raw_os_error());
+        let _ = rustix::io::write(tx, &code.to_ne_bytes());
+        // SAFETY: _exit ends the child without running the parent's destructors or atexit
+        // handlers.
+        unsafe { libc::_exit(127) }
     }
-    cmd.spawn()
+}
+
+/// The calling thread's errno.
+fn errno() -> i32 {
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 /// `e` with the path it concerns.
