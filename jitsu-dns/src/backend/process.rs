@@ -865,7 +865,7 @@ impl Backend for ProcessBackend {
         })?;
         // Where a boot's time goes, for the debug log: (phase, when it ended).
         let t0 = Instant::now();
-        let mut phases: Vec<(&str, Duration)> = Vec::with_capacity(6);
+        let mut phases: Vec<(&str, Duration)> = Vec::with_capacity(5);
         let result = (|| -> Result<Record, BackendError> {
             // Written first, so that a start cut short leaves a record of what it made.
             let provisional = Record {
@@ -909,6 +909,7 @@ impl Backend for ProcessBackend {
             if !wait_port_forwarding(&n.port) {
                 tracing::warn!(vm = %vm.name, port = %n.port, "bridge port not forwarding yet; starting anyway");
             }
+            phases.push(("forwarding", t0.elapsed()));
             if vm.ifup == Ifup::Jitsu {
                 in_netns(&netns, || guest_addresses(vm)).map_err(|d| err("configure eth0", d))?;
             }
