@@ -209,14 +209,7 @@ pub(crate) fn spawn_in_netns(spawn: &Spawn<'_>) -> io::Result<u32> {
         .unwrap_or(false);
     let (born_in, join) = match spawn.cgroup {
         Cgroup::Born(dir) => (Some(File::open(dir).map_err(|e| at(dir, e))?), None),
-        Cgroup::Joined(dir) => {
-            let procs = dir.join("cgroup.procs");
-            let f = OpenOptions::new()
-                .write(true)
-                .open(&procs)
-                .map_err(|e| at(&procs, e))?;
-            (None, Some(f))
-        }
+        Cgroup::Joined(dir) => (None, Some(open_procs(dir)?)),
     };
     let child = Child {
         argv: &argv,
@@ -227,24 +220,24 @@ pub(crate) fn spawn_in_netns(spawn: &Spawn<'_>) -> io::Result<u32> {
         sysfs_source: &sysfs_source,
         sys_read_only,
     };
-    match child.start(born_in.as_ref(), join.as_ref()) {
+    match (child.start(born_in.as_ref(), join.as_ref()), spawn.cgroup) {
         // No CLONE_INTO_CGROUP (before Linux 5.7) or no clone3 (5.3): join by writing.
-        Err(e)
-            if born_in.is_some()
-                && matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::E2BIG)) =>
+        (Err(e), Cgroup::Born(dir))
+            if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::E2BIG)) =>
         {
-            let Cgroup::Born(dir) = spawn.cgroup else {
-                unreachable!("born_in is set for Born only")
-            };
-            let procs = dir.join("cgroup.procs");
-            let f = OpenOptions::new()
-                .write(true)
-                .open(&procs)
-                .map_err(|e| at(&procs, e))?;
-            child.start(None, Some(&f))
+            child.start(None, Some(&open_procs(dir)?))
         }
-        done => done,
+        (done, _) => done,
     }
+}
+
+/// The `cgroup.procs` file of the cgroup `dir`, for writing.
+fn open_procs(dir: &Path) -> io::Result<File> {
+    let procs = dir.join("cgroup.procs");
+    OpenOptions::new()
+        .write(true)
+        .open(&procs)
+        .map_err(|e| at(&procs, e))
 }
 
 /// The child's side: descriptors and C strings made by the parent.
