@@ -298,6 +298,19 @@ fn a_guest_that_announces_only_once_it_listens_gets_its_held_syn_at_the_announce
         "with the promise: first byte {} us after the guest listened",
         got.after_listening_us.unwrap_or(-1)
     );
+    // Where the time went: the guest's listening (its report, ns since the epoch) against
+    // synjitsu's announcement, release and re-send (`JITSU_E2E_LOG=debug` shows the release).
+    println!(
+        "  the guest listened at {:?} ns since the epoch",
+        stack.listening_since(&promised.name, 0)
+    );
+    for l in stack
+        .synjitsu_log()
+        .lines()
+        .filter(|l| l.contains(&format!("vm={}", promised.name)))
+    {
+        println!("  synjitsu: {l}");
+    }
 
     let got = stack.cold_start(&probed).unwrap();
     assert!(got.ok(), "{got:?}\n{}", stack.logs());
