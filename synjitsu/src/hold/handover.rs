@@ -5,7 +5,8 @@
 //! (a forwarding-table change the shell confirms with [`Hold::on_fdb_done`]: nothing goes to
 //! the guest before), the Xenstore writes for guests that replay SYNs themselves (confirmed
 //! with [`Hold::on_store_done`]), probing each held port from synjitsu's own address until the
-//! guest answers with a SYN-ACK, and re-sending the held SYNs on the wire. Holding them is
+//! guest answers with a SYN-ACK (not for a guest that promised to announce itself only once
+//! it listens: its announcement is the answer), and re-sending the held SYNs on the wire. Holding them is
 //! [`super::syn`]'s; noticing the guest's announcement is [`super::neighbour`]'s.
 
 use std::collections::HashSet;
@@ -133,7 +134,9 @@ impl Vm {
         self.release_pending = None;
     }
 
-    /// The guest announced itself on the bridge.
+    /// The guest announced itself on the bridge. A guest that promised to announce itself
+    /// only once it listens (`announces_listening`) listens now: its held SYNs go as soon as
+    /// its MAC is released, without a probe's round trip; any other is probed first.
     pub(super) fn announced(&mut self, cfg: &Config, out: &mut Outputs, now: Instant) {
         self.announced = true;
         out.counters.guests_announced += 1;
@@ -141,7 +144,7 @@ impl Vm {
         out.emit(Event::GuestAnnounced {
             name: self.id.name.clone(),
         });
-        self.go_up(cfg, out, now, false);
+        self.go_up(cfg, out, now, self.id.announces_listening);
     }
 
     /// The guest is up: stop intercepting, release its MAC, hand over what is held.

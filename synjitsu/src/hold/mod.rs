@@ -20,8 +20,9 @@
 //!   most once per `wake_interval` while it stays stopped);
 //! - **handover**: the guest announced itself or jitsu-dns said it answers (`Ready`, or
 //!   `Running` in a `Sync`): stop answering for it, release its forwarding entry, and give it
-//!   what is held: at once after `Ready`, else once a probe from synjitsu's own address finds
-//!   the port listening;
+//!   what is held: at once after `Ready` or after the announcement of a guest that promised
+//!   to announce itself only once it listens (`announces_listening`), else once a probe from
+//!   synjitsu's own address finds the port listening;
 //! - **running**: nothing held, nothing intercepted.
 //!
 //! What ends the stand-in (`guest`, `neighbour`): the guest's own gratuitous ARP (broadcast,
@@ -63,6 +64,8 @@ mod vm;
 
 #[cfg(test)]
 mod flood_tests;
+#[cfg(test)]
+mod listening_tests;
 #[cfg(test)]
 pub(crate) mod tests;
 
