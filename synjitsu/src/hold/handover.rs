@@ -162,19 +162,50 @@ impl Vm {
             wanted.sort_unstable();
             wanted.dedup();
             for (v6, port) in wanted {
-                if self.probes.iter().any(|p| p.v6 == v6 && p.port == port) {
-                    continue;
-                }
-                // No probe address for either family: wait for `Ready`.
-                if let Some(p) = self.new_probe(cfg, out, now, v6, port) {
-                    self.probes.push(p);
-                }
+                self.probe_port(cfg, out, now, v6, port);
             }
             self.send_due_probes(cfg, out, now);
             // Ports found listening before take what was held since.
             self.pace_due(cfg, out, now);
         }
         self.finish_handover(out);
+    }
+
+    /// [`Vm::progress`] for one SYN just held during the hand-over, of family `v6` and to
+    /// `port`: without looking through what is held, so that a flood reaching synjitsu while
+    /// the hand-over goes on (the bridge floods the guest's MAC until it learns its port) does
+    /// not make each SYN cost as much as all of them.
+    pub(super) fn progress_held(
+        &mut self,
+        cfg: &Config,
+        out: &mut Outputs,
+        now: Instant,
+        v6: bool,
+        port: u16,
+    ) {
+        if self.phase != VmPhase::Handover || self.release_pending.is_some() {
+            return;
+        }
+        if self.listening {
+            self.resend(cfg, out, now, Resend::All);
+        } else {
+            self.probe_port(cfg, out, now, v6, port);
+            self.send_due_probes(cfg, out, now);
+            self.pace_due(cfg, out, now);
+        }
+        self.finish_handover(out);
+    }
+
+    /// Starts probing `port` (of family `v6`) unless a probe of it runs or found it
+    /// listening already. Without a probe address for either family, nothing: the wire waits
+    /// for `Ready`.
+    fn probe_port(&mut self, cfg: &Config, out: &mut Outputs, now: Instant, v6: bool, port: u16) {
+        if self.pace.is_open(v6, port) || self.probes.iter().any(|p| p.v6 == v6 && p.port == port) {
+            return;
+        }
+        if let Some(p) = self.new_probe(cfg, out, now, v6, port) {
+            self.probes.push(p);
+        }
     }
 
     /// Ends the hand-over once the release is confirmed and nothing is held any more.

@@ -101,7 +101,7 @@ pub struct Config {
     /// A held SYN older than this is answered with a RST.
     pub hold_timeout: Duration,
     /// Bytes the SYNs held for one VM may take (see [`held_cost`]); a SYN that does not fit
-    /// evicts that VM's oldest (see [`WhenFull`]).
+    /// evicts one of that VM's (see [`WhenFull`]).
     pub held_bytes_per_vm: usize,
     /// Bytes the SYNs held for every VM together (and the held SYNs queued for re-sending)
     /// may take; a SYN that does not fit evicts from the VM that holds the most.
@@ -140,7 +140,7 @@ pub struct Config {
 }
 
 impl Config {
-    /// The defaults: hold 10 s, 16 MiB of SYNs per VM (about 33,000 of them) and 64 MiB in
+    /// The defaults: hold 10 s, 16 MiB of SYNs per VM (about 60,000 of them) and 64 MiB in
     /// total, the oldest evicted, 3 gratuitous ARPs 100 ms apart, a wake request per
     /// second, probes 0.25 ms apart at first, then twice as far apart each time up to every
     /// 5 ms, held SYNs re-sent 256 at a time, the next batch once the guest answered a probe
@@ -190,7 +190,8 @@ impl Config {
 /// evicted only when nothing else can be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WhenFull {
-    /// Evict the oldest SYN never retransmitted (the default).
+    /// Evict a SYN never retransmitted (the default): of a source prefix holding more than
+    /// its share if there is one, else the oldest (see `table`).
     EvictOldest,
     /// Refuse the new SYN (`vm_full`, `table_full`), as synjitsu did before the byte budget
     /// (the benchmark's baseline): a retransmission of a refused SYN still evicts one that

@@ -54,16 +54,20 @@ pub(super) struct Pace {
 impl Pace {
     /// When [`Vm::pace_due`] must run next for `vm`, if anything waits for it.
     pub(super) fn next_at(&self, vm: &Vm) -> Option<Instant> {
-        let waiting = vm.phase == VmPhase::Handover && (self.all || !self.open.is_empty());
+        let waiting = vm.phase == VmPhase::Handover
+            && vm.release_pending.is_none()
+            && (self.all || !self.open.is_empty());
         self.next_at.filter(|_| waiting && !vm.held.is_empty())
+    }
+
+    /// True if the held SYNs of family `v6` to `port` may go.
+    pub(super) fn is_open(&self, v6: bool, port: u16) -> bool {
+        self.all || self.open.contains(&(v6, port))
     }
 
     fn may_go(&self, h: &Held) -> bool {
         matches!(h.stored, Stored::No | Stored::Refused)
-            && (self.all
-                || self
-                    .open
-                    .contains(&(h.key.local_ip.is_ipv6(), h.key.local_port)))
+            && self.is_open(h.key.local_ip.is_ipv6(), h.key.local_port)
     }
 }
 
@@ -102,13 +106,20 @@ impl Vm {
     /// path that learns the guest listens: a probe's answer, `Ready`, an announcement made
     /// once listening.
     pub(super) fn resend(&mut self, cfg: &Config, out: &mut Outputs, now: Instant, which: Resend) {
-        match which {
-            Resend::All => self.pace.all = true,
+        let opened = match which {
+            Resend::All => !std::mem::replace(&mut self.pace.all, true),
             Resend::Port { v6, port } => {
-                if !self.pace.open.contains(&(v6, port)) {
+                let new = !self.pace.is_open(v6, port);
+                if new {
                     self.pace.open.push((v6, port));
                 }
+                new
             }
+        };
+        if opened {
+            // What was waiting for this may go at once: the pace spaces batches, not the
+            // first one of each port.
+            self.pace.next_at = None;
         }
         self.pace_due(cfg, out, now);
     }
@@ -149,13 +160,13 @@ impl Vm {
             count: u32::try_from(count).unwrap_or(u32::MAX),
             via: HandoverVia::Wire,
         });
+        // The next batch after the wait, or once the guest answers a probe sent behind this
+        // one if it was full: a trickle of SYNs arriving meanwhile goes together, however
+        // fast it comes, and a lost answer, or no probe address, does not stop the hand-over.
+        self.pace.next_at = Some(now + cfg.resend_wait);
         if count < batch || self.held.is_empty() {
-            // All that may go went.
             return;
         }
-        // The next batch once the guest answers a probe sent behind this one, or after the
-        // wait: a lost answer, or no probe address, must not stop the hand-over.
-        self.pace.next_at = Some(now + cfg.resend_wait);
         let Some((v6, port)) = to else {
             return;
         };

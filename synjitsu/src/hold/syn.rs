@@ -4,10 +4,10 @@
 //! Owns what may be held (a SYN the bridge sent to the VM's MAC, its checksum checked or
 //! completed, its options readable), retransmissions (held once, and marking the client as
 //! real), and the byte budgets per VM and in total: under a flood every new SYN is held and
-//! the oldest never retransmitted is evicted to make room for it (why: [`WhenFull`]), from the
-//! VM itself, or for the total from the VM holding the most once this one holds its share.
+//! one never retransmitted is evicted to make room for it (which: [`super::table`]; why the
+//! oldest: [`WhenFull`]), from the VM itself, or for the total from the VM holding the most once this one holds its share.
 //! An evicted or refused SYN is remembered (see [`crate::refused`]) so that its retransmission
-//! is held as a real client's. Giving the held SYNs to the guest is [`super::handover`]'s.
+//! is held as a real client's. Giving the held SYNs to the guest is [`super::handover`]'s and [`super::pace`]'s.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -113,7 +113,9 @@ impl Hold {
         match vm.phase {
             VmPhase::Booting => vm.write_pending(out),
             VmPhase::Stopped => vm.wake(cfg, out, now, false),
-            VmPhase::Handover => vm.progress(cfg, out, now),
+            VmPhase::Handover => {
+                vm.progress_held(cfg, out, now, t.dst_ip.is_ipv6(), t.dst_port);
+            }
             VmPhase::Running => {}
         }
         Verdict::Held

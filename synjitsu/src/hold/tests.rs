@@ -99,7 +99,7 @@ pub(crate) fn edited_syn_v4(edit: impl FnOnce(&mut [u8; 74])) -> [u8; 74] {
 }
 
 /// The guest's own gratuitous ARP (request form, as `arping -U` sends it).
-fn guest_garp() -> Vec<u8> {
+pub(crate) fn guest_garp() -> Vec<u8> {
     let mut f = vec![0u8; 42];
     wire::write_eth(&mut f, Mac::BROADCAST, vm_mac(), wire::ETHERTYPE_ARP);
     wire::write_arp(
