@@ -320,37 +320,38 @@ impl Probe {
 
     /// Sends the probe SYN to the guest at `mac`.
     pub(super) fn send(&self, cfg: &Config, out: &mut Outputs, mac: shared_proto::Mac) {
-        out.send(Tx::Tcp(TcpOut {
-            eth_src: cfg.own_mac,
-            eth_dst: mac,
-            src_ip: self.probe_ip,
-            dst_ip: self.vm_ip,
-            src_port: self.src_port,
-            dst_port: self.port,
-            seq: self.isn,
-            ack: 0,
-            flags: wire::tcp_flags::SYN,
-            window: 64240,
-            options: PROBE_OPTIONS,
-        }));
+        let syn = (self.isn, wire::tcp_flags::SYN, 64240, PROBE_OPTIONS);
+        out.send(self.segment(cfg, mac, syn));
         out.counters.probes_sent += 1;
     }
 
     /// Resets the half-open connection the guest made for the probe, so it forgets it at once.
     pub(super) fn reset(&self, cfg: &Config, out: &mut Outputs, mac: shared_proto::Mac) {
-        out.send(Tx::Tcp(TcpOut {
+        let rst = (self.isn.wrapping_add(1), wire::tcp_flags::RST, 0, &[][..]);
+        out.send(self.segment(cfg, mac, rst));
+        out.counters.probe_resets += 1;
+    }
+
+    /// A segment of the probe's connection to the guest at `mac`: its sequence number,
+    /// flags, window and options.
+    fn segment(
+        &self,
+        cfg: &Config,
+        mac: shared_proto::Mac,
+        (seq, flags, window, options): (u32, u8, u16, &'static [u8]),
+    ) -> Tx {
+        Tx::Tcp(TcpOut {
             eth_src: cfg.own_mac,
             eth_dst: mac,
             src_ip: self.probe_ip,
             dst_ip: self.vm_ip,
             src_port: self.src_port,
             dst_port: self.port,
-            seq: self.isn.wrapping_add(1),
+            seq,
             ack: 0,
-            flags: wire::tcp_flags::RST,
-            window: 0,
-            options: &[],
-        }));
-        out.counters.probe_resets += 1;
+            flags,
+            window,
+            options,
+        })
     }
 }

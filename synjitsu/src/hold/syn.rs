@@ -41,6 +41,13 @@ impl Hold {
         if vm.phase == VmPhase::Running || eth.dst != vm.id.mac {
             return Verdict::Pass;
         }
+        // Once its release is done, the bridge no longer sends the guest's frames here alone:
+        // it knows the guest's port (none come here) or floods them, and the guest gets its
+        // own copy. Holding ours would send it the same SYN twice, and under a flood keep the
+        // hand-over going, at the cost of holding each SYN, for as long as the flood lasts.
+        if vm.phase == VmPhase::Handover && !vm.steered && vm.release_pending.is_none() {
+            return Verdict::Pass;
+        }
         let (cfg, out) = (&self.cfg, &mut self.out);
         // A checksum that is complete is checked first (cheap, and a damaged frame must not
         // count as anything); a partial one is completed only once the SYN will be kept, so
