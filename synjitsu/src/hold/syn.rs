@@ -5,9 +5,10 @@
 //! completed, its options readable), retransmissions (held once, and marking the client as
 //! real), and the byte budgets per VM and in total: under a flood every new SYN is held and
 //! one never retransmitted is evicted to make room for it (which: [`super::table`]; why the
-//! oldest: [`WhenFull`]), from the VM itself, or for the total from the VM holding the most once this one holds its share.
-//! An evicted or refused SYN is remembered (see [`crate::refused`]) so that its retransmission
-//! is held as a real client's. Giving the held SYNs to the guest is [`super::handover`]'s and [`super::pace`]'s.
+//! oldest: [`WhenFull`]), from the VM itself, or for the total from the VM holding the most
+//! once this one holds its share. An evicted or refused SYN is remembered (see
+//! [`crate::refused`]) so that its retransmission is held as a real client's. Giving the held
+//! SYNs to the guest is [`super::handover`]'s and [`super::pace`]'s.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};

@@ -3,9 +3,10 @@
 //!
 //! Owns the state and the bookkeeping that keeps it consistent: a SYN held is in `held` (see
 //! [`super::table`]), charged its [`held_cost`] to its VM and to the outputs' total, and a VM
-//! holding any is in the outputs' `holding`; an address or MAC belongs to one VM at most. What a VM does with
-//! frames and requests is in the files named for them (`neighbour`, `syn`, `handover`,
-//! `control`), each as methods on [`Vm`] that take the outputs beside it.
+//! holding any is in the outputs' `holding`; an address or MAC belongs to one VM at most.
+//! What a VM does with frames and requests is in the files named for them (`neighbour`,
+//! `syn`, `handover`, `pace`, `control`), each as methods on [`Vm`] that take the outputs
+//! beside it.
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
