@@ -117,7 +117,7 @@ pub(crate) fn guest_garp() -> Vec<u8> {
 }
 
 /// The guest's answer to a probe: a SYN-ACK (or RST) from the guest's port to the probe's.
-fn probe_answer(probe: &[u8], flags: u8) -> Vec<u8> {
+pub(crate) fn probe_answer(probe: &[u8], flags: u8) -> Vec<u8> {
     let Packet::Tcp(p) = parsed(probe).packet else {
         panic!("not a probe")
     };
