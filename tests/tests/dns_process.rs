@@ -802,9 +802,16 @@ fn a_restart_after_kill_9_during_boots_sweeps_the_half_built_vms_and_adopts_the_
             d.text
         );
     }
+    // The answer may come before the command's first line has recorded its pid.
     let pids: Vec<Vec<u32>> = running
         .iter()
-        .map(|n| boots(&h.host.file(&format!("boots-{n}"))))
+        .map(|n| {
+            let file = h.host.file(&format!("boots-{n}"));
+            wait_until(&format!("{n}'s command to record its pid"), LONG, || {
+                Some(boots(&file)).filter(|b| !b.is_empty())
+            })
+            .unwrap_or_else(|e| panic!("{e}\n{}", h.log()))
+        })
         .collect();
 
     // Every slow VM booting at once, then jitsu-dns killed once all their namespaces exist.
