@@ -136,6 +136,7 @@ impl Vm {
     /// The guest announced itself on the bridge.
     pub(super) fn announced(&mut self, cfg: &Config, out: &mut Outputs, now: Instant) {
         self.announced = true;
+        self.unjudged_from = None;
         out.counters.guests_announced += 1;
         tracing::info!(vm = %self.id.name, "guest announced itself");
         out.emit(Event::GuestAnnounced {
