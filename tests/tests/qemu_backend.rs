@@ -111,6 +111,12 @@ impl Qemu {
     }
 }
 
+/// The command line of process `pid`, its arguments joined by spaces.
+fn cmdline_of(pid: u32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    String::from_utf8_lossy(&raw).replace('\0', " ")
+}
+
 #[test]
 fn dig_boots_the_unikernel_and_an_idle_stop_leaves_no_qemu_no_tap_and_no_files() {
     let q = Qemu::start("qmdes", "", &["-t", "1"], "");
@@ -119,12 +125,13 @@ fn dig_boots_the_unikernel_and_an_idle_stop_leaves_no_qemu_no_tap_and_no_files()
     let rec = q.record().expect("a record while QEMU runs");
     let ns = q.h.host.ns();
     assert_eq!(qemus(ns).unwrap(), vec![rec.pid]);
-    let cmdline = std::fs::read(format!("/proc/{}/cmdline", rec.pid)).unwrap();
-    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    let cmdline = cmdline_of(rec.pid);
     assert!(
         cmdline.contains("-M microvm,") && cmdline.contains("-accel tcg"),
         "{cmdline}"
     );
+    // Never asked to power off, it runs without ACPI (its devices on its command line).
+    assert!(cmdline.contains(",acpi=off "), "{cmdline}");
     // Its tap is a port of the VM's bridge.
     let ports = ns.sh("ip -o link show master br0 type tun").unwrap();
     assert!(ports.contains(&format!(": {}:", rec.tap)), "{ports}");
@@ -278,6 +285,12 @@ fn a_shutdown_that_the_guest_ignores_ends_in_a_destroy() {
     );
     q.dig();
     assert_eq!(q.page(), 1);
+    // ACPI is kept for the power button.
+    let cmdline = cmdline_of(q.record().expect("a record while QEMU runs").pid);
+    assert!(
+        cmdline.contains("-M microvm,") && !cmdline.contains("acpi=off"),
+        "{cmdline}"
+    );
     q.h.wait_state("uk", "off", LONG);
     wait_history(&q.h.db(), "uk: stopping -> off (stopped (shutdown))", LONG)
         .unwrap_or_else(|e| panic!("{e}\n{}", q.h.log()));

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use crate::backend::libvirt::DEFAULT_MEMORY_KIB;
 use crate::backend::record_value;
-use crate::config::VmConfig;
+use crate::config::{StopMode, VmConfig};
 
 /// QEMU's seccomp filter, as libvirt sets it: no obsolete system calls, no privilege changes,
 /// no new processes, no resource controls (QEMU runs as root here; it costs no measurable
@@ -19,6 +19,23 @@ pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,re
 /// microvm without the legacy devices a PVH guest on virtio-mmio does not use: each costs
 /// start-up time (`x-option-roms=off` alone saves the option ROMs' load and run).
 pub const MACHINE: &str = "microvm,x-option-roms=off,pit=off,pic=off,rtc=off";
+
+/// Added to [`MACHINE`] for a VM that is never asked to power off: without ACPI the firmware
+/// has no tables to load and QEMU writes the virtio-mmio devices on the guest's command line
+/// (which Linux and jitsu's unikernel both read) instead of leaving them to be probed. Measured
+/// here under TCG: ~3 ms less CPU from exec to the unikernel listening (of ~40), all of it
+/// after the guest's first instruction (QEMU's own start is the same either way).
+/// ACPI stays for `stop_mode=shutdown`: on microvm the power button (`system_powerdown`) is an
+/// ACPI event, and a guest without it would only ever be destroyed after the grace.
+pub const NO_ACPI: &str = ",acpi=off";
+
+/// The `-M` value for `vm`: [`MACHINE`], and [`NO_ACPI`] unless its stop mode is `shutdown`.
+pub fn machine(vm: &VmConfig) -> String {
+    match vm.stop_mode {
+        StopMode::Shutdown => MACHINE.to_string(),
+        StopMode::Destroy | StopMode::Suspend => format!("{MACHINE}{NO_ACPI}"),
+    }
+}
 
 /// How the guest's CPU runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +76,8 @@ pub struct Plan<'a> {
 /// QEMU's arguments for `vm` (the program itself not included): microvm, the kernel booted
 /// directly (PVH) with its command line, one virtio-net device on the tap, QMP on the
 /// inherited socket, the serial console to `console_log` (or nowhere), no reboot (a guest
-/// that resets has stopped), QEMU's seccomp sandbox; paused before the first instruction for a standby. `None` if the
+/// that resets has stopped), no ACPI unless the guest may be asked to power off ([`machine`]),
+/// QEMU's seccomp sandbox; paused before the first instruction for a standby. `None` if the
 /// VM has no kernel.
 pub fn qemu_args(vm: &VmConfig, p: &Plan<'_>) -> Option<Vec<OsString>> {
     let kernel = vm.kernel.as_deref()?;
@@ -68,7 +86,7 @@ pub fn qemu_args(vm: &VmConfig, p: &Plan<'_>) -> Option<Vec<OsString>> {
     push("-name");
     push(&format!("guest={},debug-threads=off", vm.name));
     push("-M");
-    push(MACHINE);
+    push(&machine(vm));
     push("-accel");
     push(p.accel.as_str());
     push("-m");
@@ -243,7 +261,8 @@ mod tests {
         let l = line(&v, Accel::Tcg);
         assert_eq!(
             l,
-            "-name guest=uk,debug-threads=off -M microvm,x-option-roms=off,pit=off,pic=off,rtc=off \
+            "-name guest=uk,debug-threads=off \
+             -M microvm,x-option-roms=off,pit=off,pic=off,rtc=off,acpi=off \
              -accel tcg -m 32768k -nodefaults -no-user-config -display none -no-reboot \
              -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
              -netdev tap,id=net0,fd=7 -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:05 \
@@ -275,6 +294,20 @@ mod tests {
         assert!(l.contains(" -serial null "), "{l}");
         assert!(l.ends_with(" -kernel /k/uk.elf -initrd /k/i"), "{l}");
         assert!(l.contains(&format!("mac={}", v.mac())), "{l}");
+    }
+
+    #[test]
+    fn acpi_is_kept_only_for_a_vm_that_is_shut_down_with_the_power_button() {
+        for (spec, acpi) in [
+            ("kernel=/k/uk.elf", false),
+            ("kernel=/k/uk.elf,stop_mode=destroy", false),
+            ("kernel=/k/uk.elf,stop_mode=suspend", false),
+            ("kernel=/k/uk.elf,stop_mode=shutdown", true),
+        ] {
+            let l = line(&vm(spec), Accel::Tcg);
+            assert_eq!(!l.contains(",acpi=off "), acpi, "{spec}: {l}");
+            assert!(l.contains(&format!(" -M {MACHINE}")), "{spec}: {l}");
+        }
     }
 
     #[test]

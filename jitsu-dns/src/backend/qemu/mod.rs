@@ -51,7 +51,7 @@ mod launch;
 mod qmp;
 mod tap;
 
-pub use launch::{Accel, MACHINE, Plan, Record, SANDBOX, fingerprint, qemu_args};
+pub use launch::{Accel, MACHINE, NO_ACPI, Plan, Record, SANDBOX, fingerprint, machine, qemu_args};
 
 use std::collections::HashMap;
 use std::fs;
