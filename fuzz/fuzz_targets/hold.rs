@@ -6,7 +6,7 @@
 //! each a byte saying which and the bytes it reads (see `step`). The VMs come from a pool of
 //! four identities (varied by the input: IPv6 or not, Xenstore or wire hand-over, another
 //! VM's MAC or address, a MAC of the input's, the guest's bridge port named or not, its own or
-//! another's), so that requests, frames and results meet the same VMs. Frames are built whole
+//! another's, promising to announce itself only once it listens or not), so that requests, frames and results meet the same VMs. Frames are built whole
 //! (client SYNs with correct checksums, the guest's own announcements, ARP requests,
 //! neighbour solicitations, answers to the probes the core sent) or taken raw from the input,
 //! or the last frame with one byte changed (its TCP checksum fixed or not, with any checksum
@@ -130,7 +130,8 @@ fn ingress_port(sel: u8, i: usize) -> String {
 }
 
 /// A VM of the pool, varied by one byte (and six more for a MAC of the input's), its bridge
-/// port chosen by `port` (see `named_port`).
+/// port chosen by `port` (see `named_port`), and its promise to announce itself only once it
+/// listens by `port`'s third bit.
 fn identity(input: &mut Input<'_>, port: u8) -> Option<VmIdentity> {
     let b = input.byte()?;
     let i = usize::from(b & 3);
@@ -149,6 +150,7 @@ fn identity(input: &mut Input<'_>, port: u8) -> Option<VmIdentity> {
         ipv4: if b & 0x20 != 0 { vm_v4(next) } else { vm_v4(i) },
         ipv6: (b & 4 != 0).then(|| vm_v6(i)),
         port: named_port(port, i),
+        announces_listening: port & 4 != 0,
         handover: if b & 8 != 0 {
             Handover::Xenstore {
                 domid: 1 + u32::from(b >> 7) * 100 + i as u32,

@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 
 use crate::backend::libvirt::{Hypervisor, domain_xml};
 use crate::backend::qemu::{self, Accel, Plan, qemu_args};
-use crate::config::{BackendKind, Config, DiskKind, Forwarders, VmConfig, WaitFor};
+use crate::config::{Announce, BackendKind, Config, DiskKind, Forwarders, VmConfig, WaitFor};
 use crate::fleet::fmt_duration;
 
 /// The hypervisor a libvirt URI's scheme names (`xen:`, `xen+ssh:` -> Xen; `qemu:`,
@@ -124,6 +124,17 @@ fn render_vm(o: &mut String, cfg: &Config, vm: &VmConfig) {
     }
     if vm.use_synjitsu {
         let _ = writeln!(o, "  use_synjitsu true");
+    }
+    if vm.announce == Announce::Listening {
+        let _ = writeln!(
+            o,
+            "  announce listening ({})",
+            if vm.synjitsu_tracked() {
+                "synjitsu hands the held SYNs over at the guest's announcement, no probe"
+            } else {
+                "no effect: synjitsu does not track this VM"
+            }
+        );
     }
     for (i, nic) in vm.nics.iter().enumerate() {
         let _ = write!(o, "  nic {i} bridge {} mac {}", nic.bridge, nic.mac);

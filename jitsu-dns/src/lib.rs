@@ -9,7 +9,7 @@
 //! - [`dns`]: the hickory-server request handler (answers from a table, asks the fleet on
 //!   the slow path), `fast`, the plain queries it answers from pre-encoded bytes,
 //!   [`forward`], the relay to the forwarders, and [`transport`], the UDP and TCP sockets
-//!   in front of the handler with their bounds;
+//!   in front of the handler with their bounds (`udp_batch`: many datagrams a system call);
 //! - [`backend`]: the trait the VMs are run through, the process backend and the libvirt one;
 //! - [`state`]: the state store with history (a git repository);
 //! - [`synjitsu`]: the client of synjitsu's control socket;
@@ -34,4 +34,5 @@ pub mod state;
 pub mod synjitsu;
 mod sys;
 pub mod transport;
+mod udp_batch;
 pub mod xenstore;

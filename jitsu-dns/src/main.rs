@@ -17,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 /// VMs are positional specs, e.g.
 /// `name=www,dns=www.example.org,ip=10.0.0.1,command='busybox httpd -f -p 80'`
 /// (keys: name, dns (repeatable), ip, ip6, mac, response_delay, wait_for_key, wait_for,
-/// wait_for_timeout, boot_timeout, use_synjitsu, stop_mode, handover, zone, nic (repeatable),
+/// wait_for_timeout, boot_timeout, use_synjitsu, stop_mode, handover, announce
+/// (boot|listening: the guest announces itself only once it listens, so synjitsu hands its
+/// held SYNs over at the announcement without a probe), zone, nic (repeatable),
 /// idle_timeout, pin, drained (servfail|nxdomain), max_boot_attempts, boot_backoff;
 /// process backend: command, ifup, gateway; libvirt: uuid, kernel, initrd, cmdline, memory,
 /// disk (repeatable), script (repeatable), console_log, domain_type, rumprun_config), or

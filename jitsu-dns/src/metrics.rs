@@ -67,13 +67,17 @@ pub enum Dropped {
     Busy,
     /// From an address no answer can go to (port 0, a broadcast address).
     BadSource,
+    /// Answered, but the kernel did not take the answer (a full send buffer: UDP answers
+    /// are sent without waiting, as the kernel itself drops what does not fit).
+    Unsent,
 }
 
-const DROPPED: [(Dropped, &str); 4] = [
+const DROPPED: [(Dropped, &str); 5] = [
     (Dropped::Short, "short"),
     (Dropped::Response, "response"),
     (Dropped::Busy, "busy"),
     (Dropped::BadSource, "bad_source"),
+    (Dropped::Unsent, "unsent"),
 ];
 
 /// Which bound closed a new DNS-over-TCP connection.
@@ -382,13 +386,22 @@ impl Metrics {
         self.state_polls.inc();
     }
 
-    /// A message got no answer, for `why`.
-    pub fn add_dropped(&self, why: Dropped) {
+    fn dropped_counter(&self, why: Dropped) -> &Counter {
         let i = DROPPED
             .iter()
             .position(|(d, _)| *d == why)
             .expect("every reason is listed");
-        self.dropped[i].inc();
+        &self.dropped[i]
+    }
+
+    /// A message got no answer, for `why`.
+    pub fn add_dropped(&self, why: Dropped) {
+        self.dropped_counter(why).inc();
+    }
+
+    /// Messages given no answer for `why` so far.
+    pub fn dropped(&self, why: Dropped) -> u64 {
+        self.dropped_counter(why).get()
     }
 
     /// A new TCP connection was closed at once: `limit` was reached.
@@ -498,6 +511,7 @@ mod tests {
             "jitsu_dns_state_store_lag_seconds 1.5",
             "jitsu_dns_dropped_total{reason=\"busy\"} 1",
             "jitsu_dns_dropped_total{reason=\"short\"} 0",
+            "jitsu_dns_dropped_total{reason=\"unsent\"} 0",
             "jitsu_dns_tcp_refused_total{limit=\"per_client\"} 1",
             "jitsu_dns_tcp_refused_total{limit=\"total\"} 0",
             "jitsu_dns_tcp_connections 1",

@@ -305,6 +305,7 @@ mod tests {
             ipv6: None,
             handover: Handover::Wire,
             port: None,
+            announces_listening: false,
         }
     }
 

@@ -19,11 +19,11 @@
 //!   is allocated for a message before its bytes arrive, so a stalled connection costs a
 //!   task and a socket, not a buffer.
 //!
-//! A UDP datagram is first offered to the handler's fast path ([`Handler::answer_fast`]),
-//! answered in the receiving loop if it is a plain query for a running VM's address (the
-//! datagrams already queued are read first, at most [`UDP_BATCH`], and their answers sent
-//! back to back); any other is parsed by hickory and answered by the handler in a task of
-//! its own.
+//! UDP is served from a thread of its own that blocks in `recvmmsg` ([`crate::udp_batch`]):
+//! each datagram of a batch is first offered to the handler's fast path
+//! ([`Handler::answer_fast`]), answered in the thread if it is a plain query for a running
+//! VM's address, the batch's answers sent with one `sendmmsg`; any other is parsed by
+//! hickory and answered by the handler in a task of its own on the runtime.
 //! Encoding, names are compressed against the question as the client wrote it (hickory
 //! 0.26's encoder records the question's bytes type and class included, so nothing ever
 //! matched them), which is what makes the fast path's answers and these the same bytes.
@@ -34,6 +34,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,6 +47,8 @@ use hickory_server::net::runtime::TokioTime;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder, Queries};
+use nix::errno::Errno;
+use nix::sys::socket::{MsgFlags, SockaddrStorage, sendto};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -55,6 +58,7 @@ use tokio_util::sync::CancellationToken;
 use crate::dns::Handler;
 use crate::fast::plain_name_len;
 use crate::metrics::{Dropped, Metrics, Outcome, TcpLimit};
+use crate::udp_batch::Batch;
 
 /// A TCP connection with no query for this long is closed.
 pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -249,12 +253,15 @@ fn reachable(src: SocketAddr) -> bool {
         && !matches!(src.ip(), IpAddr::V4(a) if a.is_broadcast())
 }
 
-/// Datagrams read in one go: those already queued on the socket (up to this many) are read
-/// and the fast answers held, then sent back to back, as Knot batches its with sendmmsg: a
-/// client woken by the first finds the rest waiting. Bounded in datagrams, not answers, so
-/// a stream of slow-path queries cannot keep the loop from yielding.
-const UDP_BATCH: usize = 32;
+/// How often the UDP thread, waiting for a datagram, looks whether it is asked to stop: the
+/// only wake-up of an idle server, 10 a second.
+const UDP_STOP_POLL: Duration = Duration::from_millis(100);
 
+/// Serves `socket` from a thread of its own until `stop` is cancelled (or this future is
+/// dropped): the thread blocks in `recvmmsg`, answers the fast queries of each batch and
+/// sends their answers with one `sendmmsg` ([`udp_batch`]), and hands every other query to
+/// the runtime this is called from. No task wake-up, no readiness poll and no allocation
+/// per fast query: at high rates a query costs the two system calls' shares, as Knot's.
 async fn serve_udp(
     socket: UdpSocket,
     handler: Arc<Handler>,
@@ -262,77 +269,117 @@ async fn serve_udp(
     in_flight: usize,
     stop: CancellationToken,
 ) {
-    let socket = Arc::new(socket);
-    let places = Arc::new(Semaphore::new(in_flight));
-    // One buffer for every datagram; each query taking the slow path copies its own bytes.
-    let mut buf = vec![0u8; 65535];
-    let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
-    let mut fast: Vec<(Vec<u8>, SocketAddr)> = (0..UDP_BATCH)
-        .map(|_| (Vec::with_capacity(512), unspecified))
-        .collect();
-    loop {
-        let mut received = tokio::select! {
-            r = socket.recv_from(&mut buf) => r,
-            _ = stop.cancelled() => return,
-        };
-        let mut held = 0;
-        for read in 1..=UDP_BATCH {
-            match received {
-                Ok((_, src)) if !reachable(src) => metrics.add_dropped(Dropped::BadSource),
-                Ok((n, src)) => {
-                    // Answered here, in the loop: no task, no copy, nothing parsed but the
-                    // header and the question.
-                    let (out, dst) = &mut fast[held];
-                    if handler.answer_fast(&buf[..n], out) {
-                        *dst = src;
-                        held += 1;
-                    } else {
-                        slow_udp(&socket, &handler, &metrics, &places, &buf[..n], src);
-                    }
-                }
-                // ICMP errors of earlier answers surface here; the socket still works.
-                Err(e) => tracing::debug!(error = %e, "receiving over UDP"),
-            }
-            if read == UDP_BATCH {
-                break;
-            }
-            received = match socket.try_recv_from(&mut buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                r => r,
-            };
+    let socket = match blocking(socket) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            tracing::error!(error = %e, "UDP not served: setting up the socket");
+            return;
         }
-        for (out, dst) in &fast[..held] {
-            if let Err(e) = socket.send_to(out, *dst).await {
-                tracing::debug!(%dst, error = %e, "sending over UDP");
-            }
-        }
+    };
+    let udp = UdpServer {
+        socket,
+        handler,
+        metrics,
+        places: Arc::new(Semaphore::new(in_flight)),
+        runtime: tokio::runtime::Handle::current(),
+    };
+    let halt = stop.child_token();
+    let _halt_when_dropped = halt.clone().drop_guard();
+    let (ended, thread_ended) = tokio::sync::oneshot::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("jitsu-dns-udp".into())
+        .spawn(move || {
+            // Dropped when the thread ends, however it ends: what the future waits on.
+            let _ended = ended;
+            udp.run(&halt);
+        });
+    match spawned {
+        // Err only once the thread ended (its sender dropped).
+        Ok(_) => thread_ended.await.unwrap_or(()),
+        Err(e) => tracing::error!(error = %e, "UDP not served: starting its thread"),
     }
 }
 
-/// Answers `msg` from `src` through hickory in a task of its own, if a place is free.
-fn slow_udp(
-    socket: &Arc<UdpSocket>,
-    handler: &Arc<Handler>,
-    metrics: &Arc<Metrics>,
-    places: &Arc<Semaphore>,
-    msg: &[u8],
-    src: SocketAddr,
-) {
-    let Ok(place) = places.clone().try_acquire_owned() else {
-        metrics.add_dropped(Dropped::Busy);
-        tracing::trace!(%src, "dropped: too many UDP queries in flight");
-        return;
-    };
-    let msg = msg.to_vec();
-    let (socket, handler, metrics) = (socket.clone(), handler.clone(), metrics.clone());
-    tokio::spawn(async move {
-        let _place = place;
-        if let Some(reply) = answer(&handler, &metrics, msg, src, Protocol::Udp).await
-            && let Err(e) = socket.send_to(&reply, src).await
-        {
-            tracing::debug!(%src, error = %e, "sending over UDP");
+/// `socket` as a blocking socket that waits [`UDP_STOP_POLL`] at most for a datagram.
+fn blocking(socket: UdpSocket) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket.into_std()?;
+    socket.set_nonblocking(false)?;
+    socket.set_read_timeout(Some(UDP_STOP_POLL))?;
+    Ok(socket)
+}
+
+/// What the UDP thread serves with (see [`serve_udp`]).
+struct UdpServer {
+    /// Blocking, with [`UDP_STOP_POLL`] as its receive timeout.
+    socket: Arc<std::net::UdpSocket>,
+    handler: Arc<Handler>,
+    metrics: Arc<Metrics>,
+    /// The bound on slow-path queries being answered.
+    places: Arc<Semaphore>,
+    /// Where the slow path's tasks run.
+    runtime: tokio::runtime::Handle,
+}
+
+impl UdpServer {
+    /// The UDP thread's loop, until `halt` is cancelled.
+    fn run(&self, halt: &CancellationToken) {
+        let mut batch = Batch::new();
+        while !halt.is_cancelled() {
+            let received = match batch.recv(&self.socket) {
+                Ok(n) => n,
+                // The receive timeout: time to look at `halt` again.
+                Err(Errno::EAGAIN | Errno::EINTR) => continue,
+                // ICMP errors of earlier answers surface here; the socket still works.
+                Err(e) => {
+                    tracing::debug!(error = %e, "receiving over UDP");
+                    continue;
+                }
+            };
+            for i in 0..received {
+                let (msg, src, out) = batch.datagram(i);
+                let Some(src) = src.filter(|s| reachable(*s)) else {
+                    self.metrics.add_dropped(Dropped::BadSource);
+                    continue;
+                };
+                // Answered here: no task, no copy, nothing parsed but the header and question.
+                if self.handler.answer_fast(msg, out) {
+                    batch.hold(src);
+                } else {
+                    self.slow(msg, src);
+                }
+            }
+            let held = batch.held();
+            for _ in batch.send(&self.socket)..held {
+                self.metrics.add_dropped(Dropped::Unsent);
+            }
         }
-    });
+    }
+
+    /// Answers `msg` from `src` through hickory in a task of its own on the runtime, if a
+    /// place is free. The answer is sent without waiting (the UDP thread is the one that
+    /// blocks on the socket): if the socket's send buffer is full it is dropped and counted,
+    /// as the kernel would drop it.
+    fn slow(&self, msg: &[u8], src: SocketAddr) {
+        let Ok(place) = self.places.clone().try_acquire_owned() else {
+            self.metrics.add_dropped(Dropped::Busy);
+            tracing::trace!(%src, "dropped: too many UDP queries in flight");
+            return;
+        };
+        let msg = msg.to_vec();
+        let socket = self.socket.clone();
+        let (handler, metrics) = (self.handler.clone(), self.metrics.clone());
+        self.runtime.spawn(async move {
+            let _place = place;
+            if let Some(reply) = answer(&handler, &metrics, msg, src, Protocol::Udp).await {
+                let to = SockaddrStorage::from(src);
+                let flags = MsgFlags::MSG_DONTWAIT;
+                if let Err(e) = sendto(socket.as_raw_fd(), &reply, &to, flags) {
+                    metrics.add_dropped(Dropped::Unsent);
+                    tracing::debug!(%src, error = %e, "sending over UDP");
+                }
+            }
+        });
+    }
 }
 
 /// Open TCP connections per client, each under [`ClientCounts::max`].
@@ -850,31 +897,61 @@ mod tests {
         assert_eq!(m.fast_answers(), 2);
     }
 
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_burst_queued_on_the_socket_is_answered_whole_fast_and_slow_alike() {
-        let (h, m) = handler();
+    /// [`serve_udp`] serving `h` on a loopback socket (64 queries in flight at most), and a
+    /// client socket: the client, the server's address, what stops it and its task.
+    async fn serving_udp(
+        h: Handler,
+        m: &Arc<Metrics>,
+    ) -> (
+        UdpSocket,
+        SocketAddr,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
         let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let at = server.local_addr().unwrap();
         let stop = CancellationToken::new();
         let serving = tokio::spawn(serve_udp(server, Arc::new(h), m.clone(), 64, stop.clone()));
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        // 3 x UDP_BATCH queries sent before the server runs again, so they queue: www A
+        (client, at, stop, serving)
+    }
+
+    /// A plain query, RD set: `id`, the name's wire bytes, the type, class IN.
+    fn plain_query(id: u16, name: &[u8], qtype: u8) -> Vec<u8> {
+        [
+            &id.to_be_bytes()[..],
+            &[1, 0, 0, 1, 0, 0, 0, 0, 0, 0],
+            name,
+            &[0, qtype, 0, 1],
+        ]
+        .concat()
+    }
+
+    /// Marks the answer to `id` seen, failing if it was seen before.
+    fn seen_once(seen: &mut [bool], id: u16) {
+        assert!(
+            !std::mem::replace(&mut seen[usize::from(id)], true),
+            "{id} twice"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_burst_queued_on_the_socket_is_answered_whole_fast_and_slow_alike() {
+        let (h, m) = handler();
+        let (client, at, stop, serving) = serving_udp(h, &m).await;
+        // 3 x BATCH queries sent before the server runs again, so they queue: www A
         // (fast) and, every third, example.org SOA (hickory's path); ID = the query's number.
-        let total = 3 * UDP_BATCH as u16;
+        let total = 3 * crate::udp_batch::BATCH as u16;
         for id in 0..total {
             let (name, qtype): (&[u8], u8) = if id % 3 == 2 {
                 (b"\x07example\x03org\x00", 6)
             } else {
                 (b"\x03www\x07example\x03org\x00", 1)
             };
-            let q = [
-                &id.to_be_bytes()[..],
-                &[1, 0, 0, 1, 0, 0, 0, 0, 0, 0],
-                name,
-                &[0, qtype, 0, 1],
-            ]
-            .concat();
-            client.send_to(&q, at).await.unwrap();
+            client
+                .send_to(&plain_query(id, name, qtype), at)
+                .await
+                .unwrap();
         }
         let mut seen = vec![false; usize::from(total)];
         let mut buf = [0u8; 512];
@@ -885,12 +962,65 @@ mod tests {
                 .unwrap();
             let id = u16::from_be_bytes([buf[0], buf[1]]);
             assert_eq!(buf[3] & 0x0f, 0, "NOERROR for {id}: {:02x?}", &buf[..n]);
-            assert!(
-                !std::mem::replace(&mut seen[usize::from(id)], true),
-                "{id} twice"
-            );
+            seen_once(&mut seen, id);
         }
         assert_eq!(m.fast_answers(), u64::from(total - total / 3));
+        stop.cancel();
+        serving.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn sixty_four_queued_at_once_are_answered_and_the_bad_ones_among_them_counted() {
+        let (h, m) = handler();
+        let (client, at, stop, serving) = serving_udp(h, &m).await;
+        // 64 queries for www A (fast), ID = their number, and among them, in the same
+        // batches: one shorter than a header, one response, one whose question is cut.
+        let www = |id: u16| plain_query(id, b"\x03www\x07example\x03org\x00", 1);
+        let cut = [&[0xbe, 0xef][..], &www(0)[2..20]].concat();
+        let response = [&[0xde, 0xad, 0x81][..], &www(0)[3..]].concat();
+        for id in 0..64u16 {
+            client.send_to(&www(id), at).await.unwrap();
+            match id {
+                10 => client.send_to(&[1, 2, 3], at).await.unwrap(),
+                20 => client.send_to(&response, at).await.unwrap(),
+                40 => client.send_to(&cut, at).await.unwrap(),
+                _ => 0,
+            };
+        }
+        let mut seen = [false; 64];
+        let mut formerr = false;
+        let mut buf = [0u8; 512];
+        for _ in 0..65 {
+            let n = timeout(Duration::from_secs(5), client.recv(&mut buf))
+                .await
+                .expect("every query but the short one and the response is answered")
+                .unwrap();
+            let id = u16::from_be_bytes([buf[0], buf[1]]);
+            if id == 0xbeef {
+                assert_eq!(
+                    buf[3] & 0x0f,
+                    1,
+                    "FORMERR for the cut one: {:02x?}",
+                    &buf[..n]
+                );
+                formerr = true;
+                continue;
+            }
+            assert_eq!(&buf[n - 4..n], &[10, 0, 0, 1], "www's address for {id}");
+            seen_once(&mut seen, id);
+        }
+        assert!(formerr && seen.iter().all(|s| *s));
+        assert_eq!(m.fast_answers(), 64);
+        assert_eq!(m.queries(Outcome::FormErr), 1);
+        assert_eq!(m.dropped(Dropped::Short), 1);
+        assert_eq!(m.dropped(Dropped::Response), 1);
+        // Nothing more comes: the short one and the response got no answer.
+        let more = timeout(Duration::from_millis(200), client.recv(&mut buf)).await;
+        assert!(
+            more.is_err(),
+            "an answer to a dropped message: {:02x?}",
+            &buf[..8]
+        );
         stop.cancel();
         serving.await.unwrap();
     }

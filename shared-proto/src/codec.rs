@@ -219,6 +219,7 @@ mod tests {
             ipv6: Some("fd00::1".parse().unwrap()),
             handover,
             port: Some("vnet0".into()),
+            announces_listening: false,
         }
     }
 
@@ -407,6 +408,7 @@ mod tests {
                     handover: Handover::Xenstore { domid: u32::MAX },
                     // An interface name at its longest (15 bytes).
                     port: Some(format!("vif{i:0>12}")),
+                    announces_listening: true,
                 },
                 phase: Phase::Booting,
             })

@@ -34,6 +34,14 @@
 //! has one (every object refuses unknown fields) and answers `port` with `unknown_message`:
 //! upgrade synjitsu before jitsu-dns.
 //!
+//! A VM may carry the guest's promise that it announces itself only once it listens
+//! ([`crate::VmIdentity::announces_listening`]): synjitsu then re-sends its held SYNs at its
+//! announcement instead of probing its ports first. Left out when false, with the same rule
+//! for old servers as `port`:
+//! ```text
+//! {"id":4,"type":"booting","vm":{"name":"uk","mac":"02:00:00:00:00:05","ipv4":"10.0.0.5","handover":{"via":"wire"},"announces_listening":true}}
+//! ```
+//!
 //! The server serves one client at a time, the newest: a hello while another client is
 //! attached takes over, and the old connection gets an [`ErrorCode::Replaced`] error (id 0)
 //! before it is closed. A connection that has said no hello within a short time is closed.

@@ -38,6 +38,20 @@ pub struct VmIdentity {
     /// unknown, so a client that never knows it speaks exactly as before this field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<String>,
+    /// The guest's promise that it announces itself (its gratuitous ARP or unsolicited
+    /// neighbour advertisement) only once every port it serves listens, as the project's Rust
+    /// unikernel and MirageOS guests do. synjitsu then re-sends the held SYNs on the wire at
+    /// the announcement, without first probing the ports from its own address (a round trip
+    /// of the guest saved). False: the announcement only says the guest is up, and each held
+    /// port is probed before its SYNs go. Absent from the JSON when false, so a client that
+    /// never promises it speaks exactly as before this field.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub announces_listening: bool,
+}
+
+/// For serde: a false flag is left out of the JSON.
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// How held SYNs reach the guest.
@@ -188,6 +202,7 @@ mod tests {
             ipv6: None,
             handover: Handover::Xenstore { domid: 7 },
             port: None,
+            announces_listening: false,
         }
     }
 
@@ -210,6 +225,22 @@ mod tests {
         let j = serde_json::to_string(&v6).unwrap();
         assert!(j.ends_with(r#","port":"vnet3"}"#), "{j}");
         assert_eq!(serde_json::from_str::<VmIdentity>(&j).unwrap(), v6);
+        // The promise to announce only once listening: absent when false (above), present
+        // when true, and read back both ways.
+        assert!(!j.contains("announces_listening"));
+        v6.announces_listening = true;
+        let j = serde_json::to_string(&v6).unwrap();
+        assert!(j.ends_with(r#","announces_listening":true}"#), "{j}");
+        assert_eq!(serde_json::from_str::<VmIdentity>(&j).unwrap(), v6);
+        let explicit_false = j.replace(
+            r#""announces_listening":true"#,
+            r#""announces_listening":false"#,
+        );
+        assert!(
+            !serde_json::from_str::<VmIdentity>(&explicit_false)
+                .unwrap()
+                .announces_listening
+        );
     }
 
     #[test]

@@ -569,6 +569,7 @@ mod tests {
                 ipv6: None,
                 handover: Handover::Wire,
                 port: None,
+                announces_listening: false,
             },
         };
         assert!(matches!(s.on_frame(req(10, booting)), Action::Forward(_)));

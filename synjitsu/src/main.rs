@@ -68,9 +68,10 @@ struct Cli {
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DUR")]
     fdb_reconcile_interval: Duration,
 
-    /// Memory the SYNs held for one VM may take (e.g. 16MiB, 512KiB, 1000000: about 500
-    /// bytes a SYN); a new SYN that does not fit evicts that VM's oldest never retransmitted
-    /// (counted as evicted), so under a flood the newest are held.
+    /// Memory the SYNs held for one VM may take (e.g. 16MiB, 512KiB, 1000000: about 280
+    /// bytes a SYN); a new SYN that does not fit evicts one of that VM's never retransmitted
+    /// (counted as evicted): of a source prefix holding more than a sixteenth, else the
+    /// oldest, so under a flood the newest are held.
     #[arg(long, default_value = "16MiB", value_parser = parse_bytes, value_name = "BYTES")]
     max_held_bytes_per_vm: usize,
 

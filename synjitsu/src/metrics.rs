@@ -94,6 +94,8 @@ pub fn render(core: &Hold, shell: &ShellStats, client_attached: bool) -> Registr
         ("announcement_watcher_frames", "Gratuitous ARPs and unsolicited NAs seen arriving on any bridge port (the watcher that checks a guest announces from its own)", c.ingress_frames),
         ("probes_sent", "Probe SYNs sent to guests", c.probes_sent),
         ("probe_resets", "RSTs sent to close a probe the guest accepted", c.probe_resets),
+        ("resend_batches", "Batches of held SYNs re-sent to guests at their pace", c.resend_batches),
+        ("pace_probes", "Probes sent behind a batch of re-sent SYNs, to pace the next", c.pace_probes),
         ("wake_requests", "Wake requests sent for stopped VMs", c.wake_requests),
         ("guests_announced", "Guests seen announcing themselves (gratuitous ARP or NA)", c.guests_announced),
         ("xenstore_writes", "Held SYNs written to Xenstore", c.xenstore_writes),

@@ -66,8 +66,14 @@ pub enum Mask {
     Delay(u64),
     /// `wait_for=announce`: answered when synjitsu sees the guest's gratuitous ARP.
     Announce,
-    /// `use_synjitsu`: answered at once, synjitsu holds the client's SYNs.
+    /// `use_synjitsu`: answered at once, synjitsu holds the client's SYNs; with
+    /// `announce=listening` where the guest keeps that promise (the unikernel, the test
+    /// guest; not the Linux guest, whose echo port opens after its announcement): the held
+    /// SYNs go at the guest's announcement, no probe.
     Synjitsu,
+    /// `use_synjitsu` without the promise (`announce=boot`, the default): synjitsu probes
+    /// the held port after the guest's announcement and re-sends the SYNs once it answers.
+    SynjitsuProbe,
     /// `wait_for=tcp:80`: answered when the guest accepts a connection on its HTTP port,
     /// probed from the host (no synjitsu, no guest change).
     Tcp,
@@ -90,6 +96,7 @@ impl Mask {
             Mask::Delay(ms) => format!("delay {ms}ms"),
             Mask::Announce => "announce".into(),
             Mask::Synjitsu => "synjitsu".into(),
+            Mask::SynjitsuProbe => "synjitsu+probe".into(),
             Mask::Tcp => "tcp:80".into(),
         }
     }
@@ -100,16 +107,24 @@ impl Mask {
             Mask::Delay(_) => "delay",
             Mask::Announce => "announce",
             Mask::Synjitsu => "synjitsu",
+            Mask::SynjitsuProbe => "probe",
             Mask::Tcp => "tcp",
         }
     }
 
-    fn keys(self) -> String {
+    /// Its `[[vm]]` keys, for a guest that announces itself only once it listens
+    /// (`listens_first`) or not.
+    fn keys(self, listens_first: bool) -> String {
         match self {
             Mask::None => "response_delay = 0".into(),
             Mask::Delay(ms) => format!("response_delay = {}", ms as f64 / 1000.0),
             Mask::Announce => "wait_for = \"announce\"\nresponse_delay = 0".into(),
-            Mask::Synjitsu => "use_synjitsu = true\nresponse_delay = 0".into(),
+            Mask::Synjitsu if listens_first => {
+                "use_synjitsu = true\nannounce = \"listening\"\nresponse_delay = 0".into()
+            }
+            Mask::Synjitsu | Mask::SynjitsuProbe => {
+                "use_synjitsu = true\nresponse_delay = 0".into()
+            }
             Mask::Tcp => "wait_for = \"tcp:80\"\nresponse_delay = 0".into(),
         }
     }
@@ -470,7 +485,7 @@ impl Stack {
                     vm.name,
                     vm.dns(),
                     vm.ip,
-                    vm.mask.keys(),
+                    vm.mask.keys(true),
                     vm.extra,
                 );
             }
@@ -488,7 +503,7 @@ impl Stack {
                     ip = vm.ip,
                     k = elf.display(),
                     c = self.console(vm).display(),
-                    m = vm.mask.keys(),
+                    m = vm.mask.keys(true),
                     x = vm.extra,
                 );
             }
@@ -508,7 +523,7 @@ impl Stack {
                     k = image.kernel.display(),
                     i = image.initrd.display(),
                     c = self.console(vm).display(),
-                    m = vm.mask.keys(),
+                    m = vm.mask.keys(false),
                     x = vm.extra,
                 );
             }
@@ -526,7 +541,7 @@ impl Stack {
                 guest.display(),
                 vm.boot.as_millis(),
                 self.report().display(),
-                vm.mask.keys(),
+                vm.mask.keys(true),
                 vm.extra,
             );
         }

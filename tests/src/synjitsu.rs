@@ -54,6 +54,7 @@ pub fn www(handover: Handover) -> VmIdentity {
         ipv6: Some("fd77:1::10".parse().expect("a valid address")),
         handover,
         port: None,
+        announces_listening: false,
     }
 }
 
@@ -79,6 +80,7 @@ pub fn fleet_vm(i: usize) -> VmIdentity {
         ipv6: None,
         handover: Handover::Wire,
         port: None,
+        announces_listening: false,
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use jitsu_tests::curl::metrics;
 use jitsu_tests::jitsu_dns::{
-    DnsHarness, assert_history, parse_dig, require_dns_tools, store_log, wait_history,
+    DnsHarness, assert_history, in_mounts_of, parse_dig, require_dns_tools, store_log, wait_history,
 };
 use jitsu_tests::{bin_path, require_tool, wait_until};
 
@@ -646,6 +646,82 @@ fn ifup_guest_leaves_the_interface_to_the_command_with_its_settings_in_the_envir
     // The guest's MAC is the configured one, as the bridge learnt it.
     let fdb = h.host.fdb().unwrap();
     assert!(fdb.iter().any(|e| e.mac == "02:77:00:00:00:05"), "{fdb:?}");
+}
+
+/// The command is spawned straight into its cgroup, a session of its own and its namespace,
+/// with a `/sys` of that namespace (as `ip netns exec` left it); the namespace is one `ip
+/// netns` lists and identifies the command by, in jitsu-dns's mount namespace, until a stop
+/// removes it.
+#[test]
+fn the_command_runs_in_its_session_cgroup_and_a_namespace_ip_netns_lists_until_the_stop() {
+    prerequisites();
+    require_tool("nsenter", "util-linux");
+    let mut h = DnsHarness::new("dspawn").unwrap();
+    let facts = h.host.file("facts");
+    let spec = format!(
+        "name=www,dns=www.example.org,ip=10.77.0.1/24,response_delay=0,\
+         command='echo $$ $(ls /sys/class/net) > {}; exec sleep 600'",
+        facts.display()
+    );
+    let args = h.args(None, &[&spec]);
+    h.start(&args, &[]).unwrap();
+    assert_eq!(
+        h.dig(&["www.example.org", "A"]).addresses(),
+        vec!["10.77.0.1"]
+    );
+    let text = wait_until("the command's facts", LONG, || {
+        let t = std::fs::read_to_string(&facts).ok()?;
+        t.ends_with('\n').then_some(t)
+    })
+    .unwrap();
+    let mut words = text.split_whitespace();
+    let pid: u32 = words.next().unwrap().parse().unwrap();
+    let links: Vec<&str> = words.collect();
+    assert_eq!(
+        links,
+        ["eth0", "lo"],
+        "the command's /sys shows its namespace's links"
+    );
+    // Field 6 of /proc/<pid>/stat: the session, led by the command itself.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let session = stat.rsplit(')').next().unwrap().split_whitespace().nth(3);
+    assert_eq!(session, Some(pid.to_string().as_str()), "{stat}");
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let netns = h.vms.netns("www");
+    assert!(
+        cgroup.contains(&format!("/jitsu/{netns}")),
+        "the command is in the VM's cgroup: {cgroup}"
+    );
+    let jitsu_dns = h.daemon.as_ref().unwrap().pid();
+    let in_jitsu_dns = |script: &str| in_mounts_of(jitsu_dns, script).unwrap();
+    assert!(
+        in_jitsu_dns("ip netns list")
+            .lines()
+            .any(|l| l.split(' ').next() == Some(&netns)),
+        "ip netns lists {netns}"
+    );
+    assert_eq!(
+        in_jitsu_dns(&format!("ip netns identify {pid}")).trim(),
+        netns
+    );
+
+    let out = Command::new(bin_path("jitsu-dns"))
+        .arg("ctl")
+        .arg("--control")
+        .arg(h.control())
+        .args(["stop", "www"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ctl stop: {out:?}");
+    h.wait_state("www", "off", LONG);
+    assert!(!alive(pid), "the command is gone");
+    assert!(
+        !in_jitsu_dns("ip netns list")
+            .lines()
+            .any(|l| l.split(' ').next() == Some(&netns)),
+        "ip netns no longer lists {netns}"
+    );
+    assert!(!Path::new("/run/netns").join(&netns).exists());
 }
 
 #[test]

@@ -118,7 +118,7 @@ fn the_dashboard_is_grafana_json_with_a_query_in_every_panel() {
 #[test]
 fn every_metric_the_dashboard_queries_is_served_by_its_daemon() {
     require_stack_tools();
-    let vm = Vm::new(0, Mask::Synjitsu, Duration::from_millis(200));
+    let vm = Vm::new(0, Mask::SynjitsuProbe, Duration::from_millis(200));
     let stack = Stack::start("graf", vec![vm.clone()], Options::default()).unwrap();
     let got = stack.cached_start(&vm).unwrap();
     assert!(got.ok(), "{got:?}\n{}", stack.logs());

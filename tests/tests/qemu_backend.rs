@@ -338,9 +338,12 @@ fn a_kernel_qemu_cannot_load_is_a_failed_boot_that_leaves_nothing() {
 #[test]
 fn the_whole_chain_gets_the_unikernels_page_with_one_syn_with_synjitsu_and_with_announce() {
     prerequisites();
+    // Synjitsu with the unikernel's promise to announce itself only once it listens (no
+    // probe), synjitsu without it (the port probed first), and waiting for the announcement.
     let vms = vec![
         Vm::new(0, Mask::Synjitsu, Duration::ZERO),
-        Vm::new(1, Mask::Announce, Duration::ZERO),
+        Vm::new(1, Mask::SynjitsuProbe, Duration::ZERO),
+        Vm::new(2, Mask::Announce, Duration::ZERO),
     ];
     let opts = Options {
         backend: Backend::Qemu,
@@ -362,6 +365,18 @@ fn the_whole_chain_gets_the_unikernels_page_with_one_syn_with_synjitsu_and_with_
         );
         let guest = got.guest.as_ref().expect("the unikernel's listening line");
         assert_eq!(guest.endpoint, format!("{}:80", vm.ip));
+        // Cold starts run one after the other: the counter so far is the VMs' before it.
+        let probes = stack.synjitsu_metric("synjitsu_probes_sent_total");
+        match vm.mask {
+            Mask::Synjitsu => assert_eq!(
+                probes,
+                0.0,
+                "synjitsu probed the unikernel that promised it listens\n{}",
+                stack.logs()
+            ),
+            Mask::SynjitsuProbe => assert!(probes >= 1.0, "no probe\n{}", stack.logs()),
+            _ => {}
+        }
     }
     assert!(stack.synjitsu_metric("synjitsu_syns_handed_over_total{via=\"wire\"}") >= 1.0);
     // jitsu-dns named the synjitsu VM's tap as its bridge port once QEMU had it, so synjitsu

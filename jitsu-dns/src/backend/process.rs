@@ -17,8 +17,8 @@
 //!   masking waits for the guest's own announcement), while with `ifup=guest` the command
 //!   configures and announces them itself when it is ready;
 //! - the cgroup `<mount>/jitsu/<prefix><vm>`;
-//! - the command, `sh -c <command>`, in its own session (jitsu-dns can exit and leave it
-//!   running), with `JITSU_NAME, JITSU_IP, JITSU_IP_PREFIX, JITSU_IP6, JITSU_IP6_PREFIX,
+//! - the command, `sh -c <command>`, spawned straight into its cgroup, a session of its own
+//!   (jitsu-dns can exit and leave it running) and the namespace (`crate::sys::netns`), with `JITSU_NAME, JITSU_IP, JITSU_IP_PREFIX, JITSU_IP6, JITSU_IP6_PREFIX,
 //!   JITSU_MAC, JITSU_IFACE=eth0, JITSU_GATEWAY` in its environment.
 //!
 //! The record holds the pid and its start time from `/proc/<pid>/stat`, so a reused pid is
@@ -32,17 +32,18 @@
 //! [`open`]: ProcessBackend::open Counters come from the host side
 //! of the veth in `/proc/net/dev`, which is right in whatever namespace jitsu-dns runs.
 //!
-//! Links, addresses and routes are made over rtnetlink ([`super::process_net`]); it relies on
-//! iproute2 (`ip netns` to add, enter and delete namespaces, `ip link del`), util-linux (`setsid`, and `mount` where no cgroup hierarchy
-//! is visible, as under `ip netns exec`, which remounts `/sys`) and `sh`.
+//! Links, addresses and routes are made over rtnetlink ([`super::process_net`]), namespaces
+//! as iproute2 makes them, so `ip netns` lists and enters them ([`crate::sys::netns`]): a
+//! boot spawns nothing but the command (`sh`).
 
+use std::ffi::CStr;
 use std::fs;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
+use rustix::mount::MountFlags;
 use rustix::process::{Pid, Signal, kill_process};
 
 use shared_proto::Mac;
@@ -54,6 +55,7 @@ use super::{
 };
 use crate::config::{Ifup, StopMode, VmConfig};
 use crate::fleet::{IfCounters, Observed};
+use crate::sys::netns::{Cgroup, Spawn, create_netns, remove_netns, spawn_in_netns};
 
 /// The runtime directory when the URI names none.
 pub const DEFAULT_RUNTIME_DIR: &str = "/run/jitsu/process";
@@ -61,8 +63,6 @@ pub const DEFAULT_RUNTIME_DIR: &str = "/run/jitsu/process";
 pub const DEFAULT_NETNS_PREFIX: &str = "jitsu-";
 /// How long `shutdown` waits after SIGTERM before killing.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// How long a start waits for the command's pid file.
-const PID_FILE_WAIT: Duration = Duration::from_secs(5);
 /// How long freezing, thawing or emptying a cgroup may take.
 const CGROUP_WAIT: Duration = Duration::from_secs(5);
 /// The interface inside the VM's namespace.
@@ -161,6 +161,8 @@ struct Names {
     port: String,
     cgroup: PathBuf,
     record: PathBuf,
+    /// The launcher's pid file of versions that started the command through `setsid -f`:
+    /// still removed and swept, as a start of theirs cut short may have left one.
     pidfile: PathBuf,
     log: PathBuf,
 }
@@ -351,28 +353,23 @@ impl Cgroups {
         version: CgroupVersion,
         runtime_dir: &Path,
     ) -> Result<PathBuf, BackendError> {
-        let (dir, args): (PathBuf, &[&str]) = match version {
-            CgroupVersion::V2 => (runtime_dir.join("cgroup2"), &["-t", "cgroup2", "cgroup2"]),
-            CgroupVersion::V1 => (
-                runtime_dir.join("freezer"),
-                &["-t", "cgroup", "-o", "freezer", "freezer"],
-            ),
+        // (directory, (file system type and source, options)), as `mount -t cgroup2 cgroup2
+        // <dir>` and `mount -t cgroup -o freezer cgroup <dir>`.
+        let (dir, args): (PathBuf, (&CStr, Option<&CStr>)) = match version {
+            CgroupVersion::V2 => (runtime_dir.join("cgroup2"), (c"cgroup2", None)),
+            CgroupVersion::V1 => (runtime_dir.join("freezer"), (c"cgroup", Some(c"freezer"))),
         };
         fs::create_dir_all(&dir)
             .map_err(|e| BackendError::Host(format!("cannot create {}: {e}", dir.display())))?;
-        let out = Command::new("mount").args(args).arg(&dir).output();
-        match out {
-            Ok(o) if o.status.success() => {
+        let (fs_type, options) = args;
+        match rustix::mount::mount(fs_type, &dir, fs_type, MountFlags::empty(), options) {
+            Ok(()) => {
                 tracing::info!(mount = %dir.display(), ?version, "no cgroup hierarchy visible: mounted one privately");
                 Ok(dir)
             }
-            Ok(o) => Err(BackendError::Host(format!(
-                "no {version:?} cgroup hierarchy is mounted and mounting one at {} failed: {}",
-                dir.display(),
-                String::from_utf8_lossy(&o.stderr).trim()
-            ))),
             Err(e) => Err(BackendError::Host(format!(
-                "no {version:?} cgroup hierarchy is mounted and `mount` could not run: {e}"
+                "no {version:?} cgroup hierarchy is mounted and mounting one at {} failed: {e}",
+                dir.display(),
             ))),
         }
     }
@@ -508,22 +505,10 @@ pub struct ProcessBackend {
     cgroups: Cgroups,
 }
 
-/// Started by `setsid -f` in jitsu-dns's namespaces: joins the VM's cgroup (before `ip netns
-/// exec` remounts /sys), records its pid, and becomes the command inside the VM's namespace;
-/// the pid stays the same through every `exec`.
-const LAUNCHER: &str = r#"echo $$ > "$JITSU_CGROUP_PROCS" || exit 1
-echo $$ > "$JITSU_PIDFILE" || exit 1
-ns=$JITSU_NETNS command=$JITSU_COMMAND
-unset JITSU_CGROUP_PROCS JITSU_PIDFILE JITSU_NETNS JITSU_COMMAND
-exec ip netns exec "$ns" sh -c "$command""#;
-
 /// The MAC of every VM's bridge port (never the lowest on a bridge; it sends nothing).
 pub(super) const PORT_MAC: &str = "fe:ff:ff:ff:ff:ff";
 /// [`PORT_MAC`] as bytes, for netlink.
 const PORT_MAC_OCTETS: Mac = Mac([0xfe, 0xff, 0xff, 0xff, 0xff, 0xff]);
-
-/// Where `ip netns add` puts a namespace's file.
-const NETNS_DIR: &str = "/run/netns";
 
 /// Inside the VM's namespace first: `lo` and `eth0` up, `eth0` with no address and IPv6 off,
 /// so the guest's MAC stays silent while the bridge port behind it starts forwarding. (A
@@ -604,13 +589,6 @@ impl ProcessBackend {
         let default = format!("process://{DEFAULT_RUNTIME_DIR}");
         let uri = parse_uri(uri.unwrap_or(&default))?;
         create_runtime_dir(&uri.dir)?;
-        for (tool, package) in [("ip", "iproute2"), ("setsid", "util-linux")] {
-            if Command::new(tool).arg("-V").output().is_err() {
-                return Err(BackendError::Host(format!(
-                    "the process backend needs `{tool}` (Debian package {package})"
-                )));
-            }
-        }
         let cgroups = Cgroups::detect(uri.cgroup, &uri.dir)?;
         let backend = ProcessBackend { uri, cgroups };
         let swept = backend.sweep();
@@ -691,16 +669,17 @@ impl ProcessBackend {
         // Deleting the host side destroys the pair at once; the namespace may linger while
         // the kernel cleans it up.
         let net_dev = fs::read_to_string("/proc/net/dev").unwrap_or_default();
-        for port in &ports {
-            if parse_net_dev(&net_dev, port).is_some() {
-                let _ = run(Command::new("ip").args(["link", "del", port]));
+        if ports.iter().any(|p| parse_net_dev(&net_dev, p).is_some()) {
+            let mut rtnl =
+                Rtnl::open().map_err(|e| err("delete port", format!("netlink socket: {e}")))?;
+            for port in &ports {
+                if let Err(e) = rtnl.del_link(port) {
+                    tracing::warn!(vm = %vm, port = %port, error = %e, "cannot delete the port");
+                }
             }
         }
         for ns in &namespaces {
-            if Path::new("/run/netns").join(ns).exists() {
-                run(Command::new("ip").args(["netns", "del", ns]))
-                    .map_err(|d| err("delete namespace", d))?;
-            }
+            remove_netns(ns).map_err(|e| err("delete namespace", e.to_string()))?;
         }
         for f in [&n.record, &n.pidfile, &n.record.with_extension("state.tmp")] {
             match fs::remove_file(f) {
@@ -756,38 +735,34 @@ impl ProcessBackend {
             .append(true)
             .open(&n.log)
             .map_err(|e| format!("opening {}: {e}", n.log.display()))?;
-        let log2 = log.try_clone().map_err(|e| e.to_string())?;
-        let _ = fs::remove_file(&n.pidfile);
-        let status = Command::new("setsid")
-            .args(["-f", "sh", "-c", LAUNCHER])
-            .envs(guest_env(vm))
-            .env("JITSU_CGROUP_PROCS", n.cgroup.join("cgroup.procs"))
-            .env("JITSU_PIDFILE", &n.pidfile)
-            .env("JITSU_NETNS", &n.netns)
-            .env("JITSU_COMMAND", command)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .status()
-            .map_err(|e| format!("running setsid: {e}"))?;
-        if !status.success() {
-            return Err(format!("setsid failed ({status})"));
-        }
-        let mut pid = None;
-        wait_until(PID_FILE_WAIT, || {
-            pid = fs::read_to_string(&n.pidfile)
-                .ok()
-                .and_then(|t| t.trim().parse::<u32>().ok());
-            pid.is_some()
-        });
-        let Some(pid) = pid else {
-            return Err(format!(
-                "the command did not start within {PID_FILE_WAIT:?}; its log {} says: {}",
-                n.log.display(),
-                tail(&n.log)
-            ));
+        let env = guest_env(vm);
+        let spawn = Spawn {
+            command,
+            env: &env,
+            log: &log,
+            netns: &n.netns,
+            cgroup: match self.cgroups.version {
+                CgroupVersion::V2 => Cgroup::Born(&n.cgroup),
+                CgroupVersion::V1 => Cgroup::Joined(&n.cgroup),
+            },
         };
-        let (_, start) = proc_stat(pid).ok_or_else(|| {
+        let pid = spawn_in_netns(&spawn)
+            .map_err(|e| format!("spawning sh -c {command:?} in {}: {e}", n.netns))?;
+        // Read before anything reaps it: a command that already exited is a zombie, dead.
+        let stat = proc_stat(pid);
+        // jitsu-dns's child until it exits: reaped by a thread of its own so that no zombie
+        // stays (a VM adopted after a restart is init's to reap).
+        let reaper = std::thread::Builder::new()
+            .name(format!("reap {}", vm.name))
+            .stack_size(REAPER_STACK)
+            .spawn(move || {
+                let pid = i32::try_from(pid).ok().and_then(Pid::from_raw);
+                rustix::process::waitpid(pid, rustix::process::WaitOptions::empty())
+            });
+        if let Err(e) = reaper {
+            tracing::warn!(vm = %vm.name, pid, error = %e, "no thread to reap the command: it stays a zombie once it exits");
+        }
+        let (_, start) = stat.filter(|(state, _)| *state != 'Z').ok_or_else(|| {
             format!(
                 "the command exited at once; its log {} says: {}",
                 n.log.display(),
@@ -803,6 +778,9 @@ impl ProcessBackend {
         })
     }
 }
+
+/// The stack of a thread that only waits for a child.
+const REAPER_STACK: usize = 64 * 1024;
 
 /// True for a name a VM can have (1 to 64 of `A-Za-z0-9._-`, not `.` or `..`): only those
 /// are swept, so nothing else in the runtime directory names a namespace to delete.
@@ -857,20 +835,6 @@ fn guest_env(vm: &VmConfig) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// Runs a command; its stderr is the error.
-fn run(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "{:?} failed: {}",
-            cmd.get_args().collect::<Vec<_>>(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 impl Backend for ProcessBackend {
     fn kind(&self) -> &'static str {
         "process"
@@ -901,7 +865,7 @@ impl Backend for ProcessBackend {
         })?;
         // Where a boot's time goes, for the debug log: (phase, when it ended).
         let t0 = Instant::now();
-        let mut phases: Vec<(&str, Duration)> = Vec::with_capacity(6);
+        let mut phases: Vec<(&str, Duration)> = Vec::with_capacity(5);
         let result = (|| -> Result<Record, BackendError> {
             // Written first, so that a start cut short leaves a record of what it made.
             let provisional = Record {
@@ -915,10 +879,9 @@ impl Backend for ProcessBackend {
                 .map_err(|e| err("write record", format!("{}: {e}", n.record.display())))?;
             fs::create_dir_all(&n.cgroup)
                 .map_err(|e| err("create cgroup", format!("{}: {e}", n.cgroup.display())))?;
-            run(Command::new("ip").args(["netns", "add", &n.netns]))
-                .map_err(|d| err("create namespace", d))?;
+            let netns =
+                create_netns(&n.netns).map_err(|e| err("create namespace", e.to_string()))?;
             phases.push(("netns", t0.elapsed()));
-            let netns = Path::new(NETNS_DIR).join(&n.netns);
             // The host side takes the highest unicast MAC, as Xen gives every vif backend: a
             // bridge whose address was never set takes the lowest MAC of its ports, and a
             // random one here would move the host's own MAC on the bridge each time a VM
@@ -946,6 +909,7 @@ impl Backend for ProcessBackend {
             if !wait_port_forwarding(&n.port) {
                 tracing::warn!(vm = %vm.name, port = %n.port, "bridge port not forwarding yet; starting anyway");
             }
+            phases.push(("forwarding", t0.elapsed()));
             if vm.ifup == Ifup::Jitsu {
                 in_netns(&netns, || guest_addresses(vm)).map_err(|d| err("configure eth0", d))?;
             }
@@ -954,7 +918,6 @@ impl Backend for ProcessBackend {
             phases.push(("command", t0.elapsed()));
             write_record(&n.record, &rec)
                 .map_err(|e| err("write record", format!("{}: {e}", n.record.display())))?;
-            let _ = fs::remove_file(&n.pidfile);
             Ok(rec)
         })();
         match result {

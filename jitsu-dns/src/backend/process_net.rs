@@ -1,10 +1,11 @@
 //! The process backend's network plumbing, over rtnetlink in the calling thread's network
 //! namespace: the VM's veth pair (created with its guest end already in the VM's namespace
-//! and its host end on the bridge), links brought up, addresses and the default route; and
+//! and its host end on the bridge), links brought up and deleted, addresses and the default
+//! route; and
 //! [`in_netns`], which runs work on a thread of its own inside a VM's namespace.
 //!
 //! Owns the requests and the blocking `NETLINK_ROUTE` socket. It does not decide what a VM
-//! gets ([`super::process`] does), nor create or delete namespaces. Messages are
+//! gets ([`super::process`] does), nor create or delete namespaces (`crate::sys::netns`). Messages are
 //! `netlink-packet-route`'s, the socket `netlink-sys`'s: safe Rust, nothing in `sys`.
 //!
 //! Each boot used to spawn about twenty processes (`ip` six times, two shells, and `ip netns
@@ -149,6 +150,16 @@ impl Rtnl {
         let done = self.transact(RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL);
         drop(ns);
         done.map(|_| ())
+    }
+
+    /// Deletes the link `name` (both ends, for a veth); one that does not exist is no error.
+    pub(super) fn del_link(&mut self, name: &str) -> io::Result<()> {
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        match self.transact(RouteNetlinkMessage::DelLink(m), 0) {
+            Err(e) if e.raw_os_error() == Some(ENODEV) => Ok(()),
+            done => done.map(|_| ()),
+        }
     }
 
     /// Brings the link `index` up.

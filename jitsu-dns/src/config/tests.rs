@@ -1492,3 +1492,33 @@ fn qemu_vms_take_the_keys_of_a_qemu_command_line() {
         "{e}"
     );
 }
+
+#[test]
+fn announce_listening_is_the_guests_promise_told_to_synjitsu_and_boot_is_the_default() {
+    use crate::fleet::identity as synjitsu_identity;
+    let c = ok(&flags(&[www()]));
+    assert_eq!(c.vms[0].announce, Announce::Boot);
+    assert!(!synjitsu_identity(&c.vms[0], None, None).announces_listening);
+    let c = ok(&flags(&[&format!(
+        "{},use_synjitsu=true,announce=listening",
+        www()
+    )]));
+    assert_eq!(c.vms[0].announce, Announce::Listening);
+    assert!(synjitsu_identity(&c.vms[0], None, None).announces_listening);
+    let c = ok(&flags(&[&format!("{},announce=boot", www())]));
+    assert_eq!(c.vms[0].announce, Announce::Boot);
+    let e = err(&flags(&[&format!("{},announce=yes", www())]));
+    assert!(
+        e.contains("announce") && e.contains("expected boot or listening"),
+        "{e}"
+    );
+    // The same key in a `[[vm]]` table.
+    let text = "[[vm]]\nname = \"www\"\ndns = [\"www.example.org\"]\nip = \"10.0.0.1\"\n\
+                command = \"sleep 100\"\nannounce = \"listening\"\n";
+    let c = merge(
+        &flags(&[]),
+        Some(&from_toml(text, Path::new("/j.toml")).unwrap()),
+    )
+    .unwrap();
+    assert_eq!(c.vms[0].announce, Announce::Listening);
+}

@@ -165,6 +165,46 @@ impl FromStr for BackendKind {
     }
 }
 
+/// When the guest announces itself (its gratuitous ARP), which is what synjitsu may take it
+/// to mean (`announce=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Announce {
+    /// As it boots, perhaps before it listens (a Linux guest's `arping` at `ifup`): synjitsu
+    /// probes each held port from its own address before re-sending the SYNs.
+    #[default]
+    Boot,
+    /// Only once every port it serves listens (the project's Rust unikernel, MirageOS guests,
+    /// the test guest): synjitsu re-sends the held SYNs at the announcement, without a probe.
+    Listening,
+}
+
+impl Announce {
+    /// The word used in keys and `--check`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Announce::Boot => "boot",
+            Announce::Listening => "listening",
+        }
+    }
+}
+
+impl fmt::Display for Announce {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Announce {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "boot" => Ok(Announce::Boot),
+            "listening" => Ok(Announce::Listening),
+            _ => Err("expected boot or listening".into()),
+        }
+    }
+}
+
 /// How synjitsu hands the held SYNs to the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandoverKind {
@@ -348,6 +388,9 @@ pub struct VmConfig {
     pub boot_backoff: Duration,
     /// How synjitsu hands over held SYNs.
     pub handover: HandoverKind,
+    /// When the guest announces itself: at boot (synjitsu probes before handing over) or
+    /// only once it listens (handed over at the announcement).
+    pub announce: Announce,
     /// Who brings the interface up (process backend).
     pub ifup: Ifup,
     /// Default route of the guest (process backend with `ifup=jitsu`).

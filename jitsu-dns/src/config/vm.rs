@@ -14,7 +14,7 @@ use shared_proto::Mac;
 use super::error::{ConfigError, Origin, invalid};
 use super::spec::Entry;
 use super::types::{
-    BackendKind, DEFAULT_BOOT_BACKOFF, DEFAULT_BOOT_TIMEOUT, DEFAULT_KEY_TIMEOUT,
+    Announce, BackendKind, DEFAULT_BOOT_BACKOFF, DEFAULT_BOOT_TIMEOUT, DEFAULT_KEY_TIMEOUT,
     DEFAULT_MAX_BOOT_ATTEMPTS, DEFAULT_NIC, DEFAULT_WAIT_FOR_TIMEOUT, Disk, DiskKind, DomainType,
     HandoverKind, Ifup, Nic, StopMode, VmConfig, WaitFor,
 };
@@ -40,6 +40,7 @@ const COMMON_KEYS: &[&str] = &[
     "use_synjitsu",
     "stop_mode",
     "handover",
+    "announce",
     "nic",
     "idle_timeout",
     "pin",
@@ -202,6 +203,7 @@ pub(super) fn build_vm(
         keys.parse("max_boot_attempts", |o, k, v| parse_u64(o, k, v, 0, 1000))?;
     let boot_backoff = keys.parse("boot_backoff", parse_positive_seconds)?;
     let handover = keys.parse("handover", |o, k, v| parse_handover(o, k, v, d))?;
+    let announce: Option<Announce> = keys.parse("announce", parse_enum)?;
     let ifup = keys.parse("ifup", parse_ifup)?;
     let gateway = keys.parse("gateway", parse_ip)?;
     let nics = build_nics(&keys, &name, mac, d)?;
@@ -254,6 +256,7 @@ pub(super) fn build_vm(
         },
         boot_backoff: boot_backoff.unwrap_or(DEFAULT_BOOT_BACKOFF),
         handover: handover.unwrap_or(HandoverKind::Wire),
+        announce: announce.unwrap_or_default(),
         ifup: ifup.unwrap_or(Ifup::Jitsu),
         gateway,
         nics,
@@ -298,7 +301,7 @@ fn check_keys(entries: &[Entry], backend: BackendKind) -> Result<(), ConfigError
                 &e.value,
                 "unknown key; VMs take name, dns, ip, ip6, mac, response_delay, wait_for_key, \
                  wait_for, wait_for_timeout, boot_timeout, use_synjitsu, stop_mode, handover, \
-                 zone, nic, idle_timeout, pin, drained, max_boot_attempts, boot_backoff, and for the process backend command, ifup, gateway, for libvirt \
+                 announce, zone, nic, idle_timeout, pin, drained, max_boot_attempts, boot_backoff, and for the process backend command, ifup, gateway, for libvirt \
                  kernel, initrd, memory, disk, script, uuid, cmdline, console_log, domain_type, \
                  rumprun_config, for qemu kernel, initrd, memory, cmdline, console_log, \
                  domain_type",

@@ -12,7 +12,7 @@ use shared_proto::{ClientMessage, Handover, Phase, VmIdentity, VmStatus};
 use super::Fleet;
 use super::types::{Command, VmName};
 use super::vm::{Cause, Life};
-use crate::config::{HandoverKind, VmConfig};
+use crate::config::{Announce, HandoverKind, VmConfig};
 
 impl Fleet {
     /// synjitsu connected: it hears of every VM it tracks at once.
@@ -160,6 +160,7 @@ pub fn identity(cfg: &VmConfig, domid: Option<u32>, port: Option<String>) -> VmI
         ipv6: cfg.ip6,
         handover,
         port,
+        announces_listening: cfg.announce == Announce::Listening,
     }
 }
 

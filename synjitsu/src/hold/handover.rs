@@ -4,18 +4,20 @@
 //! Owns the guest's side of a VM's life in the core: steering its MAC here and releasing it
 //! (a forwarding-table change the shell confirms with [`Hold::on_fdb_done`]: nothing goes to
 //! the guest before), the Xenstore writes for guests that replay SYNs themselves (confirmed
-//! with [`Hold::on_store_done`]), probing each held port from synjitsu's own address until the
-//! guest answers with a SYN-ACK, and re-sending the held SYNs on the wire. Holding them is
-//! [`super::syn`]'s; noticing the guest's announcement is [`super::neighbour`]'s.
+//! with [`Hold::on_store_done`]), and probing each held port from synjitsu's own address until
+//! the guest answers with a SYN-ACK (not for a guest that promised to announce itself only
+//! once it listens: its announcement is the answer); re-sending the held SYNs on the wire, at
+//! the guest's pace, is [`super::pace`]'s. Holding them is [`super::syn`]'s; noticing the
+//! guest's announcement is [`super::neighbour`]'s.
 
-use std::collections::HashSet;
 use std::net::IpAddr;
 use std::time::Instant;
 
 use shared_proto::{Event, HandoverVia};
 
 use super::outputs::{FdbAction, Outputs, StoreDone, StoreOp, StoreOutcome, Tx};
-use super::vm::{Held, Probe, Stored, Vm, VmPhase};
+use super::pace::Resend;
+use super::vm::{Probe, Stored, Vm, VmPhase};
 use super::{Config, Hold, Verdict};
 use crate::store::layout::HeldSyn;
 use crate::wire::{self, TcpOut, TcpRepr};
@@ -26,13 +28,11 @@ const PROBE_OPTIONS: &[u8] = &[2, 4, 0x05, 0xb4];
 impl Hold {
     /// A TCP segment to one of synjitsu's probe addresses: a guest answering a probe.
     pub(super) fn on_probe_answer(&mut self, now: Instant, t: &TcpRepr<'_>) -> Verdict {
+        if self.on_pace_answer(now, t) {
+            return Verdict::ProbeAnswer;
+        }
         let found = self.vms.iter_mut().find_map(|vm| {
-            let i = vm.probes.iter().position(|p| {
-                p.vm_ip == t.src_ip
-                    && p.port == t.src_port
-                    && p.probe_ip == t.dst_ip
-                    && p.src_port == t.dst_port
-            })?;
+            let i = vm.probes.iter().position(|p| p.answered_by(t).is_some())?;
             Some((vm, i))
         });
         let Some((vm, i)) = found else {
@@ -40,32 +40,18 @@ impl Hold {
         };
         let (cfg, out) = (&self.cfg, &mut self.out);
         let p = vm.probes[i].clone();
-        let acks_probe = t.flags & wire::tcp_flags::ACK != 0 && t.ack == p.isn.wrapping_add(1);
-        let syn_ack = t.flags & (wire::tcp_flags::SYN | wire::tcp_flags::ACK)
-            == (wire::tcp_flags::SYN | wire::tcp_flags::ACK);
-        if syn_ack && acks_probe {
+        if p.answered_by(t) == Some(true) {
             vm.probes.remove(i);
             // Reset the probe's half-open connection so the guest forgets it at once.
-            out.send(Tx::Tcp(TcpOut {
-                eth_src: cfg.own_mac,
-                eth_dst: vm.id.mac,
-                src_ip: p.probe_ip,
-                dst_ip: p.vm_ip,
-                src_port: p.src_port,
-                dst_port: p.port,
-                seq: p.isn.wrapping_add(1),
-                ack: 0,
-                flags: wire::tcp_flags::RST,
-                window: 0,
-                options: &[],
-            }));
-            out.counters.probe_resets += 1;
+            p.reset(cfg, out, vm.id.mac);
             tracing::debug!(vm = %vm.id.name, port = p.port, "probe answered: the port listens");
-            vm.resend(out, |h| {
-                h.key.local_port == p.port && h.key.local_ip.is_ipv6() == p.v6
-            });
+            let which = Resend::Port {
+                v6: p.v6,
+                port: p.port,
+            };
+            vm.resend(cfg, out, now, which);
             vm.progress(cfg, out, now);
-        } else if t.flags & wire::tcp_flags::RST != 0 && acks_probe {
+        } else if p.answered_by(t) == Some(false) {
             tracing::trace!(vm = %vm.id.name, port = p.port, "probe refused: not listening yet");
         }
         Verdict::ProbeAnswer
@@ -74,18 +60,15 @@ impl Hold {
     /// The result of a Xenstore write.
     pub fn on_store_done(&mut self, now: Instant, done: StoreDone) {
         let (cfg, out) = (&self.cfg, &mut self.out);
-        let found = self
-            .vms
-            .get_mut(&done.vm)
-            .and_then(|vm| Some((vm.held.iter().position(|h| h.id == done.id)?, vm)));
-        let Some((i, vm)) = found else {
+        let vm = self.vms.get_mut(&done.vm);
+        let Some(vm) = vm.filter(|vm| vm.held.contains(done.id)) else {
             // Its client got a RST meanwhile: the entry is stale.
             if done.outcome == StoreOutcome::Written {
                 out.queue_store(StoreOp::Remove { key: done.key });
             }
             return;
         };
-        let h = &mut vm.held[i];
+        let h = vm.held.get_mut(done.id).expect("found just now");
         match &done.outcome {
             StoreOutcome::Written => {
                 h.stored = Stored::Written;
@@ -133,7 +116,9 @@ impl Vm {
         self.release_pending = None;
     }
 
-    /// The guest announced itself on the bridge.
+    /// The guest announced itself on the bridge. A guest that promised to announce itself
+    /// only once it listens (`announces_listening`) listens now: its held SYNs go as soon as
+    /// its MAC is released, without a probe's round trip; any other is probed first.
     pub(super) fn announced(&mut self, cfg: &Config, out: &mut Outputs, now: Instant) {
         self.announced = true;
         self.unjudged_from = None;
@@ -142,7 +127,7 @@ impl Vm {
         out.emit(Event::GuestAnnounced {
             name: self.id.name.clone(),
         });
-        self.go_up(cfg, out, now, false);
+        self.go_up(cfg, out, now, self.id.announces_listening);
     }
 
     /// The guest is up: stop intercepting, release its MAC, hand over what is held.
@@ -169,7 +154,7 @@ impl Vm {
             return;
         }
         if self.listening {
-            self.resend(out, |_| true);
+            self.resend(cfg, out, now, Resend::All);
         } else {
             // One probe per (family, port) of what waits for the wire.
             let mut wanted: Vec<(bool, u16)> = self
@@ -181,29 +166,50 @@ impl Vm {
             wanted.sort_unstable();
             wanted.dedup();
             for (v6, port) in wanted {
-                if self.probes.iter().any(|p| p.v6 == v6 && p.port == port) {
-                    continue;
-                }
-                let Some((vm_ip, probe_ip)) = self.probe_route(cfg, v6) else {
-                    // No probe address for either family: wait for `Ready`.
-                    continue;
-                };
-                let src_port = 32768 + (out.rand() % 28232) as u16;
-                let isn = out.rand() as u32;
-                self.probes.push(Probe {
-                    v6,
-                    port,
-                    vm_ip,
-                    probe_ip,
-                    src_port,
-                    isn,
-                    next_at: now,
-                    gap: cfg.probe_first_interval,
-                });
+                self.probe_port(cfg, out, now, v6, port);
             }
             self.send_due_probes(cfg, out, now);
+            // Ports found listening before take what was held since.
+            self.pace_due(cfg, out, now);
         }
         self.finish_handover(out);
+    }
+
+    /// [`Vm::progress`] for one SYN just held during the hand-over, of family `v6` and to
+    /// `port`: without looking through what is held, so that a flood reaching synjitsu while
+    /// the hand-over goes on (the bridge floods the guest's MAC until it learns its port) does
+    /// not make each SYN cost as much as all of them.
+    pub(super) fn progress_held(
+        &mut self,
+        cfg: &Config,
+        out: &mut Outputs,
+        now: Instant,
+        v6: bool,
+        port: u16,
+    ) {
+        if self.phase != VmPhase::Handover || self.release_pending.is_some() {
+            return;
+        }
+        if self.listening {
+            self.resend(cfg, out, now, Resend::All);
+        } else {
+            self.probe_port(cfg, out, now, v6, port);
+            self.send_due_probes(cfg, out, now);
+            self.pace_due(cfg, out, now);
+        }
+        self.finish_handover(out);
+    }
+
+    /// Starts probing `port` (of family `v6`) unless a probe of it runs or found it
+    /// listening already. Without a probe address for either family, nothing: the wire waits
+    /// for `Ready`.
+    fn probe_port(&mut self, cfg: &Config, out: &mut Outputs, now: Instant, v6: bool, port: u16) {
+        if self.pace.is_open(v6, port) || self.probes.iter().any(|p| p.v6 == v6 && p.port == port) {
+            return;
+        }
+        if let Some(p) = self.new_probe(cfg, out, now, v6, port) {
+            self.probes.push(p);
+        }
     }
 
     /// Ends the hand-over once the release is confirmed and nothing is held any more.
@@ -215,6 +221,29 @@ impl Vm {
             out.guests_generation += 1;
             tracing::info!(vm = %self.id.name, "hand-over complete");
         }
+    }
+
+    /// A probe of `port` (of the held SYNs' family `v6`), due at `now`; `None` without a
+    /// probe address.
+    pub(super) fn new_probe(
+        &self,
+        cfg: &Config,
+        out: &mut Outputs,
+        now: Instant,
+        v6: bool,
+        port: u16,
+    ) -> Option<Probe> {
+        let (vm_ip, probe_ip) = self.probe_route(cfg, v6)?;
+        Some(Probe {
+            v6,
+            port,
+            vm_ip,
+            probe_ip,
+            src_port: 32768 + (out.rand() % 28232) as u16,
+            isn: out.rand() as u32,
+            next_at: now,
+            gap: cfg.probe_first_interval,
+        })
     }
 
     /// The guest address and synjitsu address to probe with: the held SYN's family if
@@ -239,53 +268,9 @@ impl Vm {
         for p in self.probes.iter_mut().filter(|p| p.next_at <= now) {
             p.next_at = now + p.gap;
             p.gap = (p.gap * 2).min(cfg.probe_interval);
-            out.send(Tx::Tcp(TcpOut {
-                eth_src: cfg.own_mac,
-                eth_dst: self.id.mac,
-                src_ip: p.probe_ip,
-                dst_ip: p.vm_ip,
-                src_port: p.src_port,
-                dst_port: p.port,
-                seq: p.isn,
-                ack: 0,
-                flags: wire::tcp_flags::SYN,
-                window: 64240,
-                options: PROBE_OPTIONS,
-            }));
-            out.counters.probes_sent += 1;
+            p.send(cfg, out, self.id.mac);
             tracing::trace!(vm = %self.id.name, port = p.port, "probe sent");
         }
-    }
-
-    /// Re-sends every held SYN that `pick` selects and Xenstore does not have: first those
-    /// whose client retransmitted (known to be real), then the rest oldest first (the
-    /// nearest to their client's retransmission timeout).
-    pub(super) fn resend(&mut self, out: &mut Outputs, pick: impl Fn(&Held) -> bool) {
-        let real: HashSet<u64> = self
-            .held
-            .iter()
-            .filter(|h| self.seen.get(&(h.key, h.isn)) == Some(&true))
-            .map(|h| h.id)
-            .collect();
-        let mut sent = self.take_held(out, |h| {
-            matches!(h.stored, Stored::No | Stored::Refused) && pick(h)
-        });
-        if sent.is_empty() {
-            return;
-        }
-        sent.sort_by_key(|h| !real.contains(&h.id));
-        let count = sent.len();
-        out.counters.handed_over_wire += count as u64;
-        for h in sent {
-            let cost = h.cost();
-            out.resend(h.frame, cost);
-        }
-        tracing::info!(vm = %self.id.name, count, "held SYNs re-sent to the guest");
-        out.emit(Event::Handover {
-            name: self.id.name.clone(),
-            count: u32::try_from(count).unwrap_or(u32::MAX),
-            via: HandoverVia::Wire,
-        });
     }
 
     /// Queues a Xenstore write for every held SYN of a booting Xenstore VM not yet written.
@@ -298,7 +283,7 @@ impl Vm {
         }
         for h in self.held.iter_mut().filter(|h| h.stored == Stored::No) {
             let random = (out.rand() % 65535) as u16;
-            let syn = HeldSyn::new(h.window, h.isn, h.options.clone(), random);
+            let syn = HeldSyn::new(h.window, h.isn, h.options(), random);
             let queued = out.queue_store(StoreOp::Write {
                 id: h.id,
                 vm: self.id.name.clone(),
@@ -312,5 +297,65 @@ impl Vm {
                 Stored::Refused
             };
         }
+    }
+}
+
+impl Probe {
+    /// Whether `t` answers this probe: `Some(true)` a SYN-ACK (the port listens),
+    /// `Some(false)` a RST (it does not, yet), `None` not an answer to it.
+    pub(super) fn answered_by(&self, t: &TcpRepr<'_>) -> Option<bool> {
+        let ours = self.vm_ip == t.src_ip
+            && self.port == t.src_port
+            && self.probe_ip == t.dst_ip
+            && self.src_port == t.dst_port
+            && t.flags & wire::tcp_flags::ACK != 0
+            && t.ack == self.isn.wrapping_add(1);
+        let syn_ack = wire::tcp_flags::SYN | wire::tcp_flags::ACK;
+        if !ours {
+            None
+        } else if t.flags & syn_ack == syn_ack {
+            Some(true)
+        } else if t.flags & wire::tcp_flags::RST != 0 {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    /// Sends the probe SYN to the guest at `mac`.
+    pub(super) fn send(&self, cfg: &Config, out: &mut Outputs, mac: shared_proto::Mac) {
+        let syn = (self.isn, wire::tcp_flags::SYN, 64240, PROBE_OPTIONS);
+        out.send(self.segment(cfg, mac, syn));
+        out.counters.probes_sent += 1;
+    }
+
+    /// Resets the half-open connection the guest made for the probe, so it forgets it at once.
+    pub(super) fn reset(&self, cfg: &Config, out: &mut Outputs, mac: shared_proto::Mac) {
+        let rst = (self.isn.wrapping_add(1), wire::tcp_flags::RST, 0, &[][..]);
+        out.send(self.segment(cfg, mac, rst));
+        out.counters.probe_resets += 1;
+    }
+
+    /// A segment of the probe's connection to the guest at `mac`: its sequence number,
+    /// flags, window and options.
+    fn segment(
+        &self,
+        cfg: &Config,
+        mac: shared_proto::Mac,
+        (seq, flags, window, options): (u32, u8, u16, &'static [u8]),
+    ) -> Tx {
+        Tx::Tcp(TcpOut {
+            eth_src: cfg.own_mac,
+            eth_dst: mac,
+            src_ip: self.probe_ip,
+            dst_ip: self.vm_ip,
+            src_port: self.src_port,
+            dst_port: self.port,
+            seq,
+            ack: 0,
+            flags,
+            window,
+            options,
+        })
     }
 }

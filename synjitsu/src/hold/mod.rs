@@ -20,8 +20,9 @@
 //!   most once per `wake_interval` while it stays stopped);
 //! - **handover**: the guest announced itself or jitsu-dns said it answers (`Ready`, or
 //!   `Running` in a `Sync`): stop answering for it, release its forwarding entry, and give it
-//!   what is held: at once after `Ready`, else once a probe from synjitsu's own address finds
-//!   the port listening;
+//!   what is held: at once after `Ready` or after the announcement of a guest that promised
+//!   to announce itself only once it listens (`announces_listening`), else once a probe from
+//!   synjitsu's own address finds the port listening;
 //! - **running**: nothing held, nothing intercepted.
 //!
 //! What ends the stand-in (`guest`, `neighbour`): the guest's own gratuitous ARP (broadcast,
@@ -47,8 +48,11 @@
 //! - `outputs`: the bounded queues the shell drains, the [`Counters`], ids and the generator;
 //! - `neighbour`: ARP and neighbour discovery: answers, announcements, the guest's own;
 //! - `syn`: holding a client SYN: checksum, deduplication, bounds, eviction, time-outs;
+//! - `table`: one VM's held SYNs in the orders the policies read them (by age, real clients
+//!   apart, counted by source prefix);
 //! - `handover`: from the guest's announcement to its first SYN: forwarding-table release,
-//!   Xenstore writes, probes, re-sending;
+//!   Xenstore writes, probes;
+//! - `pace`: re-sending held SYNs to the guest a batch at a time, as fast as it takes them;
 //! - `guest`: the guest's own bridge port: announcements taken only from it, frames for the
 //!   guest passed through it;
 //! - `control`: what jitsu-dns asks (booting, stopped, ready, sync) and wake requests.
@@ -58,11 +62,15 @@ mod guest;
 mod handover;
 mod neighbour;
 mod outputs;
+mod pace;
 mod syn;
+mod table;
 mod vm;
 
 #[cfg(test)]
 mod flood_tests;
+#[cfg(test)]
+mod listening_tests;
 #[cfg(test)]
 pub(crate) mod tests;
 
@@ -96,7 +104,7 @@ pub struct Config {
     /// A held SYN older than this is answered with a RST.
     pub hold_timeout: Duration,
     /// Bytes the SYNs held for one VM may take (see [`held_cost`]); a SYN that does not fit
-    /// evicts that VM's oldest (see [`WhenFull`]).
+    /// evicts one of that VM's (see [`WhenFull`]).
     pub held_bytes_per_vm: usize,
     /// Bytes the SYNs held for every VM together (and the held SYNs queued for re-sending)
     /// may take; a SYN that does not fit evicts from the VM that holds the most.
@@ -121,6 +129,12 @@ pub struct Config {
     pub probe_first_interval: Duration,
     /// Between two probes of a port that is not listening yet, at most.
     pub probe_interval: Duration,
+    /// Held SYNs re-sent to a guest at once, at most; the next batch goes once the guest has
+    /// answered a probe sent behind this one (see `pace`).
+    pub resend_batch: usize,
+    /// The wait for that answer before the next batch goes anyway (an answer lost), and
+    /// between batches without a probe address.
+    pub resend_wait: Duration,
     /// Seeds the generator of probe ports, probe ISNs and Xenstore `tx_isn`s.
     pub seed: u64,
     /// The shell watches every port for announcements ([`Hold::on_ingress`]): a guest whose
@@ -129,10 +143,11 @@ pub struct Config {
 }
 
 impl Config {
-    /// The defaults: hold 10 s, 16 MiB of SYNs per VM (about 33,000 of them) and 64 MiB in
+    /// The defaults: hold 10 s, 16 MiB of SYNs per VM (about 60,000 of them) and 64 MiB in
     /// total, the oldest evicted, 3 gratuitous ARPs 100 ms apart, a wake request per
     /// second, probes 0.25 ms apart at first, then twice as far apart each time up to every
-    /// 5 ms.
+    /// 5 ms, held SYNs re-sent 256 at a time, the next batch once the guest answered a probe
+    /// behind the last or 1 ms later.
     pub fn new(own_mac: Mac) -> Config {
         Config {
             own_mac,
@@ -150,6 +165,8 @@ impl Config {
             wake_interval: Duration::from_secs(1),
             probe_first_interval: Duration::from_micros(250),
             probe_interval: Duration::from_millis(5),
+            resend_batch: 256,
+            resend_wait: Duration::from_millis(1),
             seed: 0x5eed,
             ports_watched: true,
         }
@@ -176,7 +193,8 @@ impl Config {
 /// evicted only when nothing else can be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WhenFull {
-    /// Evict the oldest SYN never retransmitted (the default).
+    /// Evict a SYN never retransmitted (the default): of a source prefix holding more than
+    /// its share if there is one, else the oldest (see `table`).
     EvictOldest,
     /// Refuse the new SYN (`vm_full`, `table_full`), as synjitsu did before the byte budget
     /// (the benchmark's baseline): a retransmission of a refused SYN still evicts one that
@@ -469,9 +487,10 @@ impl Hold {
         self.vms
             .iter()
             .flat_map(|vm| {
-                let held = vm.held.front().map(|h| h.since + self.cfg.hold_timeout);
+                let held = vm.held.oldest().map(|h| h.since + self.cfg.hold_timeout);
+                let pace = vm.pace.next_at(vm);
                 let probes = vm.probes.iter().map(|p| p.next_at);
-                vm.garp_at.into_iter().chain(held).chain(probes)
+                vm.garp_at.into_iter().chain(held).chain(probes).chain(pace)
             })
             .min()
     }
@@ -527,6 +546,7 @@ impl Hold {
             vm.announce_due(&self.cfg, &mut self.out, now);
             vm.expire_held(&self.cfg, &mut self.out, now);
             vm.send_due_probes(&self.cfg, &mut self.out, now);
+            vm.pace_due(&self.cfg, &mut self.out, now);
             vm.finish_handover(&mut self.out);
         }
     }

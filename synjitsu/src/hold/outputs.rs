@@ -156,6 +156,11 @@ pub struct Counters {
     pub probes_sent: u64,
     /// RSTs sent to reset a successful probe.
     pub probe_resets: u64,
+    /// Batches of held SYNs re-sent to guests (see [`super::pace`]).
+    pub resend_batches: u64,
+    /// Probes sent behind a batch, to learn when the guest has taken it (counted in
+    /// `probes_sent` too).
+    pub pace_probes: u64,
     /// Wake requests emitted.
     pub wake_requests: u64,
     /// Guest announcements seen.

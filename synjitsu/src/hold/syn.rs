@@ -4,10 +4,11 @@
 //! Owns what may be held (a SYN the bridge sent to the VM's MAC, its checksum checked or
 //! completed, its options readable), retransmissions (held once, and marking the client as
 //! real), and the byte budgets per VM and in total: under a flood every new SYN is held and
-//! the oldest never retransmitted is evicted to make room for it (why: [`WhenFull`]), from the
-//! VM itself, or for the total from the VM holding the most once this one holds its share.
-//! An evicted or refused SYN is remembered (see [`crate::refused`]) so that its retransmission
-//! is held as a real client's. Giving the held SYNs to the guest is [`super::handover`]'s.
+//! one never retransmitted is evicted to make room for it (which: [`super::table`]; why the
+//! oldest: [`WhenFull`]), from the VM itself, or for the total from the VM holding the most
+//! once this one holds its share. An evicted or refused SYN is remembered (see
+//! [`crate::refused`]) so that its retransmission is held as a real client's. Giving the held
+//! SYNs to the guest is [`super::handover`]'s and [`super::pace`]'s.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -41,6 +42,13 @@ impl Hold {
         if vm.phase == VmPhase::Running || eth.dst != vm.id.mac {
             return Verdict::Pass;
         }
+        // Once its release is done, the bridge no longer sends the guest's frames here alone:
+        // it knows the guest's port (none come here) or floods them, and the guest gets its
+        // own copy. Holding ours would send it the same SYN twice, and under a flood keep the
+        // hand-over going, at the cost of holding each SYN, for as long as the flood lasts.
+        if vm.phase == VmPhase::Handover && !vm.steered && vm.release_pending.is_none() {
+            return Verdict::Pass;
+        }
         let (cfg, out) = (&self.cfg, &mut self.out);
         // A checksum that is complete is checked first (cheap, and a damaged frame must not
         // count as anything); a partial one is completed only once the SYN will be kept, so
@@ -48,23 +56,25 @@ impl Hold {
         if meta.checksum == Checksum::Unknown && !wire::tcp_checksum_ok(frame, t) {
             return Verdict::Drop(DropReason::BadChecksum);
         }
-        let Ok(options) = options_from_wire(t.options) else {
+        // Read now so that a SYN whose options cannot be read is never held; kept only in
+        // the frame (see `Held::options`).
+        if options_from_wire(t.options).is_err() {
             return Verdict::Drop(DropReason::BadTcpOptions);
-        };
+        }
         let key = SynKey {
             local_ip: t.dst_ip,
             local_port: t.dst_port,
             dest_ip: t.src_ip,
             dest_port: t.src_port,
         };
-        if let Some(retransmitted) = vm.seen.get_mut(&(key, t.seq)) {
-            *retransmitted = true;
+        if let Some(id) = vm.held.lookup(&key, t.seq) {
+            vm.held.confirm(id);
             out.counters.retransmit_dedup += 1;
             tracing::trace!(vm = %vm.id.name, client = %t.src_ip, port = t.src_port, "retransmitted SYN");
             vm.wake(cfg, out, now, false);
             return Verdict::Duplicate;
         }
-        let cost = held_cost(frame.len(), options.capacity());
+        let cost = held_cost(frame.len());
         let fp = self.refused.fingerprint(&key, t.seq);
         let retransmitted = match self.make_room(now, t.dst_ip, cost, fp) {
             Ok(retransmitted) => retransmitted,
@@ -86,7 +96,6 @@ impl Hold {
             key,
             isn: t.seq,
             window: t.window,
-            options,
             client_mac: eth.src,
             frame,
             since: now,
@@ -112,7 +121,9 @@ impl Hold {
         match vm.phase {
             VmPhase::Booting => vm.write_pending(out),
             VmPhase::Stopped => vm.wake(cfg, out, now, false),
-            VmPhase::Handover => vm.progress(cfg, out, now),
+            VmPhase::Handover => {
+                vm.progress_held(cfg, out, now, t.dst_ip.is_ipv6(), t.dst_port);
+            }
             VmPhase::Running => {}
         }
         Verdict::Held
@@ -121,11 +132,6 @@ impl Hold {
 
 /// A VM's `SynHeld` events come at most this often, besides the one for its first SYN.
 const SYN_HELD_EVENT_INTERVAL: Duration = Duration::from_millis(100);
-
-/// How many of a VM's oldest SYNs eviction looks through for one never retransmitted, before
-/// it takes the oldest of all: the work per SYN stays bounded however many real clients
-/// (or SYNs repeated to look like them) are held.
-const EVICT_SCAN: usize = 64;
 
 /// Where the total budget takes room from.
 enum Victim {
@@ -178,7 +184,7 @@ impl Hold {
         }
         let real = self.refused.contains(fp);
         while vm_full(vm) {
-            if !vm.evict_oldest(out, &mut self.refused, now) {
+            if !vm.evict(out, &mut self.refused, now) {
                 return Err(DropReason::VmFull);
             }
         }
@@ -205,7 +211,7 @@ impl Hold {
                 Victim::Other(name) => self.vms.get_mut(&name),
             }
             .expect("a VM holding SYNs is known");
-            if !victim.evict_oldest(out, &mut self.refused, now) {
+            if !victim.evict(out, &mut self.refused, now) {
                 return Err(DropReason::TableFull);
             }
         }
@@ -214,18 +220,12 @@ impl Hold {
 }
 
 impl Vm {
-    /// Gives up the oldest held SYN never retransmitted among the first [`EVICT_SCAN`], else
-    /// the oldest of all, and remembers it (with `refused`) so that its retransmission is
-    /// known for a real client's; false if nothing is held. No RST: its source is likely
-    /// spoofed.
-    fn evict_oldest(&mut self, out: &mut Outputs, refused: &mut Refused, now: Instant) -> bool {
-        let i = self
-            .held
-            .iter()
-            .take(EVICT_SCAN)
-            .position(|h| self.seen.get(&(h.key, h.isn)) == Some(&false))
-            .unwrap_or(0);
-        let Some(h) = self.take_held_at(out, i) else {
+    /// Gives up the held SYN [`super::table::Table::victim`] picks (never a real client's
+    /// while another remains; a prefix holding more than its share first; else the oldest),
+    /// and remembers it (with `refused`) so that its retransmission is known for a real
+    /// client's; false if nothing is held. No RST: its source is likely spoofed.
+    fn evict(&mut self, out: &mut Outputs, refused: &mut Refused, now: Instant) -> bool {
+        let Some(h) = self.held.victim().and_then(|id| self.take_held_id(out, id)) else {
             return false;
         };
         refused.insert(now, refused.fingerprint(&h.key, h.isn));
@@ -233,20 +233,17 @@ impl Vm {
             out.queue_store(StoreOp::Remove { key: h.key });
         }
         out.counters.count_drop(DropReason::Evicted);
-        tracing::trace!(vm = %self.id.name, client = %h.key.dest_ip, "oldest held SYN evicted");
+        tracing::trace!(vm = %self.id.name, client = %h.key.dest_ip, "held SYN evicted");
         true
     }
 
     /// Gives up the newest held SYN that was never retransmitted and is not in Xenstore, to
     /// make room ([`WhenFull::Refuse`]); false if there is none.
     fn evict_newest_unconfirmed(&mut self, out: &mut Outputs) -> bool {
-        let victim = self.held.iter().rposition(|h| {
-            h.stored == Stored::No && self.seen.get(&(h.key, h.isn)) == Some(&false)
-        });
-        let Some(i) = victim else {
+        let Some(id) = self.held.newest_unconfirmed(|h| h.stored == Stored::No) else {
             return false;
         };
-        self.take_held_at(out, i).expect("index from rposition");
+        self.take_held_id(out, id).expect("found just now");
         out.counters.count_drop(DropReason::Evicted);
         tracing::debug!(vm = %self.id.name, "held SYN evicted for a retransmitted one");
         true
@@ -254,12 +251,13 @@ impl Vm {
 
     /// Answers every held SYN older than the hold timeout with a RST and forgets it.
     pub(super) fn expire_held(&mut self, cfg: &Config, out: &mut Outputs, now: Instant) {
-        while self
+        while let Some(id) = self
             .held
-            .front()
-            .is_some_and(|h| h.since + cfg.hold_timeout <= now)
+            .oldest()
+            .filter(|h| h.since + cfg.hold_timeout <= now)
+            .map(|h| h.id)
         {
-            let h = self.take_held_at(out, 0).expect("checked");
+            let h = self.take_held_id(out, id).expect("found just now");
             self.reset_one(out, h, DropReason::HoldTimeout);
         }
     }

@@ -28,6 +28,7 @@ pub(crate) fn www(handover: Handover) -> VmIdentity {
         ipv6: Some("fd77:1::10".parse().unwrap()),
         handover,
         port: None,
+        announces_listening: false,
     }
 }
 
@@ -74,7 +75,7 @@ pub(crate) fn drain_tx(h: &mut Hold) -> Vec<Vec<u8>> {
     out
 }
 
-fn drain_events(h: &mut Hold) -> Vec<Event> {
+pub(crate) fn drain_events(h: &mut Hold) -> Vec<Event> {
     std::iter::from_fn(|| h.poll_event()).collect()
 }
 
@@ -99,7 +100,7 @@ pub(crate) fn edited_syn_v4(edit: impl FnOnce(&mut [u8; 74])) -> [u8; 74] {
 }
 
 /// The guest's own gratuitous ARP (request form, as `arping -U` sends it).
-fn guest_garp() -> Vec<u8> {
+pub(crate) fn guest_garp() -> Vec<u8> {
     let mut f = vec![0u8; 42];
     wire::write_eth(&mut f, Mac::BROADCAST, vm_mac(), wire::ETHERTYPE_ARP);
     wire::write_arp(
@@ -116,7 +117,7 @@ fn guest_garp() -> Vec<u8> {
 }
 
 /// The guest's answer to a probe: a SYN-ACK (or RST) from the guest's port to the probe's.
-fn probe_answer(probe: &[u8], flags: u8) -> Vec<u8> {
+pub(crate) fn probe_answer(probe: &[u8], flags: u8) -> Vec<u8> {
     let Packet::Tcp(p) = parsed(probe).packet else {
         panic!("not a probe")
     };
@@ -1241,6 +1242,7 @@ fn fleet_vm(i: usize) -> VmIdentity {
         ipv6: None,
         handover: Handover::Wire,
         port: None,
+        announces_listening: false,
     }
 }
 

@@ -1,14 +1,15 @@
 //! One VM as the core sees it (its identity from jitsu-dns, its [`VmPhase`], the SYNs it holds
 //! and the probes of its ports), and the table of VMs by name, address and MAC ([`Vms`]).
 //!
-//! Owns the state and the bookkeeping that keeps it consistent: a SYN held is in `held` and
-//! in `seen` or in neither, charged its [`held_cost`] to its VM and to the outputs' total, and
-//! a VM holding any is in the outputs' `holding`; an address or MAC belongs to one VM at most. What a VM does with
-//! frames and requests is in the files named for them (`neighbour`, `syn`, `handover`,
-//! `control`), each as methods on [`Vm`] that take the outputs beside it.
+//! Owns the state and the bookkeeping that keeps it consistent: a SYN held is in `held` (see
+//! [`super::table`]), charged its [`held_cost`] to its VM and to the outputs' total, and a VM
+//! holding any is in the outputs' `holding`; an address or MAC belongs to one VM at most.
+//! What a VM does with frames and requests is in the files named for them (`neighbour`,
+//! `syn`, `handover`, `pace`, `control`), each as methods on [`Vm`] that take the outputs
+//! beside it.
 
 use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,10 @@ use shared_proto::{ErrorCode, Handover, Mac, VmIdentity};
 
 use super::ControlError;
 use super::outputs::{FdbAction, Outputs};
-use crate::store::layout::{SynKey, TcpOption};
+use super::pace::Pace;
+use super::table::{Prefix, Table};
+use crate::store::layout::{SynKey, TcpOption, options_from_wire};
+use crate::wire::{self, Packet};
 
 /// The phase of a VM in the core (jitsu-dns's [`shared_proto::Phase`] plus hand-over).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,9 +80,9 @@ pub(super) struct Held {
     pub(super) id: u64,
     pub(super) key: SynKey,
     pub(super) isn: u32,
-    /// The client's window and options, for Xenstore.
+    /// The client's window, for Xenstore (its options are read from `frame` when written
+    /// there: parsed, they took half of what a held SYN costs).
     pub(super) window: u16,
-    pub(super) options: Vec<TcpOption>,
     pub(super) client_mac: Mac,
     /// The frame as received, its checksum completed.
     pub(super) frame: Vec<u8>,
@@ -86,23 +90,32 @@ pub(super) struct Held {
     pub(super) stored: Stored,
 }
 
-/// What one held SYN is charged against the byte budgets: its slot in `held`, its frame, its
-/// parsed options and its entry in `seen`, for a frame of `frame_len` bytes and room for
-/// `options` options (the vectors' capacities). Allocator rounding and the containers' spare capacity (up to as much again while
-/// they grow) come on top; the benchmark prints the resident memory they add up to.
-pub fn held_cost(frame_len: usize, options: usize) -> usize {
-    // A hashbrown entry: the key and value, and one control byte.
-    let seen_entry = std::mem::size_of::<((SynKey, u32), bool)>() + 1;
-    std::mem::size_of::<Held>()
-        + frame_len
-        + options * std::mem::size_of::<TcpOption>()
-        + seen_entry
+/// What one held SYN is charged against the byte budgets: its entry in `held`, its frame (of
+/// `frame_len` bytes: the vector's capacity), its entry by (key, ISN) for retransmissions and,
+/// at most, one source prefix's count of its own (see [`super::table`]). Allocator rounding
+/// and the containers' spare room (B-tree nodes part full, hash tables up to half empty) come
+/// on top; the benchmark prints the resident memory they add up to.
+pub fn held_cost(frame_len: usize) -> usize {
+    use std::mem::size_of;
+    // Hashbrown entries: the key and value, and one control byte.
+    let seen_entry = size_of::<((SynKey, u32), u64)>() + 1;
+    let prefix = size_of::<(Prefix, usize)>() + 1 + size_of::<(usize, Prefix)>();
+    size_of::<(u64, Held)>() + frame_len + seen_entry + prefix
 }
 
 impl Held {
     /// Its [`held_cost`].
     pub(super) fn cost(&self) -> usize {
-        held_cost(self.frame.capacity(), self.options.capacity())
+        held_cost(self.frame.capacity())
+    }
+
+    /// The client's TCP options, read again from the frame (for Xenstore).
+    pub(super) fn options(&self) -> Vec<TcpOption> {
+        // Both were read without error when the SYN was held, and the frame is as it was.
+        match wire::parse(&self.frame, true).map(|p| p.packet) {
+            Ok(Packet::Tcp(t)) => options_from_wire(t.options).unwrap_or_default(),
+            _ => Vec::new(),
+        }
     }
 }
 
@@ -127,12 +140,9 @@ pub(super) struct Probe {
 pub(super) struct Vm {
     pub(super) id: VmIdentity,
     pub(super) phase: VmPhase,
-    /// Oldest first; their costs add up to `held_bytes`, bounded by `held_bytes_per_vm`.
-    pub(super) held: VecDeque<Held>,
+    /// Their costs add up to `held_bytes`, bounded by `held_bytes_per_vm`.
+    pub(super) held: Table,
     pub(super) held_bytes: usize,
-    /// (key, ISN) of every held SYN, for retransmissions; true once it was retransmitted
-    /// (the client is real: never evicted).
-    pub(super) seen: HashMap<(SynKey, u32), bool>,
     pub(super) garp_left: u32,
     pub(super) garp_at: Option<Instant>,
     pub(super) last_wake: Option<Instant>,
@@ -151,6 +161,8 @@ pub(super) struct Vm {
     /// read between the two copies leaves to the watcher in turn; `port` judges it then.
     pub(super) unjudged_from: Option<String>,
     pub(super) probes: Vec<Probe>,
+    /// Which held SYNs may go to the guest, and when the next of them go.
+    pub(super) pace: Pace,
 }
 
 impl Vm {
@@ -158,9 +170,8 @@ impl Vm {
         Vm {
             id,
             phase,
-            held: VecDeque::new(),
+            held: Table::default(),
             held_bytes: 0,
-            seen: HashMap::new(),
             garp_left: 0,
             garp_at: None,
             last_wake: None,
@@ -171,6 +182,7 @@ impl Vm {
             announced: false,
             unjudged_from: None,
             probes: Vec::new(),
+            pace: Pace::default(),
         }
     }
 
@@ -212,6 +224,7 @@ impl Vm {
         self.unjudged_from = None;
         self.listening = false;
         self.probes.clear();
+        self.pace = Pace::default();
         self.garp_left = garp_left;
         self.garp_at = garp_at;
         for h in self.held.iter_mut() {
@@ -228,11 +241,10 @@ impl Vm {
         self.held_bytes += cost;
         out.held_bytes += cost;
         out.total_held += 1;
-        self.seen.insert((h.key, h.isn), retransmitted);
-        self.held.push_back(h);
+        self.held.insert(h, retransmitted);
     }
 
-    /// Takes back what `h`, just removed from `held` and `seen`, was charged.
+    /// Takes back what `h`, just removed from `held`, was charged.
     fn uncharge(&mut self, out: &mut Outputs, h: &Held) {
         let cost = h.cost();
         self.held_bytes -= cost;
@@ -243,33 +255,21 @@ impl Vm {
         }
     }
 
-    /// Removes every held SYN `pick` selects (from `held` and `seen`, uncharged), in order.
+    /// Removes every held SYN `pick` selects (uncharged).
     pub(super) fn take_held(
         &mut self,
         out: &mut Outputs,
-        mut pick: impl FnMut(&Held) -> bool,
+        pick: impl Fn(&Held) -> bool,
     ) -> Vec<Held> {
-        let mut taken = Vec::new();
-        let mut kept = VecDeque::with_capacity(self.held.len());
-        for h in self.held.drain(..) {
-            if pick(&h) {
-                self.seen.remove(&(h.key, h.isn));
-                taken.push(h);
-            } else {
-                kept.push_back(h);
-            }
-        }
-        self.held = kept;
-        for h in &taken {
-            self.uncharge(out, h);
-        }
-        taken
+        let ids: Vec<u64> = self.held.iter().filter(|h| pick(h)).map(|h| h.id).collect();
+        ids.into_iter()
+            .filter_map(|id| self.take_held_id(out, id))
+            .collect()
     }
 
-    /// Removes the held SYN at `i` (from `held` and `seen`, uncharged).
-    pub(super) fn take_held_at(&mut self, out: &mut Outputs, i: usize) -> Option<Held> {
-        let h = self.held.remove(i)?;
-        self.seen.remove(&(h.key, h.isn));
+    /// Removes the held SYN `id` (uncharged).
+    pub(super) fn take_held_id(&mut self, out: &mut Outputs, id: u64) -> Option<Held> {
+        let h = self.held.remove(id)?;
         self.uncharge(out, &h);
         Some(h)
     }

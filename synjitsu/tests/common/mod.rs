@@ -84,6 +84,7 @@ pub fn www(handover: Handover) -> VmIdentity {
         ipv6: Some("fd77:1::10".parse().unwrap()),
         handover,
         port: None,
+        announces_listening: false,
     }
 }
 

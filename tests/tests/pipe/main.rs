@@ -87,6 +87,7 @@ fn identity(handover: Handover) -> VmIdentity {
         ipv6: None,
         handover,
         port: None,
+        announces_listening: false,
     }
 }
 
