@@ -1,5 +1,6 @@
 //! Booting: a query (or a wake request) for a VM that is not running starts, resumes or
-//! unpauses it within the limits; the boot is answered and promoted to running when its
+//! unpauses it within the limits (once synjitsu stands in for it, where it takes the
+//! guest's announcement from the wire); the boot is answered and promoted to running when its
 //! masking condition is met ([`super::mask`]); a boot that fails, or a synjitsu-tracked guest
 //! that never announces itself, lands in `Failed` and the next query tries again.
 //!
@@ -7,6 +8,7 @@
 //! [`super::observe`]).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shared_proto::ClientMessage;
@@ -19,7 +21,21 @@ use super::types::{
 };
 use super::vm::{Boot, BootKind, Cause, Life, answer_waiting};
 use super::{Fleet, cold_start, fmt_duration};
-use crate::config::{DrainedAnswer, HandoverKind, StopMode};
+use crate::config::{DrainedAnswer, HandoverKind, StopMode, VmConfig};
+
+/// The longest a boot's start waits for synjitsu to acknowledge `Booting` (a connected
+/// synjitsu answers within a millisecond; one that does not is no reason not to boot).
+pub(super) const ACK_WAIT: Duration = Duration::from_secs(1);
+
+/// The backend command that starts a boot of `kind`.
+fn backend_start(kind: BootKind, cfg: &Arc<VmConfig>) -> Command {
+    let vm = cfg.clone();
+    match kind {
+        BootKind::Fresh => Command::Start { vm },
+        BootKind::Resume => Command::Resume { vm },
+        BootKind::Unpause => Command::Unpause { vm },
+    }
+}
 
 /// What a drained VM's queries get while it does not run.
 pub(super) fn drained_answer(policy: DrainedAnswer) -> Answer {
@@ -157,8 +173,12 @@ impl Fleet {
             key_watched: false,
             port_open: false,
             probing: false,
+            start_held: false,
         };
         let cfg = vm.cfg.clone();
+        // synjitsu stands in at once for a wire hand-over, and the guest is started once it
+        // does; a Xenstore hand-over needs the domain id, so it waits for the backend.
+        let tell_synjitsu = syn_up && cfg.synjitsu_tracked() && cfg.handover == HandoverKind::Wire;
         match kind {
             BootKind::Fresh => {
                 vm.starts += 1;
@@ -178,23 +198,23 @@ impl Fleet {
                     first_packet: None,
                     failed: false,
                 });
-                out.push(Command::Start { vm: cfg.clone() });
             }
-            BootKind::Resume => out.push(Command::Resume { vm: cfg.clone() }),
-            BootKind::Unpause => out.push(Command::Unpause { vm: cfg.clone() }),
+            BootKind::Resume | BootKind::Unpause => {}
+        }
+        if !tell_synjitsu {
+            out.push(backend_start(kind, &cfg));
         }
         let cause = match kind {
             BootKind::Fresh => cause.to_string(),
             BootKind::Resume => format!("resume, {cause}"),
             BootKind::Unpause => format!("unpause, {cause}"),
         };
-        // synjitsu stands in at once for a wire hand-over; a Xenstore hand-over needs the
-        // domain id, so it waits for the backend.
-        if syn_up && cfg.synjitsu_tracked() && cfg.handover == HandoverKind::Wire {
+        if tell_synjitsu {
             let msg = ClientMessage::Booting {
                 vm: identity(&cfg, None, vm.bridge_port()),
             };
             boot.syn_tag = Some(send(&mut self.next_tag, msg, out));
+            boot.start_held = true;
         }
         if kind == BootKind::Fresh
             && let Some(key) = &cfg.wait_for_key
@@ -226,6 +246,7 @@ impl Fleet {
             return;
         };
         b.started = Some(now);
+        b.start_held = false;
         vm.domid = domid;
         // What synjitsu was told at the boot's start, if anything, and what it is now.
         let told_port = vm.fixed_port.clone();
@@ -272,6 +293,27 @@ impl Fleet {
             }
         }
         self.settle(now, name, out);
+    }
+
+    /// Starts (resumes, unpauses) the booting VM `name` if its start waited for synjitsu,
+    /// which acknowledged `Booting`, refused it, went away, or was silent for [`ACK_WAIT`].
+    pub(super) fn release_start(&mut self, name: &VmName, out: &mut Vec<Command>) {
+        if let Some(vm) = self.vms.get_mut(name)
+            && let Life::Booting(b) = &mut vm.life
+            && std::mem::take(&mut b.start_held)
+        {
+            out.push(backend_start(b.kind, &vm.cfg));
+        }
+    }
+
+    /// Starts the booting VM `name` whose start waited [`ACK_WAIT`] for synjitsu in vain.
+    pub(super) fn check_start_held(&mut self, now: Instant, name: &VmName, out: &mut Vec<Command>) {
+        let due = self.vms.get(name).is_some_and(
+            |vm| matches!(&vm.life, Life::Booting(b) if b.start_held && now >= b.since + ACK_WAIT),
+        );
+        if due {
+            self.release_start(name, out);
+        }
     }
 
     pub(super) fn on_start_failed(

@@ -198,6 +198,9 @@ impl Fleet {
                     if let Some(t) = mask::boot_deadline(&vm.cfg, b) {
                         consider(t);
                     }
+                    if b.start_held {
+                        consider(b.since + boot::ACK_WAIT);
+                    }
                 }
                 Life::Running { .. } => {
                     if let Some(t) = vm.idle_deadline(self.idle_limit()) {
@@ -328,6 +331,7 @@ impl Fleet {
         self.record_activity(activity);
         let names: Vec<VmName> = self.vms.keys().cloned().collect();
         for name in names {
+            self.check_start_held(now, &name, out);
             self.settle(now, &name, out);
             self.check_unconfirmed(now, &name, out);
             self.check_idle(now, &name, out);

@@ -35,6 +35,7 @@ impl Fleet {
         }
         let names: Vec<VmName> = self.vms.keys().cloned().collect();
         for name in names {
+            self.release_start(&name, out);
             self.settle(now, &name, out);
         }
     }
@@ -62,6 +63,8 @@ impl Fleet {
                 _ => None,
             });
         if let Some(name) = hit {
+            // synjitsu stands in for the guest now (or cannot): it may start.
+            self.release_start(&name, out);
             self.settle(now, &name, out);
         }
     }

@@ -106,6 +106,24 @@ fn starts(out: &[Command]) -> usize {
         .count()
 }
 
+/// synjitsu acknowledges the `Booting` in `out`: what follows (the backend's start).
+fn ack_booting(f: &mut Fleet, t: Instant, out: &[Command]) -> Vec<Command> {
+    let sent = synjitsu(out);
+    let Some((tag, _)) = sent
+        .iter()
+        .find(|(_, m)| matches!(m, ClientMessage::Booting { .. }))
+    else {
+        panic!("no booting in {out:?}")
+    };
+    f.handle(
+        t,
+        Event::SynjitsuReplied {
+            tag: *tag,
+            ok: true,
+        },
+    )
+}
+
 fn stops(out: &[Command]) -> Vec<StopMode> {
     out.iter()
         .filter_map(|c| match c {
@@ -412,11 +430,7 @@ fn use_synjitsu_answers_on_the_ack_even_before_the_vm_started() {
     assert_eq!(vm.name, "www");
     assert_eq!(vm.ipv4.to_string(), "10.0.0.1");
     assert_eq!(vm.handover, Handover::Wire);
-    assert_eq!(
-        starts(&out),
-        1,
-        "booting and telling synjitsu happen in parallel"
-    );
+    assert_eq!(starts(&out), 0, "synjitsu stands in before the VM starts");
     assert!(answers(&out).is_empty());
 
     let out = f.handle(
@@ -426,6 +440,7 @@ fn use_synjitsu_answers_on_the_ack_even_before_the_vm_started() {
             ok: true,
         },
     );
+    assert_eq!(starts(&out), 1);
     assert_eq!(answers(&out), vec![(1, Answer::Ready)]);
     assert_eq!(
         f.state("www"),
@@ -440,6 +455,86 @@ fn use_synjitsu_answers_on_the_ack_even_before_the_vm_started() {
     let out = started(&mut f, t0 + MS * 50, "www", None);
     assert_eq!(f.state("www"), Some(Lifecycle::Running));
     assert_eq!(lifecycle(&out)[0].2, "synjitsu holds its SYNs");
+}
+
+#[test]
+fn a_boot_synjitsu_takes_from_the_wire_starts_once_synjitsu_stands_in_or_cannot() {
+    // A guest up within ms of its start (a woken standby QEMU) announces itself once: to a
+    // synjitsu that does not know it yet, it is lost, and synjitsu stands in for a guest
+    // that is up. So the backend's start waits for the acknowledgement of `Booting`.
+    let www = [spec("www", 1, ",use_synjitsu=true,response_delay=5")];
+    let booting = |f: &mut Fleet, t: Instant| {
+        let out = query(f, t, "www", 1);
+        assert_eq!(
+            starts(&out),
+            0,
+            "started before synjitsu stands in: {out:?}"
+        );
+        let sent = synjitsu(&out);
+        assert!(
+            matches!(sent[..], [(_, ClientMessage::Booting { .. })]),
+            "{sent:?}"
+        );
+        sent[0].0
+    };
+    // Acknowledged: started then, once.
+    let (mut f, t0) = fleet(&www, settings());
+    f.handle(t0, Event::SynjitsuUp);
+    let tag = booting(&mut f, t0);
+    let out = f.handle(t0 + MS, Event::SynjitsuReplied { tag, ok: true });
+    assert_eq!(starts(&out), 1);
+    assert_eq!(starts(&tick(&mut f, t0 + boot::ACK_WAIT)), 0);
+    started(&mut f, t0 + boot::ACK_WAIT, "www", None);
+    assert_eq!(f.state("www"), Some(Lifecycle::Running));
+
+    // Refused: started at the refusal, answered after the delay.
+    let (mut f, t0) = fleet(&www, settings());
+    f.handle(t0, Event::SynjitsuUp);
+    let tag = booting(&mut f, t0);
+    let out = f.handle(t0 + MS, Event::SynjitsuReplied { tag, ok: false });
+    assert_eq!(starts(&out), 1);
+
+    // Gone: started when the connection ends.
+    let (mut f, t0) = fleet(&www, settings());
+    f.handle(t0, Event::SynjitsuUp);
+    booting(&mut f, t0);
+    assert_eq!(starts(&f.handle(t0 + MS, Event::SynjitsuDown)), 1);
+
+    // Silent: started after ACK_WAIT, which the timer is asked for.
+    let (mut f, t0) = fleet(&www, settings());
+    f.handle(t0, Event::SynjitsuUp);
+    booting(&mut f, t0);
+    assert!(f.poll_at().is_some_and(|t| t <= t0 + boot::ACK_WAIT));
+    assert_eq!(starts(&tick(&mut f, t0 + boot::ACK_WAIT - MS)), 0);
+    assert_eq!(starts(&tick(&mut f, t0 + boot::ACK_WAIT)), 1);
+    assert_eq!(starts(&tick(&mut f, t0 + boot::ACK_WAIT * 2)), 0);
+
+    // A resume waits as well.
+    let (mut f, t) = running(
+        &[spec(
+            "www",
+            1,
+            ",use_synjitsu=true,stop_mode=suspend,response_delay=5",
+        )],
+        settings(),
+    );
+    tick(&mut f, t + TTL * 2);
+    f.handle(t + TTL * 2, Event::Stopped { vm: name("www") });
+    f.handle(t + TTL * 2, Event::SynjitsuUp);
+    let out = query(&mut f, t + TTL * 3, "www", 7);
+    let resumes = |out: &[Command]| {
+        out.iter()
+            .filter(|c| matches!(c, Command::Resume { .. }))
+            .count()
+    };
+    assert_eq!(resumes(&out), 0);
+    let tag = synjitsu(&out)[0].0;
+    let out = f.handle(t + TTL * 3, Event::SynjitsuReplied { tag, ok: true });
+    assert_eq!(resumes(&out), 1);
+
+    // Without synjitsu: at once.
+    let (mut f, t0) = fleet(&www, settings());
+    assert_eq!(starts(&query(&mut f, t0, "www", 1)), 1);
 }
 
 #[test]
@@ -792,7 +887,7 @@ fn a_failed_boot_answers_servfail_and_the_next_query_retries() {
             .any(|(_, m)| matches!(m, ClientMessage::Stopped { .. }))
     );
     let out = query(&mut f, t0 + MS * 2, "www", 3);
-    assert_eq!(starts(&out), 1);
+    assert_eq!(starts(&ack_booting(&mut f, t0 + MS * 2, &out)), 1);
     assert_eq!(f.view("www").unwrap().starts, 2);
 }
 
@@ -830,7 +925,7 @@ fn a_synjitsu_guest_that_never_announces_itself_is_failed_and_retried() {
     );
     // The next query boots it again.
     let out = query(&mut f, t0 + MS * 1600, "www", 2);
-    assert_eq!(starts(&out), 1);
+    assert_eq!(starts(&ack_booting(&mut f, t0 + MS * 1600, &out)), 1);
     assert_eq!(f.view("www").unwrap().starts, 2);
 
     // A guest that announces itself, even after the answer, is never failed.
@@ -977,11 +1072,9 @@ fn wake_requests_boot_like_queries_and_resync_a_running_vm() {
     let (mut f, t0) = fleet(&[spec("www", 1, ",use_synjitsu=true")], settings());
     f.handle(t0, Event::SynjitsuUp);
     let out = f.handle(t0, Event::WakeRequest { vm: name("www") });
-    assert_eq!(starts(&out), 1);
     assert_eq!(lifecycle(&out)[0].2, "wake request from synjitsu");
     assert_eq!(f.view("www").unwrap().requests, 0, "not a query");
-    let tag = synjitsu(&out)[0].0;
-    f.handle(t0, Event::SynjitsuReplied { tag, ok: true });
+    assert_eq!(starts(&ack_booting(&mut f, t0, &out)), 1);
     started(&mut f, t0, "www", None);
     assert_eq!(f.state("www"), Some(Lifecycle::Running));
     let out = f.handle(t0, Event::WakeRequest { vm: name("www") });

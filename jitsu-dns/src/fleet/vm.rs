@@ -45,6 +45,11 @@ pub(super) struct Boot {
     pub(super) port_open: bool,
     /// Its port is being probed.
     pub(super) probing: bool,
+    /// The backend's start (resume, unpause) waits for synjitsu to acknowledge `Booting`
+    /// (at most [`super::boot::ACK_WAIT`]), so that the guest cannot announce itself before
+    /// synjitsu stands in for it: a guest that is up in a few ms (a woken standby) would
+    /// otherwise announce itself to a synjitsu that does not know it yet, and not again.
+    pub(super) start_held: bool,
 }
 
 /// A VM's lifecycle state, with what each state must remember.

@@ -49,7 +49,9 @@ impl Hold {
             ClientMessage::Booting { vm } => self.on_booting(now, vm).map(|()| Reply::Ack),
             ClientMessage::Stopped { vm } => self.on_stopped(now, vm).map(|()| Reply::Ack),
             ClientMessage::Ready { name } => self.on_ready(now, name).map(|()| Reply::Ack),
-            ClientMessage::Port { name, port } => self.on_port(name, port).map(|()| Reply::Ack),
+            ClientMessage::Port { name, port } => {
+                self.on_port(now, name, port).map(|()| Reply::Ack)
+            }
             ClientMessage::Sync { vms } => self.on_sync(now, vms).map(|()| Reply::Ack),
         }
     }
@@ -127,7 +129,10 @@ impl Hold {
 
     /// The guest's bridge port, learnt after its start: from now on its announcement counts
     /// only from there (one seen before counted from anywhere), and frames for it go there.
-    fn on_port(&mut self, name: &str, port: &str) -> Result<(), ControlError> {
+    /// An announcement the watcher saw before, whose copy on synjitsu's port is not read yet
+    /// (a guest that wakes in a few ms announces itself while the `port` is on its way),
+    /// counts if it came in on this port: that copy will leave it to the watcher.
+    fn on_port(&mut self, now: Instant, name: &str, port: &str) -> Result<(), ControlError> {
         let Some(vm) = self.vms.get_mut(name) else {
             return Err(ControlError::new(
                 ErrorCode::UnknownVm,
@@ -136,6 +141,14 @@ impl Hold {
         };
         tracing::info!(vm = %name, port, "guest's bridge port");
         vm.id.port = Some(port.to_string());
+        let from = vm.unjudged_from.take();
+        if vm.phase.intercepting()
+            && !vm.announced
+            && from.as_deref() == Some(port)
+            && vm.announcing_port(&self.cfg).is_some()
+        {
+            vm.announced(&self.cfg, &mut self.out, now);
+        }
         Ok(())
     }
 

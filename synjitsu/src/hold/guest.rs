@@ -62,8 +62,12 @@ impl Hold {
             return Verdict::Pass;
         }
         match vm.announcing_port(&self.cfg) {
-            // Not known: the copy on synjitsu's port decides.
-            None => Verdict::Pass,
+            // Not known: the copy on synjitsu's port decides, unless the port is named
+            // before that copy is read.
+            None => {
+                vm.unjudged_from = Some(port.to_string());
+                Verdict::Pass
+            }
             Some(own) if own == port => {
                 vm.announced(&self.cfg, &mut self.out, now);
                 Verdict::Announced

@@ -121,6 +121,7 @@ impl Vm {
     /// its MAC is released, without a probe's round trip; any other is probed first.
     pub(super) fn announced(&mut self, cfg: &Config, out: &mut Outputs, now: Instant) {
         self.announced = true;
+        self.unjudged_from = None;
         out.counters.guests_announced += 1;
         tracing::info!(vm = %self.id.name, "guest announced itself");
         out.emit(Event::GuestAnnounced {

@@ -1184,6 +1184,55 @@ fn a_port_learnt_after_the_start_applies_from_then_on_and_changes_nothing_else()
     );
 }
 
+#[test]
+fn an_announcement_whose_two_copies_straddle_the_port_counts_once_and_only_from_that_port() {
+    // A woken standby guest announces itself within ms of its start, while the `port` is on
+    // its way: the watcher's copy comes before it (port unknown: left to synjitsu's copy),
+    // synjitsu's own copy after it (port known: left to the watcher's copy).
+    let t0 = Instant::now();
+    let port = ClientMessage::Port {
+        name: "www".into(),
+        port: "vnet3".into(),
+    };
+    let mut h = core();
+    booting(&mut h, t0, Handover::Wire);
+    assert_eq!(
+        h.on_ingress(t0, &guest_garp(), FrameMeta::default(), "vnet3"),
+        Verdict::Pass
+    );
+    assert_eq!(phase(&h), VmPhase::Booting);
+    h.on_control(t0, &port).unwrap();
+    assert_eq!(phase(&h), VmPhase::Handover);
+    assert_eq!(h.counters().guests_announced, 1);
+    assert!(
+        drain_events(&mut h).contains(&Event::GuestAnnounced { name: "www".into() }),
+        "jitsu-dns is told"
+    );
+    // synjitsu's own copy, read last, does not count it again.
+    assert_eq!(
+        h.on_frame(t0, &guest_garp(), FrameMeta::default()),
+        Verdict::Pass
+    );
+    assert_eq!(h.counters().guests_announced, 1);
+
+    // From another port than the one then named, it stays refused.
+    let mut h = core();
+    booting(&mut h, t0, Handover::Wire);
+    h.on_ingress(t0, &guest_garp(), FrameMeta::default(), "vnet9");
+    h.on_control(t0, &port).unwrap();
+    assert_eq!(
+        (phase(&h), h.counters().guests_announced),
+        (VmPhase::Booting, 0)
+    );
+    // And one seen in an earlier boot is forgotten by the next.
+    let mut h = core();
+    stopped(&mut h, t0);
+    h.on_ingress(t0, &guest_garp(), FrameMeta::default(), "vnet3");
+    booting(&mut h, t0, Handover::Wire);
+    h.on_control(t0, &port).unwrap();
+    assert_eq!(phase(&h), VmPhase::Booting);
+}
+
 /// The `i`th of many VMs, none of them `www`.
 fn fleet_vm(i: usize) -> VmIdentity {
     VmIdentity {

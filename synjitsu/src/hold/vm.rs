@@ -156,6 +156,10 @@ pub(super) struct Vm {
     pub(super) listening: bool,
     /// The guest announced itself since it last booted (seen on the bridge, not told).
     pub(super) announced: bool,
+    /// The port an announcement came in on that the watcher saw while the guest's port was
+    /// not named, until it is judged: left to the copy on synjitsu's port, which a `port`
+    /// read between the two copies leaves to the watcher in turn; `port` judges it then.
+    pub(super) unjudged_from: Option<String>,
     pub(super) probes: Vec<Probe>,
     /// Which held SYNs may go to the guest, and when the next of them go.
     pub(super) pace: Pace,
@@ -176,6 +180,7 @@ impl Vm {
             release_pending: None,
             listening: false,
             announced: false,
+            unjudged_from: None,
             probes: Vec::new(),
             pace: Pace::default(),
         }
@@ -216,6 +221,7 @@ impl Vm {
     pub(super) fn restart(&mut self, phase: VmPhase, garp_left: u32, garp_at: Option<Instant>) {
         self.phase = phase;
         self.announced = false;
+        self.unjudged_from = None;
         self.listening = false;
         self.probes.clear();
         self.pace = Pace::default();
