@@ -8,7 +8,7 @@
 //! serves past now), then one of the other sources in turn ([`Turns`]): frames from the packet
 //! socket (at most [`BATCH`]), announcements from the watcher (a second packet socket on
 //! every interface, which tells the port each came in on; at most [`BATCH`]), a control request, Xenstore results (at most [`BATCH`]), the
-//! forwarding-table changes done, a metrics request, housekeeping. Whichever source an
+//! forwarding-table changes done (after the frames the socket holds: [`settle_fdb`]), a metrics request, housekeeping. Whichever source an
 //! outsider keeps ready (the socket under a flood, the metrics port) gets one turn in a round
 //! like the others, so a control request waits at most one batch of each. After each turn the
 //! shell drains the core's outputs: frames to the socket, frames for a guest straight out
@@ -423,6 +423,62 @@ fn poll_some<T>(rx: &mut mpsc::Receiver<T>, cx: &mut std::task::Context<'_>) -> 
     }
 }
 
+/// One frame from the packet socket, for the core.
+fn on_frame(core: &mut Hold, stats: &mut ShellStats, buf: &[u8], meta: packet::RecvMeta) {
+    if meta.outgoing {
+        stats.rx_outgoing += 1;
+        return;
+    }
+    if meta.truncated {
+        stats.rx_truncated += 1;
+        return;
+    }
+    let checksum = if meta.status & packet::TP_STATUS_CSUMNOTREADY != 0 {
+        Checksum::Partial
+    } else if meta.status & packet::TP_STATUS_CSUM_VALID != 0 {
+        Checksum::Valid
+    } else {
+        Checksum::Unknown
+    };
+    let verdict = core.on_frame(Instant::now(), &buf[..meta.len], FrameMeta { checksum });
+    tracing::trace!(?verdict, len = meta.len, "frame");
+}
+
+/// Reads what the packet socket holds into the core, [`BATCH`] frames at most.
+fn read_queued(
+    core: &mut Hold,
+    stats: &mut ShellStats,
+    sock: &AsyncFd<PacketSocket>,
+    rxbuf: &mut [u8],
+) {
+    for _ in 0..BATCH {
+        match sock.get_ref().recv(rxbuf) {
+            Ok(meta) => on_frame(core, stats, rxbuf, meta),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // Empty; or failing, which the socket's own turn reports.
+            Err(_) => break,
+        }
+    }
+}
+
+/// Tells the core that the forwarding-table changes `ids` are over, once `read_queued` has
+/// given it the frames the packet socket holds. A frame the bridge sent here while a static
+/// entry still steered the guest's MAC came here alone: judged after the core learnt of the
+/// release, it would be taken for a flooded copy the guest has too and passed, and the guest
+/// would never see it (a client's SYN then waits for its 1 s retransmission). The ids are
+/// taken before the read, so what their entries sent here is queued by then (the bridge
+/// hands a frame to the socket within the sender's own softirq, microseconds).
+fn settle_fdb(core: &mut Hold, ids: Vec<u64>, read_queued: impl FnOnce(&mut Hold)) {
+    if ids.is_empty() {
+        return;
+    }
+    read_queued(core);
+    let now = Instant::now();
+    for id in ids {
+        core.on_fdb_done(now, id);
+    }
+}
+
 impl Shell {
     async fn run(
         &mut self,
@@ -489,9 +545,11 @@ impl Shell {
                     }
                     Input::Announcements(guard) => self.on_announcements(guard, &mut rxbuf),
                     Input::FdbDone => {
-                        for id in self.steering.done() {
-                            self.core.on_fdb_done(Instant::now(), id);
-                        }
+                        let ids = self.steering.done();
+                        let stats = &mut self.stats;
+                        settle_fdb(&mut self.core, ids, |core| {
+                            read_queued(core, stats, sock, &mut rxbuf);
+                        });
                     }
                     Input::Metrics(reply) => {
                         self.read_kernel_stats(sock, watcher);
@@ -569,7 +627,7 @@ impl Shell {
         };
         for _ in 0..BATCH {
             match guard.try_io(|s| s.get_ref().recv(rxbuf)) {
-                Ok(Ok(meta)) => self.on_frame(rxbuf, meta),
+                Ok(Ok(meta)) => on_frame(&mut self.core, &mut self.stats, rxbuf, meta),
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Ok(Err(e)) => {
                     // Down is passing (the kernel re-attaches the socket when it comes up);
@@ -626,28 +684,6 @@ impl Shell {
                 self.stats.kernel_drops += u64::from(drops);
             }
         }
-    }
-
-    fn on_frame(&mut self, buf: &[u8], meta: packet::RecvMeta) {
-        if meta.outgoing {
-            self.stats.rx_outgoing += 1;
-            return;
-        }
-        if meta.truncated {
-            self.stats.rx_truncated += 1;
-            return;
-        }
-        let checksum = if meta.status & packet::TP_STATUS_CSUMNOTREADY != 0 {
-            Checksum::Partial
-        } else if meta.status & packet::TP_STATUS_CSUM_VALID != 0 {
-            Checksum::Valid
-        } else {
-            Checksum::Unknown
-        };
-        let verdict = self
-            .core
-            .on_frame(Instant::now(), &buf[..meta.len], FrameMeta { checksum });
-        tracing::trace!(?verdict, len = meta.len, "frame");
     }
 
     /// A frame the announcement watcher saw arriving on interface `meta.ifindex`.
@@ -826,4 +862,50 @@ pub fn probe_addrs(addrs: &[IpAddr]) -> Result<(Option<Ipv4Addr>, Option<Ipv6Add
         }
     }
     Ok((v4, v6))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use shared_proto::{ClientMessage, Handover};
+
+    use super::settle_fdb;
+    use crate::hold::tests::{core, drain_tx, edited_syn_v4, fdb_ops, guest_garp, www};
+    use crate::hold::{FdbAction, FrameMeta, Verdict, VmPhase};
+    use crate::wire::tests::SYN_V4;
+
+    #[test]
+    fn a_syn_the_bridge_gave_synjitsu_before_the_guests_release_finished_still_reaches_the_guest() {
+        let mut h = core();
+        let t0 = Instant::now();
+        let mut vm = www(Handover::Wire);
+        vm.announces_listening = true;
+        h.on_control(t0, &ClientMessage::Booting { vm }).unwrap();
+        assert_eq!(
+            h.on_frame(t0, &guest_garp(), FrameMeta::default()),
+            Verdict::Announced
+        );
+        let rel = fdb_ops(&mut h);
+        assert_eq!(rel.len(), 1);
+        assert_eq!(rel[0].action, FdbAction::Release);
+        drain_tx(&mut h);
+        // The client's SYN came while the static entry still sent the guest's frames here
+        // alone, and waits in the socket when the steering thread says the release is over.
+        let mut verdict = None;
+        settle_fdb(&mut h, vec![rel[0].id], |h| {
+            verdict = Some(h.on_frame(t0, &SYN_V4, FrameMeta::default()));
+        });
+        assert_eq!(verdict, Some(Verdict::Held));
+        assert_eq!(
+            drain_tx(&mut h),
+            vec![SYN_V4.to_vec()],
+            "re-sent to the guest"
+        );
+        assert_eq!(h.vms().next().unwrap().1, VmPhase::Running);
+        // One read after that was flooded to the guest too: passed, not sent a second time.
+        let later = edited_syn_v4(|f| f[34..36].copy_from_slice(&2000u16.to_be_bytes()));
+        assert_eq!(h.on_frame(t0, &later, FrameMeta::default()), Verdict::Pass);
+        assert!(drain_tx(&mut h).is_empty());
+    }
 }

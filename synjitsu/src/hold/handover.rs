@@ -96,7 +96,9 @@ impl Hold {
         }
     }
 
-    /// A forwarding-table change finished (successfully or not: either way it is over).
+    /// A forwarding-table change finished (successfully or not: either way it is over). The
+    /// shell gives the core the frames its socket holds first: one judged after a release is
+    /// taken for a copy the bridge flooded to the guest too.
     pub fn on_fdb_done(&mut self, now: Instant, id: u64) {
         if let Some(vm) = self.vms.iter_mut().find(|v| v.release_pending == Some(id)) {
             vm.release_pending = None;
