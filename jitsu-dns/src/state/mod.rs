@@ -46,6 +46,7 @@ pub mod changes;
 mod fast_import;
 mod journal;
 mod repo;
+mod work_tree;
 mod writer;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -7,12 +7,8 @@
 //! lone change is committed at once. One commit per change all the same, each with its own
 //! message and time.
 //!
-//! The work tree (the files a person `cat`s) follows HEAD off the commit path: each checkpoint's
-//! files are kept, the latest value per path, and written once the queue is empty, before a
-//! flush is answered, or once the oldest has waited [`WORK_TREE_EVERY`]. Creating a file can
-//! cost milliseconds (ext4 without a journal skips inodes freed in the last 30 s, one inode
-//! read each), and written after every batch they held the next batch's commits back: the
-//! history fell 3-4 s behind at 100 boots a second (issue 12).
+//! The work tree follows each checkpoint on a thread of its own (`work_tree`); a flush is
+//! answered once it is written.
 //!
 //! Failures ([`Health`], pure): a batch git refused is undone and counted, with every change
 //! in it; from then on changes are counted and dropped, not queued or replayed, and at each
@@ -22,12 +18,11 @@
 //! state in one commit that says what was not recorded. When that commit lands, the store is
 //! healthy again.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{debug, error, info, warn};
@@ -35,6 +30,7 @@ use tracing::{debug, error, info, warn};
 use super::fast_import::{self, FastImport};
 use super::journal::{Edits, Journal};
 use super::repo::{self, Owner, Ready};
+use super::work_tree::WorkTree;
 use super::{Hooks, Msg, StateError, rewrite_message};
 use shared_io::RateLimited;
 
@@ -46,9 +42,6 @@ pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Quiet for this long, the writer ends its fast-import and does git's housekeeping.
 const IDLE: Duration = Duration::from_secs(1);
-
-/// The longest the work tree waits behind HEAD while changes keep coming.
-const WORK_TREE_EVERY: Duration = Duration::from_secs(1);
 
 /// Checkpoints (each a small pack) between two background repacks, for a writer kept busy:
 /// git's lookups slow down with the number of packs.
@@ -166,9 +159,7 @@ pub(crate) struct Writer {
     note: Option<String>,
     /// The work tree may differ from HEAD: written whole after the next commit.
     work_tree_stale: bool,
-    /// Committed values the work tree does not show yet (`None`: removed), and since when.
-    work_tree_due: BTreeMap<String, Option<String>>,
-    work_tree_due_since: Option<Instant>,
+    work_tree: WorkTree,
     housekeeping_due: bool,
     /// Packs written since the last repack, and the repack running, if any.
     packs: u32,
@@ -186,6 +177,7 @@ impl Writer {
         processed: Arc<AtomicU64>,
     ) -> Writer {
         let mut w = Writer {
+            work_tree: WorkTree::start(dir.clone()),
             dir,
             hooks,
             owner,
@@ -198,8 +190,6 @@ impl Writer {
             processed,
             note: None,
             work_tree_stale: false,
-            work_tree_due: BTreeMap::new(),
-            work_tree_due_since: None,
             housekeeping_due: false,
             packs: 0,
             repack: None,
@@ -207,10 +197,7 @@ impl Writer {
         match prepared {
             Ok(ready) => {
                 w.adopt(ready);
-                if let Err(e) = repo::rewrite_work_tree(&w.dir, &w.journal.committed()) {
-                    warn!(error = %e, "state store: cannot write the work tree");
-                    w.work_tree_stale = true;
-                }
+                w.work_tree.whole(w.journal.committed());
                 w.hooks.metrics.set_state_store_healthy(true);
             }
             Err(e) => {
@@ -259,22 +246,12 @@ impl Writer {
                 None if self.fast_import.is_some() || self.housekeeping_due => Some(IDLE),
                 None => None,
             };
-            let queued = match rx.try_recv() {
-                Ok(m) => Some(m),
-                Err(TryRecvError::Empty) => {
-                    // Nothing waits: the work tree catches up before the writer sleeps.
-                    self.update_work_tree();
-                    None
-                }
-                Err(TryRecvError::Disconnected) => break,
-            };
-            let first = match (queued, wait) {
-                (Some(m), _) => m,
-                (None, None) => match rx.recv() {
+            let first = match wait {
+                None => match rx.recv() {
                     Ok(m) => m,
                     Err(_) => break,
                 },
-                (None, Some(d)) => match rx.recv_timeout(d) {
+                Some(d) => match rx.recv_timeout(d) {
                     Ok(m) => m,
                     Err(RecvTimeoutError::Timeout) => {
                         if !self.health.is_broken() {
@@ -293,14 +270,8 @@ impl Writer {
                 }
             }
             self.run_batch(batch);
-            if self
-                .work_tree_due_since
-                .is_some_and(|t| t.elapsed() >= WORK_TREE_EVERY)
-            {
-                self.update_work_tree();
-            }
         }
-        self.update_work_tree();
+        self.work_tree.sync();
         if let Some(fi) = self.fast_import.take() {
             fi.close();
         }
@@ -452,7 +423,7 @@ impl Writer {
         }
         self.processed.fetch_add(taken, Ordering::Relaxed);
         if !flushes.is_empty() {
-            self.update_work_tree();
+            self.work_tree.sync();
         }
         for done in flushes {
             let _ = done.send(self.journal.committed());
@@ -487,27 +458,12 @@ impl Writer {
         self.housekeeping_due = true;
         self.count_pack();
         let changed = self.journal.checkpointed();
-        if self.work_tree_stale {
-            self.work_tree_due.clear();
-            self.work_tree_due_since = None;
-            self.work_tree_stale =
-                repo::rewrite_work_tree(&self.dir, &self.journal.committed()).is_err();
-        } else if !changed.is_empty() {
-            self.work_tree_due.extend(changed);
-            self.work_tree_due_since.get_or_insert_with(Instant::now);
+        if std::mem::take(&mut self.work_tree_stale) {
+            self.work_tree.whole(self.journal.committed());
+        } else {
+            self.work_tree.files(changed, || self.journal.committed());
         }
         Ok(())
-    }
-
-    /// Writes the committed values the work tree does not show yet.
-    fn update_work_tree(&mut self) {
-        self.work_tree_due_since = None;
-        for (path, value) in std::mem::take(&mut self.work_tree_due) {
-            if let Err(e) = repo::write_file(&self.dir, &path, value.as_deref()) {
-                debug!(error = %e, "state store: work tree");
-                self.work_tree_stale = true;
-            }
-        }
     }
 
     /// Prepares the repository again, after a failure, and starts over from its HEAD.
