@@ -686,8 +686,8 @@ fn the_command_runs_in_its_session_cgroup_and_a_namespace_ip_netns_lists_until_t
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let session = stat.rsplit(')').next().unwrap().split_whitespace().nth(3);
     assert_eq!(session, Some(pid.to_string().as_str()), "{stat}");
-    // SIGPIPE, which Rust ignores in jitsu-dns, is not ignored in the command. (Its blocked
-    // set is not checked here: `sh` clears it when it starts.)
+    // Started in jitsu-dns's memory with every signal blocked (as after vfork): it runs with
+    // none blocked, and SIGPIPE (which Rust ignores) not ignored.
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let mask = |field: &str| {
         status
@@ -696,6 +696,7 @@ fn the_command_runs_in_its_session_cgroup_and_a_namespace_ip_netns_lists_until_t
             .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
             .unwrap_or_else(|| panic!("no {field} in {status}"))
     };
+    assert_eq!(mask("SigBlk:"), 0, "no signal blocked: {status}");
     let sigpipe = 1u64 << (13 - 1);
     assert_eq!(
         mask("SigIgn:") & sigpipe,
