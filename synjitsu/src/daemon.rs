@@ -749,29 +749,34 @@ impl Shell {
     /// hand-over ends costs a program's compilation); then events, the filter, and the work
     /// of the other threads.
     fn flush(&mut self, sock: &AsyncFd<PacketSocket>) {
-        let wishes = self.release_now();
+        let (released, wishes) = self.release_now();
         self.send_frames(sock);
+        // The thread is woken only now: on a busy machine its wake-up can take this thread's
+        // core before the frames are out.
+        for op in released {
+            self.steering.released(op);
+        }
         self.hand_over_the_rest(sock, wishes);
     }
 
     /// Makes the releases the core asks for on the spot ([`Steering::release_now`], at most
-    /// [`RELEASES_NOW`]) and tells the core at once; returns the wishes left for the thread.
-    fn release_now(&mut self) -> Vec<crate::hold::FdbOp> {
+    /// [`RELEASES_NOW`]) and tells the core at once; returns those made, for
+    /// [`Steering::released`], and the wishes left for the thread.
+    fn release_now(&mut self) -> (Vec<crate::hold::FdbOp>, Vec<crate::hold::FdbOp>) {
         let mut done = Vec::new();
         let mut wishes = Vec::new();
         while let Some(op) = self.core.poll_fdb() {
             if done.len() < RELEASES_NOW && self.steering.release_now(&op) {
-                done.push(op.id);
-                self.steering.released(op);
+                done.push(op);
             } else {
                 wishes.push(op);
             }
         }
         let now = Instant::now();
-        for id in &done {
-            self.core.on_fdb_done(now, *id);
+        for op in &done {
+            self.core.on_fdb_done(now, op.id);
         }
-        wishes
+        (done, wishes)
     }
 
     /// Sends the frames the core queued: for guests' ports, then at most [`BATCH`] others.
