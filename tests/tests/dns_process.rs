@@ -686,6 +686,23 @@ fn the_command_runs_in_its_session_cgroup_and_a_namespace_ip_netns_lists_until_t
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let session = stat.rsplit(')').next().unwrap().split_whitespace().nth(3);
     assert_eq!(session, Some(pid.to_string().as_str()), "{stat}");
+    // Started in jitsu-dns's memory with every signal blocked (as after vfork): it runs with
+    // none blocked, and SIGPIPE (which Rust ignores) not ignored.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mask = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .unwrap_or_else(|| panic!("no {field} in {status}"))
+    };
+    assert_eq!(mask("SigBlk:"), 0, "no signal blocked: {status}");
+    let sigpipe = 1u64 << (13 - 1);
+    assert_eq!(
+        mask("SigIgn:") & sigpipe,
+        0,
+        "SIGPIPE not ignored: {status}"
+    );
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     let netns = h.vms.netns("www");
     assert!(

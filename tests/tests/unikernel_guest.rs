@@ -74,6 +74,13 @@ fn the_unikernel_answers_arp_and_ping_and_announces_itself_once_it_listens() -> 
         "no time in the listening line: {}",
         listening.line
     );
+    // It rehearsed its first connection before it listened (guest/unikernel/src/server.rs):
+    // a failed rehearsal is a line of its own, and its first client would then run cold code.
+    ensure!(
+        listening.line.contains(", rehearsal ") && !guest.console().contains("rehearsal:"),
+        "the unikernel did not rehearse its first connection:\n{}",
+        guest.console()
+    );
     // Its clock against the host's: the line cannot report more time than passed since QEMU
     // started (a TSC rate calibrated too low would).
     let since_start = seen.duration_since(guest.started)?;

@@ -46,6 +46,7 @@ pub mod changes;
 mod fast_import;
 mod journal;
 mod repo;
+mod work_tree;
 mod writer;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -808,6 +809,40 @@ mod tests {
         assert!(l.starts_with("20"), "dated: {l}");
         store.close();
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn after_a_burst_of_changes_a_flush_leaves_the_work_tree_showing_head() {
+        let dir = tmp("wt");
+        let (store, _) = Store::open(Some(&dir), hooks()).unwrap();
+        for i in 0..50 {
+            let vm = format!("jitsu/vm/v{i}/state");
+            for state in ["off", "booting", "running"] {
+                store
+                    .apply(change(&[(&vm, state)], Some(&format!("v{i}: {state}"))))
+                    .unwrap();
+            }
+        }
+        store
+            .apply(Change {
+                remove: vec![vm_prefix("v7")],
+                ..change(&[], Some("configuration: removed v7"))
+            })
+            .unwrap();
+        let flushed = store.flush().unwrap();
+        for i in (0..50).filter(|i| *i != 7) {
+            let path = format!("jitsu/vm/v{i}/state");
+            assert_eq!(flushed.get(&path).map(String::as_str), Some("running"));
+            assert_eq!(
+                std::fs::read_to_string(dir.join(&path)).unwrap(),
+                "running\n",
+                "{path} as a person cats it"
+            );
+        }
+        assert!(!dir.join("jitsu/vm/v7").exists(), "a removed VM's files go");
+        assert_eq!(log(&dir).len(), 151, "one commit per change");
+        store.close();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //! lone change is committed at once. One commit per change all the same, each with its own
 //! message and time.
 //!
+//! The work tree follows each checkpoint on a thread of its own (`work_tree`); a flush is
+//! answered once it is written.
+//!
 //! Failures ([`Health`], pure): a batch git refused is undone and counted, with every change
 //! in it; from then on changes are counted and dropped, not queued or replayed, and at each
 //! retry (backing off from 1 s to [`MAX_BACKOFF`]) the writer asks the daemon for the whole
@@ -27,6 +30,7 @@ use tracing::{debug, error, info, warn};
 use super::fast_import::{self, FastImport};
 use super::journal::{Edits, Journal};
 use super::repo::{self, Owner, Ready};
+use super::work_tree::WorkTree;
 use super::{Hooks, Msg, StateError, rewrite_message};
 use shared_io::RateLimited;
 
@@ -155,6 +159,7 @@ pub(crate) struct Writer {
     note: Option<String>,
     /// The work tree may differ from HEAD: written whole after the next commit.
     work_tree_stale: bool,
+    work_tree: WorkTree,
     housekeeping_due: bool,
     /// Packs written since the last repack, and the repack running, if any.
     packs: u32,
@@ -172,6 +177,7 @@ impl Writer {
         processed: Arc<AtomicU64>,
     ) -> Writer {
         let mut w = Writer {
+            work_tree: WorkTree::start(dir.clone()),
             dir,
             hooks,
             owner,
@@ -191,10 +197,7 @@ impl Writer {
         match prepared {
             Ok(ready) => {
                 w.adopt(ready);
-                if let Err(e) = repo::rewrite_work_tree(&w.dir, &w.journal.committed()) {
-                    warn!(error = %e, "state store: cannot write the work tree");
-                    w.work_tree_stale = true;
-                }
+                w.work_tree.whole(w.journal.committed());
                 w.hooks.metrics.set_state_store_healthy(true);
             }
             Err(e) => {
@@ -268,6 +271,7 @@ impl Writer {
             }
             self.run_batch(batch);
         }
+        self.work_tree.sync();
         if let Some(fi) = self.fast_import.take() {
             fi.close();
         }
@@ -418,6 +422,9 @@ impl Writer {
             self.hooks.metrics.set_state_pending_since(None);
         }
         self.processed.fetch_add(taken, Ordering::Relaxed);
+        if !flushes.is_empty() {
+            self.work_tree.sync();
+        }
         for done in flushes {
             let _ = done.send(self.journal.committed());
         }
@@ -451,16 +458,10 @@ impl Writer {
         self.housekeeping_due = true;
         self.count_pack();
         let changed = self.journal.checkpointed();
-        if self.work_tree_stale {
-            self.work_tree_stale =
-                repo::rewrite_work_tree(&self.dir, &self.journal.committed()).is_err();
+        if std::mem::take(&mut self.work_tree_stale) {
+            self.work_tree.whole(self.journal.committed());
         } else {
-            for (path, value) in changed {
-                if let Err(e) = repo::write_file(&self.dir, &path, value.as_deref()) {
-                    debug!(error = %e, "state store: work tree");
-                    self.work_tree_stale = true;
-                }
-            }
+            self.work_tree.files(changed, || self.journal.committed());
         }
         Ok(())
     }

@@ -6,7 +6,8 @@
 //! del` removes it, so `ip netns` lists, enters and deletes ours and we theirs. The command
 //! enters one as `ip netns exec` does (the namespace, then a mount namespace of its own whose
 //! `/sys` shows the namespace's links), born in the VM's cgroup (`clone3`) and starting a
-//! session of its own, all in the child before `exec`: no `setsid`, `sh` launcher or `ip
+//! session of its own, all in the child before `exec`, which runs in jitsu-dns's memory as
+//! after `vfork` (x86-64; a fork elsewhere): no `setsid`, `sh` launcher or `ip
 //! netns exec` in between (30-50 ms a boot on a loaded machine, issue 12), and no write to
 //! `cgroup.procs` with cgroup2 (see [`Cgroup::Born`]).
 //!
@@ -17,7 +18,7 @@
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd as _};
+use std::os::fd::{AsFd, AsRawFd as _, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -256,8 +257,17 @@ impl Child<'_> {
     /// it has exec'd or failed: its errno comes back over a close-on-exec pipe.
     fn start(&self, born_in: Option<&File>, join: Option<&File>) -> io::Result<u32> {
         let (rx, tx) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-        let pid = match born_in {
-            Some(dir) => {
+        #[cfg(target_arch = "x86_64")]
+        let shared = match self.clone_sharing_memory(born_in, join, &tx) {
+            // No clone3 (before Linux 5.3): fork below, unless the caller must fall back.
+            Err(e) if born_in.is_none() && e.raw_os_error() == Some(libc::ENOSYS) => None,
+            done => Some(done?),
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let shared = None;
+        let pid = match (shared, born_in) {
+            (Some(pid), _) => pid,
+            (None, Some(dir)) => {
                 let args = CloneArgs {
                     flags: CLONE_INTO_CGROUP,
                     exit_signal: libc::SIGCHLD as u64,
@@ -276,7 +286,7 @@ impl Child<'_> {
                 }
             }
             // SAFETY: the child runs only `exec` (no allocation, no locks).
-            None => i64::from(unsafe { libc::fork() }),
+            (None, None) => i64::from(unsafe { libc::fork() }),
         };
         if pid < 0 {
             return Err(io::Error::last_os_error());
@@ -306,6 +316,86 @@ impl Child<'_> {
             rustix::process::WaitOptions::empty(),
         );
         Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)))
+    }
+
+    /// Starts the child as `vfork` does (`clone3` with `CLONE_VM | CLONE_VFORK`, born in
+    /// `born_in` if given): it runs [`Self::exec`] in this process's memory, on a stack of its
+    /// own, while the calling thread waits for its `exec` or exit. A fork copied jitsu-dns's
+    /// page tables (a VMA per thread stack: ~1,900 with 200 boots in flight) and `exec` tore
+    /// the copy down again: 40% of a boot's CPU in a profile of 200 boots (issue 12).
+    /// Returns the pid, or the error of `clone3`.
+    #[cfg(target_arch = "x86_64")]
+    fn clone_sharing_memory(
+        &self,
+        born_in: Option<&File>,
+        join: Option<&File>,
+        tx: &OwnedFd,
+    ) -> io::Result<i64> {
+        const CLONE_VM: u64 = libc::CLONE_VM as u64;
+        const CLONE_VFORK: u64 = libc::CLONE_VFORK as u64;
+        let mut stack = vec![0u8; CHILD_STACK];
+        let base = stack.as_mut_ptr() as u64;
+        // The ABI wants the stack pointer 16-byte aligned at a call.
+        let top = (base + CHILD_STACK as u64) & !15;
+        let args = CloneArgs {
+            flags: CLONE_VM | CLONE_VFORK | born_in.map_or(0, |_| CLONE_INTO_CGROUP),
+            exit_signal: libc::SIGCHLD as u64,
+            stack: base,
+            stack_size: top - base,
+            cgroup: born_in.map_or(0, |d| d.as_raw_fd() as u64),
+            ..CloneArgs::default()
+        };
+        let start = Start {
+            child: self,
+            join,
+            tx,
+        };
+        // SAFETY: sigfillset and pthread_sigmask take pointers to sigsets living across the
+        // calls. Every signal is blocked while the child runs in this process's memory: a
+        // handler of jitsu-dns's run there would act on jitsu-dns's state; the child puts the
+        // handlers back to their defaults before it unblocks them (`exec`).
+        let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        unsafe {
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        }
+        let ret: i64;
+        // SAFETY: clone3 reads `args` (88 bytes), which lives across the call. The child
+        // starts on `stack` (alive until this function returns, which is after the child
+        // exec'd or exited: CLONE_VFORK suspends this thread until then) and at once calls
+        // `child_entry(&start)`, which never returns; `start` and what it borrows live on
+        // this thread's stack, unchanged while it waits. The child uses registers r12 and
+        // r13, copied from this thread's; this thread sees only rax, rcx and r11 change (the
+        // syscall instruction), and no stack of its own used (`nostack`).
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                "test rax, rax",
+                "jnz 2f",
+                "mov rdi, r12",
+                "call r13",
+                "ud2",
+                "2:",
+                inlateout("rax") libc::SYS_clone3 => ret,
+                in("rdi") &raw const args,
+                in("rsi") std::mem::size_of::<CloneArgs>(),
+                in("r12") &raw const start,
+                in("r13") child_entry as extern "C" fn(*const Start<'_>) -> !,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        // SAFETY: `old` is the mask read above.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        drop(stack);
+        if ret < 0 {
+            return Err(io::Error::from_raw_os_error(
+                i32::try_from(-ret).unwrap_or(libc::EIO),
+            ));
+        }
+        Ok(ret)
     }
 
     /// In the child: joins the cgroup by writing (`join`), starts a session, enters the
@@ -355,9 +445,22 @@ impl Child<'_> {
                     return Err(Errno::from_raw_os_error(errno()));
                 }
             }
-            // SAFETY: a zeroed `sigset_t` emptied by sigemptyset, passed by pointer for the
-            // call; signal() takes no pointers.
+            // SAFETY: sigaction reads and writes `sigaction` structs living across each
+            // call; a zeroed `sigset_t` emptied by sigemptyset, passed by pointer for the
+            // call; signal() takes no pointers. Handlers go back to their defaults before
+            // the signals are unblocked: a child started in jitsu-dns's memory must not run
+            // jitsu-dns's handlers (its handler table is its own copy: no CLONE_SIGHAND).
             unsafe {
+                for sig in 1..=libc::SIGRTMAX() {
+                    let mut action: libc::sigaction = std::mem::zeroed();
+                    if libc::sigaction(sig, std::ptr::null(), &mut action) == 0
+                        && action.sa_sigaction != libc::SIG_IGN
+                        && action.sa_sigaction != libc::SIG_DFL
+                    {
+                        action.sa_sigaction = libc::SIG_DFL;
+                        libc::sigaction(sig, &action, std::ptr::null_mut());
+                    }
+                }
                 let mut set: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut set);
                 libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
@@ -373,6 +476,31 @@ impl Child<'_> {
         // SAFETY: _exit ends the child without running the parent's destructors or atexit
         // handlers.
         unsafe { libc::_exit(127) }
+    }
+}
+
+/// The stack of a child started in jitsu-dns's memory, until it `exec`s: [`Child::exec`]'s few
+/// frames.
+#[cfg(target_arch = "x86_64")]
+const CHILD_STACK: usize = 256 * 1024;
+
+/// What a child started in jitsu-dns's memory is given.
+#[cfg(target_arch = "x86_64")]
+struct Start<'a> {
+    child: &'a Child<'a>,
+    join: Option<&'a File>,
+    tx: &'a OwnedFd,
+}
+
+/// Where a child started in jitsu-dns's memory begins, on its own stack.
+#[cfg(target_arch = "x86_64")]
+extern "C" fn child_entry(start: *const Start<'_>) -> ! {
+    // SAFETY: `start` points to the `Start` of the suspended parent thread
+    // (`clone_sharing_memory`), alive and unchanged until this child execs or exits; this is
+    // the child, between clone and exec.
+    unsafe {
+        let start = &*start;
+        start.child.exec(start.join, start.tx)
     }
 }
 

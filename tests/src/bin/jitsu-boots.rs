@@ -13,7 +13,8 @@
 //!   `booting -> running` (polled with `git log` every 50 ms), and the largest
 //!   `state_store_lag_seconds` scraped (every 20 ms).
 //!
-//! Prints one line of `key=value` figures, after the label.
+//! Prints one line of `key=value` figures, after the label. With `JITSU_BOOTS_LOG=<file>`,
+//! jitsu-dns's log is kept there (with `RUST_LOG` set for its debug lines, for profiling).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpStream, UdpSocket};
@@ -103,6 +104,10 @@ fn run(jitsu_dns: &Path, label: &str, vms: usize, singles: usize) -> Result<()> 
         );
     }
     print!("{label:<22} {}", String::from_utf8_lossy(&out.stdout));
+    // For profiling: jitsu-dns's log kept (run with RUST_LOG for its debug lines).
+    if let Some(path) = std::env::var_os("JITSU_BOOTS_LOG") {
+        std::fs::write(&path, h.log()).with_context(|| format!("writing {path:?}"))?;
+    }
     Ok(())
 }
 

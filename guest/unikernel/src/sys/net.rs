@@ -7,6 +7,10 @@
 //! spinning until then (as `VirtIONet::send` does) competes with that loop for the host's
 //! CPUs and QEMU's lock: 30 us usually, but several milliseconds often enough on a busy host.
 //!
+//! In loopback (the server's rehearsal before it listens) frames sent go to a queue of their
+//! own instead of the device, and come back as received frames when asked; the device's own
+//! frames wait in its ring meanwhile.
+//!
 //! It owns the device, its buffers and its counters; it knows nothing of sockets or time.
 
 use alloc::boxed::Box;
@@ -15,7 +19,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 
-use jitsu_unikernel::server::PeekDevice;
+use jitsu_unikernel::server::{LoopbackDevice, PeekDevice};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 use virtio_drivers::device::net::VirtIONetRaw;
@@ -71,6 +75,8 @@ struct Inner {
     /// Frames the device is sending, by token.
     sending: [Option<Box<[u8]>>; QUEUE_SIZE],
     counters: NicCounters,
+    /// In loopback, the frames sent and not yet looped back.
+    looped: Option<VecDeque<Vec<u8>>>,
 }
 
 impl Inner {
@@ -138,6 +144,12 @@ impl Inner {
 
     /// Builds a frame of `len` bytes with `f` and hands it to the device.
     fn send<R>(&mut self, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        if let Some(looped) = &mut self.looped {
+            let mut frame = vec![0u8; len];
+            let r = f(&mut frame);
+            looped.push_back(frame);
+            return r;
+        }
         self.reclaim();
         let mut buf = vec![0u8; MAX_HEADER_LEN + len];
         let header = self
@@ -172,6 +184,9 @@ pub(crate) struct Nic {
     injected: VecDeque<Frame>,
     /// A frame taken from the device by `peek`, returned by the next `receive` after them.
     peeked: Option<Frame>,
+    /// In loopback, frames sent and looped back, to receive (after those above); the device
+    /// is not read meanwhile.
+    loopback: Option<VecDeque<Frame>>,
 }
 
 impl core::fmt::Debug for Nic {
@@ -190,6 +205,7 @@ impl Nic {
             posted: [const { None }; QUEUE_SIZE],
             sending: [const { None }; QUEUE_SIZE],
             counters: NicCounters::default(),
+            looped: None,
         };
         for _ in 0..QUEUE_SIZE {
             inner.post(vec![0u8; RX_BUFFER_LEN].into_boxed_slice());
@@ -198,6 +214,7 @@ impl Nic {
             inner: RefCell::new(inner),
             injected: VecDeque::new(),
             peeked: None,
+            loopback: None,
         })
     }
 
@@ -218,6 +235,30 @@ impl Nic {
         !self.injected.is_empty()
             || self.peeked.is_some()
             || self.inner.borrow().raw.poll_receive().is_some()
+    }
+
+    /// Puts the device in loopback, or takes it out (dropping what was sent in loopback and
+    /// not received).
+    pub(crate) fn set_loopback(&mut self, on: bool) {
+        // Frames of the server's own making, or looped back: none is the device's.
+        self.injected.clear();
+        if self.peeked.as_ref().is_some_and(|f| !f.posted) {
+            self.peeked = None;
+        }
+        self.inner.get_mut().looped = on.then(VecDeque::new);
+        self.loopback = on.then(VecDeque::new);
+    }
+
+    /// The next frame: one the server made, one `peek` took, then (in loopback) one
+    /// looped back, else the device's.
+    fn next_frame(&mut self) -> Option<Frame> {
+        if let Some(frame) = self.injected.pop_front().or_else(|| self.peeked.take()) {
+            return Some(frame);
+        }
+        match &mut self.loopback {
+            Some(looped) => looped.pop_front(),
+            None => self.inner.get_mut().take(),
+        }
     }
 
     /// Sends one frame built by `f` into `len` bytes, outside smoltcp (the gratuitous ARP).
@@ -274,10 +315,7 @@ impl Device for Nic {
     type TxToken<'a> = NicTx<'a>;
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(NicRx<'_>, NicTx<'_>)> {
-        let frame = match self.injected.pop_front().or_else(|| self.peeked.take()) {
-            Some(frame) => frame,
-            None => self.inner.get_mut().take()?,
-        };
+        let frame = self.next_frame()?;
         Some((
             NicRx {
                 inner: &self.inner,
@@ -289,6 +327,9 @@ impl Device for Nic {
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<NicTx<'_>> {
         let inner = self.inner.get_mut();
+        if inner.looped.is_some() {
+            return Some(NicTx { inner: &self.inner });
+        }
         inner.reclaim();
         inner.raw.can_send().then_some(NicTx { inner: &self.inner })
     }
@@ -301,15 +342,35 @@ impl Device for Nic {
     }
 }
 
+impl LoopbackDevice for Nic {
+    fn loop_back_one(&mut self) -> bool {
+        let (Some(sent), Some(looped)) = (&mut self.inner.get_mut().looped, &mut self.loopback)
+        else {
+            return false;
+        };
+        let Some(frame) = sent.pop_front() else {
+            return false;
+        };
+        let len = frame.len();
+        looped.push_back(Frame {
+            buf: frame.into_boxed_slice(),
+            start: 0,
+            len,
+            posted: false,
+        });
+        true
+    }
+}
+
 impl PeekDevice for Nic {
     fn peek(&mut self) -> Option<&[u8]> {
-        if let Some(frame) = self.injected.front() {
-            return Some(frame.bytes());
+        if self.injected.is_empty() && self.peeked.is_none() {
+            self.peeked = self.next_frame();
         }
-        if self.peeked.is_none() {
-            self.peeked = self.inner.get_mut().take();
-        }
-        self.peeked.as_ref().map(Frame::bytes)
+        self.injected
+            .front()
+            .or(self.peeked.as_ref())
+            .map(Frame::bytes)
     }
 
     fn inject(&mut self, frame: Vec<u8>) {
