@@ -11,7 +11,8 @@
 //! forwarding-table changes done (after the frames the socket holds: [`settle_fdb`]), a metrics request, housekeeping. Whichever source an
 //! outsider keeps ready (the socket under a flood, the metrics port) gets one turn in a round
 //! like the others, so a control request waits at most one batch of each. After each turn the
-//! shell drains the core's outputs: frames to the socket, frames for a guest straight out
+//! shell drains the core's outputs: the releases of guests' MACs, made on the spot (a guest's
+//! held SYNs then go in the same turn as its announcement), frames to the socket, frames for a guest straight out
 //! of its bridge port, events to the attached control
 //! client, Xenstore work to the store thread, forwarding-table wishes to [`Steering`], and rebuilds the
 //! kernel filter if the guests whose frames it passes on changed; then it
@@ -47,6 +48,9 @@ use crate::turns::Turns;
 
 /// Frames read per loop turn at most.
 pub const BATCH: usize = 256;
+/// Releases of guests' forwarding entries a turn makes itself at most (a few microseconds
+/// each); the rest, a `sync` releasing thousands, go to the forwarding-table thread.
+const RELEASES_NOW: usize = 16;
 /// The receive buffer: any frame the port can carry (the veth's MTU follows the bridge's).
 const RX_BUF: usize = 65_536 + 64;
 /// The socket's kernel receive buffer: holds a burst while the loop is busy.
@@ -270,7 +274,8 @@ pub async fn run(opts: Options, cancel: CancellationToken) -> Result<(), DaemonE
     let (metrics_tx, metrics_rx) = mpsc::channel::<oneshot::Sender<Registry>>(16);
     let tasks = CancellationToken::new();
     let fdb = Fdb::open(bridge_ifindex, outer_ifindex)?;
-    let steering = Steering::spawn(fdb, record, port.mac, opts.fdb_reconcile_interval)
+    let fast = Fdb::open(bridge_ifindex, outer_ifindex)?;
+    let steering = Steering::spawn(fdb, fast, record, port.mac, opts.fdb_reconcile_interval)
         .map_err(DaemonError::SteeringThread)?;
     let control_task = {
         let t = tasks.clone();
@@ -667,6 +672,7 @@ impl Shell {
         self.stats.fdb_changes = f.changes;
         self.stats.fdb_errors = f.errors;
         self.stats.fdb_retries = f.retries;
+        self.stats.fdb_releases_now = f.released_now;
         self.stats.fdb_reconciles = f.reconciles;
         self.stats.fdb_reconcile_fixes = f.fixed;
         self.stats.fdb_pending = f.pending;
@@ -771,9 +777,46 @@ impl Shell {
         }
     }
 
-    /// Takes every output the core queued and hands it to its IO.
+    /// Takes every output the core queued and hands it to its IO: first the releases of
+    /// guests' MACs, made here and now, so that the guest's answers to the SYNs re-sent next
+    /// go through the bridge, not to synjitsu's port (where one read after the core learnt
+    /// of the release would not be passed on); then the frames (a held SYN re-sent at a
+    /// guest's announcement waits for no bookkeeping: rebuilding the kernel filter when the
+    /// hand-over ends costs a program's compilation); then events, the filter, and the work
+    /// of the other threads.
     fn flush(&mut self, sock: &AsyncFd<PacketSocket>) {
-        self.refilter(sock);
+        let (released, wishes) = self.release_now();
+        self.send_frames(sock);
+        // The thread is woken only now: on a busy machine its wake-up can take this thread's
+        // core before the frames are out.
+        for op in released {
+            self.steering.released(op);
+        }
+        self.hand_over_the_rest(sock, wishes);
+    }
+
+    /// Makes the releases the core asks for on the spot ([`Steering::release_now`], at most
+    /// [`RELEASES_NOW`]) and tells the core at once; returns those made, for
+    /// [`Steering::released`], and the wishes left for the thread.
+    fn release_now(&mut self) -> (Vec<crate::hold::FdbOp>, Vec<crate::hold::FdbOp>) {
+        let mut done = Vec::new();
+        let mut wishes = Vec::new();
+        while let Some(op) = self.core.poll_fdb() {
+            if done.len() < RELEASES_NOW && self.steering.release_now(&op) {
+                done.push(op);
+            } else {
+                wishes.push(op);
+            }
+        }
+        let now = Instant::now();
+        for op in &done {
+            self.core.on_fdb_done(now, op.id);
+        }
+        (done, wishes)
+    }
+
+    /// Sends the frames the core queued: for guests' ports, then at most [`BATCH`] others.
+    fn send_frames(&mut self, sock: &AsyncFd<PacketSocket>) {
         while let Some(port) = self.core.poll_to_guest(&mut self.txbuf) {
             // Straight out of the guest's port: into the bridge it would come back here.
             let sent = rustix::net::netdevice::name_to_index(sock.get_ref(), &port)
@@ -805,6 +848,15 @@ impl Shell {
                 }
             }
         }
+    }
+
+    /// Hands the core's events, Xenstore work and forwarding-table `wishes` (with any the
+    /// core queued since) to where they go, rebuilding the kernel filter on the way.
+    fn hand_over_the_rest(
+        &mut self,
+        sock: &AsyncFd<PacketSocket>,
+        mut wishes: Vec<crate::hold::FdbOp>,
+    ) {
         while let Some(event) = self.core.poll_event() {
             match &self.attached {
                 Some(a) => {
@@ -816,6 +868,9 @@ impl Shell {
                 None => self.stats.events_undelivered += 1,
             }
         }
+        // Before the forwarding-table wishes: a MAC steered here must find the filter passing
+        // its frames.
+        self.refilter(sock);
         while let Some(op) = self.core.poll_store() {
             let refused = match &self.store {
                 Some(w) => w.try_send(op).err(),
@@ -839,8 +894,8 @@ impl Shell {
             }
         }
         let reconcile = std::mem::take(&mut self.reconcile_fdb);
-        self.steering
-            .want(std::iter::from_fn(|| self.core.poll_fdb()), reconcile);
+        wishes.extend(std::iter::from_fn(|| self.core.poll_fdb()));
+        self.steering.want(wishes, reconcile);
     }
 }
 

@@ -34,6 +34,8 @@ pub struct ShellStats {
     pub fdb_changes: u64,
     /// Forwarding-table changes tried again after a failure.
     pub fdb_retries: u64,
+    /// Releases the loop made itself, in the turn that asked for them.
+    pub fdb_releases_now: u64,
     /// Reconciles of the forwarding table with what synjitsu wants.
     pub fdb_reconciles: u64,
     /// Forwarding entries a reconcile added, moved back or removed.
@@ -109,6 +111,7 @@ pub fn render(core: &Hold, shell: &ShellStats, client_attached: bool) -> Registr
         ("fdb_errors", "Bridge forwarding-table commands that failed (each is retried)", shell.fdb_errors),
         ("fdb_changes", "Bridge forwarding entries added or removed as VMs were steered and released", shell.fdb_changes),
         ("fdb_retries", "Bridge forwarding-table changes tried again after a failure", shell.fdb_retries),
+        ("fdb_releases_now", "Releases of a guest's forwarding entry made by the loop itself, in the turn that asked for them (also in fdb_changes)", shell.fdb_releases_now),
         ("fdb_reconciles", "Comparisons of the bridge's forwarding table (a dump) with what synjitsu wants", shell.fdb_reconciles),
         ("fdb_reconcile_fixes", "Bridge forwarding entries a reconcile added, moved back or removed", shell.fdb_reconcile_fixes),
         ("events_undelivered", "Events produced while no control client was attached", shell.events_undelivered),

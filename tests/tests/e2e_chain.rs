@@ -249,6 +249,40 @@ fn announce_mode_with_the_backends_own_ifup_answers_only_once_the_guest_listens(
 }
 
 #[test]
+fn a_listening_guests_forwarding_entry_is_released_by_synjitsus_loop_itself_before_its_held_syn_goes()
+ {
+    // Issue 12: the release went through synjitsu's forwarding-table thread (a wake-up each
+    // way, ~0.2-0.4 ms on a busy machine) before the held SYN could go; the loop now removes
+    // the entry itself in the turn of the announcement, then re-sends. Were the SYN re-sent
+    // first and the release made after, the guest's ARP for the client and the client's
+    // answer would still come to synjitsu's port and could be lost: one SYN, no retransmit.
+    prerequisites();
+    let vm = Vm::new(0, Mask::Synjitsu, Duration::from_millis(300));
+    let stack = Stack::start("e2r", vec![vm.clone()], Options::default()).unwrap();
+    let got = stack.cold_start(&vm).unwrap();
+    assert!(got.ok(), "{got:?}\n{}", stack.logs());
+    assert_eq!(got.syns, 1, "{got:?}");
+    assert_eq!(got.syn_retransmits, 0, "{got:?}");
+    assert_eq!(
+        stack.synjitsu_metric("synjitsu_fdb_releases_now_total"),
+        1.0,
+        "the release was not made by the loop\n{}",
+        stack.logs()
+    );
+    let mac = vm.mac().to_string();
+    let fdb = stack.host.fdb().unwrap();
+    assert!(
+        !fdb.iter().any(|e| e.mac == mac && e.is_static),
+        "a static entry for {mac} is left: {fdb:?}"
+    );
+    // The thread was told: it records the release, nothing is left pending.
+    wait_until("the release recorded", Duration::from_secs(5), || {
+        (stack.synjitsu_metric("synjitsu_fdb_pending") == 0.0).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", stack.logs()));
+}
+
+#[test]
 fn a_guest_that_announces_only_once_it_listens_gets_its_held_syn_at_the_announcement_without_a_probe()
  {
     // `announce=listening`: the test guest listens before its gratuitous ARP, so synjitsu may

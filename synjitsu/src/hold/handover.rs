@@ -2,8 +2,9 @@
 //! until the last held SYN has reached it.
 //!
 //! Owns the guest's side of a VM's life in the core: steering its MAC here and releasing it
-//! (a forwarding-table change the shell confirms with [`Hold::on_fdb_done`]: nothing goes to
-//! the guest before), the Xenstore writes for guests that replay SYNs themselves (confirmed
+//! (a forwarding-table change the shell confirms with [`Hold::on_fdb_done`]: nothing for the
+//! guest goes into the bridge before; a guest that listens gets its SYNs through its own port
+//! meanwhile, see [`super::pace`]), the Xenstore writes for guests that replay SYNs themselves (confirmed
 //! with [`Hold::on_store_done`]), and probing each held port from synjitsu's own address until
 //! the guest answers with a SYN-ACK (not for a guest that promised to announce itself only
 //! once it listens: its announcement is the answer); re-sending the held SYNs on the wire, at
@@ -152,7 +153,7 @@ impl Vm {
 
     /// Moves a VM in hand-over forward: re-send what may go, probe what must be probed.
     pub(super) fn progress(&mut self, cfg: &Config, out: &mut Outputs, now: Instant) {
-        if self.phase != VmPhase::Handover || self.release_pending.is_some() {
+        if self.resend_via().is_none() {
             return;
         }
         if self.listening {
@@ -189,7 +190,7 @@ impl Vm {
         v6: bool,
         port: u16,
     ) {
-        if self.phase != VmPhase::Handover || self.release_pending.is_some() {
+        if self.resend_via().is_none() {
             return;
         }
         if self.listening {

@@ -141,13 +141,121 @@ fn under_the_promise_a_spoofed_announcement_from_another_port_still_ends_nothing
     assert_eq!(h.held_now(), 1);
     assert_eq!(h.counters().handed_over_wire, 0);
     assert!(drain_events(&mut h).is_empty());
-    // From its own port, the same frame hands the SYN over at once.
+    // From its own port, the same frame hands the SYN over at once, through that port.
     assert_eq!(
         h.on_ingress(t0, &guest_garp(), FrameMeta::default(), "vnet3"),
         Verdict::Announced
     );
+    assert_eq!(
+        drain_to_guest(&mut h),
+        vec![("vnet3".into(), SYN_V4.to_vec())]
+    );
     let rel = fdb_ops(&mut h);
     h.on_fdb_done(t0, rel[0].id);
-    assert_eq!(drain_tx(&mut h), vec![SYN_V4.to_vec()]);
+    assert!(!drain_tx(&mut h).contains(&SYN_V4.to_vec()));
     assert_eq!(h.counters().probes_sent, 0);
+    assert_eq!(h.counters().handed_over_wire, 1);
+}
+
+/// Every frame queued for a guest's own port, with the port.
+fn drain_to_guest(h: &mut Hold) -> Vec<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    std::iter::from_fn(|| h.poll_to_guest(&mut buf).map(|p| (p, buf.clone()))).collect()
+}
+
+#[test]
+fn a_guest_that_listens_gets_its_held_syns_through_its_own_port_without_waiting_for_its_release() {
+    let mut h = core();
+    let t0 = Instant::now();
+    booting_listening(&mut h, t0, Some("vnet3"));
+    let (first, second) = (client(1000), client(2000));
+    h.on_frame(t0, &first, FrameMeta::default());
+    drain_tx(&mut h);
+    fdb_ops(&mut h);
+    let t1 = t0 + Duration::from_millis(30);
+    assert_eq!(
+        h.on_ingress(t1, &guest_garp(), FrameMeta::default(), "vnet3"),
+        Verdict::Announced
+    );
+    // In the same step: the SYN out of the guest's port, its MAC's release asked for.
+    assert_eq!(
+        drain_to_guest(&mut h),
+        vec![("vnet3".into(), first.to_vec())]
+    );
+    assert!(drain_tx(&mut h).is_empty(), "nothing into the bridge");
+    let rel = fdb_ops(&mut h);
+    assert_eq!(rel.len(), 1);
+    assert_eq!(rel[0].action, FdbAction::Release);
+    assert_eq!(h.held_now(), 0);
+    assert_eq!(h.counters().handed_over_wire, 1);
+    assert_eq!(h.counters().probes_sent, 0);
+    // Still in hand-over until the release is confirmed: a SYN the bridge sends here
+    // meanwhile is held and goes the same way with the next batch, after the pace's wait.
+    assert_eq!(h.vms().next().unwrap().1, VmPhase::Handover);
+    assert_eq!(h.on_frame(t1, &second, FrameMeta::default()), Verdict::Held);
+    assert!(drain_to_guest(&mut h).is_empty());
+    let t2 = t1 + h.cfg.resend_wait;
+    assert_eq!(h.poll_at(), Some(t2));
+    h.handle_timeout(t2);
+    assert_eq!(
+        drain_to_guest(&mut h),
+        vec![("vnet3".into(), second.to_vec())]
+    );
+    assert!(drain_tx(&mut h).is_empty());
+    // The release confirmed: the hand-over is over, nothing is sent twice.
+    h.on_fdb_done(t2, rel[0].id);
+    assert!(drain_to_guest(&mut h).is_empty());
+    assert!(drain_tx(&mut h).is_empty());
+    assert_eq!(h.vms().next().unwrap().1, VmPhase::Running);
+    assert_eq!(h.counters().handed_over_wire, 2);
+    assert_eq!(h.poll_at(), None);
+}
+
+#[test]
+fn a_guest_not_known_to_listen_waits_for_its_release_even_with_its_port_named() {
+    let mut h = core();
+    let t0 = Instant::now();
+    let mut vm = www(Handover::Wire);
+    vm.port = Some("vnet3".into());
+    h.on_control(t0, &ClientMessage::Booting { vm }).unwrap();
+    h.on_frame(t0, &SYN_V4, FrameMeta::default());
+    drain_tx(&mut h);
+    fdb_ops(&mut h);
+    h.on_ingress(t0, &guest_garp(), FrameMeta::default(), "vnet3");
+    assert!(drain_to_guest(&mut h).is_empty());
+    assert!(drain_tx(&mut h).is_empty(), "no probe before the release");
+    assert_eq!(h.held_now(), 1);
+    let rel = fdb_ops(&mut h);
+    h.on_fdb_done(t0, rel[0].id);
+    let sent = drain_tx(&mut h);
+    assert_eq!(sent.len(), 1);
+    assert!(is_probe(&h, &sent[0]), "a probe, into the bridge");
+    assert!(drain_to_guest(&mut h).is_empty());
+}
+
+#[test]
+fn a_full_batch_through_the_guests_port_is_paced_by_the_wait_not_by_a_probe() {
+    let mut h = core();
+    h.cfg.resend_batch = 2;
+    let t0 = Instant::now();
+    booting_listening(&mut h, t0, Some("vnet3"));
+    for port in [1000, 2000, 3000] {
+        assert_eq!(
+            h.on_frame(t0, &client(port), FrameMeta::default()),
+            Verdict::Held
+        );
+    }
+    drain_tx(&mut h);
+    fdb_ops(&mut h);
+    h.on_ingress(t0, &guest_garp(), FrameMeta::default(), "vnet3");
+    assert_eq!(drain_to_guest(&mut h).len(), 2);
+    // A probe into the bridge would come back to synjitsu while the MAC is steered here.
+    assert!(drain_tx(&mut h).is_empty());
+    assert_eq!(h.counters().pace_probes, 0);
+    assert_eq!(h.held_now(), 1);
+    let wait = h.cfg.resend_wait;
+    assert_eq!(h.poll_at(), Some(t0 + wait));
+    h.handle_timeout(t0 + wait);
+    assert_eq!(drain_to_guest(&mut h).len(), 1);
+    assert_eq!(h.held_now(), 0);
 }

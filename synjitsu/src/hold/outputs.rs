@@ -309,6 +309,13 @@ impl Outputs {
         self.transmit.push_back(Tx::Resend { frame, cost });
     }
 
+    /// Queues a held SYN to go straight out of its guest's port `port`, past
+    /// [`MAX_TO_GUEST`] (at most a batch per VM a step, and the shell sends every frame of
+    /// this queue each turn): its memory was uncharged when it left the table.
+    pub(super) fn resend_to_guest(&mut self, port: &str, frame: Vec<u8>) {
+        self.to_guest.push_back((port.to_string(), frame));
+    }
+
     /// Queues an event for jitsu-dns, unless [`MAX_EVENTS`] wait already.
     pub(super) fn emit(&mut self, ev: Event) {
         if self.events.len() >= MAX_EVENTS {

@@ -13,6 +13,15 @@
 //! of [`super::Config::resend_wait`] at most. Each batch is a few hundred frames: no turn of
 //! the loop does work in proportion to what is held.
 //!
+//! Where a batch goes ([`Vm::resend_via`]): into the bridge once the guest's MAC is released;
+//! before that, for a guest that listens and whose bridge port jitsu-dns named, straight out
+//! of that port, in the same step as the announcement: the core does not wait for the
+//! release to be confirmed (through the forwarding-table thread a cold start's first byte
+//! waited ~0.3 ms for it, issue 12; the shell now makes it before sending these frames, and
+//! should it fail there the SYNs still go), and the first batch is not flooded to every port
+//! of the bridge. Frames for the guest that reach synjitsu while its MAC is still steered here
+//! are passed on to the same port ([`super::guest`]).
+//!
 //! Holding the SYNs is [`super::syn`]'s; deciding that the guest is up, [`super::handover`]'s.
 
 use std::time::Instant;
@@ -54,9 +63,7 @@ pub(super) struct Pace {
 impl Pace {
     /// When [`Vm::pace_due`] must run next for `vm`, if anything waits for it.
     pub(super) fn next_at(&self, vm: &Vm) -> Option<Instant> {
-        let waiting = vm.phase == VmPhase::Handover
-            && vm.release_pending.is_none()
-            && (self.all || !self.open.is_empty());
+        let waiting = vm.resend_via().is_some() && (self.all || !self.open.is_empty());
         self.next_at.filter(|_| waiting && !vm.held.is_empty())
     }
 
@@ -69,6 +76,16 @@ impl Pace {
         matches!(h.stored, Stored::No | Stored::Refused)
             && self.is_open(h.key.local_ip.is_ipv6(), h.key.local_port)
     }
+}
+
+/// Where re-sent SYNs go ([`Vm::resend_via`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Via {
+    /// Into the bridge from synjitsu's port: the guest's MAC is released.
+    Bridge,
+    /// Straight out of the guest's own bridge port, named so: its MAC is still steered to
+    /// synjitsu (a frame sent into the bridge would come back to synjitsu's port).
+    Port(String),
 }
 
 /// SYNs refused by the open ports that a batch looks through at most: a batch's work stays
@@ -101,6 +118,23 @@ impl Hold {
 }
 
 impl Vm {
+    /// Where held SYNs re-sent now would go, or `None` while they cannot reach the guest: in
+    /// hand-over, into the bridge once the release of its MAC is confirmed; before that, out
+    /// of its own port if it listens (its announcement promised it, or jitsu-dns said
+    /// `ready`) and jitsu-dns named the port. A guest not known to listen waits for the
+    /// release: its probes go through the bridge.
+    pub(super) fn resend_via(&self) -> Option<Via> {
+        if self.phase != VmPhase::Handover {
+            return None;
+        }
+        if self.release_pending.is_none() {
+            return Some(Via::Bridge);
+        }
+        self.guest_port()
+            .filter(|_| self.listening)
+            .map(|p| Via::Port(p.to_string()))
+    }
+
     /// Lets the held SYNs `which` selects go to the guest, at its pace (see the module
     /// documentation); what Xenstore has stays (the guest reads it there). Callable from any
     /// path that learns the guest listens: a probe's answer, `Ready`, an announcement made
@@ -128,9 +162,9 @@ impl Vm {
     /// known to be real), then the oldest first (the nearest to their client's
     /// retransmission timeout); then a probe behind it, or a wait.
     pub(super) fn pace_due(&mut self, cfg: &Config, out: &mut Outputs, now: Instant) {
-        if self.phase != VmPhase::Handover || self.release_pending.is_some() {
+        let Some(via) = self.resend_via() else {
             return;
-        }
+        };
         if self.pace.next_at.is_some_and(|at| at > now) {
             return;
         }
@@ -149,8 +183,13 @@ impl Vm {
             if id == last {
                 to = Some((h.key.local_ip.is_ipv6(), h.key.local_port));
             }
-            let cost = h.cost();
-            out.resend(h.frame, cost);
+            match &via {
+                Via::Bridge => {
+                    let cost = h.cost();
+                    out.resend(h.frame, cost);
+                }
+                Via::Port(port) => out.resend_to_guest(port, h.frame),
+            }
         }
         out.counters.handed_over_wire += count as u64;
         out.counters.resend_batches += 1;
@@ -164,7 +203,9 @@ impl Vm {
         // one if it was full: a trickle of SYNs arriving meanwhile goes together, however
         // fast it comes, and a lost answer, or no probe address, does not stop the hand-over.
         self.pace.next_at = Some(now + cfg.resend_wait);
-        if count < batch || self.held.is_empty() {
+        // A probe sent into the bridge while the guest's MAC is still steered here would come
+        // back to synjitsu: after a batch sent through the port, the wait alone paces.
+        if count < batch || self.held.is_empty() || via != Via::Bridge {
             return;
         }
         let Some((v6, port)) = to else {

@@ -18,8 +18,16 @@
 //!   held meanwhile would have been given up;
 //! - at exit, releases everything and removes the record.
 //!
+//! A release can also be made by the shell itself, in the same loop turn as the announcement
+//! that asks for it ([`Steering::release_now`], on a netlink socket of its own: one request,
+//! microseconds): through the thread it took a wake-up on each side, ~0.2 ms on a busy
+//! machine, during which the guest's first answers to its client (its ARP for the client, the
+//! client's reply and ACK) still came to synjitsu. The thread is then told it was done
+//! ([`Steering::released`]) and sees to the rest as for any release: its state, the record,
+//! and removing the entry again should a steer it was applying meanwhile have put it back.
+//!
 //! It tells the shell each change once it was tried, never waiting for it (the core waits for a release
-//! before handing SYNs to the guest), counts what it did ([`SteeringStats`]), and does not decide what to steer
+//! before sending SYNs for the guest into the bridge), counts what it did ([`SteeringStats`]), and does not decide what to steer
 //! ([`crate::hold`]) or speak netlink ([`crate::fdb`]).
 
 pub mod plan;
@@ -69,6 +77,8 @@ pub struct SteeringStats {
     pub pending: u64,
     /// Whether steering entries are sticky.
     pub sticky: bool,
+    /// Releases the shell made itself ([`Steering::release_now`]), also in `changes`.
+    pub released_now: u64,
 }
 
 #[derive(Debug, Default)]
@@ -80,12 +90,21 @@ struct Counters {
     fixed: AtomicU64,
     pending: AtomicU64,
     sticky: AtomicBool,
+    released_now: AtomicU64,
+}
+
+/// A wish as the thread takes it.
+#[derive(Debug)]
+struct Wish {
+    op: FdbOp,
+    /// A release the shell made already ([`Steering::release_now`]).
+    removed: bool,
 }
 
 /// What the shell hands the thread: the latest wish per MAC, never more than one each.
 #[derive(Debug, Default)]
 struct Inbox {
-    wishes: HashMap<Mac, FdbOp>,
+    wishes: HashMap<Mac, Wish>,
     reconcile: bool,
     closing: bool,
 }
@@ -119,13 +138,17 @@ impl Shared {
 pub struct Steering {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// The shell's own socket, for [`Steering::release_now`].
+    fast: Fdb,
 }
 
 impl Steering {
     /// Starts the thread on `fdb`, with the `record` of an earlier run, keeping synjitsu's
-    /// own address `own` on its port.
+    /// own address `own` on its port; `fast`, a second socket on the same bridge and port, is
+    /// the shell's ([`Steering::release_now`]).
     pub fn spawn(
         fdb: Fdb,
+        fast: Fdb,
         record: Record,
         own: Mac,
         reconcile_interval: Duration,
@@ -150,7 +173,33 @@ impl Steering {
         Ok(Steering {
             shared,
             thread: Some(thread),
+            fast,
         })
+    }
+
+    /// Makes the release `op` now, on the caller's thread (one netlink request): true if its
+    /// entry was on synjitsu's port and is gone, and then the core may take it as done; the
+    /// caller hands it on with [`Steering::released`]. False for anything else (a steer, an
+    /// entry elsewhere, an error): hand it to [`Steering::want`], which sees to it.
+    pub fn release_now(&mut self, op: &FdbOp) -> bool {
+        if op.action != FdbAction::Release {
+            return false;
+        }
+        let removed = matches!(self.fast.unsteer(op.mac), Ok(true));
+        if removed {
+            let c = &self.shared.counters;
+            c.changes.fetch_add(1, Ordering::Relaxed);
+            c.released_now.fetch_add(1, Ordering::Relaxed);
+        }
+        removed
+    }
+
+    /// Hands over a release [`Steering::release_now`] made: the thread records it, and
+    /// removes the entry again if a steer it was applying put it back meanwhile.
+    pub fn released(&self, op: FdbOp) {
+        let mut inbox = self.shared.inbox();
+        inbox.wishes.insert(op.mac, Wish { op, removed: true });
+        self.shared.wake.notify_one();
     }
 
     /// Hands over the core's wishes (the last one per MAC wins), and asks for a reconcile
@@ -160,7 +209,7 @@ impl Steering {
         let mut inbox = self.shared.inbox();
         let mut any = then_reconcile;
         for op in ops {
-            inbox.wishes.insert(op.mac, op);
+            inbox.wishes.insert(op.mac, Wish { op, removed: false });
             any = true;
         }
         inbox.reconcile |= then_reconcile;
@@ -192,6 +241,7 @@ impl Steering {
             fixed: c.fixed.load(Ordering::Relaxed),
             pending: c.pending.load(Ordering::Relaxed) + inbox.wishes.len() as u64,
             sticky: c.sticky.load(Ordering::Relaxed),
+            released_now: c.released_now.load(Ordering::Relaxed),
         }
     }
 
@@ -287,7 +337,7 @@ impl Worker {
     }
 
     /// Waits for wishes, a reconcile asked for, or a deadline; takes what the inbox holds.
-    fn wait(&self) -> (Vec<FdbOp>, bool, bool) {
+    fn wait(&self) -> (Vec<Wish>, bool, bool) {
         let mut inbox = self.shared.inbox();
         loop {
             if !inbox.wishes.is_empty() || inbox.reconcile || inbox.closing {
@@ -357,17 +407,17 @@ impl Worker {
 
     /// Applies the core's wishes one request each; a release whose entry is not on
     /// synjitsu's port is looked for in one dump for all of them. Reports every wish.
-    fn apply(&mut self, wishes: Vec<FdbOp>) {
+    fn apply(&mut self, wishes: Vec<Wish>) {
         let started = Instant::now();
         self.record_add(
             wishes
                 .iter()
-                .filter(|op| op.action == FdbAction::Steer)
-                .map(|op| op.mac),
+                .filter(|w| w.op.action == FdbAction::Steer)
+                .map(|w| w.op.mac),
         );
         let mut gone = Vec::new();
         let mut elsewhere = HashSet::new();
-        for op in &wishes {
+        for Wish { op, removed } in &wishes {
             match op.action {
                 FdbAction::Steer => {
                     self.steered.insert(op.mac);
@@ -384,6 +434,8 @@ impl Worker {
                             self.count(&self.shared.counters.changes, 1);
                             gone.push(op.mac);
                         }
+                        // The shell removed it (and counted it); nothing put it back.
+                        Ok(false) if *removed => gone.push(op.mac),
                         Ok(false) => {
                             elsewhere.insert(op.mac);
                         }
@@ -399,9 +451,14 @@ impl Worker {
             self.releasing.remove(m);
             self.failed.remove(m);
         }
+        // The core hands SYNs to the guest once its release is over, done or failed (then it
+        // is retried here; the SYNs would otherwise wait for it): told before the record's
+        // write, which matters only at the next start.
+        lock(&self.shared.done).extend(wishes.iter().map(|w| w.op.id));
+        self.shared.done_ready.notify_one();
         self.record_remove(gone);
         if wishes.len() == 1 {
-            let op = &wishes[0];
+            let op = &wishes[0].op;
             tracing::debug!(vm = %op.vm, mac = %op.mac, action = ?op.action, took_us = started.elapsed().as_micros() as u64, "forwarding entry changed");
         } else {
             tracing::debug!(
@@ -410,10 +467,6 @@ impl Worker {
                 "forwarding entries changed"
             );
         }
-        // The core hands SYNs to the guest once its release is over, done or failed (then it
-        // is retried here; the SYNs would otherwise wait for it).
-        lock(&self.shared.done).extend(wishes.iter().map(|op| op.id));
-        self.shared.done_ready.notify_one();
         self.schedule_retry();
     }
 
