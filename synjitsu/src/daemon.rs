@@ -7,15 +7,17 @@
 //! flood; it cannot starve the rest, since [`Hold::handle_timeout`] moves every deadline it
 //! serves past now), then one of the other sources in turn ([`Turns`]): frames from the packet
 //! socket (at most [`BATCH`]), announcements from the watcher (a second packet socket on
-//! every interface, which tells the port each came in on; at most [`BATCH`]), a control request, Xenstore results (at most [`BATCH`]), the
-//! forwarding-table changes done (after the frames the socket holds: [`settle_fdb`]), a metrics request, housekeeping. Whichever source an
-//! outsider keeps ready (the socket under a flood, the metrics port) gets one turn in a round
-//! like the others, so a control request waits at most one batch of each. After each turn the
-//! shell drains the core's outputs: the releases of guests' MACs, made on the spot (a guest's
-//! held SYNs then go in the same turn as its announcement), frames to the socket, frames for a guest straight out
-//! of its bridge port, events to the attached control
-//! client, Xenstore work to the store thread, forwarding-table wishes to [`Steering`], and rebuilds the
-//! kernel filter if the guests whose frames it passes on changed; then it
+//! every interface, which tells the port each came in on; at most [`BATCH`]), a control
+//! request, Xenstore results (at most [`BATCH`]), the forwarding-table changes done (after the
+//! frames the socket holds: [`settle_fdb`]), a metrics request, housekeeping. Whichever source
+//! an outsider keeps ready (the socket under a flood, the metrics port) gets one turn in a
+//! round like the others, so a control request waits at most one batch of each. After each
+//! turn the shell drains the core's outputs: the releases of guests' MACs, made on the spot
+//! (told to the core after the frames the socket holds, as above; a guest's held SYNs then go
+//! in the same turn as its announcement), frames to the socket, frames for a guest straight
+//! out of its bridge port, events to the attached control client, Xenstore work to the store
+//! thread, forwarding-table wishes to [`Steering`], and rebuilds the kernel filter if the
+//! guests whose frames it passes on changed; then it
 //! yields to the runtime, so that the tasks of the control connections, which read requests
 //! and write answers, run between two turns however busy the socket is. Nothing here decides
 //! anything; the core does.
@@ -579,7 +581,7 @@ impl Shell {
                 // once every other source has had its turn.
                 () = std::future::ready(()), if sending => {}
             }
-            self.flush(sock);
+            self.flush(sock, &mut rxbuf);
             if failed.is_some() {
                 break;
             }
@@ -784,8 +786,8 @@ impl Shell {
     /// guest's announcement waits for no bookkeeping: rebuilding the kernel filter when the
     /// hand-over ends costs a program's compilation); then events, the filter, and the work
     /// of the other threads.
-    fn flush(&mut self, sock: &AsyncFd<PacketSocket>) {
-        let (released, wishes) = self.release_now();
+    fn flush(&mut self, sock: &AsyncFd<PacketSocket>, rxbuf: &mut [u8]) {
+        let (released, wishes) = self.release_now(sock, rxbuf);
         self.send_frames(sock);
         // The thread is woken only now: on a busy machine its wake-up can take this thread's
         // core before the frames are out.
@@ -796,9 +798,15 @@ impl Shell {
     }
 
     /// Makes the releases the core asks for on the spot ([`Steering::release_now`], at most
-    /// [`RELEASES_NOW`]) and tells the core at once; returns those made, for
-    /// [`Steering::released`], and the wishes left for the thread.
-    fn release_now(&mut self) -> (Vec<crate::hold::FdbOp>, Vec<crate::hold::FdbOp>) {
+    /// [`RELEASES_NOW`]) and tells the core once it has the frames the socket holds (see
+    /// [`settle_fdb`]: those came here alone while the entries steered); returns those made,
+    /// for [`Steering::released`], and the wishes left for the thread (with any release a
+    /// frame read meanwhile asked for).
+    fn release_now(
+        &mut self,
+        sock: &AsyncFd<PacketSocket>,
+        rxbuf: &mut [u8],
+    ) -> (Vec<crate::hold::FdbOp>, Vec<crate::hold::FdbOp>) {
         let mut done = Vec::new();
         let mut wishes = Vec::new();
         while let Some(op) = self.core.poll_fdb() {
@@ -808,10 +816,12 @@ impl Shell {
                 wishes.push(op);
             }
         }
-        let now = Instant::now();
-        for op in &done {
-            self.core.on_fdb_done(now, op.id);
-        }
+        let ids = done.iter().map(|op| op.id).collect();
+        let stats = &mut self.stats;
+        settle_fdb(&mut self.core, ids, |core| {
+            read_queued(core, stats, sock, rxbuf)
+        });
+        wishes.extend(std::iter::from_fn(|| self.core.poll_fdb()));
         (done, wishes)
     }
 
