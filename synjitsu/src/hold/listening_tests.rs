@@ -259,3 +259,49 @@ fn a_full_batch_through_the_guests_port_is_paced_by_the_wait_not_by_a_probe() {
     assert_eq!(drain_to_guest(&mut h).len(), 1);
     assert_eq!(h.held_now(), 0);
 }
+
+#[test]
+fn a_syn_held_before_the_guests_mac_changed_goes_to_its_new_mac_through_its_port_and_the_bridge() {
+    let new_mac: Mac = "02:77:00:00:01:99".parse().unwrap();
+    let garp_from_new = || {
+        let mut f = guest_garp();
+        f[6..12].copy_from_slice(&new_mac.0);
+        f[22..28].copy_from_slice(&new_mac.0);
+        f
+    };
+    let addressed_to_new = |syn: &[u8]| {
+        let mut f = syn.to_vec();
+        f[..6].copy_from_slice(&new_mac.0);
+        f
+    };
+    for port in [Some("vnet3"), None] {
+        let mut h = core();
+        let t0 = Instant::now();
+        booting_listening(&mut h, t0, port);
+        assert_eq!(h.on_frame(t0, &SYN_V4, FrameMeta::default()), Verdict::Held);
+        drain_tx(&mut h);
+        fdb_ops(&mut h);
+        // jitsu-dns names a new MAC for the VM still booting (a reload changed it).
+        let mut vm = www(Handover::Wire);
+        vm.announces_listening = true;
+        vm.port = port.map(str::to_string);
+        vm.mac = new_mac;
+        h.on_control(t0, &ClientMessage::Booting { vm }).unwrap();
+        fdb_ops(&mut h);
+        drain_tx(&mut h);
+        let verdict = match port {
+            Some(p) => h.on_ingress(t0, &garp_from_new(), FrameMeta::default(), p),
+            None => h.on_frame(t0, &garp_from_new(), FrameMeta::default()),
+        };
+        assert_eq!(verdict, Verdict::Announced);
+        let sent = match port {
+            Some(_) => drain_to_guest(&mut h).into_iter().map(|(_, f)| f).collect(),
+            None => {
+                let rel = fdb_ops(&mut h);
+                h.on_fdb_done(t0, rel[0].id);
+                drain_tx(&mut h)
+            }
+        };
+        assert_eq!(sent, vec![addressed_to_new(&SYN_V4)], "port {port:?}");
+    }
+}

@@ -183,12 +183,15 @@ impl Vm {
             if id == last {
                 to = Some((h.key.local_ip.is_ipv6(), h.key.local_port));
             }
+            let cost = h.cost();
+            // Addressed to the guest as it is now: a SYN held before jitsu-dns named a new MAC
+            // for it would reach nobody (found by the `hold` fuzz target: out of the guest's
+            // port under its old MAC).
+            let mut frame = h.frame;
+            frame[..6].copy_from_slice(&self.id.mac.0);
             match &via {
-                Via::Bridge => {
-                    let cost = h.cost();
-                    out.resend(h.frame, cost);
-                }
-                Via::Port(port) => out.resend_to_guest(port, h.frame),
+                Via::Bridge => out.resend(frame, cost),
+                Via::Port(port) => out.resend_to_guest(port, frame),
             }
         }
         out.counters.handed_over_wire += count as u64;
