@@ -168,8 +168,9 @@ struct Pending {
     fdb: Vec<FdbOp>,
     /// Probes seen on the wire: the guest's MAC and the probe's frame fields.
     probes: Vec<(Mac, IpAddr, IpAddr, u16, u16, u32)>,
-    /// Every SYN the core held, as the guest must get it if it is re-sent (its checksum
-    /// completed when it was partial).
+    /// Every SYN the core held, after its destination MAC, as the guest must get it if it is
+    /// re-sent (its checksum completed when it was partial); re-sent, it is addressed to the
+    /// guest's MAC as it is then (jitsu-dns may have named a new one meanwhile).
     held_frames: HashSet<Vec<u8>>,
     /// Every MAC each VM name was given in a request the core took.
     macs: HashMap<String, HashSet<Mac>>,
@@ -385,7 +386,7 @@ impl Harness {
             if meta.checksum == Checksum::Partial {
                 wire::fix_tcp_checksum(&mut held);
             }
-            self.pending.held_frames.insert(held);
+            self.pending.held_frames.insert(held.split_off(6));
         }
     }
 
@@ -759,10 +760,16 @@ fn solicitation(out: &mut [u8], mac: Mac, src: Ipv6Addr, target: Ipv6Addr) -> us
     at + icmp_len
 }
 
-/// A frame the core sent: a SYN it held, byte for byte, or one it wrote, which parses, with
-/// correct checksums; a probe is remembered for the guest to answer.
+/// A frame the core sent: a SYN it held, byte for byte after the destination MAC, which is
+/// one jitsu-dns named for a VM; or one it wrote, which parses, with correct checksums; a
+/// probe is remembered for the guest to answer.
 fn check_sent(frame: &[u8], pending: &mut Pending) {
-    if pending.held_frames.contains(frame) {
+    if frame.len() > 6 && pending.held_frames.contains(&frame[6..]) {
+        let dst = Mac(frame[..6].try_into().expect("six bytes"));
+        assert!(
+            pending.macs.values().any(|m| m.contains(&dst)),
+            "a held SYN re-sent to a MAC never named for a VM: {frame:?}"
+        );
         return;
     }
     let parsed = wire::parse(frame, false)
