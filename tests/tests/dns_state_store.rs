@@ -412,13 +412,23 @@ fn after_sigkill_the_next_start_records_what_runs() {
     h.daemon.as_mut().unwrap().wait_exit(LONG).unwrap();
     h.start(&args, &[]).unwrap();
     for name in ["a", "b"] {
-        h.wait_state(name, "running", LONG);
-        let log = store_log(&h.db());
+        // The VM's state file says `running` from before the kill: the adoption is a commit
+        // of its own, which the store makes when it gets to it (the two VMs' adoptions may go
+        // in different batches), so the history is waited for, not the state.
+        let recorded = wait_until(&format!("the restart to record {name}"), LONG, || {
+            store_log(&h.db())
+                .iter()
+                .any(|l| {
+                    l.starts_with(&format!("{name}: ")) && l.ends_with("(adopted: already running)")
+                })
+                .then_some(())
+        });
         assert!(
-            log.iter().any(|l| l.starts_with(&format!("{name}: "))
-                && l.ends_with("(adopted: already running)")),
-            "the restart records {name} as it runs: {log:#?}"
+            recorded.is_ok(),
+            "the restart records {name} as it runs: {:#?}",
+            store_log(&h.db())
         );
+        h.wait_state(name, "running", LONG);
         assert_eq!(boots(&h, name), 1, "adopted, not booted again");
     }
 }
