@@ -33,31 +33,32 @@ enum Update {
 pub(crate) struct WorkTree {
     tx: Option<mpsc::Sender<Update>>,
     thread: Option<thread::JoinHandle<()>>,
-    /// A write failed: the next update must be the whole tree.
-    failed: Arc<AtomicBool>,
+    /// The files may differ from what was committed (a write failed, or the writer reopened
+    /// the repository): the next update must be the whole tree.
+    stale: Arc<AtomicBool>,
 }
 
 impl WorkTree {
     /// Starts the thread for the repository at `dir`.
     pub(crate) fn start(dir: PathBuf) -> WorkTree {
         let (tx, rx) = mpsc::channel();
-        let failed = Arc::new(AtomicBool::new(false));
-        let failed2 = failed.clone();
+        let stale = Arc::new(AtomicBool::new(false));
+        let stale2 = stale.clone();
         let thread = thread::Builder::new()
             .name("state-work-tree".into())
-            .spawn(move || run(&dir, &rx, &failed2));
+            .spawn(move || run(&dir, &rx, &stale2));
         match thread {
             Ok(t) => WorkTree {
                 tx: Some(tx),
                 thread: Some(t),
-                failed,
+                stale,
             },
             Err(e) => {
                 debug!(error = %e, "state store: no thread for the work tree; it is not written");
                 WorkTree {
                     tx: None,
                     thread: None,
-                    failed,
+                    stale,
                 }
             }
         }
@@ -65,18 +66,23 @@ impl WorkTree {
 
     /// The committed tree is `tree`: written whole.
     pub(crate) fn whole(&self, tree: Tree) {
-        self.failed.store(false, Ordering::Relaxed);
+        self.stale.store(false, Ordering::Relaxed);
         self.send(Update::Whole(tree));
     }
 
-    /// The committed values of `changed` changed; if a write failed since the last whole
-    /// tree, `committed` is written whole instead.
+    /// The files may differ from what is committed: the next update writes the whole tree.
+    pub(crate) fn mark_stale(&self) {
+        self.stale.store(true, Ordering::Relaxed);
+    }
+
+    /// The committed values of `changed` changed; if the files went stale since the last
+    /// whole tree, `committed` is written whole instead.
     pub(crate) fn files(
         &self,
         changed: Vec<(String, Option<String>)>,
         committed: impl FnOnce() -> Tree,
     ) {
-        if self.failed.load(Ordering::Relaxed) {
+        if self.stale.load(Ordering::Relaxed) {
             self.whole(committed());
         } else if !changed.is_empty() {
             self.send(Update::Files(changed));
@@ -107,7 +113,7 @@ impl Drop for WorkTree {
     }
 }
 
-fn run(dir: &std::path::Path, rx: &mpsc::Receiver<Update>, failed: &AtomicBool) {
+fn run(dir: &std::path::Path, rx: &mpsc::Receiver<Update>, stale: &AtomicBool) {
     while let Ok(first) = rx.recv() {
         // Everything waiting, the latest value per path.
         let mut whole = None;
@@ -135,7 +141,7 @@ fn run(dir: &std::path::Path, rx: &mpsc::Receiver<Update>, failed: &AtomicBool) 
             }
         }
         if !ok {
-            failed.store(true, Ordering::Relaxed);
+            stale.store(true, Ordering::Relaxed);
         }
         for done in syncs {
             let _ = done.send(());

@@ -157,8 +157,7 @@ pub(crate) struct Writer {
     processed: Arc<AtomicU64>,
     /// A line for the history before the next commit (a repository started afresh).
     note: Option<String>,
-    /// The work tree may differ from HEAD: written whole after the next commit.
-    work_tree_stale: bool,
+    /// The work tree's thread; written whole after the next commit once marked stale.
     work_tree: WorkTree,
     housekeeping_due: bool,
     /// Packs written since the last repack, and the repack running, if any.
@@ -189,7 +188,6 @@ impl Writer {
             warn: RateLimited::new(Duration::from_secs(10)),
             processed,
             note: None,
-            work_tree_stale: false,
             housekeeping_due: false,
             packs: 0,
             repack: None,
@@ -458,11 +456,7 @@ impl Writer {
         self.housekeeping_due = true;
         self.count_pack();
         let changed = self.journal.checkpointed();
-        if std::mem::take(&mut self.work_tree_stale) {
-            self.work_tree.whole(self.journal.committed());
-        } else {
-            self.work_tree.files(changed, || self.journal.committed());
-        }
+        self.work_tree.files(changed, || self.journal.committed());
         Ok(())
     }
 
@@ -474,7 +468,7 @@ impl Writer {
         let ready =
             repo::prepare(&self.dir, &mut self.owner, STALE_LOCK).map_err(|e| e.to_string())?;
         self.adopt(ready);
-        self.work_tree_stale = true;
+        self.work_tree.mark_stale();
         Ok(())
     }
 
