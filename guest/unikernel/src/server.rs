@@ -274,6 +274,8 @@ impl Server {
         );
         // `now` stands still: an ACK smoltcp delays would never leave.
         socket.set_ack_delay(None);
+        // A client's SYN carries the timestamp option (Linux's does): the server parses it.
+        socket.set_tsval_generator(Some(|| 1));
         socket
             .connect(iface.context(), (ip, self.port), REHEARSAL_PORT)
             .map_err(|_| RehearsalError::Connect)?;
@@ -299,6 +301,9 @@ impl Server {
                     matches!(socket.state(), tcp::State::TimeWait | tcp::State::Closed);
                 let _ = iface.poll_egress(now, device, &mut client_sockets);
                 self.poll(now, iface, device);
+                // What the kernel asks before it sleeps, with the sockets in each state a
+                // connection takes them through.
+                let _ = iface.poll_delay(now, &self.sockets);
                 if !device.loop_back_one() {
                     return if client_done && received.ends_with(&want) && self.connections() == 0 {
                         Ok(())
@@ -856,6 +861,28 @@ mod tests {
             })
             .collect();
         assert_eq!(pages.len(), 1, "one page, to the rehearsal's client");
+        // Its SYN carried the timestamp option, as Linux clients' do: the server's parsing of
+        // it ran too.
+        let syns: Vec<bool> = dev
+            .sent
+            .iter()
+            .filter_map(|f| {
+                let eth = EthernetFrame::new_checked(f.as_slice()).ok()?;
+                let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+                let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+                let mut opts = tcp.options();
+                let mut timestamp = false;
+                while let Ok((rest, opt)) = smoltcp::wire::TcpOption::parse(opts) {
+                    timestamp |= matches!(opt, smoltcp::wire::TcpOption::TimeStamp { .. });
+                    if rest.is_empty() || opt == smoltcp::wire::TcpOption::EndOfList {
+                        break;
+                    }
+                    opts = rest;
+                }
+                (tcp.syn() && !tcp.ack()).then_some(timestamp)
+            })
+            .collect();
+        assert_eq!(syns, [true], "one SYN, with the timestamp option");
         // Nothing left the host, and nothing asked by ARP: smoltcp would then stay silent
         // towards any unknown neighbour (a real client's gateway) for a second.
         for f in &dev.sent {

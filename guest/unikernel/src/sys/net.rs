@@ -125,6 +125,7 @@ impl Inner {
     }
 
     /// Frees the buffers of the frames the device has sent.
+    #[inline(never)]
     fn reclaim(&mut self) {
         while let Some(token) = self.raw.poll_transmit() {
             let Some(buf) = self
@@ -143,6 +144,10 @@ impl Inner {
     }
 
     /// Builds a frame of `len` bytes with `f` and hands it to the device.
+    ///
+    /// Only the call to `f` is generic: the device's part is one copy for every caller
+    /// ([`Inner::tx_buffer`], [`Inner::transmit`]), so that a frame the kernel sends itself
+    /// before it listens runs (under TCG: has translated) the code smoltcp's replies take.
     fn send<R>(&mut self, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
         if let Some(looped) = &mut self.looped {
             let mut frame = vec![0u8; len];
@@ -150,6 +155,16 @@ impl Inner {
             looped.push_back(frame);
             return r;
         }
+        let (mut buf, header) = self.tx_buffer(len);
+        let r = f(&mut buf[header..]);
+        self.transmit(buf);
+        r
+    }
+
+    /// A buffer for a frame of `len` bytes to the device, virtio-net's header filled in
+    /// front of it, and where the frame starts.
+    #[inline(never)]
+    fn tx_buffer(&mut self, len: usize) -> (Vec<u8>, usize) {
         self.reclaim();
         let mut buf = vec![0u8; MAX_HEADER_LEN + len];
         let header = self
@@ -157,7 +172,12 @@ impl Inner {
             .fill_buffer_header(&mut buf)
             .unwrap_or(MAX_HEADER_LEN);
         buf.truncate(header + len);
-        let r = f(&mut buf[header..]);
+        (buf, header)
+    }
+
+    /// Hands a buffer from [`Inner::tx_buffer`], its frame written, to the device.
+    #[inline(never)]
+    fn transmit(&mut self, buf: Vec<u8>) {
         let buf = buf.into_boxed_slice();
         // SAFETY: the buffer is kept in `sending` under its token, untouched (and its heap
         // memory unmoved) until the device is done with it (`reclaim`).
@@ -173,7 +193,6 @@ impl Inner {
             // device failed: the frame is lost, as on a wire.
             Err(_) => self.counters.errors += 1,
         }
-        r
     }
 }
 
