@@ -137,6 +137,9 @@ pub struct Listening {
     pub firmware_ms: Option<f64>,
     /// Milliseconds of its entry-to-listening spent setting up virtio-net (`virtio X ms`).
     pub virtio_ms: Option<f64>,
+    /// Its gateway's MAC, from the gateway's answer to the ARP request it sends as it boots
+    /// (`gateway <ip> at <mac>`), if that came before it listened.
+    pub gateway_mac: Option<String>,
     /// The whole line.
     pub line: String,
 }
@@ -161,6 +164,12 @@ pub fn parse_listening(console: &str) -> Option<Listening> {
         after_ms,
         firmware_ms: ms_after("(firmware "),
         virtio_ms: ms_after(", virtio "),
+        gateway_mac: line.split_once("; gateway ").and_then(|(_, rest)| {
+            match rest.split_whitespace().collect::<Vec<_>>()[..] {
+                [_, "at", mac, ..] => Some(mac.to_string()),
+                _ => None,
+            }
+        }),
         line: line.to_string(),
     })
 }
@@ -262,7 +271,23 @@ mod tests {
         assert_eq!(l.firmware_ms, Some(1.7));
         assert_eq!(l.virtio_ms, Some(1.52));
         assert!(l.line.ends_with("TSC 2995 MHz)"));
+        assert_eq!(l.gateway_mac, None, "no gateway on its command line");
         assert_eq!(parse_listening("jitsu-unikernel: fatal: no ip=\n"), None);
+    }
+
+    #[test]
+    fn the_listening_line_names_the_gateway_s_mac_once_it_answered() {
+        let line = "jitsu-unikernel: listening on 10.77.13.10:80 mac 02:77:00:0d:00:10 after 9.1 ms \
+                    (firmware 1.4 ms before entry; TSC 2596 MHz)";
+        let heard = parse_listening(&format!(
+            "{line}; gateway 10.77.13.1 at 0e:5f:70:13:1f:ac\n"
+        ));
+        assert_eq!(
+            heard.unwrap().gateway_mac.as_deref(),
+            Some("0e:5f:70:13:1f:ac")
+        );
+        let silent = parse_listening(&format!("{line}; gateway 10.77.13.1 not heard from\n"));
+        assert_eq!(silent.unwrap().gateway_mac, None);
     }
 
     #[test]

@@ -350,6 +350,13 @@ fn the_whole_chain_gets_the_unikernels_page_with_one_syn_with_synjitsu_and_with_
         ..Options::default()
     };
     let stack = Stack::start("qme2e", vms.clone(), opts).unwrap();
+    let bridge_mac = stack
+        .host
+        .ns()
+        .sh("cat /sys/class/net/br0/address")
+        .unwrap()
+        .trim()
+        .to_string();
     for vm in &vms {
         let got = stack.cold_start(vm).unwrap();
         assert!(got.ok(), "{got:?}\n{}", stack.logs());
@@ -365,6 +372,17 @@ fn the_whole_chain_gets_the_unikernels_page_with_one_syn_with_synjitsu_and_with_
         );
         let guest = got.guest.as_ref().expect("the unikernel's listening line");
         assert_eq!(guest.endpoint, format!("{}:80", vm.ip));
+        // It asked for its gateway (the host's bridge) as it booted, and had the answer before
+        // it listened: while synjitsu stood in for it, from synjitsu, which the answer to its
+        // MAC reached.
+        assert_eq!(
+            guest.gateway_mac.as_deref(),
+            Some(bridge_mac.as_str()),
+            "{}: {}\n{}",
+            vm.mask.label(),
+            guest.line,
+            stack.logs()
+        );
         // Cold starts run one after the other: the counter so far is the VMs' before it.
         let probes = stack.synjitsu_metric("synjitsu_probes_sent_total");
         match vm.mask {

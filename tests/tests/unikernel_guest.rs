@@ -1,6 +1,7 @@
 //! jitsu's unikernel (`guest/unikernel`), booted by QEMU microvm under TCG on a tap port of a
 //! bridge in namespaces the test creates, checked with real tools: `arping` gets its MAC,
-//! `ping` is answered, its gratuitous ARP is its first frame and comes after it listens,
+//! `ping` is answered, it asks for its gateway's MAC as it boots and learns it, its gratuitous
+//! ARP is its next frame and comes after it listens,
 //! `curl` gets its page over a kept-alive connection and from 50 clients at once, and it
 //! prints when it listens.
 
@@ -14,6 +15,7 @@ use jitsu_tests::{require_root, require_tool, wait_until};
 
 const GUEST_IP: &str = "10.77.13.10";
 const GUEST_MAC: &str = "02:77:00:0d:00:10";
+const GATEWAY: &str = "10.77.13.1";
 const CMDLINE: &str = "ip=10.77.13.10/24 gw=10.77.13.1";
 /// Generous: the first boot of a test run may wait for a busy machine.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -121,10 +123,26 @@ fn the_unikernel_answers_arp_and_ping_and_announces_itself_once_it_listens() -> 
         garps.len() == 1,
         "want one gratuitous ARP from the guest, saw:\n{seen}"
     );
-    let first = frames.iter().find(|l| from_guest(l));
+    // Before it: only its request for its gateway's MAC (not an announcement), which the
+    // gateway (the bridge's address) answered before the guest listened.
+    let mut sent = frames.iter().filter(|l| from_guest(l));
     ensure!(
-        first == Some(garps[0]),
-        "the guest's first frame is not its gratuitous ARP:\n{seen}"
+        sent.next()
+            .is_some_and(|l| l.contains(&format!("Request who-has {GATEWAY} tell {GUEST_IP},"))),
+        "the guest's first frame is not its ARP request for its gateway:\n{seen}"
+    );
+    ensure!(
+        sent.next() == Some(garps[0]),
+        "the guest's second frame is not its gratuitous ARP:\n{seen}"
+    );
+    let bridge_mac = host
+        .ns()
+        .sh(&format!("cat /sys/class/net/{BRIDGE}/address"))?;
+    ensure!(
+        listening.gateway_mac.as_deref() == Some(bridge_mac.trim()),
+        "the guest did not learn its gateway's MAC ({}) before it listened: {}",
+        bridge_mac.trim(),
+        listening.line
     );
     // The guest listened `after_ms` after its entry point, which came after QEMU started:
     // an announcement sent before listening would be earlier than that.
