@@ -15,7 +15,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::bin_path;
 use crate::curl::Curl;
@@ -410,6 +410,31 @@ impl Stack {
         self.host.file("synjitsu.sock")
     }
 
+    /// jitsu-dns's control socket (`jitsu-dns ctl`).
+    fn jitsu_control(&self) -> PathBuf {
+        self.host.file("jitsu.ctl")
+    }
+
+    /// Stops `vm` through `jitsu-dns ctl stop` and waits until the store says it is off.
+    pub fn stop_vm(&self, vm: &str, timeout: Duration) -> Result<()> {
+        let out = crate::run(
+            std::process::Command::new(bin_path("jitsu-dns"))
+                .arg("ctl")
+                .arg("--control")
+                .arg(self.jitsu_control())
+                .args(["stop", vm]),
+        )?;
+        if !out.status.success() {
+            bail!(
+                "jitsu-dns ctl stop {vm}: {}: {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.wait_state(vm, "off", timeout)
+    }
+
     /// The client's `dig @10.77.0.1 <name> A`, resolving through jitsu-dns.
     pub fn dig(&self, name: &str) -> Result<Dig> {
         crate::jitsu_dns::dig(&self.client.ns, &[&format!("@{DNS_ADDR}"), name, "A"])
@@ -563,10 +588,11 @@ impl Stack {
             ),
         };
         let backend = self.opts.backend.as_str();
-        let (config_s, db_s, control_s) = (
+        let (config_s, db_s, control_s, jitsu_control_s) = (
             config.display().to_string(),
             self.db().display().to_string(),
             self.control().display().to_string(),
+            self.jitsu_control().display().to_string(),
         );
         let mut args = vec![
             "-b",
@@ -589,6 +615,8 @@ impl Stack {
             JITSU_METRICS,
             "--log-level",
             &self.opts.log_level,
+            "--control",
+            &jitsu_control_s,
         ];
         if self.opts.synjitsu {
             args.extend(["--synjitsu", &control_s]);

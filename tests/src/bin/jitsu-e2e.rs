@@ -28,7 +28,7 @@ use jitsu_tests::e2e::{Backend, ColdStart, DNS_ADDR, Mask, Options, Stack, Vm, t
 fn usage() -> ! {
     eprintln!(
         "usage: jitsu-e2e demo [--boot-ms N]\n       \
-         jitsu-e2e bench [--runs N] [--boot-ms A,B,...] [--modes none,delay,announce,synjitsu,synjitsu+probe,tcp] [--arp] [--backend process|libvirt|qemu] [--guest unikernel] [--baseline-runs N]\n                [--series qemu,standby,libvirt-unikernel,libvirt-linux,process]"
+         jitsu-e2e bench [--runs N] [--boot-ms A,B,...] [--modes none,delay,announce,synjitsu,synjitsu+probe,tcp] [--arp] [--backend process|libvirt|qemu] [--guest unikernel] [--baseline-runs N]\n                [--series qemu,qemu-crowd,standby,libvirt-unikernel,libvirt-linux,process]"
     );
     std::process::exit(2)
 }
@@ -54,6 +54,9 @@ struct Args {
 enum SeriesName {
     /// The unikernel under jitsu-dns's QEMU backend.
     Qemu,
+    /// The same, each VM left running until its idle stop: the guests started in the last
+    /// seconds run during each cold start.
+    QemuCrowd,
     /// The same with `standby=on`.
     Standby,
     /// The unikernel under libvirt (a baseline).
@@ -65,8 +68,9 @@ enum SeriesName {
 }
 
 impl SeriesName {
-    const ALL: [SeriesName; 5] = [
+    const ALL: [SeriesName; 6] = [
         SeriesName::Qemu,
+        SeriesName::QemuCrowd,
         SeriesName::Standby,
         SeriesName::LibvirtUnikernel,
         SeriesName::LibvirtLinux,
@@ -76,18 +80,22 @@ impl SeriesName {
     fn parse(s: &str) -> Result<SeriesName> {
         Ok(match s {
             "qemu" => SeriesName::Qemu,
+            "qemu-crowd" => SeriesName::QemuCrowd,
             "standby" => SeriesName::Standby,
             "libvirt-unikernel" => SeriesName::LibvirtUnikernel,
             "libvirt-linux" => SeriesName::LibvirtLinux,
             "process" => SeriesName::Process,
             other => bail!(
-                "unknown series {other:?}: qemu, standby, libvirt-unikernel, libvirt-linux, process"
+                "unknown series {other:?}: qemu, qemu-crowd, standby, libvirt-unikernel, libvirt-linux, process"
             ),
         })
     }
 
     fn baseline(self) -> bool {
-        !matches!(self, SeriesName::Qemu | SeriesName::Standby)
+        !matches!(
+            self,
+            SeriesName::Qemu | SeriesName::QemuCrowd | SeriesName::Standby
+        )
     }
 }
 
@@ -510,15 +518,20 @@ fn bench(mut a: Args) -> Result<()> {
     Ok(())
 }
 
-/// The cold starts of one backend and guest, per mode.
+/// The cold starts of one backend and guest, per mode (`None`: a warm fetch right after a
+/// synjitsu cold start, from the guest that now listens).
 struct Series {
     label: String,
     backend: Backend,
-    results: Vec<(Mask, ColdStart)>,
+    results: Vec<(Option<Mask>, ColdStart)>,
 }
 
 /// `runs` cold starts per mode of `modes` on `backend` (its guest booting for `boot`, with
-/// the process backend), each on a VM of its own, in one stack.
+/// the process backend), each on a VM of its own, in one stack. Each VM is stopped once
+/// measured, so that no other guest of the bench runs during a cold start; with `crowd`, each
+/// is left to its idle stop (2 x TTL), and the guests started in the last seconds still run,
+/// each woken by every broadcast on the bridge.
+#[allow(clippy::too_many_arguments)]
 fn run_series(
     label: &str,
     backend: Backend,
@@ -527,6 +540,7 @@ fn run_series(
     modes: &[Mask],
     arp: bool,
     qemu_standby: bool,
+    crowd: bool,
 ) -> Result<Series> {
     let mut vms = Vec::new();
     for _ in 0..runs {
@@ -554,15 +568,7 @@ fn run_series(
         // Every VM's standby QEMU is started when jitsu-dns looks it up, and then initializes
         // in the background: let them finish, as they would long before a query on a real
         // host.
-        let dir = stack.qemu_dir();
-        jitsu_tests::wait_until("every VM's standby QEMU", Duration::from_secs(120), || {
-            vms.iter()
-                .all(|vm| {
-                    std::fs::read_to_string(dir.join(format!("{}.state", vm.name)))
-                        .is_ok_and(|t| t.contains("\nstandby=1\n"))
-                })
-                .then_some(())
-        })?;
+        wait_standby(&stack, &vms)?;
         std::thread::sleep(Duration::from_secs(1));
     }
     let mut results = Vec::new();
@@ -572,7 +578,24 @@ fn run_series(
         if let Some(e) = &c.error {
             eprintln!("  {} ({label}, {}): {e}", vm.name, vm.mask.label());
         }
-        results.push((vm.mask, c));
+        let warm = vm.mask == Mask::Synjitsu && c.ok();
+        results.push((Some(vm.mask), c));
+        if warm {
+            // Within the VM's idle time (2 x TTL), so it still runs: the floor.
+            let w = stack.cached_start(vm)?;
+            if let Some(e) = &w.error {
+                eprintln!("  {} ({label}, warm): {e}", vm.name);
+            }
+            results.push((None, w));
+        }
+        if !crowd {
+            // The next cold start on a host where no other guest of the bench runs.
+            stack.stop_vm(&vm.name, Duration::from_secs(30))?;
+            if qemu_standby {
+                // Its standby QEMU is started again after the stop: let it settle too.
+                wait_standby(&stack, std::slice::from_ref(vm))?;
+            }
+        }
         if (i + 1) % 20 == 0 {
             eprintln!(
                 "  {} of {} done ({:.0} s)",
@@ -589,6 +612,19 @@ fn run_series(
     })
 }
 
+/// Waits until each of `vms` has its standby QEMU (`standby=on`).
+fn wait_standby(stack: &Stack, vms: &[Vm]) -> Result<()> {
+    let dir = stack.qemu_dir();
+    jitsu_tests::wait_until("every VM's standby QEMU", Duration::from_secs(120), || {
+        vms.iter()
+            .all(|vm| {
+                std::fs::read_to_string(dir.join(format!("{}.state", vm.name)))
+                    .is_ok_and(|t| t.contains("\nstandby=1\n"))
+            })
+            .then_some(())
+    })
+}
+
 /// `bench/cold-start --backend qemu --guest unikernel`: the unikernel under jitsu-dns's QEMU
 /// backend, against the Linux guest under libvirt and the test guest under the process
 /// backend in the same run, and where the unikernel's time goes.
@@ -601,7 +637,9 @@ fn bench_unikernel(a: Args) -> Result<()> {
          microvm (TCG), started by jitsu-dns itself (-x qemu), as is and with standby=on (a QEMU\n\
          started paused ahead, woken by the query), and {} per mode of the same unikernel and\n\
          of the Linux guest under libvirt (TCG) and of the test guest under the process backend\n\
-         (booting {} ms), in this run; both daemons on one bridge, each cold start on a VM of its own; the client {}.\n\
+         (booting {} ms), in this run; both daemons on one bridge, each cold start on a VM of its own,\n\
+         stopped once measured (qemu/uk crowd: left to its idle stop, so the guests of the last\n\
+         seconds still run); the client {}.\n\
          Times are from the client's capture: its DNS query leaving, the page's first byte\n\
          arriving, the guest's listening (the unikernel's own gratuitous ARP; the Linux guest's\n\
          console line, which trails by 10-20 ms; the test guest's report).",
@@ -617,8 +655,10 @@ fn bench_unikernel(a: Args) -> Result<()> {
     let process = format!("process/{}ms", process_boot.as_millis());
     let mut all = Vec::new();
     for which in &a.series {
+        let crowd = *which == SeriesName::QemuCrowd;
         let (label, backend, boot, standby) = match which {
             SeriesName::Qemu => ("qemu/unikernel", Backend::Qemu, Duration::ZERO, false),
+            SeriesName::QemuCrowd => ("qemu/uk crowd", Backend::Qemu, Duration::ZERO, false),
             SeriesName::Standby => ("qemu+standby/uk", Backend::Qemu, Duration::ZERO, true),
             SeriesName::LibvirtUnikernel => (
                 "libvirt/unikernel",
@@ -632,7 +672,7 @@ fn bench_unikernel(a: Args) -> Result<()> {
         let runs = if which.baseline() { baseline } else { a.runs };
         if runs > 0 {
             all.push(run_series(
-                label, backend, boot, runs, &a.modes, a.arp, standby,
+                label, backend, boot, runs, &a.modes, a.arp, standby, crowd,
             )?);
         }
     }
@@ -655,11 +695,13 @@ fn bench_unikernel(a: Args) -> Result<()> {
         "p95 ms"
     );
     for series in &all {
-        for m in &a.modes {
+        let warm = series.results.iter().any(|(m, _)| m.is_none());
+        let lines = a.modes.iter().map(|m| Some(*m)).chain(warm.then_some(None));
+        for m in lines {
             let rows: Vec<&ColdStart> = series
                 .results
                 .iter()
-                .filter(|(rm, _)| rm == m)
+                .filter(|(rm, _)| *rm == m)
                 .map(|(_, c)| c)
                 .collect();
             let fails = rows.iter().filter(|c| !c.ok()).count();
@@ -670,15 +712,19 @@ fn bench_unikernel(a: Args) -> Result<()> {
                     .filter_map(|c| c.query_to_first_byte)
                     .map(|d| d.as_secs_f64() * 1000.0),
             );
+            // The warm row: SYN to first byte (the guest listened long before).
             let after = sorted(
                 rows.iter()
-                    .filter_map(|c| c.after_listening_us)
+                    .filter_map(|c| match m {
+                        Some(_) => c.after_listening_us,
+                        None => c.after_syn_us,
+                    })
                     .map(|us| us as f64 / 1000.0),
             );
             println!(
                 "{:<16} {:<14} {:>4} {:>5} {:>6} {:>4} {:>8} {:>8} {:>9} {:>9}",
                 series.label,
-                m.label(),
+                m.map_or_else(|| "warm (floor)".into(), Mask::label),
                 rows.len(),
                 fails,
                 format!("{one_syn}/{}", rows.len()),
@@ -717,7 +763,7 @@ fn bench_unikernel(a: Args) -> Result<()> {
         let rows: Vec<&ColdStart> = series
             .results
             .iter()
-            .filter(|(rm, c)| rm == m && c.ok())
+            .filter(|(rm, c)| *rm == Some(*m) && c.ok())
             .map(|(_, c)| c)
             .collect();
         let med = |v: Vec<f64>| percentile(&sorted(v.into_iter()), 50.0);
@@ -773,7 +819,10 @@ fn bench_unikernel(a: Args) -> Result<()> {
          first SYN. rtx: the client's SYN retransmissions in all (TcpExtTCPSynRetrans).\n\
          synjitsu: held SYNs re-sent at the guest's announcement (announce=listening), for the\n\
          guests that keep that promise (the unikernel, the test guest; the Linux guest does not:\n\
-         its row probes); synjitsu+probe: without the promise, synjitsu probes the port first."
+         its row probes); synjitsu+probe: without the promise, synjitsu probes the port first.\n\
+         warm (floor): a second fetch right after each synjitsu cold start, by address, from the\n\
+         guest that now listens; its 1st byte-listening columns are SYN to first byte, what a\n\
+         connection costs at all: the floor of the cold rows' figure."
     );
     Ok(())
 }
