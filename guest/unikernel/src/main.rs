@@ -26,7 +26,7 @@ use jitsu_unikernel::arp::{GARP_LEN, arp_request, gratuitous_arp, reply_from};
 use jitsu_unikernel::clock::{MIN_CALIBRATION_NS, Sample, TscClock};
 use jitsu_unikernel::cmdline::{Config, MmioDevice};
 use jitsu_unikernel::pvh::{MemoryRegion, StartInfo, heap_range};
-use jitsu_unikernel::server::{PeekDevice, Server};
+use jitsu_unikernel::server::Server;
 use smoltcp::iface::{Config as IfaceConfig, Interface};
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
@@ -188,9 +188,18 @@ fn main(start_info_paddr: u64) -> ! {
     if let Err(e) = rehearsal {
         say!("rehearsal: {e} (the first connection runs cold)");
     }
-    // What the device received meanwhile: the gateway's reply, if it came (the first frame).
-    let gateway_mac = gateway.and_then(|gw| nic.peek().and_then(|frame| reply_from(frame, gw)));
-    server.poll(clock.instant(cpu::rdtsc()), &mut iface, &mut nic);
+    // What the device received meanwhile: the gateway's reply, if it came.
+    let mut gateway_mac = None;
+    server.poll_seeing(
+        clock.instant(cpu::rdtsc()),
+        &mut iface,
+        &mut nic,
+        &mut |frame| {
+            if let Some(mac) = gateway.and_then(|gw| reply_from(frame, gw)) {
+                gateway_mac = Some(mac);
+            }
+        },
+    );
     server.listen();
     let tsc_listening = cpu::rdtsc();
     let listening = clock.micros_since_entry(tsc_listening);

@@ -207,12 +207,26 @@ impl Server {
         iface: &mut Interface,
         device: &mut D,
     ) -> bool {
+        self.poll_seeing(now, iface, device, &mut |_| {})
+    }
+
+    /// [`Server::poll`], showing `seen` each frame received before smoltcp takes it.
+    pub fn poll_seeing<D: PeekDevice + ?Sized>(
+        &mut self,
+        now: Instant,
+        iface: &mut Interface,
+        device: &mut D,
+        seen: &mut dyn FnMut(&[u8]),
+    ) -> bool {
         let mut progress = false;
         for _ in 0..INGRESS_BATCH {
             // A listener for every SYN this frame might be, unless it is the SYN of a
             // connection the server has.
             self.listen();
-            let syn = device.peek().and_then(Syn::parse);
+            let syn = device.peek().and_then(|frame| {
+                seen(frame);
+                Syn::parse(frame)
+            });
             if let Some(syn) = &syn
                 && let (HardwareAddress::Ethernet(mac), Some(ip)) =
                     (iface.hardware_addr(), iface.ipv4_addr())
@@ -903,6 +917,27 @@ mod tests {
         assert!(page.ends_with("request 1\n"), "{page}");
         assert!(!sent.iter().any(|f| is_arp_request_from(f, SERVER.0)));
         assert_eq!(server.first_request(), Some(Instant::from_millis(1)));
+    }
+
+    #[test]
+    fn polling_shows_every_received_frame_before_smoltcp_takes_it() {
+        let mut dev = End::default();
+        let mut iface = iface_at(&mut dev, SERVER);
+        let mut server = Server::new(80);
+        let mut reply = alloc::vec![0; ARP_REPLY_LEN];
+        arp_reply(&mut reply, CLIENT, SERVER);
+        dev.inbox.push_back(alloc::vec![0xff; 20]);
+        dev.inbox.push_back(reply.clone());
+        let mut seen = Vec::new();
+        server.poll_seeing(Instant::ZERO, &mut iface, &mut dev, &mut |f| {
+            seen.push(f.to_vec())
+        });
+        assert_eq!(
+            seen,
+            [alloc::vec![0xff; 20], reply],
+            "in order, malformed ones too"
+        );
+        assert!(dev.inbox.is_empty(), "smoltcp took them");
     }
 
     #[test]
