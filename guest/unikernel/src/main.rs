@@ -3,8 +3,9 @@
 //! port 80 with smoltcp. See README.md.
 //!
 //! `main` runs once, in order: boot information, heap, command line, the network device,
-//! the clock's calibration, smoltcp, a rehearsal of one connection to itself, listening, the
-//! gratuitous ARP, one line on the console;
+//! the clock's calibration, smoltcp, an ARP request for the gateway, a rehearsal of one
+//! connection to itself, what the device received meanwhile (the gateway's answer),
+//! listening, the gratuitous ARP, one line on the console;
 //! then the loop: poll the device and the sockets, and sleep in `hlt` until a frame or the
 //! next TCP timer.
 
