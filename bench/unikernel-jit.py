@@ -4,6 +4,7 @@ unikernel's first and second connections, this tree's kernel against a baseline'
 import argparse
 import json
 import os
+import select
 import socket
 import statistics
 import subprocess
@@ -76,16 +77,26 @@ def one_boot(kernel, run):
          "-chardev", f"socket,id=qmp,path={qmp_path},server=on,wait=off",
          "-mon", "chardev=qmp,mode=control", "-serial", "stdio",
          "-kernel", kernel, "-append", f"ip={IP}/16 gw={GW}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        qmp = Qmp(qmp_path, time.monotonic() + 30)
+        deadline = time.monotonic() + 30
+        qmp = Qmp(qmp_path, deadline)
         # The listening line comes at most 20 ms after the guest listens.
-        while True:
-            line = p.stdout.readline()
-            if not line:
-                raise RuntimeError("QEMU ended before the guest listened")
-            if b"listening" in line:
-                break
+        console = b""
+
+        def listening():
+            """The listening line, once whole."""
+            return next((l for l in console.split(b"\n")[:-1] if b"listening" in l), None)
+
+        while listening() is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([p.stdout], [], [], left)[0]:
+                raise RuntimeError(f"no listening line in 30 s:\n{console.decode(errors='replace')}")
+            chunk = os.read(p.stdout.fileno(), 4096)
+            if not chunk:
+                raise RuntimeError(f"QEMU ended first:\n{console.decode(errors='replace')}")
+            console += chunk
+        line = listening()
         sh(f"ip neigh replace {IP} lladdr {MAC} dev br0 nud stale")
         counts = [qmp.tb_count()]
         for _ in range(2):

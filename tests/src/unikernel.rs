@@ -164,13 +164,24 @@ pub fn parse_listening(console: &str) -> Option<Listening> {
         after_ms,
         firmware_ms: ms_after("(firmware "),
         virtio_ms: ms_after(", virtio "),
-        gateway_mac: line.split_once("; gateway ").and_then(|(_, rest)| {
-            match rest.split_whitespace().collect::<Vec<_>>()[..] {
-                [_, "at", mac, ..] => Some(mac.to_string()),
-                _ => None,
-            }
-        }),
+        gateway_mac: gateway_mac(console),
         line: line.to_string(),
+    })
+}
+
+/// The gateway's MAC the console names: on the listening line (`; gateway <ip> at <mac>`),
+/// or, for an answer that came only after, on a line of its own
+/// (`gateway <ip> at <mac> (after listening)`).
+pub fn gateway_mac(console: &str) -> Option<String> {
+    console.lines().find_map(|l| {
+        let rest = l
+            .split_once("; gateway ")
+            .map(|(_, r)| r)
+            .or_else(|| l.strip_prefix("jitsu-unikernel: gateway "))?;
+        match rest.split_whitespace().collect::<Vec<_>>()[..] {
+            [_, "at", mac, ..] => Some(mac.to_string()),
+            _ => None,
+        }
     })
 }
 
@@ -286,8 +297,16 @@ mod tests {
             heard.unwrap().gateway_mac.as_deref(),
             Some("0e:5f:70:13:1f:ac")
         );
-        let silent = parse_listening(&format!("{line}; gateway 10.77.13.1 not heard from\n"));
-        assert_eq!(silent.unwrap().gateway_mac, None);
+        let silent = format!("{line}; gateway 10.77.13.1 not heard from\n");
+        assert_eq!(parse_listening(&silent).unwrap().gateway_mac, None);
+        let late = format!(
+            "{silent}jitsu-unikernel: gateway 10.77.13.1 at 0e:5f:70:13:1f:ad (after listening)\n"
+        );
+        assert_eq!(
+            parse_listening(&late).unwrap().gateway_mac.as_deref(),
+            Some("0e:5f:70:13:1f:ad"),
+            "an answer after listening, on its own line"
+        );
     }
 
     #[test]

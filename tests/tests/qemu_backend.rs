@@ -372,11 +372,19 @@ fn the_whole_chain_gets_the_unikernels_page_with_one_syn_with_synjitsu_and_with_
         );
         let guest = got.guest.as_ref().expect("the unikernel's listening line");
         assert_eq!(guest.endpoint, format!("{}:80", vm.ip));
-        // It asked for its gateway (the host's bridge) as it booted, and had the answer before
-        // it listened: while synjitsu stood in for it, from synjitsu, which the answer to its
-        // MAC reached.
+        // It asked for its gateway (the host's bridge) as it booted and got the answer (before
+        // it listened, or on a loaded host after): while synjitsu stood in for it, from
+        // synjitsu, which the answer to its MAC reached.
+        let learnt = guest.gateway_mac.clone().or_else(|| {
+            wait_until("the gateway's MAC on the console", LONG, || {
+                unikernel::gateway_mac(
+                    &std::fs::read_to_string(stack.console(vm)).unwrap_or_default(),
+                )
+            })
+            .ok()
+        });
         assert_eq!(
-            guest.gateway_mac.as_deref(),
+            learnt.as_deref(),
             Some(bridge_mac.as_str()),
             "{}: {}\n{}",
             vm.mask.label(),

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, ensure};
 use jitsu_tests::synjitsu::Capture;
 use jitsu_tests::topo::{BRIDGE, Host, Member};
-use jitsu_tests::unikernel::{QEMU, Unikernel};
+use jitsu_tests::unikernel::{QEMU, Unikernel, gateway_mac};
 use jitsu_tests::{require_root, require_tool, wait_until};
 
 const GUEST_IP: &str = "10.77.13.10";
@@ -135,14 +135,18 @@ fn the_unikernel_answers_arp_and_ping_and_announces_itself_once_it_listens() -> 
         sent.next() == Some(garps[0]),
         "the guest's second frame is not its gratuitous ARP:\n{seen}"
     );
+    // On the listening line, or (the answer late, on a loaded host) on a line of its own.
     let bridge_mac = host
         .ns()
         .sh(&format!("cat /sys/class/net/{BRIDGE}/address"))?;
+    let learnt = wait_until("the gateway's MAC on the console", BOOT_TIMEOUT, || {
+        gateway_mac(&guest.console())
+    })?;
     ensure!(
-        listening.gateway_mac.as_deref() == Some(bridge_mac.trim()),
-        "the guest did not learn its gateway's MAC ({}) before it listened: {}",
+        learnt == bridge_mac.trim(),
+        "the guest learnt {learnt} for its gateway, not the bridge's {}:\n{}",
         bridge_mac.trim(),
-        listening.line
+        guest.console()
     );
     // The guest listened `after_ms` after its entry point, which came after QEMU started:
     // an announcement sent before listening would be earlier than that.
@@ -155,6 +159,80 @@ fn the_unikernel_answers_arp_and_ping_and_announces_itself_once_it_listens() -> 
          (QEMU started {started:.6}, listening {} ms after entry)",
         listening.after_ms
     );
+    Ok(())
+}
+
+/// Answers the guest's ARP request for `10.77.13.99` (a gateway no host has) as `GW_MAC`, but
+/// only once the guest has listened (its gratuitous ARP seen on the bridge): an answer that
+/// comes late. Prints `answered` and exits.
+const LATE_GATEWAY: &str = r#"
+import socket, struct, sys
+GW, GUEST, GW_MAC = "10.77.13.99", "10.77.13.10", bytes.fromhex("02770000d099")
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+s.bind(("br0", 0))
+print("ready", flush=True)
+asked = None
+while True:
+    f = s.recv(2048)
+    op, sha, spa, tpa = struct.unpack("!6xH6s4s6x4s", f[14:42])
+    spa, tpa = socket.inet_ntoa(spa), socket.inet_ntoa(tpa)
+    if op == 1 and spa == GUEST and tpa == GW:
+        asked = sha
+    elif op == 1 and spa == GUEST and tpa == GUEST and asked:
+        arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, GW_MAC, socket.inet_aton(GW),
+                          asked, socket.inet_aton(GUEST))
+        s.send(asked + GW_MAC + b"\x08\x06" + arp + b"\0" * 18)
+        print("answered", flush=True)
+        sys.exit(0)
+"#;
+
+#[test]
+fn a_gateway_that_answers_only_after_the_guest_listens_is_said_on_a_line_of_its_own() -> Result<()>
+{
+    tools();
+    let (host, _client) = topology("uklate")?;
+    let mut gateway = host
+        .ns()
+        .command("/usr/bin/python3")
+        .args(["-c", LATE_GATEWAY])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut out = std::io::BufReader::new(gateway.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line)?;
+    ensure!(
+        line.trim() == "ready",
+        "the late gateway did not start: {line:?}"
+    );
+    let mut guest = Unikernel::boot(&host, GUEST_MAC, "ip=10.77.13.10/24 gw=10.77.13.99")?;
+    let listening = guest.wait_listening(BOOT_TIMEOUT)?;
+    ensure!(
+        listening
+            .line
+            .ends_with("; gateway 10.77.13.99 not heard from"),
+        "the listening line should say the gateway had not answered: {}",
+        listening.line
+    );
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line)?;
+    ensure!(
+        line.trim() == "answered",
+        "the late gateway did not answer: {line:?}"
+    );
+    let learnt = wait_until(
+        "the gateway's late answer on the console",
+        BOOT_TIMEOUT,
+        || {
+            guest
+            .console()
+            .lines()
+            .any(|l| l == "jitsu-unikernel: gateway 10.77.13.99 at 02:77:00:00:d0:99 (after listening)")
+            .then(|| gateway_mac(&guest.console()))
+            .flatten()
+        },
+    )?;
+    ensure!(learnt == "02:77:00:00:d0:99", "{learnt}");
+    let _ = gateway.wait();
     Ok(())
 }
 

@@ -315,6 +315,12 @@ fn run(
     report: Listening,
 ) -> ! {
     let report_at = Instant::from_micros(report.after as i64) + REPORT_WAITS;
+    // A gateway that had not answered before listening: its answer is still looked for, and
+    // said on a line of its own when it comes.
+    let mut gateway_late = match report.gateway {
+        Some((ip, None)) => Some(ip),
+        _ => None,
+    };
     let mut report = Some(report);
     let mut console = Console::default();
     let mut reported_first = false;
@@ -322,7 +328,19 @@ fn run(
         // Acknowledge first, drain after: a frame arriving in between raises a new edge.
         nic.ack_interrupt();
         let now = clock.instant(cpu::rdtsc());
-        let progress = server.poll(now, iface, nic);
+        let mut heard = None;
+        let progress = server.poll_seeing(now, iface, nic, &mut |frame| {
+            if let Some(mac) = gateway_late.and_then(|gw| reply_from(frame, gw)) {
+                heard = Some(mac);
+            }
+        });
+        if let (Some(ip), Some(mac)) = (gateway_late, heard) {
+            gateway_late = None;
+            console.line(format_args!(
+                "gateway {ip} at {} (after listening)",
+                Mac(mac)
+            ));
+        }
         if !reported_first && let Some(at) = server.first_request() {
             reported_first = true;
             if let Some(r) = report.take() {

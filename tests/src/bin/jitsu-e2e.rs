@@ -589,11 +589,18 @@ fn run_series(
             results.push((None, w));
         }
         if !crowd {
-            // The next cold start on a host where no other guest of the bench runs.
-            stack.stop_vm(&vm.name, Duration::from_secs(30))?;
-            if qemu_standby {
-                // Its standby QEMU is started again after the stop: let it settle too.
-                wait_standby(&stack, std::slice::from_ref(vm))?;
+            // The next cold start on a host where no other guest of the bench runs. A VM
+            // that cannot be stopped (still booting after a failed fetch, or failed) is said
+            // and left to its idle stop: one failure is a row's `fails`, not the run's end.
+            match stack.stop_vm(&vm.name, Duration::from_secs(30)) {
+                Ok(()) if qemu_standby => {
+                    // Its standby QEMU is started again after the stop, and its record written
+                    // at once: let it initialize, as at the start.
+                    wait_standby(&stack, std::slice::from_ref(vm))?;
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Ok(()) => {}
+                Err(e) => eprintln!("  {} ({label}): not stopped: {e}", vm.name),
             }
         }
         if (i + 1) % 20 == 0 {
